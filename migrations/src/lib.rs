@@ -1,0 +1,18 @@
+//! The PostgreSQL schema of sieve, as sea-orm migrations.
+//!
+//! PostgreSQL is the only source of truth (DESIGN §3); the scheduler owns it
+//! and runs these with `sieve migrate`. Migrations are append-only: never edit
+//! one that has shipped, add a new one.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261125_000001_initial::Migration)]
+    }
+}

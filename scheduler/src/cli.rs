@@ -1,0 +1,439 @@
+//! The `sieve` command line.
+//!
+//! Every command loads the settings once, connects to what it needs, and
+//! calls the same library function the HTTP API calls.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use sieve_shared::Settings;
+use sieve_shared::messages::TrainParams;
+
+use crate::app::{self, Context};
+use crate::entities::api_token::Role;
+use crate::policy::Policy;
+use crate::projects::{self, ClassNames, ProjectName};
+use crate::{auth, db, demo, ingest, models, review, status, training, workers};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sieve",
+    version,
+    about = "Active-learning image labeling: scheduler and CLI"
+)]
+pub struct Cli {
+    /// Settings file (default: ./sieve.toml if present). SIEVE_* variables override it.
+    #[arg(long, global = true, env = "SIEVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API, the result consumer and the training-event consumer.
+    Serve,
+    /// Create the database if needed and apply pending migrations.
+    Migrate,
+    /// Create, list and inspect projects.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+    /// Ingest a folder of images into a project.
+    Ingest {
+        /// Folder to read, recursively.
+        dir: PathBuf,
+        #[arg(long, short)]
+        project: String,
+    },
+    /// Items by state, review backlog and active model of a project.
+    Status {
+        #[arg(long, short)]
+        project: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live workers, from their heartbeats.
+    Workers,
+    /// Claim and submit review tasks.
+    #[command(subcommand)]
+    Review(ReviewCommand),
+    /// Queue a training run from the project's human labels, or show runs.
+    Retrain(RetrainArgs),
+    /// List, promote and roll back model versions.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Run the active-learning loop on Fashion-MNIST with simulated reviewers
+    /// (needs `sieve serve` and workers running; `ops/demo.sh` starts them).
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCommand {
+    /// Create a classification project; its first model is queued at once.
+    Create {
+        name: String,
+        /// Class names, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        classes: Vec<String>,
+        /// Confidence under which an item goes to human review.
+        #[arg(long)]
+        threshold: Option<f32>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReviewCommand {
+    /// Claim the most uncertain open task.
+    Next {
+        #[arg(long, short)]
+        project: String,
+        #[arg(long, default_value = "cli")]
+        reviewer: String,
+    },
+    /// Submit a label for a claimed task.
+    Submit {
+        task: String,
+        /// The fencing token `review next` printed.
+        #[arg(long)]
+        token: i64,
+        /// Class name or index.
+        #[arg(long)]
+        class: String,
+        #[arg(long, default_value = "cli")]
+        reviewer: String,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RetrainArgs {
+    #[arg(long, short)]
+    project: Option<String>,
+    #[command(subcommand)]
+    command: Option<RetrainCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetrainCommand {
+    /// Training runs of a project, newest first.
+    Status {
+        #[arg(long, short)]
+        project: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    List {
+        #[arg(long, short)]
+        project: String,
+    },
+    /// Activate a version by number.
+    Promote {
+        #[arg(long, short)]
+        project: String,
+        version: i32,
+    },
+    /// Re-activate the previously active version.
+    Rollback {
+        #[arg(long, short)]
+        project: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once and stored only as a hash.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+    },
+}
+
+fn parse_role(raw: &str) -> Result<Role, String> {
+    match raw {
+        "reviewer" => Ok(Role::Reviewer),
+        "ml" => Ok(Role::Ml),
+        "ops" => Ok(Role::Ops),
+        "admin" => Ok(Role::Admin),
+        other => Err(format!(
+            "unknown role {other:?}: use reviewer, ml, ops or admin"
+        )),
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Migrate => {
+            db::create_database_if_missing(&settings.database.url).await?;
+            let conn = db::connect(&settings.database).await?;
+            let applied = db::migrate(&conn).await?;
+            println!("database is up to date ({applied} migration(s) applied)");
+        }
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(settings.http.bind)
+                .await
+                .with_context(|| format!("binding {}", settings.http.bind))?;
+            let ctx = Context::connect(settings).await?;
+            tracing::info!(addr = %listener.local_addr()?, "sieve scheduler listening");
+            app::serve(ctx, listener, shutdown_signal()).await?;
+        }
+        Command::Project(command) => project(settings, command).await?,
+        Command::Ingest { dir, project } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &project).await?;
+            let summary =
+                ingest::ingest_folder(&ctx, &project, &dir, std::io::stderr().is_terminal())
+                    .await?;
+            for failure in &summary.failures {
+                eprintln!("failed: {}: {}", failure.path, failure.reason);
+            }
+            println!(
+                "ingested {} file(s) into {}: {} new, {} duplicate, {} failed, {} dispatched",
+                summary.files_seen,
+                project.name,
+                summary.new_items,
+                summary.duplicates,
+                summary.failed,
+                summary.dispatched
+            );
+            if summary.failed > 0 {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Status { project, json } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &project).await?;
+            let status = status::project_status(&ctx, &project).await?;
+            if json {
+                print_json(&status)?;
+            } else {
+                println!("project {} ({} items)", project.name, status.total_items);
+                for (state, n) in &status.items {
+                    println!("  {state:<14} {n}");
+                }
+                println!(
+                    "  review: {} open, {} claimed; active model: {}",
+                    status.review_open,
+                    status.review_claimed,
+                    status
+                        .active_model_version
+                        .map_or("none".into(), |v| format!("v{v}"))
+                );
+            }
+        }
+        Command::Workers => {
+            let workers = workers::list(&settings.redis).await?;
+            if workers.is_empty() {
+                println!("no live workers");
+            }
+            for w in workers {
+                println!(
+                    "{}  host={} backend={} caps={} models=[{}] batches={} items={} {:.1} items/s",
+                    w.worker_id,
+                    w.host,
+                    w.backend,
+                    w.capabilities.join(","),
+                    w.models.join(","),
+                    w.batches_done,
+                    w.items_done,
+                    w.items_per_second
+                );
+            }
+        }
+        Command::Review(command) => review_command(settings, command).await?,
+        Command::Retrain(args) => retrain(settings, args).await?,
+        Command::Models(command) => models_command(settings, command).await?,
+        Command::Token(TokenCommand::Create { name, role }) => {
+            let conn = db::connect(&settings.database).await?;
+            let token = auth::create_token(&conn, &name, role).await?;
+            println!("{token}");
+            eprintln!("store it now: it is not shown again");
+        }
+        Command::Demo(args) => {
+            let ctx = Context::connect(settings).await?;
+            demo::run(&ctx, &args).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<()> {
+    match command {
+        ProjectCommand::Create {
+            name,
+            classes,
+            threshold,
+        } => {
+            let ctx = Context::connect(settings).await?;
+            let mut policy = Policy::default();
+            if let Some(t) = threshold {
+                policy.confidence_threshold = t;
+            }
+            let project = projects::create_with_first_model(
+                &ctx,
+                &ProjectName::parse(&name)?,
+                &ClassNames::parse(&classes)?,
+                &policy,
+                "cli",
+            )
+            .await?;
+            println!(
+                "created project {} ({}) with {} classes; its first model is training",
+                project.name,
+                project.id,
+                project.class_names.len()
+            );
+        }
+        ProjectCommand::List => {
+            let conn = db::connect(&settings.database).await?;
+            for p in projects::list(&conn).await? {
+                println!("{}  {}  classes={}", p.id, p.name, p.class_names.join(","));
+            }
+        }
+        ProjectCommand::Show { name } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &name).await?;
+            print_json(&status::project_status(&ctx, &project).await?)?;
+        }
+    }
+    Ok(())
+}
+
+async fn review_command(settings: Settings, command: ReviewCommand) -> anyhow::Result<()> {
+    let conn = db::connect(&settings.database).await?;
+    match command {
+        ReviewCommand::Next { project, reviewer } => {
+            let project = projects::get(&conn, &project).await?;
+            let lease = std::time::Duration::from_secs(settings.review.lease_seconds);
+            match review::claim_next(&conn, &project, &reviewer, lease).await? {
+                Some(task) => print_json(&task)?,
+                None => println!("the review queue of {} is empty", project.name),
+            }
+        }
+        ReviewCommand::Submit {
+            task,
+            token,
+            class,
+            reviewer,
+        } => {
+            let task = task
+                .parse()
+                .with_context(|| format!("{task:?} is not a task id"))?;
+            let label = review::submit(
+                &conn,
+                task,
+                &reviewer,
+                &review::Submission {
+                    fencing_token: token,
+                    class,
+                },
+            )
+            .await?;
+            println!("labeled item {} as {}", label.item_id, label.class);
+        }
+    }
+    Ok(())
+}
+
+async fn retrain(settings: Settings, args: RetrainArgs) -> anyhow::Result<()> {
+    let ctx = Context::connect(settings).await?;
+    match (args.command, args.project) {
+        (Some(RetrainCommand::Status { project }), _) => {
+            let project = projects::get(&ctx.db, &project).await?;
+            for run in training::list_runs(&ctx, &project).await? {
+                println!(
+                    "{}  {:?}  labels={}  requested_by={}  progress={}  {}",
+                    run.id,
+                    run.state,
+                    run.label_count,
+                    run.requested_by,
+                    run.progress.map_or("-".into(), |p| p.to_string()),
+                    run.error.unwrap_or_default()
+                );
+            }
+        }
+        (None, Some(project)) => {
+            let project = projects::get(&ctx.db, &project).await?;
+            let run =
+                training::request(&ctx, &project, "cli", TrainParams::default(), false).await?;
+            println!(
+                "queued training run {} for version {} ({} labels, {} holdout)",
+                run.run_id, run.version, run.labels, run.holdout
+            );
+        }
+        (None, None) => anyhow::bail!("name the project: sieve retrain --project NAME"),
+    }
+    Ok(())
+}
+
+async fn models_command(settings: Settings, command: ModelsCommand) -> anyhow::Result<()> {
+    let ctx = Context::connect(settings).await?;
+    match command {
+        ModelsCommand::List { project } => {
+            let project = projects::get(&ctx.db, &project).await?;
+            for v in models::list(&ctx, &project).await? {
+                println!(
+                    "v{}  {:?}  holdout_accuracy={}  holdout={}  train={}  {}",
+                    v.version,
+                    v.status,
+                    v.holdout_accuracy.map_or("-".into(), |a| format!("{a:.4}")),
+                    v.holdout_size.map_or("-".into(), |n| n.to_string()),
+                    v.train_size.map_or("-".into(), |n| n.to_string()),
+                    v.status_reason.unwrap_or_default()
+                );
+            }
+        }
+        ModelsCommand::Promote { project, version } => {
+            let project = projects::get(&ctx.db, &project).await?;
+            let rescored = models::promote(&ctx, &project, version).await?;
+            println!("v{version} is active; {rescored} item(s) queued for rescoring");
+        }
+        ModelsCommand::Rollback { project } => {
+            let project = projects::get(&ctx.db, &project).await?;
+            let version = models::rollback(&ctx, &project).await?;
+            println!("rolled back: v{version} is active again");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,392 @@
+//! `sieve demo`: the active-learning loop on Fashion-MNIST, end to end.
+//!
+//! Images go in through the normal ingest path; simulated reviewers answer
+//! review tasks through the real HTTP review API from the ground truth (read
+//! from the exported file's name — the only place the truth is used besides
+//! the final scoring); retraining goes through the real training path. The
+//! scheduler (`sieve serve`) and workers must be running.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use sea_orm::{EntityTrait, FromQueryResult, Statement};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::app::Context;
+use crate::auth;
+use crate::entities::api_token::Role;
+use crate::entities::training_run::{self, RunState};
+use crate::fashion_mnist::{self, Split};
+use crate::ingest;
+use crate::policy::Policy;
+use crate::projects::{self, ClassNames, Project, ProjectName};
+use crate::review::{ClaimedTask, SubmittedLabel};
+use crate::status;
+
+#[derive(Clone, Debug, Args)]
+pub struct DemoArgs {
+    /// Fashion-MNIST training images to label.
+    #[arg(long, default_value_t = 300)]
+    pub images: usize,
+    /// Project name (default: fashion-mnist-<time>).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Human labels per round before retraining.
+    #[arg(long, default_value_t = 100)]
+    pub labels_per_round: usize,
+    /// Retraining rounds.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Simulated reviewers working at once.
+    #[arg(long, default_value_t = 2)]
+    pub reviewers: usize,
+    /// Confidence under which items go to review.
+    #[arg(long, default_value_t = 0.9)]
+    pub threshold: f32,
+    /// Where the Fashion-MNIST IDX files are.
+    #[arg(long, default_value = fashion_mnist::DEFAULT_DIR)]
+    pub data_dir: PathBuf,
+    /// Where exported images and the report go.
+    #[arg(long, default_value = "sieve-demo")]
+    pub work_dir: PathBuf,
+    /// Give up waiting for the fleet after this long per step.
+    #[arg(long, default_value_t = 600)]
+    pub step_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DemoReport {
+    pub project: String,
+    pub images: usize,
+    pub rounds: usize,
+    pub human_labels: i64,
+    pub machine_labels: i64,
+    pub still_in_review: i64,
+    pub failed: i64,
+    /// Share of items never seen by a human.
+    pub effort_saved: f64,
+    /// Accuracy of machine labels against the ground truth.
+    pub machine_label_accuracy: Option<f64>,
+    /// Human labels equal to the ground truth (1.0 for error-free reviewers).
+    pub human_label_accuracy: Option<f64>,
+    pub model_versions: usize,
+    pub seconds: f64,
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    reviewer_token: String,
+    ml_token: String,
+}
+
+impl Api {
+    async fn claim(&self, project: &str) -> anyhow::Result<Option<ClaimedTask>> {
+        let response = self
+            .http
+            .post(format!(
+                "{}/api/v1/projects/{project}/review/next",
+                self.base
+            ))
+            .bearer_auth(&self.reviewer_token)
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the scheduler at {}: is `sieve serve` running?",
+                    self.base
+                )
+            })?;
+        if response.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Ok(Some(response.error_for_status()?.json().await?))
+    }
+
+    async fn submit(&self, task: &ClaimedTask, class: &str) -> anyhow::Result<SubmittedLabel> {
+        Ok(self
+            .http
+            .post(format!(
+                "{}/api/v1/review/{}/submit",
+                self.base, task.task_id
+            ))
+            .bearer_auth(&self.reviewer_token)
+            .json(&serde_json::json!({ "fencing_token": task.fencing_token, "class": class }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    async fn retrain(&self, project: &str) -> anyhow::Result<Uuid> {
+        let body: serde_json::Value = self
+            .http
+            .post(format!("{}/api/v1/projects/{project}/retrain", self.base))
+            .bearer_auth(&self.ml_token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        body["run_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .context("retrain response has no run id")
+    }
+}
+
+async fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !done().await? {
+        if start.elapsed() > timeout {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}: are `sieve serve` and `sieve-worker` running?"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
+
+pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
+    let started = Instant::now();
+    let timeout = Duration::from_secs(args.step_timeout_secs);
+    let dataset = fashion_mnist::load(&args.data_dir, Split::Train, Some(args.images))?;
+    let truth: Arc<Vec<u8>> = Arc::new(dataset.labels.clone());
+    let image_dir = args.work_dir.join("images");
+    let exported = fashion_mnist::export_png(&dataset, Split::Train, args.images, &image_dir)?;
+    println!(
+        "exported {exported} Fashion-MNIST images to {}",
+        image_dir.display()
+    );
+
+    let name = args.project.clone().unwrap_or_else(|| {
+        format!(
+            "fashion-mnist-{}",
+            chrono::Utc::now().format("%Y%m%d%H%M%S")
+        )
+    });
+    let classes: Vec<String> = fashion_mnist::CLASSES
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let policy = Policy {
+        confidence_threshold: args.threshold,
+        ..Policy::default()
+    };
+    let project = projects::create_with_first_model(
+        ctx,
+        &ProjectName::parse(&name)?,
+        &ClassNames::parse(&classes)?,
+        &policy,
+        "demo",
+    )
+    .await?;
+    println!(
+        "created project {}; waiting for its first model",
+        project.name
+    );
+    let api = Api {
+        http: reqwest::Client::new(),
+        base: ctx.settings.http.api_url.trim_end_matches('/').to_owned(),
+        reviewer_token: auth::create_token(&ctx.db, "demo-reviewers", Role::Reviewer).await?,
+        ml_token: auth::create_token(&ctx.db, "demo-ml", Role::Ml).await?,
+    };
+
+    wait_for("the first model", timeout, async || {
+        Ok(projects::get(&ctx.db, &name)
+            .await?
+            .active_model_version_id
+            .is_some())
+    })
+    .await?;
+    let project = projects::get(&ctx.db, &name).await?;
+    let summary = ingest::ingest_folder(ctx, &project, &image_dir, false).await?;
+    println!(
+        "ingested {} images ({} new, {} failed)",
+        summary.files_seen, summary.new_items, summary.failed
+    );
+
+    for round in 1..=args.rounds {
+        wait_until_predicted(ctx, &project, timeout).await?;
+        let labeled = review_round(&api, &project, &truth, args).await?;
+        let status = status::project_status(ctx, &project).await?;
+        println!(
+            "round {round}: reviewers labeled {labeled}; machine-labeled {}, human-labeled {}, open tasks {}",
+            status.machine_labeled, status.human_labeled, status.review_open
+        );
+        if status.review_open == 0 {
+            break;
+        }
+        let run_id = api.retrain(&project.name).await?;
+        println!("round {round}: retraining (run {run_id})");
+        wait_for("the training run", timeout, async || {
+            let run = training_run::Entity::find_by_id(run_id)
+                .one(&ctx.db)
+                .await?
+                .context("the training run vanished")?;
+            match run.state {
+                RunState::Succeeded => Ok(true),
+                RunState::Failed | RunState::Cancelled => {
+                    bail!("training run failed: {}", run.error.unwrap_or_default())
+                }
+                _ => Ok(false),
+            }
+        })
+        .await?;
+    }
+    wait_until_predicted(ctx, &project, timeout).await?;
+
+    let report = score(ctx, &project, &truth, args, started).await?;
+    std::fs::create_dir_all(&args.work_dir)?;
+    let path = args.work_dir.join("report.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    println!(
+        "\n{} images: {} labeled by machine, {} by humans, {} still in review, {} failed",
+        report.images,
+        report.machine_labels,
+        report.human_labels,
+        report.still_in_review,
+        report.failed
+    );
+    println!(
+        "human effort saved: {:.1}%; machine-label accuracy vs ground truth: {}",
+        report.effort_saved * 100.0,
+        report
+            .machine_label_accuracy
+            .map_or("n/a (no machine labels)".into(), |a| format!(
+                "{:.1}%",
+                a * 100.0
+            ))
+    );
+    println!("report written to {}", path.display());
+    Ok(report)
+}
+
+/// Wait until no item is waiting for a prediction by the active model.
+async fn wait_until_predicted(
+    ctx: &Context,
+    project: &Project,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    wait_for("predictions", timeout, async || {
+        let s = status::project_status(ctx, project).await?;
+        Ok(s.items.get("queued").copied().unwrap_or(0) == 0)
+    })
+    .await
+}
+
+async fn review_round(
+    api: &Api,
+    project: &Project,
+    truth: &Arc<Vec<u8>>,
+    args: &DemoArgs,
+) -> anyhow::Result<usize> {
+    let budget = Arc::new(AtomicUsize::new(args.labels_per_round));
+    let done = Arc::new(AtomicUsize::new(0));
+    let reviewers = (0..args.reviewers.max(1)).map(|_| {
+        let budget = budget.clone();
+        let done = done.clone();
+        let truth = truth.clone();
+        async move {
+            while budget
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+                .is_ok()
+            {
+                let Some(task) = api.claim(&project.name).await? else {
+                    break;
+                };
+                let (_, index) = fashion_mnist::index_of(&task.source)
+                    .with_context(|| format!("cannot tell the image of {}", task.source))?;
+                let class = fashion_mnist::CLASSES[truth[index] as usize];
+                api.submit(&task, class).await?;
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            anyhow::Ok(())
+        }
+    });
+    for outcome in futures_util::future::join_all(reviewers).await {
+        outcome?;
+    }
+    Ok(done.load(Ordering::SeqCst))
+}
+
+#[derive(FromQueryResult)]
+struct FinalLabel {
+    source: String,
+    class_index: i32,
+    label_source: String,
+}
+
+/// Score every item's current label against the ground truth.
+async fn score(
+    ctx: &Context,
+    project: &Project,
+    truth: &[u8],
+    args: &DemoArgs,
+    started: Instant,
+) -> anyhow::Result<DemoReport> {
+    let rows = FinalLabel::find_by_statement(Statement::from_sql_and_values(
+        ctx.db.get_database_backend(),
+        r#"
+        SELECT DISTINCT ON (i.id) i.source, l.class_index, l.source AS label_source
+        FROM items i JOIN labels l ON l.item_id = i.id
+        WHERE i.project_id = $1
+        ORDER BY i.id, (l.source = 'human') DESC, l.created_at DESC
+        "#,
+        [project.id.as_uuid().into()],
+    ))
+    .all(&ctx.db)
+    .await?;
+    let mut tally: HashMap<&str, (u64, u64)> = HashMap::new();
+    for row in &rows {
+        let Some((_, index)) = fashion_mnist::index_of(&row.source) else {
+            continue;
+        };
+        let entry = tally
+            .entry(if row.label_source == "human" {
+                "human"
+            } else {
+                "machine"
+            })
+            .or_default();
+        entry.0 += 1;
+        if truth.get(index).map(|&t| i32::from(t)) == Some(row.class_index) {
+            entry.1 += 1;
+        }
+    }
+    let accuracy = |k: &str| {
+        tally
+            .get(k)
+            .filter(|t| t.0 > 0)
+            .map(|t| t.1 as f64 / t.0 as f64)
+    };
+    let status = status::project_status(ctx, project).await?;
+    let versions = crate::models::list(ctx, project).await?.len();
+    let total = status.total_items.max(1) as f64;
+    Ok(DemoReport {
+        project: project.name.clone(),
+        images: status.total_items as usize,
+        rounds: args.rounds,
+        human_labels: status.human_labeled,
+        machine_labels: status.machine_labeled,
+        still_in_review: status.items.get("in_review").copied().unwrap_or(0),
+        failed: status.items.get("failed").copied().unwrap_or(0),
+        effort_saved: 1.0 - status.human_labeled as f64 / total,
+        machine_label_accuracy: accuracy("machine"),
+        human_label_accuracy: accuracy("human"),
+        model_versions: versions,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,61 @@
+use sea_orm::entity::prelude::*;
+use serde::Serialize;
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, serde::Deserialize,
+)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+#[serde(rename_all = "snake_case")]
+pub enum TaskReason {
+    #[sea_orm(string_value = "low_confidence")]
+    LowConfidence,
+    #[sea_orm(string_value = "disagreement")]
+    Disagreement,
+    #[sea_orm(string_value = "audit")]
+    Audit,
+    #[sea_orm(string_value = "seed")]
+    Seed,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, serde::Deserialize,
+)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    #[sea_orm(string_value = "open")]
+    Open,
+    #[sea_orm(string_value = "claimed")]
+    Claimed,
+    #[sea_orm(string_value = "done")]
+    Done,
+    #[sea_orm(string_value = "cancelled")]
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "review_tasks")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub item_id: Uuid,
+    pub prediction_id: Option<Uuid>,
+    pub reason: TaskReason,
+    /// Higher is reviewed first (the model's uncertainty).
+    #[sea_orm(column_type = "Float")]
+    pub priority: f32,
+    pub state: TaskState,
+    pub lease_holder: Option<String>,
+    pub lease_expires_at: Option<DateTimeWithTimeZone>,
+    /// Bumped on every claim; a submit must present the current value.
+    pub fencing_token: i64,
+    pub created_at: DateTimeWithTimeZone,
+    pub updated_at: DateTimeWithTimeZone,
+    pub closed_at: Option<DateTimeWithTimeZone>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,233 @@
+//! The HTTP API (`/api/v1`), health and metrics.
+//!
+//! Handlers are thin: authorize, parse, call the same domain function the CLI
+//! calls, serialize. Errors become JSON bodies through [`AppError`].
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use sea_orm::EntityTrait;
+use serde::Deserialize;
+use serde_json::json;
+use sieve_shared::ids::TaskId;
+use sieve_shared::messages::TrainParams;
+use uuid::Uuid;
+
+use crate::app::Context;
+use crate::auth::{self, Action, Caller};
+use crate::entities::item;
+use crate::error::{AppError, AppResult};
+use crate::policy::Policy;
+use crate::projects::{self, ClassNames, ProjectName};
+use crate::{models, review, status, training};
+
+pub fn router(ctx: Context) -> Router {
+    let body_limit = ctx.settings.http.body_limit;
+    let api = Router::new()
+        .route("/projects", get(list_projects).post(create_project))
+        .route("/projects/{project}", get(show_project))
+        .route("/projects/{project}/review/next", post(claim_next))
+        .route("/projects/{project}/retrain", post(retrain))
+        .route("/projects/{project}/models", get(list_models))
+        .route("/review/{task}/submit", post(submit))
+        .route("/review/{task}/release", post(release))
+        .route("/items/{item}/image", get(item_image));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(ctx)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+async fn caller(ctx: &Context, headers: &HeaderMap, action: Action) -> AppResult<Caller> {
+    auth::authorize(&ctx.db, bearer(headers), action).await
+}
+
+/// JSON bodies whose parse errors come back as our JSON error (422).
+struct JsonBody<T>(T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(AppError::Invalid(format!(
+                "bad request body: {}",
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
+async fn healthz(State(ctx): State<Context>) -> Response {
+    match ctx.db.ping().await {
+        Ok(()) => Json(json!({ "status": "ok" })).into_response(),
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "database": err.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        sieve_shared::telemetry::prometheus().render(),
+    )
+}
+
+async fn list_projects(State(ctx): State<Context>, headers: HeaderMap) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::Read).await?;
+    Ok(Json(projects::list(&ctx.db).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateProject {
+    name: String,
+    classes: Vec<String>,
+    #[serde(default)]
+    policy: Option<Policy>,
+}
+
+async fn create_project(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CreateProject>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::ManageProjects).await?;
+    let name = ProjectName::parse(&body.name)?;
+    let classes = ClassNames::parse(&body.classes)?;
+    let project = projects::create_with_first_model(
+        &ctx,
+        &name,
+        &classes,
+        &body.policy.unwrap_or_default(),
+        &who.name,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(project)).into_response())
+}
+
+async fn show_project(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::Read).await?;
+    let project = projects::get(&ctx.db, &project).await?;
+    Ok(Json(status::project_status(&ctx, &project).await?).into_response())
+}
+
+async fn claim_next(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Review).await?;
+    let project = projects::get(&ctx.db, &project).await?;
+    let lease = std::time::Duration::from_secs(ctx.settings.review.lease_seconds);
+    Ok(
+        match review::claim_next(&ctx.db, &project, &who.name, lease).await? {
+            Some(task) => Json(task).into_response(),
+            None => StatusCode::NO_CONTENT.into_response(),
+        },
+    )
+}
+
+fn task_id(raw: &str) -> AppResult<TaskId> {
+    raw.parse()
+        .map_err(|_| AppError::NotFound(format!("no review task {raw:?} (not a task id)")))
+}
+
+async fn submit(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<review::Submission>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Review).await?;
+    let label = review::submit(&ctx.db, task_id(&task)?, &who.name, &body).await?;
+    Ok(Json(label).into_response())
+}
+
+#[derive(Deserialize)]
+struct Release {
+    fencing_token: i64,
+}
+
+async fn release(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<Release>,
+) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::Review).await?;
+    review::release(&ctx.db, task_id(&task)?, body.fencing_token).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn retrain(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Train).await?;
+    let project = projects::get(&ctx.db, &project).await?;
+    let run = training::request(&ctx, &project, &who.name, TrainParams::default(), false).await?;
+    Ok((StatusCode::ACCEPTED, Json(run)).into_response())
+}
+
+async fn list_models(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::Read).await?;
+    let project = projects::get(&ctx.db, &project).await?;
+    Ok(Json(models::list(&ctx, &project).await?).into_response())
+}
+
+async fn item_image(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(item_id): Path<String>,
+) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::Review).await?;
+    let id: Uuid = item_id
+        .parse()
+        .map_err(|_| AppError::NotFound(format!("no item {item_id:?}")))?;
+    let item = item::Entity::find_by_id(id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no item {id}")))?;
+    let bytes = ctx
+        .store
+        .get(&item.object_key)
+        .await
+        .map_err(|e| AppError::NotFound(e.to_string()))?;
+    let content_type = match image::guess_format(&bytes) {
+        Ok(image::ImageFormat::Png) => "image/png",
+        Ok(image::ImageFormat::Jpeg) => "image/jpeg",
+        _ => "application/octet-stream",
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+}

@@ -1,0 +1,37 @@
+//! The sieve scheduler: owner of PostgreSQL, the routing policy, the review
+//! queue and the model registry; the `sieve` CLI and HTTP API.
+//!
+//! # Layout
+//! - [`app`]: the shared [`app::Context`] and `sieve serve` (HTTP + consumers).
+//! - [`cli`]: the `sieve` command line; thin over the modules below.
+//! - [`http`]: `/api/v1`, `/healthz`, `/metrics`.
+//! - [`projects`], [`policy`]: projects, their classes and routing policy.
+//! - [`ingest`]: image files into items; [`dispatch`]: items into jobs.
+//! - [`results`]: the result consumer that stores predictions and routes.
+//! - [`review`]: the review queue (claims, leases, fencing tokens).
+//! - [`training`]: snapshots, training runs and their events;
+//!   [`models`]: versions, promotion, rollback, activation and rescore.
+//! - [`auth`]: API tokens and roles.
+//! - [`status`], [`workers`]: what operators look at.
+//! - [`demo`]: the end-to-end run on Fashion-MNIST with simulated reviewers.
+//! - [`db`], [`entities`]: PostgreSQL connection, migrations, sea-orm models.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod db;
+pub mod demo;
+pub mod dispatch;
+pub mod entities;
+pub mod error;
+pub mod fashion_mnist;
+pub mod http;
+pub mod ingest;
+pub mod models;
+pub mod policy;
+pub mod projects;
+pub mod results;
+pub mod review;
+pub mod status;
+pub mod training;
+pub mod workers;

@@ -1,0 +1,224 @@
+//! The model registry: versions, promotion, rollback, activation.
+//!
+//! Activation is one transaction (retire the champion, activate the new
+//! version, point the project at it), then two effects that are safe to
+//! repeat: the activation notice on the control fanout, and the rescore
+//! (re-dispatching every item the new version has not predicted yet, human
+//! labels excepted).
+
+use chrono::Utc;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
+use serde::Serialize;
+use sieve_shared::messages::{ControlCommand, ControlMessage, HoldoutMetrics, SCHEMA_VERSION};
+use uuid::Uuid;
+
+use crate::app::Context;
+use crate::dispatch;
+use crate::entities::model_version::{self, VersionStatus};
+use crate::entities::project;
+use crate::error::{AppError, AppResult};
+use crate::projects::{self, Project};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionSummary {
+    pub id: Uuid,
+    pub version: i32,
+    pub status: VersionStatus,
+    pub holdout_accuracy: Option<f64>,
+    pub holdout_size: Option<u32>,
+    pub train_size: Option<u32>,
+    pub status_reason: Option<String>,
+    pub created_at: chrono::DateTime<chrono::FixedOffset>,
+}
+
+fn metrics_of(version: &model_version::Model) -> Option<HoldoutMetrics> {
+    version
+        .metrics
+        .as_ref()
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+}
+
+impl From<&model_version::Model> for VersionSummary {
+    fn from(v: &model_version::Model) -> Self {
+        let metrics = metrics_of(v);
+        Self {
+            id: v.id,
+            version: v.version,
+            status: v.status,
+            holdout_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
+            holdout_size: metrics.as_ref().map(|m| m.holdout_size),
+            train_size: metrics.as_ref().map(|m| m.train_size),
+            status_reason: v.status_reason.clone(),
+            created_at: v.created_at,
+        }
+    }
+}
+
+pub async fn list(ctx: &Context, project: &Project) -> AppResult<Vec<VersionSummary>> {
+    let versions = model_version::Entity::find()
+        .filter(model_version::Column::ProjectId.eq(project.id.as_uuid()))
+        .order_by_asc(model_version::Column::Version)
+        .all(&ctx.db)
+        .await?;
+    Ok(versions.iter().map(VersionSummary::from).collect())
+}
+
+async fn find_version(
+    ctx: &Context,
+    project: &Project,
+    version: i32,
+) -> AppResult<model_version::Model> {
+    model_version::Entity::find()
+        .filter(model_version::Column::ProjectId.eq(project.id.as_uuid()))
+        .filter(model_version::Column::Version.eq(version))
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| {
+            AppError::NotFound(format!(
+                "project {} has no model version {version}; `sieve models list` shows them",
+                project.name
+            ))
+        })
+}
+
+/// Make `version_id` the project's active model, notify the fleet and
+/// rescore. Returns the number of items re-dispatched.
+pub async fn activate(ctx: &Context, project: &Project, version_id: Uuid) -> AppResult<usize> {
+    let txn = ctx.db.begin().await?;
+    let target = model_version::Entity::find_by_id(version_id)
+        .lock_exclusive()
+        .one(&txn)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no model version {version_id}")))?;
+    if target.artifact_key.is_none()
+        || matches!(
+            target.status,
+            VersionStatus::Training | VersionStatus::Failed
+        )
+    {
+        return Err(AppError::Conflict(format!(
+            "model version {} is {:?} and cannot be activated",
+            target.version, target.status
+        )));
+    }
+    let now = Utc::now().fixed_offset();
+    model_version::Entity::update_many()
+        .col_expr(
+            model_version::Column::Status,
+            sea_orm::sea_query::Expr::value(VersionStatus::Retired),
+        )
+        .filter(model_version::Column::ProjectId.eq(project.id.as_uuid()))
+        .filter(model_version::Column::Status.eq(VersionStatus::Active))
+        .filter(model_version::Column::Id.ne(version_id))
+        .exec(&txn)
+        .await?;
+    model_version::Entity::update(model_version::ActiveModel {
+        id: Set(version_id),
+        status: Set(VersionStatus::Active),
+        activated_at: Set(Some(now)),
+        ..Default::default()
+    })
+    .exec(&txn)
+    .await?;
+    project::Entity::update(project::ActiveModel {
+        id: Set(project.id.as_uuid()),
+        active_model_version_id: Set(Some(version_id)),
+        updated_at: Set(now),
+        ..Default::default()
+    })
+    .exec(&txn)
+    .await?;
+    txn.commit().await?;
+    tracing::info!(project = %project.name, version = target.version, "model version activated");
+    metrics::counter!("sieve_model_activations_total").increment(1);
+
+    let model = dispatch::model_ref(&target)?;
+    ctx.publisher
+        .publish(&ControlMessage {
+            schema: SCHEMA_VERSION,
+            command: ControlCommand::Activate {
+                project_id: project.id,
+                model,
+            },
+        })
+        .await
+        .map_err(anyhow::Error::from)?;
+    // Reload: the project now points at the new version.
+    let project = projects::get(&ctx.db, &project.id.to_string()).await?;
+    Ok(dispatch::dispatch_pending(ctx, &project, None).await?)
+}
+
+/// Promote a version by number (the ML team's manual override).
+pub async fn promote(ctx: &Context, project: &Project, version: i32) -> AppResult<usize> {
+    let target = find_version(ctx, project, version).await?;
+    activate(ctx, project, target.id).await
+}
+
+/// Re-activate the version that was active before the current one.
+pub async fn rollback(ctx: &Context, project: &Project) -> AppResult<i32> {
+    let previous = model_version::Entity::find()
+        .filter(model_version::Column::ProjectId.eq(project.id.as_uuid()))
+        .filter(model_version::Column::Status.eq(VersionStatus::Retired))
+        .filter(model_version::Column::ActivatedAt.is_not_null())
+        .order_by_desc(model_version::Column::ActivatedAt)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| {
+            AppError::Conflict(format!(
+                "project {} has no earlier active version to roll back to",
+                project.name
+            ))
+        })?;
+    activate(ctx, project, previous.id).await?;
+    Ok(previous.version)
+}
+
+/// Decide whether a freshly trained candidate replaces the champion: it does
+/// when there is no champion, when the champion was never measured, or when
+/// the candidate's holdout accuracy is not worse.
+pub async fn consider_promotion(
+    ctx: &Context,
+    project: &Project,
+    candidate_id: Uuid,
+) -> AppResult<bool> {
+    let candidate = model_version::Entity::find_by_id(candidate_id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no model version {candidate_id}")))?;
+    let champion = match project.active_model_version_id {
+        Some(id) => model_version::Entity::find_by_id(id).one(&ctx.db).await?,
+        None => None,
+    };
+    let candidate_accuracy = metrics_of(&candidate).and_then(|m| m.accuracy);
+    let champion_accuracy = champion
+        .as_ref()
+        .and_then(metrics_of)
+        .and_then(|m| m.accuracy);
+    let promote = match (champion_accuracy, candidate_accuracy) {
+        _ if champion.is_none() => true,
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(champion), Some(candidate)) => candidate >= champion,
+    };
+    if promote {
+        activate(ctx, project, candidate_id).await?;
+    } else {
+        let reason = format!(
+            "not promoted: holdout accuracy {} is below the champion's {}",
+            candidate_accuracy.map_or("unmeasured".into(), |a| format!("{a:.4}")),
+            champion_accuracy.map_or("unmeasured".into(), |a| format!("{a:.4}")),
+        );
+        tracing::info!(project = %project.name, version = candidate.version, %reason);
+        model_version::Entity::update(model_version::ActiveModel {
+            id: Set(candidate_id),
+            status_reason: Set(Some(reason)),
+            ..Default::default()
+        })
+        .exec(&ctx.db)
+        .await?;
+    }
+    Ok(promote)
+}

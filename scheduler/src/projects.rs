@@ -1,0 +1,215 @@
+//! Projects: a name, a class list and a routing policy.
+//!
+//! Names and class lists are validated here, at the edge; everything past
+//! [`ProjectName::parse`] and [`ClassNames::parse`] can trust them.
+
+use chrono::Utc;
+use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use serde::Serialize;
+use sieve_shared::ids::ProjectId;
+use sieve_shared::messages::TrainParams;
+use uuid::Uuid;
+
+use crate::app::Context;
+use crate::entities::project;
+use crate::error::{AppError, AppResult};
+use crate::policy::Policy;
+use crate::training;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProjectName(String);
+
+impl ProjectName {
+    pub fn parse(raw: &str) -> AppResult<Self> {
+        let ok = !raw.is_empty()
+            && raw.len() <= 64
+            && raw.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if ok {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(AppError::Invalid(format!(
+                "project name {raw:?} must be 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClassNames(Vec<String>);
+
+impl ClassNames {
+    pub fn parse(raw: &[String]) -> AppResult<Self> {
+        let names: Vec<String> = raw.iter().map(|s| s.trim().to_owned()).collect();
+        if names.len() < 2 {
+            return Err(AppError::Invalid(
+                "a classification project needs at least two classes".into(),
+            ));
+        }
+        if let Some(bad) = names.iter().find(|n| n.is_empty() || n.len() > 100) {
+            return Err(AppError::Invalid(format!(
+                "class name {bad:?} must be 1-100 characters"
+            )));
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        if let Some(dup) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(AppError::Invalid(format!(
+                "class {:?} is listed twice",
+                dup[0]
+            )));
+        }
+        Ok(Self(names))
+    }
+
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+}
+
+/// A project as the rest of the scheduler sees it: typed, validated.
+#[derive(Clone, Debug, Serialize)]
+pub struct Project {
+    pub id: ProjectId,
+    pub name: String,
+    pub class_names: Vec<String>,
+    pub policy: Policy,
+    pub policy_version: i32,
+    pub active_model_version_id: Option<Uuid>,
+}
+
+impl Project {
+    pub fn from_model(model: project::Model) -> AppResult<Self> {
+        let class_names = serde_json::from_value(model.class_names)
+            .map_err(|e| anyhow::anyhow!("project {} has corrupt class names: {e}", model.name))?;
+        let policy = serde_json::from_value(model.policy)
+            .map_err(|e| anyhow::anyhow!("project {} has a corrupt policy: {e}", model.name))?;
+        Ok(Self {
+            id: ProjectId::from_uuid(model.id),
+            name: model.name,
+            class_names,
+            policy,
+            policy_version: model.policy_version,
+            active_model_version_id: model.active_model_version_id,
+        })
+    }
+
+    /// The index of a class given by name or by number.
+    pub fn class_index(&self, class: &str) -> AppResult<u32> {
+        if let Some(i) = self.class_names.iter().position(|c| c == class) {
+            return Ok(i as u32);
+        }
+        match class.parse::<usize>() {
+            Ok(i) if i < self.class_names.len() => Ok(i as u32),
+            _ => Err(AppError::Invalid(format!(
+                "project {} has no class {class:?}; its classes are: {}",
+                self.name,
+                self.class_names.join(", ")
+            ))),
+        }
+    }
+}
+
+/// Create a project and queue its first (untrained) model, so that items
+/// ingested into it can be pre-labeled at once and the loop can start.
+pub async fn create_with_first_model(
+    ctx: &Context,
+    name: &ProjectName,
+    classes: &ClassNames,
+    policy: &Policy,
+    requested_by: &str,
+) -> AppResult<Project> {
+    let project = create(&ctx.db, name, classes, policy).await?;
+    training::request(ctx, &project, requested_by, TrainParams::default(), true).await?;
+    Ok(project)
+}
+
+pub async fn create(
+    db: &DatabaseConnection,
+    name: &ProjectName,
+    classes: &ClassNames,
+    policy: &Policy,
+) -> AppResult<Project> {
+    policy.validate()?;
+    if find_by_name(db, name.as_str()).await?.is_some() {
+        return Err(AppError::Conflict(format!(
+            "project {} already exists",
+            name.as_str()
+        )));
+    }
+    let now = Utc::now().fixed_offset();
+    let model = project::ActiveModel {
+        id: Set(ProjectId::new().as_uuid()),
+        name: Set(name.as_str().to_owned()),
+        task_kind: Set("classification".into()),
+        class_names: Set(serde_json::json!(classes.as_slice())),
+        policy: Set(serde_json::to_value(policy).map_err(anyhow::Error::from)?),
+        policy_version: Set(1),
+        active_model_version_id: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    };
+    let inserted = project::Entity::insert(model)
+        .exec_with_returning(db)
+        .await?;
+    Project::from_model(inserted)
+}
+
+async fn find_by_name(db: &DatabaseConnection, name: &str) -> AppResult<Option<Project>> {
+    project::Entity::find()
+        .filter(project::Column::Name.eq(name))
+        .one(db)
+        .await?
+        .map(Project::from_model)
+        .transpose()
+}
+
+/// Find a project by name or id; a clear 404 otherwise.
+pub async fn get(db: &DatabaseConnection, name_or_id: &str) -> AppResult<Project> {
+    let found = match name_or_id.parse::<Uuid>() {
+        Ok(id) => project::Entity::find_by_id(id)
+            .one(db)
+            .await?
+            .map(Project::from_model)
+            .transpose()?,
+        Err(_) => find_by_name(db, name_or_id).await?,
+    };
+    found.ok_or_else(|| {
+        AppError::NotFound(format!(
+            "no project named {name_or_id:?}; `sieve project list` shows the projects"
+        ))
+    })
+}
+
+pub async fn list(db: &DatabaseConnection) -> AppResult<Vec<Project>> {
+    let models = project::Entity::find().all(db).await?;
+    models.into_iter().map(Project::from_model).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(ProjectName::parse("fashion-mnist_1").is_ok());
+        for bad in ["", "-x", "with space", "a/b", &"x".repeat(65)] {
+            assert!(ProjectName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn classes_are_validated() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(ClassNames::parse(&s(&["cat", "dog"])).is_ok());
+        assert!(ClassNames::parse(&s(&["cat"])).is_err());
+        assert!(ClassNames::parse(&s(&["cat", " cat "])).is_err());
+        assert!(ClassNames::parse(&s(&["cat", ""])).is_err());
+    }
+}

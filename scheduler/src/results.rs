@@ -1,0 +1,401 @@
+//! The result consumer: predictions in, routing decisions out.
+//!
+//! Results are taken from `sieve.results` in batches and applied in one
+//! transaction per batch, then acknowledged. The prediction insert is keyed
+//! on (item, model version), so a redelivered result finds its row and
+//! changes nothing; two scheduler processes consuming at once serialize on
+//! that key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::Connection;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use rand::Rng;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
+    TransactionTrait, TryInsertResult,
+};
+use sieve_shared::broker;
+use sieve_shared::ids::ProjectId;
+use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, decode};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::app::Context;
+use crate::entities::item::{self, ItemState};
+use crate::entities::label::{self, LabelSource};
+use crate::entities::review_task::{self, TaskState};
+use crate::entities::{prediction, project};
+use crate::policy::{Decision, decide};
+use crate::projects::Project;
+
+/// How long to wait for more results before applying a partial batch.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// What happened to one result; counted for metrics and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    MachineLabeled,
+    SentToReview,
+    /// Stored, but routing left the item as it was (human-labeled, a claimed
+    /// task, or a prediction by a version that is no longer active).
+    Kept,
+    Duplicate,
+    Failed,
+    /// The item no longer exists.
+    UnknownItem,
+}
+
+impl Applied {
+    fn label(self) -> &'static str {
+        match self {
+            Applied::MachineLabeled => "machine_labeled",
+            Applied::SentToReview => "review",
+            Applied::Kept => "kept",
+            Applied::Duplicate => "duplicate",
+            Applied::Failed => "failed",
+            Applied::UnknownItem => "unknown_item",
+        }
+    }
+}
+
+/// Apply a batch of results in one transaction.
+pub async fn apply(ctx: &Context, results: &[PrelabelResult]) -> anyhow::Result<Vec<Applied>> {
+    let txn = ctx.db.begin().await?;
+    let mut projects: HashMap<ProjectId, Option<Project>> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(results.len());
+    for result in results {
+        if !projects.contains_key(&result.project_id) {
+            let found = project::Entity::find_by_id(result.project_id.as_uuid())
+                .one(&txn)
+                .await?
+                .map(Project::from_model)
+                .transpose()?;
+            projects.insert(result.project_id, found);
+        }
+        let Some(Some(project)) = projects.get(&result.project_id) else {
+            outcomes.push(Applied::UnknownItem);
+            continue;
+        };
+        outcomes.push(apply_one(&txn, project, result).await?);
+    }
+    txn.commit().await.context("committing a result batch")?;
+    for outcome in &outcomes {
+        metrics::counter!("sieve_results_routed_total", "outcome" => outcome.label()).increment(1);
+    }
+    Ok(outcomes)
+}
+
+async fn apply_one(
+    txn: &DatabaseTransaction,
+    project: &Project,
+    result: &PrelabelResult,
+) -> anyhow::Result<Applied> {
+    // Lock the item: its state changes below must not race another batch.
+    let Some(item) = item::Entity::find_by_id(result.item_id.as_uuid())
+        .lock_exclusive()
+        .one(txn)
+        .await?
+    else {
+        tracing::warn!(item = %result.item_id, "result for an unknown item; dropping it");
+        return Ok(Applied::UnknownItem);
+    };
+    let now = Utc::now().fixed_offset();
+
+    let output = match &result.outcome {
+        PrelabelOutcome::Failed { reason } => {
+            // Only an item still waiting can fail; a labeled one keeps its label.
+            if item.state == ItemState::Queued {
+                item::Entity::update(item::ActiveModel {
+                    id: Set(item.id),
+                    state: Set(ItemState::Failed),
+                    last_error: Set(Some(reason.clone())),
+                    attempts: Set(item.attempts + 1),
+                    updated_at: Set(now),
+                    ..Default::default()
+                })
+                .exec(txn)
+                .await?;
+            }
+            return Ok(Applied::Failed);
+        }
+        PrelabelOutcome::Scored(output) => output,
+    };
+
+    let prediction_id = Uuid::now_v7();
+    let inserted = prediction::Entity::insert(prediction_row(prediction_id, result, output))
+        .on_conflict_do_nothing_on([
+            prediction::Column::ItemId,
+            prediction::Column::ModelVersionId,
+        ])
+        .exec_without_returning(txn)
+        .await?;
+    if !matches!(inserted, TryInsertResult::Inserted(n) if n > 0) {
+        return Ok(Applied::Duplicate);
+    }
+
+    let is_active = project.active_model_version_id == Some(result.model_version_id.as_uuid());
+    let routable = matches!(
+        item.state,
+        ItemState::Queued | ItemState::InReview | ItemState::AutoLabeled
+    );
+    let open_task = review_task::Entity::find()
+        .filter(review_task::Column::ItemId.eq(item.id))
+        .filter(review_task::Column::State.is_in([TaskState::Open, TaskState::Claimed]))
+        .lock_exclusive()
+        .one(txn)
+        .await?;
+    let claimed = open_task
+        .as_ref()
+        .is_some_and(|t| t.state == TaskState::Claimed);
+    if !is_active || !routable || claimed {
+        mark_routed(txn, prediction_id, "kept", project.policy_version).await?;
+        return Ok(Applied::Kept);
+    }
+
+    let draw = rand::rng().random::<f64>();
+    match decide(&project.policy, &output.scores, draw) {
+        Decision::MachineLabel { class_index } => {
+            label::Entity::insert(label::ActiveModel {
+                id: Set(Uuid::now_v7()),
+                item_id: Set(item.id),
+                class_index: Set(class_index as i32),
+                source: Set(LabelSource::Machine),
+                reviewer: Set(None),
+                prediction_id: Set(Some(prediction_id)),
+                model_version_id: Set(Some(result.model_version_id.as_uuid())),
+                review_task_id: Set(None),
+                created_at: Set(now),
+            })
+            .exec_without_returning(txn)
+            .await?;
+            if let Some(task) = open_task {
+                // The better model is now sure: nobody needs to look at it.
+                review_task::Entity::update(review_task::ActiveModel {
+                    id: Set(task.id),
+                    state: Set(TaskState::Cancelled),
+                    closed_at: Set(Some(now)),
+                    updated_at: Set(now),
+                    ..Default::default()
+                })
+                .exec(txn)
+                .await?;
+            }
+            set_state(txn, item.id, ItemState::AutoLabeled, now).await?;
+            mark_routed(txn, prediction_id, "auto_labeled", project.policy_version).await?;
+            Ok(Applied::MachineLabeled)
+        }
+        Decision::Review { reason, priority } => {
+            match open_task {
+                Some(task) => {
+                    // Re-prioritise by the newer model's doubt.
+                    review_task::Entity::update(review_task::ActiveModel {
+                        id: Set(task.id),
+                        prediction_id: Set(Some(prediction_id)),
+                        reason: Set(reason),
+                        priority: Set(priority),
+                        updated_at: Set(now),
+                        ..Default::default()
+                    })
+                    .exec(txn)
+                    .await?;
+                }
+                None => {
+                    let task = review_task::ActiveModel {
+                        id: Set(Uuid::now_v7()),
+                        project_id: Set(project.id.as_uuid()),
+                        item_id: Set(item.id),
+                        prediction_id: Set(Some(prediction_id)),
+                        reason: Set(reason),
+                        priority: Set(priority),
+                        state: Set(TaskState::Open),
+                        lease_holder: Set(None),
+                        lease_expires_at: Set(None),
+                        fencing_token: Set(0),
+                        created_at: Set(now),
+                        updated_at: Set(now),
+                        closed_at: Set(None),
+                    };
+                    let opened = review_task::Entity::insert(task)
+                        .on_conflict_do_nothing()
+                        .exec_without_returning(txn)
+                        .await?;
+                    if matches!(opened, TryInsertResult::Inserted(n) if n > 0) {
+                        metrics::counter!("sieve_review_tasks_opened_total").increment(1);
+                    }
+                }
+            }
+            set_state(txn, item.id, ItemState::InReview, now).await?;
+            mark_routed(txn, prediction_id, "review", project.policy_version).await?;
+            Ok(Applied::SentToReview)
+        }
+    }
+}
+
+fn prediction_row(
+    id: Uuid,
+    result: &PrelabelResult,
+    output: &PredictionOutput,
+) -> prediction::ActiveModel {
+    let s = &output.scores;
+    prediction::ActiveModel {
+        id: Set(id),
+        item_id: Set(result.item_id.as_uuid()),
+        model_version_id: Set(result.model_version_id.as_uuid()),
+        job_id: Set(result.job_id.as_uuid()),
+        worker_id: Set(result.worker_id.clone()),
+        probabilities: Set(serde_json::json!(output.probabilities)),
+        member_votes: Set(serde_json::json!(output.member_votes)),
+        top_class: Set(s.top_class as i32),
+        confidence: Set(s.confidence),
+        margin: Set(s.margin),
+        entropy: Set(s.entropy),
+        disagreement: Set(s.disagreement),
+        mutual_information: Set(s.mutual_information),
+        embedding: Set(output.embedding.as_ref().map(|e| serde_json::json!(e))),
+        routed_to: Set(None),
+        policy_version: Set(None),
+        created_at: Set(Utc::now().fixed_offset()),
+    }
+}
+
+async fn set_state(
+    txn: &DatabaseTransaction,
+    id: Uuid,
+    state: ItemState,
+    now: chrono::DateTime<chrono::FixedOffset>,
+) -> anyhow::Result<()> {
+    item::Entity::update(item::ActiveModel {
+        id: Set(id),
+        state: Set(state),
+        updated_at: Set(now),
+        ..Default::default()
+    })
+    .exec(txn)
+    .await?;
+    Ok(())
+}
+
+async fn mark_routed(
+    txn: &DatabaseTransaction,
+    prediction_id: Uuid,
+    routed_to: &str,
+    policy_version: i32,
+) -> anyhow::Result<()> {
+    prediction::Entity::update(prediction::ActiveModel {
+        id: Set(prediction_id),
+        routed_to: Set(Some(routed_to.to_owned())),
+        policy_version: Set(Some(policy_version)),
+        ..Default::default()
+    })
+    .exec(txn)
+    .await?;
+    Ok(())
+}
+
+/// Consume `sieve.results` until `stop`, applying results in batches.
+pub async fn run(
+    ctx: Context,
+    connection: Arc<Connection>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let batch_size = ctx.settings.review.results_batch.max(1);
+    let queue = ctx.topology().results_queue();
+    let (_channel, mut consumer) = broker::consume(
+        &connection,
+        &queue,
+        u16::try_from(batch_size * 2).unwrap_or(u16::MAX),
+        "sieve-scheduler-results",
+    )
+    .await
+    .with_context(|| format!("consuming {queue}"))?;
+
+    loop {
+        let first = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            next = consumer.next() => match next {
+                Some(delivery) => delivery,
+                None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
+            },
+        };
+        let mut deliveries = vec![first];
+        let window = tokio::time::sleep(BATCH_WINDOW);
+        tokio::pin!(window);
+        while deliveries.len() < batch_size {
+            tokio::select! {
+                () = &mut window => break,
+                next = consumer.next() => match next {
+                    Some(delivery) => deliveries.push(delivery),
+                    None => break,
+                },
+            }
+        }
+        handle_batch(&ctx, deliveries).await;
+    }
+}
+
+async fn handle_batch(ctx: &Context, deliveries: Vec<lapin::Result<Delivery>>) {
+    let mut good = Vec::new();
+    let mut results = Vec::new();
+    for delivery in deliveries {
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(err) => {
+                // The channel recovers by itself; unacked deliveries return.
+                tracing::warn!(error = %err, "results consumer error");
+                continue;
+            }
+        };
+        match decode::<PrelabelResult>(&delivery.data) {
+            Ok(result) => {
+                results.push(result);
+                good.push(delivery);
+            }
+            Err(err) => {
+                // Permanent: the same bytes will never decode. Dead-letter it.
+                tracing::warn!(error = %err, "undecodable result; dead-lettering it");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+    }
+    if results.is_empty() {
+        return;
+    }
+    match apply(ctx, &results).await {
+        Ok(_) => {
+            for delivery in good {
+                if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(error = %err, "ack failed; the result will be redelivered and deduplicated");
+                }
+            }
+        }
+        Err(err) => {
+            // Transient (database down, deadlock): requeue and back off.
+            tracing::error!(
+                error = format!("{err:#}"),
+                batch = results.len(),
+                "applying results failed; requeueing"
+            );
+            for delivery in good {
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

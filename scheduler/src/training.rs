@@ -1,0 +1,433 @@
+//! Retraining: snapshots out, training events in.
+//!
+//! A retrain writes the labeled set as an immutable snapshot to the object
+//! store, records the run and the version it will produce (both allocated
+//! up front, so a duplicated event cannot register twice), and publishes a
+//! `TrainJob`. A partial unique index allows one queued or running run per
+//! project. Workers report on `sieve.train.events`; a completed run becomes a
+//! `candidate` version, promoted when it is not worse than the champion.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::Connection;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    SqlErr, Statement, TransactionTrait,
+};
+use serde::Serialize;
+use sieve_shared::broker;
+use sieve_shared::ids::{ItemId, ModelVersionId, TrainingRunId};
+use sieve_shared::messages::{
+    SCHEMA_VERSION, Snapshot, SnapshotExample, Split, TrainEvent, TrainEventKind, TrainJob,
+    TrainParams, decode,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::app::Context;
+use crate::dispatch;
+use crate::entities::model_version::{self, VersionStatus};
+use crate::entities::training_run::{self, RunState};
+use crate::error::{AppError, AppResult};
+use crate::models;
+use crate::projects::{self, Project};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub run_id: Uuid,
+    pub version: i32,
+    pub labels: usize,
+    pub holdout: usize,
+}
+
+#[derive(FromQueryResult)]
+struct LabeledItem {
+    item_id: Uuid,
+    class_index: i32,
+    object_key: String,
+    content_hash: String,
+}
+
+/// The newest human (or imported) label of every item in the project.
+/// Machine labels never enter training data.
+async fn labeled_examples(
+    ctx: &Context,
+    project: &Project,
+) -> anyhow::Result<Vec<SnapshotExample>> {
+    let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
+        ctx.db.get_database_backend(),
+        r#"
+        SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash
+        FROM labels l JOIN items i ON i.id = l.item_id
+        WHERE i.project_id = $1 AND l.source IN ('human', 'import')
+        ORDER BY l.item_id, l.created_at DESC
+        "#,
+        [project.id.as_uuid().into()],
+    ))
+    .all(&ctx.db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SnapshotExample {
+            item_id: ItemId::from_uuid(r.item_id),
+            object_key: r.object_key,
+            class_index: r.class_index as u32,
+            split: Split::of_hash(&r.content_hash),
+        })
+        .collect())
+}
+
+/// Queue a training run for `project`. `bootstrap` allows a run with no
+/// labels: a project's first, untrained model.
+pub async fn request(
+    ctx: &Context,
+    project: &Project,
+    requested_by: &str,
+    params: TrainParams,
+    bootstrap: bool,
+) -> AppResult<RunSummary> {
+    let examples = labeled_examples(ctx, project).await?;
+    if examples.is_empty() && !bootstrap {
+        return Err(AppError::Invalid(format!(
+            "project {} has no human labels yet: review some items before retraining",
+            project.name
+        )));
+    }
+    let run_id = TrainingRunId::new();
+    let version_id = ModelVersionId::new();
+    let snapshot_key = format!("projects/{}/snapshots/{run_id}.json", project.id);
+    let holdout = examples
+        .iter()
+        .filter(|e| e.split == Split::Holdout)
+        .count();
+    let label_count = examples.len();
+    let snapshot = Snapshot {
+        schema: SCHEMA_VERSION,
+        project_id: project.id,
+        class_names: project.class_names.clone(),
+        examples,
+    };
+    ctx.store
+        .put(
+            &snapshot_key,
+            Bytes::from(serde_json::to_vec(&snapshot).map_err(anyhow::Error::from)?),
+        )
+        .await
+        .map_err(anyhow::Error::from)?;
+
+    let base = match project.active_model_version_id {
+        Some(id) => model_version::Entity::find_by_id(id)
+            .one(&ctx.db)
+            .await?
+            .map(|v| dispatch::model_ref(&v))
+            .transpose()?,
+        None => None,
+    };
+
+    let txn = ctx.db.begin().await?;
+    let last = model_version::Entity::find()
+        .filter(model_version::Column::ProjectId.eq(project.id.as_uuid()))
+        .order_by_desc(model_version::Column::Version)
+        .one(&txn)
+        .await?;
+    let version = last.map_or(1, |v| v.version + 1);
+    let now = Utc::now().fixed_offset();
+    let run = training_run::ActiveModel {
+        id: Set(run_id.as_uuid()),
+        project_id: Set(project.id.as_uuid()),
+        requested_by: Set(requested_by.to_owned()),
+        base_version_id: Set(base.as_ref().map(|b| b.version_id.as_uuid())),
+        model_version_id: Set(version_id.as_uuid()),
+        params: Set(serde_json::to_value(&params).map_err(anyhow::Error::from)?),
+        snapshot_key: Set(snapshot_key.clone()),
+        label_count: Set(label_count as i32),
+        state: Set(RunState::Queued),
+        progress: Set(None),
+        error: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+        finished_at: Set(None),
+    };
+    if let Err(err) = training_run::Entity::insert(run)
+        .exec_without_returning(&txn)
+        .await
+    {
+        return Err(match err.sql_err() {
+            Some(SqlErr::UniqueConstraintViolation(_)) => AppError::Conflict(format!(
+                "a training run is already queued or running for project {}; wait for it (`sieve retrain status`)",
+                project.name
+            )),
+            _ => err.into(),
+        });
+    }
+    model_version::Entity::insert(model_version::ActiveModel {
+        id: Set(version_id.as_uuid()),
+        project_id: Set(project.id.as_uuid()),
+        version: Set(version),
+        parent_id: Set(base.as_ref().map(|b| b.version_id.as_uuid())),
+        training_run_id: Set(Some(run_id.as_uuid())),
+        artifact_key: Set(None),
+        checksum: Set(None),
+        architecture: Set(None),
+        metrics: Set(None),
+        status: Set(VersionStatus::Training),
+        status_reason: Set(None),
+        created_at: Set(now),
+        activated_at: Set(None),
+    })
+    .exec_without_returning(&txn)
+    .await?;
+    txn.commit().await?;
+
+    let job = TrainJob {
+        schema: SCHEMA_VERSION,
+        run_id,
+        project_id: project.id,
+        version_id,
+        version,
+        base,
+        snapshot_key,
+        class_names: project.class_names.clone(),
+        params,
+    };
+    if let Err(err) = ctx.publisher.publish(&job).await {
+        let reason = format!("could not queue the training job: {err}");
+        finish(
+            ctx,
+            run_id.as_uuid(),
+            RunState::Failed,
+            Some(reason.clone()),
+        )
+        .await?;
+        return Err(AppError::Internal(anyhow::anyhow!(reason)));
+    }
+    metrics::counter!("sieve_training_runs_total").increment(1);
+    tracing::info!(project = %project.name, run = %run_id, version, labels = label_count, "training run queued");
+    Ok(RunSummary {
+        run_id: run_id.as_uuid(),
+        version,
+        labels: label_count,
+        holdout,
+    })
+}
+
+/// End a run (and its version) unless it already ended. Returns false when
+/// it had: a duplicated event then changes nothing.
+async fn finish(
+    ctx: &Context,
+    run_id: Uuid,
+    state: RunState,
+    error: Option<String>,
+) -> Result<bool, DbErr> {
+    let now = Utc::now().fixed_offset();
+    let ended = training_run::Entity::update_many()
+        .col_expr(
+            training_run::Column::State,
+            sea_orm::sea_query::Expr::value(state),
+        )
+        .col_expr(
+            training_run::Column::Error,
+            sea_orm::sea_query::Expr::value(error.clone()),
+        )
+        .col_expr(
+            training_run::Column::FinishedAt,
+            sea_orm::sea_query::Expr::value(now),
+        )
+        .col_expr(
+            training_run::Column::UpdatedAt,
+            sea_orm::sea_query::Expr::value(now),
+        )
+        .filter(training_run::Column::Id.eq(run_id))
+        .filter(training_run::Column::State.is_in([RunState::Queued, RunState::Running]))
+        .exec(&ctx.db)
+        .await?;
+    if ended.rows_affected > 0 && state == RunState::Failed {
+        model_version::Entity::update_many()
+            .col_expr(
+                model_version::Column::Status,
+                sea_orm::sea_query::Expr::value(VersionStatus::Failed),
+            )
+            .col_expr(
+                model_version::Column::StatusReason,
+                sea_orm::sea_query::Expr::value(error),
+            )
+            .filter(model_version::Column::TrainingRunId.eq(run_id))
+            .filter(model_version::Column::Status.eq(VersionStatus::Training))
+            .exec(&ctx.db)
+            .await?;
+    }
+    Ok(ended.rows_affected > 0)
+}
+
+/// Apply one training event.
+pub async fn handle_event(ctx: &Context, event: &TrainEvent) -> AppResult<()> {
+    let run_id = event.run_id.as_uuid();
+    let Some(run) = training_run::Entity::find_by_id(run_id)
+        .one(&ctx.db)
+        .await?
+    else {
+        tracing::warn!(run = %run_id, "event for an unknown training run; dropping it");
+        return Ok(());
+    };
+    let now = Utc::now().fixed_offset();
+    match &event.kind {
+        TrainEventKind::Started { worker_id } => {
+            tracing::info!(run = %run_id, worker = %worker_id, "training started");
+            training_run::Entity::update_many()
+                .col_expr(
+                    training_run::Column::State,
+                    sea_orm::sea_query::Expr::value(RunState::Running),
+                )
+                .col_expr(
+                    training_run::Column::UpdatedAt,
+                    sea_orm::sea_query::Expr::value(now),
+                )
+                .filter(training_run::Column::Id.eq(run_id))
+                .filter(training_run::Column::State.eq(RunState::Queued))
+                .exec(&ctx.db)
+                .await?;
+        }
+        TrainEventKind::Progress {
+            epoch,
+            loss,
+            val_accuracy,
+        } => {
+            training_run::Entity::update(training_run::ActiveModel {
+                id: Set(run_id),
+                progress: Set(Some(serde_json::json!({
+                    "epoch": epoch, "loss": loss, "val_accuracy": val_accuracy
+                }))),
+                updated_at: Set(now),
+                ..Default::default()
+            })
+            .exec(&ctx.db)
+            .await?;
+        }
+        TrainEventKind::Failed { reason } => {
+            tracing::warn!(run = %run_id, %reason, "training failed");
+            finish(ctx, run_id, RunState::Failed, Some(reason.clone())).await?;
+        }
+        TrainEventKind::Completed {
+            artifact_key,
+            checksum,
+            architecture,
+            metrics,
+        } => {
+            let txn = ctx.db.begin().await?;
+            let updated = model_version::Entity::update_many()
+                .col_expr(
+                    model_version::Column::Status,
+                    sea_orm::sea_query::Expr::value(VersionStatus::Candidate),
+                )
+                .col_expr(
+                    model_version::Column::ArtifactKey,
+                    sea_orm::sea_query::Expr::value(artifact_key.clone()),
+                )
+                .col_expr(
+                    model_version::Column::Checksum,
+                    sea_orm::sea_query::Expr::value(checksum.clone()),
+                )
+                .col_expr(
+                    model_version::Column::Architecture,
+                    sea_orm::sea_query::Expr::value(architecture.clone()),
+                )
+                .col_expr(
+                    model_version::Column::Metrics,
+                    sea_orm::sea_query::Expr::value(
+                        serde_json::to_value(metrics).map_err(anyhow::Error::from)?,
+                    ),
+                )
+                .filter(model_version::Column::Id.eq(run.model_version_id))
+                .filter(model_version::Column::Status.eq(VersionStatus::Training))
+                .exec(&txn)
+                .await?;
+            if updated.rows_affected == 0 {
+                // Already registered (a redelivered event) or given up on.
+                txn.rollback().await?;
+                return Ok(());
+            }
+            training_run::Entity::update(training_run::ActiveModel {
+                id: Set(run_id),
+                state: Set(RunState::Succeeded),
+                finished_at: Set(Some(now)),
+                updated_at: Set(now),
+                ..Default::default()
+            })
+            .exec(&txn)
+            .await?;
+            txn.commit().await?;
+            tracing::info!(run = %run_id, accuracy = ?metrics.accuracy, holdout = metrics.holdout_size, "training completed");
+            let project = projects::get(&ctx.db, &run.project_id.to_string()).await?;
+            models::consider_promotion(ctx, &project, run.model_version_id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Consume `sieve.train.events` until `stop`.
+pub async fn run_events(
+    ctx: Context,
+    connection: std::sync::Arc<Connection>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let queue = ctx.topology().train_events_queue();
+    let (_channel, mut consumer) =
+        broker::consume(&connection, &queue, 16, "sieve-scheduler-train-events")
+            .await
+            .with_context(|| format!("consuming {queue}"))?;
+    loop {
+        let delivery = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "training events consumer error");
+                    continue;
+                }
+                None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
+            },
+        };
+        let event = match decode::<TrainEvent>(&delivery.data) {
+            Ok(event) => event,
+            Err(err) => {
+                tracing::warn!(error = %err, "undecodable training event; dead-lettering it");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        ..Default::default()
+                    })
+                    .await;
+                continue;
+            }
+        };
+        match handle_event(&ctx, &event).await {
+            Ok(()) => {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Err(err) => {
+                tracing::error!(error = format!("{err:#}"), run = %event.run_id, "applying a training event failed; requeueing");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The project's runs, newest first.
+pub async fn list_runs(ctx: &Context, project: &Project) -> AppResult<Vec<training_run::Model>> {
+    Ok(training_run::Entity::find()
+        .filter(training_run::Column::ProjectId.eq(project.id.as_uuid()))
+        .order_by_desc(training_run::Column::CreatedAt)
+        .all(&ctx.db)
+        .await?)
+}

@@ -1,0 +1,178 @@
+//! RabbitMQ connections, the confirming publisher, and consumers.
+//!
+//! One connection for publishing and one for consuming (a slow consumer must
+//! not hold back confirms), a channel per consumer. Connections recover by
+//! themselves (lapin's auto-recovery re-declares, re-applies QoS and
+//! re-subscribes).
+
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+
+use crate::error::Unreachable;
+use crate::messages::{Message, encode};
+use crate::topology::{Route, Topology};
+
+/// Open a connection, naming it so that operators can tell the fleet's
+/// connections apart in the management UI.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, Unreachable> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(name.to_owned().into())
+        .enable_auto_recover();
+    // Auto-recovery would retry a first connection forever; a command that
+    // cannot reach the broker must say so instead of hanging.
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(connected) => connected.map_err(|err| Unreachable::new("RabbitMQ", url, err)),
+        Err(_) => Err(Unreachable::new(
+            "RabbitMQ",
+            url,
+            format!("no answer within {CONNECT_TIMEOUT:?}"),
+        )),
+    }
+}
+
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker error while publishing to {target}: {source}")]
+    Broker {
+        target: String,
+        source: lapin::Error,
+    },
+    #[error("the broker refused (nacked) a message to {0}")]
+    Nacked(String),
+    #[error("a message to {0} was unroutable: the queue does not exist")]
+    Unroutable(String),
+}
+
+/// Publishes with confirms and waits for them: when `publish*` returns `Ok`,
+/// the broker has the messages durably.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection, topology: Topology) -> lapin::Result<Self> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel, topology })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub async fn publish<M: Message>(&self, message: &M) -> Result<(), PublishError> {
+        self.publish_all(std::slice::from_ref(message)).await
+    }
+
+    /// Publish many messages with their confirms pipelined: all are sent, then
+    /// all confirms awaited, instead of one round trip per message.
+    pub async fn publish_all<M: Message>(&self, messages: &[M]) -> Result<(), PublishError> {
+        let payloads: Vec<Vec<u8>> = messages.iter().map(encode).collect();
+        self.publish_payloads(M::ROUTE, &payloads, None).await
+    }
+
+    /// Publish pre-encoded payloads (replaying a dead letter, tests that
+    /// inject malformed messages).
+    pub async fn publish_payloads(
+        &self,
+        route: Route,
+        payloads: &[Vec<u8>],
+        headers: Option<FieldTable>,
+    ) -> Result<(), PublishError> {
+        let (exchange, routing_key) = self.topology.address(route);
+        let target = if exchange.is_empty() {
+            routing_key.clone()
+        } else {
+            exchange.clone()
+        };
+        let broker = |source| PublishError::Broker {
+            target: target.clone(),
+            source,
+        };
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        if let Some(headers) = headers {
+            properties = properties.with_headers(headers);
+        }
+        let options = BasicPublishOptions {
+            mandatory: route.mandatory(),
+            ..BasicPublishOptions::default()
+        };
+
+        let mut confirms = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    exchange.clone().into(),
+                    routing_key.clone().into(),
+                    options,
+                    payload,
+                    properties.clone(),
+                )
+                .await
+                .map_err(broker)?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            match confirm.await.map_err(broker)? {
+                // A returned mandatory message is still acked by the broker:
+                // it was accepted, then dropped for want of a queue.
+                Confirmation::Ack(Some(_)) => return Err(PublishError::Unroutable(target)),
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                Confirmation::Nack(_) => return Err(PublishError::Nacked(target)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A consumer on its own channel, with manual acks and the given prefetch.
+pub async fn consume(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> lapin::Result<(Channel, Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}
+
+/// How many times a quorum queue has delivered this message before (the
+/// `x-delivery-count` header), so a handler can tell a retry from a first try.
+pub fn delivery_count(properties: &BasicProperties) -> i64 {
+    use lapin::types::AMQPValue;
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned())
+        .map(|v| match v {
+            AMQPValue::LongLongInt(n) => n,
+            AMQPValue::LongInt(n) => i64::from(n),
+            AMQPValue::ShortInt(n) => i64::from(n),
+            AMQPValue::LongUInt(n) => i64::from(n),
+            _ => 0,
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,28 @@
+//! What the sieve scheduler and workers share.
+//!
+//! # Layout
+//! - [`ids`]: id newtypes (UUID v7) for every entity and message.
+//! - [`messages`]: the messages on RabbitMQ, each tied to its route, with a
+//!   schema version checked on decode.
+//! - [`topology`]: queue and exchange names and their one declaration.
+//! - [`broker`]: connections, the confirming publisher, consumers.
+//! - [`scores`]: committee uncertainty scores (DESIGN §6).
+//! - [`settings`]: typed settings (defaults, `sieve.toml`, `SIEVE_*`).
+//! - [`store`]: object storage (local directory by default).
+//! - [`live`]: losable live state in Redis (worker heartbeats).
+//! - [`telemetry`]: logs and Prometheus metrics.
+//! - [`error`]: errors both services act on.
+
+pub mod broker;
+pub mod error;
+pub mod ids;
+pub mod live;
+pub mod messages;
+pub mod scores;
+pub mod settings;
+pub mod store;
+pub mod telemetry;
+pub mod topology;
+
+pub use error::Unreachable;
+pub use settings::Settings;

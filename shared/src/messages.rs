@@ -1,0 +1,352 @@
+//! The messages that cross RabbitMQ (DESIGN §2, §4).
+//!
+//! Every message carries `schema` (checked on decode, so a worker never acts
+//! on a shape it does not understand) and an id that makes its effect
+//! idempotent. Each type names the queue it travels on through [`Message`], so
+//! a job cannot be published to the wrong place by accident.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ItemId, JobId, ModelVersionId, ProjectId, TrainingRunId};
+use crate::scores::Scores;
+use crate::topology::Route;
+
+/// The wire-format version every message is written with.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// A message type and where it is published.
+pub trait Message: Serialize + DeserializeOwned {
+    const ROUTE: Route;
+}
+
+/// Why a delivery could not be decoded. Always permanent: redelivering the
+/// same bytes cannot help, so the caller dead-letters or fails the job.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is not valid JSON for {kind}: {source}")]
+    Invalid {
+        kind: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("unsupported schema version {found} (this build reads {SCHEMA_VERSION})")]
+    UnsupportedSchema { found: u16 },
+}
+
+#[derive(Deserialize)]
+struct SchemaProbe {
+    schema: u16,
+}
+
+/// Decode a message, checking its schema version first so that a newer
+/// producer's message is refused by name rather than misread.
+pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, DecodeError> {
+    let kind = std::any::type_name::<M>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("message");
+    let probe: SchemaProbe =
+        serde_json::from_slice(bytes).map_err(|source| DecodeError::Invalid { kind, source })?;
+    if probe.schema != SCHEMA_VERSION {
+        return Err(DecodeError::UnsupportedSchema {
+            found: probe.schema,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|source| DecodeError::Invalid { kind, source })
+}
+
+pub fn encode<M: Message>(message: &M) -> Vec<u8> {
+    // Serialising plain data structs to JSON cannot fail.
+    serde_json::to_vec(message).unwrap_or_default()
+}
+
+/// The model a job must be run with, and how to fetch and verify it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub version_id: ModelVersionId,
+    /// Human-facing version number within the project (1, 2, ...).
+    pub version: i32,
+    /// Object-store key of the artifact (weights + config).
+    pub artifact_key: String,
+    /// Hex SHA-256 of the artifact bytes.
+    pub checksum: String,
+}
+
+/// Predict one item with the named model (scheduler -> worker).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrelabelJob {
+    pub schema: u16,
+    pub job_id: JobId,
+    pub project_id: ProjectId,
+    pub item_id: ItemId,
+    /// Object-store key of the image bytes.
+    pub object_key: String,
+    pub model: ModelRef,
+}
+
+impl Message for PrelabelJob {
+    const ROUTE: Route = Route::Prelabel;
+}
+
+/// A committee's prediction for one item.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PredictionOutput {
+    /// Class probabilities of the committee mean.
+    pub probabilities: Vec<f32>,
+    /// Top class of each committee member.
+    pub member_votes: Vec<u32>,
+    pub scores: Scores,
+    /// Backbone embedding, when the model has one (for head retraining).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum PrelabelOutcome {
+    Scored(PredictionOutput),
+    /// A permanent failure for this item (not an image, unknown model...).
+    Failed {
+        reason: String,
+    },
+}
+
+/// The outcome of one [`PrelabelJob`] (worker -> scheduler).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrelabelResult {
+    pub schema: u16,
+    pub job_id: JobId,
+    pub project_id: ProjectId,
+    pub item_id: ItemId,
+    pub model_version_id: ModelVersionId,
+    pub worker_id: String,
+    pub outcome: PrelabelOutcome,
+}
+
+impl Message for PrelabelResult {
+    const ROUTE: Route = Route::Results;
+}
+
+/// Hyper-parameters of a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainParams {
+    pub members: u32,
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        Self {
+            members: 3,
+            epochs: 8,
+            batch_size: 64,
+            learning_rate: 2e-3,
+            seed: 17,
+        }
+    }
+}
+
+/// Train a new model version from a labeled snapshot (scheduler -> worker).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainJob {
+    pub schema: u16,
+    pub run_id: TrainingRunId,
+    pub project_id: ProjectId,
+    /// The id and number the new version will be registered under.
+    pub version_id: ModelVersionId,
+    pub version: i32,
+    /// The version to fine-tune from; `None` for a project's first model.
+    pub base: Option<ModelRef>,
+    /// Object-store key of the [`Snapshot`].
+    pub snapshot_key: String,
+    pub class_names: Vec<String>,
+    pub params: TrainParams,
+}
+
+impl Message for TrainJob {
+    const ROUTE: Route = Route::Train;
+}
+
+/// Which part of the labeled set an example belongs to. Decided by the item's
+/// content hash, so the holdout is stable across snapshots and never leaks
+/// into training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train,
+    Holdout,
+}
+
+impl Split {
+    /// 20% of items, by the first byte of their hex SHA-256, are holdout.
+    pub fn of_hash(content_hash: &str) -> Self {
+        let byte = content_hash
+            .get(..2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+        if byte < 51 {
+            Self::Holdout
+        } else {
+            Self::Train
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotExample {
+    pub item_id: ItemId,
+    pub object_key: String,
+    pub class_index: u32,
+    pub split: Split,
+}
+
+/// The labeled set a training run learns from, written once to the object
+/// store and never changed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub schema: u16,
+    pub project_id: ProjectId,
+    pub class_names: Vec<String>,
+    pub examples: Vec<SnapshotExample>,
+}
+
+/// Holdout evaluation of a trained version.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HoldoutMetrics {
+    pub holdout_size: u32,
+    /// `None` when the holdout is empty.
+    pub accuracy: Option<f64>,
+    pub train_size: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrainEventKind {
+    Started {
+        worker_id: String,
+    },
+    Progress {
+        epoch: u32,
+        loss: f64,
+        val_accuracy: Option<f64>,
+    },
+    Completed {
+        artifact_key: String,
+        checksum: String,
+        /// The config that rebuilds the module (architecture, classes, members).
+        architecture: serde_json::Value,
+        metrics: HoldoutMetrics,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// Progress and outcome of a training run (worker -> scheduler).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainEvent {
+    pub schema: u16,
+    pub run_id: TrainingRunId,
+    pub project_id: ProjectId,
+    pub version_id: ModelVersionId,
+    #[serde(flatten)]
+    pub kind: TrainEventKind,
+}
+
+impl Message for TrainEvent {
+    const ROUTE: Route = Route::TrainEvents;
+}
+
+/// Fleet-wide notices on the control fanout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum ControlCommand {
+    /// A project's active model changed: load it between batches.
+    Activate {
+        project_id: ProjectId,
+        model: ModelRef,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ControlMessage {
+    pub schema: u16,
+    #[serde(flatten)]
+    pub command: ControlCommand,
+}
+
+impl Message for ControlMessage {
+    const ROUTE: Route = Route::Control;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> PrelabelJob {
+        PrelabelJob {
+            schema: SCHEMA_VERSION,
+            job_id: JobId::new(),
+            project_id: ProjectId::new(),
+            item_id: ItemId::new(),
+            object_key: "images/ab/abcdef".into(),
+            model: ModelRef {
+                version_id: ModelVersionId::new(),
+                version: 1,
+                artifact_key: "models/x/1.bin".into(),
+                checksum: "00".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let job = job();
+        let decoded: PrelabelJob = decode(&encode(&job)).expect("decode");
+        assert_eq!(decoded, job);
+    }
+
+    #[test]
+    fn refuses_other_schema_versions_by_name() {
+        let mut value = serde_json::to_value(job()).expect("json");
+        value["schema"] = 99.into();
+        let err = decode::<PrelabelJob>(value.to_string().as_bytes()).expect_err("must refuse");
+        assert!(matches!(err, DecodeError::UnsupportedSchema { found: 99 }));
+    }
+
+    #[test]
+    fn refuses_garbage_with_the_message_kind() {
+        let err = decode::<PrelabelJob>(b"not json").expect_err("must refuse");
+        assert!(err.to_string().contains("PrelabelJob"), "{err}");
+        let err = decode::<PrelabelJob>(br#"{"schema":1}"#).expect_err("must refuse");
+        assert!(matches!(err, DecodeError::Invalid { .. }));
+    }
+
+    #[test]
+    fn holdout_split_is_a_fifth_by_hash() {
+        assert_eq!(Split::of_hash("00ff"), Split::Holdout);
+        assert_eq!(Split::of_hash("32ff"), Split::Holdout);
+        assert_eq!(Split::of_hash("33ff"), Split::Train);
+        assert_eq!(Split::of_hash("ff00"), Split::Train);
+    }
+
+    #[test]
+    fn train_events_flatten_their_kind() {
+        let event = TrainEvent {
+            schema: SCHEMA_VERSION,
+            run_id: TrainingRunId::new(),
+            project_id: ProjectId::new(),
+            version_id: ModelVersionId::new(),
+            kind: TrainEventKind::Failed {
+                reason: "loss diverged".into(),
+            },
+        };
+        let json = serde_json::to_value(&event).expect("json");
+        assert_eq!(json["event"], "failed");
+        let back: TrainEvent = decode(&encode(&event)).expect("decode");
+        assert_eq!(back, event);
+    }
+}

@@ -1,0 +1,264 @@
+//! Typed settings, loaded once: defaults, then `sieve.toml`, then `SIEVE_*`
+//! environment variables (`SIEVE_DATABASE__URL` sets `database.url`).
+//!
+//! The defaults reach PostgreSQL, Redis and RabbitMQ on their standard local
+//! ports, so a developer machine needs no configuration at all. Every setting
+//! is documented in `docs/operations.md`; keep the two in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub broker: BrokerSettings,
+    pub redis: RedisSettings,
+    pub store: StoreSettings,
+    pub http: HttpSettings,
+    pub ingest: IngestSettings,
+    pub review: ReviewSettings,
+    pub worker: WorkerSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// PostgreSQL URL; `sieve migrate` creates the database if it is missing.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/sieve".into(),
+            max_connections: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSettings {
+    pub url: String,
+    /// Prefix of every queue and exchange name (`sieve` -> `sieve.prelabel`).
+    pub prefix: String,
+    /// Deliveries of one message before it is dead-lettered.
+    pub delivery_limit: u32,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "sieve".into(),
+            delivery_limit: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Prefix of every key, so deployments and tests can share a server.
+    pub prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "sieve".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Root of the object store: a local directory (default) or a
+    /// `file://` URL. Scheduler and workers must see the same store.
+    pub root: PathBuf,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("sieve-data"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Where `sieve serve` listens (API, review page, metrics).
+    pub bind: SocketAddr,
+    /// Where `sieve-worker` serves `/healthz` and `/metrics`.
+    pub worker_bind: SocketAddr,
+    /// Base URL CLI commands use to reach a running scheduler.
+    pub api_url: String,
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            worker_bind: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            api_url: "http://127.0.0.1:8080".into(),
+            body_limit: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSettings {
+    /// Items inserted per multi-row INSERT.
+    pub batch_size: usize,
+    /// Images with more pixels than this are refused from their header,
+    /// before decoding (decompression bombs).
+    pub max_pixels: u64,
+    /// Largest image file accepted, in bytes.
+    pub max_file_bytes: u64,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            max_pixels: 50_000_000,
+            max_file_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReviewSettings {
+    /// How long a claim is held before the task returns to the queue.
+    pub lease_seconds: u64,
+    /// Results routed per transaction by the result consumer.
+    pub results_batch: usize,
+}
+
+impl Default for ReviewSettings {
+    fn default() -> Self {
+        Self {
+            lease_seconds: 300,
+            results_batch: 64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Jobs per micro-batch (also the consumer prefetch).
+    pub batch_size: usize,
+    /// How long to wait to fill a batch before running a partial one.
+    pub batch_timeout_ms: u64,
+    /// `prelabel`, `train`, or both.
+    pub capabilities: Vec<String>,
+    /// On SIGTERM, how long in-flight work may take before the worker exits.
+    pub drain_seconds: u64,
+    pub heartbeat_seconds: u64,
+    /// Loaded model versions kept in memory.
+    pub model_cache: usize,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 64,
+            batch_timeout_ms: 50,
+            capabilities: vec!["prelabel".into(), "train".into()],
+            drain_seconds: 30,
+            heartbeat_seconds: 5,
+            model_cache: 4,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct SettingsError(#[from] Box<figment::Error>);
+
+impl Settings {
+    /// Load settings from the defaults, the TOML file (`sieve.toml` in the
+    /// working directory unless `file` names another), and the environment.
+    /// A named file that does not exist is an error; the default one is
+    /// optional.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(SettingsError(Box::new(figment::Error::from(format!(
+                        "configuration file {} does not exist",
+                        path.display()
+                    )))));
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            None => figment = figment.merge(Toml::file("sieve.toml")),
+        }
+        figment
+            .merge(Env::prefixed("SIEVE_").split("__").ignore(&["config"]))
+            .extract()
+            .map_err(|err| SettingsError(Box::new(err)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_reach_local_services() {
+        let s = Settings::default();
+        assert!(s.database.url.contains("127.0.0.1:5432"));
+        assert!(s.broker.url.contains("127.0.0.1:5672"));
+        assert!(s.redis.url.contains("127.0.0.1:6379"));
+        assert_eq!(s.broker.prefix, "sieve");
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "custom.toml",
+                "[broker]\nprefix = \"from-file\"\n[worker]\nbatch_size = 8\n",
+            )?;
+            jail.set_env("SIEVE_WORKER__BATCH_SIZE", "16");
+            let s = Settings::load(Some(Path::new("custom.toml"))).expect("load");
+            assert_eq!(s.broker.prefix, "from-file");
+            assert_eq!(s.worker.batch_size, 16, "environment wins over the file");
+            assert_eq!(
+                s.review.lease_seconds, 300,
+                "untouched settings keep defaults"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn typos_and_missing_files_are_reported() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[broker]\nprefx = \"x\"\n")?;
+            let err = Settings::load(Some(Path::new("bad.toml"))).expect_err("typo");
+            assert!(err.to_string().contains("prefx"), "{err}");
+            let err = Settings::load(Some(Path::new("missing.toml"))).expect_err("missing");
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,26 @@
+//! The sieve worker: committee inference and training on burn, fed by
+//! RabbitMQ. Workers never touch PostgreSQL; they need only the broker, the
+//! object store and (optionally) Redis.
+//!
+//! # Layout
+//! - [`service`]: the process — connections, loops, drain on shutdown.
+//! - [`prelabel`]: micro-batched prediction jobs in, scored results out.
+//! - [`training`]: training jobs, from snapshot to artifact, with events.
+//! - [`control`]: activation notices from the control fanout.
+//! - [`heartbeat`]: the worker's heartbeat in Redis.
+//! - [`model`]: the burn committee (architecture, inference, training).
+//! - [`artifact`]: model artifacts (config + weights + checksum).
+//! - [`cache`]: loaded model versions.
+//! - [`images`]: image bytes to model input.
+//! - [`backend`]: the burn device chosen by cargo feature.
+
+pub mod artifact;
+pub mod backend;
+pub mod cache;
+pub mod control;
+pub mod heartbeat;
+pub mod images;
+pub mod model;
+pub mod prelabel;
+pub mod service;
+pub mod training;

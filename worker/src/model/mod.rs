@@ -1,0 +1,159 @@
+//! The worker's machine-learning core: a committee of classifiers for active learning.
+//!
+//! # Layout
+//! - [`ArchitectureConfig`] names the architecture and its sizes; together with the weight bytes
+//!   it is all that is needed to rebuild a model version ([`Committee::from_weights`]).
+//! - [`Committee`] (`committee.rs`) is the inference side: per-member class probabilities, for
+//!   disagreement-based sampling, and backbone embeddings, for later head-only retraining.
+//! - [`train`] (`train.rs`) fine-tunes a committee with AdamW; members are diversified by an
+//!   online bootstrap so that their disagreement means something.
+//! - `net.rs` holds the burn module itself (a small CNN backbone shared by K linear heads).
+//!
+//! Everything here is synchronous and CPU/GPU bound: call it from `spawn_blocking`, feeding whole
+//! batches, and share a [`Committee`] between tasks through an `Arc`.
+
+mod committee;
+mod net;
+mod train;
+
+pub use committee::{Committee, CommitteeProbs, Embeddings};
+pub use train::{EpochReport, TrainData, TrainOptions, train};
+
+/// What a model version is: the architecture and its sizes. Stored next to the weights, since
+/// weights alone do not say which module to load them into.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ArchitectureConfig {
+    /// Architecture name; only `"small_cnn"` exists for now.
+    pub arch: String,
+    pub num_classes: usize,
+    /// Committee size K (at least 2, or there is no disagreement to measure).
+    pub members: usize,
+    /// Side of the square input image, in pixels.
+    pub input_size: usize,
+    /// Colour channels of the input (1 for grayscale).
+    pub channels: usize,
+    /// Width of the backbone embedding the heads read.
+    pub embedding_dim: usize,
+}
+
+impl ArchitectureConfig {
+    /// The small CNN on 28x28 grayscale images (Fashion-MNIST sized) with a 64-wide embedding.
+    pub fn small_cnn(num_classes: usize, members: usize) -> Self {
+        Self {
+            arch: "small_cnn".to_string(),
+            num_classes,
+            members,
+            input_size: 28,
+            channels: 1,
+            embedding_dim: 64,
+        }
+    }
+
+    /// Number of `f32` values of one input image (`channels * input_size * input_size`).
+    pub fn input_len(&self) -> usize {
+        self.channels * self.input_size * self.input_size
+    }
+}
+
+/// Why a model operation failed.
+///
+/// `BadInput`, `InvalidConfig`, `InvalidOptions`, `UnknownArchitecture`, `Weights` and
+/// `NotEnoughData` are permanent for the given inputs (retrying cannot help); `Diverged` may go
+/// away with other options (a lower learning rate); `Backend` is the device failing.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown architecture {0:?}")]
+    UnknownArchitecture(String),
+    #[error("invalid architecture config: {0}")]
+    InvalidConfig(String),
+    #[error("bad input: {reason}")]
+    BadInput { reason: String },
+    #[error("invalid training options: {0}")]
+    InvalidOptions(String),
+    /// The weight bytes are corrupt or do not fit the architecture config.
+    #[error("weights do not load: {0}")]
+    Weights(String),
+    /// The training loss became NaN or infinite.
+    #[error("training diverged in epoch {epoch} (non-finite loss)")]
+    Diverged { epoch: usize },
+    #[error("not enough data: {0}")]
+    NotEnoughData(String),
+    /// The `on_epoch` callback asked training to stop.
+    #[error("training cancelled")]
+    Cancelled,
+    /// The backend failed to run or read back a tensor.
+    #[error("backend error: {0}")]
+    Backend(String),
+}
+
+impl ModelError {
+    fn bad_input(reason: impl Into<String>) -> Self {
+        Self::BadInput {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Checks a flat image buffer against the config: its length, and that every value is finite
+/// (one NaN pixel would turn a whole batch's predictions, or a training run, into NaN).
+fn check_images(
+    config: &ArchitectureConfig,
+    images: &[f32],
+    batch: usize,
+) -> Result<(), ModelError> {
+    let expected = batch
+        .checked_mul(config.input_len())
+        .ok_or_else(|| ModelError::bad_input(format!("batch of {batch} images is too large")))?;
+    if images.len() != expected {
+        return Err(ModelError::bad_input(format!(
+            "expected {batch} images of {} values ({expected} in all), got {} values",
+            config.input_len(),
+            images.len()
+        )));
+    }
+    if let Some(position) = images.iter().position(|value| !value.is_finite()) {
+        return Err(ModelError::bad_input(format!(
+            "non-finite pixel value at index {position}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod test_data {
+    //! Synthetic, separable images: class `c` is a bright square at a class-specific position
+    //! on a noisy background. Easy enough to learn in a second, hard enough that an untrained
+    //! model is at chance.
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::ArchitectureConfig;
+
+    pub fn squares(config: &ArchitectureConfig, n: usize, seed: u64) -> (Vec<f32>, Vec<usize>) {
+        let side = config.input_size;
+        let square = 6;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut images = Vec::with_capacity(n * config.input_len());
+        let mut labels = Vec::with_capacity(n);
+        for i in 0..n {
+            let class = i % config.num_classes;
+            // Positions on a 4x3 grid of the image (10 classes fit).
+            let row = (class / 4) * (side - square) / 2;
+            let col = (class % 4) * (side - square) / 3;
+            for _ in 0..config.channels {
+                for y in 0..side {
+                    for x in 0..side {
+                        let inside =
+                            (row..row + square).contains(&y) && (col..col + square).contains(&x);
+                        let base = if inside { 1.0 } else { 0.0 };
+                        images.push(base + rng.random_range(-0.3..0.3));
+                    }
+                }
+            }
+            labels.push(class);
+        }
+        (images, labels)
+    }
+}

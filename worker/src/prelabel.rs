@@ -1,0 +1,329 @@
+//! The prediction loop: micro-batches of `PrelabelJob`s through the
+//! committee, one `PrelabelResult` per job.
+//!
+//! A batch is up to `worker.batch_size` jobs or whatever arrived within
+//! `worker.batch_timeout_ms` of the first. Jobs are acknowledged only after
+//! the broker confirmed their results. Failures are sorted by kind: a
+//! permanent one (bytes that are not an image, a corrupt model) becomes a
+//! `failed` result and is acknowledged; a transient one (the object store not
+//! answering) is rejected for redelivery, and past the delivery limit the
+//! queue dead-letters it; a message that does not decode at all goes straight
+//! to the dead-letter queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use lapin::Connection;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use sieve_shared::broker;
+use sieve_shared::ids::ModelVersionId;
+use sieve_shared::messages::{
+    ModelRef, PredictionOutput, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION,
+    decode,
+};
+use sieve_shared::scores::committee_scores;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::images;
+use crate::model::Committee;
+use crate::service::Worker;
+
+/// Image fetches in flight per batch.
+const FETCH_CONCURRENCY: usize = 16;
+
+pub async fn run(
+    worker: Arc<Worker>,
+    connection: Arc<Connection>,
+    mut activations: mpsc::Receiver<ModelRef>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = &worker.settings.worker;
+    let batch_size = settings.batch_size.max(1);
+    let window = Duration::from_millis(settings.batch_timeout_ms);
+    let queue = worker.topology().prelabel_queue();
+    let (channel, mut consumer) = broker::consume(
+        &connection,
+        &queue,
+        u16::try_from(batch_size * 2).unwrap_or(u16::MAX),
+        &format!("{}-prelabel", worker.id),
+    )
+    .await
+    .with_context(|| format!("consuming {queue}"))?;
+
+    loop {
+        // Between batches, never inside one: switch to newly activated models.
+        while let Ok(model) = activations.try_recv() {
+            if let Err(err) = worker.cache.get(&model).await {
+                tracing::error!(version = model.version, error = %err, "cannot load the activated model; keeping the current ones");
+            }
+        }
+        let first = tokio::select! {
+            () = stop.cancelled() => break,
+            next = consumer.next() => match next {
+                Some(d) => d,
+                None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
+            },
+        };
+        let mut deliveries = vec![first];
+        let deadline = tokio::time::sleep(window);
+        tokio::pin!(deadline);
+        while deliveries.len() < batch_size {
+            tokio::select! {
+                () = &mut deadline => break,
+                () = stop.cancelled() => break,
+                next = consumer.next() => match next {
+                    Some(d) => deliveries.push(d),
+                    None => break,
+                },
+            }
+        }
+        let deliveries: Vec<Delivery> = deliveries
+            .into_iter()
+            .filter_map(|d| {
+                d.map_err(|e| tracing::warn!(error = %e, "prelabel consumer error"))
+                    .ok()
+            })
+            .collect();
+        process_batch(&worker, deliveries).await;
+    }
+    // Prefetched but unstarted jobs return to the queue with the channel.
+    channel.close(200, "draining".into()).await.ok();
+    Ok(())
+}
+
+/// What becomes of one job in a batch.
+enum Fate {
+    Result(PrelabelResult),
+    /// Try again later (transient failure).
+    Requeue,
+}
+
+fn failed(worker: &Worker, job: &PrelabelJob, reason: String) -> Fate {
+    metrics::counter!("sieve_worker_jobs_failed_total").increment(1);
+    Fate::Result(PrelabelResult {
+        schema: SCHEMA_VERSION,
+        job_id: job.job_id,
+        project_id: job.project_id,
+        item_id: job.item_id,
+        model_version_id: job.model.version_id,
+        worker_id: worker.id.clone(),
+        outcome: PrelabelOutcome::Failed { reason },
+    })
+}
+
+pub async fn process_batch(worker: &Worker, deliveries: Vec<Delivery>) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let mut jobs = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        match decode::<PrelabelJob>(&delivery.data) {
+            Ok(job) => jobs.push((delivery, job)),
+            Err(err) => {
+                // No ids to report a result against: dead-letter it for people to see.
+                tracing::warn!(error = %err, "undecodable prelabel job; dead-lettering it");
+                metrics::counter!("sieve_worker_jobs_dead_lettered_total").increment(1);
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            }
+        }
+    }
+    let fates = predict_jobs(worker, jobs.iter().map(|(_, job)| job).collect()).await;
+
+    let results: Vec<PrelabelResult> = fates
+        .iter()
+        .filter_map(|f| match f {
+            Fate::Result(r) => Some(r.clone()),
+            Fate::Requeue => None,
+        })
+        .collect();
+    if let Err(err) = worker.publisher.publish_all(&results).await {
+        tracing::error!(error = %err, "publishing results failed; requeueing the batch");
+        for (delivery, _) in jobs {
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+        return;
+    }
+    for ((delivery, _), fate) in jobs.into_iter().zip(&fates) {
+        let acked = match fate {
+            Fate::Result(_) => delivery.ack(BasicAckOptions::default()).await,
+            Fate::Requeue => {
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            }
+        };
+        if !matches!(acked, Ok(true)) {
+            // A stale delivery after a reconnect: the broker redelivers, and
+            // the scheduler deduplicates the second result.
+            tracing::warn!(
+                "acknowledgement not applied (stale delivery); the job will be redelivered"
+            );
+        }
+    }
+    worker.stats.batches.fetch_add(1, Ordering::Relaxed);
+    worker
+        .stats
+        .items
+        .fetch_add(results.len() as u64, Ordering::Relaxed);
+    metrics::histogram!("sieve_worker_batch_size").record(fates.len() as f64);
+    metrics::histogram!("sieve_worker_batch_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("sieve_worker_jobs_consumed_total").increment(fates.len() as u64);
+}
+
+/// Fetch, decode and predict a batch; one fate per job, in order.
+async fn predict_jobs(worker: &Worker, jobs: Vec<&PrelabelJob>) -> Vec<Fate> {
+    // Models first: one load per distinct version in the batch.
+    let mut models: HashMap<ModelVersionId, Result<Arc<Committee>, (bool, String)>> =
+        HashMap::new();
+    for job in &jobs {
+        if !models.contains_key(&job.model.version_id) {
+            let loaded = worker
+                .cache
+                .get(&job.model)
+                .await
+                .map_err(|e| (e.is_transient(), e.to_string()));
+            models.insert(job.model.version_id, loaded);
+        }
+    }
+
+    let keys: Vec<String> = jobs.iter().map(|job| job.object_key.clone()).collect();
+    let fetched: Vec<_> = futures_util::stream::iter(keys)
+        .map(|key| {
+            let store = worker.store.clone();
+            async move { store.get(&key).await }
+        })
+        .buffered(FETCH_CONCURRENCY)
+        .collect()
+        .await;
+
+    let max_pixels = worker.settings.ingest.max_pixels;
+    let mut fates: Vec<Option<Fate>> = (0..jobs.len()).map(|_| None).collect();
+    // Per model: the positions and inputs of the jobs it will predict.
+    let mut groups: HashMap<ModelVersionId, (Arc<Committee>, Vec<usize>, Vec<bytes::Bytes>)> =
+        HashMap::new();
+    for (i, (job, bytes)) in jobs.iter().zip(fetched).enumerate() {
+        let model = match &models[&job.model.version_id] {
+            Ok(model) => model.clone(),
+            Err((true, _)) => {
+                fates[i] = Some(Fate::Requeue);
+                continue;
+            }
+            Err((false, reason)) => {
+                fates[i] = Some(failed(worker, job, reason.clone()));
+                continue;
+            }
+        };
+        match bytes {
+            Ok(bytes) => {
+                let group = groups
+                    .entry(job.model.version_id)
+                    .or_insert_with(|| (model, Vec::new(), Vec::new()));
+                group.1.push(i);
+                group.2.push(bytes);
+            }
+            Err(err) if err.is_transient() => fates[i] = Some(Fate::Requeue),
+            Err(err) => fates[i] = Some(failed(worker, job, format!("image unavailable: {err}"))),
+        }
+    }
+
+    for (_, (model, positions, images)) in groups {
+        let computed =
+            tokio::task::spawn_blocking(move || predict_images(&model, &images, max_pixels)).await;
+        let outputs = match computed {
+            Ok(outputs) => outputs,
+            Err(err) => {
+                let reason = format!("inference panicked: {err}");
+                positions.iter().map(|_| Err(reason.clone())).collect()
+            }
+        };
+        for (i, output) in positions.into_iter().zip(outputs) {
+            let job = jobs[i];
+            fates[i] = Some(match output {
+                Ok(output) => Fate::Result(PrelabelResult {
+                    schema: SCHEMA_VERSION,
+                    job_id: job.job_id,
+                    project_id: job.project_id,
+                    item_id: job.item_id,
+                    model_version_id: job.model.version_id,
+                    worker_id: worker.id.clone(),
+                    outcome: PrelabelOutcome::Scored(output),
+                }),
+                Err(reason) => failed(worker, job, reason),
+            });
+        }
+    }
+    fates
+        .into_iter()
+        .map(|f| f.unwrap_or(Fate::Requeue))
+        .collect()
+}
+
+/// Decode each image and run the committee over all good ones at once.
+fn predict_images(
+    model: &Committee,
+    images: &[bytes::Bytes],
+    max_pixels: u64,
+) -> Vec<Result<PredictionOutput, String>> {
+    let config = model.config().clone();
+    let decode_started = Instant::now();
+    let decoded: Vec<Result<Vec<f32>, String>> = images
+        .iter()
+        .map(|b| images::preprocess(b, &config, max_pixels).map_err(|e| e.to_string()))
+        .collect();
+    metrics::histogram!("sieve_worker_decode_seconds")
+        .record(decode_started.elapsed().as_secs_f64());
+    let good: Vec<usize> = (0..decoded.len()).filter(|&i| decoded[i].is_ok()).collect();
+    let mut input = Vec::with_capacity(good.len() * config.input_len());
+    for &i in &good {
+        if let Ok(v) = &decoded[i] {
+            input.extend_from_slice(v);
+        }
+    }
+    let inference_started = Instant::now();
+    let predicted = model.predict_with_embeddings(&input, good.len());
+    metrics::histogram!("sieve_worker_inference_seconds")
+        .record(inference_started.elapsed().as_secs_f64());
+    let (probs, embeddings) = match predicted {
+        Ok(p) => p,
+        Err(err) => {
+            let reason = format!("inference failed: {err}");
+            return decoded.iter().map(|_| Err(reason.clone())).collect();
+        }
+    };
+    let mut scored =
+        good.iter()
+            .zip(probs.into_iter().zip(embeddings))
+            .map(|(_, (members, embedding))| {
+                let s = committee_scores(&members).map_err(|e| e.to_string())?;
+                Ok(PredictionOutput {
+                    probabilities: s.mean,
+                    member_votes: s.member_votes,
+                    scores: s.scores,
+                    embedding: Some(embedding),
+                })
+            });
+    decoded
+        .into_iter()
+        .map(|d| match d {
+            Ok(_) => scored
+                .next()
+                .unwrap_or_else(|| Err("missing prediction".into())),
+            Err(reason) => Err(reason),
+        })
+        .collect()
+}

@@ -1,0 +1,208 @@
+//! The worker process: connections, the loops it runs, and its drain.
+//!
+//! [`run`] starts the prediction and/or training consumers (by capability),
+//! the control listener, the heartbeat and the health/metrics endpoint, and
+//! runs them until its shutdown future resolves. On shutdown the consumers
+//! stop taking work, finish and acknowledge what they hold, and return; what
+//! was prefetched but not started goes back to the queue when the channel
+//! closes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::get;
+use sieve_shared::Settings;
+use sieve_shared::broker::{self, Publisher};
+use sieve_shared::store::Store;
+use sieve_shared::topology::Topology;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::ModelCache;
+use crate::{backend, control, heartbeat, prelabel, training};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capability {
+    Prelabel,
+    Train,
+}
+
+impl Capability {
+    pub fn parse(raw: &str) -> anyhow::Result<Self> {
+        match raw.trim() {
+            "prelabel" => Ok(Self::Prelabel),
+            "train" => Ok(Self::Train),
+            other => anyhow::bail!("unknown capability {other:?}: use prelabel, train, or both"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Prelabel => "prelabel",
+            Self::Train => "train",
+        }
+    }
+}
+
+/// Counters the heartbeat reports.
+#[derive(Default)]
+pub struct Stats {
+    pub batches: AtomicU64,
+    pub items: AtomicU64,
+}
+
+/// What every loop of a worker shares.
+pub struct Worker {
+    pub id: String,
+    pub settings: Arc<Settings>,
+    pub capabilities: Vec<Capability>,
+    pub store: Store,
+    pub publisher: Publisher,
+    pub cache: ModelCache,
+    pub stats: Stats,
+    pub started: Instant,
+}
+
+impl Worker {
+    pub fn topology(&self) -> &Topology {
+        self.publisher.topology()
+    }
+}
+
+/// A worker id unique across the fleet: host, process, and a random tail.
+pub fn new_worker_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let tail = uuid::Uuid::now_v7().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &tail[tail.len() - 6..])
+}
+
+/// Run a worker until `shutdown` resolves, then drain.
+pub async fn run(
+    settings: Settings,
+    capabilities: Vec<Capability>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !capabilities.is_empty(),
+        "a worker needs at least one capability"
+    );
+    let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
+    let id = new_worker_id();
+    let publish_conn =
+        broker::connect(&settings.broker.url, &format!("sieve-worker {id} publish")).await?;
+    let consume_conn = Arc::new(
+        broker::connect(&settings.broker.url, &format!("sieve-worker {id} consume")).await?,
+    );
+    let channel = publish_conn.create_channel().await?;
+    topology
+        .declare(&channel)
+        .await
+        .context("declaring the RabbitMQ topology")?;
+    channel.close(200, "declared".into()).await.ok();
+    let publisher = Publisher::new(&publish_conn, topology).await?;
+    let store = Store::open(&settings.store)?;
+    let worker = Arc::new(Worker {
+        cache: ModelCache::new(store.clone(), settings.worker.model_cache),
+        id,
+        settings: Arc::new(settings),
+        capabilities,
+        store,
+        publisher,
+        stats: Stats::default(),
+        started: Instant::now(),
+    });
+    tracing::info!(
+        worker = %worker.id,
+        backend = backend::backend_name(),
+        capabilities = ?worker.capabilities.iter().map(|c| c.name()).collect::<Vec<_>>(),
+        "sieve worker started"
+    );
+
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let (activations_tx, activations_rx) = tokio::sync::mpsc::channel(64);
+    tasks.spawn(control::run(
+        worker.clone(),
+        consume_conn.clone(),
+        activations_tx,
+        stop.clone(),
+    ));
+    if worker.capabilities.contains(&Capability::Prelabel) {
+        tasks.spawn(prelabel::run(
+            worker.clone(),
+            consume_conn.clone(),
+            activations_rx,
+            stop.clone(),
+        ));
+    }
+    if worker.capabilities.contains(&Capability::Train) {
+        tasks.spawn(training::run(
+            worker.clone(),
+            consume_conn.clone(),
+            stop.clone(),
+        ));
+    }
+    let beat_stop = stop.clone();
+    let beat_worker = worker.clone();
+    // The heartbeat is best-effort (Redis is optional): it never ends the worker.
+    let heartbeat = tokio::spawn(async move { heartbeat::run(beat_worker, beat_stop).await });
+    let http_stop = stop.clone();
+    let router = Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route(
+            "/metrics",
+            get(|| async { sieve_shared::telemetry::prometheus().render() }),
+        );
+    tasks.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+            .context("worker HTTP server")
+    });
+
+    let outcome = tokio::select! {
+        () = shutdown => {
+            tracing::info!(worker = %worker.id, "draining: finishing in-flight work");
+            Ok(())
+        }
+        Some(ended) = tasks.join_next() => match ended {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a worker loop stopped unexpectedly")),
+            Ok(Err(err)) => Err(err),
+            Err(join) => Err(anyhow::Error::new(join)),
+        },
+    };
+    stop.cancel();
+    let deadline = Duration::from_secs(worker.settings.worker.drain_seconds);
+    let drained = tokio::time::timeout(deadline, async {
+        while let Some(ended) = tasks.join_next().await {
+            if let Ok(Err(err)) = ended {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "a loop ended with an error while draining"
+                );
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?deadline,
+            "drain deadline passed; unacknowledged work returns to the queue"
+        );
+        tasks.abort_all();
+    }
+    heartbeat.abort();
+    heartbeat::remove(&worker).await;
+    consume_conn.close(200, "drained".into()).await.ok();
+    publish_conn.close(200, "drained".into()).await.ok();
+    tracing::info!(worker = %worker.id, items = worker.stats.items.load(Ordering::Relaxed), "worker stopped");
+    outcome
+}

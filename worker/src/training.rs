@@ -1,0 +1,344 @@
+//! The training loop: one `TrainJob` at a time, from snapshot to artifact.
+//!
+//! The run is reported on `sieve.train.events` (started, each epoch,
+//! completed or failed) and the job is acknowledged only after its outcome
+//! was confirmed. A worker asked to stop mid-run cancels at the next epoch
+//! boundary and rejects the job back onto the queue: the run is re-queued,
+//! never half-registered (the scheduler registers a version only on
+//! `completed`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::Connection;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use sieve_shared::broker;
+use sieve_shared::messages::{
+    HoldoutMetrics, SCHEMA_VERSION, Snapshot, Split, TrainEvent, TrainEventKind, TrainJob, decode,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::artifact;
+use crate::images;
+use crate::model::{
+    self, ArchitectureConfig, Committee, EpochReport, ModelError, TrainData, TrainOptions,
+};
+use crate::service::Worker;
+
+/// Why a run did not complete, and so what happens to its job.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// Nothing will make this job succeed: report `failed`, acknowledge.
+    #[error("{0}")]
+    Permanent(String),
+    /// Try again (possibly elsewhere): reject with requeue.
+    #[error("{0}")]
+    Transient(String),
+    #[error("cancelled by shutdown")]
+    Cancelled,
+}
+
+pub async fn run(
+    worker: Arc<Worker>,
+    connection: Arc<Connection>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let queue = worker.topology().train_queue();
+    let (channel, mut consumer) =
+        broker::consume(&connection, &queue, 1, &format!("{}-train", worker.id))
+            .await
+            .with_context(|| format!("consuming {queue}"))?;
+    loop {
+        let delivery = tokio::select! {
+            () = stop.cancelled() => break,
+            next = consumer.next() => match next {
+                Some(Ok(d)) => d,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "train consumer error");
+                    continue;
+                }
+                None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
+            },
+        };
+        handle(&worker, delivery, &stop).await;
+    }
+    channel.close(200, "draining".into()).await.ok();
+    Ok(())
+}
+
+async fn publish(worker: &Worker, job: &TrainJob, kind: TrainEventKind) -> anyhow::Result<()> {
+    worker
+        .publisher
+        .publish(&TrainEvent {
+            schema: SCHEMA_VERSION,
+            run_id: job.run_id,
+            project_id: job.project_id,
+            version_id: job.version_id,
+            kind,
+        })
+        .await
+        .context("publishing a training event")
+}
+
+async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationToken) {
+    let job = match decode::<TrainJob>(&delivery.data) {
+        Ok(job) => job,
+        Err(err) => {
+            tracing::warn!(error = %err, "undecodable train job; dead-lettering it");
+            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            return;
+        }
+    };
+    tracing::info!(run = %job.run_id, version = job.version, "training started");
+    let _ = publish(
+        worker,
+        &job,
+        TrainEventKind::Started {
+            worker_id: worker.id.clone(),
+        },
+    )
+    .await;
+    let outcome = train(worker, &job, stop).await;
+    let settled = match outcome {
+        Ok(completed) => publish(worker, &job, completed).await,
+        Err(RunError::Permanent(reason)) => {
+            tracing::warn!(run = %job.run_id, %reason, "training failed");
+            publish(worker, &job, TrainEventKind::Failed { reason }).await
+        }
+        Err(err @ (RunError::Transient(_) | RunError::Cancelled)) => {
+            tracing::warn!(run = %job.run_id, error = %err, "training interrupted; requeueing the job");
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+            return;
+        }
+    };
+    match settled {
+        Ok(()) => {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        Err(err) => {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "could not report the run; requeueing it"
+            );
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+}
+
+async fn load_images(
+    worker: &Worker,
+    config: &ArchitectureConfig,
+    keys: Vec<String>,
+) -> Result<Vec<Result<Vec<f32>, String>>, RunError> {
+    let fetched: Vec<_> = futures_util::stream::iter(keys)
+        .map(|k| {
+            let store = worker.store.clone();
+            async move {
+                let got = store.get(&k).await;
+                (k, got)
+            }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    let mut bytes: Vec<Result<Bytes, String>> = Vec::with_capacity(fetched.len());
+    for (key, got) in fetched {
+        bytes.push(match got {
+            Ok(b) => Ok(b),
+            Err(err) if err.is_transient() => return Err(RunError::Transient(err.to_string())),
+            Err(err) => Err(format!("{key}: {err}")),
+        });
+    }
+    let config = config.clone();
+    let max_pixels = worker.settings.ingest.max_pixels;
+    tokio::task::spawn_blocking(move || {
+        bytes
+            .into_iter()
+            .map(|b| {
+                b.and_then(|b| {
+                    images::preprocess(&b, &config, max_pixels).map_err(|e| e.to_string())
+                })
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| RunError::Permanent(format!("image decoding panicked: {e}")))
+}
+
+async fn train(
+    worker: &Arc<Worker>,
+    job: &TrainJob,
+    stop: &CancellationToken,
+) -> Result<TrainEventKind, RunError> {
+    let snapshot_bytes = worker.store.get(&job.snapshot_key).await.map_err(|e| {
+        if e.is_transient() {
+            RunError::Transient(e.to_string())
+        } else {
+            RunError::Permanent(format!("snapshot unavailable: {e}"))
+        }
+    })?;
+    let snapshot: Snapshot = serde_json::from_slice(&snapshot_bytes)
+        .map_err(|e| RunError::Permanent(format!("corrupt snapshot {}: {e}", job.snapshot_key)))?;
+    let classes = job.class_names.len();
+    let config = ArchitectureConfig::small_cnn(classes, job.params.members.max(2) as usize);
+
+    let start = match &job.base {
+        Some(base) => match worker.cache.get(base).await {
+            Ok(model) if model.config() == &config => (*model).clone(),
+            Ok(_) => Committee::init(&config, job.params.seed, &crate::backend::device())
+                .map_err(|e| RunError::Permanent(e.to_string()))?,
+            Err(err) if err.is_transient() => return Err(RunError::Transient(err.to_string())),
+            Err(err) => return Err(RunError::Permanent(format!("base model refused: {err}"))),
+        },
+        None => Committee::init(&config, job.params.seed, &crate::backend::device())
+            .map_err(|e| RunError::Permanent(e.to_string()))?,
+    };
+
+    if let Some(bad) = snapshot
+        .examples
+        .iter()
+        .find(|e| e.class_index as usize >= classes)
+    {
+        return Err(RunError::Permanent(format!(
+            "snapshot example {} has class {} but the project has {classes} classes",
+            bad.item_id, bad.class_index
+        )));
+    }
+    let keys = snapshot
+        .examples
+        .iter()
+        .map(|e| e.object_key.clone())
+        .collect();
+    let inputs = load_images(worker, &config, keys).await?;
+    let mut train_data = TrainData {
+        images: Vec::new(),
+        labels: Vec::new(),
+    };
+    let mut holdout = TrainData {
+        images: Vec::new(),
+        labels: Vec::new(),
+    };
+    let mut skipped = 0usize;
+    for (example, input) in snapshot.examples.iter().zip(inputs) {
+        let Ok(input) = input else {
+            skipped += 1;
+            continue;
+        };
+        let target = match example.split {
+            Split::Train => &mut train_data,
+            Split::Holdout => &mut holdout,
+        };
+        target.images.extend_from_slice(&input);
+        target.labels.push(example.class_index as usize);
+    }
+    if skipped > 0 {
+        tracing::warn!(run = %job.run_id, skipped, "snapshot images that could not be used were skipped");
+    }
+
+    let options = TrainOptions {
+        epochs: job.params.epochs as usize,
+        batch_size: job.params.batch_size.max(1) as usize,
+        learning_rate: job.params.learning_rate,
+        seed: job.params.seed,
+        ..TrainOptions::default()
+    };
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<EpochReport>();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let cancel_flag = cancelled.clone();
+    let watch_stop = stop.clone();
+    let watcher = tokio::spawn(async move {
+        watch_stop.cancelled().await;
+        cancel_flag.store(true, Ordering::SeqCst);
+    });
+    let train_size = train_data.labels.len();
+    let flag = cancelled.clone();
+    let training = tokio::task::spawn_blocking(move || {
+        model::train(start, &train_data, &options, |report| {
+            let _ = progress_tx.send(report.clone());
+            !flag.load(Ordering::SeqCst)
+        })
+    });
+    let forward = async {
+        while let Some(report) = progress_rx.recv().await {
+            let _ = publish(
+                worker,
+                job,
+                TrainEventKind::Progress {
+                    epoch: report.epoch as u32,
+                    loss: report.loss,
+                    val_accuracy: report.val_accuracy,
+                },
+            )
+            .await;
+        }
+    };
+    let (trained, ()) = tokio::join!(training, forward);
+    watcher.abort();
+    let trained =
+        match trained.map_err(|e| RunError::Permanent(format!("training panicked: {e}")))? {
+            Ok(model) => model,
+            Err(ModelError::Cancelled) => return Err(RunError::Cancelled),
+            Err(err) => return Err(RunError::Permanent(err.to_string())),
+        };
+
+    let holdout_size = holdout.labels.len();
+    let (trained, accuracy) = tokio::task::spawn_blocking(move || {
+        let accuracy = evaluate(&trained, &holdout);
+        (trained, accuracy)
+    })
+    .await
+    .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?;
+    let accuracy = accuracy.map_err(|e| RunError::Permanent(e.to_string()))?;
+
+    let (bytes, checksum) =
+        artifact::encode(&trained).map_err(|e| RunError::Permanent(e.to_string()))?;
+    let artifact_key = format!("projects/{}/models/{}.bin", job.project_id, job.version_id);
+    worker
+        .store
+        .put(&artifact_key, Bytes::from(bytes))
+        .await
+        .map_err(|e| RunError::Transient(e.to_string()))?;
+    tracing::info!(run = %job.run_id, version = job.version, train = train_size, holdout = holdout_size, ?accuracy, "training completed");
+    Ok(TrainEventKind::Completed {
+        artifact_key,
+        checksum,
+        architecture: serde_json::to_value(&config).unwrap_or_default(),
+        metrics: HoldoutMetrics {
+            holdout_size: holdout_size as u32,
+            accuracy,
+            train_size: train_size as u32,
+        },
+    })
+}
+
+/// Accuracy of the committee mean on the holdout; `None` when it is empty.
+fn evaluate(model: &Committee, holdout: &TrainData) -> Result<Option<f64>, ModelError> {
+    if holdout.labels.is_empty() {
+        return Ok(None);
+    }
+    let probs = model.predict(&holdout.images, holdout.labels.len())?;
+    let correct = probs
+        .iter()
+        .zip(&holdout.labels)
+        .filter(|(members, label)| {
+            sieve_shared::scores::committee_scores(members)
+                .is_ok_and(|s| s.scores.top_class as usize == **label)
+        })
+        .count();
+    Ok(Some(correct as f64 / holdout.labels.len() as f64))
+}
