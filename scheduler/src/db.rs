@@ -19,9 +19,18 @@ async fn connect_url(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false);
-    Database::connect(options)
-        .await
-        .map_err(|e| Unreachable::new("PostgreSQL", url, e))
+    Database::connect(options).await.map_err(|e| {
+        let reason = e.to_string();
+        if reason.contains("does not exist") {
+            Unreachable::new(
+                "PostgreSQL",
+                url,
+                format!("{reason} (run `sieve migrate` to create it)"),
+            )
+        } else {
+            Unreachable::new("PostgreSQL", url, reason)
+        }
+    })
 }
 
 /// Split `postgres://host/db?opts` into the server URL (pointing at the

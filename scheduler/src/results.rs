@@ -71,13 +71,13 @@ pub async fn apply(ctx: &Context, results: &[PrelabelResult]) -> anyhow::Result<
     let mut projects: HashMap<ProjectId, Option<Project>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(results.len());
     for result in results {
-        if !projects.contains_key(&result.project_id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = projects.entry(result.project_id) {
             let found = project::Entity::find_by_id(result.project_id.as_uuid())
                 .one(&txn)
                 .await?
                 .map(Project::from_model)
                 .transpose()?;
-            projects.insert(result.project_id, found);
+            slot.insert(found);
         }
         let Some(Some(project)) = projects.get(&result.project_id) else {
             outcomes.push(Applied::UnknownItem);

@@ -17,6 +17,17 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Logs for tests: captured by the test harness (shown only for a failing
+/// test), `warn` and above unless `RUST_LOG` says otherwise.
+pub fn init_test_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_target(false)
+        .try_init();
+}
+
 /// The process-wide Prometheus recorder. The `metrics` facade has one global
 /// recorder, so this is installed once and shared (several in-process apps in
 /// a test share it too).

@@ -185,19 +185,24 @@ pub async fn process_batch(worker: &Worker, deliveries: Vec<Delivery>) {
     metrics::counter!("sieve_worker_jobs_consumed_total").increment(fates.len() as u64);
 }
 
+/// The jobs of a batch that one model predicts: the model, the jobs'
+/// positions in the batch, and their image bytes.
+type Group = (Arc<Committee>, Vec<usize>, Vec<bytes::Bytes>);
+
 /// Fetch, decode and predict a batch; one fate per job, in order.
 async fn predict_jobs(worker: &Worker, jobs: Vec<&PrelabelJob>) -> Vec<Fate> {
     // Models first: one load per distinct version in the batch.
     let mut models: HashMap<ModelVersionId, Result<Arc<Committee>, (bool, String)>> =
         HashMap::new();
     for job in &jobs {
-        if !models.contains_key(&job.model.version_id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(job.model.version_id)
+        {
             let loaded = worker
                 .cache
                 .get(&job.model)
                 .await
                 .map_err(|e| (e.is_transient(), e.to_string()));
-            models.insert(job.model.version_id, loaded);
+            slot.insert(loaded);
         }
     }
 
@@ -213,9 +218,7 @@ async fn predict_jobs(worker: &Worker, jobs: Vec<&PrelabelJob>) -> Vec<Fate> {
 
     let max_pixels = worker.settings.ingest.max_pixels;
     let mut fates: Vec<Option<Fate>> = (0..jobs.len()).map(|_| None).collect();
-    // Per model: the positions and inputs of the jobs it will predict.
-    let mut groups: HashMap<ModelVersionId, (Arc<Committee>, Vec<usize>, Vec<bytes::Bytes>)> =
-        HashMap::new();
+    let mut groups: HashMap<ModelVersionId, Group> = HashMap::new();
     for (i, (job, bytes)) in jobs.iter().zip(fetched).enumerate() {
         let model = match &models[&job.model.version_id] {
             Ok(model) => model.clone(),

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The main job: run sieve's active-learning loop on Fashion-MNIST with
+# simulated reviewers. Installs what it needs, starts the services, builds,
+# migrates, starts a scheduler and N workers, runs `sieve demo`, stops them.
+#
+#   ops/demo.sh [--workers N] [sieve demo options, e.g. --images 300]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+workers=2
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --workers) workers="$2"; shift 2 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+
+bash ops/install-deps.sh
+bash ops/ensure-services.sh
+cargo build --bins
+bin="${CARGO_TARGET_DIR:-target}/debug"
+
+# A demo of its own: database, queue prefix, store and port.
+export SIEVE_DATABASE__URL="${SIEVE_DATABASE__URL:-postgres://postgres@127.0.0.1:5432/sieve_demo}"
+export SIEVE_BROKER__PREFIX="${SIEVE_BROKER__PREFIX:-sieve-demo}"
+export SIEVE_REDIS__PREFIX="${SIEVE_REDIS__PREFIX:-sieve-demo}"
+export SIEVE_STORE__ROOT="${SIEVE_STORE__ROOT:-$PWD/sieve-demo/store}"
+export SIEVE_HTTP__BIND="${SIEVE_HTTP__BIND:-127.0.0.1:8088}"
+export SIEVE_HTTP__API_URL="${SIEVE_HTTP__API_URL:-http://$SIEVE_HTTP__BIND}"
+export SIEVE_HTTP__WORKER_BIND=127.0.0.1:0
+mkdir -p sieve-demo/logs
+
+"$bin/sieve" migrate
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+"$bin/sieve" serve >sieve-demo/logs/scheduler.log 2>&1 &
+pids+=($!)
+for ((i = 1; i <= workers; i++)); do
+    "$bin/sieve-worker" >"sieve-demo/logs/worker-$i.log" 2>&1 &
+    pids+=($!)
+done
+"$bin/sieve" demo --work-dir sieve-demo "${args[@]}"

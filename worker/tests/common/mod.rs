@@ -1,0 +1,141 @@
+//! A whole sieve on the real services, isolated per test: its own
+//! PostgreSQL database, its own RabbitMQ queue prefix, its own Redis key
+//! prefix and object-store directory, HTTP on port 0. Tests can run side by
+//! side; teardown removes the database and the queues.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sieve_scheduler::app::{self, Context};
+use sieve_scheduler::db;
+use sieve_shared::Settings;
+use sieve_worker::service::{self, Capability};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestSieve {
+    pub settings: Settings,
+    pub ctx: Context,
+    pub api: String,
+    pub http: reqwest::Client,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    _store: tempfile::TempDir,
+}
+
+pub fn test_settings(store: &Path) -> Settings {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let tag = &id[id.len() - 12..];
+    let mut s = Settings::default();
+    s.database.url = format!("postgres://postgres@127.0.0.1:5432/sieve_test_{tag}");
+    s.database.max_connections = 5;
+    s.broker.prefix = format!("test-{tag}");
+    s.redis.prefix = format!("test-{tag}");
+    s.store.root = store.to_owned();
+    s.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.http.worker_bind = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.worker.batch_size = 16;
+    s.worker.batch_timeout_ms = 20;
+    s.worker.heartbeat_seconds = 1;
+    s.worker.drain_seconds = 20;
+    s
+}
+
+impl TestSieve {
+    /// Migrate a fresh database and start one scheduler and one worker.
+    pub async fn start() -> Self {
+        sieve_shared::telemetry::init_test_tracing();
+        let store = tempfile::tempdir().unwrap();
+        let mut settings = test_settings(store.path());
+        db::create_database_if_missing(&settings.database.url)
+            .await
+            .unwrap();
+        let conn = db::connect(&settings.database).await.unwrap();
+        db::migrate(&conn).await.unwrap();
+        conn.close().await.unwrap();
+
+        let listener = TcpListener::bind(settings.http.bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        settings.http.api_url = format!("http://{addr}");
+        let ctx = Context::connect(settings.clone()).await.unwrap();
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let s = stop.clone();
+        tasks.push(tokio::spawn(app::serve(
+            ctx.clone(),
+            listener,
+            async move { s.cancelled().await },
+        )));
+        let mut sieve = Self {
+            api: format!("http://{addr}"),
+            settings,
+            ctx,
+            http: reqwest::Client::new(),
+            stop,
+            tasks,
+            _store: store,
+        };
+        sieve
+            .spawn_worker(vec![Capability::Prelabel, Capability::Train])
+            .await;
+        sieve
+    }
+
+    pub async fn spawn_worker(&mut self, capabilities: Vec<Capability>) {
+        let listener = TcpListener::bind(self.settings.http.worker_bind)
+            .await
+            .unwrap();
+        let s = self.stop.clone();
+        self.tasks.push(tokio::spawn(service::run(
+            self.settings.clone(),
+            capabilities,
+            listener,
+            async move { s.cancelled().await },
+        )));
+    }
+
+    /// Stop everything (draining), then remove the database and the queues.
+    pub async fn teardown(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.await.unwrap().unwrap();
+        }
+        let conn = sieve_shared::broker::connect(&self.settings.broker.url, "test teardown")
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        app::topology(&self.settings)
+            .delete(&channel)
+            .await
+            .unwrap();
+        conn.close(200, "bye".into()).await.ok();
+        self.ctx.db.clone().close().await.ok();
+        db::drop_database(&self.settings.database.url)
+            .await
+            .unwrap();
+    }
+}
+
+/// Poll `check` until it returns `Some`, or fail after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
