@@ -89,6 +89,29 @@ pub enum ProjectCommand {
     Show {
         name: String,
     },
+    /// Show or change a project's routing policy (each change is a new
+    /// policy version; the active model is recalibrated for it).
+    Policy {
+        name: String,
+        /// Fixed confidence threshold (used without a target accuracy).
+        #[arg(long)]
+        threshold: Option<f32>,
+        /// Calibrate per-class thresholds to this machine-label accuracy
+        /// (e.g. 0.97); `none` goes back to the fixed threshold.
+        #[arg(long)]
+        target_accuracy: Option<String>,
+        /// Confidence level of the accuracy's lower bound (Wilson).
+        #[arg(long)]
+        confidence_level: Option<f64>,
+        /// Share of would-be machine labels sent to review anyway.
+        #[arg(long)]
+        audit_rate: Option<f64>,
+        #[arg(long)]
+        disagreement_limit: Option<f32>,
+        /// `vote` or `mutual_information`.
+        #[arg(long)]
+        disagreement_measure: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -308,6 +331,56 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             for p in projects::list(&conn).await? {
                 println!("{}  {}  classes={}", p.id, p.name, p.class_names.join(","));
             }
+        }
+        ProjectCommand::Policy {
+            name,
+            threshold,
+            target_accuracy,
+            confidence_level,
+            audit_rate,
+            disagreement_limit,
+            disagreement_measure,
+        } => {
+            let conn = db::connect(&settings.database).await?;
+            let project = projects::get(&conn, &name).await?;
+            let mut policy = project.policy.clone();
+            let before = policy.clone();
+            if let Some(t) = threshold {
+                policy.confidence_threshold = t;
+            }
+            if let Some(t) = target_accuracy {
+                policy.target_accuracy = match t.as_str() {
+                    "none" => None,
+                    t => Some(
+                        t.parse()
+                            .with_context(|| format!("target accuracy {t:?} is not a number"))?,
+                    ),
+                };
+            }
+            if let Some(l) = confidence_level {
+                policy.confidence_level = l;
+            }
+            if let Some(a) = audit_rate {
+                policy.audit_rate = a;
+            }
+            if let Some(d) = disagreement_limit {
+                policy.disagreement_limit = d;
+            }
+            if let Some(m) = disagreement_measure {
+                policy.disagreement_measure = serde_json::from_value(serde_json::json!(m))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "disagreement measure {m:?}: use vote or mutual_information"
+                        )
+                    })?;
+            }
+            let project = if policy == before {
+                project
+            } else {
+                projects::set_policy(&conn, &project, policy).await?
+            };
+            println!("policy version {}:", project.policy_version);
+            print_json(&project.policy)?;
         }
         ProjectCommand::Show { name } => {
             let ctx = Context::connect(settings).await?;

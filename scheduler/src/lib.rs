@@ -5,7 +5,8 @@
 //! - [`app`]: the shared [`app::Context`] and `sieve serve` (HTTP + consumers).
 //! - [`cli`]: the `sieve` command line; thin over the modules below.
 //! - [`http`]: `/api/v1`, `/healthz`, `/metrics`.
-//! - [`projects`], [`policy`]: projects, their classes and routing policy.
+//! - [`projects`], [`policy`], [`calibration`]: projects, their classes, the
+//!   routing policy and its thresholds calibrated to a target accuracy.
 //! - [`ingest`]: image files into items; [`dispatch`]: items into jobs.
 //! - [`results`]: the result consumer that stores predictions and routes.
 //! - [`review`]: the review queue (claims, leases, fencing tokens).
@@ -18,6 +19,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod calibration;
 pub mod cli;
 pub mod db;
 pub mod demo;

@@ -2,21 +2,41 @@
 //! human (DESIGN §6).
 //!
 //! A project stores its policy as JSON with a version number; every routed
-//! prediction records the version that routed it. For now the threshold is
-//! fixed; calibration to a target accuracy builds on the same [`decide`].
+//! prediction records the version that routed it. The confidence threshold
+//! is either fixed or, with a target accuracy, the per-class threshold the
+//! active model version was calibrated to ([`crate::calibration`]).
 
 use serde::{Deserialize, Serialize};
 use sieve_shared::scores::Scores;
 
+use crate::calibration::Calibration;
 use crate::entities::review_task::TaskReason;
 use crate::error::AppError;
+
+/// Which committee disagreement the limit applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisagreementMeasure {
+    /// Share of members whose vote differs from the committee's.
+    #[default]
+    Vote,
+    /// H(p̄) − mean H(p_k), in nats.
+    MutualInformation,
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
-    /// Below this committee confidence an item goes to review.
+    /// Below this committee confidence an item goes to review (when no
+    /// target accuracy is set).
     pub confidence_threshold: f32,
-    /// Above this vote disagreement an item goes to review.
+    /// When set, thresholds are calibrated per class so that machine labels
+    /// reach this accuracy (as a lower confidence bound).
+    pub target_accuracy: Option<f64>,
+    /// Confidence level of that lower bound (Wilson interval).
+    pub confidence_level: f64,
+    pub disagreement_measure: DisagreementMeasure,
+    /// Above this disagreement an item goes to review.
     pub disagreement_limit: f32,
     /// Share of would-be machine labels sent to review anyway, so machine
     /// accuracy is measured rather than assumed.
@@ -27,6 +47,9 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             confidence_threshold: 0.9,
+            target_accuracy: None,
+            confidence_level: 0.95,
+            disagreement_measure: DisagreementMeasure::Vote,
             disagreement_limit: 0.34,
             audit_rate: 0.02,
         }
@@ -35,18 +58,45 @@ impl Default for Policy {
 
 impl Policy {
     pub fn validate(&self) -> Result<(), AppError> {
-        let unit = |name: &str, v: f64| {
-            if (0.0..=1.0).contains(&v) {
+        let within = |name: &str, v: f64, lo: f64, hi: f64| {
+            if (lo..=hi).contains(&v) {
                 Ok(())
             } else {
                 Err(AppError::Invalid(format!(
-                    "{name} must be within 0..=1, got {v}"
+                    "{name} must be within {lo}..={hi}, got {v}"
                 )))
             }
         };
-        unit("confidence_threshold", f64::from(self.confidence_threshold))?;
-        unit("disagreement_limit", f64::from(self.disagreement_limit))?;
-        unit("audit_rate", self.audit_rate)
+        within(
+            "confidence_threshold",
+            f64::from(self.confidence_threshold),
+            0.0,
+            1.0,
+        )?;
+        if let Some(target) = self.target_accuracy {
+            within("target_accuracy", target, 0.5, 0.9999)?;
+        }
+        within("confidence_level", self.confidence_level, 0.5, 0.9999)?;
+        within(
+            "disagreement_limit",
+            f64::from(self.disagreement_limit),
+            0.0,
+            10.0,
+        )?;
+        within("audit_rate", self.audit_rate, 0.0, 1.0)
+    }
+
+    /// The confidence a prediction of `class` needs to become a machine
+    /// label; `None` means it never does (no calibrated threshold yet).
+    pub fn threshold_for(&self, class: u32, calibration: Option<&Calibration>) -> Option<f32> {
+        match self.target_accuracy {
+            None => Some(self.confidence_threshold),
+            Some(target) => calibration
+                .filter(|c| {
+                    c.target_accuracy == target && c.confidence_level == self.confidence_level
+                })
+                .and_then(|c| c.thresholds.get(class as usize).copied().flatten()),
+        }
     }
 }
 
@@ -56,27 +106,41 @@ pub enum Decision {
     Review { reason: TaskReason, priority: f32 },
 }
 
-/// Route one prediction. `audit_draw` is a uniform draw in [0, 1), passed in
-/// so that tests can decide it.
-pub fn decide(policy: &Policy, scores: &Scores, audit_draw: f64) -> Decision {
+/// Route one prediction. `threshold` comes from [`Policy::threshold_for`];
+/// `audit_draw` is a uniform draw in [0, 1), passed in so tests decide it.
+pub fn decide(
+    policy: &Policy,
+    scores: &Scores,
+    threshold: Option<f32>,
+    audit_draw: f64,
+) -> Decision {
     // Most uncertain first: priority is the committee's doubt.
     let priority = (1.0 - scores.confidence) + scores.disagreement;
-    if scores.disagreement > policy.disagreement_limit {
+    let disagreement = match policy.disagreement_measure {
+        DisagreementMeasure::Vote => scores.disagreement,
+        DisagreementMeasure::MutualInformation => scores.mutual_information,
+    };
+    if disagreement > policy.disagreement_limit {
         return Decision::Review {
             reason: TaskReason::Disagreement,
             priority,
         };
     }
-    if scores.confidence < policy.confidence_threshold {
-        return Decision::Review {
-            reason: TaskReason::LowConfidence,
-            priority,
-        };
+    match threshold {
+        Some(t) if scores.confidence >= t => {}
+        _ => {
+            return Decision::Review {
+                reason: TaskReason::LowConfidence,
+                priority,
+            };
+        }
     }
     if audit_draw < policy.audit_rate {
+        // Audits are interleaved with the uncertain items rather than
+        // queued behind them: give them a middling priority.
         return Decision::Review {
             reason: TaskReason::Audit,
-            priority,
+            priority: 0.5,
         };
     }
     Decision::MachineLabel {
@@ -99,29 +163,33 @@ mod tests {
         }
     }
 
+    fn fixed(policy: &Policy, s: &Scores, draw: f64) -> Decision {
+        decide(policy, s, policy.threshold_for(s.top_class, None), draw)
+    }
+
     #[test]
     fn routes_by_threshold_disagreement_and_audit() {
         let policy = Policy::default();
         assert_eq!(
-            decide(&policy, &scores(0.95, 0.0), 0.5),
+            fixed(&policy, &scores(0.95, 0.0), 0.5),
             Decision::MachineLabel { class_index: 3 }
         );
         assert!(matches!(
-            decide(&policy, &scores(0.5, 0.0), 0.5),
+            fixed(&policy, &scores(0.5, 0.0), 0.5),
             Decision::Review {
                 reason: TaskReason::LowConfidence,
                 ..
             }
         ));
         assert!(matches!(
-            decide(&policy, &scores(0.95, 0.5), 0.5),
+            fixed(&policy, &scores(0.95, 0.5), 0.5),
             Decision::Review {
                 reason: TaskReason::Disagreement,
                 ..
             }
         ));
         assert!(matches!(
-            decide(&policy, &scores(0.95, 0.0), 0.01),
+            fixed(&policy, &scores(0.95, 0.0), 0.01),
             Decision::Review {
                 reason: TaskReason::Audit,
                 ..
@@ -130,9 +198,62 @@ mod tests {
     }
 
     #[test]
+    fn target_accuracy_uses_the_calibrated_class_threshold() {
+        let policy = Policy {
+            target_accuracy: Some(0.97),
+            ..Policy::default()
+        };
+        let calibration = Calibration {
+            target_accuracy: 0.97,
+            confidence_level: 0.95,
+            thresholds: vec![None, None, None, Some(0.8)],
+            evidence: vec![0, 0, 0, 500],
+        };
+        let s = scores(0.85, 0.0);
+        let t = policy.threshold_for(3, Some(&calibration));
+        assert_eq!(t, Some(0.8));
+        assert_eq!(
+            decide(&policy, &s, t, 0.5),
+            Decision::MachineLabel { class_index: 3 }
+        );
+        // A class without enough evidence never gets a machine label.
+        assert_eq!(policy.threshold_for(0, Some(&calibration)), None);
+        // Nor does anything before the version was calibrated for this target.
+        assert_eq!(policy.threshold_for(3, None), None);
+        let other_target = Policy {
+            target_accuracy: Some(0.99),
+            ..policy.clone()
+        };
+        assert_eq!(other_target.threshold_for(3, Some(&calibration)), None);
+    }
+
+    #[test]
+    fn mutual_information_can_be_the_disagreement_measure() {
+        let policy = Policy {
+            disagreement_measure: DisagreementMeasure::MutualInformation,
+            disagreement_limit: 0.1,
+            ..Policy::default()
+        };
+        let mut s = scores(0.95, 0.9);
+        s.mutual_information = 0.05;
+        assert!(matches!(
+            fixed(&policy, &s, 0.5),
+            Decision::MachineLabel { .. }
+        ));
+        s.mutual_information = 0.2;
+        assert!(matches!(
+            fixed(&policy, &s, 0.5),
+            Decision::Review {
+                reason: TaskReason::Disagreement,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn less_confident_items_come_first() {
         let policy = Policy::default();
-        let priority = |c| match decide(&policy, &scores(c, 0.0), 0.5) {
+        let priority = |c| match fixed(&policy, &scores(c, 0.0), 0.5) {
             Decision::Review { priority, .. } => priority,
             Decision::MachineLabel { .. } => panic!("expected review"),
         };
@@ -143,6 +264,11 @@ mod tests {
     fn rejects_out_of_range_settings() {
         let bad = Policy {
             confidence_threshold: 1.5,
+            ..Policy::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = Policy {
+            target_accuracy: Some(1.0),
             ..Policy::default()
         };
         assert!(bad.validate().is_err());

@@ -18,8 +18,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use rand::Rng;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
-    TransactionTrait, TryInsertResult,
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    QueryFilter, QuerySelect, TransactionTrait, TryInsertResult,
 };
 use sieve_shared::broker;
 use sieve_shared::ids::ProjectId;
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::app::Context;
+use crate::calibration::{self, Calibration};
 use crate::entities::item::{self, ItemState};
 use crate::entities::label::{self, LabelSource};
 use crate::entities::review_task::{self, TaskState};
@@ -66,9 +67,12 @@ impl Applied {
 }
 
 /// Apply a batch of results in one transaction.
-pub async fn apply(ctx: &Context, results: &[PrelabelResult]) -> anyhow::Result<Vec<Applied>> {
-    let txn = ctx.db.begin().await?;
-    let mut projects: HashMap<ProjectId, Option<Project>> = HashMap::new();
+pub async fn apply(
+    db: &DatabaseConnection,
+    results: &[PrelabelResult],
+) -> anyhow::Result<Vec<Applied>> {
+    let txn = db.begin().await?;
+    let mut projects: HashMap<ProjectId, Option<(Project, Option<Calibration>)>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(results.len());
     for result in results {
         if let std::collections::hash_map::Entry::Vacant(slot) = projects.entry(result.project_id) {
@@ -77,13 +81,23 @@ pub async fn apply(ctx: &Context, results: &[PrelabelResult]) -> anyhow::Result<
                 .await?
                 .map(Project::from_model)
                 .transpose()?;
+            let found = match found {
+                Some(project) => {
+                    let calibration = match project.active_model_version_id {
+                        Some(id) => calibration::load(&txn, id).await?,
+                        None => None,
+                    };
+                    Some((project, calibration))
+                }
+                None => None,
+            };
             slot.insert(found);
         }
-        let Some(Some(project)) = projects.get(&result.project_id) else {
+        let Some(Some((project, calibration))) = projects.get(&result.project_id) else {
             outcomes.push(Applied::UnknownItem);
             continue;
         };
-        outcomes.push(apply_one(&txn, project, result).await?);
+        outcomes.push(apply_one(&txn, project, calibration.as_ref(), result).await?);
     }
     txn.commit().await.context("committing a result batch")?;
     for outcome in &outcomes {
@@ -95,6 +109,7 @@ pub async fn apply(ctx: &Context, results: &[PrelabelResult]) -> anyhow::Result<
 async fn apply_one(
     txn: &DatabaseTransaction,
     project: &Project,
+    calibration: Option<&Calibration>,
     result: &PrelabelResult,
 ) -> anyhow::Result<Applied> {
     // Lock the item: its state changes below must not race another batch.
@@ -160,7 +175,10 @@ async fn apply_one(
     }
 
     let draw = rand::rng().random::<f64>();
-    match decide(&project.policy, &output.scores, draw) {
+    let threshold = project
+        .policy
+        .threshold_for(output.scores.top_class, calibration);
+    match decide(&project.policy, &output.scores, threshold, draw) {
         Decision::MachineLabel { class_index } => {
             label::Entity::insert(label::ActiveModel {
                 id: Set(Uuid::now_v7()),
@@ -372,7 +390,7 @@ async fn handle_batch(ctx: &Context, deliveries: Vec<lapin::Result<Delivery>>) {
     if results.is_empty() {
         return;
     }
-    match apply(ctx, &results).await {
+    match apply(&ctx.db, &results).await {
         Ok(_) => {
             for delivery in good {
                 if let Err(err) = delivery.ack(BasicAckOptions::default()).await {

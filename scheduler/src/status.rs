@@ -7,6 +7,7 @@ use sea_orm::{FromQueryResult, Statement};
 use serde::Serialize;
 
 use crate::app::Context;
+use crate::calibration;
 use crate::error::AppResult;
 use crate::projects::Project;
 
@@ -21,6 +22,72 @@ pub struct ProjectStatus {
     pub machine_labeled: i64,
     pub human_labeled: i64,
     pub active_model_version: Option<i32>,
+    /// Accuracy of machine labels as measured by audits (human review of a
+    /// random share of would-be machine labels): overall first, then per
+    /// predicted class, each with its Wilson interval.
+    pub machine_label_accuracy: Vec<MeasuredAccuracy>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MeasuredAccuracy {
+    /// `None` for the overall figure.
+    pub class: Option<String>,
+    pub audited: i64,
+    pub correct: i64,
+    pub accuracy: f64,
+    pub lower: f64,
+    pub upper: f64,
+}
+
+#[derive(FromQueryResult)]
+struct AuditRow {
+    class: i32,
+    n: i64,
+    k: i64,
+}
+
+/// Machine-label accuracy from completed audits.
+pub async fn measured_accuracy(
+    ctx: &Context,
+    project: &Project,
+) -> AppResult<Vec<MeasuredAccuracy>> {
+    let rows = AuditRow::find_by_statement(Statement::from_sql_and_values(
+        ctx.db.get_database_backend(),
+        r#"
+        SELECT p.top_class AS class, count(*) AS n,
+               sum(CASE WHEN l.class_index = p.top_class THEN 1 ELSE 0 END)::bigint AS k
+        FROM review_tasks t
+        JOIN labels l ON l.review_task_id = t.id
+        JOIN predictions p ON p.id = t.prediction_id
+        WHERE t.project_id = $1 AND t.reason = 'audit' AND t.state = 'done'
+        GROUP BY p.top_class ORDER BY p.top_class
+        "#,
+        [project.id.as_uuid().into()],
+    ))
+    .all(&ctx.db)
+    .await?;
+    let z = calibration::z_for(project.policy.confidence_level);
+    let measure = |class: Option<String>, n: i64, k: i64| {
+        let (lower, upper) = calibration::wilson(k as u64, n as u64, z);
+        MeasuredAccuracy {
+            class,
+            audited: n,
+            correct: k,
+            accuracy: if n > 0 { k as f64 / n as f64 } else { 0.0 },
+            lower,
+            upper,
+        }
+    };
+    let (n, k) = rows.iter().fold((0, 0), |(n, k), r| (n + r.n, k + r.k));
+    let mut out = Vec::with_capacity(rows.len() + 1);
+    if n > 0 {
+        out.push(measure(None, n, k));
+    }
+    for r in rows {
+        let name = project.class_names.get(r.class as usize).cloned();
+        out.push(measure(name, r.n, r.k));
+    }
+    Ok(out)
 }
 
 #[derive(FromQueryResult)]
@@ -68,5 +135,6 @@ pub async fn project_status(ctx: &Context, project: &Project) -> AppResult<Proje
         review_open: tasks.get("open").copied().unwrap_or(0),
         review_claimed: tasks.get("claimed").copied().unwrap_or(0),
         active_model_version: versions.get("active").map(|&v| v as i32),
+        machine_label_accuracy: measured_accuracy(ctx, project).await?,
     })
 }

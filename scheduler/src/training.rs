@@ -30,12 +30,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::app::Context;
-use crate::dispatch;
 use crate::entities::model_version::{self, VersionStatus};
 use crate::entities::training_run::{self, RunState};
 use crate::error::{AppError, AppResult};
 use crate::models;
 use crate::projects::{self, Project};
+use crate::{calibration, dispatch};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSummary {
@@ -175,6 +175,7 @@ pub async fn request(
         checksum: Set(None),
         architecture: Set(None),
         metrics: Set(None),
+        calibration: Set(None),
         status: Set(VersionStatus::Training),
         status_reason: Set(None),
         created_at: Set(now),
@@ -363,6 +364,13 @@ pub async fn handle_event(ctx: &Context, event: &TrainEvent) -> AppResult<()> {
             txn.commit().await?;
             tracing::info!(run = %run_id, accuracy = ?metrics.accuracy, holdout = metrics.holdout_size, "training completed");
             let project = projects::get(&ctx.db, &run.project_id.to_string()).await?;
+            calibration::refresh(
+                &ctx.db,
+                &project.policy,
+                run.model_version_id,
+                project.class_names.len(),
+            )
+            .await?;
             models::consider_promotion(ctx, &project, run.model_version_id).await?;
         }
     }

@@ -220,6 +220,19 @@ pub struct HoldoutMetrics {
     /// `None` when the holdout is empty.
     pub accuracy: Option<f64>,
     pub train_size: u32,
+    /// Every holdout example as the version saw it: the evidence its
+    /// routing thresholds are calibrated on.
+    #[serde(default)]
+    pub evaluations: Vec<HoldoutEvaluation>,
+}
+
+/// One holdout example: its human label, the committee's top class and
+/// confidence.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HoldoutEvaluation {
+    pub label: u32,
+    pub predicted: u32,
+    pub confidence: f32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,7 +18,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use sieve_shared::broker;
 use sieve_shared::messages::{
-    HoldoutMetrics, SCHEMA_VERSION, Snapshot, Split, TrainEvent, TrainEventKind, TrainJob, decode,
+    HoldoutEvaluation, HoldoutMetrics, SCHEMA_VERSION, Snapshot, Split, TrainEvent, TrainEventKind,
+    TrainJob, decode,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -297,13 +298,20 @@ async fn train(
         };
 
     let holdout_size = holdout.labels.len();
-    let (trained, accuracy) = tokio::task::spawn_blocking(move || {
-        let accuracy = evaluate(&trained, &holdout);
-        (trained, accuracy)
+    let (trained, evaluations) = tokio::task::spawn_blocking(move || {
+        let evaluations = evaluate(&trained, &holdout);
+        (trained, evaluations)
     })
     .await
     .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?;
-    let accuracy = accuracy.map_err(|e| RunError::Permanent(e.to_string()))?;
+    let evaluations = evaluations.map_err(|e| RunError::Permanent(e.to_string()))?;
+    let accuracy = (!evaluations.is_empty()).then(|| {
+        evaluations
+            .iter()
+            .filter(|e| e.label == e.predicted)
+            .count() as f64
+            / evaluations.len() as f64
+    });
 
     let (bytes, checksum) =
         artifact::encode(&trained).map_err(|e| RunError::Permanent(e.to_string()))?;
@@ -322,23 +330,31 @@ async fn train(
             holdout_size: holdout_size as u32,
             accuracy,
             train_size: train_size as u32,
+            evaluations,
         },
     })
 }
 
-/// Accuracy of the committee mean on the holdout; `None` when it is empty.
-fn evaluate(model: &Committee, holdout: &TrainData) -> Result<Option<f64>, ModelError> {
+/// The committee's verdict on every holdout example.
+fn evaluate(model: &Committee, holdout: &TrainData) -> Result<Vec<HoldoutEvaluation>, ModelError> {
     if holdout.labels.is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let probs = model.predict(&holdout.images, holdout.labels.len())?;
-    let correct = probs
+    probs
         .iter()
         .zip(&holdout.labels)
-        .filter(|(members, label)| {
-            sieve_shared::scores::committee_scores(members)
-                .is_ok_and(|s| s.scores.top_class as usize == **label)
+        .map(|(members, &label)| {
+            let s = sieve_shared::scores::committee_scores(members).map_err(|e| {
+                ModelError::BadInput {
+                    reason: e.to_string(),
+                }
+            })?;
+            Ok(HoldoutEvaluation {
+                label: label as u32,
+                predicted: s.scores.top_class,
+                confidence: s.scores.confidence,
+            })
         })
-        .count();
-    Ok(Some(correct as f64 / holdout.labels.len() as f64))
+        .collect()
 }

@@ -60,6 +60,7 @@ async fn one_image_set_through_queue_worker_router_review_and_retrain() {
         confidence_threshold: 0.99,
         disagreement_limit: 1.0,
         audit_rate: 0.0,
+        ..Policy::default()
     };
     let project = projects::create_with_first_model(
         &sieve.ctx,

@@ -34,6 +34,9 @@ pub struct Model {
     pub architecture: Option<Json>,
     #[sea_orm(column_type = "JsonBinary", nullable)]
     pub metrics: Option<Json>,
+    /// Routing thresholds for the project's target accuracy (`Calibration`).
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub calibration: Option<Json>,
     pub status: VersionStatus,
     pub status_reason: Option<String>,
     pub created_at: DateTimeWithTimeZone,

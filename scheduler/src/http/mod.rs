@@ -29,6 +29,10 @@ pub fn router(ctx: Context) -> Router {
     let api = Router::new()
         .route("/projects", get(list_projects).post(create_project))
         .route("/projects/{project}", get(show_project))
+        .route(
+            "/projects/{project}/policy",
+            get(get_policy).put(put_policy),
+        )
         .route("/projects/{project}/review/next", post(claim_next))
         .route("/projects/{project}/retrain", post(retrain))
         .route("/projects/{project}/models", get(list_models))
@@ -135,6 +139,34 @@ async fn show_project(
     caller(&ctx, &headers, Action::Read).await?;
     let project = projects::get(&ctx.db, &project).await?;
     Ok(Json(status::project_status(&ctx, &project).await?).into_response())
+}
+
+async fn get_policy(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::Read).await?;
+    let project = projects::get(&ctx.db, &project).await?;
+    Ok(
+        Json(json!({ "version": project.policy_version, "policy": project.policy }))
+            .into_response(),
+    )
+}
+
+async fn put_policy(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+    JsonBody(policy): JsonBody<Policy>,
+) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::ManageProjects).await?;
+    let project = projects::get(&ctx.db, &project).await?;
+    let project = projects::set_policy(&ctx.db, &project, policy).await?;
+    Ok(
+        Json(json!({ "version": project.policy_version, "policy": project.policy }))
+            .into_response(),
+    )
 }
 
 async fn claim_next(

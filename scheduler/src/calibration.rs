@@ -1,0 +1,276 @@
+//! Thresholds calibrated to a target accuracy (DESIGN §6).
+//!
+//! For each class, from examples whose true label is known from humans, the
+//! threshold is the lowest confidence at which the machine labels at or above
+//! it are still accurate enough — judged by the Wilson lower confidence bound
+//! of their accuracy, not by the raw share, so that a handful of lucky
+//! examples cannot open the gate. Until a class has enough evidence it has no
+//! threshold and its items go to review.
+//!
+//! The evidence is a model version's holdout evaluation: items labeled by
+//! humans that the version never trained on (the hash-chosen holdout), each
+//! with the version's predicted class and confidence. It is computed when the
+//! version is registered, so a new version routes with its own thresholds
+//! from its first prediction.
+
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+use serde::{Deserialize, Serialize};
+use sieve_shared::messages::HoldoutMetrics;
+use uuid::Uuid;
+
+use crate::entities::model_version;
+use crate::policy::Policy;
+
+/// One holdout example as a model version saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub predicted: u32,
+    pub confidence: f32,
+    pub correct: bool,
+}
+
+/// The thresholds of one model version under one target.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub target_accuracy: f64,
+    pub confidence_level: f64,
+    /// Per class: the calibrated threshold, or `None` (not enough evidence:
+    /// review everything predicted as this class).
+    pub thresholds: Vec<Option<f32>>,
+    /// Per class: how many holdout examples were predicted as it.
+    pub evidence: Vec<u32>,
+}
+
+/// The z value of a two-sided normal interval at `level` (0.90, 0.95, 0.99...).
+pub fn z_for(level: f64) -> f64 {
+    // Acklam's rational approximation of the normal quantile; accurate to
+    // ~1e-9, plenty for a confidence bound.
+    let p = 1.0 - (1.0 - level.clamp(0.5, 0.999_999)) / 2.0;
+    let a = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.383577518672690e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    let b = [
+        -5.447609879822406e1,
+        1.615858368580409e2,
+        -1.556989798598866e2,
+        6.680131188771972e1,
+        -1.328068155288572e1,
+    ];
+    let c = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    let d = [
+        7.784695709041462e-3,
+        3.224671290700398e-1,
+        2.445134137142996,
+        3.754408661907416,
+    ];
+    let p_high = 1.0 - 0.02425;
+    if p > p_high {
+        let q = (-2.0 * (1.0 - p).ln()).sqrt();
+        -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5])
+            / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0)
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q
+            / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0)
+    }
+}
+
+/// Wilson score interval of `k` successes in `n` trials at normal quantile `z`.
+pub fn wilson(k: u64, n: u64, z: f64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let n = n as f64;
+    let p = k as f64 / n;
+    let z2 = z * z;
+    let center = p + z2 / (2.0 * n);
+    let spread = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    let denom = 1.0 + z2 / n;
+    (
+        ((center - spread) / denom).max(0.0),
+        ((center + spread) / denom).min(1.0),
+    )
+}
+
+/// Per-class thresholds for `target_accuracy` from `evidence`.
+pub fn calibrate(
+    evidence: &[Evidence],
+    classes: usize,
+    target_accuracy: f64,
+    confidence_level: f64,
+) -> Calibration {
+    let z = z_for(confidence_level);
+    let mut thresholds = vec![None; classes];
+    let mut counts = vec![0u32; classes];
+    for (class, threshold) in thresholds.iter_mut().enumerate() {
+        let mut mine: Vec<&Evidence> = evidence
+            .iter()
+            .filter(|e| e.predicted as usize == class)
+            .collect();
+        counts[class] = mine.len() as u32;
+        // Most confident first: each prefix is "everything at or above".
+        mine.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+        let mut correct = 0u64;
+        for (i, e) in mine.iter().enumerate() {
+            correct += u64::from(e.correct);
+            // Only cut between distinct confidences: a threshold admits all
+            // examples with that confidence or more.
+            if mine
+                .get(i + 1)
+                .is_some_and(|next| next.confidence == e.confidence)
+            {
+                continue;
+            }
+            let (lower, _) = wilson(correct, i as u64 + 1, z);
+            if lower >= target_accuracy {
+                *threshold = Some(e.confidence);
+            }
+        }
+    }
+    Calibration {
+        target_accuracy,
+        confidence_level,
+        thresholds,
+        evidence: counts,
+    }
+}
+
+/// Recompute and store the calibration of a model version for `policy`
+/// (cleared when the policy has no target accuracy).
+pub async fn refresh(
+    db: &impl ConnectionTrait,
+    policy: &Policy,
+    version_id: Uuid,
+    classes: usize,
+) -> anyhow::Result<Option<Calibration>> {
+    let Some(version) = model_version::Entity::find_by_id(version_id)
+        .one(db)
+        .await?
+    else {
+        anyhow::bail!("no model version {version_id}");
+    };
+    let calibration = policy.target_accuracy.map(|target| {
+        let metrics: HoldoutMetrics = version
+            .metrics
+            .and_then(|m| serde_json::from_value(m).ok())
+            .unwrap_or_default();
+        let evidence: Vec<Evidence> = metrics
+            .evaluations
+            .iter()
+            .map(|e| Evidence {
+                predicted: e.predicted,
+                confidence: e.confidence,
+                correct: e.predicted == e.label,
+            })
+            .collect();
+        calibrate(&evidence, classes, target, policy.confidence_level)
+    });
+    model_version::Entity::update(model_version::ActiveModel {
+        id: Set(version_id),
+        calibration: Set(calibration.as_ref().map(|c| serde_json::json!(c))),
+        ..Default::default()
+    })
+    .exec(db)
+    .await?;
+    Ok(calibration)
+}
+
+/// The stored calibration of a version, if any.
+pub async fn load(
+    db: &impl ConnectionTrait,
+    version_id: Uuid,
+) -> anyhow::Result<Option<Calibration>> {
+    Ok(model_version::Entity::find_by_id(version_id)
+        .one(db)
+        .await?
+        .and_then(|v| v.calibration)
+        .and_then(|c| serde_json::from_value(c).ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_quantiles() {
+        assert!((z_for(0.95) - 1.959_964).abs() < 1e-5);
+        assert!((z_for(0.90) - 1.644_854).abs() < 1e-5);
+        assert!((z_for(0.99) - 2.575_829).abs() < 1e-5);
+    }
+
+    #[test]
+    fn wilson_matches_the_textbook() {
+        // 8 of 10 at 95%: (0.4902, 0.9433).
+        let (lo, hi) = wilson(8, 10, 1.959_964);
+        assert!(
+            (lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4,
+            "{lo} {hi}"
+        );
+        // All correct: the lower bound is n / (n + z²).
+        let (lo, _) = wilson(100, 100, 1.959_964);
+        assert!((lo - 100.0 / (100.0 + 1.959_964f64.powi(2))).abs() < 1e-9);
+    }
+
+    fn ev(predicted: u32, confidence: f32, correct: bool) -> Evidence {
+        Evidence {
+            predicted,
+            confidence,
+            correct,
+        }
+    }
+
+    #[test]
+    fn thresholds_as_computed_by_hand() {
+        // Class 0: 200 examples at confidences 0.999, 0.998, ... ; the 150
+        // most confident are all right, the rest alternate wrong/right.
+        let mut evidence = Vec::new();
+        for i in 0..200u32 {
+            let confidence = 1.0 - (i + 1) as f32 / 1000.0;
+            let correct = i < 150 || i % 2 == 1;
+            evidence.push(ev(0, confidence, correct));
+        }
+        // Class 1: only 20 examples, all right: not enough for 0.97 at 95%
+        // (20 / (20 + 3.84) = 0.839).
+        for i in 0..20u32 {
+            evidence.push(ev(1, 0.99 - i as f32 / 100.0, true));
+        }
+        let c = calibrate(&evidence, 3, 0.97, 0.95);
+        // By hand: with the first 150 all correct, LCB = 150/(150+3.8415) =
+        // 0.97503 >= 0.97. Adding example 151 (wrong): 150/151, LCB 0.9635 < 0.97;
+        // 152 (right): 151/152, LCB ≈ 0.9637; from there on the share only falls.
+        // So the lowest threshold that meets the target is example 150's
+        // confidence, 1 - 150/1000 = 0.850.
+        let t0 = c.thresholds[0].expect("class 0 has enough evidence");
+        assert!((t0 - 0.850).abs() < 1e-6, "{t0}");
+        assert_eq!(
+            c.thresholds[1], None,
+            "twenty examples are not enough evidence"
+        );
+        assert_eq!(c.thresholds[2], None, "no evidence at all");
+        assert_eq!(c.evidence, vec![200, 20, 0]);
+    }
+
+    #[test]
+    fn a_lower_target_opens_the_gate_wider() {
+        // 300 right, then 90% right: 0.97 stops near the 300th, 0.90 admits all.
+        let evidence: Vec<Evidence> = (0..1000u32)
+            .map(|i| ev(0, 1.0 - i as f32 / 2000.0, i % 10 != 9 || i < 300))
+            .collect();
+        let strict = calibrate(&evidence, 1, 0.97, 0.95).thresholds[0];
+        let loose = calibrate(&evidence, 1, 0.90, 0.95).thresholds[0];
+        assert!(loose.expect("loose") < strict.expect("strict"));
+    }
+}

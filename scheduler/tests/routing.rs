@@ -1,0 +1,272 @@
+//! Routing on the real PostgreSQL: the target-accuracy policy routes a
+//! synthetic prediction set exactly as computed by hand, a redelivered batch
+//! changes nothing, and audit sampling holds its rate.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use chrono::Utc;
+use common::TestDb;
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sieve_scheduler::calibration;
+use sieve_scheduler::entities::item::{self, ItemState};
+use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::review_task::{self, TaskReason};
+use sieve_scheduler::entities::{label, project};
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
+use sieve_scheduler::results::{self, Applied};
+use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
+use sieve_shared::messages::{
+    HoldoutEvaluation, HoldoutMetrics, PredictionOutput, PrelabelOutcome, PrelabelResult,
+    SCHEMA_VERSION,
+};
+use sieve_shared::scores::Scores;
+use uuid::Uuid;
+
+/// A project with an active model version whose holdout evaluation is
+/// `evaluations`, calibrated for `policy`.
+async fn project_with_model(
+    test: &TestDb,
+    policy: Policy,
+    evaluations: Vec<HoldoutEvaluation>,
+) -> (Project, Uuid) {
+    let project = projects::create(
+        &test.conn,
+        &ProjectName::parse("routing").unwrap(),
+        &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
+        &policy,
+    )
+    .await
+    .unwrap();
+    let version = Uuid::now_v7();
+    let metrics = HoldoutMetrics {
+        holdout_size: evaluations.len() as u32,
+        accuracy: None,
+        train_size: 0,
+        evaluations,
+    };
+    model_version::Entity::insert(model_version::ActiveModel {
+        id: Set(version),
+        project_id: Set(project.id.as_uuid()),
+        version: Set(1),
+        parent_id: Set(None),
+        training_run_id: Set(None),
+        artifact_key: Set(Some("m".into())),
+        checksum: Set(Some("c".into())),
+        architecture: Set(None),
+        metrics: Set(Some(serde_json::to_value(&metrics).unwrap())),
+        calibration: Set(None),
+        status: Set(VersionStatus::Active),
+        status_reason: Set(None),
+        created_at: Set(Utc::now().fixed_offset()),
+        activated_at: Set(Some(Utc::now().fixed_offset())),
+    })
+    .exec_without_returning(&test.conn)
+    .await
+    .unwrap();
+    project::Entity::update(project::ActiveModel {
+        id: Set(project.id.as_uuid()),
+        active_model_version_id: Set(Some(version)),
+        ..Default::default()
+    })
+    .exec(&test.conn)
+    .await
+    .unwrap();
+    calibration::refresh(&test.conn, &policy, version, 3)
+        .await
+        .unwrap();
+    (projects::get(&test.conn, "routing").await.unwrap(), version)
+}
+
+async fn queued_item(test: &TestDb, project: &Project, n: usize) -> Uuid {
+    let id = Uuid::now_v7();
+    let now = Utc::now().fixed_offset();
+    item::Entity::insert(item::ActiveModel {
+        id: Set(id),
+        project_id: Set(project.id.as_uuid()),
+        object_key: Set(format!("k/{n}")),
+        source: Set(format!("{n}.png")),
+        content_hash: Set(format!("{n:064x}")),
+        size_bytes: Set(1),
+        width: Set(Some(1)),
+        height: Set(Some(1)),
+        state: Set(ItemState::Queued),
+        attempts: Set(0),
+        last_error: Set(None),
+        dispatched_at: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec_without_returning(&test.conn)
+    .await
+    .unwrap();
+    id
+}
+
+fn result(
+    project: &Project,
+    version: Uuid,
+    item: Uuid,
+    class: u32,
+    confidence: f32,
+    disagreement: f32,
+) -> PrelabelResult {
+    let mut probabilities = vec![(1.0 - confidence) / 2.0; 3];
+    probabilities[class as usize] = confidence;
+    PrelabelResult {
+        schema: SCHEMA_VERSION,
+        job_id: JobId::new(),
+        project_id: project.id,
+        item_id: ItemId::from_uuid(item),
+        model_version_id: ModelVersionId::from_uuid(version),
+        worker_id: "test".into(),
+        outcome: PrelabelOutcome::Scored(PredictionOutput {
+            probabilities,
+            member_votes: vec![class, class, class],
+            scores: Scores {
+                top_class: class,
+                confidence,
+                margin: 0.5,
+                entropy: 0.5,
+                disagreement,
+                mutual_information: 0.0,
+            },
+            embedding: None,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn target_accuracy_routes_as_computed_by_hand() {
+    let test = TestDb::new().await;
+    // The hand-worked evidence of calibration.rs: class 0 has 200 holdout
+    // predictions, the 150 most confident (0.999 .. 0.850) all right, then
+    // alternating; class 1 has 20, all right — too few for 0.97 at 95%.
+    let mut evidence = Vec::new();
+    for i in 0..200u32 {
+        let correct = i < 150 || i % 2 == 1;
+        evidence.push(HoldoutEvaluation {
+            label: if correct { 0 } else { 2 },
+            predicted: 0,
+            confidence: 1.0 - (i + 1) as f32 / 1000.0,
+        });
+    }
+    for i in 0..20u32 {
+        evidence.push(HoldoutEvaluation {
+            label: 1,
+            predicted: 1,
+            confidence: 0.99 - i as f32 / 100.0,
+        });
+    }
+    let policy = Policy {
+        target_accuracy: Some(0.97),
+        audit_rate: 0.0,
+        ..Policy::default()
+    };
+    let (project, version) = project_with_model(&test, policy, evidence).await;
+    let stored = calibration::load(&test.conn, version)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        (stored.thresholds[0].unwrap() - 0.85).abs() < 1e-6,
+        "{stored:?}"
+    );
+    assert_eq!(stored.thresholds[1], None);
+
+    let cases = [
+        (0, 0.86, 0.0, Applied::MachineLabeled), // above class 0's threshold
+        (0, 0.85, 0.0, Applied::MachineLabeled), // at it
+        (0, 0.84, 0.0, Applied::SentToReview),   // below it
+        (1, 0.999, 0.0, Applied::SentToReview),  // class 1 lacks evidence
+        (2, 0.999, 0.0, Applied::SentToReview),  // class 2 has none at all
+        (0, 0.95, 0.67, Applied::SentToReview),  // committee disagrees
+    ];
+    let mut batch = Vec::new();
+    for (n, (class, confidence, disagreement, _)) in cases.iter().enumerate() {
+        let item = queued_item(&test, &project, n).await;
+        batch.push(result(
+            &project,
+            version,
+            item,
+            *class,
+            *confidence,
+            *disagreement,
+        ));
+    }
+    let outcomes = results::apply(&test.conn, &batch).await.unwrap();
+    let expected: Vec<Applied> = cases.iter().map(|c| c.3).collect();
+    assert_eq!(outcomes, expected);
+    let reasons: Vec<TaskReason> = review_task::Entity::find()
+        .all(&test.conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.reason)
+        .collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == TaskReason::Disagreement)
+            .count(),
+        1
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == TaskReason::LowConfidence)
+            .count(),
+        3
+    );
+
+    // Redelivered: nothing changes.
+    let again = results::apply(&test.conn, &batch).await.unwrap();
+    assert!(again.iter().all(|o| *o == Applied::Duplicate), "{again:?}");
+    assert_eq!(label::Entity::find().count(&test.conn).await.unwrap(), 2);
+    assert_eq!(
+        review_task::Entity::find().count(&test.conn).await.unwrap(),
+        4
+    );
+    test.drop().await;
+}
+
+#[tokio::test]
+async fn audit_sampling_holds_its_rate() {
+    let test = TestDb::new().await;
+    let policy = Policy {
+        confidence_threshold: 0.5,
+        audit_rate: 0.1,
+        ..Policy::default()
+    };
+    let (project, version) = project_with_model(&test, policy, Vec::new()).await;
+    let n = 2000;
+    let mut batch = Vec::with_capacity(n);
+    for i in 0..n {
+        let item = queued_item(&test, &project, i).await;
+        batch.push(result(&project, version, item, 0, 0.9, 0.0));
+    }
+    for chunk in batch.chunks(200) {
+        results::apply(&test.conn, chunk).await.unwrap();
+    }
+    let audits = review_task::Entity::find()
+        .filter(review_task::Column::Reason.eq(TaskReason::Audit))
+        .count(&test.conn)
+        .await
+        .unwrap();
+    let machine = item::Entity::find()
+        .filter(item::Column::State.eq(ItemState::AutoLabeled))
+        .count(&test.conn)
+        .await
+        .unwrap();
+    // Binomial(2000, 0.1): mean 200, sd 13.4; four sd either side.
+    println!("audits: {audits} of {n} (expected 200 ± 54)");
+    assert!((146..=254).contains(&audits), "{audits}");
+    assert_eq!(
+        audits + machine,
+        n as u64,
+        "every confident item is machine-labeled or audited"
+    );
+    test.drop().await;
+}
