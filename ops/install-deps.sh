@@ -12,4 +12,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
+# Headless Chromium and its WebDriver for the review page's browser test.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "installing chromium and chromium-driver (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
 bash ops/fetch-weights.sh
+bash ops/fetch-test-photos.sh

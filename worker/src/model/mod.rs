@@ -13,6 +13,7 @@
 //! batches, and share a [`Committee`] between tasks through an `Arc`.
 
 mod committee;
+pub mod mobilenet;
 mod net;
 mod train;
 
