@@ -27,8 +27,9 @@ pub struct Context {
     pub publisher: Publisher,
     pub store: Store,
     pub settings: Arc<Settings>,
-    // Kept so the publishing connection lives as long as the context.
-    _connection: Arc<Connection>,
+    /// The publishing connection (also for short-lived channels: passive
+    /// declares, dead-letter reads).
+    pub connection: Arc<Connection>,
 }
 
 impl Context {
@@ -51,7 +52,7 @@ impl Context {
             publisher,
             store,
             settings: Arc::new(settings),
-            _connection: Arc::new(connection),
+            connection: Arc::new(connection),
         })
     }
 
@@ -72,6 +73,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Install the recorder before any work, so no count is lost before the
+    // first scrape.
+    sieve_shared::telemetry::prometheus();
     let stop = CancellationToken::new();
     let consume =
         Arc::new(broker::connect(&ctx.settings.broker.url, "sieve-scheduler consume").await?);

@@ -42,6 +42,7 @@ pub struct Calibration {
 }
 
 /// The z value of a two-sided normal interval at `level` (0.90, 0.95, 0.99...).
+#[allow(clippy::excessive_precision)] // the published coefficients, verbatim
 pub fn z_for(level: f64) -> f64 {
     // Acklam's rational approximation of the normal quantile; accurate to
     // ~1e-9, plenty for a confidence bound.

@@ -16,7 +16,7 @@ use crate::app::{self, Context};
 use crate::entities::api_token::Role;
 use crate::policy::Policy;
 use crate::projects::{self, ClassNames, ProjectName};
-use crate::{auth, db, demo, ingest, models, review, status, training, workers};
+use crate::{auth, db, demo, failed, ingest, models, review, status, training, workers};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,15 +48,21 @@ pub enum Command {
         #[arg(long, short)]
         project: String,
     },
-    /// Items by state, review backlog and active model of a project.
+    /// Queues, workers and projects at a glance (or one project in detail).
     Status {
         #[arg(long, short)]
-        project: String,
+        project: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Refresh every N seconds until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
+    /// Workers from their heartbeats; one that stopped beating shows as LOST.
+    Workers {
         #[arg(long)]
         json: bool,
     },
-    /// Live workers, from their heartbeats.
-    Workers,
     /// Claim and submit review tasks.
     #[command(subcommand)]
     Review(ReviewCommand),
@@ -65,6 +71,9 @@ pub enum Command {
     /// List, promote and roll back model versions.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Failed items and dead letters: list, retry, purge.
+    #[command(subcommand)]
+    Failed(FailedCommand),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -175,6 +184,34 @@ pub enum ModelsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum FailedCommand {
+    /// Failed items of a project (with --project) and the dead letters.
+    List {
+        #[arg(long, short)]
+        project: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send failed items (with --project) or dead letters back through the
+    /// normal path. `--reason` narrows it: a substring of the item error, or
+    /// a dead-letter reason (`rejected`, `delivery_limit`).
+    Retry {
+        #[arg(long, short)]
+        project: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Drop every dead letter.
+    Purge {
+        /// Confirm: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Create a token; it is printed once and stored only as a hash.
     Create {
@@ -242,49 +279,74 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::Status { project, json } => {
+        Command::Status {
+            project,
+            json,
+            watch,
+        } => {
             let ctx = Context::connect(settings).await?;
-            let project = projects::get(&ctx.db, &project).await?;
-            let status = status::project_status(&ctx, &project).await?;
-            if json {
-                print_json(&status)?;
-            } else {
-                println!("project {} ({} items)", project.name, status.total_items);
-                for (state, n) in &status.items {
-                    println!("  {state:<14} {n}");
+            loop {
+                let text = match &project {
+                    Some(name) => {
+                        let project = projects::get(&ctx.db, name).await?;
+                        let status = status::project_status(&ctx, &project).await?;
+                        if json {
+                            serde_json::to_string_pretty(&status)?
+                        } else {
+                            render_project(&status)
+                        }
+                    }
+                    None => {
+                        let fleet = status::fleet_status(&ctx).await?;
+                        if json {
+                            serde_json::to_string_pretty(&fleet)?
+                        } else {
+                            render_fleet(&fleet)
+                        }
+                    }
+                };
+                let Some(every) = watch else {
+                    println!("{text}");
+                    break;
+                };
+                // Clear the screen and redraw in place.
+                println!("\x1b[2J\x1b[H{text}");
+                tokio::select! {
+                    () = shutdown_signal() => break,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(every.max(1))) => {}
                 }
-                println!(
-                    "  review: {} open, {} claimed; active model: {}",
-                    status.review_open,
-                    status.review_claimed,
-                    status
-                        .active_model_version
-                        .map_or("none".into(), |v| format!("v{v}"))
-                );
             }
         }
-        Command::Workers => {
+        Command::Workers { json } => {
             let workers = workers::list(&settings.redis).await?;
-            if workers.is_empty() {
-                println!("no live workers");
+            if json {
+                print_json(&workers)?;
+            } else if workers.is_empty() {
+                println!("no workers have reported (heartbeats live in Redis)");
             }
-            for w in workers {
-                println!(
-                    "{}  host={} backend={} caps={} models=[{}] batches={} items={} {:.1} items/s",
-                    w.worker_id,
-                    w.host,
-                    w.backend,
-                    w.capabilities.join(","),
-                    w.models.join(","),
-                    w.batches_done,
-                    w.items_done,
-                    w.items_per_second
-                );
+            if !json {
+                for w in workers {
+                    let h = &w.heartbeat;
+                    println!(
+                        "{:<5} {}  host={} backend={} caps={} models=[{}] batches={} items={} {:.1} items/s  last seen {}s ago",
+                        if w.lost { "LOST" } else { "alive" },
+                        h.worker_id,
+                        h.host,
+                        h.backend,
+                        h.capabilities.join(","),
+                        h.models.join(","),
+                        h.batches_done,
+                        h.items_done,
+                        h.items_per_second,
+                        w.seconds_since_seen
+                    );
+                }
             }
         }
         Command::Review(command) => review_command(settings, command).await?,
         Command::Retrain(args) => retrain(settings, args).await?,
         Command::Models(command) => models_command(settings, command).await?,
+        Command::Failed(command) => failed_command(settings, command).await?,
         Command::Token(TokenCommand::Create { name, role }) => {
             let conn = db::connect(&settings.database).await?;
             let token = auth::create_token(&conn, &name, role).await?;
@@ -297,6 +359,96 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn render_project(status: &status::ProjectStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "project {} ({} items)",
+        status.project.name, status.total_items
+    );
+    for (state, n) in &status.items {
+        let _ = writeln!(out, "  {state:<14} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "  review: {} open, {} claimed; active model: {}; policy v{}",
+        status.review_open,
+        status.review_claimed,
+        status
+            .active_model_version
+            .map_or("none".into(), |v| format!("v{v}")),
+        status.project.policy_version
+    );
+    for m in &status.machine_label_accuracy {
+        let _ = writeln!(
+            out,
+            "  machine-label accuracy {:<12} {:.3} [{:.3}, {:.3}] from {} audits",
+            m.class.as_deref().unwrap_or("(overall)"),
+            m.accuracy,
+            m.lower,
+            m.upper,
+            m.audited
+        );
+    }
+    out
+}
+
+fn render_fleet(fleet: &status::FleetStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "queues ({}):", fleet.queue_source);
+    for q in &fleet.queues {
+        let _ = writeln!(
+            out,
+            "  {:<28} ready {:>8}  unacked {:>8}  consumers {:>3}  publish/s {:>8}  deliver/s {:>8}",
+            q.name,
+            q.ready,
+            q.unacked.map_or("-".into(), |n| n.to_string()),
+            q.consumers,
+            q.publish_rate.map_or("-".into(), |r| format!("{r:.1}")),
+            q.deliver_rate.map_or("-".into(), |r| format!("{r:.1}")),
+        );
+    }
+    match &fleet.workers_error {
+        Some(err) => {
+            let _ = writeln!(out, "workers: unknown ({err})");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "workers: {} alive, {} lost",
+                fleet.workers_alive, fleet.workers_lost
+            );
+        }
+    }
+    for p in &fleet.projects {
+        let machine_share = if p.machine_labeled + p.human_labeled > 0 {
+            format!(
+                "{:.1}%",
+                100.0 * p.machine_labeled as f64 / (p.machine_labeled + p.human_labeled) as f64
+            )
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "project {:<20} items {:>8}  queued {:>6}  review {:>6}  machine {:>6}  human {:>6}  failed {:>5}  machine share {}  model {}",
+            p.project.name,
+            p.total_items,
+            p.items.get("queued").copied().unwrap_or(0),
+            p.review_open + p.review_claimed,
+            p.machine_labeled,
+            p.human_labeled,
+            p.items.get("failed").copied().unwrap_or(0),
+            machine_share,
+            p.active_model_version
+                .map_or("none".into(), |v| format!("v{v}")),
+        );
+    }
+    out
 }
 
 async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<()> {
@@ -484,6 +636,72 @@ async fn models_command(settings: Settings, command: ModelsCommand) -> anyhow::R
             let project = projects::get(&ctx.db, &project).await?;
             let version = models::rollback(&ctx, &project).await?;
             println!("rolled back: v{version} is active again");
+        }
+    }
+    Ok(())
+}
+
+async fn failed_command(settings: Settings, command: FailedCommand) -> anyhow::Result<()> {
+    let ctx = Context::connect(settings).await?;
+    match command {
+        FailedCommand::List {
+            project,
+            limit,
+            json,
+        } => {
+            let items = match &project {
+                Some(name) => {
+                    let project = projects::get(&ctx.db, name).await?;
+                    failed::failed_items(&ctx, &project, limit as u64).await?
+                }
+                None => Vec::new(),
+            };
+            let dead = failed::dead_letters(&ctx, limit).await?;
+            if json {
+                print_json(&serde_json::json!({ "items": items, "dead_letters": dead }))?;
+                return Ok(());
+            }
+            if let Some(name) = &project {
+                println!("failed items of {name}: {}", items.len());
+                for i in &items {
+                    println!(
+                        "  {}  {}  attempts={}  {}",
+                        i.item_id, i.source, i.attempts, i.reason
+                    );
+                }
+            }
+            println!(
+                "dead letters in {}: {}",
+                ctx.topology().dead_queue(),
+                dead.len()
+            );
+            for d in &dead {
+                println!(
+                    "  #{} from {} ({}): {}",
+                    d.position, d.queue, d.reason, d.summary
+                );
+            }
+        }
+        FailedCommand::Retry { project, reason } => match project {
+            Some(name) => {
+                let project = projects::get(&ctx.db, &name).await?;
+                let n = failed::retry_items(&ctx, &project, reason.as_deref()).await?;
+                println!("{n} failed item(s) of {} queued again", project.name);
+            }
+            None => {
+                let report = failed::retry_dead(&ctx, reason.as_deref()).await?;
+                println!("{} dead letter(s) sent back", report.retried);
+                for s in &report.skipped {
+                    println!("  skipped {s}");
+                }
+            }
+        },
+        FailedCommand::Purge { yes } => {
+            if !yes {
+                anyhow::bail!("purging drops every dead letter for good: add --yes to confirm");
+            }
+            let n = failed::purge_dead(&ctx).await?;
+            println!("purged {n} dead letter(s)");
         }
     }
     Ok(())

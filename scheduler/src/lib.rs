@@ -13,7 +13,8 @@
 //! - [`training`]: snapshots, training runs and their events;
 //!   [`models`]: versions, promotion, rollback, activation and rescore.
 //! - [`auth`]: API tokens and roles.
-//! - [`status`], [`workers`]: what operators look at.
+//! - [`status`], [`workers`], [`failed`]: what operators look at and
+//!   replay (fleet status, heartbeats, failed items and dead letters).
 //! - [`demo`]: the end-to-end run on Fashion-MNIST with simulated reviewers.
 //! - [`db`], [`entities`]: PostgreSQL connection, migrations, sea-orm models.
 
@@ -26,6 +27,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod entities;
 pub mod error;
+pub mod failed;
 pub mod fashion_mnist;
 pub mod http;
 pub mod ingest;

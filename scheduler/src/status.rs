@@ -138,3 +138,120 @@ pub async fn project_status(ctx: &Context, project: &Project) -> AppResult<Proje
         machine_label_accuracy: measured_accuracy(ctx, project).await?,
     })
 }
+
+/// One queue as operators see it.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueStatus {
+    pub name: String,
+    pub ready: u64,
+    /// Delivered, not yet acknowledged (management API only).
+    pub unacked: Option<u64>,
+    pub consumers: u64,
+    /// Messages per second (management API only).
+    pub publish_rate: Option<f64>,
+    pub deliver_rate: Option<f64>,
+}
+
+/// The whole deployment at a glance.
+#[derive(Clone, Debug, Serialize)]
+pub struct FleetStatus {
+    pub queues: Vec<QueueStatus>,
+    /// Where queue figures came from: `management` or `passive declare`.
+    pub queue_source: String,
+    pub workers_alive: usize,
+    pub workers_lost: usize,
+    /// Why workers could not be counted (Redis unreachable), if so.
+    pub workers_error: Option<String>,
+    pub projects: Vec<ProjectStatus>,
+}
+
+async fn queue_via_management(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+) -> anyhow::Result<QueueStatus> {
+    let url = format!("{}/api/queues/%2f/{name}", base.trim_end_matches('/'));
+    let body: serde_json::Value = http
+        .get(&url)
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let rate = |path: &str| body.pointer(path).and_then(serde_json::Value::as_f64);
+    Ok(QueueStatus {
+        name: name.to_owned(),
+        ready: body["messages_ready"].as_u64().unwrap_or(0),
+        unacked: body["messages_unacknowledged"].as_u64(),
+        consumers: body["consumers"].as_u64().unwrap_or(0),
+        publish_rate: rate("/message_stats/publish_details/rate"),
+        deliver_rate: rate("/message_stats/deliver_get_details/rate"),
+    })
+}
+
+async fn queues(ctx: &Context) -> anyhow::Result<(Vec<QueueStatus>, String)> {
+    let topology = ctx.topology();
+    let mut names = topology.work_queues().to_vec();
+    names.push(topology.dead_queue());
+    if let Some(base) = &ctx.settings.broker.management_url {
+        let http = reqwest::Client::new();
+        let mut out = Vec::new();
+        for name in &names {
+            match queue_via_management(&http, base, name).await {
+                Ok(q) => out.push(q),
+                Err(err) => {
+                    tracing::warn!(error = %err, "management API unavailable; falling back to passive declares");
+                    out.clear();
+                    break;
+                }
+            }
+        }
+        if out.len() == names.len() {
+            return Ok((out, "management".into()));
+        }
+    }
+    let mut out = Vec::new();
+    for name in names {
+        let (ready, consumers) = sieve_shared::broker::queue_counts(&ctx.connection, &name).await?;
+        out.push(QueueStatus {
+            name,
+            ready: u64::from(ready),
+            unacked: None,
+            consumers: u64::from(consumers),
+            publish_rate: None,
+            deliver_rate: None,
+        });
+    }
+    let source = if ctx.settings.broker.management_url.is_some() {
+        "passive declare (the management API did not answer; ready counts only)"
+    } else {
+        "passive declare (set broker.management_url for unacked counts and rates)"
+    };
+    Ok((out, source.into()))
+}
+
+pub async fn fleet_status(ctx: &Context) -> anyhow::Result<FleetStatus> {
+    let (queues, queue_source) = queues(ctx).await?;
+    let (workers_alive, workers_lost, workers_error) =
+        match crate::workers::list(&ctx.settings.redis).await {
+            Ok(w) => (
+                w.iter().filter(|w| !w.lost).count(),
+                w.iter().filter(|w| w.lost).count(),
+                None,
+            ),
+            Err(err) => (0, 0, Some(format!("{err:#}"))),
+        };
+    let mut projects = Vec::new();
+    for project in crate::projects::list(&ctx.db).await? {
+        projects.push(project_status(ctx, &project).await?);
+    }
+    Ok(FleetStatus {
+        queues,
+        queue_source,
+        workers_alive,
+        workers_lost,
+        workers_error,
+        projects,
+    })
+}

@@ -161,6 +161,27 @@ pub async fn consume(
 
 /// How many times a quorum queue has delivered this message before (the
 /// `x-delivery-count` header), so a handler can tell a retry from a first try.
+/// Ready messages and consumers of a queue, by a passive declare on a
+/// channel of its own (a missing queue closes the channel it is asked on).
+pub async fn queue_counts(connection: &Connection, queue: &str) -> lapin::Result<(u32, u32)> {
+    let channel = connection.create_channel().await?;
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if q.is_ok() {
+        channel.close(200, "done".into()).await.ok();
+    }
+    let q = q?;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
 pub fn delivery_count(properties: &BasicProperties) -> i64 {
     use lapin::types::AMQPValue;
     properties

@@ -50,6 +50,10 @@ pub struct BrokerSettings {
     pub prefix: String,
     /// Deliveries of one message before it is dead-lettered.
     pub delivery_limit: u32,
+    /// RabbitMQ management API (e.g. `http://guest:guest@127.0.0.1:15672`)
+    /// for unacked counts and rates in `sieve status`; without it, status
+    /// falls back to passive declares (ready counts and consumers only).
+    pub management_url: Option<String>,
 }
 
 impl Default for BrokerSettings {
@@ -58,6 +62,7 @@ impl Default for BrokerSettings {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefix: "sieve".into(),
             delivery_limit: 5,
+            management_url: None,
         }
     }
 }

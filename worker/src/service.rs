@@ -91,6 +91,9 @@ pub async fn run(
         !capabilities.is_empty(),
         "a worker needs at least one capability"
     );
+    // Install the recorder before any work, so no count is lost before the
+    // first scrape.
+    sieve_shared::telemetry::prometheus();
     let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
     let id = new_worker_id();
     let publish_conn =

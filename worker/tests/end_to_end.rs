@@ -161,7 +161,8 @@ async fn one_image_set_through_queue_worker_router_review_and_retrain() {
         (!w.is_empty()).then_some(w)
     })
     .await;
-    assert_eq!(live[0].backend, "flex");
+    assert_eq!(live[0].heartbeat.backend, "flex");
+    assert!(!live[0].lost);
 
     // Reviewers label over HTTP, with bad input refused and nothing written.
     let reviewer = auth::create_token(db, "test-reviewer", Role::Reviewer)
