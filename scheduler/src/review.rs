@@ -1,18 +1,38 @@
 //! The human review queue, in PostgreSQL.
 //!
-//! A claim takes the most uncertain open task (or one whose lease expired)
-//! with `FOR UPDATE SKIP LOCKED`, so concurrent reviewers never get the same
-//! task and never wait on each other. Each claim bumps the task's fencing
-//! token; a submit must present the current token, so a reviewer whose lease
-//! was taken over cannot overwrite the new holder's work (409). A submit
-//! with the current token is accepted even after the lease time has passed,
-//! as long as nobody else claimed the task: the work is not thrown away.
+//! A claim takes the open task (or one whose lease expired) that was skipped
+//! the fewest times and, among those, is the most uncertain, with
+//! `FOR UPDATE SKIP LOCKED`, so concurrent reviewers never get the same task
+//! and never wait on each other. Each claim bumps the task's fencing token;
+//! every later step on the claim must present the current token, so a
+//! reviewer whose lease was taken over cannot overwrite the new holder's work
+//! (409). A submit with the current token is accepted even after the lease
+//! time has passed, as long as nobody else claimed the task: the work is not
+//! thrown away.
+//!
+//! The other steps on a claim, and their rules:
+//! - **renew** extends the lease from now by the configured lease time. Only
+//!   the holder, with the current token, and only while the task is claimed
+//!   (an expired lease nobody took over can still be renewed).
+//! - **release** gives the task back unchanged.
+//! - **skip** gives the task back with a reason and counts the skip. The
+//!   queue is ordered by skip count first, so a skipped task comes back only
+//!   after every task skipped fewer times, and a rescore that re-prioritises
+//!   it (see `results`) cannot move it back to the front.
+//! - **undo** takes back the holder's own submit while the lease that covered
+//!   it has not run out: the label that submit wrote is deleted (the only way
+//!   a human label is ever removed), the item is `in_review` again and the
+//!   task is claimed again by the same reviewer, with a fresh lease and a new
+//!   token. Refused (nothing written) once the lease time has passed, for
+//!   anyone but the label's author, or when anything newer happened to the
+//!   item (a newer label, another open task).
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, FixedOffset, Utc};
 use sea_orm::sea_query::{Expr, LockBehavior, LockType};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbBackend,
+    EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
+    TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use sieve_shared::ids::TaskId;
@@ -25,25 +45,125 @@ use crate::entities::review_task::{self, TaskReason, TaskState};
 use crate::error::{AppError, AppResult};
 use crate::projects::{self, Project};
 
+/// Longest skip reason accepted, in characters.
+pub const MAX_SKIP_REASON_CHARS: usize = 500;
+
 /// A claimed task with what a reviewer needs to decide.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClaimedTask {
     pub task_id: Uuid,
     pub fencing_token: i64,
-    pub lease_expires_at: chrono::DateTime<Utc>,
+    pub lease_expires_at: DateTime<Utc>,
+    /// How long a lease (and each renewal) lasts.
+    #[serde(default)]
+    pub lease_seconds: u64,
     pub project: String,
     pub item_id: Uuid,
     pub object_key: String,
     pub source: String,
+    /// Where the image is served (`GET`, with the same token).
+    #[serde(default)]
+    pub image_url: String,
     pub reason: TaskReason,
     pub class_names: Vec<String>,
     /// The model's proposal, if it made one.
     pub predicted_class: Option<String>,
     pub probabilities: Option<Vec<f32>>,
+    /// The top class of each committee member.
     pub member_votes: Option<Vec<u32>>,
     pub confidence: Option<f32>,
     /// Tasks still open in this project, this one excluded.
     pub remaining: u64,
+}
+
+/// What the model proposed for an item, in the project's class names.
+struct Proposal {
+    predicted_class: Option<String>,
+    probabilities: Option<Vec<f32>>,
+    member_votes: Option<Vec<u32>>,
+    confidence: Option<f32>,
+}
+
+impl Proposal {
+    fn of(project: &Project, prediction: Option<&prediction::Model>) -> Self {
+        Self {
+            predicted_class: prediction
+                .and_then(|p| project.class_names.get(p.top_class as usize).cloned()),
+            probabilities: prediction
+                .and_then(|p| serde_json::from_value(p.probabilities.clone()).ok()),
+            member_votes: prediction
+                .and_then(|p| serde_json::from_value(p.member_votes.clone()).ok()),
+            confidence: prediction.map(|p| p.confidence),
+        }
+    }
+}
+
+/// Where the API serves an item's image (to a caller allowed to review).
+pub fn image_url(item_id: Uuid) -> String {
+    format!("/api/v1/items/{item_id}/image")
+}
+
+fn lease_length(lease: std::time::Duration) -> Duration {
+    Duration::from_std(lease).unwrap_or(Duration::minutes(5))
+}
+
+fn utc(at: DateTime<FixedOffset>) -> DateTime<Utc> {
+    at.with_timezone(&Utc)
+}
+
+async fn item_and_prediction(
+    db: &impl ConnectionTrait,
+    task: &review_task::Model,
+) -> AppResult<(item::Model, Option<prediction::Model>)> {
+    let item = item::Entity::find_by_id(task.item_id)
+        .one(db)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("task {} points at a missing item", task.id))?;
+    let prediction = match task.prediction_id {
+        Some(id) => prediction::Entity::find_by_id(id).one(db).await?,
+        None => None,
+    };
+    Ok((item, prediction))
+}
+
+async fn open_tasks(db: &impl ConnectionTrait, project_id: Uuid) -> AppResult<u64> {
+    Ok(review_task::Entity::find()
+        .filter(review_task::Column::ProjectId.eq(project_id))
+        .filter(review_task::Column::State.eq(TaskState::Open))
+        .count(db)
+        .await?)
+}
+
+/// What the holder of `task` (already claimed, with `token` and `expires`)
+/// is shown.
+async fn claimed_view(
+    db: &DatabaseConnection,
+    project: &Project,
+    task: &review_task::Model,
+    token: i64,
+    expires: DateTime<Utc>,
+    lease: std::time::Duration,
+) -> AppResult<ClaimedTask> {
+    let (item, prediction) = item_and_prediction(db, task).await?;
+    let proposal = Proposal::of(project, prediction.as_ref());
+    Ok(ClaimedTask {
+        task_id: task.id,
+        fencing_token: token,
+        lease_expires_at: expires,
+        lease_seconds: lease.as_secs(),
+        project: project.name.clone(),
+        item_id: item.id,
+        image_url: image_url(item.id),
+        object_key: item.object_key,
+        source: item.source,
+        reason: task.reason,
+        class_names: project.class_names.clone(),
+        predicted_class: proposal.predicted_class,
+        probabilities: proposal.probabilities,
+        member_votes: proposal.member_votes,
+        confidence: proposal.confidence,
+        remaining: open_tasks(db, project.id.as_uuid()).await?,
+    })
 }
 
 /// Claim the next task of `project` for `reviewer`, or `None` when the queue
@@ -66,6 +186,8 @@ pub async fn claim_next(
     let Some(task) = review_task::Entity::find()
         .filter(review_task::Column::ProjectId.eq(project.id.as_uuid()))
         .filter(claimable)
+        // Added by a later migration than the entity knows of (skips).
+        .order_by_asc(Expr::cust("review_tasks.skip_count"))
         .order_by_desc(review_task::Column::Priority)
         .order_by_asc(review_task::Column::CreatedAt)
         .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
@@ -76,7 +198,7 @@ pub async fn claim_next(
         return Ok(None);
     };
 
-    let expires = now + Duration::from_std(lease).unwrap_or(Duration::minutes(5));
+    let expires = now + lease_length(lease);
     let token = task.fencing_token + 1;
     review_task::Entity::update(review_task::ActiveModel {
         id: Set(task.id),
@@ -92,42 +214,9 @@ pub async fn claim_next(
     txn.commit().await?;
     metrics::counter!("sieve_review_tasks_claimed_total").increment(1);
 
-    let item = item::Entity::find_by_id(task.item_id)
-        .one(db)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("task {} points at a missing item", task.id))?;
-    let prediction = match task.prediction_id {
-        Some(id) => prediction::Entity::find_by_id(id).one(db).await?,
-        None => None,
-    };
-    let remaining = review_task::Entity::find()
-        .filter(review_task::Column::ProjectId.eq(project.id.as_uuid()))
-        .filter(review_task::Column::State.eq(TaskState::Open))
-        .count(db)
-        .await?;
-
-    Ok(Some(ClaimedTask {
-        task_id: task.id,
-        fencing_token: token,
-        lease_expires_at: expires,
-        project: project.name.clone(),
-        item_id: item.id,
-        object_key: item.object_key,
-        source: item.source,
-        reason: task.reason,
-        class_names: project.class_names.clone(),
-        predicted_class: prediction
-            .as_ref()
-            .and_then(|p| project.class_names.get(p.top_class as usize).cloned()),
-        probabilities: prediction
-            .as_ref()
-            .and_then(|p| serde_json::from_value(p.probabilities.clone()).ok()),
-        member_votes: prediction
-            .as_ref()
-            .and_then(|p| serde_json::from_value(p.member_votes.clone()).ok()),
-        confidence: prediction.as_ref().map(|p| p.confidence),
-        remaining,
-    }))
+    claimed_view(db, project, &task, token, expires, lease)
+        .await
+        .map(Some)
 }
 
 /// A reviewer's answer to a claimed task.
@@ -144,6 +233,10 @@ pub struct SubmittedLabel {
     pub item_id: Uuid,
     pub class_index: u32,
     pub class: String,
+    /// Until when the submitter may undo this submit (the end of the lease
+    /// it was made under); `None` when it was made after the lease ran out.
+    #[serde(default)]
+    pub undo_until: Option<DateTime<Utc>>,
 }
 
 fn stale(task: &review_task::Model, token: i64) -> AppError {
@@ -151,6 +244,30 @@ fn stale(task: &review_task::Model, token: i64) -> AppError {
         "task {} is no longer yours: its lease moved on (token {token}, current {}, state {:?}); nothing was written",
         task.id, task.fencing_token, task.state
     ))
+}
+
+/// Why a step on a claim that matched no row was refused.
+async fn refusal(
+    db: &impl ConnectionTrait,
+    task_id: TaskId,
+    token: i64,
+    reviewer: &str,
+) -> AppResult<AppError> {
+    let task = review_task::Entity::find_by_id(task_id.as_uuid())
+        .one(db)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
+    let holder = task.lease_holder.as_deref().unwrap_or("nobody");
+    Ok(
+        if task.state == TaskState::Claimed && task.fencing_token == token && holder != reviewer {
+            AppError::Conflict(format!(
+                "task {} is held by {holder}, not by {reviewer}; nothing was written",
+                task.id
+            ))
+        } else {
+            stale(&task, token)
+        },
+    )
 }
 
 /// Store a human label for a claimed task and close it.
@@ -171,7 +288,7 @@ pub async fn submit(
     }
     let project = projects::get(db, &task.project_id.to_string()).await?;
     let class_index = project.class_index(&submission.class)?;
-    let now = Utc::now().fixed_offset();
+    let now = Utc::now();
 
     let label_id = Uuid::now_v7();
     label::Entity::insert(label::ActiveModel {
@@ -183,15 +300,17 @@ pub async fn submit(
         prediction_id: Set(task.prediction_id),
         model_version_id: Set(None),
         review_task_id: Set(Some(task.id)),
-        created_at: Set(now),
+        created_at: Set(now.fixed_offset()),
     })
     .exec_without_returning(&txn)
     .await?;
+    // The holder and expiry stay on the closed task: they are what undo
+    // checks.
     review_task::Entity::update(review_task::ActiveModel {
         id: Set(task.id),
         state: Set(TaskState::Done),
-        closed_at: Set(Some(now)),
-        updated_at: Set(now),
+        closed_at: Set(Some(now.fixed_offset())),
+        updated_at: Set(now.fixed_offset()),
         ..Default::default()
     })
     .exec(&txn)
@@ -199,7 +318,7 @@ pub async fn submit(
     item::Entity::update(item::ActiveModel {
         id: Set(task.item_id),
         state: Set(ItemState::HumanLabeled),
-        updated_at: Set(now),
+        updated_at: Set(now.fixed_offset()),
         ..Default::default()
     })
     .exec(&txn)
@@ -207,11 +326,16 @@ pub async fn submit(
     txn.commit().await?;
     metrics::counter!("sieve_review_tasks_submitted_total").increment(1);
 
+    let own_lease = task.lease_holder.as_deref() == Some(reviewer);
     Ok(SubmittedLabel {
         label_id,
         item_id: task.item_id,
         class_index,
         class: project.class_names[class_index as usize].clone(),
+        undo_until: task
+            .lease_expires_at
+            .map(utc)
+            .filter(|end| own_lease && *end > now),
     })
 }
 
@@ -229,7 +353,7 @@ pub async fn release(
         )
         .col_expr(
             review_task::Column::LeaseExpiresAt,
-            Expr::value(Option::<chrono::DateTime<chrono::FixedOffset>>::None),
+            Expr::value(Option::<DateTime<FixedOffset>>::None),
         )
         .filter(review_task::Column::Id.eq(task_id.as_uuid()))
         .filter(review_task::Column::State.eq(TaskState::Claimed))
@@ -244,4 +368,391 @@ pub async fn release(
         return Err(stale(&task, fencing_token));
     }
     Ok(())
+}
+
+/// A claim's lease after a renewal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Lease {
+    pub task_id: Uuid,
+    pub fencing_token: i64,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// Extend the lease of a claimed task to `lease` from now.
+pub async fn renew(
+    db: &DatabaseConnection,
+    task_id: TaskId,
+    reviewer: &str,
+    fencing_token: i64,
+    lease: std::time::Duration,
+) -> AppResult<Lease> {
+    let now = Utc::now();
+    let expires = now + lease_length(lease);
+    let updated = review_task::Entity::update_many()
+        .col_expr(
+            review_task::Column::LeaseExpiresAt,
+            Expr::value(Some(expires.fixed_offset())),
+        )
+        .col_expr(
+            review_task::Column::UpdatedAt,
+            Expr::value(now.fixed_offset()),
+        )
+        .filter(review_task::Column::Id.eq(task_id.as_uuid()))
+        .filter(review_task::Column::State.eq(TaskState::Claimed))
+        .filter(review_task::Column::FencingToken.eq(fencing_token))
+        .filter(review_task::Column::LeaseHolder.eq(reviewer))
+        .exec(db)
+        .await?;
+    if updated.rows_affected == 0 {
+        return Err(refusal(db, task_id, fencing_token, reviewer).await?);
+    }
+    Ok(Lease {
+        task_id: task_id.as_uuid(),
+        fencing_token,
+        lease_expires_at: expires,
+    })
+}
+
+/// A reviewer's request to pass on a claimed task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Skip {
+    pub fencing_token: i64,
+    /// Why (ambiguous image, none of the classes fits...): kept on the task.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Skipped {
+    pub task_id: Uuid,
+    /// How often this task has now been skipped, by anyone.
+    pub skip_count: i32,
+    /// Tasks open in the project, this one included again.
+    pub remaining: u64,
+}
+
+fn skip_reason(raw: &str) -> AppResult<&str> {
+    let reason = raw.trim();
+    if reason.is_empty() {
+        return Err(AppError::Invalid(
+            "a skip needs a reason (e.g. \"ambiguous\", \"no class fits\"); nothing was written"
+                .into(),
+        ));
+    }
+    if reason.chars().count() > MAX_SKIP_REASON_CHARS {
+        return Err(AppError::Invalid(format!(
+            "a skip reason is at most {MAX_SKIP_REASON_CHARS} characters; nothing was written"
+        )));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(AppError::Invalid(
+            "a skip reason is one line of text without control characters; nothing was written"
+                .into(),
+        ));
+    }
+    Ok(reason)
+}
+
+#[derive(FromQueryResult)]
+struct SkipUpdate {
+    project_id: Uuid,
+    skip_count: i32,
+}
+
+/// Give a claimed task back to the queue, behind every task skipped fewer
+/// times, and record who skipped it and why.
+pub async fn skip(
+    db: &DatabaseConnection,
+    task_id: TaskId,
+    reviewer: &str,
+    skip: &Skip,
+) -> AppResult<Skipped> {
+    let reason = skip_reason(&skip.reason)?;
+    let now = Utc::now().fixed_offset();
+    let updated = SkipUpdate::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        r#"
+        UPDATE review_tasks
+        SET state = 'open', lease_holder = NULL, lease_expires_at = NULL,
+            skip_count = skip_count + 1, last_skip_reason = $4, last_skipped_by = $3,
+            last_skipped_at = $5, updated_at = $5
+        WHERE id = $1 AND state = 'claimed' AND fencing_token = $2 AND lease_holder = $3
+        RETURNING project_id, skip_count
+        "#,
+        [
+            task_id.as_uuid().into(),
+            skip.fencing_token.into(),
+            reviewer.into(),
+            reason.into(),
+            now.into(),
+        ],
+    ))
+    .one(db)
+    .await?;
+    let Some(updated) = updated else {
+        return Err(refusal(db, task_id, skip.fencing_token, reviewer).await?);
+    };
+    metrics::counter!("sieve_review_tasks_skipped_total").increment(1);
+    tracing::info!(task = %task_id, reviewer, skips = updated.skip_count, "review task skipped");
+    Ok(Skipped {
+        task_id: task_id.as_uuid(),
+        skip_count: updated.skip_count,
+        remaining: open_tasks(db, updated.project_id).await?,
+    })
+}
+
+/// Take back `reviewer`'s own submit of `task_id`, made with
+/// `fencing_token`, while the lease it was made under still runs. The task
+/// is claimed again by the same reviewer, with a fresh lease.
+pub async fn undo(
+    db: &DatabaseConnection,
+    task_id: TaskId,
+    reviewer: &str,
+    fencing_token: i64,
+    lease: std::time::Duration,
+) -> AppResult<ClaimedTask> {
+    let txn = db.begin().await?;
+    let task = review_task::Entity::find_by_id(task_id.as_uuid())
+        .lock_exclusive()
+        .one(&txn)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
+    if task.state != TaskState::Done {
+        return Err(AppError::Conflict(format!(
+            "task {} is {:?}, not submitted: there is nothing to undo; nothing was written",
+            task.id, task.state
+        )));
+    }
+    if task.fencing_token != fencing_token {
+        return Err(stale(&task, fencing_token));
+    }
+    let label = label::Entity::find()
+        .filter(label::Column::ReviewTaskId.eq(task.id))
+        .lock_exclusive()
+        .one(&txn)
+        .await?
+        .ok_or_else(|| {
+            AppError::Conflict(format!(
+                "task {} has no label to undo; nothing was written",
+                task.id
+            ))
+        })?;
+    let author = label.reviewer.as_deref().unwrap_or("nobody");
+    if label.source != LabelSource::Human
+        || author != reviewer
+        || task.lease_holder.as_deref() != Some(reviewer)
+    {
+        return Err(AppError::Forbidden(format!(
+            "only the reviewer who submitted task {} ({author}) may undo it; nothing was written",
+            task.id
+        )));
+    }
+    let now = Utc::now();
+    match task.lease_expires_at.map(utc) {
+        Some(end) if now < end => {}
+        end => {
+            let closed = end.map_or_else(|| "with the submit".to_owned(), |e| e.to_rfc3339());
+            return Err(AppError::Conflict(format!(
+                "the undo window of task {} closed {closed}; the label stays (to correct it, \
+                 label the item again in a new review); nothing was written",
+                task.id
+            )));
+        }
+    }
+    let item = item::Entity::find_by_id(task.item_id)
+        .lock_exclusive()
+        .one(&txn)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("task {} points at a missing item", task.id))?;
+    let newer_labels = label::Entity::find()
+        .filter(label::Column::ItemId.eq(item.id))
+        .filter(label::Column::Id.ne(label.id))
+        .filter(label::Column::CreatedAt.gte(label.created_at))
+        .count(&txn)
+        .await?;
+    let other_tasks = review_task::Entity::find()
+        .filter(review_task::Column::ItemId.eq(item.id))
+        .filter(review_task::Column::Id.ne(task.id))
+        .filter(review_task::Column::State.is_in([TaskState::Open, TaskState::Claimed]))
+        .count(&txn)
+        .await?;
+    if item.state != ItemState::HumanLabeled || newer_labels > 0 || other_tasks > 0 {
+        return Err(AppError::Conflict(format!(
+            "item {} changed after the submit (state {:?}, {newer_labels} newer label(s), \
+             {other_tasks} other open task(s)); the label stays; nothing was written",
+            item.id, item.state
+        )));
+    }
+
+    let deleted = label::Entity::delete_many()
+        .filter(label::Column::Id.eq(label.id))
+        .filter(label::Column::ReviewTaskId.eq(task.id))
+        .filter(label::Column::Source.eq(LabelSource::Human))
+        .filter(label::Column::Reviewer.eq(reviewer))
+        .exec(&txn)
+        .await?;
+    if deleted.rows_affected != 1 {
+        return Err(anyhow::anyhow!(
+            "undo of task {} deleted {} labels instead of 1",
+            task.id,
+            deleted.rows_affected
+        )
+        .into());
+    }
+    let expires = now + lease_length(lease);
+    let token = task.fencing_token + 1;
+    review_task::Entity::update(review_task::ActiveModel {
+        id: Set(task.id),
+        state: Set(TaskState::Claimed),
+        lease_holder: Set(Some(reviewer.to_owned())),
+        lease_expires_at: Set(Some(expires.fixed_offset())),
+        fencing_token: Set(token),
+        closed_at: Set(None),
+        updated_at: Set(now.fixed_offset()),
+        ..Default::default()
+    })
+    .exec(&txn)
+    .await?;
+    item::Entity::update(item::ActiveModel {
+        id: Set(item.id),
+        state: Set(ItemState::InReview),
+        updated_at: Set(now.fixed_offset()),
+        ..Default::default()
+    })
+    .exec(&txn)
+    .await?;
+    txn.commit().await?;
+    metrics::counter!("sieve_review_submits_undone_total").increment(1);
+    tracing::info!(task = %task_id, reviewer, "review submit undone");
+
+    let project = projects::get(db, &task.project_id.to_string()).await?;
+    claimed_view(db, &project, &task, token, expires, lease).await
+}
+
+/// A review task as anyone allowed to review sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task_id: Uuid,
+    pub project: String,
+    pub state: TaskState,
+    pub reason: TaskReason,
+    pub priority: f32,
+    pub item_id: Uuid,
+    pub object_key: String,
+    pub source: String,
+    pub image_url: String,
+    pub class_names: Vec<String>,
+    pub predicted_class: Option<String>,
+    pub probabilities: Option<Vec<f32>>,
+    /// The top class of each committee member.
+    pub member_votes: Option<Vec<u32>>,
+    pub confidence: Option<f32>,
+    pub lease_holder: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Only shown to the lease holder: with it one can submit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<i64>,
+    pub skip_count: i32,
+    pub last_skip_reason: Option<String>,
+    pub last_skipped_by: Option<String>,
+    pub last_skipped_at: Option<DateTime<Utc>>,
+    /// The human label this task produced, once submitted.
+    pub label: Option<TaskLabel>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskLabel {
+    pub label_id: Uuid,
+    pub class_index: i32,
+    pub class: Option<String>,
+    pub reviewer: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(FromQueryResult)]
+struct SkipRecord {
+    skip_count: i32,
+    last_skip_reason: Option<String>,
+    last_skipped_by: Option<String>,
+    last_skipped_at: Option<DateTime<FixedOffset>>,
+}
+
+/// One review task, its item and the model's proposal, as `viewer` may see
+/// it.
+pub async fn show(db: &DatabaseConnection, task_id: TaskId, viewer: &str) -> AppResult<TaskView> {
+    let task = review_task::Entity::find_by_id(task_id.as_uuid())
+        .one(db)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
+    let project = projects::get(db, &task.project_id.to_string()).await?;
+    let (item, prediction) = item_and_prediction(db, &task).await?;
+    let proposal = Proposal::of(&project, prediction.as_ref());
+    let skips = SkipRecord::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT skip_count, last_skip_reason, last_skipped_by, last_skipped_at \
+         FROM review_tasks WHERE id = $1",
+        [task.id.into()],
+    ))
+    .one(db)
+    .await?
+    .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
+    let label = label::Entity::find()
+        .filter(label::Column::ReviewTaskId.eq(task.id))
+        .one(db)
+        .await?
+        .map(|l| TaskLabel {
+            label_id: l.id,
+            class_index: l.class_index,
+            class: project.class_names.get(l.class_index as usize).cloned(),
+            reviewer: l.reviewer,
+            created_at: utc(l.created_at),
+        });
+    let holds = task.state == TaskState::Claimed && task.lease_holder.as_deref() == Some(viewer);
+    Ok(TaskView {
+        task_id: task.id,
+        project: project.name.clone(),
+        state: task.state,
+        reason: task.reason,
+        priority: task.priority,
+        item_id: item.id,
+        image_url: image_url(item.id),
+        object_key: item.object_key,
+        source: item.source,
+        class_names: project.class_names.clone(),
+        predicted_class: proposal.predicted_class,
+        probabilities: proposal.probabilities,
+        member_votes: proposal.member_votes,
+        confidence: proposal.confidence,
+        lease_holder: task.lease_holder,
+        lease_expires_at: task.lease_expires_at.map(utc),
+        fencing_token: holds.then_some(task.fencing_token),
+        skip_count: skips.skip_count,
+        last_skip_reason: skips.last_skip_reason,
+        last_skipped_by: skips.last_skipped_by,
+        last_skipped_at: skips.last_skipped_at.map(utc),
+        label,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_reasons_are_one_short_line() {
+        assert_eq!(skip_reason("  blurry \n").unwrap_or_default(), "blurry");
+        assert!(matches!(skip_reason("   "), Err(AppError::Invalid(_))));
+        assert!(matches!(skip_reason("a\u{7}b"), Err(AppError::Invalid(_))));
+        assert!(matches!(
+            skip_reason("two\nlines"),
+            Err(AppError::Invalid(_))
+        ));
+        let long = "x".repeat(MAX_SKIP_REASON_CHARS + 1);
+        assert!(matches!(skip_reason(&long), Err(AppError::Invalid(_))));
+        let at_limit = "é".repeat(MAX_SKIP_REASON_CHARS);
+        assert!(
+            skip_reason(&at_limit).is_ok(),
+            "the limit counts characters"
+        );
+    }
 }

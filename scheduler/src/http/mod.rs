@@ -1,7 +1,10 @@
-//! The HTTP API (`/api/v1`), health and metrics.
+//! The HTTP API (`/api/v1`), the review page (`/review`), health and
+//! metrics.
 //!
 //! Handlers are thin: authorize, parse, call the same domain function the CLI
 //! calls, serialize. Errors become JSON bodies through [`AppError`].
+
+mod review_page;
 
 use axum::Json;
 use axum::Router;
@@ -36,11 +39,16 @@ pub fn router(ctx: Context) -> Router {
         .route("/projects/{project}/review/next", post(claim_next))
         .route("/projects/{project}/retrain", post(retrain))
         .route("/projects/{project}/models", get(list_models))
+        .route("/review/{task}", get(show_task))
         .route("/review/{task}/submit", post(submit))
         .route("/review/{task}/release", post(release))
+        .route("/review/{task}/renew", post(renew))
+        .route("/review/{task}/skip", post(skip))
+        .route("/review/{task}/undo", post(undo))
         .route("/items/{item}/image", get(item_image));
     Router::new()
         .nest("/api/v1", api)
+        .merge(review_page::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -217,6 +225,60 @@ async fn release(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+fn lease(ctx: &Context) -> std::time::Duration {
+    std::time::Duration::from_secs(ctx.settings.review.lease_seconds)
+}
+
+async fn show_task(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Review).await?;
+    Ok(Json(review::show(&ctx.db, task_id(&task)?, &who.name).await?).into_response())
+}
+
+/// The body of the steps that only need the claim's token.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fenced {
+    fencing_token: i64,
+}
+
+async fn renew(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<Fenced>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Review).await?;
+    let task = task_id(&task)?;
+    let renewed = review::renew(&ctx.db, task, &who.name, body.fencing_token, lease(&ctx)).await?;
+    Ok(Json(renewed).into_response())
+}
+
+async fn skip(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<review::Skip>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Review).await?;
+    Ok(Json(review::skip(&ctx.db, task_id(&task)?, &who.name, &body).await?).into_response())
+}
+
+async fn undo(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<Fenced>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Review).await?;
+    let task = task_id(&task)?;
+    let reopened = review::undo(&ctx.db, task, &who.name, body.fencing_token, lease(&ctx)).await?;
+    Ok(Json(reopened).into_response())
+}
+
 async fn retrain(
     State(ctx): State<Context>,
     headers: HeaderMap,
@@ -261,5 +323,13 @@ async fn item_image(
         Ok(image::ImageFormat::Jpeg) => "image/jpeg",
         _ => "application/octet-stream",
     };
-    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            // The bytes are whatever was ingested: never let a browser guess.
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        bytes,
+    )
+        .into_response())
 }

@@ -1,0 +1,448 @@
+//! The review page at `/review`: its security headers and static rules, and
+//! a reviewer's session in headless Chromium (driven through chromedriver
+//! by WebDriver): token, claim, label with a digit and Enter, accept a
+//! pre-label, undo, skip, the lease kept alive, a hostile class name shown
+//! as text.
+//!
+//! Needs the Debian packages `chromium` and `chromium-driver`
+//! (`ops/install-deps.sh` installs them); nothing is downloaded.
+
+#![allow(clippy::unwrap_used)]
+
+mod review_support;
+
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+use fantoccini::key::Key;
+use fantoccini::{Client, ClientBuilder, Locator};
+use review_support::{App, eventually, with_app};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use serde_json::{Value, json};
+use sieve_scheduler::entities::api_token::Role;
+use sieve_scheduler::entities::item::{self, ItemState};
+use sieve_scheduler::entities::label::{self, LabelSource};
+use sieve_scheduler::entities::review_task::TaskState;
+use uuid::Uuid;
+
+const SCRIPT: &str = include_str!("../assets/review.js");
+const PAGE: &str = include_str!("../assets/review.html");
+
+/// A class name that would run script if the page ever parsed data as HTML.
+const HOSTILE: &str = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>";
+
+#[test]
+fn the_page_never_turns_data_into_html() {
+    for sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+    ] {
+        assert!(!SCRIPT.contains(sink), "review.js uses {sink}");
+    }
+    assert!(SCRIPT.contains("textContent"));
+    // No inline script or style, which the CSP would block anyway.
+    assert_eq!(PAGE.matches("<script").count(), 1);
+    assert!(PAGE.contains("<script src=\"/review/review.js\""));
+    assert!(!PAGE.contains("style="));
+    let handler = PAGE
+        .split(|c: char| c.is_whitespace() || c == '<')
+        .find(|word| word.starts_with("on") && word.contains('='));
+    assert_eq!(handler, None, "no inline event handlers");
+    assert!(
+        !PAGE.contains("http://") && !PAGE.contains("https://"),
+        "no CDN"
+    );
+}
+
+#[tokio::test]
+async fn the_page_is_served_with_security_headers() {
+    with_app(300, |app| async move {
+        for (path, content_type) in [
+            ("/review", "text/html; charset=utf-8"),
+            ("/review/review.js", "text/javascript; charset=utf-8"),
+            ("/review/review.css", "text/css; charset=utf-8"),
+        ] {
+            let response = app.http.get(app.url(path)).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            let headers = response.headers();
+            assert_eq!(headers["content-type"], content_type);
+            let csp = headers["content-security-policy"].to_str().unwrap();
+            for rule in [
+                "default-src 'self'",
+                "img-src 'self' blob:",
+                "script-src 'self'",
+                "frame-ancestors 'none'",
+                "object-src 'none'",
+            ] {
+                assert!(csp.contains(rule), "{path}: {csp} lacks {rule}");
+            }
+            assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"));
+            assert_eq!(headers["x-content-type-options"], "nosniff");
+            assert_eq!(headers["referrer-policy"], "no-referrer");
+            assert_eq!(headers["x-frame-options"], "DENY");
+        }
+        // The page itself is public; what it shows needs a token.
+        let response = app
+            .http
+            .post(app.url("/api/v1/projects/any/review/next"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    })
+    .await;
+}
+
+/// chromedriver on a free port; killed when dropped, even on a panic.
+struct Driver {
+    child: Child,
+    port: u16,
+    profile: tempfile::TempDir,
+}
+
+impl Driver {
+    fn start() -> Self {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start chromedriver ({e}): run ops/install-deps.sh (Debian packages chromium, chromium-driver)")
+            });
+        let driver = Self {
+            child,
+            port,
+            profile: tempfile::tempdir().unwrap(),
+        };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "chromedriver did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        driver
+    }
+
+    async fn browser(&self) -> Client {
+        let args = [
+            "--headless".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-quic".to_owned(),
+            "--no-first-run".to_owned(),
+            "--disable-background-networking".to_owned(),
+            "--disable-component-update".to_owned(),
+            "--disable-sync".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            "--window-size=1280,900".to_owned(),
+            format!("--user-data-dir={}", self.profile.path().display()),
+        ];
+        let capabilities = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": { "binary": "/usr/bin/chromium", "args": args },
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+async fn press(browser: &Client, keys: &[char]) {
+    let mut actions = KeyActions::new("keyboard".into());
+    for &key in keys {
+        actions = actions
+            .then(KeyAction::Down { value: key })
+            .then(KeyAction::Up { value: key });
+    }
+    browser.perform_actions(actions).await.unwrap();
+}
+
+async fn js(browser: &Client, script: &str) -> Value {
+    browser.execute(script, vec![]).await.unwrap()
+}
+
+async fn text(browser: &Client, id: &str) -> String {
+    js(
+        browser,
+        &format!("return document.getElementById('{id}').textContent"),
+    )
+    .await
+    .as_str()
+    .unwrap_or_default()
+    .to_owned()
+}
+
+/// Wait until the page shows the task of `source`, its image loaded.
+async fn shows(browser: &Client, source: &str) {
+    let start = Instant::now();
+    loop {
+        let state = js(
+            browser,
+            "const i = document.getElementById('image');
+             return [document.getElementById('source').textContent,
+                     document.getElementById('task').checkVisibility(),
+                     i.complete && i.naturalWidth > 0 && i.src.startsWith('blob:')]",
+        )
+        .await;
+        if state == json!([source, true, true]) {
+            return;
+        }
+        let status = text(browser, "status").await;
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the page does not show {source} with its image: {state} (status: {status:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn human_label(app: &App, task: Uuid) -> Option<label::Model> {
+    label::Entity::find()
+        .filter(label::Column::ReviewTaskId.eq(task))
+        .one(app.db())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reviewer_labels_from_the_keyboard_in_chromium() {
+    // A 6 s lease, renewed every 2 s by the page.
+    with_app(6, |app| async move {
+        let started = Instant::now();
+        let classes = ["cat", HOSTILE, "dog"];
+        let seeded = app.seed("pets", &classes, 3).await;
+        let [first, second, third] = [0, 1, 2].map(|i| seeded.tasks[i].clone());
+        let token = app.token("alice", Role::Reviewer).await;
+
+        let driver = Driver::start();
+        let browser = driver.browser().await;
+        let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session(
+            &app,
+            &browser,
+            &token,
+            [&first, &second, &third],
+        )))
+        .await;
+        browser.close().await.ok();
+        drop(driver);
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+        println!("browser session took {:?}", started.elapsed());
+    })
+    .await;
+}
+
+async fn session(
+    app: &App,
+    browser: &Client,
+    token: &str,
+    tasks: [&review_support::SeededTask; 3],
+) {
+    let [first, second, third] = tasks;
+    browser
+        .goto(&app.url("/review?project=pets"))
+        .await
+        .unwrap();
+    let project = browser.find(Locator::Id("project")).await.unwrap();
+    assert_eq!(
+        project.prop("value").await.unwrap().as_deref(),
+        Some("pets")
+    );
+    browser
+        .find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("start"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // The first task, large, with its pre-label and the top classes.
+    shows(browser, &first.source).await;
+    assert_eq!(
+        js(
+            browser,
+            "return ['login', 'skip-form', 'empty']
+                .map((id) => document.getElementById(id).checkVisibility())"
+        )
+        .await,
+        json!([false, false, false]),
+        "only the task is on screen"
+    );
+    assert!(text(browser, "prelabel").await.contains("cat"));
+    assert_eq!(
+        js(
+            browser,
+            "return document.querySelectorAll('#topk li').length"
+        )
+        .await,
+        json!(3)
+    );
+    assert!(text(browser, "votes").await.contains("2 × cat"));
+    // The token stays in the tab, never in the URL.
+    assert_eq!(
+        js(
+            browser,
+            "return sessionStorage.getItem('sieve.review.token')"
+        )
+        .await,
+        json!(token)
+    );
+    assert!(
+        !browser
+            .current_url()
+            .await
+            .unwrap()
+            .as_str()
+            .contains(token)
+    );
+    // The hostile class name is text: no element made of it, no script ran.
+    assert_eq!(
+        js(
+            browser,
+            "return document.querySelector('#classes button[data-index=\"1\"] .name').textContent"
+        )
+        .await,
+        json!(HOSTILE)
+    );
+    assert_eq!(
+        js(
+            browser,
+            "return [document.querySelectorAll('#classes img, #classes script').length, typeof window.__pwned]"
+        )
+        .await,
+        json!([0, "undefined"])
+    );
+    // All three tasks are counted: this one, the preloaded one, one open.
+    eventually(
+        "the count of what is left",
+        Duration::from_secs(10),
+        || async { (text(browser, "remaining").await == "3 left").then_some(()) },
+    )
+    .await;
+
+    // 3 picks "dog"; Enter submits it.
+    press(browser, &['3']).await;
+    assert!(text(browser, "accept").await.contains("dog"));
+    press(browser, &[Key::Enter.into()]).await;
+    let labeled = eventually("the first label", Duration::from_secs(10), || {
+        human_label(app, first.task_id)
+    })
+    .await;
+    assert_eq!(labeled.class_index, 2);
+    assert_eq!(labeled.source, LabelSource::Human);
+    assert_eq!(labeled.reviewer.as_deref(), Some("alice"));
+
+    // The preloaded second task; Enter alone accepts its pre-label.
+    shows(browser, &second.source).await;
+    assert_eq!(second.proposed, 1);
+    press(browser, &[Key::Enter.into()]).await;
+    let accepted = eventually("the accepted pre-label", Duration::from_secs(10), || {
+        human_label(app, second.task_id)
+    })
+    .await;
+    assert_eq!(accepted.class_index, 1);
+
+    // U takes it back: the label is gone and the task is shown again.
+    shows(browser, &third.source).await;
+    press(browser, &['u']).await;
+    shows(browser, &second.source).await;
+    assert!(human_label(app, second.task_id).await.is_none());
+    let reopened = app.task(second.task_id).await;
+    assert_eq!(reopened.state, TaskState::Claimed);
+    assert_eq!(reopened.lease_holder.as_deref(), Some("alice"));
+    let item = item::Entity::find_by_id(second.item_id)
+        .one(app.db())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(item.state, ItemState::InReview);
+    // Label it "cat" instead.
+    press(browser, &['1', Key::Enter.into()]).await;
+    let corrected = eventually("the corrected label", Duration::from_secs(10), || {
+        human_label(app, second.task_id)
+    })
+    .await;
+    assert_eq!(corrected.class_index, 0);
+
+    // The third task, held while the page is open: the lease is renewed
+    // past its 6 s.
+    shows(browser, &third.source).await;
+    let claimed = app.task(third.task_id).await.lease_expires_at.unwrap();
+    eventually("a renewed lease", Duration::from_secs(10), || async {
+        let now = app.task(third.task_id).await.lease_expires_at.unwrap();
+        (now > claimed).then_some(())
+    })
+    .await;
+
+    // S asks why (prefilled), Enter skips: the task is open again, then,
+    // being the only one left, comes straight back.
+    press(browser, &['s']).await;
+    eventually("the skip form", Duration::from_secs(5), || async {
+        let open = js(
+            browser,
+            "return document.getElementById('skip-form').checkVisibility()
+                && document.activeElement.id === 'skip-reason'",
+        )
+        .await;
+        (open == json!(true)).then_some(())
+    })
+    .await;
+    press(browser, &[Key::Enter.into()]).await;
+    eventually("the recorded skip", Duration::from_secs(10), || async {
+        let (count, reason, by) = app.skips(third.task_id).await;
+        (count == 1).then_some((reason, by))
+    })
+    .await;
+    assert_eq!(
+        app.skips(third.task_id).await,
+        (1, Some("not sure".into()), Some("alice".into()))
+    );
+    shows(browser, &third.source).await;
+    assert!(text(browser, "status").await.contains("Skipped"));
+
+    // Leaving the page gives the held task back.
+    browser.goto("about:blank").await.unwrap();
+    eventually(
+        "the task released on leaving",
+        Duration::from_secs(10),
+        || async { (app.task(third.task_id).await.state == TaskState::Open).then_some(()) },
+    )
+    .await;
+    assert!(human_label(app, third.task_id).await.is_none());
+    let all = label::Entity::find().all(app.db()).await.unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+}

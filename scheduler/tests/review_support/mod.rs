@@ -1,0 +1,374 @@
+//! A scheduler serving HTTP on port 0 for the review API and page tests,
+//! isolated per test: its own PostgreSQL database, RabbitMQ prefix and
+//! object-store directory. [`with_app`] tears it all down even when the
+//! test panics, then re-raises the panic.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::FutureExt;
+use sea_orm::{
+    ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement,
+};
+use sieve_scheduler::app::{self, Context};
+use sieve_scheduler::auth;
+use sieve_scheduler::db;
+use sieve_scheduler::entities::api_token::Role;
+use sieve_scheduler::entities::item::{self, ItemState};
+use sieve_scheduler::entities::review_task::{self, TaskReason, TaskState};
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
+use sieve_shared::Settings;
+use sieve_shared::store::{image_key, sha256_hex};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// What a test gets: cheap to clone, so a test body can own it.
+#[derive(Clone)]
+pub struct App {
+    pub settings: Settings,
+    pub ctx: Context,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+struct Harness {
+    app: App,
+    stop: CancellationToken,
+    server: JoinHandle<anyhow::Result<()>>,
+    _store: tempfile::TempDir,
+}
+
+/// Start a scheduler with review leases of `lease_seconds`, run `test`,
+/// then stop it and remove its database and queues, whatever happened.
+pub async fn with_app<F, Fut>(lease_seconds: u64, test: F)
+where
+    F: FnOnce(App) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let harness = Harness::start(lease_seconds).await;
+    let outcome = AssertUnwindSafe(test(harness.app.clone()))
+        .catch_unwind()
+        .await;
+    harness.teardown().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+impl Harness {
+    async fn start(lease_seconds: u64) -> Self {
+        sieve_shared::telemetry::init_test_tracing();
+        let store = tempfile::tempdir().unwrap();
+        let id = Uuid::now_v7().simple().to_string();
+        let tag = &id[id.len() - 12..];
+        let mut settings = Settings::default();
+        settings.database.url = format!("postgres://postgres@127.0.0.1:5432/sieve_test_{tag}");
+        settings.database.max_connections = 5;
+        settings.broker.prefix = format!("test-{tag}");
+        settings.redis.prefix = format!("test-{tag}");
+        settings.store.root = store.path().to_owned();
+        settings.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.review.lease_seconds = lease_seconds;
+
+        db::create_database_if_missing(&settings.database.url)
+            .await
+            .unwrap();
+        let conn = db::connect(&settings.database).await.unwrap();
+        db::migrate(&conn).await.unwrap();
+        conn.close().await.unwrap();
+
+        let listener = TcpListener::bind(settings.http.bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        settings.http.api_url = format!("http://{addr}");
+        let ctx = Context::connect(settings.clone()).await.unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let server = tokio::spawn(app::serve(ctx.clone(), listener, async move {
+            s.cancelled().await
+        }));
+        Self {
+            app: App {
+                settings,
+                ctx,
+                base: format!("http://{addr}"),
+                http: reqwest::Client::new(),
+            },
+            stop,
+            server,
+            _store: store,
+        }
+    }
+
+    async fn teardown(self) {
+        self.stop.cancel();
+        self.server.await.unwrap().unwrap();
+        let settings = &self.app.settings;
+        let conn = sieve_shared::broker::connect(&settings.broker.url, "test teardown")
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        app::topology(settings).delete(&channel).await.unwrap();
+        conn.close(200, "bye".into()).await.ok();
+        self.app.ctx.db.clone().close().await.ok();
+        db::drop_database(&settings.database.url).await.unwrap();
+    }
+}
+
+/// A seeded project: its tasks in the order the queue hands them out.
+pub struct Seeded {
+    pub project: Project,
+    pub tasks: Vec<SeededTask>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SeededTask {
+    pub task_id: Uuid,
+    pub item_id: Uuid,
+    pub source: String,
+    /// The class index the model proposed.
+    pub proposed: usize,
+}
+
+/// A small grey PNG, different for each `n`.
+pub fn png(n: usize) -> Vec<u8> {
+    let image = image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([((x * 9 + y * 5) as usize + n * 37) as u8])
+    });
+    let mut bytes = Cursor::new(Vec::new());
+    image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    bytes.into_inner()
+}
+
+impl App {
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.ctx.db
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn token(&self, name: &str, role: Role) -> String {
+        auth::create_token(self.db(), name, role).await.unwrap()
+    }
+
+    /// A project with `tasks` open review tasks, each on an item whose PNG
+    /// is in the store and with a prediction by a registered model version.
+    /// Task `i` proposes class `i % classes.len()` and is handed out `i`-th.
+    pub async fn seed(&self, name: &str, classes: &[&str], tasks: usize) -> Seeded {
+        let db = self.db();
+        let classes: Vec<String> = classes.iter().map(|c| (*c).to_owned()).collect();
+        let project = projects::create(
+            db,
+            &ProjectName::parse(name).unwrap(),
+            &ClassNames::parse(&classes).unwrap(),
+            &Policy::default(),
+        )
+        .await
+        .unwrap();
+        let version = Uuid::now_v7();
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO model_versions (id, project_id, version, status) VALUES ($1, $2, 1, 'candidate')",
+            [version.into(), project.id.as_uuid().into()],
+        ))
+        .await
+        .unwrap();
+
+        let now = Utc::now().fixed_offset();
+        let mut seeded = Vec::new();
+        for i in 0..tasks {
+            let bytes = png(i);
+            let hash = sha256_hex(&bytes);
+            let key = image_key(name, &hash);
+            self.ctx
+                .store
+                .put(&key, Bytes::from(bytes.clone()))
+                .await
+                .unwrap();
+            let item_id = Uuid::now_v7();
+            let source = format!("photos/item-{i}.png");
+            item::Entity::insert(item::ActiveModel {
+                id: Set(item_id),
+                project_id: Set(project.id.as_uuid()),
+                object_key: Set(key),
+                source: Set(source.clone()),
+                content_hash: Set(hash),
+                size_bytes: Set(bytes.len() as i64),
+                width: Set(Some(28)),
+                height: Set(Some(28)),
+                state: Set(ItemState::InReview),
+                attempts: Set(0),
+                last_error: Set(None),
+                dispatched_at: Set(None),
+                created_at: Set(now),
+                updated_at: Set(now),
+            })
+            .exec_without_returning(db)
+            .await
+            .unwrap();
+
+            let k = classes.len();
+            let proposed = i % k;
+            let mut probabilities = vec![0.4 / (k - 1) as f32; k];
+            probabilities[proposed] = 0.6;
+            let votes = vec![
+                proposed as u32,
+                proposed as u32,
+                ((proposed + 1) % k) as u32,
+            ];
+            let prediction = Uuid::now_v7();
+            db.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                r#"INSERT INTO predictions (id, item_id, model_version_id, job_id, worker_id,
+                       probabilities, member_votes, top_class, confidence, margin, entropy,
+                       disagreement, mutual_information, routed_to)
+                   VALUES ($1, $2, $3, $4, 'test', $5, $6, $7, 0.6, 0.4, 0.9, 0.33, 0.1, 'review')"#,
+                [
+                    prediction.into(),
+                    item_id.into(),
+                    version.into(),
+                    Uuid::now_v7().into(),
+                    serde_json::json!(probabilities).into(),
+                    serde_json::json!(votes).into(),
+                    (proposed as i32).into(),
+                ],
+            ))
+            .await
+            .unwrap();
+
+            let task_id = Uuid::now_v7();
+            review_task::Entity::insert(review_task::ActiveModel {
+                id: Set(task_id),
+                project_id: Set(project.id.as_uuid()),
+                item_id: Set(item_id),
+                prediction_id: Set(Some(prediction)),
+                reason: Set(TaskReason::LowConfidence),
+                priority: Set((tasks - i) as f32),
+                state: Set(TaskState::Open),
+                lease_holder: Set(None),
+                lease_expires_at: Set(None),
+                fencing_token: Set(0),
+                created_at: Set(now),
+                updated_at: Set(now),
+                closed_at: Set(None),
+            })
+            .exec_without_returning(db)
+            .await
+            .unwrap();
+            seeded.push(SeededTask {
+                task_id,
+                item_id,
+                source,
+                proposed,
+            });
+        }
+        Seeded {
+            project,
+            tasks: seeded,
+        }
+    }
+
+    pub async fn task(&self, id: Uuid) -> review_task::Model {
+        review_task::Entity::find_by_id(id)
+            .one(self.db())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// (skip_count, last_skip_reason, last_skipped_by) of a task.
+    pub async fn skips(&self, id: Uuid) -> (i32, Option<String>, Option<String>) {
+        let row = self
+            .db()
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT skip_count, last_skip_reason, last_skipped_by FROM review_tasks WHERE id = $1",
+                [id.into()],
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        (
+            row.try_get("", "skip_count").unwrap(),
+            row.try_get("", "last_skip_reason").unwrap(),
+            row.try_get("", "last_skipped_by").unwrap(),
+        )
+    }
+
+    /// Pretend the lease of a task ran out.
+    pub async fn expire_lease(&self, id: Uuid) {
+        self.db()
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "UPDATE review_tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+                [id.into()],
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// POST a JSON body with a token; the status and the JSON answer
+    /// (`Null` when there is none).
+    pub async fn post(
+        &self,
+        path: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+}
+
+/// Poll `check` until it returns `Some`, or fail after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
