@@ -90,15 +90,27 @@ struct PendingItem {
     object_key: String,
 }
 
+/// Which pending items a sweep may re-publish.
+#[derive(Clone, Copy, Debug)]
+pub struct Sweep {
+    /// Items never published that were created before this (a crash between
+    /// insert and publish; younger ones may be an ingest still running).
+    pub created_before: chrono::DateTime<Utc>,
+    /// Items published before this, too; `None` while the prediction queue
+    /// still holds work (their jobs are most likely waiting there, and
+    /// publishing again would only duplicate a backlog).
+    pub dispatched_before: Option<chrono::DateTime<Utc>>,
+}
+
 /// Items that need a prediction by the project's active model: queued ones,
 /// ones whose review task nobody holds, and machine-labeled ones, that the
 /// active version has not predicted yet. Human-labeled items and claimed
-/// tasks are never touched. `stale_before` limits the choice to items not
-/// dispatched since then (the sweeper's use).
+/// tasks are never touched. `sweep` narrows the choice to items whose jobs
+/// look lost (the sweeper's use).
 pub async fn dispatch_pending(
     ctx: &Context,
     project: &Project,
-    stale_before: Option<chrono::DateTime<Utc>>,
+    sweep: Option<Sweep>,
 ) -> anyhow::Result<usize> {
     let Some(model) = active_model(ctx, project).await? else {
         return Ok(0);
@@ -112,7 +124,9 @@ pub async fn dispatch_pending(
             SELECT i.id, i.object_key FROM items i
             WHERE i.project_id = $1 AND i.id > $2
               AND i.state IN ('queued', 'in_review', 'auto_labeled')
-              AND ($3::timestamptz IS NULL OR i.dispatched_at IS NULL OR i.dispatched_at < $3)
+              AND ($3::timestamptz IS NULL
+                   OR (i.dispatched_at IS NULL AND i.created_at < $3)
+                   OR i.dispatched_at < $6)
               AND NOT EXISTS (SELECT 1 FROM predictions p
                               WHERE p.item_id = i.id AND p.model_version_id = $4)
               AND NOT EXISTS (SELECT 1 FROM review_tasks t
@@ -122,9 +136,13 @@ pub async fn dispatch_pending(
             [
                 project.id.as_uuid().into(),
                 after.into(),
-                stale_before.map(|t| t.fixed_offset()).into(),
+                sweep.map(|s| s.created_before.fixed_offset()).into(),
                 model.version_id.as_uuid().into(),
                 (PUBLISH_CHUNK as i64).into(),
+                sweep
+                    .and_then(|s| s.dispatched_before)
+                    .map(|t| t.fixed_offset())
+                    .into(),
             ],
         ))
         .all(&ctx.db)
@@ -152,7 +170,21 @@ pub async fn run_sweeper(
             () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(every) => {}
         }
-        let cutoff = Utc::now() - chrono::Duration::from_std(every * 10).unwrap_or_default();
+        let now = Utc::now();
+        // Jobs can only be lost when the queue is empty yet items still wait.
+        let queue = ctx.topology().prelabel_queue();
+        let backlog = match sieve_shared::broker::queue_counts(&ctx.connection, &queue).await {
+            Ok((ready, _)) => ready,
+            Err(err) => {
+                tracing::warn!(error = %err, "sweeper could not read the queue; will retry");
+                continue;
+            }
+        };
+        let sweep = Sweep {
+            created_before: now - chrono::Duration::from_std(every).unwrap_or_default(),
+            dispatched_before: (backlog == 0)
+                .then(|| now - chrono::Duration::from_std(every * 10).unwrap_or_default()),
+        };
         let projects = match project::Entity::find().all(&ctx.db).await {
             Ok(p) => p,
             Err(err) => {
@@ -164,7 +196,7 @@ pub async fn run_sweeper(
             let Ok(project) = Project::from_model(model) else {
                 continue;
             };
-            if let Err(err) = dispatch_pending(&ctx, &project, Some(cutoff)).await {
+            if let Err(err) = dispatch_pending(&ctx, &project, Some(sweep)).await {
                 tracing::warn!(project = %project.name, error = format!("{err:#}"), "sweep failed; will retry");
             }
         }

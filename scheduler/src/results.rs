@@ -354,11 +354,15 @@ pub async fn run(
                 },
             }
         }
-        handle_batch(&ctx, deliveries).await;
+        handle_batch(&ctx, deliveries, &stop).await;
     }
 }
 
-async fn handle_batch(ctx: &Context, deliveries: Vec<lapin::Result<Delivery>>) {
+async fn handle_batch(
+    ctx: &Context,
+    deliveries: Vec<lapin::Result<Delivery>>,
+    stop: &CancellationToken,
+) {
     let mut good = Vec::new();
     let mut results = Vec::new();
     for delivery in deliveries {
@@ -390,30 +394,40 @@ async fn handle_batch(ctx: &Context, deliveries: Vec<lapin::Result<Delivery>>) {
     if results.is_empty() {
         return;
     }
-    match apply(&ctx.db, &results).await {
-        Ok(_) => {
-            for delivery in good {
-                if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(error = %err, "ack failed; the result will be redelivered and deduplicated");
+    // A failure here is transient (database restarting, a deadlock): keep
+    // the batch unacknowledged and retry it with backoff. Requeueing would
+    // count against the delivery limit and dead-letter good results during a
+    // short database outage.
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match apply(&ctx.db, &results).await {
+            Ok(_) => break,
+            Err(err) => {
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    batch = results.len(),
+                    retry_in = ?backoff,
+                    "applying results failed; retrying the batch"
+                );
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        // Shutting down: hand the batch back for another consumer.
+                        for delivery in good {
+                            let _ = delivery
+                                .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                                .await;
+                        }
+                        return;
+                    }
+                    () = tokio::time::sleep(backoff) => {}
                 }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
-        Err(err) => {
-            // Transient (database down, deadlock): requeue and back off.
-            tracing::error!(
-                error = format!("{err:#}"),
-                batch = results.len(),
-                "applying results failed; requeueing"
-            );
-            for delivery in good {
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for delivery in good {
+        if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
+            tracing::warn!(error = %err, "ack failed; the result will be redelivered and deduplicated");
         }
     }
 }

@@ -247,6 +247,15 @@ async fn finish(
         .filter(training_run::Column::State.is_in([RunState::Queued, RunState::Running]))
         .exec(&ctx.db)
         .await?;
+    if ended.rows_affected > 0 {
+        let outcome = match state {
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            _ => "other",
+        };
+        metrics::counter!("sieve_training_runs_finished_total", "outcome" => outcome).increment(1);
+    }
     if ended.rows_affected > 0 && state == RunState::Failed {
         model_version::Entity::update_many()
             .col_expr(
@@ -362,6 +371,8 @@ pub async fn handle_event(ctx: &Context, event: &TrainEvent) -> AppResult<()> {
             .exec(&txn)
             .await?;
             txn.commit().await?;
+            metrics::counter!("sieve_training_runs_finished_total", "outcome" => "succeeded")
+                .increment(1);
             tracing::info!(run = %run_id, accuracy = ?metrics.accuracy, holdout = metrics.holdout_size, "training completed");
             let project = projects::get(&ctx.db, &run.project_id.to_string()).await?;
             calibration::refresh(

@@ -185,7 +185,8 @@ impl Topology {
             .queue_declare(
                 self.train_events_queue().into(),
                 queue,
-                self.quorum_arguments(false),
+                // Dead-lettered too: a poison event must be kept, not dropped.
+                self.quorum_arguments(true),
             )
             .await?;
         Ok(())
