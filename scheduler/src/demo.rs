@@ -126,15 +126,21 @@ impl Api {
     }
 
     async fn retrain(&self, project: &str) -> anyhow::Result<Uuid> {
-        let body: serde_json::Value = self
+        let response = self
             .http
             .post(format!("{}/api/v1/projects/{project}/retrain", self.base))
             .bearer_auth(&self.ml_token)
             .send()
-            .await?
-            .error_for_status()?
-            .json()
             .await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            anyhow::bail!(
+                "{status}: {}",
+                body["error"]["message"].as_str().unwrap_or("no details")
+            );
+        }
+        let body: serde_json::Value = response.json().await?;
         body["run_id"]
             .as_str()
             .and_then(|s| s.parse().ok())
@@ -229,7 +235,14 @@ pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
         if status.review_open == 0 {
             break;
         }
-        let run_id = api.retrain(&project.name).await?;
+        let run_id = match api.retrain(&project.name).await {
+            Ok(run_id) => run_id,
+            Err(err) => {
+                // Typically not enough labels for some class yet: review more.
+                println!("round {round}: not retraining yet: {err:#}");
+                continue;
+            }
+        };
         println!("round {round}: retraining (run {run_id})");
         wait_for("the training run", timeout, async || {
             let run = training_run::Entity::find_by_id(run_id)

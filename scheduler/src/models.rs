@@ -177,8 +177,11 @@ pub async fn rollback(ctx: &Context, project: &Project) -> AppResult<i32> {
 }
 
 /// Decide whether a freshly trained candidate replaces the champion: it does
-/// when there is no champion, when the champion was never measured, or when
-/// the candidate's holdout accuracy is not worse.
+/// when there is no champion, or when its holdout accuracy is at least the
+/// champion's minus `training.promotion_margin`. The champion's figure is
+/// the one measured on the candidate's own holdout when the run started from
+/// the current champion (the fair comparison); otherwise the accuracy the
+/// champion recorded when it was trained.
 pub async fn consider_promotion(
     ctx: &Context,
     project: &Project,
@@ -192,22 +195,32 @@ pub async fn consider_promotion(
         Some(id) => model_version::Entity::find_by_id(id).one(&ctx.db).await?,
         None => None,
     };
-    let candidate_accuracy = metrics_of(&candidate).and_then(|m| m.accuracy);
-    let champion_accuracy = champion
-        .as_ref()
-        .and_then(metrics_of)
-        .and_then(|m| m.accuracy);
+    let candidate_metrics = metrics_of(&candidate);
+    let candidate_accuracy = candidate_metrics.as_ref().and_then(|m| m.accuracy);
+    let same_holdout = champion.is_some() && candidate.parent_id == project.active_model_version_id;
+    let (champion_accuracy, basis) = match candidate_metrics.as_ref().and_then(|m| m.base_accuracy)
+    {
+        Some(base) if same_holdout => (Some(base), "on the same holdout"),
+        _ => (
+            champion
+                .as_ref()
+                .and_then(metrics_of)
+                .and_then(|m| m.accuracy),
+            "as recorded at its training",
+        ),
+    };
+    let margin = ctx.settings.training.promotion_margin;
     let promote = match (champion_accuracy, candidate_accuracy) {
         _ if champion.is_none() => true,
         (None, _) => true,
         (Some(_), None) => false,
-        (Some(champion), Some(candidate)) => candidate >= champion,
+        (Some(champion), Some(candidate)) => candidate + margin >= champion,
     };
     if promote {
         activate(ctx, project, candidate_id).await?;
     } else {
         let reason = format!(
-            "not promoted: holdout accuracy {} is below the champion's {}",
+            "not promoted: holdout accuracy {} is below the champion's {} ({basis}, margin {margin})",
             candidate_accuracy.map_or("unmeasured".into(), |a| format!("{a:.4}")),
             champion_accuracy.map_or("unmeasured".into(), |a| format!("{a:.4}")),
         );

@@ -98,6 +98,29 @@ pub async fn request(
             project.name
         )));
     }
+    if !bootstrap {
+        let minimum = ctx.settings.training.min_labels_per_class;
+        let mut per_class = vec![0u32; project.class_names.len()];
+        for e in &examples {
+            if let Some(n) = per_class.get_mut(e.class_index as usize) {
+                *n += 1;
+            }
+        }
+        let short: Vec<String> = project
+            .class_names
+            .iter()
+            .zip(&per_class)
+            .filter(|(_, n)| **n < minimum)
+            .map(|(class, n)| format!("{class} needs {} more", minimum - n))
+            .collect();
+        if !short.is_empty() {
+            return Err(AppError::Invalid(format!(
+                "not enough human labels to retrain project {} (training.min_labels_per_class = {minimum}): {}",
+                project.name,
+                short.join(", ")
+            )));
+        }
+    }
     let run_id = TrainingRunId::new();
     let version_id = ModelVersionId::new();
     let snapshot_key = format!("projects/{}/snapshots/{run_id}.json", project.id);

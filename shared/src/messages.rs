@@ -224,6 +224,10 @@ pub struct HoldoutMetrics {
     /// routing thresholds are calibrated on.
     #[serde(default)]
     pub evaluations: Vec<HoldoutEvaluation>,
+    /// Accuracy of the version this one started from (the champion when the
+    /// run was queued) on this same holdout, so the two compare fairly.
+    #[serde(default)]
+    pub base_accuracy: Option<f64>,
 }
 
 /// One holdout example: its human label, the committee's top class and

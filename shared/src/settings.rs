@@ -22,7 +22,27 @@ pub struct Settings {
     pub http: HttpSettings,
     pub ingest: IngestSettings,
     pub review: ReviewSettings,
+    pub training: TrainingSettings,
     pub worker: WorkerSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingSettings {
+    /// A retrain is refused until every class has this many human labels.
+    pub min_labels_per_class: u32,
+    /// A candidate is promoted automatically when its holdout accuracy is at
+    /// least the champion's (on the same holdout) minus this margin.
+    pub promotion_margin: f64,
+}
+
+impl Default for TrainingSettings {
+    fn default() -> Self {
+        Self {
+            min_labels_per_class: 1,
+            promotion_margin: 0.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -134,6 +154,9 @@ pub struct IngestSettings {
     pub max_pixels: u64,
     /// Largest image file accepted, in bytes.
     pub max_file_bytes: u64,
+    /// Longest manifest line accepted, in bytes; a longer one is reported
+    /// and skipped without being held in memory.
+    pub max_line_bytes: u64,
 }
 
 impl Default for IngestSettings {
@@ -142,6 +165,7 @@ impl Default for IngestSettings {
             batch_size: 500,
             max_pixels: 50_000_000,
             max_file_bytes: 64 * 1024 * 1024,
+            max_line_bytes: 64 * 1024,
         }
     }
 }

@@ -198,9 +198,13 @@ async fn train(
     let classes = job.class_names.len();
     let config = ArchitectureConfig::small_cnn(classes, job.params.members.max(2) as usize);
 
+    let mut base_model = None;
     let start = match &job.base {
         Some(base) => match worker.cache.get(base).await {
-            Ok(model) if model.config() == &config => (*model).clone(),
+            Ok(model) if model.config() == &config => {
+                base_model = Some(model.clone());
+                (*model).clone()
+            }
             Ok(_) => Committee::init(&config, job.params.seed, &crate::backend::device())
                 .map_err(|e| RunError::Permanent(e.to_string()))?,
             Err(err) if err.is_transient() => return Err(RunError::Transient(err.to_string())),
@@ -298,13 +302,20 @@ async fn train(
         };
 
     let holdout_size = holdout.labels.len();
-    let (trained, evaluations) = tokio::task::spawn_blocking(move || {
+    let (trained, evaluations, base_evaluations) = tokio::task::spawn_blocking(move || {
         let evaluations = evaluate(&trained, &holdout);
-        (trained, evaluations)
+        let base_evaluations = base_model.map(|base| evaluate(&base, &holdout));
+        (trained, evaluations, base_evaluations)
     })
     .await
     .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?;
     let evaluations = evaluations.map_err(|e| RunError::Permanent(e.to_string()))?;
+    let base_accuracy = match base_evaluations {
+        Some(Ok(base)) if !base.is_empty() => {
+            Some(base.iter().filter(|e| e.label == e.predicted).count() as f64 / base.len() as f64)
+        }
+        _ => None,
+    };
     let accuracy = (!evaluations.is_empty()).then(|| {
         evaluations
             .iter()
@@ -331,6 +342,7 @@ async fn train(
             accuracy,
             train_size: train_size as u32,
             evaluations,
+            base_accuracy,
         },
     })
 }

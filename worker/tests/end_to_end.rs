@@ -256,6 +256,26 @@ async fn one_image_set_through_queue_worker_router_review_and_retrain() {
         labeled as u64
     );
 
+    // Too few labels per class: a clear refusal saying what is missing.
+    let mut strict = sieve.ctx.clone();
+    let mut settings = (*strict.settings).clone();
+    settings.training.min_labels_per_class = 1000;
+    strict.settings = std::sync::Arc::new(settings);
+    let project = projects::get(db, "skeleton").await.unwrap();
+    let refused =
+        sieve_scheduler::training::request(&strict, &project, "test", Default::default(), false)
+            .await
+            .expect_err("too few labels");
+    assert!(
+        refused.to_string().contains("tshirt-top needs"),
+        "{refused}"
+    );
+    assert_eq!(
+        model_version::Entity::find().count(db).await.unwrap(),
+        1,
+        "a refusal writes nothing"
+    );
+
     // Retraining is for the ML team, not reviewers.
     let retrain_url = format!("{}/api/v1/projects/skeleton/retrain", sieve.api);
     let forbidden = sieve
@@ -324,6 +344,21 @@ async fn one_image_set_through_queue_worker_router_review_and_retrain() {
             .unwrap();
         assert_eq!(p, 0, "human-labeled items are not rescored");
     }
+    // Rollback restores the previous version, and promote brings v2 back.
+    let project = projects::get(db, "skeleton").await.unwrap();
+    assert_eq!(
+        sieve_scheduler::models::rollback(&sieve.ctx, &project)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(active_version(&sieve, "skeleton").await.unwrap().id, v1.id);
+    let project = projects::get(db, "skeleton").await.unwrap();
+    sieve_scheduler::models::promote(&sieve.ctx, &project, 2)
+        .await
+        .unwrap();
+    assert_eq!(active_version(&sieve, "skeleton").await.unwrap().id, v2.id);
+
     // Every item is in exactly one state, and all are accounted for.
     let counted = items_in(&sieve, pid, ItemState::InReview).await
         + items_in(&sieve, pid, ItemState::AutoLabeled).await

@@ -43,6 +43,8 @@ pub fn test_settings(store: &Path) -> Settings {
     s.worker.batch_timeout_ms = 20;
     s.worker.heartbeat_seconds = 1;
     s.worker.drain_seconds = 20;
+    // Tests label a handful of items; they opt into the per-class minimum.
+    s.training.min_labels_per_class = 0;
     s
 }
 
