@@ -41,12 +41,22 @@ pub enum Command {
     /// Create, list and inspect projects.
     #[command(subcommand)]
     Project(ProjectCommand),
-    /// Ingest a folder of images into a project.
+    /// Ingest a folder of images, or a CSV / JSON Lines manifest, into a
+    /// project. Exits with status 2 if any file or row failed.
     Ingest {
         /// Folder to read, recursively.
-        dir: PathBuf,
+        #[arg(required_unless_present = "manifest", conflicts_with = "manifest")]
+        dir: Option<PathBuf>,
         #[arg(long, short)]
         project: String,
+        /// A CSV (header with `path` or `key`, optional `label`,
+        /// `external_id`) or JSON Lines manifest.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Directory that manifest paths are relative to (default: the
+        /// manifest's directory); no path may leave it.
+        #[arg(long, requires = "manifest")]
+        root: Option<PathBuf>,
     },
     /// Queues, workers and projects at a glance (or one project in detail).
     Status {
@@ -257,25 +267,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             app::serve(ctx, listener, shutdown_signal()).await?;
         }
         Command::Project(command) => project(settings, command).await?,
-        Command::Ingest { dir, project } => {
+        Command::Ingest {
+            dir,
+            project,
+            manifest,
+            root,
+        } => {
             let ctx = Context::connect(settings).await?;
             let project = projects::get(&ctx.db, &project).await?;
-            let summary =
-                ingest::ingest_folder(&ctx, &project, &dir, std::io::stderr().is_terminal())
-                    .await?;
+            let terminal = std::io::stderr().is_terminal();
+            let summary = match (&manifest, &dir) {
+                (Some(manifest), _) => {
+                    ingest::ingest_manifest(&ctx, &project, manifest, root.as_deref(), terminal)
+                        .await?
+                }
+                (None, Some(dir)) => ingest::ingest_folder(&ctx, &project, dir, terminal).await?,
+                (None, None) => anyhow::bail!("give a folder or --manifest FILE"),
+            };
             for failure in &summary.failures {
-                eprintln!("failed: {}: {}", failure.path, failure.reason);
+                eprintln!("failed: {failure}");
             }
+            let what = if manifest.is_some() {
+                "row(s)"
+            } else {
+                "file(s)"
+            };
             println!(
-                "ingested {} file(s) into {}: {} new, {} duplicate, {} failed, {} dispatched",
+                "ingested {} {} into {}: {} new, {} duplicate, {} failed, {} with imported labels, {} dispatched",
                 summary.files_seen,
+                what,
                 project.name,
                 summary.new_items,
                 summary.duplicates,
                 summary.failed,
+                summary.imported_labels,
                 summary.dispatched
             );
-            if summary.failed > 0 {
+            if summary.has_failures() {
                 return Ok(ExitCode::from(2));
             }
         }

@@ -31,6 +31,7 @@ pub mod failed;
 pub mod fashion_mnist;
 pub mod http;
 pub mod ingest;
+pub mod manifest;
 pub mod models;
 pub mod policy;
 pub mod projects;
