@@ -189,6 +189,18 @@ pub async fn refresh(
     Ok(calibration)
 }
 
+/// Whether a version was trained on no labels at all (a project's first
+/// model): its confidence means nothing, so its items form the random seed
+/// set for review.
+pub async fn is_untrained(db: &impl ConnectionTrait, version_id: Uuid) -> anyhow::Result<bool> {
+    Ok(model_version::Entity::find_by_id(version_id)
+        .one(db)
+        .await?
+        .and_then(|v| v.metrics)
+        .and_then(|m| serde_json::from_value::<HoldoutMetrics>(m).ok())
+        .is_some_and(|m| m.train_size == 0 && m.holdout_size == 0))
+}
+
 /// The stored calibration of a version, if any.
 pub async fn load(
     db: &impl ConnectionTrait,

@@ -49,6 +49,13 @@ pub struct DemoArgs {
     /// Confidence under which items go to review.
     #[arg(long, default_value_t = 0.9)]
     pub threshold: f32,
+    /// Calibrate per-class thresholds to this machine-label accuracy
+    /// instead of using `--threshold` (e.g. 0.97).
+    #[arg(long)]
+    pub target_accuracy: Option<f64>,
+    /// Share of would-be machine labels audited by the reviewers.
+    #[arg(long, default_value_t = 0.02)]
+    pub audit_rate: f64,
     /// Where the Fashion-MNIST IDX files are.
     #[arg(long, default_value = fashion_mnist::DEFAULT_DIR)]
     pub data_dir: PathBuf,
@@ -69,7 +76,7 @@ pub struct DemoReport {
     pub machine_labels: i64,
     pub still_in_review: i64,
     pub failed: i64,
-    /// Share of items never seen by a human.
+    /// Share of items labeled by machine, never to be seen by a human.
     pub effort_saved: f64,
     /// Accuracy of machine labels against the ground truth.
     pub machine_label_accuracy: Option<f64>,
@@ -189,6 +196,8 @@ pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
         .collect();
     let policy = Policy {
         confidence_threshold: args.threshold,
+        target_accuracy: args.target_accuracy,
+        audit_rate: args.audit_rate,
         ..Policy::default()
     };
     let project = projects::create_with_first_model(
@@ -396,7 +405,9 @@ async fn score(
         machine_labels: status.machine_labeled,
         still_in_review: status.items.get("in_review").copied().unwrap_or(0),
         failed: status.items.get("failed").copied().unwrap_or(0),
-        effort_saved: 1.0 - status.human_labeled as f64 / total,
+        // Only machine labels are effort saved: items still in review will
+        // be seen by a human yet.
+        effort_saved: status.machine_labeled as f64 / total,
         machine_label_accuracy: accuracy("machine"),
         human_label_accuracy: accuracy("human"),
         model_versions: versions,

@@ -31,7 +31,7 @@ use crate::app::Context;
 use crate::calibration::{self, Calibration};
 use crate::entities::item::{self, ItemState};
 use crate::entities::label::{self, LabelSource};
-use crate::entities::review_task::{self, TaskState};
+use crate::entities::review_task::{self, TaskReason, TaskState};
 use crate::entities::{prediction, project};
 use crate::policy::{Decision, decide};
 use crate::projects::Project;
@@ -72,7 +72,7 @@ pub async fn apply(
     results: &[PrelabelResult],
 ) -> anyhow::Result<Vec<Applied>> {
     let txn = db.begin().await?;
-    let mut projects: HashMap<ProjectId, Option<(Project, Option<Calibration>)>> = HashMap::new();
+    let mut projects: HashMap<ProjectId, Option<(Project, ActiveModel)>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(results.len());
     for result in results {
         if let std::collections::hash_map::Entry::Vacant(slot) = projects.entry(result.project_id) {
@@ -83,21 +83,24 @@ pub async fn apply(
                 .transpose()?;
             let found = match found {
                 Some(project) => {
-                    let calibration = match project.active_model_version_id {
-                        Some(id) => calibration::load(&txn, id).await?,
-                        None => None,
+                    let active = match project.active_model_version_id {
+                        Some(id) => ActiveModel {
+                            calibration: calibration::load(&txn, id).await?,
+                            untrained: calibration::is_untrained(&txn, id).await?,
+                        },
+                        None => ActiveModel::default(),
                     };
-                    Some((project, calibration))
+                    Some((project, active))
                 }
                 None => None,
             };
             slot.insert(found);
         }
-        let Some(Some((project, calibration))) = projects.get(&result.project_id) else {
+        let Some(Some((project, active))) = projects.get(&result.project_id) else {
             outcomes.push(Applied::UnknownItem);
             continue;
         };
-        outcomes.push(apply_one(&txn, project, calibration.as_ref(), result).await?);
+        outcomes.push(apply_one(&txn, project, active, result).await?);
     }
     txn.commit().await.context("committing a result batch")?;
     for outcome in &outcomes {
@@ -106,10 +109,18 @@ pub async fn apply(
     Ok(outcomes)
 }
 
+/// What routing needs to know about a project's active model.
+#[derive(Default)]
+struct ActiveModel {
+    calibration: Option<Calibration>,
+    /// Trained on nothing: route everything to review as a random seed set.
+    untrained: bool,
+}
+
 async fn apply_one(
     txn: &DatabaseTransaction,
     project: &Project,
-    calibration: Option<&Calibration>,
+    active: &ActiveModel,
     result: &PrelabelResult,
 ) -> anyhow::Result<Applied> {
     // Lock the item: its state changes below must not race another batch.
@@ -177,8 +188,20 @@ async fn apply_one(
     let draw = rand::rng().random::<f64>();
     let threshold = project
         .policy
-        .threshold_for(output.scores.top_class, calibration);
-    match decide(&project.policy, &output.scores, threshold, draw) {
+        .threshold_for(output.scores.top_class, active.calibration.as_ref());
+    let decision = if active.untrained {
+        // An untrained committee's doubt is noise, and ordering by it would
+        // bias the first labels toward whatever classes it happens to doubt.
+        // Review in random order instead: the first labels are a random
+        // sample of the data (the seed set).
+        Decision::Review {
+            reason: TaskReason::Seed,
+            priority: rand::rng().random::<f32>(),
+        }
+    } else {
+        decide(&project.policy, &output.scores, threshold, draw)
+    };
+    match decision {
         Decision::MachineLabel { class_index } => {
             label::Entity::insert(label::ActiveModel {
                 id: Set(Uuid::now_v7()),

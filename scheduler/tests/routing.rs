@@ -44,8 +44,10 @@ async fn project_with_model(
     let metrics = HoldoutMetrics {
         holdout_size: evaluations.len() as u32,
         accuracy: None,
-        train_size: 0,
+        // A trained version (an untrained one routes everything to review).
+        train_size: 100,
         evaluations,
+        base_accuracy: None,
     };
     model_version::Entity::insert(model_version::ActiveModel {
         id: Set(version),
