@@ -213,6 +213,11 @@ pub enum FailedCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// One dead letter in full: origin, reason and its decoded body.
+    Show {
+        /// Position, as `failed list` numbers them (1 is the oldest).
+        position: usize,
+    },
     /// Drop every dead letter.
     Purge {
         /// Confirm: purging cannot be undone.
@@ -724,6 +729,26 @@ async fn failed_command(settings: Settings, command: FailedCommand) -> anyhow::R
                 }
             }
         },
+        FailedCommand::Show { position } => {
+            let dead = failed::dead_letters(&ctx, position).await?;
+            let Some(d) = dead
+                .get(position.saturating_sub(1))
+                .filter(|_| position > 0)
+            else {
+                anyhow::bail!(
+                    "there is no dead letter #{position} ({} in the queue)",
+                    dead.len()
+                );
+            };
+            println!(
+                "#{} from {} ({})\n{}",
+                d.position, d.queue, d.reason, d.summary
+            );
+            match serde_json::from_slice::<serde_json::Value>(&d.payload) {
+                Ok(body) => print_json(&body)?,
+                Err(_) => println!("{}", String::from_utf8_lossy(&d.payload)),
+            }
+        }
         FailedCommand::Purge { yes } => {
             if !yes {
                 anyhow::bail!("purging drops every dead letter for good: add --yes to confirm");

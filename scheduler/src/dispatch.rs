@@ -174,7 +174,11 @@ pub async fn run_sweeper(
         // Jobs can only be lost when the queue is empty yet items still wait.
         let queue = ctx.topology().prelabel_queue();
         let backlog = match sieve_shared::broker::queue_counts(&ctx.connection, &queue).await {
-            Ok((ready, _)) => ready,
+            Ok((ready, _)) => {
+                metrics::gauge!("sieve_queue_ready_messages", "queue" => queue.clone())
+                    .set(f64::from(ready));
+                ready
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "sweeper could not read the queue; will retry");
                 continue;

@@ -134,6 +134,8 @@ pub async fn activate(ctx: &Context, project: &Project, version_id: Uuid) -> App
     txn.commit().await?;
     tracing::info!(project = %project.name, version = target.version, "model version activated");
     metrics::counter!("sieve_model_activations_total").increment(1);
+    metrics::gauge!("sieve_model_version_active", "project" => project.name.clone())
+        .set(f64::from(target.version));
 
     let model = dispatch::model_ref(&target)?;
     ctx.publisher

@@ -174,6 +174,18 @@ pub async fn claim_next(
     reviewer: &str,
     lease: std::time::Duration,
 ) -> AppResult<Option<ClaimedTask>> {
+    let started = std::time::Instant::now();
+    let claimed = claim_next_inner(db, project, reviewer, lease).await;
+    metrics::histogram!("sieve_review_claim_seconds").record(started.elapsed().as_secs_f64());
+    claimed
+}
+
+async fn claim_next_inner(
+    db: &DatabaseConnection,
+    project: &Project,
+    reviewer: &str,
+    lease: std::time::Duration,
+) -> AppResult<Option<ClaimedTask>> {
     let txn = db.begin().await?;
     let now = Utc::now();
     let claimable = Condition::any()

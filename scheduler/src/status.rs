@@ -208,12 +208,18 @@ async fn queues(ctx: &Context) -> anyhow::Result<(Vec<QueueStatus>, String)> {
             }
         }
         if out.len() == names.len() {
+            for q in &out {
+                metrics::gauge!("sieve_queue_ready_messages", "queue" => q.name.clone())
+                    .set(q.ready as f64);
+            }
             return Ok((out, "management".into()));
         }
     }
     let mut out = Vec::new();
     for name in names {
         let (ready, consumers) = sieve_shared::broker::queue_counts(&ctx.connection, &name).await?;
+        metrics::gauge!("sieve_queue_ready_messages", "queue" => name.clone())
+            .set(f64::from(ready));
         out.push(QueueStatus {
             name,
             ready: u64::from(ready),

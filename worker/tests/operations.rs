@@ -159,6 +159,45 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
         .unwrap();
     assert_eq!(health.status(), 200);
 
+    // GET /api/v1/status is for operators.
+    let ops = sieve_scheduler::auth::create_token(
+        db,
+        "ops",
+        sieve_scheduler::entities::api_token::Role::Ops,
+    )
+    .await
+    .unwrap();
+    let reviewer = sieve_scheduler::auth::create_token(
+        db,
+        "rev",
+        sieve_scheduler::entities::api_token::Role::Reviewer,
+    )
+    .await
+    .unwrap();
+    let url = format!("{}/api/v1/status", sieve.api);
+    let forbidden = sieve
+        .http
+        .get(&url)
+        .bearer_auth(&reviewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), 403);
+    let fleet_json: serde_json::Value = sieve
+        .http
+        .get(&url)
+        .bearer_auth(&ops)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet_json["workers_alive"], 2);
+    assert_eq!(fleet_json["queues"].as_array().unwrap().len(), 5);
+
     // Fleet status sees the queues, the workers and the project.
     let fleet = status::fleet_status(&sieve.ctx).await.unwrap();
     assert_eq!(fleet.queues.len(), 5);

@@ -39,6 +39,7 @@ pub fn router(ctx: Context) -> Router {
         .route("/projects/{project}/review/next", post(claim_next))
         .route("/projects/{project}/retrain", post(retrain))
         .route("/projects/{project}/models", get(list_models))
+        .route("/status", get(fleet_status))
         .route("/review/{task}", get(show_task))
         .route("/review/{task}/submit", post(submit))
         .route("/review/{task}/release", post(release))
@@ -288,6 +289,11 @@ async fn retrain(
     let project = projects::get(&ctx.db, &project).await?;
     let run = training::request(&ctx, &project, &who.name, TrainParams::default(), false).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
+}
+
+async fn fleet_status(State(ctx): State<Context>, headers: HeaderMap) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::Operate).await?;
+    Ok(Json(status::fleet_status(&ctx).await?).into_response())
 }
 
 async fn list_models(
