@@ -31,6 +31,14 @@ use crate::status;
 
 #[derive(Clone, Debug, Args)]
 pub struct DemoArgs {
+    /// A couple of minutes on a few thousand images (2,000 images, 3 rounds
+    /// of 300 labels); overrides --images, --rounds and --labels-per-round.
+    #[arg(long)]
+    pub quick: bool,
+    /// Chance that a simulated reviewer answers a wrong class (noisy
+    /// reviewers); 0 answers from the ground truth every time.
+    #[arg(long, default_value_t = 0.0)]
+    pub reviewer_error_rate: f64,
     /// Fashion-MNIST training images to label.
     #[arg(long, default_value_t = 300)]
     pub images: usize,
@@ -172,7 +180,21 @@ async fn wait_for(
     Ok(())
 }
 
+impl DemoArgs {
+    /// The settings `--quick` stands for.
+    pub fn resolved(&self) -> Self {
+        let mut args = self.clone();
+        if args.quick {
+            args.images = 2000;
+            args.rounds = 3;
+            args.labels_per_round = 300;
+        }
+        args
+    }
+}
+
 pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
+    let args = &args.resolved();
     let started = Instant::now();
     let timeout = Duration::from_secs(args.step_timeout_secs);
     let dataset = fashion_mnist::load(&args.data_dir, Split::Train, Some(args.images))?;
@@ -297,14 +319,40 @@ pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
 }
 
 /// Wait until no item is waiting for a prediction by the active model.
+#[derive(FromQueryResult)]
+struct Waiting {
+    n: i64,
+}
+
+/// Wait until every item that routing can still move has been predicted by
+/// the project's active model (a rescore after an activation moves items
+/// between review and machine labels without passing through `queued`).
 async fn wait_until_predicted(
     ctx: &Context,
     project: &Project,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    wait_for("predictions", timeout, async || {
-        let s = status::project_status(ctx, project).await?;
-        Ok(s.items.get("queued").copied().unwrap_or(0) == 0)
+    wait_for("predictions by the active model", timeout, async || {
+        let project = projects::get(&ctx.db, &project.id.to_string()).await?;
+        let Some(active) = project.active_model_version_id else {
+            return Ok(false);
+        };
+        let waiting = Waiting::find_by_statement(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            r#"
+            SELECT count(*) AS n FROM items i
+            WHERE i.project_id = $1 AND i.state IN ('queued', 'in_review', 'auto_labeled')
+              AND NOT EXISTS (SELECT 1 FROM predictions p
+                              WHERE p.item_id = i.id AND p.model_version_id = $2)
+              AND NOT EXISTS (SELECT 1 FROM review_tasks t
+                              WHERE t.item_id = i.id AND t.state = 'claimed')
+            "#,
+            [project.id.as_uuid().into(), active.into()],
+        ))
+        .one(&ctx.db)
+        .await?
+        .map_or(0, |w| w.n);
+        Ok(waiting == 0)
     })
     .await
 }
@@ -331,7 +379,16 @@ async fn review_round(
                 };
                 let (_, index) = fashion_mnist::index_of(&task.source)
                     .with_context(|| format!("cannot tell the image of {}", task.source))?;
-                let class = fashion_mnist::CLASSES[truth[index] as usize];
+                let mut answer = truth[index] as usize;
+                if args.reviewer_error_rate > 0.0 {
+                    use rand::Rng;
+                    let mut rng = rand::rng();
+                    if rng.random::<f64>() < args.reviewer_error_rate {
+                        answer = (answer + rng.random_range(1..fashion_mnist::CLASSES.len()))
+                            % fashion_mnist::CLASSES.len();
+                    }
+                }
+                let class = fashion_mnist::CLASSES[answer];
                 api.submit(&task, class).await?;
                 done.fetch_add(1, Ordering::SeqCst);
             }
@@ -351,7 +408,8 @@ struct FinalLabel {
     label_source: String,
 }
 
-/// Score every item's current label against the ground truth.
+/// Score every labeled item's current label against the ground truth (items
+/// back in review after a rescore have no current label).
 async fn score(
     ctx: &Context,
     project: &Project,
@@ -364,7 +422,7 @@ async fn score(
         r#"
         SELECT DISTINCT ON (i.id) i.source, l.class_index, l.source AS label_source
         FROM items i JOIN labels l ON l.item_id = i.id
-        WHERE i.project_id = $1
+        WHERE i.project_id = $1 AND i.state IN ('auto_labeled', 'human_labeled')
         ORDER BY i.id, (l.source = 'human') DESC, l.created_at DESC
         "#,
         [project.id.as_uuid().into()],

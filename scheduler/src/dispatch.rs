@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::Utc;
-use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, Statement, sea_query::Expr};
+use sea_orm::{
+    ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Statement,
+    TransactionTrait, sea_query::Expr,
+};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
 use sieve_shared::messages::{ModelRef, PrelabelJob, SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
@@ -70,15 +73,25 @@ pub async fn publish_jobs(
             })
             .collect();
         ctx.publisher.publish_all(&jobs).await?;
-        let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+        let mut ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        // Lock in id order, like the result consumer, so the two never deadlock.
+        let txn = ctx.db.begin().await?;
+        item::Entity::find()
+            .filter(item::Column::Id.is_in(ids.clone()))
+            .order_by_asc(item::Column::Id)
+            .lock_exclusive()
+            .all(&txn)
+            .await?;
         item::Entity::update_many()
             .col_expr(
                 item::Column::DispatchedAt,
                 Expr::value(Utc::now().fixed_offset()),
             )
             .filter(item::Column::Id.is_in(ids))
-            .exec(&ctx.db)
+            .exec(&txn)
             .await?;
+        txn.commit().await?;
     }
     metrics::counter!("sieve_jobs_published_total").increment(items.len() as u64);
     Ok(items.len())

@@ -19,7 +19,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use rand::Rng;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    QueryFilter, QuerySelect, TransactionTrait, TryInsertResult,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait, TryInsertResult,
 };
 use sieve_shared::broker;
 use sieve_shared::ids::ProjectId;
@@ -72,6 +72,18 @@ pub async fn apply(
     results: &[PrelabelResult],
 ) -> anyhow::Result<Vec<Applied>> {
     let txn = db.begin().await?;
+    // Lock every item of the batch up front, in id order: everything else
+    // that locks several items (dispatch) takes them in the same order, so
+    // concurrent batches cannot deadlock.
+    let mut ids: Vec<Uuid> = results.iter().map(|r| r.item_id.as_uuid()).collect();
+    ids.sort();
+    ids.dedup();
+    item::Entity::find()
+        .filter(item::Column::Id.is_in(ids))
+        .order_by_asc(item::Column::Id)
+        .lock_exclusive()
+        .all(&txn)
+        .await?;
     let mut projects: HashMap<ProjectId, Option<(Project, ActiveModel)>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(results.len());
     for result in results {

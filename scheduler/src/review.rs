@@ -290,6 +290,17 @@ pub async fn submit(
     submission: &Submission,
 ) -> AppResult<SubmittedLabel> {
     let txn = db.begin().await?;
+    let item_id = review_task::Entity::find_by_id(task_id.as_uuid())
+        .one(&txn)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?
+        .item_id;
+    // Lock the item before the task: the result consumer takes them in that
+    // order, so a submit and a routing batch can never deadlock.
+    item::Entity::find_by_id(item_id)
+        .lock_exclusive()
+        .one(&txn)
+        .await?;
     let task = review_task::Entity::find_by_id(task_id.as_uuid())
         .lock_exclusive()
         .one(&txn)

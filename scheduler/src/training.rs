@@ -379,24 +379,37 @@ pub async fn handle_event(ctx: &Context, event: &TrainEvent) -> AppResult<()> {
                 .filter(model_version::Column::Status.eq(VersionStatus::Training))
                 .exec(&txn)
                 .await?;
-            if updated.rows_affected == 0 {
-                // Already registered (a redelivered event) or given up on.
+            if updated.rows_affected > 0 {
+                training_run::Entity::update(training_run::ActiveModel {
+                    id: Set(run_id),
+                    state: Set(RunState::Succeeded),
+                    finished_at: Set(Some(now)),
+                    updated_at: Set(now),
+                    ..Default::default()
+                })
+                .exec(&txn)
+                .await?;
+                txn.commit().await?;
+                metrics::counter!("sieve_training_runs_finished_total", "outcome" => "succeeded")
+                    .increment(1);
+                tracing::info!(run = %run_id, accuracy = ?metrics.accuracy, holdout = metrics.holdout_size, "training completed");
+            } else {
                 txn.rollback().await?;
-                return Ok(());
+                // Registered before (a redelivery, or a retry after the
+                // promotion step failed). Finish the promotion decision if it
+                // was never made; a decided or failed version stays as it is.
+                let version = model_version::Entity::find_by_id(run.model_version_id)
+                    .one(&ctx.db)
+                    .await?;
+                let undecided = version.is_some_and(|v| {
+                    v.status == VersionStatus::Candidate
+                        && v.status_reason.is_none()
+                        && v.activated_at.is_none()
+                });
+                if !undecided {
+                    return Ok(());
+                }
             }
-            training_run::Entity::update(training_run::ActiveModel {
-                id: Set(run_id),
-                state: Set(RunState::Succeeded),
-                finished_at: Set(Some(now)),
-                updated_at: Set(now),
-                ..Default::default()
-            })
-            .exec(&txn)
-            .await?;
-            txn.commit().await?;
-            metrics::counter!("sieve_training_runs_finished_total", "outcome" => "succeeded")
-                .increment(1);
-            tracing::info!(run = %run_id, accuracy = ?metrics.accuracy, holdout = metrics.holdout_size, "training completed");
             let project = projects::get(&ctx.db, &run.project_id.to_string()).await?;
             calibration::refresh(
                 &ctx.db,
@@ -447,19 +460,28 @@ pub async fn run_events(
                 continue;
             }
         };
-        match handle_event(&ctx, &event).await {
-            Ok(()) => {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
-            }
-            Err(err) => {
-                tracing::error!(error = format!("{err:#}"), run = %event.run_id, "applying a training event failed; requeueing");
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        // Failures here are transient (a deadlock, the database restarting):
+        // retry in place with backoff rather than requeue, which would count
+        // against the delivery limit. Every step of `handle_event` is safe to
+        // repeat.
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match handle_event(&ctx, &event).await {
+                Ok(()) => {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    break;
+                }
+                Err(err) => {
+                    tracing::error!(error = format!("{err:#}"), run = %event.run_id, retry_in = ?backoff, "applying a training event failed; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => {
+                            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
             }
         }
     }

@@ -1,0 +1,111 @@
+//! `sieve demo --quick` in process, on the real services: the report's
+//! invariants hold (every item counted once, counts add up, error-free
+//! reviewers' labels equal the ground truth, machine-label accuracy computed
+//! right). The headline numbers are a benchmark, not asserted here.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::TestSieve;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use sieve_scheduler::demo::{self, DemoArgs};
+use sieve_scheduler::entities::item;
+use sieve_scheduler::entities::label::{self, LabelSource};
+use sieve_scheduler::fashion_mnist::{self, Split};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quick_demo_report_adds_up() {
+    let sieve = TestSieve::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let args = DemoArgs {
+        quick: true,
+        reviewer_error_rate: 0.0,
+        images: 0,
+        project: Some("quick".into()),
+        labels_per_round: 0,
+        rounds: 0,
+        reviewers: 2,
+        threshold: 0.9,
+        target_accuracy: None,
+        audit_rate: 0.02,
+        data_dir: fashion_mnist::DEFAULT_DIR.into(),
+        work_dir: work.path().to_owned(),
+        step_timeout_secs: 300,
+    };
+    let report = demo::run(&sieve.ctx, &args).await.unwrap();
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+
+    assert_eq!(report.images, 2000);
+    assert_eq!(
+        report.machine_labels + report.human_labels + report.still_in_review + report.failed,
+        2000,
+        "every item is counted once"
+    );
+    assert_eq!(
+        report.human_label_accuracy,
+        Some(1.0),
+        "error-free reviewers answer the truth"
+    );
+    assert!(report.human_labels >= 300, "reviewers worked");
+    assert!((report.effort_saved - report.machine_labels as f64 / 2000.0).abs() < 1e-9);
+
+    // Recompute machine-label accuracy from the database and the ground truth.
+    let truth = fashion_mnist::load(
+        std::path::Path::new(fashion_mnist::DEFAULT_DIR),
+        Split::Train,
+        Some(2000),
+    )
+    .unwrap();
+    let project = sieve_scheduler::projects::get(&sieve.ctx.db, "quick")
+        .await
+        .unwrap();
+    let items: HashMap<_, _> = item::Entity::find()
+        .filter(item::Column::ProjectId.eq(project.id.as_uuid()))
+        .all(&sieve.ctx.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id, i))
+        .collect();
+    let labels = label::Entity::find().all(&sieve.ctx.db).await.unwrap();
+    let mut human_items = std::collections::HashSet::new();
+    let (mut machine, mut machine_right) = (0u64, 0u64);
+    for l in &labels {
+        let item = &items[&l.item_id];
+        let (_, index) = fashion_mnist::index_of(&item.source).unwrap();
+        match l.source {
+            LabelSource::Human => {
+                assert!(human_items.insert(l.item_id), "one human label per item");
+                assert_eq!(l.class_index, i32::from(truth.labels[index]));
+            }
+            LabelSource::Machine => {}
+            LabelSource::Import => panic!("no imports in the demo"),
+        }
+    }
+    // Current label per item: the human one if any, else the newest machine one.
+    let mut newest_machine: HashMap<_, &label::Model> = HashMap::new();
+    for l in labels.iter().filter(|l| l.source == LabelSource::Machine) {
+        let e = newest_machine.entry(l.item_id).or_insert(l);
+        if l.created_at > e.created_at {
+            *e = l;
+        }
+    }
+    for (item_id, l) in newest_machine {
+        if human_items.contains(&item_id) || items[&item_id].state != item::ItemState::AutoLabeled {
+            continue;
+        }
+        let (_, index) = fashion_mnist::index_of(&items[&item_id].source).unwrap();
+        machine += 1;
+        machine_right += u64::from(l.class_index == i32::from(truth.labels[index]));
+    }
+    assert_eq!(machine as i64, report.machine_labels);
+    if machine > 0 {
+        let accuracy = machine_right as f64 / machine as f64;
+        assert!((report.machine_label_accuracy.unwrap() - accuracy).abs() < 1e-9);
+    }
+    assert!(work.path().join("report.json").exists());
+    sieve.teardown().await;
+}
