@@ -32,26 +32,7 @@ async fn project_with_tasks(test: &TestDb, tasks: usize) -> Project {
     .unwrap();
     let now = Utc::now().fixed_offset();
     for i in 0..tasks {
-        let item_id = Uuid::now_v7();
-        item::Entity::insert(item::ActiveModel {
-            id: Set(item_id),
-            project_id: Set(project.id.as_uuid()),
-            object_key: Set(format!("k/{i}")),
-            source: Set(format!("img-{i}.png")),
-            content_hash: Set(format!("{i:064x}")),
-            size_bytes: Set(1),
-            width: Set(Some(1)),
-            height: Set(Some(1)),
-            state: Set(ItemState::InReview),
-            attempts: Set(0),
-            last_error: Set(None),
-            dispatched_at: Set(None),
-            created_at: Set(now),
-            updated_at: Set(now),
-        })
-        .exec_without_returning(&test.conn)
-        .await
-        .unwrap();
+        let item_id = common::insert_item(&test.conn, &project, i, ItemState::InReview).await;
         review_task::Entity::insert(review_task::ActiveModel {
             id: Set(Uuid::now_v7()),
             project_id: Set(project.id.as_uuid()),

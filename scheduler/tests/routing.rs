@@ -83,28 +83,7 @@ async fn project_with_model(
 }
 
 async fn queued_item(test: &TestDb, project: &Project, n: usize) -> Uuid {
-    let id = Uuid::now_v7();
-    let now = Utc::now().fixed_offset();
-    item::Entity::insert(item::ActiveModel {
-        id: Set(id),
-        project_id: Set(project.id.as_uuid()),
-        object_key: Set(format!("k/{n}")),
-        source: Set(format!("{n}.png")),
-        content_hash: Set(format!("{n:064x}")),
-        size_bytes: Set(1),
-        width: Set(Some(1)),
-        height: Set(Some(1)),
-        state: Set(ItemState::Queued),
-        attempts: Set(0),
-        last_error: Set(None),
-        dispatched_at: Set(None),
-        created_at: Set(now),
-        updated_at: Set(now),
-    })
-    .exec_without_returning(&test.conn)
-    .await
-    .unwrap();
-    id
+    common::insert_item(&test.conn, project, n, ItemState::Queued).await
 }
 
 fn result(

@@ -2,9 +2,13 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use sea_orm::DatabaseConnection;
+use chrono::Utc;
+use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait};
 use sieve_scheduler::db;
+use sieve_scheduler::entities::item::{self, ItemState};
+use sieve_scheduler::projects::Project;
 use sieve_shared::settings::DatabaseSettings;
+use uuid::Uuid;
 
 pub struct TestDb {
     pub settings: DatabaseSettings,
@@ -32,4 +36,36 @@ impl TestDb {
         self.conn.close().await.unwrap();
         db::drop_database(&self.settings.url).await.unwrap();
     }
+}
+
+/// Insert item number `n` of `project` in `state` (its image is not stored:
+/// for tests of the database side only).
+pub async fn insert_item(
+    db: &DatabaseConnection,
+    project: &Project,
+    n: usize,
+    state: ItemState,
+) -> Uuid {
+    let id = Uuid::now_v7();
+    let now = Utc::now().fixed_offset();
+    item::Entity::insert(item::ActiveModel {
+        id: Set(id),
+        project_id: Set(project.id.as_uuid()),
+        object_key: Set(format!("k/{n}")),
+        source: Set(format!("img-{n}.png")),
+        content_hash: Set(format!("{n:064x}")),
+        size_bytes: Set(1),
+        width: Set(Some(1)),
+        height: Set(Some(1)),
+        state: Set(state),
+        attempts: Set(0),
+        last_error: Set(None),
+        dispatched_at: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec_without_returning(db)
+    .await
+    .unwrap();
+    id
 }
