@@ -212,6 +212,9 @@ pub enum FailedCommand {
         project: Option<String>,
         #[arg(long)]
         reason: Option<String>,
+        /// Only the dead letter at this position of `failed list`.
+        #[arg(long, conflicts_with_all = ["project", "reason"])]
+        position: Option<usize>,
     },
     /// One dead letter in full: origin, reason and its decoded body.
     Show {
@@ -715,7 +718,23 @@ async fn failed_command(settings: Settings, command: FailedCommand) -> anyhow::R
                 );
             }
         }
-        FailedCommand::Retry { project, reason } => match project {
+        FailedCommand::Retry {
+            project,
+            reason,
+            position: Some(position),
+        } if project.is_none() && reason.is_none() => {
+            let report = failed::retry_dead_at(&ctx, position).await?;
+            if report.retried == 0 && report.skipped.is_empty() {
+                anyhow::bail!("there is no dead letter #{position}");
+            }
+            println!("{} dead letter(s) sent back", report.retried);
+            for s in &report.skipped {
+                println!("  skipped {s}");
+            }
+        }
+        FailedCommand::Retry {
+            project, reason, ..
+        } => match project {
             Some(name) => {
                 let project = projects::get(&ctx.db, &name).await?;
                 let n = failed::retry_items(&ctx, &project, reason.as_deref()).await?;

@@ -188,19 +188,34 @@ pub struct RetryReport {
 /// those whose reason is `reason`. Ones that no longer apply are reported
 /// and left in place.
 pub async fn retry_dead(ctx: &Context, reason: Option<&str>) -> anyhow::Result<RetryReport> {
+    retry_dead_where(ctx, reason, None).await
+}
+
+/// Send back one dead letter: the one at `position` in `failed list`.
+pub async fn retry_dead_at(ctx: &Context, position: usize) -> anyhow::Result<RetryReport> {
+    retry_dead_where(ctx, None, Some(position)).await
+}
+
+async fn retry_dead_where(
+    ctx: &Context,
+    reason: Option<&str>,
+    position: Option<usize>,
+) -> anyhow::Result<RetryReport> {
     let channel = ctx.connection.create_channel().await?;
     let queue = ctx.topology().dead_queue();
     let mut report = RetryReport::default();
     let mut keep = Vec::new();
+    let mut seen = 0;
     while let Some(message) = channel
         .basic_get(queue.clone().into(), BasicGetOptions { no_ack: false })
         .await
         .with_context(|| format!("reading {queue}"))?
     {
+        seen += 1;
         let delivery = message.delivery;
         let from = header(&delivery, "x-first-death-queue").unwrap_or_default();
         let why = header(&delivery, "x-first-death-reason").unwrap_or_default();
-        if reason.is_some_and(|r| r != why) {
+        if reason.is_some_and(|r| r != why) || position.is_some_and(|p| p != seen) {
             keep.push(delivery);
             continue;
         }

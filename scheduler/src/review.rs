@@ -210,6 +210,10 @@ async fn claim_next_inner(
         return Ok(None);
     };
 
+    if task.state == TaskState::Claimed {
+        // Its holder's lease ran out: the task returns to the queue.
+        metrics::counter!("sieve_review_leases_expired_total").increment(1);
+    }
     let expires = now + lease_length(lease);
     let token = task.fencing_token + 1;
     review_task::Entity::update(review_task::ActiveModel {

@@ -300,10 +300,18 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
             .any(|d| d.reason == "delivery_limit" && d.summary.contains("prelabel job"))
     );
 
-    let report = failed::retry_dead(&sieve.ctx, Some("delivery_limit"))
-        .await
-        .unwrap();
+    // Retry that one alone, by its position in the list.
+    let position = dead
+        .iter()
+        .find(|d| d.reason == "delivery_limit")
+        .unwrap()
+        .position;
+    let report = failed::retry_dead_at(&sieve.ctx, position).await.unwrap();
     assert_eq!(report.retried, 1);
+    assert!(
+        report.skipped.is_empty(),
+        "the poison message was not touched"
+    );
     eventually("the replayed job to complete", WAIT, || async {
         let n = prediction::Entity::find()
             .filter(prediction::Column::ItemId.eq(item.id))
