@@ -92,6 +92,36 @@ pub struct DemoReport {
     pub human_label_accuracy: Option<f64>,
     pub model_versions: usize,
     pub seconds: f64,
+    /// Labels after each review round (before its retrain) and at the end.
+    pub history: Vec<RoundFigures>,
+    /// Holdout accuracy of each model version.
+    pub versions: Vec<VersionFigures>,
+    /// Reliability of the active version on its holdout: per confidence
+    /// bin, the mean confidence and the accuracy.
+    pub reliability: Vec<ReliabilityBin>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RoundFigures {
+    pub round: usize,
+    pub human_labels: i64,
+    pub machine_labels: i64,
+    pub in_review: i64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VersionFigures {
+    pub version: i32,
+    pub holdout_accuracy: Option<f64>,
+    pub holdout_size: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReliabilityBin {
+    pub mean_confidence: f64,
+    pub accuracy: f64,
+    pub count: usize,
 }
 
 struct Api {
@@ -255,10 +285,18 @@ pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
         summary.files_seen, summary.new_items, summary.failed
     );
 
+    let mut history = Vec::new();
     for round in 1..=args.rounds {
         wait_until_predicted(ctx, &project, timeout).await?;
         let labeled = review_round(&api, &project, &truth, args).await?;
         let status = status::project_status(ctx, &project).await?;
+        history.push(RoundFigures {
+            round,
+            human_labels: status.human_labeled,
+            machine_labels: status.machine_labeled,
+            in_review: status.items.get("in_review").copied().unwrap_or(0),
+            seconds: started.elapsed().as_secs_f64(),
+        });
         println!(
             "round {round}: reviewers labeled {labeled}; machine-labeled {}, human-labeled {}, open tasks {}",
             status.machine_labeled, status.human_labeled, status.review_open
@@ -292,10 +330,23 @@ pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
     }
     wait_until_predicted(ctx, &project, timeout).await?;
 
-    let report = score(ctx, &project, &truth, args, started).await?;
+    let mut report = score(ctx, &project, &truth, args, started).await?;
+    history.push(RoundFigures {
+        round: history.len() + 1,
+        human_labels: report.human_labels,
+        machine_labels: report.machine_labels,
+        in_review: report.still_in_review,
+        seconds: report.seconds,
+    });
+    report.history = history;
+    let (versions, reliability) = model_figures(ctx, &project).await?;
+    report.versions = versions;
+    report.reliability = reliability;
     std::fs::create_dir_all(&args.work_dir)?;
     let path = args.work_dir.join("report.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    let html_path = args.work_dir.join("report.html");
+    std::fs::write(&html_path, render_html(&report)?)?;
     println!(
         "\n{} images: {} labeled by machine, {} by humans, {} still in review, {} failed",
         report.images,
@@ -314,11 +365,155 @@ pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
                 a * 100.0
             ))
     );
-    println!("report written to {}", path.display());
+    println!(
+        "report written to {} and {}",
+        path.display(),
+        html_path.display()
+    );
     Ok(report)
 }
 
 /// Wait until no item is waiting for a prediction by the active model.
+/// Holdout accuracy per version, and the active version's reliability bins.
+async fn model_figures(
+    ctx: &Context,
+    project: &Project,
+) -> anyhow::Result<(Vec<VersionFigures>, Vec<ReliabilityBin>)> {
+    let versions = crate::models::list(ctx, project)
+        .await?
+        .into_iter()
+        .map(|v| VersionFigures {
+            version: v.version,
+            holdout_accuracy: v.holdout_accuracy,
+            holdout_size: v.holdout_size,
+        })
+        .collect();
+    let project = projects::get(&ctx.db, &project.id.to_string()).await?;
+    let mut bins = vec![(0.0f64, 0usize, 0usize); 10];
+    if let Some(active) = project.active_model_version_id {
+        let metrics: sieve_shared::messages::HoldoutMetrics =
+            crate::entities::model_version::Entity::find_by_id(active)
+                .one(&ctx.db)
+                .await?
+                .and_then(|v| v.metrics)
+                .and_then(|m| serde_json::from_value(m).ok())
+                .unwrap_or_default();
+        for e in &metrics.evaluations {
+            let bin = ((e.confidence * 10.0) as usize).min(9);
+            bins[bin].0 += f64::from(e.confidence);
+            bins[bin].1 += 1;
+            bins[bin].2 += usize::from(e.label == e.predicted);
+        }
+    }
+    let reliability = bins
+        .into_iter()
+        .filter(|b| b.1 > 0)
+        .map(|(sum, n, right)| ReliabilityBin {
+            mean_confidence: sum / n as f64,
+            accuracy: right as f64 / n as f64,
+            count: n,
+        })
+        .collect();
+    Ok((versions, reliability))
+}
+
+fn render_html(report: &DemoReport) -> anyhow::Result<String> {
+    use crate::report::{Series, html, line_chart};
+    let pct = |x: f64| format!("{:.1}%", x * 100.0);
+    let headline = vec![
+        ("images".to_owned(), report.images.to_string()),
+        (
+            "human effort saved (labeled by machine)".to_owned(),
+            pct(report.effort_saved),
+        ),
+        (
+            "machine-label accuracy vs ground truth".to_owned(),
+            report.machine_label_accuracy.map_or("n/a".into(), pct),
+        ),
+        (
+            "labeled by humans".to_owned(),
+            report.human_labels.to_string(),
+        ),
+        (
+            "still in review".to_owned(),
+            report.still_in_review.to_string(),
+        ),
+        (
+            "model versions".to_owned(),
+            report.model_versions.to_string(),
+        ),
+        ("run time".to_owned(), format!("{:.0} s", report.seconds)),
+    ];
+    let round = |f: fn(&RoundFigures) -> i64| -> Vec<(f64, f64)> {
+        report
+            .history
+            .iter()
+            .map(|r| (r.round as f64, f(r) as f64))
+            .collect()
+    };
+    let mut charts = vec![line_chart(
+        "Items by who labeled them, per round",
+        "round",
+        "items",
+        &[
+            Series {
+                name: "by machine",
+                points: round(|r| r.machine_labels),
+            },
+            Series {
+                name: "by humans",
+                points: round(|r| r.human_labels),
+            },
+            Series {
+                name: "in review",
+                points: round(|r| r.in_review),
+            },
+        ],
+    )?];
+    let accuracy: Vec<(f64, f64)> = report
+        .versions
+        .iter()
+        .filter_map(|v| v.holdout_accuracy.map(|a| (f64::from(v.version), a)))
+        .collect();
+    if !accuracy.is_empty() {
+        charts.push(line_chart(
+            "Holdout accuracy per model version",
+            "version",
+            "accuracy",
+            &[Series {
+                name: "holdout accuracy",
+                points: accuracy,
+            }],
+        )?);
+    }
+    if !report.reliability.is_empty() {
+        charts.push(line_chart(
+            "Reliability of the active model (holdout)",
+            "mean confidence",
+            "accuracy",
+            &[
+                Series {
+                    name: "model",
+                    points: report
+                        .reliability
+                        .iter()
+                        .map(|b| (b.mean_confidence, b.accuracy))
+                        .collect(),
+                },
+                Series {
+                    name: "perfect calibration",
+                    points: vec![(0.0, 0.0), (1.0, 1.0)],
+                },
+            ],
+        )?);
+    }
+    Ok(html(
+        &format!("sieve demo: {}", report.project),
+        &headline,
+        &charts,
+    ))
+}
+
 #[derive(FromQueryResult)]
 struct Waiting {
     n: i64,
@@ -470,5 +665,6 @@ async fn score(
         human_label_accuracy: accuracy("human"),
         model_versions: versions,
         seconds: started.elapsed().as_secs_f64(),
+        ..DemoReport::default()
     })
 }

@@ -35,6 +35,7 @@ pub mod manifest;
 pub mod models;
 pub mod policy;
 pub mod projects;
+pub mod report;
 pub mod results;
 pub mod review;
 pub mod status;

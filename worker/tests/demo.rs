@@ -107,5 +107,12 @@ async fn quick_demo_report_adds_up() {
         assert!((report.machine_label_accuracy.unwrap() - accuracy).abs() < 1e-9);
     }
     assert!(work.path().join("report.json").exists());
+    let page = std::fs::read_to_string(work.path().join("report.html")).unwrap();
+    assert!(page.contains("<svg") && page.contains("Items by who labeled them"));
+    assert_eq!(
+        report.history.last().unwrap().machine_labels,
+        report.machine_labels
+    );
+    assert_eq!(report.versions.len(), report.model_versions);
     sieve.teardown().await;
 }
