@@ -451,6 +451,8 @@ fn render_html(report: &DemoReport) -> anyhow::Result<String> {
             .map(|r| (r.round as f64, f(r) as f64))
             .collect()
     };
+    let mut captions =
+        vec!["After each review round, before its retrain; the last point is the end of the run."];
     let mut charts = vec![line_chart(
         "Items by who labeled them, per round",
         "round",
@@ -476,6 +478,11 @@ fn render_html(report: &DemoReport) -> anyhow::Result<String> {
         .filter_map(|v| v.holdout_accuracy.map(|a| (f64::from(v.version), a)))
         .collect();
     if !accuracy.is_empty() {
+        captions.push(
+            "Each version on the holdout of its own snapshot, which grows as reviewers label the items \
+             the model found hardest: later holdouts are harder, so compare versions pairwise \
+             (promotion measures the champion on the candidate's holdout).",
+        );
         charts.push(line_chart(
             "Holdout accuracy per model version",
             "version",
@@ -487,6 +494,10 @@ fn render_html(report: &DemoReport) -> anyhow::Result<String> {
         )?);
     }
     if !report.reliability.is_empty() {
+        captions.push(
+            "Holdout examples binned by the committee's confidence: points under the diagonal \
+             are over-confident.",
+        );
         charts.push(line_chart(
             "Reliability of the active model (holdout)",
             "mean confidence",
@@ -507,10 +518,15 @@ fn render_html(report: &DemoReport) -> anyhow::Result<String> {
             ],
         )?);
     }
+    let captioned: Vec<(String, String)> = charts
+        .into_iter()
+        .zip(captions)
+        .map(|(svg, caption)| (svg, caption.to_owned()))
+        .collect();
     Ok(html(
         &format!("sieve demo: {}", report.project),
         &headline,
-        &charts,
+        &captioned,
     ))
 }
 

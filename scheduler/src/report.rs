@@ -96,15 +96,20 @@ pub fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A page with a headline table and the charts.
-pub fn html(title: &str, headline: &[(String, String)], charts: &[String]) -> String {
+/// A page with a headline table and the charts, each with a caption.
+pub fn html(title: &str, headline: &[(String, String)], charts: &[(String, String)]) -> String {
     let rows: String = headline
         .iter()
         .map(|(k, v)| format!("<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(v)))
         .collect();
     let figures: String = charts
         .iter()
-        .map(|svg| format!("<figure>{svg}</figure>"))
+        .map(|(svg, caption)| {
+            format!(
+                "<figure>{svg}<figcaption>{}</figcaption></figure>",
+                escape(caption)
+            )
+        })
         .collect();
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title>\
@@ -133,7 +138,15 @@ mod tests {
         .expect("chart");
         assert!(svg.starts_with("<svg"), "{}", &svg[..40.min(svg.len())]);
         assert!(svg.contains("by machine"));
-        let page = html("<demo>", &[("a".into(), "<b>".into())], &[svg]);
-        assert!(page.contains("&lt;demo&gt;") && page.contains("&lt;b&gt;"));
+        let page = html(
+            "<demo>",
+            &[("a".into(), "<b>".into())],
+            &[(svg, "x < y".into())],
+        );
+        assert!(
+            page.contains("&lt;demo&gt;")
+                && page.contains("&lt;b&gt;")
+                && page.contains("x &lt; y")
+        );
     }
 }
