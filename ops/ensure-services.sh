@@ -42,3 +42,10 @@ wait_for RabbitMQ 127.0.0.1 5672 120
 if command -v rabbitmqctl >/dev/null; then
     rabbitmqctl await_startup >/dev/null 2>&1 || true
 fi
+# The management API gives `sieve status` unacked counts and rates (and the
+# tests check that path); enabling it is idempotent and needs no restart.
+if command -v rabbitmq-plugins >/dev/null && ! answers 127.0.0.1 15672; then
+    echo "enabling the RabbitMQ management plugin"
+    rabbitmq-plugins enable rabbitmq_management >/dev/null
+    wait_for "RabbitMQ management" 127.0.0.1 15672 60
+fi

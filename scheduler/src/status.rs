@@ -170,15 +170,20 @@ async fn queue_via_management(
     base: &str,
     name: &str,
 ) -> anyhow::Result<QueueStatus> {
-    let url = format!("{}/api/queues/%2f/{name}", base.trim_end_matches('/'));
-    let body: serde_json::Value = http
-        .get(&url)
-        .timeout(std::time::Duration::from_secs(5))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let mut url = reqwest::Url::parse(&format!(
+        "{}/api/queues/%2f/{name}",
+        base.trim_end_matches('/')
+    ))?;
+    // Credentials in the URL become a basic-auth header, not part of the path.
+    let user = url.username().to_owned();
+    let password = url.password().map(str::to_owned);
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let mut request = http.get(url).timeout(std::time::Duration::from_secs(5));
+    if !user.is_empty() {
+        request = request.basic_auth(user, password);
+    }
+    let body: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
     let rate = |path: &str| body.pointer(path).and_then(serde_json::Value::as_f64);
     Ok(QueueStatus {
         name: name.to_owned(),

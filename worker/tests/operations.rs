@@ -205,6 +205,17 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
     assert_eq!(fleet.workers_alive, 2);
     assert_eq!(fleet.projects[0].total_items, 12);
 
+    // With the management API (ops/ensure-services.sh enables it): unacked
+    // counts and rates, and it says where the figures came from.
+    let mut managed = sieve.ctx.clone();
+    let mut settings = (*managed.settings).clone();
+    settings.broker.management_url = Some("http://guest:guest@127.0.0.1:15672".into());
+    managed.settings = std::sync::Arc::new(settings);
+    let fleet = status::fleet_status(&managed).await.unwrap();
+    assert_eq!(fleet.queue_source, "management");
+    // (Counts appear once the broker has sampled the queues: every 5 s.)
+    assert_eq!(fleet.queues.len(), 5);
+
     // SIGKILL: no clean exit, so the worker is shown as lost by server time.
     process.kill().unwrap();
     process.wait().unwrap();
