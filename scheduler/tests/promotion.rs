@@ -1,0 +1,161 @@
+//! Promotion on the real services: a candidate worse than the champion on
+//! the same holdout stays a candidate with the reason; a better one is
+//! activated; rollback restores the previous version.
+
+#![allow(clippy::unwrap_used)]
+
+mod review_support;
+
+use chrono::Utc;
+use review_support::with_app;
+use sea_orm::{ActiveValue::Set, EntityTrait};
+use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::project;
+use sieve_scheduler::models;
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+use sieve_shared::messages::HoldoutMetrics;
+use uuid::Uuid;
+
+fn metrics(accuracy: f64, base_accuracy: Option<f64>) -> serde_json::Value {
+    serde_json::to_value(HoldoutMetrics {
+        holdout_size: 100,
+        accuracy: Some(accuracy),
+        train_size: 400,
+        evaluations: Vec::new(),
+        base_accuracy,
+    })
+    .unwrap()
+}
+
+async fn version(
+    db: &sea_orm::DatabaseConnection,
+    project: Uuid,
+    number: i32,
+    parent: Option<Uuid>,
+    status: VersionStatus,
+    metrics: serde_json::Value,
+) -> Uuid {
+    let id = Uuid::now_v7();
+    model_version::Entity::insert(model_version::ActiveModel {
+        id: Set(id),
+        project_id: Set(project),
+        version: Set(number),
+        parent_id: Set(parent),
+        training_run_id: Set(None),
+        artifact_key: Set(Some(format!("models/{number}.bin"))),
+        checksum: Set(Some("00".into())),
+        architecture: Set(None),
+        metrics: Set(Some(metrics)),
+        calibration: Set(None),
+        status: Set(status),
+        status_reason: Set(None),
+        created_at: Set(Utc::now().fixed_offset()),
+        activated_at: Set((status == VersionStatus::Active).then(|| Utc::now().fixed_offset())),
+    })
+    .exec_without_returning(db)
+    .await
+    .unwrap();
+    id
+}
+
+async fn status_of(db: &sea_orm::DatabaseConnection, id: Uuid) -> model_version::Model {
+    model_version::Entity::find_by_id(id)
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
+    with_app(60, |app| async move {
+        let db = app.db();
+        let created = projects::create(
+            db,
+            &ProjectName::parse("promo").unwrap(),
+            &ClassNames::parse(&["a".into(), "b".into()]).unwrap(),
+            &Policy::default(),
+        )
+        .await
+        .unwrap();
+        let pid = created.id.as_uuid();
+        let v1 = version(db, pid, 1, None, VersionStatus::Active, metrics(0.95, None)).await;
+        project::Entity::update(project::ActiveModel {
+            id: Set(pid),
+            active_model_version_id: Set(Some(v1)),
+            ..Default::default()
+        })
+        .exec(db)
+        .await
+        .unwrap();
+
+        // v2 recorded 0.60 and the champion scored 0.80 on v2's own holdout:
+        // worse. (v1's 0.95 was measured on an older, easier holdout.)
+        let v2 = version(
+            db,
+            pid,
+            2,
+            Some(v1),
+            VersionStatus::Candidate,
+            metrics(0.60, Some(0.80)),
+        )
+        .await;
+        let project = projects::get(db, "promo").await.unwrap();
+        assert!(
+            !models::consider_promotion(&app.ctx, &project, v2)
+                .await
+                .unwrap()
+        );
+        let v2_now = status_of(db, v2).await;
+        assert_eq!(v2_now.status, VersionStatus::Candidate);
+        let reason = v2_now.status_reason.unwrap();
+        assert!(
+            reason.contains("0.6000")
+                && reason.contains("0.8000")
+                && reason.contains("same holdout"),
+            "{reason}"
+        );
+        assert_eq!(status_of(db, v1).await.status, VersionStatus::Active);
+
+        // v3 scored 0.85 where the champion scored 0.80: better on the same
+        // holdout, though below the champion's own recorded 0.95.
+        let v3 = version(
+            db,
+            pid,
+            3,
+            Some(v1),
+            VersionStatus::Candidate,
+            metrics(0.85, Some(0.80)),
+        )
+        .await;
+        assert!(
+            models::consider_promotion(&app.ctx, &project, v3)
+                .await
+                .unwrap()
+        );
+        assert_eq!(status_of(db, v3).await.status, VersionStatus::Active);
+        assert_eq!(status_of(db, v1).await.status, VersionStatus::Retired);
+        assert_eq!(
+            projects::get(db, "promo")
+                .await
+                .unwrap()
+                .active_model_version_id,
+            Some(v3)
+        );
+
+        // Rollback: v1 again, everywhere the project points.
+        let project = projects::get(db, "promo").await.unwrap();
+        assert_eq!(models::rollback(&app.ctx, &project).await.unwrap(), 1);
+        assert_eq!(status_of(db, v1).await.status, VersionStatus::Active);
+        assert_eq!(status_of(db, v3).await.status, VersionStatus::Retired);
+        assert_eq!(
+            projects::get(db, "promo")
+                .await
+                .unwrap()
+                .active_model_version_id,
+            Some(v1)
+        );
+    })
+    .await;
+}
