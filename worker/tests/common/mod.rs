@@ -51,6 +51,11 @@ pub fn test_settings(store: &Path) -> Settings {
 impl TestSieve {
     /// Migrate a fresh database and start one scheduler and one worker.
     pub async fn start() -> Self {
+        Self::start_with(vec![Capability::Prelabel, Capability::Train]).await
+    }
+
+    /// Like [`TestSieve::start`], with a worker of the given capabilities.
+    pub async fn start_with(capabilities: Vec<Capability>) -> Self {
         sieve_shared::telemetry::init_test_tracing();
         let store = tempfile::tempdir().unwrap();
         let mut settings = test_settings(store.path());
@@ -82,9 +87,7 @@ impl TestSieve {
             tasks,
             _store: store,
         };
-        sieve
-            .spawn_worker(vec![Capability::Prelabel, Capability::Train])
-            .await;
+        sieve.spawn_worker(capabilities).await;
         sieve
     }
 

@@ -1,0 +1,179 @@
+//! A training worker SIGTERMed mid-run: it stops at the next epoch, puts the
+//! job back and exits 0; nothing is half-registered; another worker then
+//! completes the run and exactly one version is registered for it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestSieve, eventually};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::training_run::{self, RunState};
+use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+use sieve_scheduler::{ingest, training};
+use sieve_shared::messages::TrainParams;
+use sieve_worker::service::Capability;
+
+const WAIT: Duration = Duration::from_secs(120);
+const IMAGES: usize = 1500;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_training_requeues_and_a_rerun_succeeds() {
+    let mut sieve = TestSieve::start_with(vec![Capability::Prelabel]).await;
+    let conn = sieve.ctx.db.clone();
+    let db = &conn;
+    let trainer = || {
+        Command::new(env!("CARGO_BIN_EXE_sieve-worker"))
+            .args(["--capabilities", "train", "--listen", "127.0.0.1:0"])
+            .env("SIEVE_BROKER__PREFIX", &sieve.settings.broker.prefix)
+            .env("SIEVE_REDIS__PREFIX", &sieve.settings.redis.prefix)
+            .env("SIEVE_STORE__ROOT", &sieve.settings.store.root)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut process = trainer();
+
+    let classes: Vec<String> = fashion_mnist::CLASSES
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    projects::create_with_first_model(
+        &sieve.ctx,
+        &ProjectName::parse("interrupted").unwrap(),
+        &ClassNames::parse(&classes).unwrap(),
+        &Policy::default(),
+        "test",
+    )
+    .await
+    .unwrap();
+    let project = eventually("the first model", WAIT, || async {
+        projects::get(db, "interrupted")
+            .await
+            .ok()
+            .filter(|p| p.active_model_version_id.is_some())
+    })
+    .await;
+
+    // Known labels through a manifest: training data without reviewers.
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist::load(
+        std::path::Path::new(fashion_mnist::DEFAULT_DIR),
+        Split::Train,
+        Some(IMAGES),
+    )
+    .unwrap();
+    fashion_mnist::export_png(&data, Split::Train, IMAGES, dir.path()).unwrap();
+    let mut csv = String::from("path,label\n");
+    for i in 0..IMAGES {
+        csv.push_str(&format!(
+            "{},{}\n",
+            fashion_mnist::file_name(Split::Train, i),
+            fashion_mnist::CLASSES[data.labels[i] as usize]
+        ));
+    }
+    let manifest = dir.path().join("labels.csv");
+    std::fs::write(&manifest, csv).unwrap();
+    let summary = ingest::ingest_manifest(&sieve.ctx, &project, &manifest, None, false)
+        .await
+        .unwrap();
+    assert_eq!(summary.new_items, IMAGES as u64);
+
+    let params = TrainParams {
+        epochs: 200,
+        batch_size: 32,
+        ..TrainParams::default()
+    };
+    let run = training::request(&sieve.ctx, &project, "test", params, false)
+        .await
+        .unwrap();
+    eventually("training progress", WAIT, || async {
+        let r = training_run::Entity::find_by_id(run.run_id)
+            .one(db)
+            .await
+            .ok()??;
+        r.progress.is_some().then_some(())
+    })
+    .await;
+
+    let signalled = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &process.id().to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = process.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(30),
+            "the trainer did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    println!("trainer drained in {:?}", signalled.elapsed());
+
+    // Clean state: the run is not failed, its version not registered, the job queued again.
+    let r = training_run::Entity::find_by_id(run.run_id)
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(r.state, RunState::Queued | RunState::Running),
+        "{:?}",
+        r.state
+    );
+    let v = model_version::Entity::find()
+        .filter(model_version::Column::Version.eq(run.version))
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.status, VersionStatus::Training);
+    assert!(v.artifact_key.is_none());
+    let (queued, _) = sieve_shared::broker::queue_counts(
+        &sieve.ctx.connection,
+        &sieve.ctx.topology().train_queue(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(queued, 1, "the job went back to the queue");
+
+    // Another trainer picks it up and finishes: one version for the run.
+    sieve.spawn_worker(vec![Capability::Train]).await;
+    eventually("the run to succeed", WAIT, || async {
+        let r = training_run::Entity::find_by_id(run.run_id)
+            .one(db)
+            .await
+            .ok()??;
+        (r.state == RunState::Succeeded).then_some(())
+    })
+    .await;
+    let registered = model_version::Entity::find()
+        .filter(model_version::Column::TrainingRunId.eq(run.run_id))
+        .count(db)
+        .await
+        .unwrap();
+    assert_eq!(registered, 1);
+    let v = model_version::Entity::find()
+        .filter(model_version::Column::Version.eq(run.version))
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        v.status,
+        VersionStatus::Active | VersionStatus::Candidate
+    ));
+    assert!(v.artifact_key.is_some() && v.checksum.is_some());
+    sieve.teardown().await;
+}
