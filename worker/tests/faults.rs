@@ -16,9 +16,9 @@ use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::{label, prediction};
-use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_scheduler::fashion_mnist::Split;
 use sieve_scheduler::policy::Policy;
-use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
+use sieve_scheduler::projects::Project;
 use sieve_scheduler::{dispatch, failed, ingest, workers};
 use sieve_shared::ids::{ItemId, JobId};
 use sieve_shared::messages::{ControlCommand, ControlMessage, PrelabelJob, SCHEMA_VERSION};
@@ -28,34 +28,8 @@ use uuid::Uuid;
 const WAIT: Duration = Duration::from_secs(90);
 
 async fn project_with_images(sieve: &TestSieve, name: &str, images: usize) -> Project {
-    let classes: Vec<String> = fashion_mnist::CLASSES
-        .iter()
-        .map(|c| c.to_string())
-        .collect();
-    projects::create_with_first_model(
-        &sieve.ctx,
-        &ProjectName::parse(name).unwrap(),
-        &ClassNames::parse(&classes).unwrap(),
-        &Policy::default(),
-        "test",
-    )
-    .await
-    .unwrap();
-    let project = eventually("the first model", WAIT, || async {
-        projects::get(&sieve.ctx.db, name)
-            .await
-            .ok()
-            .filter(|p| p.active_model_version_id.is_some())
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist::load(
-        std::path::Path::new(fashion_mnist::DEFAULT_DIR),
-        Split::Train,
-        Some(images),
-    )
-    .unwrap();
-    fashion_mnist::export_png(&data, Split::Train, images, dir.path()).unwrap();
+    let project = common::fashion_project(sieve, name, Policy::default()).await;
+    let (dir, _) = common::fashion_images(Split::Train, images);
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();
@@ -307,14 +281,7 @@ async fn poison_messages_are_dead_lettered_and_work_goes_on() {
     assert_eq!(from.len(), 4, "one pair from each queue");
 
     // The services are still working: new images flow through.
-    let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist::load(
-        std::path::Path::new(fashion_mnist::DEFAULT_DIR),
-        Split::Test,
-        Some(5),
-    )
-    .unwrap();
-    fashion_mnist::export_png(&data, Split::Test, 5, dir.path()).unwrap();
+    let (dir, _) = common::fashion_images(Split::Test, 5);
     let summary = ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();
@@ -357,14 +324,7 @@ async fn losing_redis_loses_nothing() {
         (w.len() == 1 && !w[0].lost).then_some(())
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist::load(
-        std::path::Path::new(fashion_mnist::DEFAULT_DIR),
-        Split::Test,
-        Some(5),
-    )
-    .unwrap();
-    fashion_mnist::export_png(&data, Split::Test, 5, dir.path()).unwrap();
+    let (dir, _) = common::fashion_images(Split::Test, 5);
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();

@@ -15,9 +15,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::{item, label, prediction, review_task};
-use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_scheduler::fashion_mnist::Split;
 use sieve_scheduler::policy::Policy;
-use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+use sieve_scheduler::projects;
 use sieve_scheduler::{dispatch, failed, ingest, status, workers};
 use sieve_shared::ids::{ItemId, JobId};
 use sieve_shared::messages::{PrelabelJob, SCHEMA_VERSION, encode};
@@ -79,34 +79,8 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
     assert_eq!(alive.len(), 2);
 
     // Work flows: a project, its first model, a few images.
-    let classes: Vec<String> = fashion_mnist::CLASSES
-        .iter()
-        .map(|c| c.to_string())
-        .collect();
-    projects::create_with_first_model(
-        &sieve.ctx,
-        &ProjectName::parse("ops").unwrap(),
-        &ClassNames::parse(&classes).unwrap(),
-        &Policy::default(),
-        "test",
-    )
-    .await
-    .unwrap();
-    let project = eventually("the first model", WAIT, || async {
-        projects::get(db, "ops")
-            .await
-            .ok()
-            .filter(|p| p.active_model_version_id.is_some())
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist::load(
-        std::path::Path::new(fashion_mnist::DEFAULT_DIR),
-        Split::Train,
-        Some(12),
-    )
-    .unwrap();
-    fashion_mnist::export_png(&data, Split::Train, 12, dir.path()).unwrap();
+    let project = common::fashion_project(&sieve, "ops", Policy::default()).await;
+    let (dir, _) = common::fashion_images(Split::Train, 12);
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();

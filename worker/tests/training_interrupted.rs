@@ -15,7 +15,7 @@ use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::training_run::{self, RunState};
 use sieve_scheduler::fashion_mnist::{self, Split};
 use sieve_scheduler::policy::Policy;
-use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+
 use sieve_scheduler::{ingest, training};
 use sieve_shared::messages::TrainParams;
 use sieve_worker::service::Capability;
@@ -41,36 +41,10 @@ async fn sigterm_mid_training_requeues_and_a_rerun_succeeds() {
     };
     let mut process = trainer();
 
-    let classes: Vec<String> = fashion_mnist::CLASSES
-        .iter()
-        .map(|c| c.to_string())
-        .collect();
-    projects::create_with_first_model(
-        &sieve.ctx,
-        &ProjectName::parse("interrupted").unwrap(),
-        &ClassNames::parse(&classes).unwrap(),
-        &Policy::default(),
-        "test",
-    )
-    .await
-    .unwrap();
-    let project = eventually("the first model", WAIT, || async {
-        projects::get(db, "interrupted")
-            .await
-            .ok()
-            .filter(|p| p.active_model_version_id.is_some())
-    })
-    .await;
+    let project = common::fashion_project(&sieve, "interrupted", Policy::default()).await;
 
     // Known labels through a manifest: training data without reviewers.
-    let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist::load(
-        std::path::Path::new(fashion_mnist::DEFAULT_DIR),
-        Split::Train,
-        Some(IMAGES),
-    )
-    .unwrap();
-    fashion_mnist::export_png(&data, Split::Train, IMAGES, dir.path()).unwrap();
+    let (dir, data) = common::fashion_images(Split::Train, IMAGES);
     let mut csv = String::from("path,label\n");
     for i in 0..IMAGES {
         csv.push_str(&format!(

@@ -144,3 +144,49 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A Fashion-MNIST project with `policy`, once its first (untrained) model
+/// is active.
+pub async fn fashion_project(
+    sieve: &TestSieve,
+    name: &str,
+    policy: sieve_scheduler::policy::Policy,
+) -> sieve_scheduler::projects::Project {
+    use sieve_scheduler::fashion_mnist;
+    use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+    let classes: Vec<String> = fashion_mnist::CLASSES
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    projects::create_with_first_model(
+        &sieve.ctx,
+        &ProjectName::parse(name).unwrap(),
+        &ClassNames::parse(&classes).unwrap(),
+        &policy,
+        "test",
+    )
+    .await
+    .unwrap();
+    eventually("the first model", Duration::from_secs(120), || async {
+        projects::get(&sieve.ctx.db, name)
+            .await
+            .ok()
+            .filter(|p| p.active_model_version_id.is_some())
+    })
+    .await
+}
+
+/// The first `n` images of a Fashion-MNIST split as PNG files in a fresh
+/// directory, with the data set (for the ground truth).
+pub fn fashion_images(
+    split: sieve_scheduler::fashion_mnist::Split,
+    n: usize,
+) -> (tempfile::TempDir, sieve_scheduler::fashion_mnist::Dataset) {
+    use sieve_scheduler::fashion_mnist;
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist::load(Path::new(fashion_mnist::DEFAULT_DIR), split, Some(n)).expect(
+        "Fashion-MNIST is installed by ops/install-deps.sh (apt-get install dataset-fashion-mnist)",
+    );
+    fashion_mnist::export_png(&data, split, n, dir.path()).unwrap();
+    (dir, data)
+}
