@@ -8,8 +8,10 @@ mod review_page;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use sea_orm::EntityTrait;
@@ -52,8 +54,29 @@ pub fn router(ctx: Context) -> Router {
         .merge(review_page::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
+        .layer(middleware::from_fn_with_state(body_limit, limit_body))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(ctx)
+}
+
+/// Read the whole body, up to `http.body_limit`, before any handler runs: a
+/// larger one gets 413 whether its length was declared or it came chunked,
+/// and whether or not the endpoint reads a body, so nothing acts on it.
+async fn limit_body(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Err(_) => too_large(limit).into_response(),
+    }
+}
+
+fn too_large(limit: usize) -> AppError {
+    AppError::TooLarge(format!(
+        "the request body is over the limit of {limit} bytes (http.body_limit)"
+    ))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -81,6 +104,9 @@ where
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
+                AppError::TooLarge("the request body is over http.body_limit".into()),
+            ),
             Err(rejection) => Err(AppError::Invalid(format!(
                 "bad request body: {}",
                 rejection.body_text()
