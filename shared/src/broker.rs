@@ -35,6 +35,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, Unreachable> {
 
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a publish keeps waiting for a dropped connection to recover
+/// before it reports the failure.
+pub const RECOVERY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("broker error while publishing to {target}: {source}")]
@@ -82,7 +86,45 @@ impl Publisher {
 
     /// Publish pre-encoded payloads (replaying a dead letter, tests that
     /// inject malformed messages).
+    ///
+    /// A broker error that auto-recovery can mend (the connection dropped,
+    /// the broker restarting) is not returned at once: the publish waits for
+    /// the channel to recover and sends the whole set again, with backoff,
+    /// for up to [`RECOVERY_DEADLINE`]. Messages confirmed before the failure
+    /// may so be sent twice; every consumer is idempotent.
     pub async fn publish_payloads(
+        &self,
+        route: Route,
+        payloads: &[Vec<u8>],
+        headers: Option<FieldTable>,
+    ) -> Result<(), PublishError> {
+        let started = std::time::Instant::now();
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let error = match self.try_publish(route, payloads, headers.clone()).await {
+                Err(PublishError::Broker { target, source })
+                    if source.can_be_recovered() && started.elapsed() < RECOVERY_DEADLINE =>
+                {
+                    PublishError::Broker { target, source }
+                }
+                done => return done,
+            };
+            tracing::warn!(error = %error, retry_in = ?backoff, "publish failed; waiting for the broker connection to recover");
+            if let PublishError::Broker { source, .. } = error {
+                // Returns at once when the error carries no recovery to wait
+                // for; the sleep below then paces the retries.
+                let _ = tokio::time::timeout(
+                    RECOVERY_DEADLINE.saturating_sub(started.elapsed()),
+                    self.channel.wait_for_recovery(source),
+                )
+                .await;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+
+    async fn try_publish(
         &self,
         route: Route,
         payloads: &[Vec<u8>],

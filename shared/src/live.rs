@@ -19,9 +19,16 @@ pub const LOST_AFTER_PERIODS: i64 = 3;
 pub const FORGET_AFTER_SECONDS: i64 = 3600;
 
 /// A self-reconnecting Redis connection.
+///
+/// Few connection retries: with the default six, `sieve status` hung about
+/// ten seconds while Redis was down before saying so. A long-lived user (the
+/// heartbeat) retries by itself at its next beat anyway.
 pub async fn connect(url: &str) -> Result<ConnectionManager, Unreachable> {
     let client = redis::Client::open(url).map_err(|e| Unreachable::new("Redis", url, e))?;
-    ConnectionManager::new(client)
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_number_of_retries(2)
+        .set_connection_timeout(Some(std::time::Duration::from_secs(2)));
+    ConnectionManager::new_with_config(client, config)
         .await
         .map_err(|e| Unreachable::new("Redis", url, e))
 }

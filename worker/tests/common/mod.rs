@@ -190,3 +190,131 @@ pub fn fashion_images(
     fashion_mnist::export_png(&data, split, n, dir.path()).unwrap();
     (dir, data)
 }
+
+/// Exact accounting of one project after a fault, as the reliability tests
+/// print it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Accounting {
+    pub items: u64,
+    pub queued: u64,
+    pub in_review: u64,
+    pub auto_labeled: u64,
+    pub human_labeled: u64,
+    pub failed: u64,
+    pub predictions: u64,
+    /// Predictions per (item, model version) beyond the first: always 0.
+    pub duplicate_predictions: u64,
+    /// Items with more than one open or claimed review task: always 0.
+    pub duplicate_open_tasks: u64,
+    pub labels: u64,
+}
+
+/// Count a project's items by state, predictions per (item, version), open
+/// tasks per item and labels; assert the invariants every fault test needs
+/// (every image is exactly one item, every item in exactly one state, no
+/// duplicated prediction or open task, every failed item carries its
+/// reason) and print the counts.
+pub async fn account(
+    db: &sea_orm::DatabaseConnection,
+    project: sieve_shared::ids::ProjectId,
+    images: u64,
+) -> Accounting {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    use sieve_scheduler::entities::item::{self, ItemState};
+    use sieve_scheduler::entities::review_task::{self, TaskState};
+    use sieve_scheduler::entities::{label, prediction};
+    use std::collections::{HashMap, HashSet};
+
+    let items = item::Entity::find()
+        .filter(item::Column::ProjectId.eq(project.as_uuid()))
+        .all(db)
+        .await
+        .unwrap();
+    let ids: HashSet<uuid::Uuid> = items.iter().map(|i| i.id).collect();
+    assert_eq!(ids.len(), items.len());
+    let hashes: HashSet<&str> = items.iter().map(|i| i.content_hash.as_str()).collect();
+    assert_eq!(hashes.len(), items.len(), "one item per image content");
+    let by = |s: ItemState| items.iter().filter(|i| i.state == s).count() as u64;
+    for failed in items.iter().filter(|i| i.state == ItemState::Failed) {
+        assert!(
+            failed.last_error.as_deref().is_some_and(|e| !e.is_empty()),
+            "failed item {} has no reason",
+            failed.source
+        );
+    }
+    let predictions: Vec<_> = prediction::Entity::find()
+        .filter(prediction::Column::ItemId.is_in(ids.iter().copied()))
+        .all(db)
+        .await
+        .unwrap();
+    let mut per_key: HashMap<(uuid::Uuid, uuid::Uuid), u64> = HashMap::new();
+    for p in &predictions {
+        *per_key.entry((p.item_id, p.model_version_id)).or_default() += 1;
+    }
+    let duplicate_predictions = per_key.values().map(|n| n - 1).sum();
+    let tasks = review_task::Entity::find()
+        .filter(review_task::Column::ProjectId.eq(project.as_uuid()))
+        .filter(review_task::Column::State.is_in([TaskState::Open, TaskState::Claimed]))
+        .all(db)
+        .await
+        .unwrap();
+    let mut open: HashMap<uuid::Uuid, u64> = HashMap::new();
+    for t in &tasks {
+        *open.entry(t.item_id).or_default() += 1;
+    }
+    let duplicate_open_tasks = open.values().filter(|n| **n > 1).count() as u64;
+    for i in items.iter().filter(|i| i.state == ItemState::InReview) {
+        assert_eq!(open.get(&i.id), Some(&1), "an item in review has its task");
+    }
+    let labels = label::Entity::find()
+        .filter(label::Column::ItemId.is_in(ids.iter().copied()))
+        .all(db)
+        .await
+        .unwrap();
+    let accounting = Accounting {
+        items: items.len() as u64,
+        queued: by(ItemState::Queued),
+        in_review: by(ItemState::InReview),
+        auto_labeled: by(ItemState::AutoLabeled),
+        human_labeled: by(ItemState::HumanLabeled),
+        failed: by(ItemState::Failed),
+        predictions: predictions.len() as u64,
+        duplicate_predictions,
+        duplicate_open_tasks,
+        labels: labels.len() as u64,
+    };
+    println!("accounting: {accounting:?}");
+    assert_eq!(accounting.items, images, "every image is exactly one item");
+    assert_eq!(
+        accounting.queued
+            + accounting.in_review
+            + accounting.auto_labeled
+            + accounting.human_labeled
+            + accounting.failed,
+        accounting.items,
+        "every item in exactly one state"
+    );
+    assert_eq!(accounting.duplicate_predictions, 0);
+    assert_eq!(accounting.duplicate_open_tasks, 0);
+    accounting
+}
+
+/// Wait until none of the project's items is `queued` any more.
+pub async fn settled(
+    db: &sea_orm::DatabaseConnection,
+    project: sieve_shared::ids::ProjectId,
+    timeout: Duration,
+) {
+    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+    use sieve_scheduler::entities::item::{self, ItemState};
+    eventually("every item out of `queued`", timeout, || async {
+        let n = item::Entity::find()
+            .filter(item::Column::ProjectId.eq(project.as_uuid()))
+            .filter(item::Column::State.eq(ItemState::Queued))
+            .count(db)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+}
