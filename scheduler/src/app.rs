@@ -92,6 +92,11 @@ pub async fn serve(
         Duration::from_secs(60),
         stop.clone(),
     ));
+    tasks.spawn(crate::auto_retrain::run(
+        ctx.clone(),
+        Duration::from_secs(10),
+        stop.clone(),
+    ));
     let router = http::router(ctx.clone());
     let http_stop = stop.clone();
     tasks.spawn(async move {

@@ -149,6 +149,19 @@ pub fn calibrate(
     }
 }
 
+/// A version's holdout evaluation as calibration evidence.
+pub fn evidence(metrics: &HoldoutMetrics) -> Vec<Evidence> {
+    metrics
+        .evaluations
+        .iter()
+        .map(|e| Evidence {
+            predicted: e.predicted,
+            confidence: e.confidence,
+            correct: e.predicted == e.label,
+        })
+        .collect()
+}
+
 /// Recompute and store the calibration of a model version for `policy`
 /// (cleared when the policy has no target accuracy).
 pub async fn refresh(
@@ -168,16 +181,12 @@ pub async fn refresh(
             .metrics
             .and_then(|m| serde_json::from_value(m).ok())
             .unwrap_or_default();
-        let evidence: Vec<Evidence> = metrics
-            .evaluations
-            .iter()
-            .map(|e| Evidence {
-                predicted: e.predicted,
-                confidence: e.confidence,
-                correct: e.predicted == e.label,
-            })
-            .collect();
-        calibrate(&evidence, classes, target, policy.confidence_level)
+        calibrate(
+            &evidence(&metrics),
+            classes,
+            target,
+            policy.confidence_level,
+        )
     });
     model_version::Entity::update(model_version::ActiveModel {
         id: Set(version_id),

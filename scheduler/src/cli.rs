@@ -130,6 +130,10 @@ pub enum ProjectCommand {
         /// `vote` or `mutual_information`.
         #[arg(long)]
         disagreement_measure: Option<String>,
+        /// Retrain automatically after every N new human labels; `none`
+        /// turns it off.
+        #[arg(long)]
+        retrain_every: Option<String>,
     },
 }
 
@@ -172,6 +176,12 @@ pub enum RetrainCommand {
         #[arg(long, short)]
         project: String,
     },
+    /// Cancel the project's queued or running training run: it ends
+    /// `cancelled`, its version is never registered, the champion stays.
+    Cancel {
+        #[arg(long, short)]
+        project: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +189,16 @@ pub enum ModelsCommand {
     List {
         #[arg(long, short)]
         project: String,
+    },
+    /// One version: holdout accuracy, per-class precision / recall,
+    /// expected calibration error, and the share the project's policy would
+    /// label by machine with it.
+    Show {
+        #[arg(long, short)]
+        project: String,
+        version: i32,
+        #[arg(long)]
+        json: bool,
     },
     /// Activate a version by number.
     Promote {
@@ -528,6 +548,7 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             audit_rate,
             disagreement_limit,
             disagreement_measure,
+            retrain_every,
         } => {
             let conn = db::connect(&settings.database).await?;
             let project = projects::get(&conn, &name).await?;
@@ -553,6 +574,14 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             }
             if let Some(d) = disagreement_limit {
                 policy.disagreement_limit = d;
+            }
+            if let Some(n) = retrain_every {
+                policy.retrain_every_labels = match n.as_str() {
+                    "none" => None,
+                    n => Some(n.parse().with_context(|| {
+                        format!("--retrain-every {n:?}: a number of labels, or none")
+                    })?),
+                };
             }
             if let Some(m) = disagreement_measure {
                 policy.disagreement_measure = serde_json::from_value(serde_json::json!(m))
@@ -632,6 +661,11 @@ async fn retrain(settings: Settings, args: RetrainArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        (Some(RetrainCommand::Cancel { project }), _) => {
+            let project = projects::get(&ctx.db, &project).await?;
+            let run = training::cancel(&ctx, &project, "cli").await?;
+            println!("cancelled training run {run}");
+        }
         (None, Some(project)) => {
             let project = projects::get(&ctx.db, &project).await?;
             let run =
@@ -663,6 +697,19 @@ async fn models_command(settings: Settings, command: ModelsCommand) -> anyhow::R
                 );
             }
         }
+        ModelsCommand::Show {
+            project,
+            version,
+            json,
+        } => {
+            let project = projects::get(&ctx.db, &project).await?;
+            let detail = models::show(&ctx, &project, version).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detail)?);
+            } else {
+                print_version(&detail);
+            }
+        }
         ModelsCommand::Promote { project, version } => {
             let project = projects::get(&ctx.db, &project).await?;
             let rescored = models::promote(&ctx, &project, version).await?;
@@ -675,6 +722,46 @@ async fn models_command(settings: Settings, command: ModelsCommand) -> anyhow::R
         }
     }
     Ok(())
+}
+
+fn print_version(detail: &models::VersionDetail) {
+    let figure = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.4}"));
+    let v = &detail.summary;
+    println!(
+        "v{}  {:?}  holdout_accuracy={}  base_accuracy={}  holdout={}  train={}  {}",
+        v.version,
+        v.status,
+        figure(v.holdout_accuracy),
+        figure(detail.base_accuracy),
+        v.holdout_size.map_or("-".into(), |n| n.to_string()),
+        v.train_size.map_or("-".into(), |n| n.to_string()),
+        v.status_reason.clone().unwrap_or_default()
+    );
+    let Some(q) = &detail.quality else {
+        println!("no holdout evaluation (an untrained version, or none stored)");
+        return;
+    };
+    println!(
+        "expected calibration error {}; at {} the policy labels {} of the holdout by machine, {} correct",
+        figure(q.expected_calibration_error),
+        q.target_accuracy
+            .map_or("the fixed threshold".into(), |t| format!("target {t}")),
+        figure(q.machine_share),
+        figure(q.machine_accuracy)
+    );
+    println!(
+        "{:<16} {:>8} {:>10} {:>8}",
+        "class", "support", "precision", "recall"
+    );
+    for c in &q.per_class {
+        println!(
+            "{:<16} {:>8} {:>10} {:>8}",
+            c.class,
+            c.support,
+            figure(c.precision),
+            figure(c.recall)
+        );
+    }
 }
 
 async fn failed_command(settings: Settings, command: FailedCommand) -> anyhow::Result<()> {

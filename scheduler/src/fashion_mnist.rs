@@ -25,6 +25,12 @@ pub const CLASSES: [&str; 10] = [
 
 pub const SIDE: usize = 28;
 
+/// Images in the training split; the test split holds the other 10,000.
+pub const TRAIN_SIZE: usize = 60_000;
+
+/// Images in both splits together.
+pub const TOTAL: usize = 70_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
     Train,
@@ -152,6 +158,48 @@ pub fn export_png(dataset: &Dataset, split: Split, n: usize, out: &Path) -> anyh
     Ok(n)
 }
 
+/// The true class of every exported image, for both splits: what simulated
+/// reviewers answer and what the final scoring compares with.
+pub struct Truth {
+    train: Vec<u8>,
+    test: Vec<u8>,
+}
+
+impl Truth {
+    /// The true class index of an exported image, by its file name.
+    pub fn class_of(&self, source: &str) -> Option<usize> {
+        let (split, index) = index_of(source)?;
+        let labels = match split {
+            Split::Train => &self.train,
+            Split::Test => &self.test,
+        };
+        labels.get(index).map(|&class| usize::from(class))
+    }
+}
+
+/// Export the first `n` images — the training split first, then the test
+/// split — as PNG files into `out` (files already there are kept), and
+/// return how many there are and their truth.
+pub fn export_first(dir: &Path, n: usize, out: &Path) -> anyhow::Result<(usize, Truth)> {
+    let n = n.min(TOTAL);
+    let train = load(dir, Split::Train, Some(n.min(TRAIN_SIZE)))?;
+    let mut exported = export_png(&train, Split::Train, train.len(), out)?;
+    let test = if n > TRAIN_SIZE {
+        let test = load(dir, Split::Test, Some(n - TRAIN_SIZE))?;
+        exported += export_png(&test, Split::Test, test.len(), out)?;
+        test.labels
+    } else {
+        Vec::new()
+    };
+    Ok((
+        exported,
+        Truth {
+            train: train.labels,
+            test,
+        },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +210,18 @@ mod tests {
         assert_eq!(name, "train-00042.png");
         assert_eq!(index_of(&format!("/x/y/{name}")), Some((Split::Train, 42)));
         assert_eq!(index_of("/x/cat.png"), None);
+    }
+
+    #[test]
+    fn truth_covers_both_splits() {
+        let truth = Truth {
+            train: vec![3, 4],
+            test: vec![7],
+        };
+        assert_eq!(truth.class_of("train-00001.png"), Some(4));
+        assert_eq!(truth.class_of("/a/t10k-00000.png"), Some(7));
+        assert_eq!(truth.class_of("t10k-00001.png"), None);
+        assert_eq!(truth.class_of("cat.png"), None);
     }
 
     #[test]

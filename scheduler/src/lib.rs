@@ -10,8 +10,11 @@
 //! - [`ingest`]: image files into items; [`dispatch`]: items into jobs.
 //! - [`results`]: the result consumer that stores predictions and routes.
 //! - [`review`]: the review queue (claims, leases, fencing tokens).
-//! - [`training`]: snapshots, training runs and their events;
-//!   [`models`]: versions, promotion, rollback, activation and rescore.
+//! - [`training`]: snapshots, training runs and their events
+//!   ([`auto_retrain`]: runs requested every N new human labels);
+//!   [`models`]: versions, promotion, rollback, activation and rescore;
+//!   [`evaluation`]: per-class precision/recall, calibration error and
+//!   machine share of a version, from its holdout.
 //! - [`auth`]: API tokens and roles.
 //! - [`status`], [`workers`], [`failed`]: what operators look at and
 //!   replay (fleet status, heartbeats, failed items and dead letters).
@@ -20,6 +23,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod auto_retrain;
 pub mod calibration;
 pub mod cli;
 pub mod db;
@@ -27,6 +31,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod entities;
 pub mod error;
+pub mod evaluation;
 pub mod failed;
 pub mod fashion_mnist;
 pub mod http;

@@ -66,6 +66,30 @@ pub async fn list(ctx: &Context, project: &Project) -> AppResult<Vec<VersionSumm
     Ok(versions.iter().map(VersionSummary::from).collect())
 }
 
+/// One version in full: its summary and what its holdout says.
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionDetail {
+    #[serde(flatten)]
+    pub summary: VersionSummary,
+    /// Accuracy of the version it started from, on this version's holdout.
+    pub base_accuracy: Option<f64>,
+    pub quality: Option<crate::evaluation::Quality>,
+}
+
+/// A version with per-class precision/recall, calibration error and the
+/// machine share the project's current policy would reach with it.
+pub async fn show(ctx: &Context, project: &Project, version: i32) -> AppResult<VersionDetail> {
+    let found = find_version(ctx, project, version).await?;
+    let metrics = metrics_of(&found);
+    Ok(VersionDetail {
+        summary: VersionSummary::from(&found),
+        base_accuracy: metrics.as_ref().and_then(|m| m.base_accuracy),
+        quality: metrics
+            .filter(|m| !m.evaluations.is_empty())
+            .map(|m| crate::evaluation::quality(&m, &project.class_names, &project.policy)),
+    })
+}
+
 async fn find_version(
     ctx: &Context,
     project: &Project,

@@ -41,6 +41,9 @@ pub struct Policy {
     /// Share of would-be machine labels sent to review anyway, so machine
     /// accuracy is measured rather than assumed.
     pub audit_rate: f64,
+    /// Retrain automatically once this many human labels have arrived since
+    /// the last run's snapshot (`None`: only on request).
+    pub retrain_every_labels: Option<u32>,
 }
 
 impl Default for Policy {
@@ -52,6 +55,7 @@ impl Default for Policy {
             disagreement_measure: DisagreementMeasure::Vote,
             disagreement_limit: 0.34,
             audit_rate: 0.02,
+            retrain_every_labels: None,
         }
     }
 }
@@ -83,7 +87,13 @@ impl Policy {
             0.0,
             10.0,
         )?;
-        within("audit_rate", self.audit_rate, 0.0, 1.0)
+        within("audit_rate", self.audit_rate, 0.0, 1.0)?;
+        if self.retrain_every_labels == Some(0) {
+            return Err(AppError::Invalid(
+                "retrain_every_labels must be at least 1 (or unset)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The confidence a prediction of `class` needs to become a machine

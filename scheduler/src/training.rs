@@ -23,8 +23,8 @@ use serde::Serialize;
 use sieve_shared::broker;
 use sieve_shared::ids::{ItemId, ModelVersionId, TrainingRunId};
 use sieve_shared::messages::{
-    SCHEMA_VERSION, Snapshot, SnapshotExample, Split, TrainEvent, TrainEventKind, TrainJob,
-    TrainParams, decode,
+    ControlCommand, ControlMessage, SCHEMA_VERSION, Snapshot, SnapshotExample, Split, TrainEvent,
+    TrainEventKind, TrainJob, TrainParams, decode,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -240,6 +240,42 @@ pub async fn request(
     })
 }
 
+/// Cancel the project's queued or running run: it ends `cancelled` (its
+/// version `failed` with the reason, never registered), and the fleet is
+/// told, so a worker training it stops at the next epoch and drops the job.
+/// Events the run still sends change nothing: it has ended.
+pub async fn cancel(ctx: &Context, project: &Project, by: &str) -> AppResult<Uuid> {
+    let run = training_run::Entity::find()
+        .filter(training_run::Column::ProjectId.eq(project.id.as_uuid()))
+        .filter(training_run::Column::State.is_in([RunState::Queued, RunState::Running]))
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| {
+            AppError::NotFound(format!(
+                "project {} has no queued or running training run",
+                project.name
+            ))
+        })?;
+    finish(
+        ctx,
+        run.id,
+        RunState::Cancelled,
+        Some(format!("cancelled by {by}")),
+    )
+    .await?;
+    ctx.publisher
+        .publish(&ControlMessage {
+            schema: SCHEMA_VERSION,
+            command: ControlCommand::CancelTraining {
+                run_id: TrainingRunId::from_uuid(run.id),
+            },
+        })
+        .await
+        .map_err(anyhow::Error::from)?;
+    tracing::info!(project = %project.name, run = %run.id, by, "training run cancelled");
+    Ok(run.id)
+}
+
 /// End a run (and its version) unless it already ended. Returns false when
 /// it had: a duplicated event then changes nothing.
 async fn finish(
@@ -279,7 +315,7 @@ async fn finish(
         };
         metrics::counter!("sieve_training_runs_finished_total", "outcome" => outcome).increment(1);
     }
-    if ended.rows_affected > 0 && state == RunState::Failed {
+    if ended.rows_affected > 0 && matches!(state, RunState::Failed | RunState::Cancelled) {
         model_version::Entity::update_many()
             .col_expr(
                 model_version::Column::Status,

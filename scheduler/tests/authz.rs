@@ -63,8 +63,20 @@ async fn every_endpoint_by_every_role() {
                 Action::Read,
             ),
             (
+                "GET",
+                format!("/api/v1/projects/{p}/models/1"),
+                serde_json::Value::Null,
+                Action::Read,
+            ),
+            (
                 "POST",
                 format!("/api/v1/projects/{p}/retrain"),
+                serde_json::Value::Null,
+                Action::Train,
+            ),
+            (
+                "POST",
+                format!("/api/v1/projects/{p}/retrain/cancel"),
                 serde_json::Value::Null,
                 Action::Train,
             ),

@@ -286,6 +286,10 @@ pub enum ControlCommand {
         project_id: ProjectId,
         model: ModelRef,
     },
+    /// A training run was cancelled: a worker training it stops at the
+    /// next epoch and drops the job; a worker that gets the job later
+    /// skips it.
+    CancelTraining { run_id: TrainingRunId },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

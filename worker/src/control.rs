@@ -1,6 +1,7 @@
 //! The control listener: each worker binds its own exclusive queue to the
 //! control fanout and hands activation notices to the prediction loop, which
-//! loads the new version between batches.
+//! loads the new version between batches; cancelled training runs are
+//! remembered for the training loop.
 
 use std::sync::Arc;
 
@@ -72,6 +73,13 @@ pub async fn run(
                 tracing::info!(project = %project_id, version = model.version, "activation notice");
                 // A full channel only means the loop has notices to catch up on.
                 let _ = activations.try_send(model);
+            }
+            Ok(ControlMessage {
+                command: ControlCommand::CancelTraining { run_id },
+                ..
+            }) => {
+                tracing::info!(run = %run_id, "training run cancelled");
+                worker.cancel_run(run_id);
             }
             Err(err) => tracing::warn!(error = %err, "ignoring an undecodable control message"),
         }

@@ -17,6 +17,7 @@ use axum::Router;
 use axum::routing::get;
 use sieve_shared::Settings;
 use sieve_shared::broker::{self, Publisher};
+use sieve_shared::ids::TrainingRunId;
 use sieve_shared::store::Store;
 use sieve_shared::topology::Topology;
 use tokio::net::TcpListener;
@@ -65,11 +66,26 @@ pub struct Worker {
     pub cache: ModelCache,
     pub stats: Stats,
     pub started: Instant,
+    /// Training runs cancelled by the scheduler since this worker started.
+    pub cancelled_runs: std::sync::Mutex<std::collections::HashSet<TrainingRunId>>,
 }
 
 impl Worker {
     pub fn topology(&self) -> &Topology {
         self.publisher.topology()
+    }
+
+    /// Remember that `run` was cancelled (a control notice).
+    pub fn cancel_run(&self, run: TrainingRunId) {
+        if let Ok(mut runs) = self.cancelled_runs.lock() {
+            runs.insert(run);
+        }
+    }
+
+    pub fn is_cancelled(&self, run: TrainingRunId) -> bool {
+        self.cancelled_runs
+            .lock()
+            .is_ok_and(|runs| runs.contains(&run))
     }
 }
 
@@ -118,6 +134,7 @@ pub async fn run(
         publisher,
         stats: Stats::default(),
         started: Instant::now(),
+        cancelled_runs: Default::default(),
     });
     tracing::info!(
         worker = %worker.id,

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -42,6 +43,8 @@ enum RunError {
     Transient(String),
     #[error("cancelled by shutdown")]
     Cancelled,
+    #[error("cancelled on request")]
+    CancelledByRequest,
 }
 
 pub async fn run(
@@ -95,6 +98,11 @@ async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationTok
             return;
         }
     };
+    if worker.is_cancelled(job.run_id) {
+        tracing::info!(run = %job.run_id, "skipping a cancelled training run");
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        return;
+    }
     tracing::info!(run = %job.run_id, version = job.version, "training started");
     let _ = publish(
         worker,
@@ -110,6 +118,12 @@ async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationTok
         Err(RunError::Permanent(reason)) => {
             tracing::warn!(run = %job.run_id, %reason, "training failed");
             publish(worker, &job, TrainEventKind::Failed { reason }).await
+        }
+        Err(RunError::CancelledByRequest) => {
+            // The scheduler has ended the run already; nothing to report.
+            tracing::info!(run = %job.run_id, "training cancelled on request; dropping the job");
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            return;
         }
         Err(err @ (RunError::Transient(_) | RunError::Cancelled)) => {
             tracing::warn!(run = %job.run_id, error = %err, "training interrupted; requeueing the job");
@@ -266,8 +280,20 @@ async fn train(
     let cancelled = Arc::new(AtomicBool::new(false));
     let cancel_flag = cancelled.clone();
     let watch_stop = stop.clone();
+    let watch_worker = worker.clone();
+    let run_id = job.run_id;
     let watcher = tokio::spawn(async move {
-        watch_stop.cancelled().await;
+        // Shutdown or a cancel notice, whichever comes first.
+        loop {
+            tokio::select! {
+                () = watch_stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if watch_worker.is_cancelled(run_id) {
+                        break;
+                    }
+                }
+            }
+        }
         cancel_flag.store(true, Ordering::SeqCst);
     });
     let train_size = train_data.labels.len();
@@ -297,6 +323,9 @@ async fn train(
     let trained =
         match trained.map_err(|e| RunError::Permanent(format!("training panicked: {e}")))? {
             Ok(model) => model,
+            Err(ModelError::Cancelled) if worker.is_cancelled(job.run_id) => {
+                return Err(RunError::CancelledByRequest);
+            }
             Err(ModelError::Cancelled) => return Err(RunError::Cancelled),
             Err(err) => return Err(RunError::Permanent(err.to_string())),
         };

@@ -25,10 +25,13 @@ async fn quick_demo_report_adds_up() {
         reviewer_error_rate: 0.0,
         images: 0,
         project: Some("quick".into()),
+        resume: false,
+        seed_size: 0,
         labels_per_round: 0,
         rounds: 0,
+        label_budget: None,
         reviewers: 2,
-        threshold: 0.9,
+        threshold: None,
         target_accuracy: None,
         audit_rate: 0.02,
         data_dir: fashion_mnist::DEFAULT_DIR.into(),
@@ -114,5 +117,47 @@ async fn quick_demo_report_adds_up() {
         report.machine_labels
     );
     assert_eq!(report.versions.len(), report.model_versions);
+    assert_eq!(report.per_class.len(), fashion_mnist::CLASSES.len());
+    assert_eq!(
+        report
+            .per_class
+            .iter()
+            .map(|c| c.machine_labels)
+            .sum::<u64>() as i64,
+        report.machine_labels,
+        "per-class machine labels add up"
+    );
+    assert_eq!(report.curve.len(), 3, "a curve point per target");
+
+    // Resume the same project, as after Ctrl-C: nothing is ingested twice,
+    // the human labels already given stay, and the budget counts them.
+    let resumed = demo::run(
+        &sieve.ctx,
+        &DemoArgs {
+            resume: true,
+            label_budget: Some(report.human_labels as usize + 50),
+            ..args.clone()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(resumed.images, 2000, "a resumed run adds no items");
+    assert_eq!(
+        resumed.machine_labels + resumed.human_labels + resumed.still_in_review + resumed.failed,
+        2000
+    );
+    assert_eq!(
+        resumed.human_labels,
+        report.human_labels + 50,
+        "the resumed run labels up to the budget"
+    );
+    let humans = label::Entity::find()
+        .filter(label::Column::Source.eq(LabelSource::Human))
+        .all(&sieve.ctx.db)
+        .await
+        .unwrap();
+    let distinct: std::collections::HashSet<_> = humans.iter().map(|l| l.item_id).collect();
+    assert_eq!(distinct.len(), humans.len(), "one human label per item");
+    assert_eq!(humans.len() as i64, resumed.human_labels);
     sieve.teardown().await;
 }

@@ -40,7 +40,9 @@ pub fn router(ctx: Context) -> Router {
         )
         .route("/projects/{project}/review/next", post(claim_next))
         .route("/projects/{project}/retrain", post(retrain))
+        .route("/projects/{project}/retrain/cancel", post(cancel_retrain))
         .route("/projects/{project}/models", get(list_models))
+        .route("/projects/{project}/models/{version}", get(show_model))
         .route("/status", get(fleet_status))
         .route("/review/{task}", get(show_task))
         .route("/review/{task}/submit", post(submit))
@@ -317,6 +319,17 @@ async fn retrain(
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
 
+async fn cancel_retrain(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Train).await?;
+    let project = projects::get(&ctx.db, &project).await?;
+    let run_id = training::cancel(&ctx, &project, &who.name).await?;
+    Ok(Json(serde_json::json!({ "run_id": run_id, "state": "cancelled" })).into_response())
+}
+
 async fn fleet_status(State(ctx): State<Context>, headers: HeaderMap) -> AppResult<Response> {
     caller(&ctx, &headers, Action::Operate).await?;
     Ok(Json(status::fleet_status(&ctx).await?).into_response())
@@ -330,6 +343,16 @@ async fn list_models(
     caller(&ctx, &headers, Action::Read).await?;
     let project = projects::get(&ctx.db, &project).await?;
     Ok(Json(models::list(&ctx, &project).await?).into_response())
+}
+
+async fn show_model(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path((project, version)): Path<(String, i32)>,
+) -> AppResult<Response> {
+    caller(&ctx, &headers, Action::Read).await?;
+    let project = projects::get(&ctx.db, &project).await?;
+    Ok(Json(models::show(&ctx, &project, version).await?).into_response())
 }
 
 async fn item_image(
