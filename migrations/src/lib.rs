@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261125_000001_initial;
 mod m20261125_000002_calibration;
 mod m20261125_000003_review;
+mod m20261125_000001_claim_indexes;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_initial::Migration),
             Box::new(m20261125_000002_calibration::Migration),
             Box::new(m20261125_000003_review::Migration),
+            Box::new(m20261125_000001_claim_indexes::Migration),
         ]
     }
 }

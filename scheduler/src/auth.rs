@@ -26,6 +26,8 @@ pub enum Action {
     Train,
     /// Ingest, fleet operations, dead letters.
     Operate,
+    /// Label an item that people already labeled (`force` on a submit).
+    ForceLabel,
 }
 
 pub fn allows(role: Role, action: Action) -> bool {
@@ -33,7 +35,7 @@ pub fn allows(role: Role, action: Action) -> bool {
     match role {
         Role::Admin => true,
         Role::Reviewer => matches!(action, Read | Review),
-        Role::Ml => matches!(action, Read | Review | ManageProjects | Train),
+        Role::Ml => matches!(action, Read | Review | ManageProjects | Train | ForceLabel),
         Role::Ops => matches!(action, Read | Operate),
     }
 }
@@ -43,6 +45,21 @@ pub fn allows(role: Role, action: Action) -> bool {
 pub struct Caller {
     pub name: String,
     pub role: Role,
+}
+
+impl Caller {
+    /// Refuse (403) unless this caller's role allows `action` too.
+    pub fn require(&self, action: Action) -> AppResult<()> {
+        if allows(self.role, action) {
+            Ok(())
+        } else {
+            Err(forbidden(self.role, action))
+        }
+    }
+}
+
+fn forbidden(role: Role, action: Action) -> AppError {
+    AppError::Forbidden(format!("role {role:?} may not {action:?}"))
 }
 
 /// Create a token; returns the secret, which is not stored anywhere.
@@ -86,10 +103,7 @@ pub async fn authorize(
         return Err(AppError::Unauthorized);
     }
     if !allows(found.role, action) {
-        return Err(AppError::Forbidden(format!(
-            "role {:?} may not {action:?}",
-            found.role
-        )));
+        return Err(forbidden(found.role, action));
     }
     Ok(Caller {
         name: found.name,
@@ -110,12 +124,16 @@ mod tests {
         assert!(!allows(Role::Ml, Action::Operate));
         assert!(allows(Role::Ops, Action::Operate));
         assert!(!allows(Role::Ops, Action::Review));
+        assert!(allows(Role::Ml, Action::ForceLabel));
+        assert!(!allows(Role::Reviewer, Action::ForceLabel));
+        assert!(!allows(Role::Ops, Action::ForceLabel));
         for action in [
             Action::Read,
             Action::Review,
             Action::ManageProjects,
             Action::Train,
             Action::Operate,
+            Action::ForceLabel,
         ] {
             assert!(allows(Role::Admin, action));
         }

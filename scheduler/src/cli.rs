@@ -90,6 +90,16 @@ pub enum Command {
     /// Run the active-learning loop on Fashion-MNIST with simulated reviewers
     /// (needs `sieve serve` and workers running; `ops/demo.sh` starts them).
     Demo(demo::DemoArgs),
+    /// Benchmarks that print their figures (docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Review claims: many reviewers claiming and submitting at once until
+    /// the queue is empty; latencies, throughput, zero double claims.
+    Claim(crate::bench_claim::ClaimArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +167,10 @@ pub enum ReviewCommand {
         class: String,
         #[arg(long, default_value = "cli")]
         reviewer: String,
+        /// Label it even if people already labeled the item (the CLI has
+        /// the database's own authority, like an admin token).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -413,6 +427,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ctx = Context::connect(settings).await?;
             demo::run(&ctx, &args).await?;
         }
+        Command::Bench(BenchCommand::Claim(args)) => {
+            crate::bench_claim::run(&settings, &args).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -624,6 +641,7 @@ async fn review_command(settings: Settings, command: ReviewCommand) -> anyhow::R
             token,
             class,
             reviewer,
+            force,
         } => {
             let task = task
                 .parse()
@@ -635,6 +653,7 @@ async fn review_command(settings: Settings, command: ReviewCommand) -> anyhow::R
                 &review::Submission {
                     fencing_token: token,
                     class,
+                    force,
                 },
             )
             .await?;

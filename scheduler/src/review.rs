@@ -26,12 +26,17 @@
 //!   token. Refused (nothing written) once the lease time has passed, for
 //!   anyone but the label's author, or when anything newer happened to the
 //!   item (a newer label, another open task).
+//!
+//! A submit for an item that people already labeled (an earlier review, an
+//! import) is a conflict (409, nothing written) unless it says `force`, which
+//! only the `ml` and `admin` roles may (see `auth::Action::ForceLabel`): a
+//! reviewer cannot silently overrule another human.
 
 use chrono::{DateTime, Duration, FixedOffset, Utc};
-use sea_orm::sea_query::{Expr, LockBehavior, LockType};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbBackend,
-    EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait,
+    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
     TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
@@ -86,14 +91,35 @@ struct Proposal {
 
 impl Proposal {
     fn of(project: &Project, prediction: Option<&prediction::Model>) -> Self {
+        match prediction {
+            Some(p) => Self::from_parts(
+                project,
+                p.top_class,
+                &p.probabilities,
+                &p.member_votes,
+                p.confidence,
+            ),
+            None => Self {
+                predicted_class: None,
+                probabilities: None,
+                member_votes: None,
+                confidence: None,
+            },
+        }
+    }
+
+    fn from_parts(
+        project: &Project,
+        top_class: i32,
+        probabilities: &serde_json::Value,
+        member_votes: &serde_json::Value,
+        confidence: f32,
+    ) -> Self {
         Self {
-            predicted_class: prediction
-                .and_then(|p| project.class_names.get(p.top_class as usize).cloned()),
-            probabilities: prediction
-                .and_then(|p| serde_json::from_value(p.probabilities.clone()).ok()),
-            member_votes: prediction
-                .and_then(|p| serde_json::from_value(p.member_votes.clone()).ok()),
-            confidence: prediction.map(|p| p.confidence),
+            predicted_class: project.class_names.get(top_class as usize).cloned(),
+            probabilities: serde_json::from_value(probabilities.clone()).ok(),
+            member_votes: serde_json::from_value(member_votes.clone()).ok(),
+            confidence: Some(confidence),
         }
     }
 }
@@ -113,7 +139,7 @@ fn utc(at: DateTime<FixedOffset>) -> DateTime<Utc> {
 
 async fn item_and_prediction(
     db: &impl ConnectionTrait,
-    task: &review_task::Model,
+    task: &ClaimRow,
 ) -> AppResult<(item::Model, Option<prediction::Model>)> {
     let item = item::Entity::find_by_id(task.item_id)
         .one(db)
@@ -126,12 +152,90 @@ async fn item_and_prediction(
     Ok((item, prediction))
 }
 
+/// Up to this many open tasks are counted exactly on every claim; a longer
+/// queue is counted at most every [`COUNT_EVERY`] per project and process.
+const EXACT_COUNT_UP_TO: u64 = 1_000;
+const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(FromQueryResult)]
+struct Counted {
+    n: i64,
+}
+
+async fn count_open(
+    db: &impl ConnectionTrait,
+    project_id: Uuid,
+    limit: Option<u64>,
+) -> AppResult<u64> {
+    let limit = limit.map_or_else(|| "ALL".to_owned(), |l| l.to_string());
+    let counted = Counted::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "SELECT count(*) AS n FROM (SELECT 1 FROM review_tasks \
+             WHERE project_id = $1 AND state = 'open' LIMIT {limit}) open"
+        ),
+        [project_id.into()],
+    ))
+    .one(db)
+    .await?;
+    Ok(counted.map_or(0, |c| c.n.max(0) as u64))
+}
+
+/// Open tasks in a project: what a reviewer's "N left" shows. Counting a
+/// long queue on every claim would cost more than the claim itself (a count
+/// of 100,000 open tasks takes ~20 ms here), so once a queue was found to
+/// hold [`EXACT_COUNT_UP_TO`] or more, its count is shared by the claims of
+/// this process for up to [`COUNT_EVERY`] (it may be that much behind);
+/// a shorter queue is counted exactly on every claim.
 async fn open_tasks(db: &impl ConnectionTrait, project_id: Uuid) -> AppResult<u64> {
-    Ok(review_task::Entity::find()
-        .filter(review_task::Column::ProjectId.eq(project_id))
-        .filter(review_task::Column::State.eq(TaskState::Open))
-        .count(db)
-        .await?)
+    use std::collections::HashMap;
+    use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+    use std::time::Instant;
+    // A std mutex: it is never held across an await.
+    static LONG_QUEUES: OnceLock<Mutex<HashMap<Uuid, (Instant, u64)>>> = OnceLock::new();
+    fn cache() -> MutexGuard<'static, HashMap<Uuid, (Instant, u64)>> {
+        LONG_QUEUES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    if let Some((at, n)) = cache().get_mut(&project_id) {
+        if at.elapsed() < COUNT_EVERY {
+            return Ok(*n);
+        }
+        // Stale: this claimer recounts; the others keep the old figure
+        // meanwhile instead of all counting at once.
+        *at = Instant::now();
+    }
+    let bounded = count_open(db, project_id, Some(EXACT_COUNT_UP_TO)).await?;
+    if bounded < EXACT_COUNT_UP_TO {
+        cache().remove(&project_id);
+        return Ok(bounded);
+    }
+    let fresh = count_open(db, project_id, None).await?;
+    cache().insert(project_id, (Instant::now(), fresh));
+    Ok(fresh)
+}
+
+/// The columns of a task that its view needs.
+#[derive(Clone, Debug)]
+struct ClaimRow {
+    id: Uuid,
+    item_id: Uuid,
+    prediction_id: Option<Uuid>,
+    reason: TaskReason,
+}
+
+impl From<&review_task::Model> for ClaimRow {
+    fn from(task: &review_task::Model) -> Self {
+        Self {
+            id: task.id,
+            item_id: task.item_id,
+            prediction_id: task.prediction_id,
+            reason: task.reason,
+        }
+    }
 }
 
 /// What the holder of `task` (already claimed, with `token` and `expires`)
@@ -139,7 +243,7 @@ async fn open_tasks(db: &impl ConnectionTrait, project_id: Uuid) -> AppResult<u6
 async fn claimed_view(
     db: &DatabaseConnection,
     project: &Project,
-    task: &review_task::Model,
+    task: &ClaimRow,
     token: i64,
     expires: DateTime<Utc>,
     lease: std::time::Duration,
@@ -186,54 +290,114 @@ async fn claim_next_inner(
     reviewer: &str,
     lease: std::time::Duration,
 ) -> AppResult<Option<ClaimedTask>> {
-    let txn = db.begin().await?;
     let now = Utc::now();
-    let claimable = Condition::any()
-        .add(review_task::Column::State.eq(TaskState::Open))
-        .add(
-            Condition::all()
-                .add(review_task::Column::State.eq(TaskState::Claimed))
-                .add(review_task::Column::LeaseExpiresAt.lt(now.fixed_offset())),
-        );
-    let Some(task) = review_task::Entity::find()
-        .filter(review_task::Column::ProjectId.eq(project.id.as_uuid()))
-        .filter(claimable)
-        // Added by a later migration than the entity knows of (skips).
-        .order_by_asc(Expr::cust("review_tasks.skip_count"))
-        .order_by_desc(review_task::Column::Priority)
-        .order_by_asc(review_task::Column::CreatedAt)
-        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-        .one(&txn)
-        .await?
+    let expires = now + lease_length(lease);
+    let Some(claimed) = Claimed::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        CLAIM,
+        [
+            project.id.as_uuid().into(),
+            reviewer.into(),
+            expires.fixed_offset().into(),
+            now.fixed_offset().into(),
+        ],
+    ))
+    .one(db)
+    .await?
     else {
-        txn.commit().await?;
         return Ok(None);
     };
-
-    if task.state == TaskState::Claimed {
+    if claimed.expired {
         // Its holder's lease ran out: the task returns to the queue.
         metrics::counter!("sieve_review_leases_expired_total").increment(1);
     }
-    let expires = now + lease_length(lease);
-    let token = task.fencing_token + 1;
-    review_task::Entity::update(review_task::ActiveModel {
-        id: Set(task.id),
-        state: Set(TaskState::Claimed),
-        lease_holder: Set(Some(reviewer.to_owned())),
-        lease_expires_at: Set(Some(expires.fixed_offset())),
-        fencing_token: Set(token),
-        updated_at: Set(now.fixed_offset()),
-        ..Default::default()
-    })
-    .exec(&txn)
-    .await?;
-    txn.commit().await?;
     metrics::counter!("sieve_review_tasks_claimed_total").increment(1);
-
-    claimed_view(db, project, &task, token, expires, lease)
-        .await
-        .map(Some)
+    let proposal = match (
+        &claimed.probabilities,
+        &claimed.member_votes,
+        claimed.top_class,
+    ) {
+        (Some(probabilities), Some(votes), Some(top_class)) => Proposal::from_parts(
+            project,
+            top_class,
+            probabilities,
+            votes,
+            claimed.confidence.unwrap_or_default(),
+        ),
+        _ => Proposal::of(project, None),
+    };
+    Ok(Some(ClaimedTask {
+        task_id: claimed.id,
+        fencing_token: claimed.fencing_token,
+        lease_expires_at: expires,
+        lease_seconds: lease.as_secs(),
+        project: project.name.clone(),
+        item_id: claimed.item_id,
+        image_url: image_url(claimed.item_id),
+        object_key: claimed.object_key,
+        source: claimed.source,
+        reason: claimed.reason,
+        class_names: project.class_names.clone(),
+        predicted_class: proposal.predicted_class,
+        probabilities: proposal.probabilities,
+        member_votes: proposal.member_votes,
+        confidence: proposal.confidence,
+        remaining: open_tasks(db, project.id.as_uuid()).await?,
+    }))
 }
+
+/// What one claim statement returns: the task it took, and its item and
+/// prediction.
+#[derive(FromQueryResult)]
+struct Claimed {
+    id: Uuid,
+    item_id: Uuid,
+    reason: TaskReason,
+    fencing_token: i64,
+    expired: bool,
+    object_key: String,
+    source: String,
+    probabilities: Option<serde_json::Value>,
+    member_votes: Option<serde_json::Value>,
+    top_class: Option<i32>,
+    confidence: Option<f32>,
+}
+
+/// A claim, as one statement (its own transaction, one round trip): pick
+/// the next task and lock it, skipping rows other claimers hold
+/// (`SKIP LOCKED`, so they never wait on each other), take it, and return it
+/// with its item and prediction. A task whose holder's lease ran out goes
+/// first (index `review_tasks_claimed_leases`): it was handed out before
+/// anything still open. Otherwise the open task skipped the fewest times,
+/// then the most uncertain, then the oldest (index
+/// `review_tasks_open_queue`). `COALESCE` evaluates the second pick only when
+/// the first finds nothing. `$1` project, `$2` reviewer, `$3` lease expiry,
+/// `$4` now.
+const CLAIM: &str = r#"
+WITH claimed AS (
+    UPDATE review_tasks t
+    SET state = 'claimed', lease_holder = $2, lease_expires_at = $3,
+        fencing_token = t.fencing_token + 1, updated_at = $4
+    FROM (
+        SELECT id, state AS was FROM review_tasks
+        WHERE id = COALESCE(
+            (SELECT id FROM review_tasks
+             WHERE project_id = $1 AND state = 'claimed' AND lease_expires_at < $4
+             ORDER BY lease_expires_at LIMIT 1 FOR UPDATE SKIP LOCKED),
+            (SELECT id FROM review_tasks
+             WHERE project_id = $1 AND state = 'open'
+             ORDER BY skip_count, priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED))
+    ) pick
+    WHERE t.id = pick.id
+    RETURNING t.id, t.item_id, t.prediction_id, t.reason, t.fencing_token,
+              pick.was = 'claimed' AS expired
+)
+SELECT c.id, c.item_id, c.reason, c.fencing_token, c.expired, i.object_key, i.source,
+       p.probabilities, p.member_votes, p.top_class, p.confidence
+FROM claimed c
+JOIN items i ON i.id = c.item_id
+LEFT JOIN predictions p ON p.id = c.prediction_id
+"#;
 
 /// A reviewer's answer to a claimed task.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -241,6 +405,11 @@ pub struct Submission {
     pub fencing_token: i64,
     /// Class name (or index) chosen by the reviewer.
     pub class: String,
+    /// Label the item even though a human already labeled it (the newest
+    /// human label wins). Only `ml` and `admin` may ask for it: the HTTP
+    /// layer refuses it to other roles with 403 before calling [`submit`].
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -286,7 +455,48 @@ async fn refusal(
     )
 }
 
+async fn project_in(db: &impl ConnectionTrait, id: Uuid) -> AppResult<Project> {
+    crate::entities::project::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .map(Project::from_model)
+        .transpose()?
+        .ok_or_else(|| AppError::NotFound(format!("no project {id}")))
+}
+
+/// The newest label by people (a reviewer's, or imported) of an item.
+async fn human_label(db: &impl ConnectionTrait, item_id: Uuid) -> AppResult<Option<label::Model>> {
+    Ok(label::Entity::find()
+        .filter(label::Column::ItemId.eq(item_id))
+        .filter(label::Column::Source.is_in([LabelSource::Human, LabelSource::Import]))
+        .order_by_desc(label::Column::CreatedAt)
+        .one(db)
+        .await?)
+}
+
+fn already_labeled(project: &Project, existing: &label::Model) -> AppError {
+    let class = project
+        .class_names
+        .get(existing.class_index as usize)
+        .map_or("?", String::as_str);
+    let by = match (existing.source, existing.reviewer.as_deref()) {
+        (LabelSource::Import, _) => "an import".to_owned(),
+        (_, Some(reviewer)) => reviewer.to_owned(),
+        (_, None) => "a person".to_owned(),
+    };
+    AppError::Conflict(format!(
+        "item {} is already labeled {class:?} by {by} (at {}); an ml or admin token may \
+         override it with \"force\": true; nothing was written",
+        existing.item_id,
+        existing.created_at.to_rfc3339()
+    ))
+}
+
 /// Store a human label for a claimed task and close it.
+///
+/// An item that already has a label by people (an earlier review, an
+/// import) is refused with 409 unless `submission.force` is set; the caller
+/// decides who may force.
 pub async fn submit(
     db: &DatabaseConnection,
     task_id: TaskId,
@@ -294,17 +504,16 @@ pub async fn submit(
     submission: &Submission,
 ) -> AppResult<SubmittedLabel> {
     let txn = db.begin().await?;
-    let item_id = review_task::Entity::find_by_id(task_id.as_uuid())
-        .one(&txn)
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?
-        .item_id;
     // Lock the item before the task: the result consumer takes them in that
     // order, so a submit and a routing batch can never deadlock.
-    item::Entity::find_by_id(item_id)
-        .lock_exclusive()
-        .one(&txn)
-        .await?;
+    txn.query_one_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT id FROM items WHERE id = (SELECT item_id FROM review_tasks WHERE id = $1) \
+         FOR UPDATE",
+        [task_id.as_uuid().into()],
+    ))
+    .await?
+    .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
     let task = review_task::Entity::find_by_id(task_id.as_uuid())
         .lock_exclusive()
         .one(&txn)
@@ -313,42 +522,44 @@ pub async fn submit(
     if task.state != TaskState::Claimed || task.fencing_token != submission.fencing_token {
         return Err(stale(&task, submission.fencing_token));
     }
-    let project = projects::get(db, &task.project_id.to_string()).await?;
+    // Read on the transaction's own connection: taking a second one from the
+    // pool while holding this one can starve the pool under load.
+    let project = project_in(&txn, task.project_id).await?;
     let class_index = project.class_index(&submission.class)?;
+    if !submission.force
+        && let Some(existing) = human_label(&txn, task.item_id).await?
+    {
+        return Err(already_labeled(&project, &existing));
+    }
     let now = Utc::now();
 
     let label_id = Uuid::now_v7();
-    label::Entity::insert(label::ActiveModel {
-        id: Set(label_id),
-        item_id: Set(task.item_id),
-        class_index: Set(class_index as i32),
-        source: Set(LabelSource::Human),
-        reviewer: Set(Some(reviewer.to_owned())),
-        prediction_id: Set(task.prediction_id),
-        model_version_id: Set(None),
-        review_task_id: Set(Some(task.id)),
-        created_at: Set(now.fixed_offset()),
-    })
-    .exec_without_returning(&txn)
-    .await?;
-    // The holder and expiry stay on the closed task: they are what undo
-    // checks.
-    review_task::Entity::update(review_task::ActiveModel {
-        id: Set(task.id),
-        state: Set(TaskState::Done),
-        closed_at: Set(Some(now.fixed_offset())),
-        updated_at: Set(now.fixed_offset()),
-        ..Default::default()
-    })
-    .exec(&txn)
-    .await?;
-    item::Entity::update(item::ActiveModel {
-        id: Set(task.item_id),
-        state: Set(ItemState::HumanLabeled),
-        updated_at: Set(now.fixed_offset()),
-        ..Default::default()
-    })
-    .exec(&txn)
+    // The label, the closed task and the labeled item in one statement (one
+    // round trip while the locks are held). The holder and expiry stay on
+    // the closed task: they are what undo checks.
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        r#"
+        WITH label AS (
+            INSERT INTO labels (id, item_id, class_index, source, reviewer, prediction_id,
+                                review_task_id, created_at)
+            VALUES ($1, $2, $3, 'human', $4, $5, $6, $7)
+        ), task AS (
+            UPDATE review_tasks SET state = 'done', closed_at = $7, updated_at = $7
+            WHERE id = $6
+        )
+        UPDATE items SET state = 'human_labeled', updated_at = $7 WHERE id = $2
+        "#,
+        [
+            label_id.into(),
+            task.item_id.into(),
+            (class_index as i32).into(),
+            reviewer.into(),
+            task.prediction_id.into(),
+            task.id.into(),
+            now.fixed_offset().into(),
+        ],
+    ))
     .await?;
     txn.commit().await?;
     metrics::counter!("sieve_review_tasks_submitted_total").increment(1);
@@ -653,7 +864,7 @@ pub async fn undo(
     tracing::info!(task = %task_id, reviewer, "review submit undone");
 
     let project = projects::get(db, &task.project_id.to_string()).await?;
-    claimed_view(db, &project, &task, token, expires, lease).await
+    claimed_view(db, &project, &ClaimRow::from(&task), token, expires, lease).await
 }
 
 /// A review task as anyone allowed to review sees it.
@@ -712,7 +923,7 @@ pub async fn show(db: &DatabaseConnection, task_id: TaskId, viewer: &str) -> App
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
     let project = projects::get(db, &task.project_id.to_string()).await?;
-    let (item, prediction) = item_and_prediction(db, &task).await?;
+    let (item, prediction) = item_and_prediction(db, &ClaimRow::from(&task)).await?;
     let proposal = Proposal::of(&project, prediction.as_ref());
     let skips = SkipRecord::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,

@@ -90,6 +90,38 @@ pub async fn measured_accuracy(
     Ok(out)
 }
 
+/// Export every project's audited machine-label accuracy as gauges:
+/// `sieve_machine_label_accuracy{project,class}` with `_lower` / `_upper`
+/// (the Wilson interval at the policy's confidence level) and
+/// `sieve_machine_label_audits{project,class}`; the overall figures as
+/// `sieve_machine_label_accuracy_overall` (`_lower`, `_upper`) and
+/// `sieve_machine_label_audits_overall`, with no class label (so a sum over
+/// classes never counts them twice). Called at each `/metrics` scrape.
+pub async fn record_accuracy_metrics(ctx: &Context) -> AppResult<()> {
+    for project in crate::projects::list(&ctx.db).await? {
+        for m in measured_accuracy(ctx, &project).await? {
+            let (suffix, mut labels) = match m.class {
+                None => ("_overall", Vec::new()),
+                Some(class) => ("", vec![("class", class)]),
+            };
+            labels.push(("project", project.name.clone()));
+            let set = |name: &str, bound: &str, value: f64| {
+                let labels: Vec<metrics::Label> = labels
+                    .iter()
+                    .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+                    .collect();
+                metrics::gauge!(format!("sieve_machine_label_{name}{suffix}{bound}"), labels)
+                    .set(value);
+            };
+            set("accuracy", "", m.accuracy);
+            set("accuracy", "_lower", m.lower);
+            set("accuracy", "_upper", m.upper);
+            set("audits", "", m.audited as f64);
+        }
+    }
+    Ok(())
+}
+
 #[derive(FromQueryResult)]
 struct Count {
     key: String,

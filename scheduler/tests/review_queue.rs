@@ -117,6 +117,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: slow.fencing_token,
             class: "cat".into(),
+            force: false,
         },
     )
     .await;
@@ -128,6 +129,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: fast.fencing_token,
             class: "horse".into(),
+            force: false,
         },
     )
     .await;
@@ -148,6 +150,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: fast.fencing_token,
             class: "dog".into(),
+            force: false,
         },
     )
     .await
@@ -160,6 +163,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: fast.fencing_token,
             class: "cat".into(),
+            force: false,
         },
     )
     .await;
@@ -182,6 +186,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: 1,
             class: "cat".into(),
+            force: false,
         },
     )
     .await;

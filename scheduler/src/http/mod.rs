@@ -128,7 +128,12 @@ async fn healthz(State(ctx): State<Context>) -> Response {
     }
 }
 
-async fn metrics_text() -> impl IntoResponse {
+async fn metrics_text(State(ctx): State<Context>) -> impl IntoResponse {
+    // Gauges read from the database are refreshed at the scrape; if that
+    // fails the rest is still served (with the accuracy gauges as they were).
+    if let Err(err) = status::record_accuracy_metrics(&ctx).await {
+        tracing::warn!(error = %err, "machine-label accuracy gauges not refreshed");
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         sieve_shared::telemetry::prometheus().render(),
@@ -234,6 +239,9 @@ async fn submit(
     JsonBody(body): JsonBody<review::Submission>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Review).await?;
+    if body.force {
+        who.require(Action::ForceLabel)?;
+    }
     let label = review::submit(&ctx.db, task_id(&task)?, &who.name, &body).await?;
     Ok(Json(label).into_response())
 }
