@@ -1,6 +1,8 @@
-//! A training worker SIGTERMed mid-run: it stops at the next epoch, puts the
-//! job back and exits 0; nothing is half-registered; another worker then
-//! completes the run and exactly one version is registered for it.
+//! A training worker interrupted mid-run. SIGTERM: it stops at the next
+//! epoch, puts the job back and exits 0. SIGKILL: no chance to clean up, the
+//! broker redelivers its unacknowledged job. Either way nothing is
+//! half-registered, and another worker then completes the run with exactly
+//! one version registered for it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -23,8 +25,23 @@ use sieve_worker::service::Capability;
 const WAIT: Duration = Duration::from_secs(120);
 const IMAGES: usize = 1500;
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Interrupt {
+    Term,
+    Kill,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_mid_training_requeues_and_a_rerun_succeeds() {
+    interrupted_run_completes_once(Interrupt::Term).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_training_redelivers_and_a_rerun_succeeds() {
+    interrupted_run_completes_once(Interrupt::Kill).await;
+}
+
+async fn interrupted_run_completes_once(interrupt: Interrupt) {
     let mut sieve = TestSieve::start_with(vec![Capability::Prelabel]).await;
     let conn = sieve.ctx.db.clone();
     let db = &conn;
@@ -77,23 +94,29 @@ async fn sigterm_mid_training_requeues_and_a_rerun_succeeds() {
     })
     .await;
 
-    let signalled = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &process.id().to_string()])
-        .status()
-        .unwrap();
-    let status = loop {
-        if let Some(status) = process.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(30),
-            "the trainer did not drain"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "{status:?}");
-    println!("trainer drained in {:?}", signalled.elapsed());
+    if interrupt == Interrupt::Kill {
+        process.kill().unwrap(); // SIGKILL: no drain, no requeue by the worker
+        let status = process.wait().unwrap();
+        assert!(!status.success(), "{status:?}");
+    } else {
+        let signalled = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &process.id().to_string()])
+            .status()
+            .unwrap();
+        let status = loop {
+            if let Some(status) = process.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(30),
+                "the trainer did not drain"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "{status:?}");
+        println!("trainer drained in {:?}", signalled.elapsed());
+    }
 
     // Clean state: the run is not failed, its version not registered, the job queued again.
     let r = training_run::Entity::find_by_id(run.run_id)
@@ -114,13 +137,16 @@ async fn sigterm_mid_training_requeues_and_a_rerun_succeeds() {
         .unwrap();
     assert_eq!(v.status, VersionStatus::Training);
     assert!(v.artifact_key.is_none());
-    let (queued, _) = sieve_shared::broker::queue_counts(
-        &sieve.ctx.connection,
-        &sieve.ctx.topology().train_queue(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(queued, 1, "the job went back to the queue");
+    // The job is back in the queue (the broker notices a killed worker's
+    // closed connection at once, but not within the same instant).
+    let queue = sieve.ctx.topology().train_queue();
+    eventually("the job back in the queue", WAIT, || async {
+        let (queued, _) = sieve_shared::broker::queue_counts(&sieve.ctx.connection, &queue)
+            .await
+            .ok()?;
+        (queued == 1).then_some(())
+    })
+    .await;
 
     // Another trainer picks it up and finishes: one version for the run.
     sieve.spawn_worker(vec![Capability::Train]).await;
