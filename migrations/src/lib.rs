@@ -10,6 +10,7 @@ mod m20261125_000001_initial;
 mod m20261125_000002_calibration;
 mod m20261125_000003_review;
 mod m20261125_000001_claim_indexes;
+mod m20261125_000002_dispatch_control;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000002_calibration::Migration),
             Box::new(m20261125_000003_review::Migration),
             Box::new(m20261125_000001_claim_indexes::Migration),
+            Box::new(m20261125_000002_dispatch_control::Migration),
         ]
     }
 }

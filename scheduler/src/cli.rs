@@ -97,6 +97,9 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Ingest of a folder of PNGs and of a manifest of keys, against the
+    /// raw publish rate of the same broker; own database and queues.
+    Ingest(crate::bench_ingest::BenchIngestArgs),
     /// Review claims: many reviewers claiming and submitting at once until
     /// the queue is empty; latencies, throughput, zero double claims.
     Claim(crate::bench_claim::ClaimArgs),
@@ -117,6 +120,25 @@ pub enum ProjectCommand {
     List,
     Show {
         name: String,
+    },
+    /// Stop publishing prediction jobs for a project; ingest still records
+    /// its items, and they go out on resume.
+    Pause {
+        name: String,
+    },
+    /// Publish again, starting with every item that waited while paused.
+    Resume {
+        name: String,
+    },
+    /// Show or change how a project's jobs are dispatched.
+    Dispatch {
+        name: String,
+        /// Jobs per second at most; `none` removes the limit.
+        #[arg(long)]
+        rate_limit: Option<String>,
+        /// 0 to 9, higher first (the sweeper's order; jobs carry it).
+        #[arg(long)]
+        priority: Option<i16>,
     },
     /// Show or change a project's routing policy (each change is a new
     /// policy version; the active model is recalibrated for it).
@@ -427,6 +449,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ctx = Context::connect(settings).await?;
             demo::run(&ctx, &args).await?;
         }
+        Command::Bench(BenchCommand::Ingest(args)) => {
+            crate::bench_ingest::run(settings, &args).await?;
+        }
         Command::Bench(BenchCommand::Claim(args)) => {
             crate::bench_claim::run(&settings, &args).await?;
         }
@@ -620,6 +645,45 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             let ctx = Context::connect(settings).await?;
             let project = projects::get(&ctx.db, &name).await?;
             print_json(&status::project_status(&ctx, &project).await?)?;
+        }
+        ProjectCommand::Pause { name } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &name).await?;
+            crate::dispatch::pause(&ctx, &project).await?;
+            println!(
+                "{} is paused: no prediction jobs are published",
+                project.name
+            );
+        }
+        ProjectCommand::Resume { name } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &name).await?;
+            let published = crate::dispatch::resume(&ctx, &project).await?;
+            println!(
+                "{} is running again; {published} waiting item(s) published",
+                project.name
+            );
+        }
+        ProjectCommand::Dispatch {
+            name,
+            rate_limit,
+            priority,
+        } => {
+            let conn = db::connect(&settings.database).await?;
+            let project = projects::get(&conn, &name).await?;
+            let rate_limit = match rate_limit.as_deref() {
+                None => None,
+                Some("none") => Some(None),
+                Some(r) => Some(Some(r.parse::<f64>().with_context(|| {
+                    format!("rate limit {r:?} is not a number of jobs per second")
+                })?)),
+            };
+            let change = crate::dispatch::ControlChange {
+                paused: None,
+                rate_limit,
+                priority,
+            };
+            print_json(&crate::dispatch::set_control(&conn, project.id, &change).await?)?;
         }
     }
     Ok(())

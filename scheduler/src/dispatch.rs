@@ -1,30 +1,42 @@
-//! Publishing prediction jobs.
+//! Publishing prediction jobs, and the per-project controls over it.
 //!
 //! An item gets a job when it is ingested (if its project has a model), when
-//! a new model is activated (rescore), and from the sweeper when it has sat
-//! `queued` without a prediction for too long (a crash between insert and
-//! publish). Duplicated jobs are harmless: a prediction is unique per item and
-//! model version.
+//! a new model is activated (rescore), when a paused project resumes, and
+//! from the sweeper when it has sat `queued` without a prediction for too
+//! long (a crash between insert and publish). Duplicated jobs are harmless:
+//! a prediction is unique per item and model version.
+//!
+//! Each project has a [`Control`]: paused (no job is published; items wait
+//! with `dispatched_at` NULL and go out on resume), a rate limit in jobs per
+//! second (paced per process, see [`pace`]), and a priority. RabbitMQ 3.10
+//! quorum queues have no message priorities, so the priority is carried by
+//! each job as the `sieve-priority` header and honoured by the dispatcher:
+//! the sweeper serves projects in priority order.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::Utc;
-use sea_orm::{
-    ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Statement,
-    TransactionTrait, sea_query::Expr,
-};
-use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
-use sieve_shared::messages::{ModelRef, PrelabelJob, SCHEMA_VERSION};
+use lapin::types::{AMQPValue, FieldTable};
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, FromQueryResult, Statement};
+use serde::Serialize;
+use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
+use sieve_shared::messages::{ModelRef, PrelabelJob, SCHEMA_VERSION, encode};
+use sieve_shared::topology::Route;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::app::Context;
-use crate::entities::{item, model_version, project};
+use crate::entities::{model_version, project};
 use crate::projects::Project;
 
 /// Jobs published per confirm round.
 const PUBLISH_CHUNK: usize = 1000;
+
+/// The header a job's project priority travels in.
+pub const PRIORITY_HEADER: &str = "sieve-priority";
 
 /// The model reference jobs of a project carry, if it has an active model.
 pub async fn active_model(ctx: &Context, project: &Project) -> anyhow::Result<Option<ModelRef>> {
@@ -53,48 +65,242 @@ pub fn model_ref(version: &model_version::Model) -> anyhow::Result<ModelRef> {
     })
 }
 
-/// Publish one job per item with `model`, then stamp `dispatched_at`.
+/// How a project's jobs are dispatched. A project without a row in
+/// `project_dispatch` has the default: running, unlimited, priority 0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, FromQueryResult)]
+pub struct Control {
+    pub paused: bool,
+    /// Jobs per second; `None`: as fast as the broker takes them.
+    pub rate_limit: Option<f64>,
+    /// 0 to 9, higher first.
+    pub priority: i16,
+}
+
+/// A change to a project's [`Control`]; `None` fields stay as they are.
+#[derive(Clone, Debug, Default)]
+pub struct ControlChange {
+    pub paused: Option<bool>,
+    /// `Some(None)` removes the limit.
+    pub rate_limit: Option<Option<f64>>,
+    pub priority: Option<i16>,
+}
+
+pub async fn control(db: &DatabaseConnection, project: ProjectId) -> anyhow::Result<Control> {
+    let found = Control::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "SELECT paused, rate_limit, priority::smallint AS priority FROM project_dispatch WHERE project_id = $1",
+        [project.as_uuid().into()],
+    ))
+    .one(db)
+    .await?;
+    Ok(found.unwrap_or_default())
+}
+
+/// Apply `change` and return the control now in force.
+pub async fn set_control(
+    db: &DatabaseConnection,
+    project: ProjectId,
+    change: &ControlChange,
+) -> crate::error::AppResult<Control> {
+    use crate::error::AppError;
+    if let Some(Some(rate)) = change.rate_limit
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(AppError::Invalid(format!(
+            "rate limit {rate} must be a positive number of jobs per second"
+        )));
+    }
+    if let Some(priority) = change.priority
+        && !(0..=9).contains(&priority)
+    {
+        return Err(AppError::Invalid(format!(
+            "priority {priority} must be 0 to 9 (higher first)"
+        )));
+    }
+    let before = control(db, project).await?;
+    let after = Control {
+        paused: change.paused.unwrap_or(before.paused),
+        rate_limit: change.rate_limit.unwrap_or(before.rate_limit),
+        priority: change.priority.unwrap_or(before.priority),
+    };
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        r#"
+        INSERT INTO project_dispatch (project_id, paused, rate_limit, priority, updated_at)
+        VALUES ($1, $2, $3, $4, now())
+        ON CONFLICT (project_id) DO UPDATE
+           SET paused = EXCLUDED.paused, rate_limit = EXCLUDED.rate_limit,
+               priority = EXCLUDED.priority, updated_at = now()
+        "#,
+        [
+            project.as_uuid().into(),
+            after.paused.into(),
+            after.rate_limit.into(),
+            after.priority.into(),
+        ],
+    ))
+    .await
+    .map_err(anyhow::Error::from)?;
+    Ok(after)
+}
+
+/// Pause a project: from now on no job is published for it (jobs already
+/// in the queue stay there); ingest still records items.
+pub async fn pause(ctx: &Context, project: &Project) -> crate::error::AppResult<Control> {
+    let control = set_control(
+        &ctx.db,
+        project.id,
+        &ControlChange {
+            paused: Some(true),
+            ..Default::default()
+        },
+    )
+    .await?;
+    tracing::info!(project = %project.name, "dispatch paused");
+    Ok(control)
+}
+
+/// Resume a paused project and publish, once, every item that waited
+/// unpublished. Returns how many jobs that was.
+pub async fn resume(ctx: &Context, project: &Project) -> crate::error::AppResult<usize> {
+    set_control(
+        &ctx.db,
+        project.id,
+        &ControlChange {
+            paused: Some(false),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let published = dispatch_unpublished(ctx, project).await?;
+    tracing::info!(project = %project.name, jobs = published, "dispatch resumed");
+    Ok(published)
+}
+
+/// Per process, per project: when the next job may go out under its rate
+/// limit. One `sieve` process (an ingest, or `serve` with its sweeper)
+/// paces all its publishers for a project together.
+static PACERS: LazyLock<Mutex<HashMap<ProjectId, Instant>>> = LazyLock::new(Default::default);
+
+/// Reserve `jobs` jobs at `rate` per second starting no earlier than
+/// `now`: returns when they may be sent, and advances the project's
+/// schedule past them.
+fn reserve(next_free: &mut Instant, now: Instant, jobs: usize, rate: f64) -> Instant {
+    let start = (*next_free).max(now);
+    *next_free = start + Duration::from_secs_f64(jobs as f64 / rate);
+    start
+}
+
+/// Wait until `jobs` jobs of `project` may be published at `rate` per
+/// second.
+async fn pace(project: ProjectId, jobs: usize, rate: f64) {
+    let start = {
+        let now = Instant::now();
+        let mut pacers = PACERS.lock().unwrap_or_else(|p| p.into_inner());
+        let next_free = pacers.entry(project).or_insert(now);
+        reserve(next_free, now, jobs, rate)
+    };
+    tokio::time::sleep_until(start.into()).await;
+}
+
+/// Jobs sent in one go under a rate limit: a tenth of a second's worth, so
+/// the rate holds over short spans too.
+fn paced_chunk(rate: Option<f64>) -> usize {
+    match rate {
+        None => PUBLISH_CHUNK,
+        Some(rate) => ((rate / 10.0).ceil() as usize).clamp(1, PUBLISH_CHUNK),
+    }
+}
+
+/// Publish one job per item with `model`, then stamp `dispatched_at`,
+/// under the project's control as read now. A paused project gets no job
+/// (returns 0); its items keep waiting for resume.
 pub async fn publish_jobs(
     ctx: &Context,
     project: &Project,
     model: &ModelRef,
     items: &[(Uuid, String)],
 ) -> anyhow::Result<usize> {
-    for chunk in items.chunks(PUBLISH_CHUNK) {
-        let jobs: Vec<PrelabelJob> = chunk
+    if items.is_empty() {
+        return Ok(0);
+    }
+    let control = control(&ctx.db, project.id).await?;
+    if control.paused {
+        return Ok(0);
+    }
+    publish_controlled(ctx, project, model, items, &control).await
+}
+
+/// [`publish_jobs`] with the control already read.
+pub(crate) async fn publish_controlled(
+    ctx: &Context,
+    project: &Project,
+    model: &ModelRef,
+    items: &[(Uuid, String)],
+    control: &Control,
+) -> anyhow::Result<usize> {
+    let headers = (control.priority > 0).then(|| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            PRIORITY_HEADER.into(),
+            AMQPValue::ShortShortUInt(control.priority.clamp(0, 9) as u8),
+        );
+        headers
+    });
+    for chunk in items.chunks(paced_chunk(control.rate_limit)) {
+        if let Some(rate) = control.rate_limit {
+            pace(project.id, chunk.len(), rate).await;
+        }
+        let payloads: Vec<Vec<u8>> = chunk
             .iter()
-            .map(|(id, key)| PrelabelJob {
-                schema: SCHEMA_VERSION,
-                job_id: JobId::new(),
-                project_id: project.id,
-                item_id: ItemId::from_uuid(*id),
-                object_key: key.clone(),
-                model: model.clone(),
+            .map(|(id, key)| {
+                encode(&PrelabelJob {
+                    schema: SCHEMA_VERSION,
+                    job_id: JobId::new(),
+                    project_id: project.id,
+                    item_id: ItemId::from_uuid(*id),
+                    object_key: key.clone(),
+                    model: model.clone(),
+                })
             })
             .collect();
-        ctx.publisher.publish_all(&jobs).await?;
-        let mut ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-        ids.sort();
-        // Lock in id order, like the result consumer, so the two never deadlock.
-        let txn = ctx.db.begin().await?;
-        item::Entity::find()
-            .filter(item::Column::Id.is_in(ids.clone()))
-            .order_by_asc(item::Column::Id)
-            .lock_exclusive()
-            .all(&txn)
+        ctx.publisher
+            .publish_payloads(Route::Prelabel, &payloads, headers.clone())
             .await?;
-        item::Entity::update_many()
-            .col_expr(
-                item::Column::DispatchedAt,
-                Expr::value(Utc::now().fixed_offset()),
-            )
-            .filter(item::Column::Id.is_in(ids))
-            .exec(&txn)
-            .await?;
-        txn.commit().await?;
+        stamp(
+            &ctx.db,
+            chunk.iter().map(|(id, _)| *id).collect(),
+            Some(Utc::now()),
+        )
+        .await?;
     }
     metrics::counter!("sieve_jobs_published_total").increment(items.len() as u64);
     Ok(items.len())
+}
+
+/// Set (or clear) `dispatched_at` of `ids` in one statement. The rows are
+/// locked in id order first, like the result consumer locks them, so the
+/// two never deadlock. The ids travel as one JSON parameter.
+async fn stamp(
+    db: &DatabaseConnection,
+    ids: Vec<Uuid>,
+    at: Option<chrono::DateTime<Utc>>,
+) -> anyhow::Result<()> {
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        r#"
+        UPDATE items SET dispatched_at = $1
+        WHERE id IN (SELECT id FROM items
+                     WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($2::jsonb))
+                     ORDER BY id FOR UPDATE)
+        "#,
+        [
+            at.map(|t| t.fixed_offset()).into(),
+            serde_json::to_string(&ids)?.into(),
+        ],
+    ))
+    .await?;
+    Ok(())
 }
 
 #[derive(FromQueryResult)]
@@ -115,20 +321,59 @@ pub struct Sweep {
     pub dispatched_before: Option<chrono::DateTime<Utc>>,
 }
 
+/// Which items [`dispatch_where`] publishes.
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    /// Everything the active model has not predicted (rescore, retry).
+    All,
+    /// What looks lost (the sweeper).
+    Sweep(Sweep),
+    /// Items never published (resume).
+    Unpublished,
+}
+
 /// Items that need a prediction by the project's active model: queued ones,
 /// ones whose review task nobody holds, and machine-labeled ones, that the
 /// active version has not predicted yet. Human-labeled items and claimed
 /// tasks are never touched. `sweep` narrows the choice to items whose jobs
 /// look lost (the sweeper's use).
+///
+/// While the project is paused nothing is published; the items chosen
+/// (outside a sweep) are marked unpublished, so resume sends them.
 pub async fn dispatch_pending(
     ctx: &Context,
     project: &Project,
     sweep: Option<Sweep>,
 ) -> anyhow::Result<usize> {
+    dispatch_where(ctx, project, sweep.map_or(Pending::All, Pending::Sweep)).await
+}
+
+/// Publish the items of `project` that were never published (or held back
+/// while paused): pending, no prediction by the active model,
+/// `dispatched_at` NULL; in id order.
+pub async fn dispatch_unpublished(ctx: &Context, project: &Project) -> anyhow::Result<usize> {
+    dispatch_where(ctx, project, Pending::Unpublished).await
+}
+
+async fn dispatch_where(
+    ctx: &Context,
+    project: &Project,
+    pending: Pending,
+) -> anyhow::Result<usize> {
     let Some(model) = active_model(ctx, project).await? else {
         return Ok(0);
     };
+    let control = control(&ctx.db, project.id).await?;
+    if control.paused && matches!(pending, Pending::Sweep(_) | Pending::Unpublished) {
+        return Ok(0);
+    }
+    let (sweep_created, sweep_dispatched, unpublished) = match pending {
+        Pending::All => (None, None, false),
+        Pending::Sweep(s) => (Some(s.created_before), s.dispatched_before, false),
+        Pending::Unpublished => (None, None, true),
+    };
     let mut total = 0;
+    let mut held = 0;
     let mut after = Uuid::nil();
     loop {
         let rows = PendingItem::find_by_statement(Statement::from_sql_and_values(
@@ -140,6 +385,7 @@ pub async fn dispatch_pending(
               AND ($3::timestamptz IS NULL
                    OR (i.dispatched_at IS NULL AND i.created_at < $3)
                    OR i.dispatched_at < $6)
+              AND (NOT $7 OR i.dispatched_at IS NULL)
               AND NOT EXISTS (SELECT 1 FROM predictions p
                               WHERE p.item_id = i.id AND p.model_version_id = $4)
               AND NOT EXISTS (SELECT 1 FROM review_tasks t
@@ -149,13 +395,11 @@ pub async fn dispatch_pending(
             [
                 project.id.as_uuid().into(),
                 after.into(),
-                sweep.map(|s| s.created_before.fixed_offset()).into(),
+                sweep_created.map(|t| t.fixed_offset()).into(),
                 model.version_id.as_uuid().into(),
                 (PUBLISH_CHUNK as i64).into(),
-                sweep
-                    .and_then(|s| s.dispatched_before)
-                    .map(|t| t.fixed_offset())
-                    .into(),
+                sweep_dispatched.map(|t| t.fixed_offset()).into(),
+                unpublished.into(),
             ],
         ))
         .all(&ctx.db)
@@ -163,10 +407,19 @@ pub async fn dispatch_pending(
         let Some(last) = rows.last() else { break };
         after = last.id;
         let items: Vec<(Uuid, String)> = rows.into_iter().map(|r| (r.id, r.object_key)).collect();
-        total += publish_jobs(ctx, project, &model, &items).await?;
+        if control.paused {
+            // Rescore or retry while paused: leave them for resume.
+            held += items.len();
+            stamp(&ctx.db, items.into_iter().map(|(id, _)| id).collect(), None).await?;
+        } else {
+            total += publish_controlled(ctx, project, &model, &items, &control).await?;
+        }
     }
     if total > 0 {
         tracing::info!(project = %project.name, model_version = model.version, jobs = total, "dispatched pending items");
+    }
+    if held > 0 {
+        tracing::info!(project = %project.name, items = held, "project paused: items wait for resume");
     }
     Ok(total)
 }
@@ -202,10 +455,13 @@ pub async fn run_sweeper(
             dispatched_before: (backlog == 0)
                 .then(|| now - chrono::Duration::from_std(every * 10).unwrap_or_default()),
         };
-        let projects = match project::Entity::find().all(&ctx.db).await {
+        let projects = match projects_by_priority(&ctx.db).await {
             Ok(p) => p,
             Err(err) => {
-                tracing::warn!(error = %err, "sweeper could not list projects; will retry");
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "sweeper could not list projects; will retry"
+                );
                 continue;
             }
         };
@@ -217,5 +473,52 @@ pub async fn run_sweeper(
                 tracing::warn!(project = %project.name, error = format!("{err:#}"), "sweep failed; will retry");
             }
         }
+    }
+}
+
+/// Every project, the highest dispatch priority first.
+async fn projects_by_priority(db: &DatabaseConnection) -> anyhow::Result<Vec<project::Model>> {
+    let mut projects = project::Entity::find().all(db).await?;
+    let mut priority = HashMap::new();
+    for p in &projects {
+        let id = ProjectId::from_uuid(p.id);
+        priority.insert(p.id, control(db, id).await?.priority);
+    }
+    projects.sort_by_key(|p| {
+        (
+            std::cmp::Reverse(priority.get(&p.id).copied()),
+            p.created_at,
+        )
+    });
+    Ok(projects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_spreads_jobs_at_the_rate() {
+        let t0 = Instant::now();
+        let mut next = t0;
+        // 10 jobs/s: each reservation of 5 takes half a second of schedule.
+        assert_eq!(reserve(&mut next, t0, 5, 10.0), t0);
+        assert_eq!(
+            reserve(&mut next, t0, 5, 10.0),
+            t0 + Duration::from_millis(500)
+        );
+        assert_eq!(next, t0 + Duration::from_secs(1));
+        // After an idle spell the schedule restarts from now, with no burst
+        // saved up.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(reserve(&mut next, later, 1, 10.0), later);
+    }
+
+    #[test]
+    fn chunks_are_a_tenth_of_a_second_of_jobs() {
+        assert_eq!(paced_chunk(None), PUBLISH_CHUNK);
+        assert_eq!(paced_chunk(Some(20.0)), 2);
+        assert_eq!(paced_chunk(Some(0.5)), 1);
+        assert_eq!(paced_chunk(Some(1e9)), PUBLISH_CHUNK);
     }
 }

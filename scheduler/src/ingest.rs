@@ -14,6 +14,15 @@
 //! absolute path elsewhere, or a symlink that resolves elsewhere is reported
 //! and never read.
 //!
+//! The work is a pipeline, so that reading, inserting and publishing
+//! overlap: a producer task reads and hashes files (bounded concurrency)
+//! and stores their bytes, a few batches ahead; the caller's loop inserts
+//! each batch; and the batch's jobs are published (with confirms, then
+//! stamped) by tasks of their own, a few in flight. Every stage is bounded,
+//! so memory stays flat however large the input. A crash at any point
+//! leaves items that are either published or `dispatched_at` NULL, which
+//! the sweeper re-publishes.
+//!
 //! A known label from a manifest is ground truth from people: it is stored
 //! as an `import` label, the item is `human_labeled` (so it is never
 //! dispatched, rescored or reviewed) and training snapshots include it.
@@ -28,22 +37,35 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use image::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
-use sea_orm::{ActiveValue::Set, EntityTrait, TransactionTrait, TryInsertResult};
+use sea_orm::{
+    ActiveValue::Set, ConnectionTrait, EntityTrait, FromQueryResult, Statement, TransactionTrait,
+};
 use serde::Serialize;
 use sieve_shared::ids::ItemId;
 use sieve_shared::messages::ModelRef;
 use sieve_shared::store::{StoreError, image_key, sha256_hex};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::app::Context;
 use crate::dispatch;
-use crate::entities::item::{self, ItemState};
+use crate::entities::item::ItemState;
 use crate::entities::label::{self, LabelSource};
 use crate::manifest::{ManifestReader, Row, Target};
 use crate::projects::Project;
 
 /// Files read and hashed at once.
-const READ_CONCURRENCY: usize = 8;
+const READ_CONCURRENCY: usize = 16;
+
+/// Checked batches waiting for their insert.
+const BATCHES_AHEAD: usize = 2;
+
+/// Batches being published (and stamped) while later ones are inserted.
+const PUBLISHES_IN_FLIGHT: usize = 4;
+
+/// Objects larger than this are hashed on a blocking thread.
+const HASH_INLINE_BYTES: usize = 64 * 1024;
 
 /// Without a terminal, a progress line is logged this often.
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
@@ -138,11 +160,11 @@ impl Root {
     }
 }
 
-/// An image after reading and checking.
+/// An image after reading and checking (and, for a file, storing).
 enum Checked {
     Image {
         hash: String,
-        bytes: Bytes,
+        size: u64,
         width: u32,
         height: u32,
     },
@@ -157,24 +179,25 @@ enum Checked {
 }
 
 impl Checked {
-    fn from_bytes(bytes: Vec<u8>, max_pixels: u64) -> Self {
+    /// Hash and check `bytes`; an image's bytes come back for storing.
+    fn from_bytes(bytes: Bytes, max_pixels: u64) -> (Self, Option<Bytes>) {
         let hash = sha256_hex(&bytes);
         let size = bytes.len() as u64;
         if bytes.is_empty() {
-            return Checked::NotAnImage {
-                hash,
-                size,
-                reason: "empty file (zero bytes)".into(),
-            };
+            let reason = "empty file (zero bytes)".into();
+            return (Checked::NotAnImage { hash, size, reason }, None);
         }
         match header_dimensions(&bytes, max_pixels) {
-            Ok((width, height)) => Checked::Image {
-                hash,
-                bytes: Bytes::from(bytes),
-                width,
-                height,
-            },
-            Err(reason) => Checked::NotAnImage { hash, size, reason },
+            Ok((width, height)) => (
+                Checked::Image {
+                    hash,
+                    size,
+                    width,
+                    height,
+                },
+                Some(bytes),
+            ),
+            Err(reason) => (Checked::NotAnImage { hash, size, reason }, None),
         }
     }
 }
@@ -185,21 +208,40 @@ fn too_big(len: u64, max_bytes: u64) -> Option<String> {
     })
 }
 
-fn check_file(path: &Path, max_pixels: u64, max_bytes: u64) -> Checked {
-    let unreadable = |err: std::io::Error| Checked::Unreadable {
-        reason: format!("cannot read: {err}"),
+fn check_file(path: &Path, max_pixels: u64, max_bytes: u64) -> (Checked, Option<Bytes>) {
+    let unreadable = |err: std::io::Error| {
+        let reason = format!("cannot read: {err}");
+        (Checked::Unreadable { reason }, None)
     };
     let metadata = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(err) => return unreadable(err),
     };
     if let Some(reason) = too_big(metadata.len(), max_bytes) {
-        return Checked::Unreadable { reason };
+        return (Checked::Unreadable { reason }, None);
     }
     match std::fs::read(path) {
-        Ok(bytes) => Checked::from_bytes(bytes, max_pixels),
+        Ok(bytes) => Checked::from_bytes(Bytes::from(bytes), max_pixels),
         Err(err) => unreadable(err),
     }
+}
+
+/// Read, hash and check a file (on a blocking thread), and store an
+/// image's bytes under their content-addressed key: storing the same
+/// image twice is a no-op, and an item never exists without its bytes.
+async fn read_file(ctx: &Context, project: &Project, path: PathBuf) -> anyhow::Result<Checked> {
+    let max_pixels = ctx.settings.ingest.max_pixels;
+    let max_bytes = ctx.settings.ingest.max_file_bytes;
+    let (checked, bytes) =
+        tokio::task::spawn_blocking(move || check_file(&path, max_pixels, max_bytes))
+            .await
+            .context("file check task panicked")?;
+    if let (Checked::Image { hash, .. }, Some(bytes)) = (&checked, bytes) {
+        ctx.store
+            .put(&image_key(&project.id.to_string(), hash), bytes)
+            .await?;
+    }
+    Ok(checked)
 }
 
 /// Format and dimensions from the header only: a decompression bomb is
@@ -207,9 +249,16 @@ fn check_file(path: &Path, max_pixels: u64, max_bytes: u64) -> Checked {
 pub fn header_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), String> {
     let format =
         image::guess_format(bytes).map_err(|_| "not an image (unknown format)".to_owned())?;
-    if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg) {
+    if !matches!(
+        format,
+        ImageFormat::Png
+            | ImageFormat::Jpeg
+            | ImageFormat::WebP
+            | ImageFormat::Bmp
+            | ImageFormat::Tiff
+    ) {
         return Err(format!(
-            "unsupported image format {format:?} (PNG and JPEG are supported)"
+            "unsupported image format {format:?} (PNG, JPEG, WebP, BMP and TIFF are supported)"
         ));
     }
     let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
@@ -325,11 +374,123 @@ struct Entry {
     line: Option<u64>,
 }
 
-/// Store, insert and dispatch one batch of entries.
+/// An item row for the batch insert.
+#[derive(Serialize)]
+struct NewItem {
+    id: Uuid,
+    object_key: String,
+    source: String,
+    content_hash: String,
+    size_bytes: i64,
+    width: Option<i32>,
+    height: Option<i32>,
+    state: ItemState,
+    last_error: Option<String>,
+}
+
+/// What the insert says about each row it added.
+#[derive(FromQueryResult)]
+struct Inserted {
+    id: Uuid,
+    content_hash: String,
+    state: ItemState,
+    object_key: String,
+}
+
+/// Insert `rows` (skipping hashes the project already has) in one
+/// statement; returns the rows added. The rows travel as one JSON
+/// parameter rather than thousands of bound values: far less work on both
+/// sides for a large batch.
+async fn insert_items(
+    db: &impl ConnectionTrait,
+    project: &Project,
+    now: chrono::DateTime<chrono::FixedOffset>,
+    rows: &[NewItem],
+) -> anyhow::Result<Vec<Inserted>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let json = serde_json::to_string(rows)?;
+    let inserted = Inserted::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        r#"
+        INSERT INTO items (id, project_id, object_key, source, content_hash, size_bytes,
+                           width, height, state, attempts, last_error, dispatched_at,
+                           created_at, updated_at)
+        SELECT r.id, $1, r.object_key, r.source, r.content_hash, r.size_bytes,
+               r.width, r.height, r.state, 0, r.last_error, NULL, $2, $2
+        FROM jsonb_to_recordset($3::jsonb) AS r(
+            id uuid, object_key text, source text, content_hash text, size_bytes bigint,
+            width integer, height integer, state text, last_error text)
+        ORDER BY r.content_hash
+        ON CONFLICT (project_id, content_hash) DO NOTHING
+        RETURNING id, content_hash, state, object_key
+        "#,
+        [project.id.as_uuid().into(), now.into(), json.into()],
+    ))
+    .all(db)
+    .await?;
+    Ok(inserted)
+}
+
+/// The publishing stage: each inserted batch's jobs go out in a task of
+/// their own, at most [`PUBLISHES_IN_FLIGHT`] at once.
+struct Publishing {
+    model: Option<ModelRef>,
+    tasks: JoinSet<anyhow::Result<usize>>,
+}
+
+impl Publishing {
+    fn new(model: Option<ModelRef>) -> Self {
+        Self {
+            model,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    async fn start(
+        &mut self,
+        ctx: &Context,
+        project: &Project,
+        items: Vec<(Uuid, String)>,
+        summary: &mut IngestSummary,
+    ) -> anyhow::Result<()> {
+        let Some(model) = self.model.clone() else {
+            return Ok(());
+        };
+        if items.is_empty() {
+            return Ok(());
+        }
+        while self.tasks.len() >= PUBLISHES_IN_FLIGHT {
+            self.join_one(summary).await?;
+        }
+        let (ctx, project) = (ctx.clone(), project.clone());
+        self.tasks
+            .spawn(async move { dispatch::publish_jobs(&ctx, &project, &model, &items).await });
+        Ok(())
+    }
+
+    async fn join_one(&mut self, summary: &mut IngestSummary) -> anyhow::Result<()> {
+        if let Some(done) = self.tasks.join_next().await {
+            summary.dispatched += done.context("publish task panicked")?? as u64;
+        }
+        Ok(())
+    }
+
+    /// Wait for every publish; the first failure is the ingest's.
+    async fn finish(mut self, summary: &mut IngestSummary) -> anyhow::Result<()> {
+        while !self.tasks.is_empty() {
+            self.join_one(summary).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Insert one batch of entries and start publishing its jobs.
 async fn ingest_batch(
     ctx: &Context,
     project: &Project,
-    model: Option<&ModelRef>,
+    publishing: &mut Publishing,
     entries: Vec<Entry>,
     summary: &mut IngestSummary,
 ) -> anyhow::Result<()> {
@@ -344,10 +505,10 @@ async fn ingest_batch(
             line: entry.line,
             reason,
         };
-        let (hash, size, width, height, state, error, bytes) = match entry.checked {
+        let (hash, size, width, height, state, error) = match entry.checked {
             Checked::Image {
                 hash,
-                bytes,
+                size,
                 width,
                 height,
             } => {
@@ -356,28 +517,11 @@ async fn ingest_batch(
                 } else {
                     ItemState::Queued
                 };
-                let size = bytes.len() as u64;
-                (
-                    hash,
-                    size,
-                    Some(width),
-                    Some(height),
-                    state,
-                    None,
-                    Some(bytes),
-                )
+                (hash, size, Some(width), Some(height), state, None)
             }
             Checked::NotAnImage { hash, size, reason } => {
                 summary.failures.push(fail(reason.clone()));
-                (
-                    hash,
-                    size,
-                    None,
-                    None,
-                    ItemState::Failed,
-                    Some(reason),
-                    None,
-                )
+                (hash, size, None, None, ItemState::Failed, Some(reason))
             }
             Checked::Unreadable { reason } => {
                 summary.failed += 1;
@@ -389,93 +533,73 @@ async fn ingest_batch(
             summary.duplicates += 1;
             continue;
         }
-        let object_key = match entry.object_key {
-            Some(key) => key,
-            None => {
-                let key = image_key(&project.id.to_string(), &hash);
-                if let Some(bytes) = bytes {
-                    // Content-addressed: storing the same image twice is a no-op.
-                    ctx.store.put(&key, bytes).await?;
-                }
-                key
-            }
-        };
+        let object_key = entry
+            .object_key
+            .unwrap_or_else(|| image_key(&project.id.to_string(), &hash));
         if let (Some(class), ItemState::HumanLabeled) = (entry.label, state) {
             labels_by_hash.insert(hash.clone(), class);
         }
-        rows.push(item::ActiveModel {
-            id: Set(ItemId::new().as_uuid()),
-            project_id: Set(project.id.as_uuid()),
-            object_key: Set(object_key),
-            source: Set(entry.source),
-            content_hash: Set(hash),
-            size_bytes: Set(size as i64),
-            width: Set(width.map(|w| w as i32)),
-            height: Set(height.map(|h| h as i32)),
-            state: Set(state),
-            attempts: Set(0),
-            last_error: Set(error),
-            dispatched_at: Set(None),
-            created_at: Set(now),
-            updated_at: Set(now),
+        rows.push(NewItem {
+            id: ItemId::new().as_uuid(),
+            object_key,
+            source: entry.source,
+            content_hash: hash,
+            size_bytes: size as i64,
+            width: width.map(|w| w as i32),
+            height: height.map(|h| h as i32),
+            state,
+            last_error: error,
         });
     }
 
     let attempted = rows.len() as u64;
-    // Items and their import labels land together, or not at all.
-    let txn = ctx.db.begin().await?;
-    let inserted = if rows.is_empty() {
-        Vec::new()
+    // One lock order for every ingest, so two ingests of overlapping sets
+    // wait for each other instead of deadlocking.
+    rows.sort_by(|a, b| a.content_hash.cmp(&b.content_hash));
+    let inserted = if labels_by_hash.is_empty() {
+        insert_items(&ctx.db, project, now, &rows).await?
     } else {
-        match item::Entity::insert_many(rows)
-            .on_conflict_do_nothing_on([item::Column::ProjectId, item::Column::ContentHash])
-            .exec_with_returning_many(&txn)
-            .await?
-        {
-            TryInsertResult::Inserted(models) => models,
-            TryInsertResult::Empty | TryInsertResult::Conflicted => Vec::new(),
-        }
-    };
-    let labels: Vec<label::ActiveModel> = inserted
-        .iter()
-        .filter_map(|item| {
-            let class = labels_by_hash.get(&item.content_hash)?;
-            Some(label::ActiveModel {
-                id: Set(Uuid::now_v7()),
-                item_id: Set(item.id),
-                class_index: Set(*class),
-                source: Set(LabelSource::Import),
-                reviewer: Set(None),
-                prediction_id: Set(None),
-                model_version_id: Set(None),
-                review_task_id: Set(None),
-                created_at: Set(now),
+        // Items and their import labels land together, or not at all.
+        let txn = ctx.db.begin().await?;
+        let inserted = insert_items(&txn, project, now, &rows).await?;
+        let labels: Vec<label::ActiveModel> = inserted
+            .iter()
+            .filter_map(|item| {
+                let class = labels_by_hash.get(&item.content_hash)?;
+                Some(label::ActiveModel {
+                    id: Set(Uuid::now_v7()),
+                    item_id: Set(item.id),
+                    class_index: Set(*class),
+                    source: Set(LabelSource::Import),
+                    reviewer: Set(None),
+                    prediction_id: Set(None),
+                    model_version_id: Set(None),
+                    review_task_id: Set(None),
+                    created_at: Set(now),
+                })
             })
-        })
-        .collect();
-    summary.imported_labels += labels.len() as u64;
-    if !labels.is_empty() {
-        label::Entity::insert_many(labels).exec(&txn).await?;
-    }
-    txn.commit().await?;
+            .collect();
+        summary.imported_labels += labels.len() as u64;
+        if !labels.is_empty() {
+            label::Entity::insert_many(labels).exec(&txn).await?;
+        }
+        txn.commit().await?;
+        inserted
+    };
 
     summary.duplicates += attempted - inserted.len() as u64;
     let mut to_dispatch: Vec<(Uuid, String)> = Vec::new();
-    for item in &inserted {
+    for item in inserted {
         match item.state {
             ItemState::Failed => summary.failed += 1,
             ItemState::Queued => {
                 summary.new_items += 1;
-                to_dispatch.push((item.id, item.object_key.clone()));
+                to_dispatch.push((item.id, item.object_key));
             }
             _ => summary.new_items += 1,
         }
     }
-    if let Some(model) = model {
-        summary.dispatched +=
-            dispatch::publish_jobs(ctx, project, model, &to_dispatch).await? as u64;
-    }
-    Ok(())
+    publishing.start(ctx, project, to_dispatch, summary).await
 }
 
 fn finished(project: &Project, summary: &IngestSummary) {
@@ -492,6 +616,55 @@ fn finished(project: &Project, summary: &IngestSummary) {
     );
 }
 
+/// A checked batch on its way from the reading stage to the insert.
+struct Batch {
+    /// Files or manifest rows it covers (for progress).
+    rows: u64,
+    entries: Vec<Entry>,
+    /// Malformed manifest rows and refused labels.
+    failures: Vec<FileFailure>,
+    /// Rows that became no entry at all (malformed).
+    malformed: u64,
+}
+
+/// Insert each batch the reading stage sends, publishing as they land;
+/// returns when the reader is done and every publish confirmed.
+async fn consume_batches(
+    ctx: &Context,
+    project: &Project,
+    mut batches: mpsc::Receiver<anyhow::Result<Batch>>,
+    reader: tokio::task::JoinHandle<()>,
+    mut progress: Progress,
+) -> anyhow::Result<IngestSummary> {
+    // Aborts the reading stage if this returns early with an error.
+    struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            if let Some(task) = &self.0 {
+                task.abort();
+            }
+        }
+    }
+    let mut reader = AbortOnDrop(Some(reader));
+    let mut publishing = Publishing::new(dispatch::active_model(ctx, project).await?);
+    let mut summary = IngestSummary::default();
+    while let Some(batch) = batches.recv().await {
+        let batch = batch?;
+        summary.files_seen += batch.malformed;
+        summary.failed += batch.malformed;
+        summary.failures.extend(batch.failures);
+        ingest_batch(ctx, project, &mut publishing, batch.entries, &mut summary).await?;
+        progress.advance(batch.rows, &summary);
+    }
+    publishing.finish(&mut summary).await?;
+    // A reading stage that panicked closed the channel early: not an end.
+    if let Some(task) = reader.0.take() {
+        task.await.context("the reading stage of ingest failed")?;
+    }
+    progress.finish();
+    Ok(summary)
+}
+
 /// Ingest every file under `root` into `project`.
 pub async fn ingest_folder(
     ctx: &Context,
@@ -501,52 +674,64 @@ pub async fn ingest_folder(
 ) -> anyhow::Result<IngestSummary> {
     let root = Root::new(root)?;
     let files = list_files(&root)?;
-    let mut progress = Progress::new(Some(files.len() as u64), show_progress);
-    let model = dispatch::active_model(ctx, project).await?;
-    let mut summary = IngestSummary::default();
-    let max_pixels = ctx.settings.ingest.max_pixels;
-    let max_bytes = ctx.settings.ingest.max_file_bytes;
+    let progress = Progress::new(Some(files.len() as u64), show_progress);
+    let batch_size = ctx.settings.ingest.batch_size.max(1);
 
-    for chunk in files.chunks(ctx.settings.ingest.batch_size.max(1)) {
-        let entries: Vec<Entry> = futures_util::stream::iter(chunk.iter().cloned())
-            .map(|file| async move {
-                let (path, checked) = match file {
-                    Ok(path) => {
-                        let read = path.clone();
-                        let checked = tokio::task::spawn_blocking(move || {
-                            check_file(&read, max_pixels, max_bytes)
-                        })
-                        .await
-                        .context("file check task panicked")?;
-                        (path.display().to_string(), checked)
-                    }
-                    Err(failure) => (
-                        failure.path,
-                        Checked::Unreadable {
-                            reason: failure.reason,
-                        },
-                    ),
-                };
-                anyhow::Ok(Entry {
-                    source: path.clone(),
-                    object_key: None,
-                    checked,
-                    label: None,
-                    path,
-                    line: None,
-                })
-            })
-            .buffered(READ_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<anyhow::Result<_>>()?;
-        ingest_batch(ctx, project, model.as_ref(), entries, &mut summary).await?;
-        progress.advance(chunk.len() as u64, &summary);
-    }
-    progress.finish();
+    let (send, batches) = mpsc::channel(BATCHES_AHEAD);
+    let reader = {
+        let (ctx, project) = (ctx.clone(), project.clone());
+        tokio::spawn(async move {
+            for chunk in files.chunks(batch_size) {
+                let entries = futures_util::stream::iter(chunk.iter().cloned())
+                    .map(|file| folder_entry(&ctx, &project, file))
+                    .buffered(READ_CONCURRENCY)
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect::<anyhow::Result<Vec<Entry>>>()
+                    .map(|entries| Batch {
+                        rows: entries.len() as u64,
+                        entries,
+                        failures: Vec::new(),
+                        malformed: 0,
+                    });
+                let failed = entries.is_err();
+                if send.send(entries).await.is_err() || failed {
+                    return;
+                }
+            }
+        })
+    };
+    let summary = consume_batches(ctx, project, batches, reader, progress).await?;
     finished(project, &summary);
     Ok(summary)
+}
+
+async fn folder_entry(
+    ctx: &Context,
+    project: &Project,
+    file: Result<PathBuf, FileFailure>,
+) -> anyhow::Result<Entry> {
+    let (path, checked) = match file {
+        Ok(path) => {
+            let shown = path.display().to_string();
+            (shown, read_file(ctx, project, path).await?)
+        }
+        Err(failure) => (
+            failure.path,
+            Checked::Unreadable {
+                reason: failure.reason,
+            },
+        ),
+    };
+    Ok(Entry {
+        source: path.clone(),
+        object_key: None,
+        checked,
+        label: None,
+        path,
+        line: None,
+    })
 }
 
 /// Read and check what one manifest row points at; a label that is not
@@ -581,19 +766,28 @@ async fn check_row(
         Target::Path(path) => {
             let root = root.clone();
             let path = PathBuf::from(path);
-            let checked = tokio::task::spawn_blocking(move || match root.resolve(&path) {
-                Ok(real) => check_file(&real, max_pixels, max_bytes),
+            let resolved = tokio::task::spawn_blocking(move || root.resolve(&path))
+                .await
+                .context("path check task panicked")?;
+            let checked = match resolved {
+                Ok(real) => read_file(ctx, project, real).await?,
                 Err(reason) => Checked::Unreadable { reason },
-            })
-            .await
-            .context("file check task panicked")?;
+            };
             (None, checked)
         }
         Target::Key(key) => {
             let checked = match ctx.store.get(key).await {
                 Ok(bytes) => match too_big(bytes.len() as u64, max_bytes) {
                     Some(reason) => Checked::Unreadable { reason },
-                    None => Checked::from_bytes(bytes.to_vec(), max_pixels),
+                    // Already stored: only hashed and checked.
+                    None if bytes.len() <= HASH_INLINE_BYTES => {
+                        Checked::from_bytes(bytes, max_pixels).0
+                    }
+                    None => tokio::task::spawn_blocking(move || {
+                        Checked::from_bytes(bytes, max_pixels).0
+                    })
+                    .await
+                    .context("hash task panicked")?,
                 },
                 Err(err @ (StoreError::NotFound(_) | StoreError::InvalidKey { .. })) => {
                     Checked::Unreadable {
@@ -632,7 +826,7 @@ pub async fn ingest_manifest(
     show_progress: bool,
 ) -> anyhow::Result<IngestSummary> {
     let max_line = usize::try_from(ctx.settings.ingest.max_line_bytes).unwrap_or(usize::MAX);
-    let mut reader = ManifestReader::open(manifest, max_line)?;
+    let reader = ManifestReader::open(manifest, max_line)?;
     let root = match root {
         Some(dir) => Root::new(dir)?,
         None => {
@@ -641,62 +835,93 @@ pub async fn ingest_manifest(
         }
     };
     let batch_size = ctx.settings.ingest.batch_size.max(1);
-    let mut progress = Progress::new(None, show_progress);
-    let model = dispatch::active_model(ctx, project).await?;
-    let mut summary = IngestSummary::default();
+    let progress = Progress::new(None, show_progress);
     let manifest_name = manifest.display().to_string();
 
-    loop {
-        // Reading is blocking file I/O: the reader goes to a blocking thread
-        // and comes back with the batch.
-        let (back, batch) = tokio::task::spawn_blocking(move || {
-            let batch = reader.next_batch(batch_size);
-            (reader, batch)
-        })
-        .await
-        .context("manifest read task panicked")?;
-        reader = back;
-        let batch = batch.with_context(|| format!("reading {manifest_name}"))?;
-        if batch.is_empty() {
-            break;
-        }
-        let rows = batch.len() as u64;
-        let mut good = Vec::with_capacity(batch.len());
-        for row in batch {
-            match row {
-                Ok(row) => good.push(row),
-                Err(err) => {
-                    summary.files_seen += 1;
-                    summary.failed += 1;
-                    summary.failures.push(FileFailure {
-                        path: manifest_name.clone(),
-                        line: Some(err.line),
-                        reason: err.reason,
-                    });
+    let (send, batches) = mpsc::channel(BATCHES_AHEAD);
+    let reading = {
+        let (ctx, project) = (ctx.clone(), project.clone());
+        tokio::spawn(async move {
+            let mut reader = reader;
+            loop {
+                let batch =
+                    read_manifest_batch(&ctx, &project, &root, reader, batch_size, &manifest_name)
+                        .await;
+                let (batch, back) = match batch {
+                    Ok((Some(batch), back)) => (Ok(batch), Some(back)),
+                    Ok((None, _)) => return,
+                    Err(err) => (Err(err), None),
+                };
+                if send.send(batch).await.is_err() {
+                    return;
+                }
+                match back {
+                    Some(back) => reader = back,
+                    None => return,
                 }
             }
-        }
-        let root = &root;
-        let checked: Vec<(Entry, Option<FileFailure>)> = futures_util::stream::iter(good)
-            .map(|row| check_row(ctx, project, root, row))
-            .buffered(READ_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<anyhow::Result<_>>()?;
-        let mut entries = Vec::with_capacity(checked.len());
-        for (entry, refused) in checked {
-            summary.failures.extend(refused);
-            entries.push(entry);
-        }
-        ingest_batch(ctx, project, model.as_ref(), entries, &mut summary).await?;
-        progress.advance(rows, &summary);
-    }
-    progress.finish();
+        })
+    };
+    let mut summary = consume_batches(ctx, project, batches, reading, progress).await?;
     // Malformed rows were reported before the batch's other failures.
     summary.failures.sort_by_key(|f| f.line);
     finished(project, &summary);
     Ok(summary)
+}
+
+/// The next batch of a manifest, read and checked; `None` at its end. The
+/// reader goes to a blocking thread (file I/O) and comes back.
+async fn read_manifest_batch(
+    ctx: &Context,
+    project: &Project,
+    root: &Root,
+    reader: ManifestReader,
+    batch_size: usize,
+    manifest_name: &str,
+) -> anyhow::Result<(Option<Batch>, ManifestReader)> {
+    let (reader, rows) = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let rows = reader.next_batch(batch_size);
+        (reader, rows)
+    })
+    .await
+    .context("manifest read task panicked")?;
+    let rows = rows.with_context(|| format!("reading {manifest_name}"))?;
+    if rows.is_empty() {
+        return Ok((None, reader));
+    }
+    let mut batch = Batch {
+        rows: rows.len() as u64,
+        entries: Vec::with_capacity(rows.len()),
+        failures: Vec::new(),
+        malformed: 0,
+    };
+    let mut good = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Ok(row) => good.push(row),
+            Err(err) => {
+                batch.malformed += 1;
+                batch.failures.push(FileFailure {
+                    path: manifest_name.to_owned(),
+                    line: Some(err.line),
+                    reason: err.reason,
+                });
+            }
+        }
+    }
+    let checked: Vec<(Entry, Option<FileFailure>)> = futures_util::stream::iter(good)
+        .map(|row| check_row(ctx, project, root, row))
+        .buffered(READ_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    for (entry, refused) in checked {
+        batch.failures.extend(refused);
+        batch.entries.push(entry);
+    }
+    Ok((Some(batch), reader))
 }
 
 #[cfg(test)]

@@ -91,6 +91,30 @@ mod tests {
     }
 
     #[test]
+    fn webp_bmp_and_tiff_decode_like_png() {
+        let config = ArchitectureConfig::small_cnn(10, 2);
+        let img =
+            image::RgbImage::from_fn(20, 12, |x, y| image::Rgb([x as u8 * 9, y as u8 * 9, 60]));
+        let from_png = {
+            let mut out = Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png)
+                .expect("png");
+            preprocess(&out.into_inner(), &config, 1_000_000).expect("png input")
+        };
+        // All three are lossless here, so the input is the PNG's exactly.
+        for format in [
+            image::ImageFormat::WebP,
+            image::ImageFormat::Bmp,
+            image::ImageFormat::Tiff,
+        ] {
+            let mut out = Cursor::new(Vec::new());
+            img.write_to(&mut out, format).expect("encode");
+            let input = preprocess(&out.into_inner(), &config, 1_000_000).expect("decode");
+            assert_eq!(input, from_png, "{format:?}");
+        }
+    }
+
+    #[test]
     fn bad_bytes_and_bombs_are_refused() {
         let config = ArchitectureConfig::small_cnn(10, 2);
         assert!(matches!(

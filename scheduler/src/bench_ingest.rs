@@ -1,0 +1,751 @@
+//! `sieve bench ingest`: how fast ingest turns images into published jobs,
+//! and how much memory it needs, against the raw publish rate of the same
+//! broker.
+//!
+//! Each run makes its own database (`sieve_bench_<tag>`), queue prefix
+//! (`bench-<tag>`) and store directory, and removes all three at the end.
+//! The data is generated first and not timed: distinct 28x28 grayscale PNGs
+//! (noise, so each has its own SHA-256) in a folder, and as many distinct
+//! objects in the store named by a CSV manifest of keys. Every manifest row
+//! is a real object that ingest reads and hashes: nothing is skipped
+//! because the bench knows it.
+//!
+//! Each phase runs in a child process (this binary, `--phase`), so the peak
+//! RSS it reports (VmHWM) is that phase's own. Before each ingest phase, a
+//! bare lapin loop publishes the same number of messages, of the same size
+//! as that phase's jobs, with confirms pipelined (a sliding window), to the
+//! same prelabel queue: the baseline the target is measured against. The
+//! queue is purged between phases.
+
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use lapin::{BasicProperties, Confirmation};
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+use serde::{Deserialize, Serialize};
+use sieve_shared::Settings;
+use sieve_shared::ids::{ItemId, JobId, ProjectId};
+use sieve_shared::messages::{ModelRef, PrelabelJob, SCHEMA_VERSION, encode};
+use uuid::Uuid;
+
+use crate::app::{self, Context};
+use crate::entities::model_version::{self, VersionStatus};
+use crate::entities::project as project_entity;
+use crate::policy::Policy;
+use crate::projects::{self, ClassNames, ProjectName};
+use crate::{db, ingest};
+
+const PROJECT: &str = "bench";
+/// Side of the generated images, like Fashion-MNIST.
+const SIDE: u32 = 28;
+/// The manifest's images start at this seed, so that none is the same
+/// image as one in the folder (they share a project).
+const MANIFEST_SEEDS: u64 = 1 << 40;
+/// Prefix of a child's result line on its stdout.
+const RESULT_MARK: &str = "BENCH-RESULT ";
+
+#[derive(Debug, clap::Args)]
+pub struct BenchIngestArgs {
+    /// Synthetic PNGs for the folder phase (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    pub images: u64,
+    /// Rows of the object-key manifest, each a distinct stored PNG (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub manifest_rows: u64,
+    /// Confirms in flight in the bare publish loop.
+    #[arg(long, default_value_t = 1000)]
+    pub raw_window: usize,
+    /// Directory for the generated data (default: the system temp dir);
+    /// the run's subdirectory is removed at the end.
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Internal: run one phase in this process.
+    #[arg(long, hide = true, requires = "run_file")]
+    pub phase: Option<Phase>,
+    /// Internal: the run description a phase reads.
+    #[arg(long, hide = true)]
+    pub run_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum Phase {
+    RawFolder,
+    Folder,
+    RawManifest,
+    Manifest,
+}
+
+impl Phase {
+    fn arg(self) -> &'static str {
+        match self {
+            Phase::RawFolder => "raw-folder",
+            Phase::Folder => "folder",
+            Phase::RawManifest => "raw-manifest",
+            Phase::Manifest => "manifest",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Phase::RawFolder => "raw publish, folder-sized jobs",
+            Phase::Folder => "ingest folder of PNGs",
+            Phase::RawManifest => "raw publish, manifest-sized jobs",
+            Phase::Manifest => "ingest manifest of keys",
+        }
+    }
+}
+
+/// What the parent hands each phase.
+#[derive(Debug, Serialize, Deserialize)]
+struct Run {
+    settings: Settings,
+    images_dir: PathBuf,
+    manifest: PathBuf,
+    images: u64,
+    manifest_rows: u64,
+    raw_window: usize,
+    /// A job exactly like the ones each ingest publishes (same key length).
+    folder_job: Vec<u8>,
+    manifest_job: Vec<u8>,
+}
+
+/// What a phase reports.
+#[derive(Debug, Serialize, Deserialize)]
+struct PhaseResult {
+    phase: Phase,
+    items: u64,
+    seconds: f64,
+    peak_rss_kib: u64,
+    message_bytes: usize,
+    /// CPU seconds of the phase's own process (user + system).
+    cpu_seconds: f64,
+    /// CPU seconds PostgreSQL and RabbitMQ spent meanwhile (the parent
+    /// measures them around the child).
+    #[serde(default)]
+    postgres_cpu: f64,
+    #[serde(default)]
+    rabbitmq_cpu: f64,
+}
+
+impl PhaseResult {
+    fn per_second(&self) -> f64 {
+        self.items as f64 / self.seconds.max(1e-9)
+    }
+}
+
+pub async fn run(settings: Settings, args: &BenchIngestArgs) -> anyhow::Result<()> {
+    if let Some(phase) = args.phase {
+        let file = args
+            .run_file
+            .as_deref()
+            .context("--phase needs --run-file")?;
+        return run_phase(phase, file).await;
+    }
+    let id = Uuid::now_v7().simple().to_string();
+    let tag = &id[id.len() - 12..];
+    let mut settings = settings;
+    settings.database.url = with_database(&settings.database.url, &format!("sieve_bench_{tag}"))?;
+    settings.broker.prefix = format!("bench-{tag}");
+    settings.redis.prefix = format!("bench-{tag}");
+    let work = args
+        .workdir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("sieve-bench-{tag}"));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    settings.store.root = work.join("store");
+
+    db::create_database_if_missing(&settings.database.url).await?;
+    let outcome = bench(&settings, args, &work).await;
+
+    // Clean up whatever happened: queues, database, data.
+    let mut cleanup = Vec::new();
+    match sieve_shared::broker::connect(&settings.broker.url, "sieve bench cleanup").await {
+        Ok(conn) => {
+            let deleted = async {
+                let channel = conn.create_channel().await?;
+                app::topology(&settings).delete(&channel).await
+            }
+            .await;
+            if let Err(err) = deleted {
+                cleanup.push(format!("deleting the queues: {err}"));
+            }
+            conn.close(200, "bench done".into()).await.ok();
+        }
+        Err(err) => cleanup.push(format!("deleting the queues: {err}")),
+    }
+    if let Err(err) = db::drop_database(&settings.database.url).await {
+        cleanup.push(format!("dropping the database: {err:#}"));
+    }
+    eprintln!("removing {}", work.display());
+    if let Err(err) = std::fs::remove_dir_all(&work) {
+        cleanup.push(format!("removing {}: {err}", work.display()));
+    }
+    for problem in &cleanup {
+        eprintln!("cleanup: {problem}");
+    }
+    outcome
+}
+
+async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyhow::Result<()> {
+    let conn = db::connect(&settings.database).await?;
+    db::migrate(&conn).await?;
+    conn.close().await.ok();
+    let ctx = Context::connect(settings.clone()).await?;
+    let (project_id, model) = bench_project(&ctx).await?;
+
+    let images_dir = work.join("images");
+    let manifest = work.join("manifest.csv");
+    let started = Instant::now();
+    generate_images(&images_dir, args.images)?;
+    generate_manifest(&settings.store.root, &manifest, args.manifest_rows)?;
+    eprintln!(
+        "generated {} PNGs and {} stored objects + manifest in {:.1}s (not timed)",
+        args.images,
+        args.manifest_rows,
+        started.elapsed().as_secs_f64()
+    );
+
+    // Jobs exactly like the ones ingest will publish, for the raw loop.
+    let job = |object_key: String| {
+        encode(&PrelabelJob {
+            schema: SCHEMA_VERSION,
+            job_id: JobId::new(),
+            project_id,
+            item_id: ItemId::new(),
+            object_key,
+            model: model.clone(),
+        })
+    };
+    let folder_key =
+        sieve_shared::store::image_key(&project_id.to_string(), &"0".repeat(64)).to_string();
+    let run = Run {
+        settings: settings.clone(),
+        images_dir,
+        manifest,
+        images: args.images,
+        manifest_rows: args.manifest_rows,
+        raw_window: args.raw_window.max(1),
+        folder_job: job(folder_key),
+        manifest_job: job(manifest_key(0)),
+    };
+    let run_file = work.join("run.json");
+    std::fs::write(&run_file, serde_json::to_vec(&run)?)?;
+
+    let mut phases = Vec::new();
+    if args.images > 0 {
+        phases.extend([Phase::RawFolder, Phase::Folder]);
+    }
+    if args.manifest_rows > 0 {
+        phases.extend([Phase::RawManifest, Phase::Manifest]);
+    }
+    let mut results = Vec::new();
+    for phase in phases {
+        purge(&ctx).await?;
+        eprintln!("phase {}: {} ...", phase.arg(), phase.label());
+        let before = service_cpu();
+        let mut result = run_child(phase, &run_file).await?;
+        let after = service_cpu();
+        result.postgres_cpu = after.0 - before.0;
+        result.rabbitmq_cpu = after.1 - before.1;
+        eprintln!(
+            "  {} items in {:.2}s: {:.0}/s, peak RSS {:.1} MB",
+            result.items,
+            result.seconds,
+            result.per_second(),
+            result.peak_rss_kib as f64 / 1024.0
+        );
+        results.push(result);
+    }
+    purge(&ctx).await?;
+    ctx.connection.close(200, "bench done".into()).await.ok();
+    ctx.db.clone().close().await.ok();
+    print_report(settings, &results);
+    Ok(())
+}
+
+/// A project with an active model (never loaded: no worker runs), so that
+/// ingest publishes a job per item.
+async fn bench_project(ctx: &Context) -> anyhow::Result<(ProjectId, ModelRef)> {
+    let project = projects::create(
+        &ctx.db,
+        &ProjectName::parse(PROJECT)?,
+        &ClassNames::parse(&["a".into(), "b".into()])?,
+        &Policy::default(),
+    )
+    .await?;
+    let version = Uuid::now_v7();
+    let now = Utc::now().fixed_offset();
+    model_version::Entity::insert(model_version::ActiveModel {
+        id: Set(version),
+        project_id: Set(project.id.as_uuid()),
+        version: Set(1),
+        parent_id: Set(None),
+        training_run_id: Set(None),
+        artifact_key: Set(Some(format!("projects/{}/models/bench.bpk", project.id))),
+        checksum: Set(Some("0".repeat(64))),
+        architecture: Set(None),
+        metrics: Set(None),
+        calibration: Set(None),
+        status: Set(VersionStatus::Active),
+        status_reason: Set(None),
+        created_at: Set(now),
+        activated_at: Set(Some(now)),
+    })
+    .exec_without_returning(&ctx.db)
+    .await?;
+    project_entity::Entity::update(project_entity::ActiveModel {
+        id: Set(project.id.as_uuid()),
+        active_model_version_id: Set(Some(version)),
+        ..Default::default()
+    })
+    .exec(&ctx.db)
+    .await?;
+    let project = projects::get(&ctx.db, PROJECT).await?;
+    let model = crate::dispatch::active_model(ctx, &project)
+        .await?
+        .context("the bench project has no active model")?;
+    Ok((project.id, model))
+}
+
+async fn purge(ctx: &Context) -> anyhow::Result<()> {
+    let channel = ctx.connection.create_channel().await?;
+    channel
+        .queue_purge(
+            ctx.topology().prelabel_queue().into(),
+            QueuePurgeOptions::default(),
+        )
+        .await
+        .context("purging the prelabel queue")?;
+    channel.close(200, "purged".into()).await.ok();
+    Ok(())
+}
+
+async fn run_child(phase: Phase, run_file: &Path) -> anyhow::Result<PhaseResult> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    // Its log goes straight to ours; its stdout carries the result.
+    let output = tokio::process::Command::new(exe)
+        .args(["bench", "ingest", "--phase", phase.arg(), "--run-file"])
+        .arg(run_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting a bench phase")?
+        .wait_with_output()
+        .await
+        .context("running a bench phase")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        anyhow::bail!("phase {} failed ({})", phase.arg(), output.status);
+    }
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(RESULT_MARK))
+        .with_context(|| format!("phase {} printed no result", phase.arg()))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+async fn run_phase(phase: Phase, run_file: &Path) -> anyhow::Result<()> {
+    let run: Run = serde_json::from_slice(
+        &std::fs::read(run_file).with_context(|| format!("reading {}", run_file.display()))?,
+    )?;
+    let result = match phase {
+        Phase::RawFolder => raw_publish(&run, phase, &run.folder_job, run.images).await?,
+        Phase::RawManifest => {
+            raw_publish(&run, phase, &run.manifest_job, run.manifest_rows).await?
+        }
+        Phase::Folder | Phase::Manifest => {
+            let ctx = Context::connect(run.settings.clone()).await?;
+            let project = projects::get(&ctx.db, PROJECT).await?;
+            let (expected, bytes) = match phase {
+                Phase::Folder => (run.images, run.folder_job.len()),
+                _ => (run.manifest_rows, run.manifest_job.len()),
+            };
+            let started = Instant::now();
+            let summary = if phase == Phase::Folder {
+                ingest::ingest_folder(&ctx, &project, &run.images_dir, false).await?
+            } else {
+                ingest::ingest_manifest(&ctx, &project, &run.manifest, None, false).await?
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            if summary.new_items != expected || summary.dispatched != expected {
+                anyhow::bail!(
+                    "expected {expected} new items, all dispatched; got {} new, {} dispatched, {} failed ({:?})",
+                    summary.new_items,
+                    summary.dispatched,
+                    summary.failed,
+                    summary.failures.first()
+                );
+            }
+            let stamped = ctx
+                .db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    ctx.db.get_database_backend(),
+                    "SELECT count(*) AS n FROM items WHERE dispatched_at IS NOT NULL",
+                ))
+                .await?
+                .map(|row| row.try_get::<i64>("", "n"))
+                .transpose()?
+                .unwrap_or(0);
+            eprintln!("  items marked dispatched in the database: {stamped}");
+            PhaseResult {
+                phase,
+                items: summary.dispatched,
+                seconds,
+                peak_rss_kib: peak_rss_kib(),
+                message_bytes: bytes,
+                cpu_seconds: own_cpu(),
+                postgres_cpu: 0.0,
+                rabbitmq_cpu: 0.0,
+            }
+        }
+    };
+    println!("{RESULT_MARK}{}", serde_json::to_string(&result)?);
+    std::io::stdout().flush().ok();
+    Ok(())
+}
+
+/// A bare lapin loop: `count` persistent, mandatory messages to the prelabel
+/// queue, at most `run.raw_window` confirms outstanding.
+async fn raw_publish(
+    run: &Run,
+    phase: Phase,
+    payload: &[u8],
+    count: u64,
+) -> anyhow::Result<PhaseResult> {
+    let conn = sieve_shared::broker::connect(&run.settings.broker.url, "sieve bench raw").await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = app::topology(&run.settings).prelabel_queue();
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let check = |confirmation: Confirmation| match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        other => Err(anyhow::anyhow!("raw publish not confirmed: {other:?}")),
+    };
+    let mut in_flight = VecDeque::with_capacity(run.raw_window);
+    let started = Instant::now();
+    for _ in 0..count {
+        if in_flight.len() >= run.raw_window
+            && let Some(confirm) = in_flight.pop_front()
+        {
+            check(confirm.await?)?;
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.clone().into(),
+                options,
+                payload,
+                properties.clone(),
+            )
+            .await?;
+        in_flight.push_back(confirm);
+    }
+    for confirm in in_flight {
+        check(confirm.await?)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    conn.close(200, "done".into()).await.ok();
+    Ok(PhaseResult {
+        phase,
+        items: count,
+        seconds,
+        peak_rss_kib: peak_rss_kib(),
+        message_bytes: payload.len(),
+        cpu_seconds: own_cpu(),
+        postgres_cpu: 0.0,
+        rabbitmq_cpu: 0.0,
+    })
+}
+
+fn print_report(settings: &Settings, results: &[PhaseResult]) {
+    println!(
+        "sieve bench ingest — broker {}, queue prefix {}, {} cores",
+        redact(&settings.broker.url),
+        settings.broker.prefix,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<34} {:>9} {:>9} {:>10} {:>9} {:>12} {:>23}",
+        "phase", "items", "seconds", "items/s", "msg bytes", "peak RSS MB", "CPU s sieve/pg/rabbit"
+    );
+    for r in results {
+        println!(
+            "{:<34} {:>9} {:>9.2} {:>10.0} {:>9} {:>12.1} {:>23}",
+            r.phase.label(),
+            r.items,
+            r.seconds,
+            r.per_second(),
+            r.message_bytes,
+            r.peak_rss_kib as f64 / 1024.0,
+            format!(
+                "{:.1}/{:.1}/{:.1}",
+                r.cpu_seconds, r.postgres_cpu, r.rabbitmq_cpu
+            )
+        );
+    }
+    let find = |p: Phase| results.iter().find(|r| r.phase == p);
+    for (raw, ingest, name) in [
+        (Phase::RawFolder, Phase::Folder, "folder"),
+        (Phase::RawManifest, Phase::Manifest, "manifest"),
+    ] {
+        if let (Some(raw), Some(ing)) = (find(raw), find(ingest)) {
+            let ratio = ing.per_second() / raw.per_second().max(1e-9);
+            println!(
+                "{name}: ingest / raw publish = {ratio:.2} (target >= 0.5: {})",
+                if ratio >= 0.5 { "met" } else { "MISSED" }
+            );
+        }
+    }
+    if let Some(m) = find(Phase::Manifest) {
+        let mb = m.peak_rss_kib as f64 / 1024.0;
+        println!(
+            "manifest: peak RSS {mb:.1} MB for {} rows (target <= 300 MB: {})",
+            m.items,
+            if mb <= 300.0 { "met" } else { "MISSED" }
+        );
+    }
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The process's peak resident set (VmHWM), in KiB; 0 where unknown.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// This process's CPU time so far (user + system), in seconds.
+fn own_cpu() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .map_or(0.0, |stat| stat_cpu(&stat, false))
+}
+
+/// CPU seconds from a `/proc/PID/stat` line: utime + stime, and with
+/// `children` the reaped children's too (PostgreSQL's backends exit when
+/// their connection closes and their time moves to the postmaster).
+fn stat_cpu(stat: &str, children: bool) -> f64 {
+    // Fields after the command name, which is in parentheses.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime are fields 14-17; `rest` starts at 3.
+    let take = if children { 4 } else { 2 };
+    let ticks: f64 = fields
+        .iter()
+        .skip(11)
+        .take(take)
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+/// CPU seconds used so far by every PostgreSQL process and by RabbitMQ's
+/// Erlang VM on this machine (0 where they cannot be seen).
+fn service_cpu() -> (f64, f64) {
+    let (mut postgres, mut rabbit) = (0.0, 0.0);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (0.0, 0.0);
+    };
+    for entry in dir.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if stat.contains("(postgres)") {
+            postgres += stat_cpu(&stat, true);
+        } else if stat.contains("(beam.smp)") {
+            rabbit += stat_cpu(&stat, false);
+        }
+    }
+    (postgres, rabbit)
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base
+        .find("://")
+        .with_context(|| format!("database URL {url:?} has no scheme"))?
+        + 3;
+    let server = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    Ok(match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    })
+}
+
+fn manifest_key(i: u64) -> String {
+    format!("bench/{:02x}/{i:07}.png", i % 256)
+}
+
+/// A distinct 28x28 grayscale PNG for each `i`: noise from a generator
+/// seeded by `i`, so it compresses like a real small image, not like a
+/// flat one.
+fn png(i: u64) -> anyhow::Result<Vec<u8>> {
+    let mut state = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut pixels = Vec::with_capacity((SIDE * SIDE) as usize);
+    for _ in 0..SIDE * SIDE {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        pixels.push((state >> 56) as u8);
+    }
+    // The index itself in the first pixels: distinct even if two seeds met.
+    pixels[..8].copy_from_slice(&i.to_le_bytes());
+    let img = image::GrayImage::from_raw(SIDE, SIDE, pixels).context("image buffer")?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+/// Write image `seeds + i` to `path_of(i)` for `i` in `0..count`, on every
+/// core.
+fn generate_with(
+    count: u64,
+    seeds: u64,
+    path_of: impl Fn(u64) -> PathBuf + Sync,
+) -> anyhow::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let path_of = &path_of;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let mut i = t;
+                    while i < count {
+                        let path = path_of(i);
+                        std::fs::write(&path, png(seeds + i)?)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        i += threads;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("a generator thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+fn make_shards(dir: &Path) -> anyhow::Result<()> {
+    for shard in 0..256 {
+        let path = dir.join(format!("{shard:02x}"));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn generate_images(dir: &Path, count: u64) -> anyhow::Result<()> {
+    make_shards(dir)?;
+    generate_with(count, 0, |i| {
+        dir.join(format!("{:02x}/{i:07}.png", i % 256))
+    })
+}
+
+/// Objects straight into the local store's directory (a key is a path
+/// under its root), and a CSV manifest naming them.
+fn generate_manifest(store_root: &Path, manifest: &Path, rows: u64) -> anyhow::Result<()> {
+    make_shards(&store_root.join("bench"))?;
+    generate_with(rows, MANIFEST_SEEDS, |i| store_root.join(manifest_key(i)))?;
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(manifest)
+            .with_context(|| format!("creating {}", manifest.display()))?,
+    );
+    writeln!(out, "key")?;
+    for i in 0..rows {
+        writeln!(out, "{}", manifest_key(i))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_database_name() {
+        let with = |url| with_database(url, "b").expect("url");
+        assert_eq!(with("postgres://u@h:5432/sieve"), "postgres://u@h:5432/b");
+        assert_eq!(
+            with("postgres://u@h:5432/sieve?ssl=no"),
+            "postgres://u@h:5432/b?ssl=no"
+        );
+        assert_eq!(with("postgres://u@h"), "postgres://u@h/b");
+        assert!(with_database("nonsense", "b").is_err());
+    }
+
+    #[test]
+    fn generated_images_are_distinct_pngs() {
+        let a = png(1).expect("png");
+        let b = png(2).expect("png");
+        assert_ne!(a, b);
+        assert_eq!(
+            crate::ingest::header_dimensions(&a, 1_000_000),
+            Ok((SIDE, SIDE))
+        );
+    }
+
+    #[test]
+    fn reads_the_peak_resident_set() {
+        assert!(peak_rss_kib() > 0);
+    }
+
+    #[test]
+    fn reads_cpu_ticks_from_a_stat_line() {
+        let stat = "42 (post gres) S 1 2 3 4 5 6 7 8 9 10 150 50 300 100 20 0";
+        assert_eq!(stat_cpu(stat, false), 2.0);
+        assert_eq!(stat_cpu(stat, true), 6.0);
+    }
+}
