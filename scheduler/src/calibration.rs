@@ -39,6 +39,12 @@ pub struct Calibration {
     pub thresholds: Vec<Option<f32>>,
     /// Per class: how many holdout examples were predicted as it.
     pub evidence: Vec<u32>,
+    /// Whether classes short of evidence borrowed the pooled threshold.
+    #[serde(default)]
+    pub pooled: bool,
+    /// Per class: whether its threshold is the pooled one.
+    #[serde(default)]
+    pub borrowed: Vec<bool>,
 }
 
 /// The z value of a two-sided normal interval at `level` (0.90, 0.95, 0.99...).
@@ -106,38 +112,80 @@ pub fn wilson(k: u64, n: u64, z: f64) -> (f64, f64) {
     )
 }
 
+/// The lowest threshold at which the examples at or above it reach
+/// `target_accuracy` as a Wilson lower bound; `examples` most confident
+/// first.
+fn lowest_threshold(examples: &[&Evidence], target_accuracy: f64, z: f64) -> Option<f32> {
+    let mut threshold = None;
+    let mut correct = 0u64;
+    for (i, e) in examples.iter().enumerate() {
+        correct += u64::from(e.correct);
+        // Only cut between distinct confidences: a threshold admits all
+        // examples with that confidence or more.
+        if examples
+            .get(i + 1)
+            .is_some_and(|next| next.confidence == e.confidence)
+        {
+            continue;
+        }
+        let (lower, _) = wilson(correct, i as u64 + 1, z);
+        if lower >= target_accuracy {
+            threshold = Some(e.confidence);
+        }
+    }
+    threshold
+}
+
 /// Per-class thresholds for `target_accuracy` from `evidence`.
+///
+/// With `pool`, a class without enough evidence of its own borrows the
+/// threshold calibrated on every class's evidence together — unless its own
+/// examples at or above that threshold are significantly less accurate than
+/// the target (their Wilson upper bound falls short of it). Active learning
+/// labels the items the model was unsure of, so few labeled examples sit in
+/// any one class's confident region; pooling them is what lets machine
+/// labeling start before thousands of labels per class exist.
 pub fn calibrate(
     evidence: &[Evidence],
     classes: usize,
     target_accuracy: f64,
     confidence_level: f64,
+    pool: bool,
 ) -> Calibration {
     let z = z_for(confidence_level);
+    fn most_confident_first(mut examples: Vec<&Evidence>) -> Vec<&Evidence> {
+        examples.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+        examples
+    }
+    let pooled_threshold = pool
+        .then(|| {
+            lowest_threshold(
+                &most_confident_first(evidence.iter().collect()),
+                target_accuracy,
+                z,
+            )
+        })
+        .flatten();
     let mut thresholds = vec![None; classes];
+    let mut borrowed = vec![false; classes];
     let mut counts = vec![0u32; classes];
-    for (class, threshold) in thresholds.iter_mut().enumerate() {
-        let mut mine: Vec<&Evidence> = evidence
-            .iter()
-            .filter(|e| e.predicted as usize == class)
-            .collect();
+    for class in 0..classes {
+        let mine = most_confident_first(
+            evidence
+                .iter()
+                .filter(|e| e.predicted as usize == class)
+                .collect(),
+        );
         counts[class] = mine.len() as u32;
-        // Most confident first: each prefix is "everything at or above".
-        mine.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
-        let mut correct = 0u64;
-        for (i, e) in mine.iter().enumerate() {
-            correct += u64::from(e.correct);
-            // Only cut between distinct confidences: a threshold admits all
-            // examples with that confidence or more.
-            if mine
-                .get(i + 1)
-                .is_some_and(|next| next.confidence == e.confidence)
-            {
-                continue;
-            }
-            let (lower, _) = wilson(correct, i as u64 + 1, z);
-            if lower >= target_accuracy {
-                *threshold = Some(e.confidence);
+        thresholds[class] = lowest_threshold(&mine, target_accuracy, z);
+        if let (None, Some(pooled)) = (thresholds[class], pooled_threshold) {
+            let above: Vec<&&Evidence> = mine.iter().filter(|e| e.confidence >= pooled).collect();
+            let correct = above.iter().filter(|e| e.correct).count() as u64;
+            let contradicted =
+                !above.is_empty() && wilson(correct, above.len() as u64, z).1 < target_accuracy;
+            if !contradicted {
+                thresholds[class] = Some(pooled);
+                borrowed[class] = true;
             }
         }
     }
@@ -146,6 +194,8 @@ pub fn calibrate(
         confidence_level,
         thresholds,
         evidence: counts,
+        pooled: pool,
+        borrowed,
     }
 }
 
@@ -186,6 +236,7 @@ pub async fn refresh(
             classes,
             target,
             policy.confidence_level,
+            policy.pool_evidence,
         )
     });
     model_version::Entity::update(model_version::ActiveModel {
@@ -269,7 +320,7 @@ mod tests {
         for i in 0..20u32 {
             evidence.push(ev(1, 0.99 - i as f32 / 100.0, true));
         }
-        let c = calibrate(&evidence, 3, 0.97, 0.95);
+        let c = calibrate(&evidence, 3, 0.97, 0.95, false);
         // By hand: with the first 150 all correct, LCB = 150/(150+3.8415) =
         // 0.97503 >= 0.97. Adding example 151 (wrong): 150/151, LCB 0.9635 < 0.97;
         // 152 (right): 151/152, LCB ≈ 0.9637; from there on the share only falls.
@@ -291,8 +342,49 @@ mod tests {
         let evidence: Vec<Evidence> = (0..1000u32)
             .map(|i| ev(0, 1.0 - i as f32 / 2000.0, i % 10 != 9 || i < 300))
             .collect();
-        let strict = calibrate(&evidence, 1, 0.97, 0.95).thresholds[0];
-        let loose = calibrate(&evidence, 1, 0.90, 0.95).thresholds[0];
+        let strict = calibrate(&evidence, 1, 0.97, 0.95, false).thresholds[0];
+        let loose = calibrate(&evidence, 1, 0.90, 0.95, false).thresholds[0];
         assert!(loose.expect("loose") < strict.expect("strict"));
+    }
+
+    #[test]
+    fn pooling_lends_the_shared_threshold_unless_a_class_contradicts_it() {
+        // Classes 0-3: 75 examples each at 0.99, all right — 75/75 has a
+        // Wilson lower bound of 0.951, short of 0.97 alone; the 300 together
+        // reach it. Class 4: 2 examples at 0.99, both wrong. Class 5: none.
+        let mut evidence = Vec::new();
+        for class in 0..4 {
+            evidence.extend((0..75).map(|_| ev(class, 0.99, true)));
+        }
+        evidence.extend((0..2).map(|_| ev(4, 0.99, false)));
+
+        let strict = calibrate(&evidence, 6, 0.97, 0.95, false);
+        assert_eq!(
+            strict.thresholds,
+            vec![None; 6],
+            "no class has enough alone"
+        );
+        assert!(!strict.pooled);
+
+        // Pooled: 300 of 302 right, lower bound 0.976.
+        let pooled = calibrate(&evidence, 6, 0.97, 0.95, true);
+        assert!(pooled.pooled);
+        assert_eq!(pooled.thresholds[..4], [Some(0.99); 4]);
+        assert_eq!(pooled.borrowed[..4], [true; 4]);
+        // Class 4's own 0 of 2 at that threshold: upper bound far below 0.97.
+        assert_eq!(pooled.thresholds[4], None, "contrary evidence keeps it out");
+        assert_eq!(
+            pooled.thresholds[5],
+            Some(0.99),
+            "no evidence, nothing against"
+        );
+
+        // A pool that misses the target lends nothing: 170 of 180 right.
+        let mut weak: Vec<Evidence> = (0..170).map(|i| ev(i % 4, 0.99, true)).collect();
+        weak.extend((0..10).map(|i| ev(i % 4, 0.99, false)));
+        assert_eq!(
+            calibrate(&weak, 6, 0.97, 0.95, true).thresholds,
+            vec![None; 6]
+        );
     }
 }

@@ -166,6 +166,10 @@ pub enum ProjectCommand {
         /// turns it off.
         #[arg(long)]
         retrain_every: Option<String>,
+        /// Let a class short of calibration evidence borrow the threshold
+        /// calibrated on all classes together (true or false).
+        #[arg(long)]
+        pool_evidence: Option<bool>,
     },
 }
 
@@ -591,6 +595,7 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             disagreement_limit,
             disagreement_measure,
             retrain_every,
+            pool_evidence,
         } => {
             let conn = db::connect(&settings.database).await?;
             let project = projects::get(&conn, &name).await?;
@@ -616,6 +621,9 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             }
             if let Some(d) = disagreement_limit {
                 policy.disagreement_limit = d;
+            }
+            if let Some(pool) = pool_evidence {
+                policy.pool_evidence = pool;
             }
             if let Some(n) = retrain_every {
                 policy.retrain_every_labels = match n.as_str() {

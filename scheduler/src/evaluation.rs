@@ -74,6 +74,7 @@ pub fn quality(metrics: &HoldoutMetrics, classes: &[String], policy: &Policy) ->
             classes.len(),
             target,
             policy.confidence_level,
+            policy.pool_evidence,
         )
     });
     let machine: Vec<&HoldoutEvaluation> = evaluations

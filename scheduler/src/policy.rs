@@ -41,6 +41,10 @@ pub struct Policy {
     /// Share of would-be machine labels sent to review anyway, so machine
     /// accuracy is measured rather than assumed.
     pub audit_rate: f64,
+    /// With a target accuracy: a class short of evidence of its own borrows
+    /// the threshold calibrated on all classes together, unless its own
+    /// examples above it are significantly worse than the target.
+    pub pool_evidence: bool,
     /// Retrain automatically once this many human labels have arrived since
     /// the last run's snapshot (`None`: only on request).
     pub retrain_every_labels: Option<u32>,
@@ -56,6 +60,7 @@ impl Default for Policy {
             disagreement_limit: 0.34,
             audit_rate: 0.02,
             retrain_every_labels: None,
+            pool_evidence: false,
         }
     }
 }
@@ -103,7 +108,9 @@ impl Policy {
             None => Some(self.confidence_threshold),
             Some(target) => calibration
                 .filter(|c| {
-                    c.target_accuracy == target && c.confidence_level == self.confidence_level
+                    c.target_accuracy == target
+                        && c.confidence_level == self.confidence_level
+                        && c.pooled == self.pool_evidence
                 })
                 .and_then(|c| c.thresholds.get(class as usize).copied().flatten()),
         }
@@ -218,6 +225,7 @@ mod tests {
             confidence_level: 0.95,
             thresholds: vec![None, None, None, Some(0.8)],
             evidence: vec![0, 0, 0, 500],
+            ..Calibration::default()
         };
         let s = scores(0.85, 0.0);
         let t = policy.threshold_for(3, Some(&calibration));

@@ -34,6 +34,7 @@ async fn quick_demo_report_adds_up() {
         threshold: None,
         target_accuracy: None,
         audit_rate: 0.02,
+        strict_calibration: false,
         data_dir: fashion_mnist::DEFAULT_DIR.into(),
         work_dir: work.path().to_owned(),
         step_timeout_secs: 300,

@@ -81,6 +81,11 @@ pub struct DemoArgs {
     /// Share of would-be machine labels audited by the reviewers.
     #[arg(long, default_value_t = 0.02)]
     pub audit_rate: f64,
+    /// Calibrate each class on its own evidence only; by default a class
+    /// short of evidence borrows the threshold calibrated on all classes
+    /// (unless its own evidence contradicts it).
+    #[arg(long)]
+    pub strict_calibration: bool,
     /// Where the Fashion-MNIST IDX files are.
     #[arg(long, default_value = fashion_mnist::DEFAULT_DIR)]
     pub data_dir: PathBuf,
@@ -290,6 +295,7 @@ impl DemoArgs {
             confidence_threshold: self.threshold.unwrap_or(defaults.confidence_threshold),
             target_accuracy: self.target_accuracy,
             audit_rate: self.audit_rate,
+            pool_evidence: !self.strict_calibration,
             ..defaults
         }
     }

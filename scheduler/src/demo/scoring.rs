@@ -231,8 +231,13 @@ async fn curve(
                 target_accuracy: Some(target),
                 ..project.policy.clone()
             };
-            let calibration =
-                calibration::calibrate(&evidence, classes, target, policy.confidence_level);
+            let calibration = calibration::calibrate(
+                &evidence,
+                classes,
+                target,
+                policy.confidence_level,
+                policy.pool_evidence,
+            );
             let (mut labels, mut right) = (0u64, 0u64);
             for row in &rows {
                 let scores = Scores {
