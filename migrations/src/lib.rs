@@ -6,11 +6,12 @@
 
 pub use sea_orm_migration::prelude::*;
 
-mod m20261125_000001_initial;
-mod m20261125_000002_calibration;
-mod m20261125_000003_review;
 mod m20261125_000001_claim_indexes;
+mod m20261125_000001_initial;
+mod m20261125_000001_scoped_tokens;
+mod m20261125_000002_calibration;
 mod m20261125_000002_dispatch_control;
+mod m20261125_000003_review;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000003_review::Migration),
             Box::new(m20261125_000001_claim_indexes::Migration),
             Box::new(m20261125_000002_dispatch_control::Migration),
+            Box::new(m20261125_000001_scoped_tokens::Migration),
         ]
     }
 }

@@ -3,6 +3,12 @@
 //! A token is shown once, when created; only its SHA-256 is stored. Lookup
 //! is by hash, so no secret is ever compared byte by byte. Tokens are never
 //! logged.
+//!
+//! A token may be scoped to one project. It then acts only there: another
+//! project, or a task or item of one, answers 404 exactly as if it did not
+//! exist (a scoped token learns nothing about other projects, not even
+//! their names), and what spans every project (creating projects, fleet
+//! status) answers 403: the token is valid but not for that.
 
 use chrono::Utc;
 use rand::RngCore;
@@ -11,7 +17,9 @@ use sieve_shared::store::sha256_hex;
 use uuid::Uuid;
 
 use crate::entities::api_token::{self, Role};
+use crate::entities::review_task;
 use crate::error::{AppError, AppResult};
+use crate::projects::Project;
 
 /// What a caller wants to do; each role is allowed a set of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +53,8 @@ pub fn allows(role: Role, action: Action) -> bool {
 pub struct Caller {
     pub name: String,
     pub role: Role,
+    /// The only project this caller may act on; `None`: every project.
+    pub project: Option<Uuid>,
 }
 
 impl Caller {
@@ -56,14 +66,73 @@ impl Caller {
             Err(forbidden(self.role, action))
         }
     }
+
+    /// Whether this caller may see `project` at all.
+    pub fn may_see(&self, project: &Project) -> bool {
+        self.project.is_none_or(|p| p == project.id.as_uuid())
+    }
+
+    /// Refuse a project outside this caller's scope as if it did not exist.
+    pub fn check_project(&self, project: &Project) -> AppResult<()> {
+        if self.may_see(project) {
+            Ok(())
+        } else {
+            Err(AppError::NotFound(format!(
+                "no project named {:?}; `sieve project list` shows the projects",
+                project.name
+            )))
+        }
+    }
+
+    /// Refuse what spans every project to a caller scoped to one (403).
+    pub fn require_unscoped(&self, what: &str) -> AppResult<()> {
+        match self.project {
+            None => Ok(()),
+            Some(_) => Err(AppError::Forbidden(format!(
+                "this token is scoped to one project and may not {what}"
+            ))),
+        }
+    }
+
+    /// Refuse a review task of another project as if it did not exist.
+    pub async fn check_task(&self, db: &DatabaseConnection, task_id: Uuid) -> AppResult<()> {
+        let Some(scope) = self.project else {
+            return Ok(());
+        };
+        match review_task::Entity::find_by_id(task_id).one(db).await? {
+            Some(task) if task.project_id == scope => Ok(()),
+            _ => Err(AppError::NotFound(format!("no review task {task_id}"))),
+        }
+    }
+
+    /// Refuse an item of another project as if it did not exist.
+    pub fn check_item_project(&self, item_id: Uuid, project_id: Uuid) -> AppResult<()> {
+        match self.project {
+            Some(scope) if scope != project_id => {
+                Err(AppError::NotFound(format!("no item {item_id}")))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn forbidden(role: Role, action: Action) -> AppError {
     AppError::Forbidden(format!("role {role:?} may not {action:?}"))
 }
 
-/// Create a token; returns the secret, which is not stored anywhere.
+/// Create a token for every project; returns the secret, which is not
+/// stored anywhere.
 pub async fn create_token(db: &DatabaseConnection, name: &str, role: Role) -> AppResult<String> {
+    create_scoped_token(db, name, role, None).await
+}
+
+/// Create a token that acts only on `project` (every project with `None`).
+pub async fn create_scoped_token(
+    db: &DatabaseConnection,
+    name: &str,
+    role: Role,
+    project: Option<&Project>,
+) -> AppResult<String> {
     if name.trim().is_empty() {
         return Err(AppError::Invalid(
             "a token needs a name (who or what uses it)".into(),
@@ -80,6 +149,7 @@ pub async fn create_token(db: &DatabaseConnection, name: &str, role: Role) -> Ap
         created_at: Set(Utc::now().fixed_offset()),
         expires_at: Set(None),
         revoked_at: Set(None),
+        project_id: Set(project.map(|p| p.id.as_uuid())),
     })
     .exec_without_returning(db)
     .await?;
@@ -108,6 +178,7 @@ pub async fn authorize(
     Ok(Caller {
         name: found.name,
         role: found.role,
+        project: found.project_id,
     })
 }
 

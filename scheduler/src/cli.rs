@@ -297,6 +297,9 @@ pub enum TokenCommand {
         name: String,
         #[arg(long, value_parser = parse_role)]
         role: Role,
+        /// Let the token act only on this project (others answer 404).
+        #[arg(long)]
+        project: Option<String>,
     },
 }
 
@@ -443,9 +446,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retrain(args) => retrain(settings, args).await?,
         Command::Models(command) => models_command(settings, command).await?,
         Command::Failed(command) => failed_command(settings, command).await?,
-        Command::Token(TokenCommand::Create { name, role }) => {
+        Command::Token(TokenCommand::Create {
+            name,
+            role,
+            project,
+        }) => {
             let conn = db::connect(&settings.database).await?;
-            let token = auth::create_token(&conn, &name, role).await?;
+            let project = match project {
+                Some(name) => Some(projects::get(&conn, &name).await?),
+                None => None,
+            };
+            let token = auth::create_scoped_token(&conn, &name, role, project.as_ref()).await?;
             println!("{token}");
             eprintln!("store it now: it is not shown again");
         }

@@ -2,7 +2,8 @@
 //! every role, plus no token, a bad token, an expired and a revoked one.
 //! Missing or invalid credentials give 401, a role without the right gives
 //! 403, and a role with it gets past authorization (whatever the endpoint
-//! then says about its input).
+//! then says about its input). A token scoped to one project acts only
+//! there.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,8 +12,10 @@ mod review_support;
 use chrono::{Duration, Utc};
 use review_support::with_app;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
-use sieve_scheduler::auth::{Action, allows};
+use serde_json::{Value, json};
+use sieve_scheduler::auth::{self, Action, allows};
 use sieve_scheduler::entities::api_token::{self, Role};
+use sieve_scheduler::entities::review_task::TaskState;
 use sieve_shared::store::sha256_hex;
 
 const ROLES: [Role; 4] = [Role::Reviewer, Role::Ml, Role::Ops, Role::Admin];
@@ -203,6 +206,190 @@ async fn every_endpoint_by_every_role() {
             tokens.len()
         );
         assert_eq!(checked, endpoints.len() * tokens.len());
+    })
+    .await;
+}
+
+/// A token scoped to one project acts only there: other projects, and their
+/// tasks and items, answer 404 as if they did not exist; what spans every
+/// project answers 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_tokens_act_only_on_their_project() {
+    with_app(60, |app| async move {
+        let mine = app.seed("mine", &["cat", "dog"], 2).await;
+        let theirs = app.seed("theirs", &["cat", "dog"], 2).await;
+        let scoped = |name: &'static str, role: Role| {
+            let app = app.clone();
+            let project = mine.project.clone();
+            async move {
+                auth::create_scoped_token(app.db(), name, role, Some(&project))
+                    .await
+                    .unwrap()
+            }
+        };
+        let reviewer = scoped("scoped-reviewer", Role::Reviewer).await;
+        let ml = scoped("scoped-ml", Role::Ml).await;
+        let admin = scoped("scoped-admin", Role::Admin).await;
+        let global = app.token("global-admin", Role::Admin).await;
+
+        // Its own project works as for any token of its role.
+        let (status, claimed) = app
+            .post("/api/v1/projects/mine/review/next", &reviewer, json!({}))
+            .await;
+        assert_eq!(status, 200, "{claimed}");
+        let task = claimed["task_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            app.get(&format!("/api/v1/review/{task}"), &reviewer)
+                .await
+                .0,
+            200
+        );
+        let (status, listed) = app.get("/api/v1/projects", &reviewer).await;
+        assert_eq!(status, 200);
+        let names: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["mine"], "other projects are not listed");
+        let (_, all) = app.get("/api/v1/projects", &global).await;
+        assert_eq!(all.as_array().unwrap().len(), 2);
+        assert_eq!(app.get("/api/v1/projects/mine/policy", &ml).await.0, 200);
+
+        // Another project, its tasks and its items: 404, nothing written.
+        let their_task = theirs.tasks[0].task_id;
+        let their_item = theirs.tasks[0].item_id;
+        for (method, path, body, token) in [
+            (
+                "POST",
+                "/api/v1/projects/theirs/review/next".to_owned(),
+                json!({}),
+                &reviewer,
+            ),
+            (
+                "GET",
+                "/api/v1/projects/theirs".to_owned(),
+                Value::Null,
+                &reviewer,
+            ),
+            (
+                "GET",
+                "/api/v1/projects/theirs/policy".to_owned(),
+                Value::Null,
+                &ml,
+            ),
+            (
+                "PUT",
+                "/api/v1/projects/theirs/policy".to_owned(),
+                json!({"confidence_threshold": 0.5}),
+                &ml,
+            ),
+            (
+                "GET",
+                "/api/v1/projects/theirs/models".to_owned(),
+                Value::Null,
+                &ml,
+            ),
+            (
+                "POST",
+                "/api/v1/projects/theirs/retrain".to_owned(),
+                Value::Null,
+                &admin,
+            ),
+            (
+                "GET",
+                format!("/api/v1/review/{their_task}"),
+                Value::Null,
+                &reviewer,
+            ),
+            (
+                "POST",
+                format!("/api/v1/review/{their_task}/submit"),
+                json!({"fencing_token": 1, "class": "cat"}),
+                &reviewer,
+            ),
+            (
+                "POST",
+                format!("/api/v1/review/{their_task}/release"),
+                json!({"fencing_token": 1}),
+                &reviewer,
+            ),
+            (
+                "POST",
+                format!("/api/v1/review/{their_task}/renew"),
+                json!({"fencing_token": 1}),
+                &reviewer,
+            ),
+            (
+                "POST",
+                format!("/api/v1/review/{their_task}/skip"),
+                json!({"fencing_token": 1, "reason": "x"}),
+                &reviewer,
+            ),
+            (
+                "POST",
+                format!("/api/v1/review/{their_task}/undo"),
+                json!({"fencing_token": 1}),
+                &reviewer,
+            ),
+            (
+                "GET",
+                format!("/api/v1/items/{their_item}/image"),
+                Value::Null,
+                &reviewer,
+            ),
+        ] {
+            let mut request = match method {
+                "GET" => app.http.get(app.url(&path)),
+                "PUT" => app.http.put(app.url(&path)),
+                _ => app.http.post(app.url(&path)),
+            };
+            request = request.bearer_auth(token);
+            if !body.is_null() {
+                request = request.json(&body);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let answer: Value = response.json().await.unwrap_or_default();
+            assert_eq!(status, 404, "{method} {path}: {answer}");
+            assert_eq!(answer["error"]["code"], "not_found", "{method} {path}");
+        }
+        // The same 404 as a project that does not exist: nothing to learn.
+        let (_, missing) = app
+            .post("/api/v1/projects/nowhere/review/next", &reviewer, json!({}))
+            .await;
+        let (_, hidden) = app
+            .post("/api/v1/projects/theirs/review/next", &reviewer, json!({}))
+            .await;
+        assert_eq!(
+            missing["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace("nowhere", "theirs"),
+            hidden["error"]["message"].as_str().unwrap()
+        );
+        let untouched = app.task(their_task).await;
+        assert_eq!(untouched.state, TaskState::Open);
+        assert_eq!(untouched.fencing_token, 0);
+
+        // What spans every project: 403 even for a scoped admin.
+        let (status, body) = app
+            .post(
+                "/api/v1/projects",
+                &admin,
+                json!({"name": "new", "classes": ["a", "b"]}),
+            )
+            .await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(app.get("/api/v1/status", &admin).await.0, 403);
+        // The role still limits a scoped token within its project.
+        assert_eq!(
+            app.post("/api/v1/projects/mine/retrain", &reviewer, Value::Null)
+                .await
+                .0,
+            403
+        );
     })
     .await;
 }

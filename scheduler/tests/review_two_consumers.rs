@@ -92,7 +92,7 @@ async fn project_with_model(db: &sea_orm::DatabaseConnection) -> (Project, Uuid)
 /// Item `n`'s result: sure of class `n % 3` for even `n`, unsure for odd.
 fn result(project: &Project, version: Uuid, item: Uuid, n: usize) -> PrelabelResult {
     let class = (n % 3) as u32;
-    let confidence = if n % 2 == 0 { 0.97 } else { 0.5 };
+    let confidence = if n.is_multiple_of(2) { 0.97 } else { 0.5 };
     let mut probabilities = vec![(1.0 - confidence) / 2.0; 3];
     probabilities[class as usize] = confidence;
     PrelabelResult {

@@ -141,8 +141,10 @@ async fn metrics_text(State(ctx): State<Context>) -> impl IntoResponse {
 }
 
 async fn list_projects(State(ctx): State<Context>, headers: HeaderMap) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::Read).await?;
-    Ok(Json(projects::list(&ctx.db).await?).into_response())
+    let who = caller(&ctx, &headers, Action::Read).await?;
+    let mut listed = projects::list(&ctx.db).await?;
+    listed.retain(|p| who.may_see(p));
+    Ok(Json(listed).into_response())
 }
 
 #[derive(Deserialize)]
@@ -160,6 +162,7 @@ async fn create_project(
     JsonBody(body): JsonBody<CreateProject>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::ManageProjects).await?;
+    who.require_unscoped("create projects")?;
     let name = ProjectName::parse(&body.name)?;
     let classes = ClassNames::parse(&body.classes)?;
     let project = projects::create_with_first_model(
@@ -178,8 +181,9 @@ async fn show_project(
     headers: HeaderMap,
     Path(project): Path<String>,
 ) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::Read).await?;
+    let who = caller(&ctx, &headers, Action::Read).await?;
     let project = projects::get(&ctx.db, &project).await?;
+    who.check_project(&project)?;
     Ok(Json(status::project_status(&ctx, &project).await?).into_response())
 }
 
@@ -188,8 +192,9 @@ async fn get_policy(
     headers: HeaderMap,
     Path(project): Path<String>,
 ) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::Read).await?;
+    let who = caller(&ctx, &headers, Action::Read).await?;
     let project = projects::get(&ctx.db, &project).await?;
+    who.check_project(&project)?;
     Ok(
         Json(json!({ "version": project.policy_version, "policy": project.policy }))
             .into_response(),
@@ -202,8 +207,9 @@ async fn put_policy(
     Path(project): Path<String>,
     JsonBody(policy): JsonBody<Policy>,
 ) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::ManageProjects).await?;
+    let who = caller(&ctx, &headers, Action::ManageProjects).await?;
     let project = projects::get(&ctx.db, &project).await?;
+    who.check_project(&project)?;
     let project = projects::set_policy(&ctx.db, &project, policy).await?;
     Ok(
         Json(json!({ "version": project.policy_version, "policy": project.policy }))
@@ -218,6 +224,7 @@ async fn claim_next(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Review).await?;
     let project = projects::get(&ctx.db, &project).await?;
+    who.check_project(&project)?;
     let lease = std::time::Duration::from_secs(ctx.settings.review.lease_seconds);
     Ok(
         match review::claim_next(&ctx.db, &project, &who.name, lease).await? {
@@ -242,7 +249,9 @@ async fn submit(
     if body.force {
         who.require(Action::ForceLabel)?;
     }
-    let label = review::submit(&ctx.db, task_id(&task)?, &who.name, &body).await?;
+    let task = task_id(&task)?;
+    who.check_task(&ctx.db, task.as_uuid()).await?;
+    let label = review::submit(&ctx.db, task, &who.name, &body).await?;
     Ok(Json(label).into_response())
 }
 
@@ -257,8 +266,10 @@ async fn release(
     Path(task): Path<String>,
     JsonBody(body): JsonBody<Release>,
 ) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::Review).await?;
-    review::release(&ctx.db, task_id(&task)?, body.fencing_token).await?;
+    let who = caller(&ctx, &headers, Action::Review).await?;
+    let task = task_id(&task)?;
+    who.check_task(&ctx.db, task.as_uuid()).await?;
+    review::release(&ctx.db, task, body.fencing_token).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -272,7 +283,9 @@ async fn show_task(
     Path(task): Path<String>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Review).await?;
-    Ok(Json(review::show(&ctx.db, task_id(&task)?, &who.name).await?).into_response())
+    let task = task_id(&task)?;
+    who.check_task(&ctx.db, task.as_uuid()).await?;
+    Ok(Json(review::show(&ctx.db, task, &who.name).await?).into_response())
 }
 
 /// The body of the steps that only need the claim's token.
@@ -290,6 +303,7 @@ async fn renew(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Review).await?;
     let task = task_id(&task)?;
+    who.check_task(&ctx.db, task.as_uuid()).await?;
     let renewed = review::renew(&ctx.db, task, &who.name, body.fencing_token, lease(&ctx)).await?;
     Ok(Json(renewed).into_response())
 }
@@ -301,7 +315,9 @@ async fn skip(
     JsonBody(body): JsonBody<review::Skip>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Review).await?;
-    Ok(Json(review::skip(&ctx.db, task_id(&task)?, &who.name, &body).await?).into_response())
+    let task = task_id(&task)?;
+    who.check_task(&ctx.db, task.as_uuid()).await?;
+    Ok(Json(review::skip(&ctx.db, task, &who.name, &body).await?).into_response())
 }
 
 async fn undo(
@@ -312,6 +328,7 @@ async fn undo(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Review).await?;
     let task = task_id(&task)?;
+    who.check_task(&ctx.db, task.as_uuid()).await?;
     let reopened = review::undo(&ctx.db, task, &who.name, body.fencing_token, lease(&ctx)).await?;
     Ok(Json(reopened).into_response())
 }
@@ -323,6 +340,7 @@ async fn retrain(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Train).await?;
     let project = projects::get(&ctx.db, &project).await?;
+    who.check_project(&project)?;
     let run = training::request(&ctx, &project, &who.name, TrainParams::default(), false).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
@@ -334,12 +352,14 @@ async fn cancel_retrain(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Train).await?;
     let project = projects::get(&ctx.db, &project).await?;
+    who.check_project(&project)?;
     let run_id = training::cancel(&ctx, &project, &who.name).await?;
     Ok(Json(serde_json::json!({ "run_id": run_id, "state": "cancelled" })).into_response())
 }
 
 async fn fleet_status(State(ctx): State<Context>, headers: HeaderMap) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::Operate).await?;
+    let who = caller(&ctx, &headers, Action::Operate).await?;
+    who.require_unscoped("read the status of every project")?;
     Ok(Json(status::fleet_status(&ctx).await?).into_response())
 }
 
@@ -348,8 +368,9 @@ async fn list_models(
     headers: HeaderMap,
     Path(project): Path<String>,
 ) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::Read).await?;
+    let who = caller(&ctx, &headers, Action::Read).await?;
     let project = projects::get(&ctx.db, &project).await?;
+    who.check_project(&project)?;
     Ok(Json(models::list(&ctx, &project).await?).into_response())
 }
 
@@ -358,8 +379,9 @@ async fn show_model(
     headers: HeaderMap,
     Path((project, version)): Path<(String, i32)>,
 ) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::Read).await?;
+    let who = caller(&ctx, &headers, Action::Read).await?;
     let project = projects::get(&ctx.db, &project).await?;
+    who.check_project(&project)?;
     Ok(Json(models::show(&ctx, &project, version).await?).into_response())
 }
 
@@ -368,7 +390,7 @@ async fn item_image(
     headers: HeaderMap,
     Path(item_id): Path<String>,
 ) -> AppResult<Response> {
-    caller(&ctx, &headers, Action::Review).await?;
+    let who = caller(&ctx, &headers, Action::Review).await?;
     let id: Uuid = item_id
         .parse()
         .map_err(|_| AppError::NotFound(format!("no item {item_id:?}")))?;
@@ -376,6 +398,7 @@ async fn item_image(
         .one(&ctx.db)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no item {id}")))?;
+    who.check_item_project(id, item.project_id)?;
     let bytes = ctx
         .store
         .get(&item.object_key)
