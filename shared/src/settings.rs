@@ -202,6 +202,9 @@ pub struct WorkerSettings {
     pub heartbeat_seconds: u64,
     /// Loaded model versions kept in memory.
     pub model_cache: usize,
+    /// Fetch and decode the next batch while the current one is on the
+    /// model (off: one batch at a time, lock-step).
+    pub pipeline: bool,
 }
 
 impl Default for WorkerSettings {
@@ -213,6 +216,7 @@ impl Default for WorkerSettings {
             drain_seconds: 30,
             heartbeat_seconds: 5,
             model_cache: 4,
+            pipeline: true,
         }
     }
 }

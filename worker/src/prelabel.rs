@@ -9,6 +9,10 @@
 //! answering) is rejected for redelivery, and past the delivery limit the
 //! queue dead-letters it; a message that does not decode at all goes straight
 //! to the dead-letter queue.
+//!
+//! With `worker.pipeline` on (the default) the loop fetches and decodes the
+//! next batch while a model stage runs the current one, publishes its results
+//! and acknowledges its jobs; acknowledgements still follow the confirms.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,17 +50,37 @@ pub async fn run(
     let settings = &worker.settings.worker;
     let batch_size = settings.batch_size.max(1);
     let window = Duration::from_millis(settings.batch_timeout_ms);
+    let pipeline = settings.pipeline;
+    // Pipelined, one batch is on the model, the next is being prepared and a
+    // third is arriving: the prefetch covers all three.
+    let in_flight = if pipeline { 3 } else { 2 };
     let queue = worker.topology().prelabel_queue();
     let (channel, mut consumer) = broker::consume(
         &connection,
         &queue,
-        u16::try_from(batch_size * 2).unwrap_or(u16::MAX),
+        u16::try_from(batch_size * in_flight).unwrap_or(u16::MAX),
         &format!("{}-prelabel", worker.id),
     )
     .await
     .with_context(|| format!("consuming {queue}"))?;
 
-    loop {
+    // The model stage: inference, publish, ack, one prepared batch at a time,
+    // while this loop fetches and decodes the next one. A capacity of one
+    // keeps at most one prepared batch waiting.
+    let (to_model, model_stage) = if pipeline {
+        let (tx, mut rx) = mpsc::channel::<Prepared>(1);
+        let worker = worker.clone();
+        let stage = tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                finish(&worker, batch).await;
+            }
+        });
+        (Some(tx), Some(stage))
+    } else {
+        (None, None)
+    };
+
+    let outcome = loop {
         // Between batches, never inside one: switch to newly activated models.
         while let Ok(model) = activations.try_recv() {
             if let Err(err) = worker.cache.get(&model).await {
@@ -64,10 +88,10 @@ pub async fn run(
             }
         }
         let first = tokio::select! {
-            () = stop.cancelled() => break,
+            () = stop.cancelled() => break Ok(()),
             next = consumer.next() => match next {
                 Some(d) => d,
-                None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
+                None => break Err(anyhow::anyhow!("the {queue} consumer was cancelled by the broker")),
             },
         };
         let mut deliveries = vec![first];
@@ -90,11 +114,24 @@ pub async fn run(
                     .ok()
             })
             .collect();
-        process_batch(&worker, deliveries).await;
+        let prepared = prepare(&worker, deliveries).await;
+        match &to_model {
+            Some(tx) => {
+                if tx.send(prepared).await.is_err() {
+                    break Err(anyhow::anyhow!("the prelabel model stage stopped"));
+                }
+            }
+            None => finish(&worker, prepared).await,
+        }
+    };
+    // Drain: the batches handed to the model stage finish and are acked.
+    drop(to_model);
+    if let Some(stage) = model_stage {
+        stage.await.context("the prelabel model stage panicked")?;
     }
     // Prefetched but unstarted jobs return to the queue with the channel.
     channel.close(200, "draining".into()).await.ok();
-    Ok(())
+    outcome
 }
 
 /// What becomes of one job in a batch.
@@ -117,10 +154,35 @@ fn failed(worker: &Worker, job: &PrelabelJob, reason: String) -> Fate {
     })
 }
 
+/// Fetch, decode and predict one batch, then publish its results and
+/// acknowledge its jobs (lock-step: [`prepare`] then [`finish`]).
 pub async fn process_batch(worker: &Worker, deliveries: Vec<Delivery>) {
-    if deliveries.is_empty() {
-        return;
-    }
+    let prepared = prepare(worker, deliveries).await;
+    finish(worker, prepared).await;
+}
+
+/// A batch with its images fetched and decoded, ready for the model.
+struct Prepared {
+    started: Instant,
+    jobs: Vec<(Delivery, PrelabelJob)>,
+    /// Decided before inference (failures, requeues); `None` for jobs in `groups`.
+    fates: Vec<Option<Fate>>,
+    groups: Vec<Group>,
+}
+
+/// The jobs of a batch that one model predicts: the model, the jobs'
+/// positions in the batch, and their decoded inputs (or why not).
+struct Group {
+    model: Arc<Committee>,
+    positions: Vec<usize>,
+    inputs: Vec<Result<Vec<f32>, String>>,
+}
+
+/// A model's jobs in a batch: their positions and their image bytes.
+type Fetched = (Arc<Committee>, Vec<usize>, Vec<bytes::Bytes>);
+
+/// Decode the messages, load the models, fetch the images and decode them.
+async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
     let started = Instant::now();
     let mut jobs = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
@@ -134,7 +196,140 @@ pub async fn process_batch(worker: &Worker, deliveries: Vec<Delivery>) {
             }
         }
     }
-    let fates = predict_jobs(worker, jobs.iter().map(|(_, job)| job).collect()).await;
+    let mut fates: Vec<Option<Fate>> = (0..jobs.len()).map(|_| None).collect();
+    if jobs.is_empty() {
+        return Prepared {
+            started,
+            jobs,
+            fates,
+            groups: Vec::new(),
+        };
+    }
+
+    // Models first: one load per distinct version in the batch.
+    let mut models: HashMap<ModelVersionId, Result<Arc<Committee>, (bool, String)>> =
+        HashMap::new();
+    for (_, job) in &jobs {
+        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(job.model.version_id)
+        {
+            let loaded = worker
+                .cache
+                .get(&job.model)
+                .await
+                .map_err(|e| (e.is_transient(), e.to_string()));
+            slot.insert(loaded);
+        }
+    }
+
+    let keys: Vec<String> = jobs.iter().map(|(_, job)| job.object_key.clone()).collect();
+    let fetched: Vec<_> = futures_util::stream::iter(keys)
+        .map(|key| {
+            let store = worker.store.clone();
+            async move { store.get(&key).await }
+        })
+        .buffered(FETCH_CONCURRENCY)
+        .collect()
+        .await;
+
+    let mut by_model: HashMap<ModelVersionId, Fetched> = HashMap::new();
+    for (i, ((_, job), bytes)) in jobs.iter().zip(fetched).enumerate() {
+        let model = match &models[&job.model.version_id] {
+            Ok(model) => model.clone(),
+            Err((true, _)) => {
+                fates[i] = Some(Fate::Requeue);
+                continue;
+            }
+            Err((false, reason)) => {
+                fates[i] = Some(failed(worker, job, reason.clone()));
+                continue;
+            }
+        };
+        match bytes {
+            Ok(bytes) => {
+                let group = by_model
+                    .entry(job.model.version_id)
+                    .or_insert_with(|| (model, Vec::new(), Vec::new()));
+                group.1.push(i);
+                group.2.push(bytes);
+            }
+            Err(err) if err.is_transient() => fates[i] = Some(Fate::Requeue),
+            Err(err) => fates[i] = Some(failed(worker, job, format!("image unavailable: {err}"))),
+        }
+    }
+
+    let max_pixels = worker.settings.ingest.max_pixels;
+    let mut groups = Vec::with_capacity(by_model.len());
+    for (_, (model, positions, images)) in by_model {
+        let config = model.config().clone();
+        let decoded =
+            tokio::task::spawn_blocking(move || decode_all(&images, &config, max_pixels)).await;
+        let inputs = match decoded {
+            Ok(inputs) => inputs,
+            Err(err) => {
+                let reason = format!("image decoding panicked: {err}");
+                positions.iter().map(|_| Err(reason.clone())).collect()
+            }
+        };
+        groups.push(Group {
+            model,
+            positions,
+            inputs,
+        });
+    }
+    Prepared {
+        started,
+        jobs,
+        fates,
+        groups,
+    }
+}
+
+/// Run the model over a prepared batch, publish the results with confirms,
+/// then acknowledge (or requeue) every job.
+async fn finish(worker: &Worker, batch: Prepared) {
+    let Prepared {
+        started,
+        jobs,
+        mut fates,
+        groups,
+    } = batch;
+    if jobs.is_empty() {
+        return;
+    }
+    for Group {
+        model,
+        positions,
+        inputs,
+    } in groups
+    {
+        let computed = tokio::task::spawn_blocking(move || predict_inputs(&model, inputs)).await;
+        let outputs = match computed {
+            Ok(outputs) => outputs,
+            Err(err) => {
+                let reason = format!("inference panicked: {err}");
+                positions.iter().map(|_| Err(reason.clone())).collect()
+            }
+        };
+        for (i, output) in positions.into_iter().zip(outputs) {
+            let job = &jobs[i].1;
+            fates[i] = Some(match output {
+                Ok(output) => Fate::Result(PrelabelResult {
+                    schema: SCHEMA_VERSION,
+                    job_id: job.job_id,
+                    project_id: job.project_id,
+                    item_id: job.item_id,
+                    model_version_id: job.model.version_id,
+                    worker_id: worker.id.clone(),
+                    outcome: PrelabelOutcome::Scored(output),
+                }),
+                Err(reason) => failed(worker, job, reason),
+            });
+        }
+    }
+    let fates: Vec<Fate> = fates
+        .into_iter()
+        .map(|f| f.unwrap_or(Fate::Requeue))
+        .collect();
 
     let results: Vec<PrelabelResult> = fates
         .iter()
@@ -185,120 +380,58 @@ pub async fn process_batch(worker: &Worker, deliveries: Vec<Delivery>) {
     metrics::counter!("sieve_worker_jobs_consumed_total").increment(fates.len() as u64);
 }
 
-/// The jobs of a batch that one model predicts: the model, the jobs'
-/// positions in the batch, and their image bytes.
-type Group = (Arc<Committee>, Vec<usize>, Vec<bytes::Bytes>);
-
-/// Fetch, decode and predict a batch; one fate per job, in order.
-async fn predict_jobs(worker: &Worker, jobs: Vec<&PrelabelJob>) -> Vec<Fate> {
-    // Models first: one load per distinct version in the batch.
-    let mut models: HashMap<ModelVersionId, Result<Arc<Committee>, (bool, String)>> =
-        HashMap::new();
-    for job in &jobs {
-        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(job.model.version_id)
-        {
-            let loaded = worker
-                .cache
-                .get(&job.model)
-                .await
-                .map_err(|e| (e.is_transient(), e.to_string()));
-            slot.insert(loaded);
-        }
-    }
-
-    let keys: Vec<String> = jobs.iter().map(|job| job.object_key.clone()).collect();
-    let fetched: Vec<_> = futures_util::stream::iter(keys)
-        .map(|key| {
-            let store = worker.store.clone();
-            async move { store.get(&key).await }
+/// Decode and normalize images, split over the cores (the model is not
+/// running on this batch, and these are independent).
+pub fn decode_all(
+    images: &[bytes::Bytes],
+    config: &crate::model::ArchitectureConfig,
+    max_pixels: u64,
+) -> Vec<Result<Vec<f32>, String>> {
+    let started = Instant::now();
+    let one =
+        |b: &bytes::Bytes| images::preprocess(b, config, max_pixels).map_err(|e| e.to_string());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let decoded = if threads < 2 || images.len() < 8 {
+        images.iter().map(one).collect()
+    } else {
+        let chunk = images.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = images
+                .chunks(chunk)
+                .map(|part| {
+                    (
+                        part.len(),
+                        scope.spawn(move || part.iter().map(one).collect::<Vec<_>>()),
+                    )
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|(len, part)| {
+                    part.join()
+                        .unwrap_or_else(|_| vec![Err("image decoding panicked".to_string()); len])
+                })
+                .collect()
         })
-        .buffered(FETCH_CONCURRENCY)
-        .collect()
-        .await;
-
-    let max_pixels = worker.settings.ingest.max_pixels;
-    let mut fates: Vec<Option<Fate>> = (0..jobs.len()).map(|_| None).collect();
-    let mut groups: HashMap<ModelVersionId, Group> = HashMap::new();
-    for (i, (job, bytes)) in jobs.iter().zip(fetched).enumerate() {
-        let model = match &models[&job.model.version_id] {
-            Ok(model) => model.clone(),
-            Err((true, _)) => {
-                fates[i] = Some(Fate::Requeue);
-                continue;
-            }
-            Err((false, reason)) => {
-                fates[i] = Some(failed(worker, job, reason.clone()));
-                continue;
-            }
-        };
-        match bytes {
-            Ok(bytes) => {
-                let group = groups
-                    .entry(job.model.version_id)
-                    .or_insert_with(|| (model, Vec::new(), Vec::new()));
-                group.1.push(i);
-                group.2.push(bytes);
-            }
-            Err(err) if err.is_transient() => fates[i] = Some(Fate::Requeue),
-            Err(err) => fates[i] = Some(failed(worker, job, format!("image unavailable: {err}"))),
-        }
-    }
-
-    for (_, (model, positions, images)) in groups {
-        let computed =
-            tokio::task::spawn_blocking(move || predict_images(&model, &images, max_pixels)).await;
-        let outputs = match computed {
-            Ok(outputs) => outputs,
-            Err(err) => {
-                let reason = format!("inference panicked: {err}");
-                positions.iter().map(|_| Err(reason.clone())).collect()
-            }
-        };
-        for (i, output) in positions.into_iter().zip(outputs) {
-            let job = jobs[i];
-            fates[i] = Some(match output {
-                Ok(output) => Fate::Result(PrelabelResult {
-                    schema: SCHEMA_VERSION,
-                    job_id: job.job_id,
-                    project_id: job.project_id,
-                    item_id: job.item_id,
-                    model_version_id: job.model.version_id,
-                    worker_id: worker.id.clone(),
-                    outcome: PrelabelOutcome::Scored(output),
-                }),
-                Err(reason) => failed(worker, job, reason),
-            });
-        }
-    }
-    fates
-        .into_iter()
-        .map(|f| f.unwrap_or(Fate::Requeue))
-        .collect()
+    };
+    metrics::histogram!("sieve_worker_decode_seconds").record(started.elapsed().as_secs_f64());
+    decoded
 }
 
-/// Decode each image and run the committee over all good ones at once.
-fn predict_images(
+/// Run the committee over all good inputs at once; one output per input, in
+/// order (a bad input keeps its reason).
+fn predict_inputs(
     model: &Committee,
-    images: &[bytes::Bytes],
-    max_pixels: u64,
+    decoded: Vec<Result<Vec<f32>, String>>,
 ) -> Vec<Result<PredictionOutput, String>> {
-    let config = model.config().clone();
-    let decode_started = Instant::now();
-    let decoded: Vec<Result<Vec<f32>, String>> = images
-        .iter()
-        .map(|b| images::preprocess(b, &config, max_pixels).map_err(|e| e.to_string()))
-        .collect();
-    metrics::histogram!("sieve_worker_decode_seconds")
-        .record(decode_started.elapsed().as_secs_f64());
-    let good: Vec<usize> = (0..decoded.len()).filter(|&i| decoded[i].is_ok()).collect();
-    let mut input = Vec::with_capacity(good.len() * config.input_len());
-    for &i in &good {
-        if let Ok(v) = &decoded[i] {
-            input.extend_from_slice(v);
-        }
+    let input_len = model.config().input_len();
+    let good = decoded.iter().filter(|d| d.is_ok()).count();
+    let mut input = Vec::with_capacity(good * input_len);
+    for v in decoded.iter().flatten() {
+        input.extend_from_slice(v);
     }
     let inference_started = Instant::now();
-    let predicted = model.predict_with_embeddings(&input, good.len());
+    let predicted = model.predict_with_embeddings(&input, good);
     metrics::histogram!("sieve_worker_inference_seconds")
         .record(inference_started.elapsed().as_secs_f64());
     let (probs, embeddings) = match predicted {
@@ -308,18 +441,18 @@ fn predict_images(
             return decoded.iter().map(|_| Err(reason.clone())).collect();
         }
     };
-    let mut scored =
-        good.iter()
-            .zip(probs.into_iter().zip(embeddings))
-            .map(|(_, (members, embedding))| {
-                let s = committee_scores(&members).map_err(|e| e.to_string())?;
-                Ok(PredictionOutput {
-                    probabilities: s.mean,
-                    member_votes: s.member_votes,
-                    scores: s.scores,
-                    embedding: Some(embedding),
-                })
-            });
+    let mut scored = probs
+        .into_iter()
+        .zip(embeddings)
+        .map(|(members, embedding)| {
+            let s = committee_scores(&members).map_err(|e| e.to_string())?;
+            Ok(PredictionOutput {
+                probabilities: s.mean,
+                member_votes: s.member_votes,
+                scores: s.scores,
+                embedding: Some(embedding),
+            })
+        });
     decoded
         .into_iter()
         .map(|d| match d {
