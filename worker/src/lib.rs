@@ -13,9 +13,11 @@
 //! - [`cache`]: loaded model versions.
 //! - [`images`]: image bytes to model input.
 //! - [`backend`]: the burn device chosen by cargo feature.
+//! - [`bench`]: `sieve-worker bench forward|train`, the throughput figures.
 
 pub mod artifact;
 pub mod backend;
+pub mod bench;
 pub mod cache;
 pub mod control;
 pub mod heartbeat;

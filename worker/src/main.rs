@@ -30,6 +30,14 @@ struct Cli {
     /// Address for /healthz and /metrics (port 0 picks a free one).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Measure inference or training throughput (figures for docs/benchmarks.md).
+    Bench(sieve_worker::bench::BenchArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -45,6 +53,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(addr) = cli.listen {
         settings.http.worker_bind = addr;
+    }
+    if let Some(Command::Bench(args)) = cli.command {
+        return sieve_worker::bench::run(settings, args).await;
     }
     let capabilities = settings
         .worker

@@ -7,17 +7,20 @@
 //!   disagreement-based sampling, and backbone embeddings, for later head-only retraining.
 //! - [`train`] (`train.rs`) fine-tunes a committee with AdamW; members are diversified by an
 //!   online bootstrap so that their disagreement means something.
+//! - [`train_heads`] (`heads.rs`) trains K linear heads on cached embeddings (frozen backbone).
 //! - `net.rs` holds the burn module itself (a small CNN backbone shared by K linear heads).
 //!
 //! Everything here is synchronous and CPU/GPU bound: call it from `spawn_blocking`, feeding whole
 //! batches, and share a [`Committee`] between tasks through an `Arc`.
 
 mod committee;
+mod heads;
 pub mod mobilenet;
 mod net;
 mod train;
 
 pub use committee::{Committee, CommitteeProbs, Embeddings};
+pub use heads::{EmbeddingData, Heads, HeadsOptions, HeadsReport, train_heads};
 pub use train::{EpochReport, TrainData, TrainOptions, train};
 
 /// What a model version is: the architecture and its sizes. Stored next to the weights, since

@@ -243,7 +243,11 @@ fn check_options(options: &TrainOptions) -> Result<(), ModelError> {
 }
 
 /// Splits example indices into (training, validation), shuffled by `seed`.
-fn split(n: usize, share: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>), ModelError> {
+pub(super) fn split(
+    n: usize,
+    share: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>), ModelError> {
     let mut indices: Vec<usize> = (0..n).collect();
     indices.shuffle(&mut StdRng::seed_from_u64(stream_seed(seed, SPLIT_STREAM)));
     let val_len = (n as f64 * share).round() as usize;
@@ -258,7 +262,7 @@ fn split(n: usize, share: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>), Mo
 
 /// Inverse class frequency over the training split, scaled so that the mean weight per
 /// example is 1 (the loss keeps its usual scale). Absent classes get 0; nothing uses it.
-fn class_weights(labels: &[usize], train_set: &[usize], num_classes: usize) -> Vec<f32> {
+pub(super) fn class_weights(labels: &[usize], train_set: &[usize], num_classes: usize) -> Vec<f32> {
     let mut counts = vec![0_usize; num_classes];
     for &i in train_set {
         counts[labels[i]] += 1;
@@ -277,7 +281,7 @@ fn class_weights(labels: &[usize], train_set: &[usize], num_classes: usize) -> V
 }
 
 /// `weights[head][example]`: Poisson(1) draws, one generator per head seeded by `(seed, head)`.
-fn bootstrap_weights(n: usize, members: usize, seed: u64) -> Vec<Vec<f32>> {
+pub(super) fn bootstrap_weights(n: usize, members: usize, seed: u64) -> Vec<Vec<f32>> {
     (0..members)
         .map(|head| {
             let mut rng = StdRng::seed_from_u64(stream_seed(

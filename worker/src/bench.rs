@@ -1,0 +1,671 @@
+//! `sieve-worker bench forward|train`: the worker's throughput figures.
+//!
+//! - `forward`: the committee's bare forward pass on preprocessed inputs, then the real queue
+//!   path (jobs on RabbitMQ under a private prefix, images in a temporary store, a worker
+//!   running [`service::run`], results consumed from the results queue) at the same batch
+//!   sizes, with pipelining on and off; MobileNetV2's bare forward at 96x96 and 224x224.
+//! - `train`: one epoch of the small CNN on 10,000 28x28 images, one epoch of MobileNetV2
+//!   fine-tuning (forward, backward, AdamW) at 96x96, and heads-only training on cached
+//!   1280-wide embeddings.
+//!
+//! FLOPs are counted by layer arithmetic (2 per multiply-add, convolutions and linear layers
+//! only). Peak RSS is the process's `VmHWM`, reset before each measurement through
+//! `/proc/self/clear_refs`, so each figure is that phase's peak (plus what stayed resident).
+
+use std::collections::HashSet;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use futures_util::StreamExt;
+use lapin::options::BasicAckOptions;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sieve_shared::Settings;
+use sieve_shared::broker::{self, Publisher};
+use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
+use sieve_shared::messages::{
+    ModelRef, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION, decode,
+};
+use sieve_shared::store::Store;
+use sieve_shared::topology::Topology;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{
+    ArchitectureConfig, Committee, EmbeddingData, HeadsOptions, TrainData, TrainOptions, mobilenet,
+    train, train_heads,
+};
+use crate::service::{self, Capability};
+use crate::{artifact, backend, images};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum What {
+    /// Inference: bare forward vs the queue path; MobileNetV2 forward.
+    Forward,
+    /// Training: small CNN and MobileNetV2 epochs, heads on embeddings.
+    Train,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub what: What,
+    /// Batch sizes for the forward figures.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub batch_sizes: Vec<usize>,
+    /// Committee members K.
+    #[arg(long, default_value_t = 3)]
+    pub members: usize,
+    /// Minimum seconds per bare-forward measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Jobs sent through the queue path per batch size (batch 1 gets a quarter).
+    #[arg(long, default_value_t = 4096)]
+    pub queue_items: usize,
+    /// Queue path with pipelining: on, off, or both (compared in the same run).
+    #[arg(long, default_value = "both")]
+    pub pipeline: String,
+    /// MobileNetV2 ImageNet weights (ops/fetch-weights.sh); skipped when absent.
+    #[arg(long, default_value = "ops/weights/mobilenet_v2-b0353104.pth")]
+    pub weights: PathBuf,
+    /// Skip the MobileNetV2 figures.
+    #[arg(long)]
+    pub skip_mobilenet: bool,
+    /// Images of the one-epoch training runs.
+    #[arg(long, default_value_t = 10_000)]
+    pub train_images: usize,
+    /// Images of the MobileNetV2 epoch (default: --train-images).
+    #[arg(long)]
+    pub mobilenet_train_images: Option<usize>,
+    /// Labeled embeddings for the heads runs.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+    pub head_sizes: Vec<usize>,
+    /// Epochs of a heads run (early stopping may end it sooner).
+    #[arg(long, default_value_t = 10)]
+    pub head_epochs: usize,
+}
+
+pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
+    println!(
+        "# sieve-worker bench {:?}: backend {}, {} cores, {} build",
+        args.what,
+        backend::backend_name(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        if cfg!(debug_assertions) {
+            "debug (deps optimised)"
+        } else {
+            "release"
+        }
+    );
+    println!("load average at start: {}", load_average());
+    match args.what {
+        What::Forward => forward(settings, &args).await?,
+        What::Train => tokio::task::block_in_place(|| training(&args))?,
+    }
+    println!("load average at end: {}", load_average());
+    Ok(())
+}
+
+// ---------------------------------------------------------------- forward
+
+async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
+    let config = ArchitectureConfig::small_cnn(10, args.members);
+    let committee = Arc::new(Committee::init(&config, 1, &backend::device())?);
+    let flops = 2 * small_cnn_multiply_adds(&config);
+    println!(
+        "\n## small CNN committee (28x28x1, K={}), {:.2} MFLOP per image",
+        args.members,
+        flops as f64 / 1e6
+    );
+
+    let pngs = sample_pngs(256, 28, 1);
+    let decode_started = Instant::now();
+    let rounds = 20;
+    for _ in 0..rounds {
+        for png in &pngs {
+            images::preprocess(png, &config, u64::MAX)?;
+        }
+    }
+    let per_image = decode_started.elapsed().as_secs_f64() / (rounds * pngs.len()) as f64;
+    println!(
+        "decode+normalize of a 28x28 PNG: {:.1} us per image (one thread)",
+        per_image * 1e6
+    );
+
+    let modes: Vec<bool> = match args.pipeline.as_str() {
+        "on" => vec![true],
+        "off" => vec![false],
+        _ => vec![false, true],
+    };
+    // Bare forward and the queue path alternate per batch size, so that both see the same
+    // machine load.
+    println!(
+        "\n| batch | path | items | items/s | GFLOP/s | / bare | scored | failed | duplicates | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let bench = QueueBench::start(&settings, &committee).await?;
+    let outcome = async {
+        for &b in &args.batch_sizes {
+            reset_peak_rss();
+            let input = random_inputs(b * config.input_len(), 7);
+            let c = committee.clone();
+            let seconds = args.seconds;
+            let bare = tokio::task::spawn_blocking(move || {
+                measure(seconds, b, || c.predict_with_embeddings(&input, b).map(|_| ()))
+            })
+            .await??;
+            println!(
+                "| {b} | bare forward | - | {bare:.0} | {:.2} | 1.00 | - | - | - | {:.0} |",
+                bare * flops as f64 / 1e9,
+                peak_rss_mib()
+            );
+            let items = if b == 1 {
+                args.queue_items / 4
+            } else {
+                args.queue_items
+            }
+            .max(b * 4);
+            for &pipeline in &modes {
+                reset_peak_rss();
+                let figures = bench.run(b, pipeline, items).await?;
+                println!(
+                    "| {b} | queue, pipeline {} | {items} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.0} |",
+                    if pipeline { "on" } else { "off" },
+                    figures.rate(),
+                    figures.rate() * flops as f64 / 1e9,
+                    figures.rate() / bare,
+                    figures.scored,
+                    figures.failed,
+                    figures.duplicates,
+                    peak_rss_mib()
+                );
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    bench.cleanup().await;
+    outcome?;
+
+    if args.skip_mobilenet {
+        return Ok(());
+    }
+    if !args.weights.exists() {
+        println!(
+            "\nMobileNetV2 skipped: {} is missing (ops/fetch-weights.sh)",
+            args.weights.display()
+        );
+        return Ok(());
+    }
+    let weights = args.weights.clone();
+    let batches = args.batch_sizes.clone();
+    let seconds = args.seconds;
+    tokio::task::spawn_blocking(move || mobilenet_forward(&weights, &batches, seconds)).await??;
+    Ok(())
+}
+
+fn mobilenet_forward(
+    weights: &std::path::Path,
+    batches: &[usize],
+    seconds: f64,
+) -> anyhow::Result<()> {
+    let device = backend::device();
+    let net = mobilenet::load_imagenet(weights, &device)?;
+    println!("\n## MobileNetV2 (ImageNet weights), bare forward to the 1280-wide embedding\n");
+    println!("| side | batch | img/s | GFLOP per image | GFLOP/s | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|");
+    for side in [96, 224] {
+        let flops = 2 * mobilenet::multiply_adds(side, side, false);
+        for &b in batches {
+            reset_peak_rss();
+            let input = random_inputs(b * 3 * side * side, 3);
+            let rate = measure(seconds, b, || {
+                let x = Tensor::<4>::from_data(
+                    TensorData::new(input.clone(), [b, 3, side, side]),
+                    &device,
+                );
+                net.features(x)
+                    .try_into_vec_as::<f32>()
+                    .map(|_| ())
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+            })?;
+            println!(
+                "| {side} | {b} | {rate:.1} | {:.3} | {:.2} | {:.0} |",
+                flops as f64 / 1e9,
+                rate * flops as f64 / 1e9,
+                peak_rss_mib()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Images per second of `step` (one batch of `batch`), after one warm-up call, over at
+/// least `seconds` and three calls.
+fn measure<E>(
+    seconds: f64,
+    batch: usize,
+    mut step: impl FnMut() -> Result<(), E>,
+) -> anyhow::Result<f64>
+where
+    anyhow::Error: From<E>,
+{
+    step()?;
+    let started = Instant::now();
+    let mut calls = 0;
+    while calls < 3 || started.elapsed().as_secs_f64() < seconds {
+        step()?;
+        calls += 1;
+    }
+    Ok((calls * batch) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The queue path: a private prefix and store, the committee as an artifact, a set of PNGs.
+struct QueueBench {
+    settings: Settings,
+    topology: Topology,
+    connection: lapin::Connection,
+    publisher: Publisher,
+    model: ModelRef,
+    keys: Vec<String>,
+    store_dir: PathBuf,
+}
+
+struct QueueFigures {
+    wall: Duration,
+    scored: usize,
+    failed: usize,
+    duplicates: usize,
+}
+
+impl QueueFigures {
+    fn rate(&self) -> f64 {
+        (self.scored + self.failed) as f64 / self.wall.as_secs_f64()
+    }
+}
+
+impl QueueBench {
+    async fn start(base: &Settings, committee: &Committee) -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let tag = &tag[tag.len() - 12..];
+        let mut settings = base.clone();
+        settings.broker.prefix = format!("bench-{tag}");
+        settings.redis.prefix = format!("bench-{tag}");
+        let store_dir = std::env::temp_dir().join(format!("sieve-bench-{tag}"));
+        std::fs::create_dir_all(&store_dir)?;
+        settings.store.root = store_dir.clone();
+        settings.http.worker_bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.worker.batch_timeout_ms = 20;
+
+        let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
+        let connection = broker::connect(&settings.broker.url, "sieve-worker bench").await?;
+        let channel = connection.create_channel().await?;
+        topology.declare(&channel).await.context("declaring")?;
+        channel.close(200, "declared".into()).await.ok();
+        let publisher = Publisher::new(&connection, topology.clone()).await?;
+
+        let store = Store::open(&settings.store)?;
+        let (bytes, checksum) = artifact::encode(committee)?;
+        let artifact_key = "models/bench/1.sievemodel".to_string();
+        store.put(&artifact_key, bytes.into()).await?;
+        let model = ModelRef {
+            version_id: ModelVersionId::new(),
+            version: 1,
+            artifact_key,
+            checksum,
+        };
+        let mut keys = Vec::new();
+        for (i, png) in sample_pngs(1024, 28, 2).into_iter().enumerate() {
+            let key = format!("images/bench/{i}.png");
+            store.put(&key, png.into()).await?;
+            keys.push(key);
+        }
+        Ok(Self {
+            settings,
+            topology,
+            connection,
+            publisher,
+            model,
+            keys,
+            store_dir,
+        })
+    }
+
+    /// Start a worker with this batch size, warm it up, then time `items` jobs from the
+    /// first publish to the last result received.
+    async fn run(
+        &self,
+        batch: usize,
+        pipeline: bool,
+        items: usize,
+    ) -> anyhow::Result<QueueFigures> {
+        let mut settings = self.settings.clone();
+        settings.worker.batch_size = batch;
+        settings.worker.pipeline = pipeline;
+        let stop = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind(settings.http.worker_bind).await?;
+        let s = stop.clone();
+        let worker = tokio::spawn(service::run(
+            settings,
+            vec![Capability::Prelabel],
+            listener,
+            async move { s.cancelled().await },
+        ));
+        let (channel, mut results) = broker::consume(
+            &self.connection,
+            &self.topology.results_queue(),
+            2000,
+            "bench-results",
+        )
+        .await?;
+
+        let measured = async {
+            // Warm-up: the model loads, the consumers start.
+            self.round(&mut results, batch * 2).await?;
+            let started = Instant::now();
+            let (scored, failed, duplicates) = self.round(&mut results, items).await?;
+            anyhow::Ok(QueueFigures {
+                wall: started.elapsed(),
+                scored,
+                failed,
+                duplicates,
+            })
+        }
+        .await;
+        channel.close(200, "done".into()).await.ok();
+        stop.cancel();
+        worker.await.context("bench worker panicked")??;
+        measured
+    }
+
+    /// Publish `n` jobs and wait for their `n` results.
+    async fn round(
+        &self,
+        results: &mut lapin::Consumer,
+        n: usize,
+    ) -> anyhow::Result<(usize, usize, usize)> {
+        let jobs: Vec<PrelabelJob> = (0..n)
+            .map(|i| PrelabelJob {
+                schema: SCHEMA_VERSION,
+                job_id: JobId::new(),
+                project_id: ProjectId::new(),
+                item_id: ItemId::new(),
+                object_key: self.keys[i % self.keys.len()].clone(),
+                model: self.model.clone(),
+            })
+            .collect();
+        let expected: HashSet<JobId> = jobs.iter().map(|j| j.job_id).collect();
+        let publish = async {
+            for chunk in jobs.chunks(1000) {
+                self.publisher.publish_all(chunk).await?;
+            }
+            anyhow::Ok(())
+        };
+        let collect = async {
+            let mut seen = HashSet::new();
+            let (mut scored, mut failed, mut duplicates) = (0, 0, 0);
+            while seen.len() < n {
+                let delivery = tokio::time::timeout(Duration::from_secs(120), results.next())
+                    .await
+                    .context("no result for 120 s")?
+                    .context("results consumer ended")??;
+                let result: PrelabelResult = decode(&delivery.data)?;
+                delivery.ack(BasicAckOptions::default()).await?;
+                if !expected.contains(&result.job_id) {
+                    continue;
+                }
+                if !seen.insert(result.job_id) {
+                    duplicates += 1;
+                    continue;
+                }
+                match result.outcome {
+                    PrelabelOutcome::Scored(_) => scored += 1,
+                    PrelabelOutcome::Failed { .. } => failed += 1,
+                }
+            }
+            anyhow::Ok((scored, failed, duplicates))
+        };
+        let (published, collected) = tokio::join!(publish, collect);
+        published?;
+        collected
+    }
+
+    async fn cleanup(self) {
+        if let Ok(channel) = self.connection.create_channel().await {
+            let _ = self.topology.delete(&channel).await;
+        }
+        self.connection.close(200, "bench done".into()).await.ok();
+        let _ = std::fs::remove_dir_all(&self.store_dir);
+    }
+}
+
+// ---------------------------------------------------------------- train
+
+fn training(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = backend::device();
+    let n = args.train_images;
+
+    // Heads first: the runs below leave freed memory resident, which would blur their peaks.
+    println!(
+        "\n## heads mode: K={} linear heads on cached 1280-wide embeddings (synthetic: 10 Gaussian clusters)\n",
+        args.members
+    );
+    println!("| labels | epochs run | wall s | s per epoch | val accuracy | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|");
+    for &size in &args.head_sizes {
+        let data = synthetic_embeddings(size, mobilenet::EMBEDDING_DIM, 10, 5);
+        reset_peak_rss();
+        let started = Instant::now();
+        let options = HeadsOptions {
+            members: args.members,
+            num_classes: 10,
+            epochs: args.head_epochs,
+            ..HeadsOptions::default()
+        };
+        let (_, report) = train_heads(&data, &options, &device)?;
+        let wall = started.elapsed().as_secs_f64();
+        println!(
+            "| {size} | {} | {wall:.1} | {:.2} | {:.3} | {:.0} |",
+            report.epochs,
+            wall / report.epochs.max(1) as f64,
+            report.val_accuracy.unwrap_or(f64::NAN),
+            peak_rss_mib()
+        );
+    }
+
+    println!(
+        "\n## full mode, small CNN: one epoch of {n} 28x28 images (K={})",
+        args.members
+    );
+    let config = ArchitectureConfig::small_cnn(10, args.members);
+    let data = TrainData {
+        images: random_inputs(n * config.input_len(), 11),
+        labels: (0..n).map(|i| i % 10).collect(),
+    };
+    reset_peak_rss();
+    let start = Committee::init(&config, 1, &device)?;
+    let started = Instant::now();
+    let options = TrainOptions {
+        epochs: 1,
+        validation_share: 0.0,
+        ..TrainOptions::default()
+    };
+    train(start, &data, &options, |_| true)?;
+    let wall = started.elapsed().as_secs_f64();
+    println!(
+        "model::train, batch {}, AdamW, no validation split: {wall:.1} s, {:.0} img/s, peak RSS {:.0} MiB",
+        options.batch_size,
+        n as f64 / wall,
+        peak_rss_mib()
+    );
+    drop(data);
+
+    if !args.skip_mobilenet {
+        let m = args.mobilenet_train_images.unwrap_or(n);
+        mobilenet_epoch(&args.weights, m, &device)?;
+    }
+
+    Ok(())
+}
+
+/// One epoch of MobileNetV2 fine-tuning at 96x96: forward, backward, AdamW over every
+/// parameter (BatchNorm in training mode), from the ImageNet weights when present.
+fn mobilenet_epoch(weights: &std::path::Path, n: usize, device: &Device) -> anyhow::Result<()> {
+    let side = 96;
+    let batch = 32;
+    println!(
+        "\n## full mode, MobileNetV2 at {side}x{side}: one epoch of {n} images, batch {batch}"
+    );
+    reset_peak_rss();
+    let net = if weights.exists() {
+        mobilenet::load_imagenet(weights, device)?
+    } else {
+        mobilenet::MobileNetV2::new(device)
+    };
+    let mut net = net.train();
+    let train_device = device.clone().autodiff();
+    let mut optimizer = AdamWConfig::new().with_weight_decay(1e-4).init();
+    let classes = mobilenet::NUM_CLASSES;
+    let mut rng = StdRng::seed_from_u64(3);
+    let started = Instant::now();
+    let mut done = 0;
+    let mut last_loss = f32::NAN;
+    while done < n {
+        let b = batch.min(n - done);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                random_inputs(b * 3 * side * side, done as u64),
+                [b, 3, side, side],
+            ),
+            &train_device,
+        );
+        let mut targets = vec![0.0_f32; b * classes];
+        for row in 0..b {
+            targets[row * classes + rng.random_range(0..10)] = 1.0 / b as f32;
+        }
+        let targets = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), &train_device);
+        let loss = (log_softmax(net.forward(x), 1) * targets).sum().neg();
+        last_loss = loss
+            .clone()
+            .try_into_scalar()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        net = optimizer.step(1e-4, net, grads);
+        done += b;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let flops = 3 * 2 * mobilenet::multiply_adds(side, side, true);
+    println!(
+        "{} weights, 1000-way classifier, labels in 0..10: {wall:.1} s, {:.1} img/s, ~{:.1} GFLOP/s (forward+backward counted as 3x forward), last loss {last_loss:.3}, peak RSS {:.0} MiB",
+        if weights.exists() {
+            "ImageNet"
+        } else {
+            "random"
+        },
+        n as f64 / wall,
+        n as f64 * flops as f64 / wall / 1e9,
+        peak_rss_mib()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// Multiply-adds of one small-CNN committee forward (convolutions, embedding, heads).
+pub fn small_cnn_multiply_adds(config: &ArchitectureConfig) -> u64 {
+    let s = config.input_size;
+    let (c1, c2) = (16, 32);
+    let conv1 = s * s * c1 * config.channels * 9;
+    let conv2 = (s / 2) * (s / 2) * c2 * c1 * 9;
+    let embed = c2 * (s / 4) * (s / 4) * config.embedding_dim;
+    let heads = config.members * config.embedding_dim * config.num_classes;
+    (conv1 + conv2 + embed + heads) as u64
+}
+
+fn random_inputs(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// Distinct noisy PNGs of `side`x`side` (grayscale when `channels` is 1).
+fn sample_pngs(n: usize, side: u32, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let img = image::GrayImage::from_fn(side, side, |_, _| image::Luma([rng.random()]));
+            let mut out = Cursor::new(Vec::new());
+            // Encoding an in-memory image cannot fail.
+            let _ = img.write_to(&mut out, image::ImageFormat::Png);
+            out.into_inner()
+        })
+        .collect()
+}
+
+fn synthetic_embeddings(n: usize, dim: usize, classes: usize, seed: u64) -> EmbeddingData {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let centres: Vec<Vec<f32>> = (0..classes)
+        .map(|_| (0..dim).map(|_| rng.random_range(0.0..1.0)).collect())
+        .collect();
+    let labels: Vec<usize> = (0..n).map(|i| i % classes).collect();
+    let mut embeddings = Vec::with_capacity(n * dim);
+    for &l in &labels {
+        embeddings.extend(
+            centres[l]
+                .iter()
+                .map(|c| (c + rng.random_range(-1.5..1.5_f32)).max(0.0)),
+        );
+    }
+    EmbeddingData {
+        embeddings,
+        dim,
+        labels,
+    }
+}
+
+/// Resets the kernel's peak-RSS mark of this process (Linux 4.0+; ignored elsewhere).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// `VmHWM` of this process in MiB (0 where /proc is absent).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flop_counts_match_the_architectures() {
+        // conv1 112,896 + conv2 903,168 + embedding 100,352 + 3 heads 1,920.
+        assert_eq!(
+            small_cnn_multiply_adds(&ArchitectureConfig::small_cnn(10, 3)),
+            1_118_336
+        );
+        // The MobileNetV2 paper: about 300 million multiply-adds at 224x224.
+        let m = mobilenet::multiply_adds(224, 224, true);
+        assert!((290_000_000..320_000_000).contains(&m), "{m}");
+    }
+}
