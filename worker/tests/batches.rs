@@ -1,0 +1,388 @@
+//! One micro-batch of mixed good and bad images through a real worker on the
+//! real RabbitMQ, with no scheduler: jobs are published straight onto the
+//! prelabel queue of a private prefix, and results are read straight off the
+//! results queue. What `faults.rs` and `end_to_end.rs` do not show: bad
+//! images of every kind *inside one batch* with good ones (ingest refuses most
+//! of them before a worker ever sees them), and a transient failure burning
+//! through the delivery limit into the dead-letter queue.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
+use sieve_shared::Settings;
+use sieve_shared::broker::{self, Publisher};
+use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
+use sieve_shared::messages::{
+    ModelRef, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION, decode,
+};
+use sieve_shared::store::Store;
+use sieve_shared::topology::Topology;
+use sieve_worker::model::{ArchitectureConfig, Committee};
+use sieve_worker::service::{self, Capability};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A worker on its own prefix and store, and a way to feed it jobs.
+struct Harness {
+    settings: Settings,
+    topology: Topology,
+    connection: lapin::Connection,
+    publisher: Publisher,
+    store: Store,
+    model: ModelRef,
+    stop: CancellationToken,
+    worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Declare the topology and store a model; the worker starts later, so
+    /// that every job published before [`Harness::start_worker`] lands in
+    /// its first micro-batch.
+    async fn new() -> Self {
+        sieve_shared::telemetry::init_test_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = common::test_settings(dir.path());
+        settings.broker.delivery_limit = 3;
+        settings.worker.batch_size = 16;
+        settings.worker.batch_timeout_ms = 500;
+        let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
+        let connection = broker::connect(&settings.broker.url, "batches test")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        topology.declare(&channel).await.unwrap();
+        channel.close(200, "declared".into()).await.ok();
+        let publisher = Publisher::new(&connection, topology.clone()).await.unwrap();
+        let store = Store::open(&settings.store).unwrap();
+        let committee = Committee::init(
+            &ArchitectureConfig::small_cnn(10, 3),
+            1,
+            &sieve_worker::backend::device(),
+        )
+        .unwrap();
+        let (bytes, checksum) = sieve_worker::artifact::encode(&committee).unwrap();
+        store
+            .put("models/test/1.sievemodel", bytes.into())
+            .await
+            .unwrap();
+        let model = ModelRef {
+            version_id: ModelVersionId::new(),
+            version: 1,
+            artifact_key: "models/test/1.sievemodel".into(),
+            checksum,
+        };
+        Self {
+            settings,
+            topology,
+            connection,
+            publisher,
+            store,
+            model,
+            stop: CancellationToken::new(),
+            worker: None,
+            _dir: dir,
+        }
+    }
+
+    fn start_worker(&mut self) {
+        let settings = self.settings.clone();
+        let stop = self.stop.clone();
+        self.worker = Some(tokio::spawn(async move {
+            let listener = tokio::net::TcpListener::bind(settings.http.worker_bind).await?;
+            service::run(settings, vec![Capability::Prelabel], listener, async move {
+                stop.cancelled().await
+            })
+            .await
+        }));
+    }
+
+    fn job(&self, key: &str) -> PrelabelJob {
+        PrelabelJob {
+            schema: SCHEMA_VERSION,
+            job_id: JobId::new(),
+            project_id: ProjectId::new(),
+            item_id: ItemId::new(),
+            object_key: key.into(),
+            model: self.model.clone(),
+        }
+    }
+
+    /// Every result until `n` distinct jobs have one, then one more second
+    /// to catch a duplicate; returns all results received, in order.
+    async fn results(&self, n: usize) -> Vec<PrelabelResult> {
+        let (channel, mut consumer) = broker::consume(
+            &self.connection,
+            &self.topology.results_queue(),
+            100,
+            "batches-test-results",
+        )
+        .await
+        .unwrap();
+        let mut all: Vec<PrelabelResult> = Vec::new();
+        let mut distinct = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let wait = if distinct.len() < n {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            } else {
+                Duration::from_secs(1)
+            };
+            match tokio::time::timeout(wait, consumer.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    let result: PrelabelResult = decode(&delivery.data).unwrap();
+                    delivery.ack(BasicAckOptions::default()).await.unwrap();
+                    distinct.insert(result.job_id);
+                    all.push(result);
+                }
+                Ok(other) => panic!("results consumer ended: {other:?}"),
+                Err(_) => {
+                    assert!(
+                        distinct.len() >= n,
+                        "only {} of {n} results within {WAIT:?}",
+                        distinct.len()
+                    );
+                    break;
+                }
+            }
+        }
+        channel.close(200, "done".into()).await.ok();
+        all
+    }
+
+    /// Ready messages of a queue.
+    async fn ready(&self, queue: &str) -> u32 {
+        broker::queue_counts(&self.connection, queue)
+            .await
+            .unwrap()
+            .0
+    }
+
+    async fn teardown(mut self) {
+        self.stop.cancel();
+        if let Some(worker) = self.worker.take() {
+            worker.await.unwrap().unwrap();
+        }
+        let channel = self.connection.create_channel().await.unwrap();
+        self.topology.delete(&channel).await.unwrap();
+        self.connection.close(200, "bye".into()).await.ok();
+    }
+}
+
+fn png(width: u32, height: u32, gray: bool) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    if gray {
+        image::GrayImage::from_fn(width, height, |x, y| image::Luma([(x * 7 + y * 3) as u8]))
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+    } else {
+        image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([x as u8, y as u8, (x ^ y) as u8])
+        })
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    }
+    out.into_inner()
+}
+
+/// A well-formed PNG whose header claims `side` x `side` pixels, with one
+/// tiny data chunk: decoding it would allocate gigabytes.
+fn bomb_png(side: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc_input = kind.to_vec();
+        crc_input.extend_from_slice(data);
+        out.extend_from_slice(&crc_input);
+        out.extend_from_slice(&crc32(&crc_input).to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&side.to_be_bytes());
+    ihdr.extend_from_slice(&side.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit grayscale
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFF_u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn reason(result: &PrelabelResult) -> &str {
+    match &result.outcome {
+        PrelabelOutcome::Failed { reason } => reason,
+        PrelabelOutcome::Scored(_) => "scored",
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_batch_of_good_and_bad_images() {
+    let mut h = Harness::new().await;
+    let good_gray = png(28, 28, true);
+    let good_rgb = png(50, 30, false);
+    let truncated = png(64, 64, false);
+    let truncated = truncated[..truncated.len() / 2].to_vec();
+    let bomb = bomb_png(100_000);
+    assert!(
+        u64::from(100_000_u32).pow(2) > h.settings.ingest.max_pixels,
+        "the bomb must be over the limit"
+    );
+    let objects: [(&str, Option<Vec<u8>>); 6] = [
+        ("images/good-gray.png", Some(good_gray)),
+        ("images/good-rgb.png", Some(good_rgb)),
+        (
+            "images/corrupt.png",
+            Some(b"\x89PNG\r\n\x1a\nthis is not a PNG".to_vec()),
+        ),
+        ("images/truncated.png", Some(truncated)),
+        ("images/bomb.png", Some(bomb)),
+        ("images/missing.png", None),
+    ];
+    for (key, bytes) in &objects {
+        if let Some(bytes) = bytes {
+            h.store.put(key, bytes.clone().into()).await.unwrap();
+        }
+    }
+    let jobs: Vec<PrelabelJob> = objects.iter().map(|(key, _)| h.job(key)).collect();
+    let by_job: HashMap<JobId, &str> = jobs
+        .iter()
+        .map(|j| (j.job_id, j.object_key.as_str()))
+        .collect();
+    h.publisher.publish_all(&jobs).await.unwrap();
+    h.start_worker();
+
+    let results = h.results(jobs.len()).await;
+    assert_eq!(
+        results.len(),
+        jobs.len(),
+        "one result per job, no duplicate"
+    );
+    let mut outcome: HashMap<&str, &PrelabelResult> = HashMap::new();
+    for r in &results {
+        assert_eq!(r.model_version_id, h.model.version_id);
+        let key = by_job[&r.job_id];
+        assert!(outcome.insert(key, r).is_none(), "two results for {key}");
+    }
+    for key in ["images/good-gray.png", "images/good-rgb.png"] {
+        let PrelabelOutcome::Scored(p) = &outcome[key].outcome else {
+            panic!("{key}: {}", reason(outcome[key]));
+        };
+        assert_eq!(p.probabilities.len(), 10);
+        assert!((p.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-3);
+        assert_eq!(p.member_votes.len(), 3);
+        assert_eq!(p.embedding.as_ref().map(Vec::len), Some(64));
+    }
+    let expect = [
+        ("images/corrupt.png", "not a decodable image"),
+        ("images/truncated.png", "not a decodable image"),
+        ("images/bomb.png", "over the pixel limit"),
+        ("images/missing.png", "does not exist"),
+    ];
+    for (key, why) in expect {
+        let r = reason(outcome[key]);
+        assert!(r.contains(why), "{key}: reason {r:?} should say {why:?}");
+    }
+    // Every job was acknowledged: nothing waits, nothing was dead-lettered.
+    assert_eq!(h.ready(&h.topology.prelabel_queue()).await, 0);
+    assert_eq!(h.ready(&h.topology.dead_queue()).await, 0);
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transient_failure_is_retried_then_dead_lettered() {
+    let mut h = Harness::new().await;
+    h.store
+        .put("images/good.png", png(28, 28, true).into())
+        .await
+        .unwrap();
+    // An object the store cannot read (a symlink to itself: "too many levels
+    // of symbolic links"), which is not "does not exist": the store calls it
+    // a backend error, so the worker retries it rather than failing the item.
+    let images = h.settings.store.root.join("images");
+    std::os::unix::fs::symlink("loop.png", images.join("loop.png")).unwrap();
+    let unreadable = h
+        .store
+        .get("images/loop.png")
+        .await
+        .expect_err("a symlink loop is unreadable");
+    assert!(unreadable.is_transient(), "{unreadable}");
+
+    let good = h.job("images/good.png");
+    let stuck = h.job("images/loop.png");
+    h.publisher
+        .publish_all(&[good.clone(), stuck.clone()])
+        .await
+        .unwrap();
+    h.start_worker();
+
+    // The good image in the same batch is scored once; the stuck one never
+    // gets a result.
+    let results = h.results(1).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0].job_id, good.job_id);
+    assert!(matches!(results[0].outcome, PrelabelOutcome::Scored(_)));
+
+    // Redelivered up to the delivery limit, then dead-lettered with the
+    // reason `sieve failed list` shows.
+    let dead = h.topology.dead_queue();
+    common::eventually("the stuck job dead-lettered", WAIT, || async {
+        (h.ready(&dead).await == 1).then_some(())
+    })
+    .await;
+    let channel = h.connection.create_channel().await.unwrap();
+    let message = channel
+        .basic_get(dead.clone().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    let letter = decode::<PrelabelJob>(&message.delivery.data).unwrap();
+    assert_eq!(letter.job_id, stuck.job_id);
+    let header = |name: &str| {
+        message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name).cloned())
+    };
+    let text = |v: Option<AMQPValue>| match v {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        Some(AMQPValue::ShortString(s)) => s.to_string(),
+        other => format!("{other:?}"),
+    };
+    assert_eq!(text(header("x-first-death-reason")), "delivery_limit");
+    assert_eq!(
+        text(header("x-first-death-queue")),
+        h.topology.prelabel_queue()
+    );
+    channel.close(200, "done".into()).await.ok();
+    assert_eq!(h.ready(&h.topology.prelabel_queue()).await, 0);
+    assert_eq!(h.ready(&h.topology.results_queue()).await, 0);
+    h.teardown().await;
+}
