@@ -18,16 +18,16 @@
 //! - [`auth`]: API tokens and roles.
 //! - [`status`], [`workers`], [`failed`]: what operators look at and
 //!   replay (fleet status, heartbeats, failed items and dead letters).
-//! - [`bench_claim`]: `sieve bench claim` (the review queue under load).
 //! - [`bench_ingest`]: `sieve bench ingest` (ingest against raw publish).
+//! - [`bench_claim`]: `sieve bench claim` (the review queue under load).
 //! - [`demo`]: the end-to-end run on Fashion-MNIST with simulated reviewers.
 //! - [`db`], [`entities`]: PostgreSQL connection, migrations, sea-orm models.
 
 pub mod app;
 pub mod auth;
+pub mod auto_retrain;
 pub mod bench_claim;
 pub mod bench_ingest;
-pub mod auto_retrain;
 pub mod calibration;
 pub mod cli;
 pub mod db;
