@@ -13,9 +13,8 @@ use common::{TestSieve, eventually};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::training_run::{self, RunState};
-use sieve_scheduler::fashion_mnist::{self, Split};
 use sieve_scheduler::policy::Policy;
-use sieve_scheduler::{ingest, projects, training};
+use sieve_scheduler::{projects, training};
 use sieve_shared::messages::TrainParams;
 use sieve_worker::service::Capability;
 
@@ -33,20 +32,7 @@ async fn a_cancelled_run_stops_registers_nothing_and_the_next_run_trains() {
         .active_model_version_id;
     assert!(champion.is_some());
 
-    let (dir, data) = common::fashion_images(Split::Train, IMAGES);
-    let mut csv = String::from("path,label\n");
-    for i in 0..IMAGES {
-        csv.push_str(&format!(
-            "{},{}\n",
-            fashion_mnist::file_name(Split::Train, i),
-            fashion_mnist::CLASSES[data.labels[i] as usize]
-        ));
-    }
-    let manifest = dir.path().join("labels.csv");
-    std::fs::write(&manifest, csv).unwrap();
-    ingest::ingest_manifest(&sieve.ctx, &project, &manifest, None, false)
-        .await
-        .unwrap();
+    common::ingest_labeled(&sieve, &project, IMAGES).await;
 
     let long = TrainParams {
         epochs: 500,

@@ -15,10 +15,9 @@ use common::{TestSieve, eventually};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::training_run::{self, RunState};
-use sieve_scheduler::fashion_mnist::{self, Split};
 use sieve_scheduler::policy::Policy;
 
-use sieve_scheduler::{ingest, training};
+use sieve_scheduler::training;
 use sieve_shared::messages::TrainParams;
 use sieve_worker::service::Capability;
 
@@ -61,21 +60,10 @@ async fn interrupted_run_completes_once(interrupt: Interrupt) {
     let project = common::fashion_project(&sieve, "interrupted", Policy::default()).await;
 
     // Known labels through a manifest: training data without reviewers.
-    let (dir, data) = common::fashion_images(Split::Train, IMAGES);
-    let mut csv = String::from("path,label\n");
-    for i in 0..IMAGES {
-        csv.push_str(&format!(
-            "{},{}\n",
-            fashion_mnist::file_name(Split::Train, i),
-            fashion_mnist::CLASSES[data.labels[i] as usize]
-        ));
-    }
-    let manifest = dir.path().join("labels.csv");
-    std::fs::write(&manifest, csv).unwrap();
-    let summary = ingest::ingest_manifest(&sieve.ctx, &project, &manifest, None, false)
-        .await
-        .unwrap();
-    assert_eq!(summary.new_items, IMAGES as u64);
+    assert_eq!(
+        common::ingest_labeled(&sieve, &project, IMAGES).await,
+        IMAGES as u64
+    );
 
     let params = TrainParams {
         epochs: 200,

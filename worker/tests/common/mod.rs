@@ -191,6 +191,33 @@ pub fn fashion_images(
     (dir, data)
 }
 
+/// Ingest the first `n` Fashion-MNIST training images into `project` with
+/// their true labels as imports (a CSV manifest): training data without
+/// reviewers. Returns how many new items it made.
+#[allow(dead_code)] // not every test binary trains
+pub async fn ingest_labeled(
+    sieve: &TestSieve,
+    project: &sieve_scheduler::projects::Project,
+    n: usize,
+) -> u64 {
+    use sieve_scheduler::fashion_mnist::{self, Split};
+    let (dir, data) = fashion_images(Split::Train, n);
+    let mut csv = String::from("path,label\n");
+    for i in 0..n {
+        csv.push_str(&format!(
+            "{},{}\n",
+            fashion_mnist::file_name(Split::Train, i),
+            fashion_mnist::CLASSES[data.labels[i] as usize]
+        ));
+    }
+    let manifest = dir.path().join("labels.csv");
+    std::fs::write(&manifest, csv).unwrap();
+    sieve_scheduler::ingest::ingest_manifest(&sieve.ctx, project, &manifest, None, false)
+        .await
+        .unwrap()
+        .new_items
+}
+
 /// Exact accounting of one project after a fault, as the reliability tests
 /// print it.
 #[derive(Debug, PartialEq, Eq)]
