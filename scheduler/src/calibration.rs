@@ -7,11 +7,15 @@
 //! examples cannot open the gate. Until a class has enough evidence it has no
 //! threshold and its items go to review.
 //!
-//! The evidence is a model version's holdout evaluation: items labeled by
-//! humans that the version never trained on (the hash-chosen holdout), each
-//! with the version's predicted class and confidence. It is computed when the
-//! version is registered, so a new version routes with its own thresholds
-//! from its first prediction.
+//! The evidence is a model version's holdout evaluation, restricted to the
+//! items that were picked at random for review (the seed set's holdout and
+//! the audit sample, which is never trained on), each with the version's
+//! predicted class and confidence. Items picked by active learning are left
+//! out: they were chosen for being hard, so the accuracy above a threshold
+//! measured on them is far below what the same threshold gives on the items
+//! it is applied to, and the gate would stay shut long after the model is
+//! good enough. The evidence is computed when the version is registered, so
+//! a new version routes with its own thresholds from its first prediction.
 
 use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
 use serde::{Deserialize, Serialize};
@@ -199,11 +203,13 @@ pub fn calibrate(
     }
 }
 
-/// A version's holdout evaluation as calibration evidence.
+/// A version's holdout evaluation as calibration evidence: the examples
+/// picked at random (and, from workers that do not report the flag, all).
 pub fn evidence(metrics: &HoldoutMetrics) -> Vec<Evidence> {
     metrics
         .evaluations
         .iter()
+        .filter(|e| e.random != Some(false))
         .map(|e| Evidence {
             predicted: e.predicted,
             confidence: e.confidence,

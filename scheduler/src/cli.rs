@@ -154,7 +154,9 @@ pub enum ProjectCommand {
         /// Confidence level of the accuracy's lower bound (Wilson).
         #[arg(long)]
         confidence_level: Option<f64>,
-        /// Share of would-be machine labels sent to review anyway.
+        /// Share of items (a fixed sample, chosen by hash) that people
+        /// review whatever the model says: audits of would-be machine labels
+        /// and the evidence calibration rests on.
         #[arg(long)]
         audit_rate: Option<f64>,
         #[arg(long)]

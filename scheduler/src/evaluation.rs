@@ -137,6 +137,7 @@ mod tests {
             label,
             predicted,
             confidence,
+            random: None,
         }
     }
 

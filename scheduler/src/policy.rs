@@ -5,8 +5,20 @@
 //! prediction records the version that routed it. The confidence threshold
 //! is either fixed or, with a target accuracy, the per-class threshold the
 //! active model version was calibrated to ([`crate::calibration`]).
+//!
+//! Audits are chosen per item, not per routing: an item is in the project's
+//! audit sample when a hash of (project, content hash) falls under the audit
+//! rate ([`audit_draw`]). The sample is a fixed, uniform random share of the
+//! items, so a rescore neither redraws it nor lets an item's chances grow
+//! with every round, and it is the same set whichever model version routes.
+//! Sampled items always go to a human: as `audit` where the policy would
+//! have labeled them by machine (these measure machine-label accuracy) and as
+//! `sample` otherwise. Both are random, unlike the uncertain items active
+//! learning picks, which makes them the evidence calibration can trust.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sieve_shared::ids::ProjectId;
 use sieve_shared::scores::Scores;
 
 use crate::calibration::Calibration;
@@ -38,8 +50,10 @@ pub struct Policy {
     pub disagreement_measure: DisagreementMeasure,
     /// Above this disagreement an item goes to review.
     pub disagreement_limit: f32,
-    /// Share of would-be machine labels sent to review anyway, so machine
-    /// accuracy is measured rather than assumed.
+    /// Share of items (a fixed random sample, chosen by content hash) that a
+    /// human reviews whatever the model says: would-be machine labels among
+    /// them are audits, so machine accuracy is measured rather than assumed,
+    /// and all of them are unbiased calibration evidence.
     pub audit_rate: f64,
     /// With a target accuracy: a class short of evidence of its own borrows
     /// the threshold calibrated on all classes together, unless its own
@@ -117,6 +131,26 @@ impl Policy {
     }
 }
 
+/// Priority of audit and sample tasks: ahead of every uncertain item
+/// (uncertainty priorities are at most 2). They are few — the audit rate —
+/// and calibration cannot open the gate to machine labels without them.
+pub const AUDIT_PRIORITY: f32 = 3.0;
+
+/// The item's fixed draw in [0, 1) for audit sampling: the first eight bytes
+/// of SHA-256(project id, content hash). Salted by the project so that two
+/// projects sharing images sample independently, and independent of the
+/// holdout split (which reads the content hash itself).
+pub fn audit_draw(project: ProjectId, content_hash: &str) -> f64 {
+    let mut hasher = Sha256::new();
+    hasher.update(project.as_uuid().as_bytes());
+    hasher.update(content_hash.as_bytes());
+    let digest = hasher.finalize();
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    // 53 bits: exactly representable in an f64 in [0, 1).
+    (u64::from_be_bytes(head) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Decision {
     MachineLabel { class_index: u32 },
@@ -124,7 +158,7 @@ pub enum Decision {
 }
 
 /// Route one prediction. `threshold` comes from [`Policy::threshold_for`];
-/// `audit_draw` is a uniform draw in [0, 1), passed in so tests decide it.
+/// `audit_draw` is the item's [`audit_draw`], passed in so tests decide it.
 pub fn decide(
     policy: &Policy,
     scores: &Scores,
@@ -137,31 +171,28 @@ pub fn decide(
         DisagreementMeasure::Vote => scores.disagreement,
         DisagreementMeasure::MutualInformation => scores.mutual_information,
     };
-    if disagreement > policy.disagreement_limit {
-        return Decision::Review {
-            reason: TaskReason::Disagreement,
-            priority,
-        };
-    }
-    match threshold {
-        Some(t) if scores.confidence >= t => {}
-        _ => {
-            return Decision::Review {
-                reason: TaskReason::LowConfidence,
-                priority,
-            };
+    let review = if disagreement > policy.disagreement_limit {
+        Some(TaskReason::Disagreement)
+    } else {
+        match threshold {
+            Some(t) if scores.confidence >= t => None,
+            _ => Some(TaskReason::LowConfidence),
         }
-    }
-    if audit_draw < policy.audit_rate {
-        // Audits are interleaved with the uncertain items rather than
-        // queued behind them: give them a middling priority.
-        return Decision::Review {
+    };
+    let sampled = audit_draw < policy.audit_rate;
+    match (review, sampled) {
+        (None, false) => Decision::MachineLabel {
+            class_index: scores.top_class,
+        },
+        (None, true) => Decision::Review {
             reason: TaskReason::Audit,
-            priority: 0.5,
-        };
-    }
-    Decision::MachineLabel {
-        class_index: scores.top_class,
+            priority: AUDIT_PRIORITY,
+        },
+        (Some(_), true) => Decision::Review {
+            reason: TaskReason::Sample,
+            priority: AUDIT_PRIORITY,
+        },
+        (Some(reason), false) => Decision::Review { reason, priority },
     }
 }
 
@@ -212,6 +243,48 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn sampled_items_always_reach_a_human() {
+        let policy = Policy::default();
+        // Under the audit rate: reviewed whatever the model says, first.
+        for (confidence, disagreement, reason) in [
+            (0.95, 0.0, TaskReason::Audit),
+            (0.5, 0.0, TaskReason::Sample),
+            (0.95, 0.5, TaskReason::Sample),
+        ] {
+            assert_eq!(
+                fixed(&policy, &scores(confidence, disagreement), 0.01),
+                Decision::Review {
+                    reason,
+                    priority: AUDIT_PRIORITY
+                },
+                "{confidence} {disagreement}"
+            );
+        }
+        // Uncertainty priorities stay below the audits'.
+        match fixed(&policy, &scores(0.0, 1.0), 0.5) {
+            Decision::Review { priority, .. } => assert!(priority < AUDIT_PRIORITY),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_audit_draw_is_stable_uniform_and_per_project() {
+        let project = ProjectId::new();
+        let hash = |i: u32| format!("{i:064x}");
+        assert_eq!(audit_draw(project, &hash(7)), audit_draw(project, &hash(7)));
+        let other = ProjectId::new();
+        assert_ne!(audit_draw(project, &hash(7)), audit_draw(other, &hash(7)));
+        // Sequential (non-random) hashes still give a uniform draw: 10,000
+        // draws under 0.02 is Binomial(10000, 0.02), mean 200, sd 14.
+        let draws: Vec<f64> = (0..10_000).map(|i| audit_draw(project, &hash(i))).collect();
+        assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
+        let under = draws.iter().filter(|&&d| d < 0.02).count();
+        assert!((144..=256).contains(&under), "{under}");
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.02, "{mean}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use crate::app::Context;
 use crate::entities::model_version::{self, VersionStatus};
+use crate::entities::review_task::TaskReason;
 use crate::entities::training_run::{self, RunState};
 use crate::error::{AppError, AppResult};
 use crate::models;
@@ -51,6 +52,28 @@ struct LabeledItem {
     class_index: i32,
     object_key: String,
     content_hash: String,
+    /// The reason of the review task the label answered (none for imports).
+    reason: Option<TaskReason>,
+}
+
+impl LabeledItem {
+    fn into_example(self) -> SnapshotExample {
+        let random = self.reason.is_some_and(TaskReason::is_random);
+        // The audit sample is never trained on: it is what calibration and
+        // the measured accuracy of machine labels rest on. Everything else
+        // splits by content hash.
+        let split = match self.reason {
+            Some(TaskReason::Audit | TaskReason::Sample) => Split::Holdout,
+            _ => Split::of_hash(&self.content_hash),
+        };
+        SnapshotExample {
+            item_id: ItemId::from_uuid(self.item_id),
+            object_key: self.object_key,
+            class_index: self.class_index as u32,
+            split,
+            random,
+        }
+    }
 }
 
 /// The newest human (or imported) label of every item in the project.
@@ -62,8 +85,10 @@ async fn labeled_examples(
     let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
         ctx.db.get_database_backend(),
         r#"
-        SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash
+        SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash,
+               t.reason
         FROM labels l JOIN items i ON i.id = l.item_id
+        LEFT JOIN review_tasks t ON t.id = l.review_task_id
         WHERE i.project_id = $1 AND l.source IN ('human', 'import')
         ORDER BY l.item_id, l.created_at DESC
         "#,
@@ -71,15 +96,7 @@ async fn labeled_examples(
     ))
     .all(&ctx.db)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| SnapshotExample {
-            item_id: ItemId::from_uuid(r.item_id),
-            object_key: r.object_key,
-            class_index: r.class_index as u32,
-            split: Split::of_hash(&r.content_hash),
-        })
-        .collect())
+    Ok(rows.into_iter().map(LabeledItem::into_example).collect())
 }
 
 /// Queue a training run for `project`. `bootstrap` allows a run with no

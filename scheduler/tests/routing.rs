@@ -1,6 +1,7 @@
 //! Routing on the real PostgreSQL: the target-accuracy policy routes a
-//! synthetic prediction set exactly as computed by hand, a redelivered batch
-//! changes nothing, and audit sampling holds its rate.
+//! synthetic prediction set exactly as computed by hand (calibrated on the
+//! randomly picked evidence only), a redelivered batch changes nothing, and
+//! audit sampling holds its rate.
 
 #![allow(clippy::unwrap_used)]
 
@@ -132,6 +133,7 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             label: if correct { 0 } else { 2 },
             predicted: 0,
             confidence: 1.0 - (i + 1) as f32 / 1000.0,
+            random: Some(true),
         });
     }
     for i in 0..20u32 {
@@ -139,6 +141,17 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             label: 1,
             predicted: 1,
             confidence: 0.99 - i as f32 / 100.0,
+            random: Some(true),
+        });
+    }
+    // Items active learning picked (for being hard) are no evidence: were
+    // these 100 confident mistakes counted, class 0 would get no threshold.
+    for _ in 0..100 {
+        evidence.push(HoldoutEvaluation {
+            label: 2,
+            predicted: 0,
+            confidence: 0.9999,
+            random: Some(false),
         });
     }
     let policy = Policy {

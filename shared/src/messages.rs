@@ -201,6 +201,11 @@ pub struct SnapshotExample {
     pub object_key: String,
     pub class_index: u32,
     pub split: Split,
+    /// Whether the item was picked at random for its label (the seed set,
+    /// the audit sample) rather than for the model's doubt. Audit-sample
+    /// items are always holdout: they are calibration evidence.
+    #[serde(default)]
+    pub random: bool,
 }
 
 /// The labeled set a training run learns from, written once to the object
@@ -237,6 +242,10 @@ pub struct HoldoutEvaluation {
     pub label: u32,
     pub predicted: u32,
     pub confidence: f32,
+    /// The snapshot example's `random` flag; `None` from workers that
+    /// predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -252,6 +252,8 @@ async fn train(
         images: Vec::new(),
         labels: Vec::new(),
     };
+    // Per holdout example: picked at random (seed set, audit sample)?
+    let mut holdout_random = Vec::new();
     let mut skipped = 0usize;
     for (example, input) in snapshot.examples.iter().zip(inputs) {
         let Ok(input) = input else {
@@ -260,7 +262,10 @@ async fn train(
         };
         let target = match example.split {
             Split::Train => &mut train_data,
-            Split::Holdout => &mut holdout,
+            Split::Holdout => {
+                holdout_random.push(example.random);
+                &mut holdout
+            }
         };
         target.images.extend_from_slice(&input);
         target.labels.push(example.class_index as usize);
@@ -332,8 +337,8 @@ async fn train(
 
     let holdout_size = holdout.labels.len();
     let (trained, evaluations, base_evaluations) = tokio::task::spawn_blocking(move || {
-        let evaluations = evaluate(&trained, &holdout);
-        let base_evaluations = base_model.map(|base| evaluate(&base, &holdout));
+        let evaluations = evaluate(&trained, &holdout, &holdout_random);
+        let base_evaluations = base_model.map(|base| evaluate(&base, &holdout, &holdout_random));
         (trained, evaluations, base_evaluations)
     })
     .await
@@ -376,8 +381,13 @@ async fn train(
     })
 }
 
-/// The committee's verdict on every holdout example.
-fn evaluate(model: &Committee, holdout: &TrainData) -> Result<Vec<HoldoutEvaluation>, ModelError> {
+/// The committee's verdict on every holdout example; `random[i]` says whether
+/// example `i` was picked at random (what calibration may use).
+fn evaluate(
+    model: &Committee,
+    holdout: &TrainData,
+    random: &[bool],
+) -> Result<Vec<HoldoutEvaluation>, ModelError> {
     if holdout.labels.is_empty() {
         return Ok(Vec::new());
     }
@@ -385,7 +395,8 @@ fn evaluate(model: &Committee, holdout: &TrainData) -> Result<Vec<HoldoutEvaluat
     probs
         .iter()
         .zip(&holdout.labels)
-        .map(|(members, &label)| {
+        .zip(random)
+        .map(|((members, &label), &random)| {
             let s = sieve_shared::scores::committee_scores(members).map_err(|e| {
                 ModelError::BadInput {
                     reason: e.to_string(),
@@ -395,6 +406,7 @@ fn evaluate(model: &Committee, holdout: &TrainData) -> Result<Vec<HoldoutEvaluat
                 label: label as u32,
                 predicted: s.scores.top_class,
                 confidence: s.scores.confidence,
+                random: Some(random),
             })
         })
         .collect()

@@ -78,7 +78,9 @@ pub struct DemoArgs {
     /// accuracy as a lower confidence bound (default 0.97).
     #[arg(long)]
     pub target_accuracy: Option<f64>,
-    /// Share of would-be machine labels audited by the reviewers.
+    /// Share of items in the audit sample (chosen by hash), which the
+    /// reviewers see whatever the model says: it measures the accuracy of
+    /// machine labels and is the evidence calibration rests on.
     #[arg(long, default_value_t = 0.02)]
     pub audit_rate: f64,
     /// Calibrate each class on its own evidence only; by default a class

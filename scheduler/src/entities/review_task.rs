@@ -11,10 +11,25 @@ pub enum TaskReason {
     LowConfidence,
     #[sea_orm(string_value = "disagreement")]
     Disagreement,
+    /// In the audit sample and would have been labeled by machine: measures
+    /// the accuracy of machine labels.
     #[sea_orm(string_value = "audit")]
     Audit,
     #[sea_orm(string_value = "seed")]
     Seed,
+    /// In the audit sample but not confident enough for a machine label: a
+    /// random example for calibration all the same.
+    #[sea_orm(string_value = "sample")]
+    Sample,
+}
+
+impl TaskReason {
+    /// Whether the item was picked at random (seed set, audit sample) rather
+    /// than for the model's doubt: only such labels estimate accuracy without
+    /// bias.
+    pub fn is_random(self) -> bool {
+        matches!(self, Self::Seed | Self::Audit | Self::Sample)
+    }
 }
 
 #[derive(
