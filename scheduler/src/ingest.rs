@@ -395,7 +395,9 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: Option<u64>, options: &Options) -> Self {
+    /// `total` files when known in advance (a folder); otherwise a
+    /// spinner counting `unit`s (manifest rows, listed objects).
+    fn new(total: Option<u64>, unit: &str, options: &Options) -> Self {
         let terminal = options.terminal;
         let bar = match (terminal, total) {
             (false, _) => ProgressBar::hidden(),
@@ -406,9 +408,9 @@ impl Progress {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             ),
             (true, None) => ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {pos} rows  {per_sec}  {msg}",
-                )
+                ProgressStyle::with_template(&format!(
+                    "{{spinner}} [{{elapsed_precise}}] {{pos}} {unit}  {{per_sec}}  {{msg}}"
+                ))
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             ),
         };
@@ -882,7 +884,7 @@ async fn folder(
 ) -> anyhow::Result<IngestSummary> {
     let root = Root::new(root)?;
     let files = list_files(&root)?;
-    let progress = Progress::new(Some(files.len() as u64), options);
+    let progress = Progress::new(Some(files.len() as u64), "files", options);
     let batch_size = ctx.settings.ingest.batch_size.max(1);
     let (ctx2, project2) = (ctx.clone(), project.clone());
     pipeline(ctx, project, progress, options, move |send| async move {
@@ -1077,7 +1079,7 @@ async fn manifest(
     options: &Options,
 ) -> anyhow::Result<IngestSummary> {
     let batch_size = ctx.settings.ingest.batch_size.max(1);
-    let progress = Progress::new(None, options);
+    let progress = Progress::new(None, "rows", options);
     let (ctx2, project2) = (ctx.clone(), project.clone());
     let mut summary = pipeline(ctx, project, progress, options, move |send| async move {
         let mut reader = reader;
@@ -1175,7 +1177,7 @@ async fn prefix_objects(
     options: &Options,
 ) -> anyhow::Result<IngestSummary> {
     let store = prefix.open(ctx)?;
-    let progress = Progress::new(None, options);
+    let progress = Progress::new(None, "objects", options);
     let batch_size = ctx.settings.ingest.batch_size.max(1);
     let (ctx2, project2, prefix2) = (ctx.clone(), project.clone(), prefix.clone());
     pipeline(ctx, project, progress, options, move |send| async move {
