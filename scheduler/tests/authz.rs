@@ -457,7 +457,20 @@ async fn scoped_tokens_act_only_on_their_project() {
             assert_eq!(status, 404, "{method} {path}: {answer}");
             assert_eq!(answer["error"]["code"], "not_found", "{method} {path}");
         }
-        // The same 404 as a project that does not exist: nothing to learn.
+        // The same 404 as an ingest or a project that does not exist:
+        // nothing to learn.
+        let nobody = uuid::Uuid::now_v7();
+        let (_, missing) = app.get(&format!("/api/v1/ingests/{nobody}"), &ops).await;
+        let (_, hidden) = app
+            .get(&format!("/api/v1/ingests/{their_ingest}"), &ops)
+            .await;
+        assert_eq!(
+            missing["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace(&nobody.to_string(), &their_ingest),
+            hidden["error"]["message"].as_str().unwrap()
+        );
         let (_, missing) = app
             .post("/api/v1/projects/nowhere/review/next", &reviewer, json!({}))
             .await;

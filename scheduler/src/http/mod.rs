@@ -500,9 +500,14 @@ async fn show_ingest(
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Operate).await?;
+    // One answer for "no such ingest" and "another project's", so a
+    // scoped token learns nothing from it.
     let missing = || AppError::NotFound(format!("no ingest {id:?}"));
     let uuid: Uuid = id.parse().map_err(|_| missing())?;
-    let run = ingest_runs::show(&ctx.db, uuid).await?;
+    let run = match ingest_runs::show(&ctx.db, uuid).await {
+        Err(AppError::NotFound(_)) => return Err(missing()),
+        found => found?,
+    };
     if who.project.is_some_and(|scope| scope != run.project_id) {
         return Err(missing());
     }
