@@ -22,3 +22,21 @@ fi
 
 bash ops/fetch-weights.sh
 bash ops/fetch-test-photos.sh
+
+# moto's S3 server, for the s3:// ingest test (scheduler/tests/ingest_s3.rs):
+# PyPI's moto with only its S3 and server parts, in a virtual environment of
+# its own outside the checkout (kept between runs, like the build target).
+MOTO_VENV=/var/tmp/sieve-moto
+if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+    echo "installing moto's S3 server (pip, into $MOTO_VENV)"
+    rm -rf "$MOTO_VENV"
+    if ! python3 -m venv "$MOTO_VENV" 2>/dev/null; then
+        # Debian's own python3 keeps venv in a package of its own.
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq python3-venv >/dev/null
+        rm -rf "$MOTO_VENV"
+        python3 -m venv "$MOTO_VENV"
+    fi
+    "$MOTO_VENV/bin/pip" install --quiet 'moto[s3]==5.2.5' 'flask<4' 'flask-cors<7'
+fi

@@ -19,7 +19,7 @@ use sieve_shared::topology::Topology;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{db, dispatch, http, results, training};
+use crate::{db, dispatch, http, ingest_runs, results, training};
 
 #[derive(Clone)]
 pub struct Context {
@@ -30,6 +30,8 @@ pub struct Context {
     /// The publishing connection (also for short-lived channels: passive
     /// declares, dead-letter reads).
     pub connection: Arc<Connection>,
+    /// Ingests started over HTTP, running in this process.
+    pub ingest_runs: ingest_runs::Runner,
 }
 
 impl Context {
@@ -53,6 +55,7 @@ impl Context {
             store,
             settings: Arc::new(settings),
             connection: Arc::new(connection),
+            ingest_runs: ingest_runs::Runner::default(),
         })
     }
 
@@ -61,13 +64,18 @@ impl Context {
     }
 }
 
+/// How long HTTP-started ingests get to finish their batch and record
+/// themselves at shutdown.
+const INGEST_STOP_DEADLINE: Duration = Duration::from_secs(10);
+
 pub fn topology(settings: &Settings) -> Topology {
     Topology::new(&settings.broker.prefix, settings.broker.delivery_limit)
 }
 
 /// Run the HTTP API on `listener` and the result, training-event and
 /// re-dispatch loops until `shutdown` resolves. In-flight batches finish and
-/// are acknowledged before this returns.
+/// are acknowledged before this returns; ingests started over HTTP stop
+/// between batches and are recorded as interrupted.
 pub async fn serve(
     ctx: Context,
     listener: TcpListener,
@@ -111,6 +119,7 @@ pub async fn serve(
         Some(ended) = tasks.join_next() => {
             // A loop ended on its own: that is a failure; stop the rest.
             stop.cancel();
+            ctx.ingest_runs.shutdown(INGEST_STOP_DEADLINE).await;
             let reason = match ended {
                 Ok(Ok(())) => anyhow::anyhow!("a scheduler loop stopped unexpectedly"),
                 Ok(Err(err)) => err,
@@ -121,6 +130,7 @@ pub async fn serve(
         }
     }
     stop.cancel();
+    ctx.ingest_runs.shutdown(INGEST_STOP_DEADLINE).await;
     let mut first_error = None;
     while let Some(ended) = tasks.join_next().await {
         if let Ok(Err(err)) = ended {

@@ -41,18 +41,26 @@ pub enum Command {
     /// Create, list and inspect projects.
     #[command(subcommand)]
     Project(ProjectCommand),
-    /// Ingest a folder of images, or a CSV / JSON Lines manifest, into a
-    /// project. Exits with status 2 if any file or row failed.
+    /// Ingest a folder of images, an object-store prefix, or a CSV / JSON
+    /// Lines manifest, into a project. Exits with status 2 if any file,
+    /// object or row failed.
     Ingest {
-        /// Folder to read, recursively.
-        #[arg(required_unless_present = "manifest", conflicts_with = "manifest")]
-        dir: Option<PathBuf>,
+        /// A folder to read recursively, `store:PREFIX` (objects under a
+        /// prefix of sieve's store) or `s3://BUCKET/PREFIX` (a bucket,
+        /// reached with the s3.* settings; its images are copied in).
+        #[arg(
+            value_name = "FOLDER|store:PREFIX|s3://BUCKET/PREFIX",
+            required_unless_present = "manifest",
+            conflicts_with = "manifest"
+        )]
+        source: Option<String>,
         #[arg(long, short)]
         project: String,
         /// A CSV (header with `path` or `key`, optional `label`,
-        /// `external_id`) or JSON Lines manifest.
-        #[arg(long)]
-        manifest: Option<PathBuf>,
+        /// `external_id`) or JSON Lines manifest: a file, or `store:KEY`
+        /// for one in sieve's store (its rows then name keys only).
+        #[arg(long, value_name = "FILE|store:KEY")]
+        manifest: Option<String>,
         /// Directory that manifest paths are relative to (default: the
         /// manifest's directory); no path may leave it.
         #[arg(long, requires = "manifest")]
@@ -305,6 +313,38 @@ pub enum TokenCommand {
     },
 }
 
+/// What `sieve ingest` was asked to read.
+fn ingest_source(
+    source: Option<String>,
+    manifest: Option<String>,
+    root: Option<PathBuf>,
+) -> anyhow::Result<ingest::Source> {
+    use crate::object_prefix::{self, Prefix};
+    Ok(match (manifest, source) {
+        (Some(manifest), _) => match manifest.strip_prefix("store:") {
+            Some(key) => {
+                if root.is_some() {
+                    anyhow::bail!("--root is for a manifest file; a stored manifest names keys");
+                }
+                ingest::Source::ManifestInStore {
+                    key: key.to_owned(),
+                }
+            }
+            None => ingest::Source::ManifestFile {
+                path: PathBuf::from(manifest),
+                root,
+            },
+        },
+        (None, Some(source)) if object_prefix::is_location(&source) => {
+            ingest::Source::Prefix(Prefix::parse(&source)?)
+        }
+        (None, Some(dir)) => ingest::Source::Folder(PathBuf::from(dir)),
+        (None, None) => {
+            anyhow::bail!("give a folder, store:PREFIX, s3://BUCKET/PREFIX or --manifest FILE")
+        }
+    })
+}
+
 fn parse_role(raw: &str) -> Result<Role, String> {
     match raw {
         "reviewer" => Ok(Role::Reviewer),
@@ -341,29 +381,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Project(command) => project(settings, command).await?,
         Command::Ingest {
-            dir,
+            source,
             project,
             manifest,
             root,
         } => {
+            let source = ingest_source(source, manifest, root)?;
             let ctx = Context::connect(settings).await?;
             let project = projects::get(&ctx.db, &project).await?;
             let terminal = std::io::stderr().is_terminal();
-            let summary = match (&manifest, &dir) {
-                (Some(manifest), _) => {
-                    ingest::ingest_manifest(&ctx, &project, manifest, root.as_deref(), terminal)
-                        .await?
-                }
-                (None, Some(dir)) => ingest::ingest_folder(&ctx, &project, dir, terminal).await?,
-                (None, None) => anyhow::bail!("give a folder or --manifest FILE"),
-            };
+            let summary = ingest::ingest(
+                &ctx,
+                &project,
+                &source,
+                &ingest::Options::terminal(terminal),
+            )
+            .await?;
             for failure in &summary.failures {
                 eprintln!("failed: {failure}");
             }
-            let what = if manifest.is_some() {
-                "row(s)"
-            } else {
-                "file(s)"
+            let what = match source {
+                ingest::Source::Folder(_) => "file(s)",
+                ingest::Source::Prefix(_) => "object(s)",
+                _ => "row(s)",
             };
             println!(
                 "ingested {} {} into {}: {} new, {} duplicate, {} failed, {} with imported labels, {} dispatched",

@@ -50,6 +50,23 @@ pub async fn active_model(ctx: &Context, project: &Project) -> anyhow::Result<Op
     Ok(Some(model_ref(&version)?))
 }
 
+/// The model reference jobs of a project carry, as the database says now
+/// (a [`Project`] read earlier may name a version since replaced).
+pub async fn current_model(ctx: &Context, project: ProjectId) -> anyhow::Result<Option<ModelRef>> {
+    let version = model_version::Model::find_by_statement(Statement::from_sql_and_values(
+        ctx.db.get_database_backend(),
+        r#"
+        SELECT v.* FROM model_versions v
+        JOIN projects p ON p.active_model_version_id = v.id
+        WHERE p.id = $1
+        "#,
+        [project.as_uuid().into()],
+    ))
+    .one(&ctx.db)
+    .await?;
+    version.as_ref().map(model_ref).transpose()
+}
+
 pub fn model_ref(version: &model_version::Model) -> anyhow::Result<ModelRef> {
     Ok(ModelRef {
         version_id: ModelVersionId::from_uuid(version.id),
@@ -360,7 +377,7 @@ async fn dispatch_where(
     project: &Project,
     pending: Pending,
 ) -> anyhow::Result<usize> {
-    let Some(model) = active_model(ctx, project).await? else {
+    let Some(model) = current_model(ctx, project.id).await? else {
         return Ok(0);
     };
     let control = control(&ctx.db, project.id).await?;

@@ -1,10 +1,13 @@
 //! Ingest: image files into items, and items into prediction jobs.
 //!
-//! Images come from a folder (every file under it) or from a manifest (CSV
-//! or JSON Lines naming files or store keys, and possibly known labels; see
-//! `manifest.rs`). Each image is read, hashed (SHA-256 of its bytes) and
-//! checked from its header (format by content, dimensions within the pixel
-//! limit) before any decoding. Items are inserted in batches with
+//! Images come from a [`Source`]: a folder (every file under it), a
+//! manifest (CSV or JSON Lines naming files or store keys, and possibly
+//! known labels; see `manifest.rs`), local or in the object store, or an
+//! object-store prefix (`store:PREFIX`, `s3://BUCKET/PREFIX`; see
+//! `object_prefix.rs`). Each source only produces checked batches; one
+//! pipeline inserts and publishes them all. Each image is read, hashed
+//! (SHA-256 of its bytes) and checked from its header (format by content,
+//! dimensions within the pixel limit) before any decoding. Items are inserted in batches with
 //! `ON CONFLICT DO NOTHING` on (project, hash), so ingesting the same images
 //! again adds nothing. A file that is not an image still becomes an item,
 //! `failed` with the reason, so that nothing handed to sieve disappears
@@ -19,14 +22,23 @@
 //! and stores their bytes, a few batches ahead; the caller's loop inserts
 //! each batch; and the batch's jobs are published (with confirms, then
 //! stamped) by tasks of their own, a few in flight. Every stage is bounded,
-//! so memory stays flat however large the input. A crash at any point
-//! leaves items that are either published or `dispatched_at` NULL, which
-//! the sweeper re-publishes.
+//! so memory stays flat however large the input (a prefix is listed as a
+//! stream, a manifest read line by line). A crash at any point leaves items
+//! that are either published or `dispatched_at` NULL, which the sweeper
+//! re-publishes.
+//!
+//! Each batch's jobs name the project's active model as the database says
+//! when the batch is published, read after its insert committed. So a
+//! model activated during an ingest never leaves items with only jobs for
+//! the old version: an insert that committed before the activation is seen
+//! by the activation's rescore, one that committed after it reads the new
+//! version.
 //!
 //! A known label from a manifest is ground truth from people: it is stored
 //! as an `import` label, the item is `human_labeled` (so it is never
 //! dispatched, rescored or reviewed) and training snapshots include it.
 
+use std::future::Future;
 use std::io::Cursor;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -34,18 +46,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use image::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
 use sea_orm::{
     ActiveValue::Set, ConnectionTrait, EntityTrait, FromQueryResult, Statement, TransactionTrait,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sieve_shared::ids::ItemId;
-use sieve_shared::messages::ModelRef;
-use sieve_shared::store::{StoreError, image_key, sha256_hex};
-use tokio::sync::mpsc;
+use sieve_shared::store::{Listed, Store, StoreError, image_key, sha256_hex};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::app::Context;
@@ -53,6 +65,7 @@ use crate::dispatch;
 use crate::entities::item::ItemState;
 use crate::entities::label::{self, LabelSource};
 use crate::manifest::{ManifestReader, Row, Target};
+use crate::object_prefix::{self, Prefix};
 use crate::projects::Project;
 
 /// Files read and hashed at once.
@@ -70,8 +83,68 @@ const HASH_INLINE_BYTES: usize = 64 * 1024;
 /// Without a terminal, a progress line is logged this often.
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 
+/// Failures with their reasons passed on to an [`Options::progress`]
+/// watcher (and so kept for an HTTP ingest); the counts cover them all.
+pub const REPORTED_FAILURES: usize = 1000;
+
+/// What to ingest.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Every file under a local folder.
+    Folder(PathBuf),
+    /// A manifest: a local file (rows name paths under `root`, default the
+    /// manifest's directory, or store keys).
+    ManifestFile {
+        path: PathBuf,
+        root: Option<PathBuf>,
+    },
+    /// A manifest stored in sieve's object store: rows name store keys
+    /// (a row naming a path is refused: no server file paths).
+    ManifestInStore { key: String },
+    /// Every object under an object-store prefix.
+    Prefix(Prefix),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Folder(dir) => write!(f, "{}", dir.display()),
+            Source::ManifestFile { path, .. } => write!(f, "manifest {}", path.display()),
+            Source::ManifestInStore { key } => write!(f, "manifest store:{key}"),
+            Source::Prefix(prefix) => write!(f, "{prefix}"),
+        }
+    }
+}
+
+/// How an ingest reports, and what may stop it.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// A progress bar (on a terminal); otherwise a log line per interval.
+    pub terminal: bool,
+    /// Receives the counts, and the first [`REPORTED_FAILURES`] failures,
+    /// after every batch.
+    pub progress: Option<watch::Sender<IngestSummary>>,
+    /// Stops the ingest between batches: jobs of inserted items are still
+    /// published (or left for the sweeper), and it ends with an error.
+    pub cancel: Option<CancellationToken>,
+}
+
+impl Options {
+    pub fn terminal(terminal: bool) -> Self {
+        Self {
+            terminal,
+            ..Self::default()
+        }
+    }
+}
+
+/// The ingest was stopped through [`Options::cancel`].
+#[derive(Debug, thiserror::Error)]
+#[error("the ingest was stopped before its end; run it again to finish (nothing is added twice)")]
+pub struct Stopped;
+
 /// What one ingest did.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct IngestSummary {
     /// Files (folder) or rows (manifest) looked at.
     pub files_seen: u64,
@@ -92,9 +165,17 @@ impl IngestSummary {
     pub fn has_failures(&self) -> bool {
         self.failed > 0 || !self.failures.is_empty()
     }
+
+    /// The counts alone, without the failures.
+    pub fn clone_counts(&self) -> Self {
+        Self {
+            failures: Vec::new(),
+            ..*self
+        }
+    }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FileFailure {
     pub path: String,
     /// The manifest line, for a manifest ingest.
@@ -301,16 +382,23 @@ fn list_files(root: &Root) -> anyhow::Result<Vec<Result<PathBuf, FileFailure>>> 
     Ok(files)
 }
 
-/// The bar on a terminal; otherwise a log line every few seconds.
+/// The bar on a terminal; otherwise a log line every few seconds. And the
+/// counts to a watcher, if there is one.
 struct Progress {
     bar: ProgressBar,
     terminal: bool,
     started: Instant,
     last_log: Instant,
+    watcher: Option<watch::Sender<IngestSummary>>,
+    /// Failures already passed to the watcher.
+    reported: usize,
 }
 
 impl Progress {
-    fn new(total: Option<u64>, terminal: bool) -> Self {
+    /// `total` files when known in advance (a folder); otherwise a
+    /// spinner counting `unit`s (manifest rows, listed objects).
+    fn new(total: Option<u64>, unit: &str, options: &Options) -> Self {
+        let terminal = options.terminal;
         let bar = match (terminal, total) {
             (false, _) => ProgressBar::hidden(),
             (true, Some(total)) => ProgressBar::new(total).with_style(
@@ -320,9 +408,9 @@ impl Progress {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             ),
             (true, None) => ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {pos} rows  {per_sec}  {msg}",
-                )
+                ProgressStyle::with_template(&format!(
+                    "{{spinner}} [{{elapsed_precise}}] {{pos}} {unit}  {{per_sec}}  {{msg}}"
+                ))
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             ),
         };
@@ -332,10 +420,25 @@ impl Progress {
             terminal,
             started: now,
             last_log: now,
+            watcher: options.progress.clone(),
+            reported: 0,
         }
     }
 
     fn advance(&mut self, by: u64, summary: &IngestSummary) {
+        if let Some(watcher) = &self.watcher {
+            let fresh = &summary.failures[self.reported.min(summary.failures.len())..];
+            watcher.send_modify(|shown| {
+                let failures = std::mem::take(&mut shown.failures);
+                *shown = IngestSummary {
+                    failures,
+                    ..summary.clone_counts()
+                };
+                let room = REPORTED_FAILURES.saturating_sub(shown.failures.len());
+                shown.failures.extend(fresh.iter().take(room).cloned());
+            });
+            self.reported = summary.failures.len();
+        }
         self.bar.inc(by);
         self.bar.set_message(format!(
             "new {} · duplicate {} · failed {}",
@@ -435,19 +538,12 @@ async fn insert_items(
 
 /// The publishing stage: each inserted batch's jobs go out in a task of
 /// their own, at most [`PUBLISHES_IN_FLIGHT`] at once.
+#[derive(Default)]
 struct Publishing {
-    model: Option<ModelRef>,
     tasks: JoinSet<anyhow::Result<usize>>,
 }
 
 impl Publishing {
-    fn new(model: Option<ModelRef>) -> Self {
-        Self {
-            model,
-            tasks: JoinSet::new(),
-        }
-    }
-
     async fn start(
         &mut self,
         ctx: &Context,
@@ -455,9 +551,6 @@ impl Publishing {
         items: Vec<(Uuid, String)>,
         summary: &mut IngestSummary,
     ) -> anyhow::Result<()> {
-        let Some(model) = self.model.clone() else {
-            return Ok(());
-        };
         if items.is_empty() {
             return Ok(());
         }
@@ -465,8 +558,15 @@ impl Publishing {
             self.join_one(summary).await?;
         }
         let (ctx, project) = (ctx.clone(), project.clone());
-        self.tasks
-            .spawn(async move { dispatch::publish_jobs(&ctx, &project, &model, &items).await });
+        self.tasks.spawn(async move {
+            // Read now, after the insert committed, not at the start of the
+            // ingest: see the module comment. Without a model the items
+            // wait (`dispatched_at` NULL) for the first activation.
+            match dispatch::current_model(&ctx, project.id).await? {
+                Some(model) => dispatch::publish_jobs(&ctx, &project, &model, &items).await,
+                None => Ok(0),
+            }
+        });
         Ok(())
     }
 
@@ -602,10 +702,11 @@ async fn ingest_batch(
     publishing.start(ctx, project, to_dispatch, summary).await
 }
 
-fn finished(project: &Project, summary: &IngestSummary) {
+fn finished(project: &Project, source: &Source, summary: &IngestSummary) {
     metrics::counter!("sieve_items_ingested_total").increment(summary.new_items);
     tracing::info!(
         project = %project.name,
+        source = %source,
         seen = summary.files_seen,
         new = summary.new_items,
         duplicates = summary.duplicates,
@@ -618,7 +719,7 @@ fn finished(project: &Project, summary: &IngestSummary) {
 
 /// A checked batch on its way from the reading stage to the insert.
 struct Batch {
-    /// Files or manifest rows it covers (for progress).
+    /// Files, objects or manifest rows it covers (for progress).
     rows: u64,
     entries: Vec<Entry>,
     /// Malformed manifest rows and refused labels.
@@ -627,41 +728,57 @@ struct Batch {
     malformed: u64,
 }
 
-/// Insert each batch the reading stage sends, publishing as they land;
-/// returns when the reader is done and every publish confirmed.
-async fn consume_batches(
-    ctx: &Context,
-    project: &Project,
-    mut batches: mpsc::Receiver<anyhow::Result<Batch>>,
-    reader: tokio::task::JoinHandle<()>,
-    mut progress: Progress,
-) -> anyhow::Result<IngestSummary> {
-    // Aborts the reading stage if this returns early with an error.
-    struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            if let Some(task) = &self.0 {
-                task.abort();
-            }
+impl Batch {
+    fn of(entries: Vec<Entry>) -> Self {
+        Self {
+            rows: entries.len() as u64,
+            entries,
+            failures: Vec::new(),
+            malformed: 0,
         }
     }
-    let mut reader = AbortOnDrop(Some(reader));
-    let mut publishing = Publishing::new(dispatch::active_model(ctx, project).await?);
-    let mut summary = IngestSummary::default();
-    while let Some(batch) = batches.recv().await {
-        let batch = batch?;
-        summary.files_seen += batch.malformed;
-        summary.failed += batch.malformed;
-        summary.failures.extend(batch.failures);
-        ingest_batch(ctx, project, &mut publishing, batch.entries, &mut summary).await?;
-        progress.advance(batch.rows, &summary);
-    }
-    publishing.finish(&mut summary).await?;
-    // A reading stage that panicked closed the channel early: not an end.
-    if let Some(task) = reader.0.take() {
-        task.await.context("the reading stage of ingest failed")?;
-    }
-    progress.finish();
+}
+
+/// Where a reading stage sends its batches; an error ends the ingest.
+type Batches = mpsc::Sender<anyhow::Result<Batch>>;
+
+/// Ingest `source` into `project`: the one entry point behind the CLI, the
+/// HTTP API, the demo and the benchmark.
+pub async fn ingest(
+    ctx: &Context,
+    project: &Project,
+    source: &Source,
+    options: &Options,
+) -> anyhow::Result<IngestSummary> {
+    let summary = match source {
+        Source::Folder(dir) => folder(ctx, project, dir, options).await?,
+        Source::ManifestFile { path, root } => {
+            let max_line = max_line_bytes(ctx);
+            let reader = ManifestReader::open(path, max_line)?;
+            let root = match root {
+                Some(dir) => Root::new(dir)?,
+                None => {
+                    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+                    Root::new(parent.unwrap_or(Path::new(".")))?
+                }
+            };
+            manifest(
+                ctx,
+                project,
+                reader,
+                Some(root),
+                path.display().to_string(),
+                options,
+            )
+            .await?
+        }
+        Source::ManifestInStore { key } => {
+            let reader = stored_manifest(ctx, key).await?;
+            manifest(ctx, project, reader, None, format!("store:{key}"), options).await?
+        }
+        Source::Prefix(prefix) => prefix_objects(ctx, project, prefix, options).await?,
+    };
+    finished(project, source, &summary);
     Ok(summary)
 }
 
@@ -672,39 +789,121 @@ pub async fn ingest_folder(
     root: &Path,
     show_progress: bool,
 ) -> anyhow::Result<IngestSummary> {
+    let source = Source::Folder(root.to_owned());
+    ingest(ctx, project, &source, &Options::terminal(show_progress)).await
+}
+
+/// Ingest the images a manifest names into `project`. Paths are relative to
+/// `root` (default: the manifest's directory). A file that is not a
+/// manifest is refused before anything is written; a bad row is reported
+/// with its line number and the rest goes on.
+pub async fn ingest_manifest(
+    ctx: &Context,
+    project: &Project,
+    manifest: &Path,
+    root: Option<&Path>,
+    show_progress: bool,
+) -> anyhow::Result<IngestSummary> {
+    let source = Source::ManifestFile {
+        path: manifest.to_owned(),
+        root: root.map(Path::to_owned),
+    };
+    ingest(ctx, project, &source, &Options::terminal(show_progress)).await
+}
+
+/// The pipeline every source shares: `read` sends checked batches (it
+/// runs as a task of its own, a few batches ahead); each is inserted and
+/// its jobs published as it lands. Returns when the reader is done and
+/// every publish confirmed.
+async fn pipeline<F, Fut>(
+    ctx: &Context,
+    project: &Project,
+    mut progress: Progress,
+    options: &Options,
+    read: F,
+) -> anyhow::Result<IngestSummary>
+where
+    F: FnOnce(Batches) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    // Aborts the reading stage if this returns early.
+    struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            if let Some(task) = &self.0 {
+                task.abort();
+            }
+        }
+    }
+    let (send, mut batches) = mpsc::channel(BATCHES_AHEAD);
+    let mut reader = AbortOnDrop(Some(tokio::spawn(read(send))));
+    let cancel = options.cancel.clone().unwrap_or_default();
+    let mut publishing = Publishing::default();
+    let mut summary = IngestSummary::default();
+    let mut stopped = false;
+    loop {
+        let batch = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                stopped = true;
+                break;
+            }
+            batch = batches.recv() => batch,
+        };
+        let Some(batch) = batch else { break };
+        let batch = batch?;
+        summary.files_seen += batch.malformed;
+        summary.failed += batch.malformed;
+        summary.failures.extend(batch.failures);
+        ingest_batch(ctx, project, &mut publishing, batch.entries, &mut summary).await?;
+        progress.advance(batch.rows, &summary);
+    }
+    // What was inserted is published even when stopped.
+    publishing.finish(&mut summary).await?;
+    progress.advance(0, &summary);
+    progress.finish();
+    if stopped {
+        return Err(Stopped.into());
+    }
+    // A reading stage that panicked closed the channel early: not an end.
+    if let Some(task) = reader.0.take() {
+        task.await.context("the reading stage of ingest failed")?;
+    }
+    Ok(summary)
+}
+
+fn max_line_bytes(ctx: &Context) -> usize {
+    usize::try_from(ctx.settings.ingest.max_line_bytes).unwrap_or(usize::MAX)
+}
+
+async fn folder(
+    ctx: &Context,
+    project: &Project,
+    root: &Path,
+    options: &Options,
+) -> anyhow::Result<IngestSummary> {
     let root = Root::new(root)?;
     let files = list_files(&root)?;
-    let progress = Progress::new(Some(files.len() as u64), show_progress);
+    let progress = Progress::new(Some(files.len() as u64), "files", options);
     let batch_size = ctx.settings.ingest.batch_size.max(1);
-
-    let (send, batches) = mpsc::channel(BATCHES_AHEAD);
-    let reader = {
-        let (ctx, project) = (ctx.clone(), project.clone());
-        tokio::spawn(async move {
-            for chunk in files.chunks(batch_size) {
-                let entries = futures_util::stream::iter(chunk.iter().cloned())
-                    .map(|file| folder_entry(&ctx, &project, file))
-                    .buffered(READ_CONCURRENCY)
-                    .collect::<Vec<_>>()
-                    .await
-                    .into_iter()
-                    .collect::<anyhow::Result<Vec<Entry>>>()
-                    .map(|entries| Batch {
-                        rows: entries.len() as u64,
-                        entries,
-                        failures: Vec::new(),
-                        malformed: 0,
-                    });
-                let failed = entries.is_err();
-                if send.send(entries).await.is_err() || failed {
-                    return;
-                }
+    let (ctx2, project2) = (ctx.clone(), project.clone());
+    pipeline(ctx, project, progress, options, move |send| async move {
+        for chunk in files.chunks(batch_size) {
+            let entries = futures_util::stream::iter(chunk.iter().cloned())
+                .map(|file| folder_entry(&ctx2, &project2, file))
+                .buffered(READ_CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<anyhow::Result<Vec<Entry>>>()
+                .map(Batch::of);
+            let failed = entries.is_err();
+            if send.send(entries).await.is_err() || failed {
+                return;
             }
-        })
-    };
-    let summary = consume_batches(ctx, project, batches, reader, progress).await?;
-    finished(project, &summary);
-    Ok(summary)
+        }
+    })
+    .await
 }
 
 async fn folder_entry(
@@ -734,16 +933,59 @@ async fn folder_entry(
     })
 }
 
+/// Hash and check bytes that are already in memory: small ones here,
+/// larger ones on a blocking thread.
+async fn check_bytes(bytes: Bytes, max_pixels: u64) -> anyhow::Result<(Checked, Option<Bytes>)> {
+    if bytes.len() <= HASH_INLINE_BYTES {
+        return Ok(Checked::from_bytes(bytes, max_pixels));
+    }
+    tokio::task::spawn_blocking(move || Checked::from_bytes(bytes, max_pixels))
+        .await
+        .context("hash task panicked")
+}
+
+/// Read and check an object of a store; a missing or forbidden object is
+/// that object's failure, a backend that keeps failing (after the client's
+/// retries) is the ingest's.
+async fn read_object(
+    ctx: &Context,
+    store: &Store,
+    key: &str,
+    size: Option<u64>,
+) -> anyhow::Result<(Checked, Option<Bytes>)> {
+    let max_bytes = ctx.settings.ingest.max_file_bytes;
+    if let Some(reason) = size.and_then(|size| too_big(size, max_bytes)) {
+        return Ok((Checked::Unreadable { reason }, None));
+    }
+    let unreadable = |reason: String| Ok((Checked::Unreadable { reason }, None));
+    match store.get(key).await {
+        Ok(bytes) => match too_big(bytes.len() as u64, max_bytes) {
+            Some(reason) => unreadable(reason),
+            None => check_bytes(bytes, ctx.settings.ingest.max_pixels).await,
+        },
+        Err(err @ (StoreError::NotFound(_) | StoreError::InvalidKey { .. })) => {
+            unreadable(err.to_string())
+        }
+        Err(StoreError::Backend {
+            source:
+                source @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ..
+        }) => unreadable(format!("cannot read: {source}")),
+        Err(err) => Err(err).with_context(|| format!("reading {key} from the object store")),
+    }
+}
+
 /// Read and check what one manifest row points at; a label that is not
 /// one of the project's classes comes back as a failure beside the entry.
+/// Without a `root` (a manifest in the store) a row naming a path is
+/// refused.
 async fn check_row(
     ctx: &Context,
     project: &Project,
-    root: &Root,
+    root: Option<&Root>,
     row: Row,
 ) -> anyhow::Result<(Entry, Option<FileFailure>)> {
-    let max_pixels = ctx.settings.ingest.max_pixels;
-    let max_bytes = ctx.settings.ingest.max_file_bytes;
     let mut refused = None;
     let label = match &row.label {
         None => None,
@@ -762,8 +1004,8 @@ async fn check_row(
             }
         },
     };
-    let (object_key, checked) = match &row.target {
-        Target::Path(path) => {
+    let (object_key, checked) = match (&row.target, root) {
+        (Target::Path(path), Some(root)) => {
             let root = root.clone();
             let path = PathBuf::from(path);
             let resolved = tokio::task::spawn_blocking(move || root.resolve(&path))
@@ -775,26 +1017,15 @@ async fn check_row(
             };
             (None, checked)
         }
-        Target::Key(key) => {
-            let checked = match ctx.store.get(key).await {
-                Ok(bytes) => match too_big(bytes.len() as u64, max_bytes) {
-                    Some(reason) => Checked::Unreadable { reason },
-                    // Already stored: only hashed and checked.
-                    None if bytes.len() <= HASH_INLINE_BYTES => {
-                        Checked::from_bytes(bytes, max_pixels).0
-                    }
-                    None => tokio::task::spawn_blocking(move || {
-                        Checked::from_bytes(bytes, max_pixels).0
-                    })
-                    .await
-                    .context("hash task panicked")?,
-                },
-                Err(err @ (StoreError::NotFound(_) | StoreError::InvalidKey { .. })) => {
-                    Checked::Unreadable {
-                        reason: err.to_string(),
-                    }
-                }
-                Err(err) => return Err(err).context("reading the object store"),
+        (Target::Path(_), None) => {
+            let reason = "a manifest in the object store names images by `key`; a `path` is refused (no server file paths)".to_owned();
+            (None, Checked::Unreadable { reason })
+        }
+        (Target::Key(key), _) => {
+            let checked = match object_prefix::refuse_key(key) {
+                Some(reason) => Checked::Unreadable { reason },
+                // Already stored: only hashed and checked.
+                None => read_object(ctx, &ctx.store, key, None).await?.0,
             };
             (Some(key.clone()), checked)
         }
@@ -814,58 +1045,71 @@ async fn check_row(
     Ok((entry, refused))
 }
 
-/// Ingest the images a manifest names into `project`. Paths are relative to
-/// `root` (default: the manifest's directory). A file that is not a
-/// manifest is refused before anything is written; a bad row is reported
-/// with its line number and the rest goes on.
-pub async fn ingest_manifest(
+/// A manifest stored in sieve's store, opened for streaming: its bytes are
+/// read as the rows are, never held whole.
+async fn stored_manifest(ctx: &Context, key: &str) -> anyhow::Result<ManifestReader> {
+    if let Some(reason) = object_prefix::refuse_key(key) {
+        anyhow::bail!("manifest store:{key}: {reason}");
+    }
+    let stream = ctx
+        .store
+        .get_stream(key)
+        .await
+        .with_context(|| format!("opening manifest store:{key}"))?
+        .map_err(std::io::Error::other);
+    let bytes = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let name = PathBuf::from(format!("store:{key}"));
+    let max_line = max_line_bytes(ctx);
+    let reader = tokio::task::spawn_blocking(move || {
+        ManifestReader::from_reader(&name, Box::new(std::io::BufReader::new(bytes)), max_line)
+    })
+    .await
+    .context("manifest read task panicked")??;
+    Ok(reader)
+}
+
+/// Ingest the images a manifest names; a bad row is reported with its line
+/// number and the rest goes on.
+async fn manifest(
     ctx: &Context,
     project: &Project,
-    manifest: &Path,
-    root: Option<&Path>,
-    show_progress: bool,
+    reader: ManifestReader,
+    root: Option<Root>,
+    manifest_name: String,
+    options: &Options,
 ) -> anyhow::Result<IngestSummary> {
-    let max_line = usize::try_from(ctx.settings.ingest.max_line_bytes).unwrap_or(usize::MAX);
-    let reader = ManifestReader::open(manifest, max_line)?;
-    let root = match root {
-        Some(dir) => Root::new(dir)?,
-        None => {
-            let parent = manifest.parent().filter(|p| !p.as_os_str().is_empty());
-            Root::new(parent.unwrap_or(Path::new(".")))?
-        }
-    };
     let batch_size = ctx.settings.ingest.batch_size.max(1);
-    let progress = Progress::new(None, show_progress);
-    let manifest_name = manifest.display().to_string();
-
-    let (send, batches) = mpsc::channel(BATCHES_AHEAD);
-    let reading = {
-        let (ctx, project) = (ctx.clone(), project.clone());
-        tokio::spawn(async move {
-            let mut reader = reader;
-            loop {
-                let batch =
-                    read_manifest_batch(&ctx, &project, &root, reader, batch_size, &manifest_name)
-                        .await;
-                let (batch, back) = match batch {
-                    Ok((Some(batch), back)) => (Ok(batch), Some(back)),
-                    Ok((None, _)) => return,
-                    Err(err) => (Err(err), None),
-                };
-                if send.send(batch).await.is_err() {
-                    return;
-                }
-                match back {
-                    Some(back) => reader = back,
-                    None => return,
-                }
+    let progress = Progress::new(None, "rows", options);
+    let (ctx2, project2) = (ctx.clone(), project.clone());
+    let mut summary = pipeline(ctx, project, progress, options, move |send| async move {
+        let mut reader = reader;
+        loop {
+            let batch = read_manifest_batch(
+                &ctx2,
+                &project2,
+                root.as_ref(),
+                reader,
+                batch_size,
+                &manifest_name,
+            )
+            .await;
+            let (batch, back) = match batch {
+                Ok((Some(batch), back)) => (Ok(batch), Some(back)),
+                Ok((None, _)) => return,
+                Err(err) => (Err(err), None),
+            };
+            if send.send(batch).await.is_err() {
+                return;
             }
-        })
-    };
-    let mut summary = consume_batches(ctx, project, batches, reading, progress).await?;
+            match back {
+                Some(back) => reader = back,
+                None => return,
+            }
+        }
+    })
+    .await?;
     // Malformed rows were reported before the batch's other failures.
     summary.failures.sort_by_key(|f| f.line);
-    finished(project, &summary);
     Ok(summary)
 }
 
@@ -874,7 +1118,7 @@ pub async fn ingest_manifest(
 async fn read_manifest_batch(
     ctx: &Context,
     project: &Project,
-    root: &Root,
+    root: Option<&Root>,
     reader: ManifestReader,
     batch_size: usize,
     manifest_name: &str,
@@ -922,6 +1166,85 @@ async fn read_manifest_batch(
         batch.entries.push(entry);
     }
     Ok((Some(batch), reader))
+}
+
+/// Ingest every object under an object-store prefix: listed as a stream,
+/// read a batch at a time with bounded concurrency.
+async fn prefix_objects(
+    ctx: &Context,
+    project: &Project,
+    prefix: &Prefix,
+    options: &Options,
+) -> anyhow::Result<IngestSummary> {
+    let store = prefix.open(ctx)?;
+    let progress = Progress::new(None, "objects", options);
+    let batch_size = ctx.settings.ingest.batch_size.max(1);
+    let (ctx2, project2, prefix2) = (ctx.clone(), project.clone(), prefix.clone());
+    pipeline(ctx, project, progress, options, move |send| async move {
+        let mut listing = store.list(prefix2.prefix()).chunks(batch_size);
+        while let Some(chunk) = listing.next().await {
+            let batch = async {
+                let listed = chunk
+                    .into_iter()
+                    .collect::<Result<Vec<Listed>, StoreError>>()
+                    .with_context(|| format!("listing {prefix2}"))?;
+                let entries = futures_util::stream::iter(listed)
+                    // The marker object some tools make for a "folder".
+                    .filter(|l| std::future::ready(!(l.size == 0 && l.key == prefix2.prefix())))
+                    .map(|l| object_entry(&ctx2, &project2, &store, &prefix2, l))
+                    .buffered(READ_CONCURRENCY)
+                    .try_collect::<Vec<Entry>>()
+                    .await?;
+                anyhow::Ok(Batch::of(entries))
+            }
+            .await;
+            let failed = batch.is_err();
+            if send.send(batch).await.is_err() || failed {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// Read and check one listed object; an image from outside sieve's store
+/// is copied into it under its content-addressed key.
+async fn object_entry(
+    ctx: &Context,
+    project: &Project,
+    store: &Store,
+    prefix: &Prefix,
+    listed: Listed,
+) -> anyhow::Result<Entry> {
+    let name = prefix.name_of(&listed.key);
+    let refused = if prefix.is_external() {
+        Store::check_key(&listed.key).err().map(|e| e.to_string())
+    } else {
+        object_prefix::refuse_key(&listed.key)
+    };
+    let checked = match refused {
+        Some(reason) => Checked::Unreadable { reason },
+        None => {
+            let (checked, bytes) = read_object(ctx, store, &listed.key, Some(listed.size)).await?;
+            if let (true, Checked::Image { hash, .. }, Some(bytes)) =
+                (prefix.is_external(), &checked, bytes)
+            {
+                ctx.store
+                    .put(&image_key(&project.id.to_string(), hash), bytes)
+                    .await?;
+            }
+            checked
+        }
+    };
+    Ok(Entry {
+        source: name.clone(),
+        // Sieve's own objects stay where they are; copies are content-addressed.
+        object_key: (!prefix.is_external()).then_some(listed.key),
+        checked,
+        label: None,
+        path: name,
+        line: None,
+    })
 }
 
 #[cfg(test)]

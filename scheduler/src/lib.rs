@@ -7,7 +7,10 @@
 //! - [`http`]: `/api/v1`, `/healthz`, `/metrics`.
 //! - [`projects`], [`policy`], [`calibration`]: projects, their classes, the
 //!   routing policy and its thresholds calibrated to a target accuracy.
-//! - [`ingest`]: image files into items; [`dispatch`]: items into jobs.
+//! - [`ingest`]: images into items (folders, manifests, object-store
+//!   prefixes: [`manifest`], [`object_prefix`]); [`ingest_runs`]: ingests
+//!   started over HTTP, their progress in PostgreSQL; [`dispatch`]: items
+//!   into jobs, pause / resume / rate limit / priority.
 //! - [`results`]: the result consumer that stores predictions and routes.
 //! - [`review`]: the review queue (claims, leases, fencing tokens).
 //! - [`training`]: snapshots, training runs and their events
@@ -40,8 +43,10 @@ pub mod failed;
 pub mod fashion_mnist;
 pub mod http;
 pub mod ingest;
+pub mod ingest_runs;
 pub mod manifest;
 pub mod models;
+pub mod object_prefix;
 pub mod policy;
 pub mod projects;
 pub mod report;

@@ -88,7 +88,8 @@ enum RawLine {
 }
 
 pub struct ManifestReader {
-    reader: BufReader<File>,
+    /// A local file, or a stored object's bytes as they arrive.
+    reader: Box<dyn BufRead + Send>,
     format: Format,
     columns: Option<CsvColumns>,
     line: u64,
@@ -101,6 +102,21 @@ pub struct ManifestReader {
 impl ManifestReader {
     /// Open `path` and check its format from the first line.
     pub fn open(path: &Path, max_line_bytes: usize) -> Result<Self, ManifestError> {
+        let file = File::open(path).map_err(|source| ManifestError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_reader(path, Box::new(BufReader::new(file)), max_line_bytes)
+    }
+
+    /// A manifest read from `reader` (blocking reads: call it off the async
+    /// runtime); `path` names it in messages and its extension hints at the
+    /// format. The format is checked from the first line.
+    pub fn from_reader(
+        path: &Path,
+        reader: Box<dyn BufRead + Send>,
+        max_line_bytes: usize,
+    ) -> Result<Self, ManifestError> {
         let io = |source| ManifestError::Io {
             path: path.to_owned(),
             source,
@@ -109,9 +125,8 @@ impl ManifestReader {
             path: path.to_owned(),
             reason,
         };
-        let file = File::open(path).map_err(io)?;
         let mut reader = Self {
-            reader: BufReader::new(file),
+            reader,
             format: Format::Csv,
             columns: None,
             line: 0,

@@ -137,6 +137,42 @@ async fn every_endpoint_by_every_role() {
                 serde_json::Value::Null,
                 Action::Operate,
             ),
+            (
+                "POST",
+                format!("/api/v1/projects/{p}/ingest"),
+                serde_json::json!({"prefix": "store:nothing/here"}),
+                Action::Operate,
+            ),
+            (
+                "GET",
+                format!("/api/v1/ingests/{}", uuid::Uuid::now_v7()),
+                serde_json::Value::Null,
+                Action::Operate,
+            ),
+            (
+                "POST",
+                format!("/api/v1/projects/{p}/pause"),
+                serde_json::Value::Null,
+                Action::Operate,
+            ),
+            (
+                "POST",
+                format!("/api/v1/projects/{p}/resume"),
+                serde_json::Value::Null,
+                Action::Operate,
+            ),
+            (
+                "GET",
+                format!("/api/v1/projects/{p}/dispatch"),
+                serde_json::Value::Null,
+                Action::Read,
+            ),
+            (
+                "PUT",
+                format!("/api/v1/projects/{p}/dispatch"),
+                serde_json::json!({"priority": 1}),
+                Action::Operate,
+            ),
         ];
 
         let mut tokens = Vec::new();
@@ -230,7 +266,37 @@ async fn scoped_tokens_act_only_on_their_project() {
         let reviewer = scoped("scoped-reviewer", Role::Reviewer).await;
         let ml = scoped("scoped-ml", Role::Ml).await;
         let admin = scoped("scoped-admin", Role::Admin).await;
+        let ops = scoped("scoped-ops", Role::Ops).await;
         let global = app.token("global-admin", Role::Admin).await;
+        // An ingest of each project, started by a global token.
+        let ingest_of = |project: &'static str| {
+            let (app, global) = (app.clone(), global.clone());
+            async move {
+                let (status, run) = app
+                    .post(
+                        &format!("/api/v1/projects/{project}/ingest"),
+                        &global,
+                        json!({"prefix": "store:nothing/here"}),
+                    )
+                    .await;
+                assert_eq!(status, 202, "{run}");
+                run["id"].as_str().unwrap().to_owned()
+            }
+        };
+        let my_ingest = ingest_of("mine").await;
+        let their_ingest = ingest_of("theirs").await;
+        assert_eq!(
+            app.get(&format!("/api/v1/ingests/{my_ingest}"), &ops)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            app.post("/api/v1/projects/mine/pause", &ops, Value::Null)
+                .await
+                .0,
+            200
+        );
 
         // Its own project works as for any token of its role.
         let (status, claimed) = app
@@ -339,6 +405,42 @@ async fn scoped_tokens_act_only_on_their_project() {
                 Value::Null,
                 &reviewer,
             ),
+            (
+                "POST",
+                "/api/v1/projects/theirs/ingest".to_owned(),
+                json!({"prefix": "store:nothing/here"}),
+                &ops,
+            ),
+            (
+                "GET",
+                format!("/api/v1/ingests/{their_ingest}"),
+                Value::Null,
+                &ops,
+            ),
+            (
+                "POST",
+                "/api/v1/projects/theirs/pause".to_owned(),
+                Value::Null,
+                &ops,
+            ),
+            (
+                "POST",
+                "/api/v1/projects/theirs/resume".to_owned(),
+                Value::Null,
+                &admin,
+            ),
+            (
+                "GET",
+                "/api/v1/projects/theirs/dispatch".to_owned(),
+                Value::Null,
+                &reviewer,
+            ),
+            (
+                "PUT",
+                "/api/v1/projects/theirs/dispatch".to_owned(),
+                json!({"priority": 2}),
+                &ops,
+            ),
         ] {
             let mut request = match method {
                 "GET" => app.http.get(app.url(&path)),
@@ -355,7 +457,20 @@ async fn scoped_tokens_act_only_on_their_project() {
             assert_eq!(status, 404, "{method} {path}: {answer}");
             assert_eq!(answer["error"]["code"], "not_found", "{method} {path}");
         }
-        // The same 404 as a project that does not exist: nothing to learn.
+        // The same 404 as an ingest or a project that does not exist:
+        // nothing to learn.
+        let nobody = uuid::Uuid::now_v7();
+        let (_, missing) = app.get(&format!("/api/v1/ingests/{nobody}"), &ops).await;
+        let (_, hidden) = app
+            .get(&format!("/api/v1/ingests/{their_ingest}"), &ops)
+            .await;
+        assert_eq!(
+            missing["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace(&nobody.to_string(), &their_ingest),
+            hidden["error"]["message"].as_str().unwrap()
+        );
         let (_, missing) = app
             .post("/api/v1/projects/nowhere/review/next", &reviewer, json!({}))
             .await;

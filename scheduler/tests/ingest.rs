@@ -1,6 +1,7 @@
-//! Folder and manifest ingest on the real PostgreSQL and RabbitMQ: each test
-//! with its own database, queue prefix and store directory. No worker runs,
-//! so the prelabel queue's depth is the number of jobs ingest published.
+//! Folder, manifest and store-prefix ingest on the real PostgreSQL and
+//! RabbitMQ: each test with its own database, queue prefix and store
+//! directory. No worker runs, so the prelabel queue's depth is the number
+//! of jobs ingest published.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,6 +17,7 @@ use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::project as project_entity;
 use sieve_scheduler::ingest::{self, IngestSummary};
+use sieve_scheduler::object_prefix::Prefix;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_shared::Settings;
@@ -400,5 +402,96 @@ async fn folder_ingest_refuses_escaping_symlinks_and_keeps_failed_items() {
     );
     assert_eq!(env.items().await.len(), 4);
     assert_eq!(env.jobs(2).await, 2);
+    env.teardown().await;
+}
+
+/// The "local object-store prefix": every object under a prefix of
+/// sieve's own store, by whole segments; items point at the objects where
+/// they are; a second run adds nothing; bad objects are reported.
+#[tokio::test]
+async fn a_store_prefix_is_ingested_once_and_its_bad_objects_are_reported() {
+    let env = Env::start(64 * 1024).await;
+    for (key, bytes) in [
+        ("incoming/batch1/a.png", png(1)),
+        ("incoming/batch1/sub/b.png", png(2)),
+        ("incoming/batch1/c.png", png(3)),
+        ("incoming/batch1/copy-of-a.png", png(1)),
+        ("incoming/batch1/notes.txt", b"not an image".to_vec()),
+        ("incoming/batch1/empty.png", Vec::new()),
+        // Outside the prefix: a longer name, a sibling, sieve's own area.
+        ("incoming/batch10/x.png", png(9)),
+        ("incoming/y.png", png(8)),
+        ("projects/other/images/ab/abc", png(7)),
+    ] {
+        env.ctx.store.put(key, bytes.into()).await.unwrap();
+    }
+    let source = ingest::Source::Prefix(Prefix::parse("store:incoming/batch1/").unwrap());
+    let options = ingest::Options::default();
+
+    let first = ingest::ingest(&env.ctx, &env.project, &source, &options)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            first.files_seen,
+            first.new_items,
+            first.duplicates,
+            first.failed,
+            first.dispatched
+        ),
+        (6, 3, 1, 2, 3),
+        "{first:?}"
+    );
+    let reason = |name: &str| {
+        first
+            .failures
+            .iter()
+            .find(|f| f.path.ends_with(name))
+            .unwrap_or_else(|| panic!("no failure for {name}: {:?}", first.failures))
+            .reason
+            .clone()
+    };
+    assert_eq!(
+        reason("notes.txt"),
+        "not an image (unknown format)",
+        "{:?}",
+        first.failures
+    );
+    assert!(reason("empty.png").contains("zero bytes"));
+    assert_eq!(first.failures.len(), 2);
+    let items = env.items().await;
+    assert_eq!(items.len(), 5);
+    assert!(
+        items
+            .iter()
+            .all(|i| i.source.starts_with("store:incoming/batch1/")),
+        "nothing from outside the prefix"
+    );
+    // In sieve's store already: the item points at the object itself.
+    let b = env.item("store:incoming/batch1/sub/b.png").await;
+    assert_eq!(b.object_key, "incoming/batch1/sub/b.png");
+    assert_eq!(b.state, ItemState::Queued);
+    let notes = env.item("store:incoming/batch1/notes.txt").await;
+    assert_eq!(notes.state, ItemState::Failed);
+    assert!(notes.last_error.unwrap().contains("not an image"));
+    assert_eq!(env.jobs(3).await, 3);
+
+    let again = ingest::ingest(&env.ctx, &env.project, &source, &options)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.new_items, again.duplicates, again.dispatched),
+        (0, 6, 0),
+        "{again:?}"
+    );
+    assert_eq!(env.items().await.len(), 5);
+    assert_eq!(env.jobs(3).await, 3);
+
+    // A prefix with nothing under it is an empty ingest, not an error.
+    let none = ingest::Source::Prefix(Prefix::parse("store:nothing/here").unwrap());
+    let empty = ingest::ingest(&env.ctx, &env.project, &none, &options)
+        .await
+        .unwrap();
+    assert_eq!(empty.files_seen, 0);
     env.teardown().await;
 }

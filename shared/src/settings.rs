@@ -19,6 +19,7 @@ pub struct Settings {
     pub broker: BrokerSettings,
     pub redis: RedisSettings,
     pub store: StoreSettings,
+    pub s3: S3Settings,
     pub http: HttpSettings,
     pub ingest: IngestSettings,
     pub review: ReviewSettings,
@@ -116,6 +117,62 @@ impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             root: PathBuf::from("sieve-data"),
+        }
+    }
+}
+
+/// A value that must never be shown: `Debug` and serialization print
+/// `[redacted]`; only [`Secret::expose`] gives it out, where it is used.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
+}
+
+/// An S3-compatible service that `sieve ingest s3://BUCKET/PREFIX` reads
+/// from (AWS, MinIO, ...). Only ingest uses it: the images are copied into
+/// sieve's own store, which workers read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Settings {
+    /// The service's URL (MinIO: `http://minio:9000`); unset: AWS itself.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// With `secret_access_key`; both unset: the instance's credentials.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    /// Allow a plain `http://` endpoint (a local MinIO).
+    pub allow_http: bool,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: "us-east-1".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
         }
     }
 }
@@ -280,6 +337,22 @@ mod tests {
                 s.review.lease_seconds, 300,
                 "untouched settings keep defaults"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_load_but_never_show() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SIEVE_S3__SECRET_ACCESS_KEY", "hunter2-very-secret");
+            jail.set_env("SIEVE_S3__ALLOW_HTTP", "true");
+            let s = Settings::load(None).expect("load");
+            let secret = s.s3.secret_access_key.as_ref().expect("set");
+            assert_eq!(secret.expose(), "hunter2-very-secret");
+            assert!(s.s3.allow_http);
+            let shown = format!("{s:?} {}", serde_json::to_string(&s).expect("json"));
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("[redacted]"));
             Ok(())
         });
     }

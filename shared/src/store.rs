@@ -8,6 +8,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -43,6 +45,13 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
 }
 
+/// An object found by [`Store::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+}
+
 impl Store {
     pub fn open(settings: &StoreSettings) -> Result<Self, StoreError> {
         let raw = settings.root.to_string_lossy();
@@ -56,6 +65,18 @@ impl Store {
         Ok(Self {
             inner: Arc::new(local),
         })
+    }
+
+    /// A store over any `object_store` backend (an S3 bucket that ingest
+    /// reads from, say).
+    pub fn from_backend(inner: Arc<dyn ObjectStore>) -> Self {
+        Self { inner }
+    }
+
+    /// Whether `key` may name an object: relative, without `.`, `..` or
+    /// empty segments, and valid for the backend.
+    pub fn check_key(key: &str) -> Result<(), StoreError> {
+        Self::path(key).map(|_| ())
     }
 
     fn path(key: &str) -> Result<ObjectPath, StoreError> {
@@ -106,6 +127,60 @@ impl Store {
             .await
             .map_err(backend)
     }
+
+    /// An object's bytes as they arrive, for reading a large object (a
+    /// manifest) without holding it whole.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        let path = Self::path(key)?;
+        let owned = key.to_owned();
+        let found = self.inner.get(&path).await.map_err(|source| match source {
+            object_store::Error::NotFound { .. } => StoreError::NotFound(owned.clone()),
+            source => StoreError::Backend {
+                key: owned.clone(),
+                source,
+            },
+        })?;
+        Ok(found
+            .into_stream()
+            .map_err(move |source| StoreError::Backend {
+                key: owned.clone(),
+                source,
+            })
+            .boxed())
+    }
+
+    /// Every object under `prefix` (whole segments: `a/b` holds `a/b/c`,
+    /// not `a/bc`), as a stream: the backend pages through the listing, so
+    /// memory does not grow with its length. The order is the backend's.
+    pub fn list(&self, prefix: &str) -> BoxStream<'static, Result<Listed, StoreError>> {
+        let path = match ObjectPath::parse(prefix) {
+            Ok(path) => path,
+            Err(err) => {
+                let err = StoreError::InvalidKey {
+                    key: prefix.to_owned(),
+                    reason: err.to_string(),
+                };
+                return futures_util::stream::once(async move { Err(err) }).boxed();
+            }
+        };
+        let owned = prefix.to_owned();
+        self.inner
+            .list(Some(&path))
+            .map(move |listed| match listed {
+                Ok(meta) => Ok(Listed {
+                    key: meta.location.to_string(),
+                    size: meta.size,
+                }),
+                Err(source) => Err(StoreError::Backend {
+                    key: owned.clone(),
+                    source,
+                }),
+            })
+            .boxed()
+    }
 }
 
 /// Hex SHA-256 of some bytes: item identity and artifact checksums.
@@ -153,6 +228,41 @@ mod tests {
             let err = store.get(key).await.expect_err(key);
             assert!(matches!(err, StoreError::InvalidKey { .. }), "{key}: {err}");
         }
+    }
+
+    #[tokio::test]
+    async fn lists_a_prefix_by_whole_segments_and_streams_objects() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreSettings {
+            root: dir.path().to_owned(),
+        })
+        .expect("open");
+        for key in ["in/a/1.bin", "in/a/sub/2.bin", "in/ab/3.bin", "out/4.bin"] {
+            store
+                .put(key, Bytes::from_static(b"1234"))
+                .await
+                .expect("put");
+        }
+        let mut listed: Vec<Listed> = store.list("in/a/").try_collect().await.expect("list");
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ["in/a/1.bin", "in/a/sub/2.bin"]);
+        assert!(listed.iter().all(|l| l.size == 4));
+        let missing: Vec<Listed> = store.list("nowhere").try_collect().await.expect("list");
+        assert!(missing.is_empty());
+
+        let chunks: Vec<Bytes> = store
+            .get_stream("out/4.bin")
+            .await
+            .expect("get")
+            .try_collect()
+            .await
+            .expect("read");
+        assert_eq!(chunks.concat(), b"1234");
+        assert!(matches!(
+            store.get_stream("out/5.bin").await.err(),
+            Some(StoreError::NotFound(_))
+        ));
     }
 
     #[test]

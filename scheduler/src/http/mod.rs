@@ -25,9 +25,11 @@ use crate::app::Context;
 use crate::auth::{self, Action, Caller};
 use crate::entities::item;
 use crate::error::{AppError, AppResult};
+use crate::ingest::Source;
+use crate::object_prefix::Prefix;
 use crate::policy::Policy;
-use crate::projects::{self, ClassNames, ProjectName};
-use crate::{models, review, status, training};
+use crate::projects::{self, ClassNames, Project, ProjectName};
+use crate::{dispatch, ingest_runs, models, review, status, training};
 
 pub fn router(ctx: Context) -> Router {
     let body_limit = ctx.settings.http.body_limit;
@@ -43,6 +45,14 @@ pub fn router(ctx: Context) -> Router {
         .route("/projects/{project}/retrain/cancel", post(cancel_retrain))
         .route("/projects/{project}/models", get(list_models))
         .route("/projects/{project}/models/{version}", get(show_model))
+        .route("/projects/{project}/ingest", post(start_ingest))
+        .route("/projects/{project}/pause", post(pause))
+        .route("/projects/{project}/resume", post(resume))
+        .route(
+            "/projects/{project}/dispatch",
+            get(get_dispatch).put(put_dispatch),
+        )
+        .route("/ingests/{ingest}", get(show_ingest))
         .route("/status", get(fleet_status))
         .route("/review/{task}", get(show_task))
         .route("/review/{task}/submit", post(submit))
@@ -418,4 +428,158 @@ async fn item_image(
         bytes,
     )
         .into_response())
+}
+
+/// The project named in the path, if the caller may act on it.
+async fn project_for(ctx: &Context, who: &Caller, name: &str) -> AppResult<Project> {
+    let project = projects::get(&ctx.db, name).await?;
+    who.check_project(&project)?;
+    Ok(project)
+}
+
+/// What to ingest over HTTP: exactly one of a prefix (`store:PREFIX` or
+/// `s3://BUCKET/PREFIX`) or a manifest in sieve's store (`store:KEY`).
+/// Never a path on the server.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestRequest {
+    prefix: Option<String>,
+    manifest: Option<String>,
+}
+
+impl IngestRequest {
+    fn source(self) -> AppResult<Source> {
+        match (self.prefix, self.manifest) {
+            (Some(prefix), None) => Prefix::parse(&prefix)
+                .map(Source::Prefix)
+                .map_err(|e| AppError::Invalid(e.to_string())),
+            (None, Some(manifest)) => match manifest.strip_prefix("store:") {
+                Some(key) => Ok(Source::ManifestInStore {
+                    key: key.to_owned(),
+                }),
+                None => Err(AppError::Invalid(format!(
+                    "manifest {manifest:?}: name a manifest uploaded to sieve's object store as store:KEY"
+                ))),
+            },
+            _ => Err(AppError::Invalid(
+                "give exactly one of \"prefix\" (store:PREFIX or s3://BUCKET/PREFIX) or \"manifest\" (store:KEY)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+async fn start_ingest(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+    JsonBody(body): JsonBody<IngestRequest>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Operate).await?;
+    let project = project_for(&ctx, &who, &project).await?;
+    let source = body.source()?;
+    if let Source::Prefix(prefix) = &source {
+        // A bucket the settings cannot reach is said now, not in the run.
+        prefix
+            .open(&ctx)
+            .map_err(|e| AppError::Invalid(format!("{e:#}")))?;
+    }
+    let run = ingest_runs::start(&ctx, &project, source, &who.name).await?;
+    let location = format!("/api/v1/ingests/{}", run.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(run),
+    )
+        .into_response())
+}
+
+async fn show_ingest(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Operate).await?;
+    // One answer for "no such ingest" and "another project's", so a
+    // scoped token learns nothing from it.
+    let missing = || AppError::NotFound(format!("no ingest {id:?}"));
+    let uuid: Uuid = id.parse().map_err(|_| missing())?;
+    let run = match ingest_runs::show(&ctx.db, uuid).await {
+        Err(AppError::NotFound(_)) => return Err(missing()),
+        found => found?,
+    };
+    if who.project.is_some_and(|scope| scope != run.project_id) {
+        return Err(missing());
+    }
+    Ok(Json(run).into_response())
+}
+
+async fn pause(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Operate).await?;
+    let project = project_for(&ctx, &who, &project).await?;
+    Ok(Json(dispatch::pause(&ctx, &project).await?).into_response())
+}
+
+async fn resume(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Operate).await?;
+    let project = project_for(&ctx, &who, &project).await?;
+    let published = dispatch::resume(&ctx, &project).await?;
+    let control = dispatch::control(&ctx.db, project.id).await?;
+    Ok(Json(json!({ "control": control, "published": published })).into_response())
+}
+
+async fn get_dispatch(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Read).await?;
+    let project = project_for(&ctx, &who, &project).await?;
+    Ok(Json(dispatch::control(&ctx.db, project.id).await?).into_response())
+}
+
+/// A change of rate limit and priority; an absent field stays as it is,
+/// `"rate_limit": null` lifts the limit. Pausing has its own endpoints,
+/// since resuming also publishes what waited.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DispatchChange {
+    #[serde(default, deserialize_with = "present")]
+    rate_limit: Option<Option<f64>>,
+    priority: Option<i16>,
+}
+
+/// `Some(None)` for an explicit `null`, as opposed to an absent field.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+async fn put_dispatch(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+    JsonBody(body): JsonBody<DispatchChange>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Operate).await?;
+    let project = project_for(&ctx, &who, &project).await?;
+    let change = dispatch::ControlChange {
+        paused: None,
+        rate_limit: body.rate_limit,
+        priority: body.priority,
+    };
+    let control = dispatch::set_control(&ctx.db, project.id, &change).await?;
+    tracing::info!(project = %project.name, by = %who.name, ?control, "dispatch control changed");
+    Ok(Json(control).into_response())
 }

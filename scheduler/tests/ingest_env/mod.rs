@@ -36,6 +36,11 @@ impl Env {
     /// A fresh database and queue prefix, and a project with an active
     /// model, so that ingest publishes jobs unless told not to.
     pub async fn start(batch_size: usize) -> Self {
+        Self::start_with(batch_size, |_| {}).await
+    }
+
+    /// [`Env::start`], with settings changed by `adjust` first.
+    pub async fn start_with(batch_size: usize, adjust: impl FnOnce(&mut Settings)) -> Self {
         sieve_shared::telemetry::init_test_tracing();
         let store = tempfile::tempdir().unwrap();
         let id = Uuid::now_v7().simple().to_string();
@@ -47,6 +52,7 @@ impl Env {
         settings.redis.prefix = format!("test-{tag}");
         settings.store.root = store.path().to_owned();
         settings.ingest.batch_size = batch_size;
+        adjust(&mut settings);
         db::create_database_if_missing(&settings.database.url)
             .await
             .unwrap();
