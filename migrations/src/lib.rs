@@ -12,6 +12,7 @@ mod m20261125_000001_scoped_tokens;
 mod m20261125_000002_calibration;
 mod m20261125_000002_dispatch_control;
 mod m20261125_000003_review;
+mod m20261126_000012_second_opinion;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_claim_indexes::Migration),
             Box::new(m20261125_000002_dispatch_control::Migration),
             Box::new(m20261125_000001_scoped_tokens::Migration),
+            Box::new(m20261126_000012_second_opinion::Migration),
         ]
     }
 }

@@ -122,6 +122,7 @@ async fn bench(url: &str, args: &ClaimArgs) -> anyhow::Result<()> {
     );
 
     let think = Duration::from_millis(args.think_ms);
+    println!("load average before: {}", load_average());
     let lone = drain(&conn, &baseline, 1, Duration::ZERO).await?;
     report("baseline, 1 reviewer, no pause", &lone.0);
     let (phase, claimed) = drain(&conn, &project, args.reviewers, think).await?;
@@ -151,6 +152,21 @@ fn report(what: &str, phase: &Phase) {
     );
     println!("  claim  {}", phase.claim);
     println!("  submit {}", phase.submit);
+    println!("  load average after: {}", load_average());
+}
+
+/// The machine's 1, 5 and 15 minute load averages (Linux), to read the
+/// figures by: other work on the machine moves them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".to_owned(),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
 }
 
 /// A project with `tasks` open review tasks, each on its own item with a

@@ -15,6 +15,10 @@ pub enum TaskReason {
     Audit,
     #[sea_orm(string_value = "seed")]
     Seed,
+    /// A reviewer's label disagreed with a confident model: another reviewer
+    /// checks it (`review::submit`). The item stays `human_labeled` meanwhile.
+    #[sea_orm(string_value = "second_opinion")]
+    SecondOpinion,
 }
 
 #[derive(
