@@ -14,6 +14,7 @@ mod m20261125_000002_dispatch_control;
 mod m20261125_000003_review;
 mod m20261126_000001_sample_reason;
 mod m20261126_000011_ingests;
+mod m20261126_000012_second_opinion;
 
 pub struct Migrator;
 
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_scoped_tokens::Migration),
             Box::new(m20261126_000001_sample_reason::Migration),
             Box::new(m20261126_000011_ingests::Migration),
+            Box::new(m20261126_000012_second_opinion::Migration),
         ]
     }
 }

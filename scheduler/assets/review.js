@@ -18,6 +18,7 @@
     disagreement: 'The committee disagrees.',
     audit: 'Audit: a sample of what the model would label by itself.',
     seed: 'Seed: labels to start the model with.',
+    second_opinion: 'Second opinion: another reviewer disagreed with a confident model. Label it as you see it.',
   };
 
   const el = (id) => document.getElementById(id);

@@ -17,13 +17,18 @@
 //! law the mean time of a claim plus a submit is about
 //! `reviewers / throughput`: the latency figures are what a queue saturated
 //! by `--reviewers` callers looks like. With a pause, each reviewer offers
-//! about one claim per pause, as people do.
+//! about one claim per pause, as people do, and like people they do not
+//! move in lockstep: each starts at a random moment within the first pause
+//! and each pause lasts a random 50-150% of `--think-ms`. (With one fixed
+//! pause and a common start, all reviewers would claim within the same few
+//! milliseconds every pause, and the tail would measure that burst.)
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use clap::Args;
+use rand::Rng;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement};
 use sieve_shared::Settings;
 use sieve_shared::ids::TaskId;
@@ -50,8 +55,9 @@ pub struct ClaimArgs {
     /// Tasks a lone reviewer claims and submits first (the baseline).
     #[arg(long, default_value_t = 1_000)]
     pub baseline: u64,
-    /// Each reviewer pauses this long between a claim and its submit, as
-    /// a person looking at the image would (0: closed loop, no pause).
+    /// Each reviewer pauses about this long (50-150% of it, at random)
+    /// between a claim and its submit, as a person looking at the image
+    /// would (0: closed loop, no pause).
     #[arg(long, default_value_t = 0)]
     pub think_ms: u64,
     /// Keep the benchmark database afterwards (its name is printed).
@@ -122,6 +128,7 @@ async fn bench(url: &str, args: &ClaimArgs) -> anyhow::Result<()> {
     );
 
     let think = Duration::from_millis(args.think_ms);
+    println!("load average before: {}", load_average());
     let lone = drain(&conn, &baseline, 1, Duration::ZERO).await?;
     report("baseline, 1 reviewer, no pause", &lone.0);
     let (phase, claimed) = drain(&conn, &project, args.reviewers, think).await?;
@@ -151,6 +158,21 @@ fn report(what: &str, phase: &Phase) {
     );
     println!("  claim  {}", phase.claim);
     println!("  submit {}", phase.submit);
+    println!("  load average after: {}", load_average());
+}
+
+/// The machine's 1, 5 and 15 minute load averages (Linux), to read the
+/// figures by: other work on the machine moves them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".to_owned(),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
 }
 
 /// A project with `tasks` open review tasks, each on its own item with a
@@ -266,6 +288,10 @@ async fn review_loop(
     think: Duration,
 ) -> Tally {
     let mut tally = Tally::default();
+    if !think.is_zero() {
+        let start = think.mul_f64(rand::rng().random::<f64>());
+        tokio::time::sleep(start).await;
+    }
     // A few failures in a row (the pool timing out) end this reviewer; the
     // check afterwards then reports the tasks it left claimed.
     while tally.errors < 10 {
@@ -288,7 +314,8 @@ async fn review_loop(
             .clone()
             .unwrap_or_else(|| CLASSES[0].to_owned());
         if !think.is_zero() {
-            tokio::time::sleep(think).await;
+            let pause = think.mul_f64(rand::rng().random_range(0.5..1.5));
+            tokio::time::sleep(pause).await;
         }
         let t = Instant::now();
         let submitted = review::submit(

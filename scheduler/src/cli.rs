@@ -180,6 +180,10 @@ pub enum ProjectCommand {
         /// calibrated on all classes together (true or false).
         #[arg(long)]
         pool_evidence: Option<bool>,
+        /// Second opinion on a reviewer's label that disagrees with a model
+        /// at least this confident (e.g. 0.95); `none` turns it off.
+        #[arg(long)]
+        second_review_confidence: Option<String>,
     },
 }
 
@@ -548,6 +552,17 @@ fn render_project(status: &status::ProjectStatus) -> String {
             m.audited
         );
     }
+    let second = &status.second_opinions;
+    if status.project.policy.second_review_confidence.is_some()
+        || *second != status::SecondOpinions::default()
+    {
+        let _ = writeln!(
+            out,
+            "  second opinions: {} open; the second reviewer agreed with the first {}, \
+             with the model {}, with neither {}",
+            second.open, second.agreed_with_first, second.agreed_with_model, second.neither
+        );
+    }
     out
 }
 
@@ -649,6 +664,7 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             disagreement_measure,
             retrain_every,
             pool_evidence,
+            second_review_confidence,
         } => {
             let conn = db::connect(&settings.database).await?;
             let project = projects::get(&conn, &name).await?;
@@ -683,6 +699,14 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
                     "none" => None,
                     n => Some(n.parse().with_context(|| {
                         format!("--retrain-every {n:?}: a number of labels, or none")
+                    })?),
+                };
+            }
+            if let Some(c) = second_review_confidence {
+                policy.second_review_confidence = match c.as_str() {
+                    "none" => None,
+                    c => Some(c.parse().with_context(|| {
+                        format!("--second-review-confidence {c:?}: a confidence, or none")
                     })?),
                 };
             }

@@ -8,6 +8,9 @@ use sieve_migrations::{Migrator, MigratorTrait};
 use sieve_shared::Unreachable;
 use sieve_shared::settings::DatabaseSettings;
 
+/// A pooled connection idle this long is pinged before it is handed out.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, Unreachable> {
     connect_url(&settings.url, settings.max_connections).await
 }
@@ -18,6 +21,12 @@ async fn connect_url(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         .max_connections(max_connections)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(10))
+        // By default every checkout pings the connection first: a round trip
+        // as long as a claim's own statement. A connection in use moments
+        // ago is alive (the pool also pings each one as it is returned, and
+        // drops it if that fails); one idle longer, e.g. through a database
+        // restart, is still checked.
+        .test_before_acquire_if_idle_for(IDLE_BEFORE_PING)
         .sqlx_logging(false);
     Database::connect(options).await.map_err(|e| {
         let reason = e.to_string();

@@ -62,6 +62,10 @@ pub struct Policy {
     /// Retrain automatically once this many human labels have arrived since
     /// the last run's snapshot (`None`: only on request).
     pub retrain_every_labels: Option<u32>,
+    /// Label-error check: a reviewer's label that disagrees with a model
+    /// this confident (or more) gets a second review by someone else
+    /// (`None`: off). See `review::submit`.
+    pub second_review_confidence: Option<f32>,
 }
 
 impl Default for Policy {
@@ -75,6 +79,7 @@ impl Default for Policy {
             audit_rate: 0.02,
             retrain_every_labels: None,
             pool_evidence: false,
+            second_review_confidence: None,
         }
     }
 }
@@ -107,6 +112,9 @@ impl Policy {
             10.0,
         )?;
         within("audit_rate", self.audit_rate, 0.0, 1.0)?;
+        if let Some(confidence) = self.second_review_confidence {
+            within("second_review_confidence", f64::from(confidence), 0.0, 1.0)?;
+        }
         if self.retrain_every_labels == Some(0) {
             return Err(AppError::Invalid(
                 "retrain_every_labels must be at least 1 (or unset)".into(),
@@ -366,5 +374,21 @@ mod tests {
         assert!(Policy::default().validate().is_ok());
         let typo = serde_json::from_str::<Policy>(r#"{"confidence_treshold":0.5}"#);
         assert!(typo.is_err(), "unknown policy fields are refused");
+        let bad = Policy {
+            second_review_confidence: Some(1.5),
+            ..Policy::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn policies_stored_before_a_field_existed_still_parse() {
+        // As stored before second reviews: the field takes its default (off).
+        let stored = r#"{"confidence_threshold":0.8,"target_accuracy":null,"confidence_level":0.95,
+            "disagreement_measure":"vote","disagreement_limit":0.34,"audit_rate":0.02,
+            "pool_evidence":false,"retrain_every_labels":null}"#;
+        let policy: Policy = serde_json::from_str(stored).unwrap_or_default();
+        assert_eq!(policy.confidence_threshold, 0.8);
+        assert_eq!(policy.second_review_confidence, None);
     }
 }

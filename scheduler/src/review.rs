@@ -4,11 +4,11 @@
 //! the fewest times and, among those, is the most uncertain, with
 //! `FOR UPDATE SKIP LOCKED`, so concurrent reviewers never get the same task
 //! and never wait on each other. Each claim bumps the task's fencing token;
-//! every later step on the claim must present the current token, so a
-//! reviewer whose lease was taken over cannot overwrite the new holder's work
-//! (409). A submit with the current token is accepted even after the lease
-//! time has passed, as long as nobody else claimed the task: the work is not
-//! thrown away.
+//! every later step on the claim must come from the holder and present the
+//! current token, so a reviewer whose lease was taken over cannot overwrite
+//! the new holder's work (409). A submit with the current token is accepted
+//! even after the lease time has passed, as long as nobody else claimed the
+//! task: the work is not thrown away.
 //!
 //! The other steps on a claim, and their rules:
 //! - **renew** extends the lease from now by the configured lease time. Only
@@ -25,19 +25,23 @@
 //!   task is claimed again by the same reviewer, with a fresh lease and a new
 //!   token. Refused (nothing written) once the lease time has passed, for
 //!   anyone but the label's author, or when anything newer happened to the
-//!   item (a newer label, another open task).
+//!   item (a newer label, another open task, a second opinion being given
+//!   on the label; one not yet claimed is cancelled with the label).
 //!
 //! A submit for an item that people already labeled (an earlier review, an
 //! import) is a conflict (409, nothing written) unless it says `force`, which
 //! only the `ml` and `admin` roles may (see `auth::Action::ForceLabel`): a
 //! reviewer cannot silently overrule another human.
+//!
+//! A label that disagrees with a confident model can ask for a **second
+//! opinion** from another reviewer (policy `second_review_confidence`); how
+//! that works and which label then counts is on [`submit`].
 
 use chrono::{DateTime, Duration, FixedOffset, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait,
-    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
-    TransactionTrait,
+    FromQueryResult, PaginatorTrait, QueryFilter, QuerySelect, Statement, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use sieve_shared::ids::TaskId;
@@ -153,7 +157,8 @@ async fn item_and_prediction(
 }
 
 /// Up to this many open tasks are counted exactly on every claim; a longer
-/// queue is counted at most every [`COUNT_EVERY`] per project and process.
+/// queue is counted at most every [`COUNT_EVERY`] per project and process,
+/// off the claim's path (see [`open_tasks`]).
 const EXACT_COUNT_UP_TO: u64 = 1_000;
 const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -181,41 +186,59 @@ async fn count_open(
     Ok(counted.map_or(0, |c| c.n.max(0) as u64))
 }
 
+/// The last count of each long queue in this process: when, and how many.
+/// A std mutex: it is never held across an await.
+static LONG_QUEUES: std::sync::OnceLock<
+    std::sync::Mutex<std::collections::HashMap<Uuid, (std::time::Instant, u64)>>,
+> = std::sync::OnceLock::new();
+
+fn long_queues()
+-> std::sync::MutexGuard<'static, std::collections::HashMap<Uuid, (std::time::Instant, u64)>> {
+    LONG_QUEUES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Count the open tasks of a project and remember the figure if the queue
+/// is long (forget it if it is not).
+async fn count_long_queue(db: &DatabaseConnection, project_id: Uuid) -> AppResult<u64> {
+    let fresh = count_open(db, project_id, None).await?;
+    if fresh < EXACT_COUNT_UP_TO {
+        long_queues().remove(&project_id);
+    } else {
+        long_queues().insert(project_id, (std::time::Instant::now(), fresh));
+    }
+    Ok(fresh)
+}
+
 /// Open tasks in a project: what a reviewer's "N left" shows. Counting a
 /// long queue on every claim would cost more than the claim itself (a count
 /// of 100,000 open tasks takes ~20 ms here), so once a queue was found to
-/// hold [`EXACT_COUNT_UP_TO`] or more, its count is shared by the claims of
-/// this process for up to [`COUNT_EVERY`] (it may be that much behind);
-/// a shorter queue is counted exactly on every claim.
-async fn open_tasks(db: &impl ConnectionTrait, project_id: Uuid) -> AppResult<u64> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
-    use std::time::Instant;
-    // A std mutex: it is never held across an await.
-    static LONG_QUEUES: OnceLock<Mutex<HashMap<Uuid, (Instant, u64)>>> = OnceLock::new();
-    fn cache() -> MutexGuard<'static, HashMap<Uuid, (Instant, u64)>> {
-        LONG_QUEUES
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    if let Some((at, n)) = cache().get_mut(&project_id) {
-        if at.elapsed() < COUNT_EVERY {
-            return Ok(*n);
+/// hold [`EXACT_COUNT_UP_TO`] or more, this process answers from its last
+/// count. Once that is older than [`COUNT_EVERY`], the next claim starts a
+/// recount in the background and every claim keeps the old figure until it
+/// lands: no claim waits for a count of a long queue (the figure may be
+/// behind by that much). A shorter queue is counted exactly on every claim.
+async fn open_tasks(db: &DatabaseConnection, project_id: Uuid) -> AppResult<u64> {
+    if let Some((at, n)) = long_queues().get_mut(&project_id) {
+        if at.elapsed() >= COUNT_EVERY {
+            // Marked fresh now, so that one claimer recounts, not all.
+            *at = std::time::Instant::now();
+            let db = db.clone();
+            tokio::spawn(async move {
+                if let Err(err) = count_long_queue(&db, project_id).await {
+                    tracing::warn!(error = %err, project = %project_id, "recounting the review queue failed");
+                }
+            });
         }
-        // Stale: this claimer recounts; the others keep the old figure
-        // meanwhile instead of all counting at once.
-        *at = Instant::now();
+        return Ok(*n);
     }
     let bounded = count_open(db, project_id, Some(EXACT_COUNT_UP_TO)).await?;
     if bounded < EXACT_COUNT_UP_TO {
-        cache().remove(&project_id);
         return Ok(bounded);
     }
-    let fresh = count_open(db, project_id, None).await?;
-    cache().insert(project_id, (Instant::now(), fresh));
-    Ok(fresh)
+    count_long_queue(db, project_id).await
 }
 
 /// The columns of a task that its view needs.
@@ -371,8 +394,19 @@ struct Claimed {
 /// anything still open. Otherwise the open task skipped the fewest times,
 /// then the most uncertain, then the oldest (index
 /// `review_tasks_open_queue`). `COALESCE` evaluates the second pick only when
-/// the first finds nothing. `$1` project, `$2` reviewer, `$3` lease expiry,
-/// `$4` now.
+/// the first finds nothing. Neither pick takes a task that names the
+/// claimer in `not_for` (a second opinion on their own label).
+///
+/// The claim commits without waiting for its WAL to reach the disk
+/// (`synchronous_commit` off for this transaction only, set from inside the
+/// statement since it has no transaction block of its own): that flush was
+/// the largest part of an uncontended claim here (about 3 ms of fdatasync).
+/// A crash can lose the last fraction of a second of claims; such a claim
+/// comes back as it was (open, or its earlier holder's) and may be handed
+/// out again with the same token number, which is why a submit also checks
+/// the holder. Nothing a reviewer submitted is at risk: submits commit
+/// synchronously, and their flush also covers every claim before them.
+/// `$1` project, `$2` reviewer, `$3` lease expiry, `$4` now.
 const CLAIM: &str = r#"
 WITH claimed AS (
     UPDATE review_tasks t
@@ -383,9 +417,10 @@ WITH claimed AS (
         WHERE id = COALESCE(
             (SELECT id FROM review_tasks
              WHERE project_id = $1 AND state = 'claimed' AND lease_expires_at < $4
+               AND not_for IS DISTINCT FROM $2
              ORDER BY lease_expires_at LIMIT 1 FOR UPDATE SKIP LOCKED),
             (SELECT id FROM review_tasks
-             WHERE project_id = $1 AND state = 'open'
+             WHERE project_id = $1 AND state = 'open' AND not_for IS DISTINCT FROM $2
              ORDER BY skip_count, priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED))
     ) pick
     WHERE t.id = pick.id
@@ -393,7 +428,8 @@ WITH claimed AS (
               pick.was = 'claimed' AS expired
 )
 SELECT c.id, c.item_id, c.reason, c.fencing_token, c.expired, i.object_key, i.source,
-       p.probabilities, p.member_votes, p.top_class, p.confidence
+       p.probabilities, p.member_votes, p.top_class, p.confidence,
+       set_config('synchronous_commit', 'off', true) AS commit_mode
 FROM claimed c
 JOIN items i ON i.id = c.item_id
 LEFT JOIN predictions p ON p.id = c.prediction_id
@@ -422,6 +458,10 @@ pub struct SubmittedLabel {
     /// it was made under); `None` when it was made after the lease ran out.
     #[serde(default)]
     pub undo_until: Option<DateTime<Utc>>,
+    /// The second-opinion task this label opened (it disagreed with a
+    /// confident model; see [`submit`]), if any.
+    #[serde(default)]
+    pub second_opinion_task: Option<Uuid>,
 }
 
 fn stale(task: &review_task::Model, token: i64) -> AppError {
@@ -455,125 +495,296 @@ async fn refusal(
     )
 }
 
-async fn project_in(db: &impl ConnectionTrait, id: Uuid) -> AppResult<Project> {
-    crate::entities::project::Entity::find_by_id(id)
-        .one(db)
-        .await?
-        .map(Project::from_model)
-        .transpose()?
-        .ok_or_else(|| AppError::NotFound(format!("no project {id}")))
+/// Where a second-opinion task goes in the queue: ahead of most of what the
+/// model doubts (priority is its doubt, 0 to about 1), because the label it
+/// questions is already training data.
+const SECOND_OPINION_PRIORITY: f32 = 1.0;
+
+/// What the submit statement found, and whether it wrote.
+#[derive(FromQueryResult)]
+struct SubmitRow {
+    item_id: Uuid,
+    state: TaskState,
+    fencing_token: i64,
+    lease_holder: Option<String>,
+    lease_expires_at: Option<DateTime<FixedOffset>>,
+    not_for: Option<String>,
+    project_name: String,
+    class_names: serde_json::Value,
+    class_index: Option<i32>,
+    /// The item's newest label by people, before this submit.
+    newest_label_id: Option<Uuid>,
+    newest_class: Option<i32>,
+    newest_source: Option<LabelSource>,
+    newest_reviewer: Option<String>,
+    newest_at: Option<DateTime<FixedOffset>>,
+    first_label_id: Option<Uuid>,
+    written: bool,
+    second_opinion_task: Option<Uuid>,
+    outcome: Option<String>,
 }
 
-/// The newest label by people (a reviewer's, or imported) of an item.
-async fn human_label(db: &impl ConnectionTrait, item_id: Uuid) -> AppResult<Option<label::Model>> {
-    Ok(label::Entity::find()
-        .filter(label::Column::ItemId.eq(item_id))
-        .filter(label::Column::Source.is_in([LabelSource::Human, LabelSource::Import]))
-        .order_by_desc(label::Column::CreatedAt)
-        .one(db)
-        .await?)
-}
+/// A submit, as one statement (its own transaction, one round trip).
+///
+/// It locks the item first, as the result consumer does (so the two never
+/// deadlock), then reads what the decision needs (`facts`) and writes only
+/// if it is allowed (`ok`): the task is claimed by this reviewer with this
+/// token, the class exists, the reviewer is not the author of the label a
+/// second opinion checks, and the item has no label by people yet (unless
+/// `force`, or it is the label this second opinion checks).
+/// Then the task is closed (re-checking state and token on the row as it is
+/// now), the label written, the item marked `human_labeled`; a label that
+/// disagrees with a confident model opens a second-opinion task, and a
+/// second opinion records how it compares. Every write reads from `done`,
+/// so nothing is written unless the task was closed, and the second-opinion
+/// task is inserted only after the closed task left the one-open-task-per-
+/// item index. The policy's `second_review_confidence` is read from the
+/// project's stored policy here, as of this statement.
+///
+/// `$1` task, `$2` token, `$3` reviewer, `$4` class name, `$5` class number
+/// (NULL unless the class given is a number), `$6` force, `$7` now, `$8` the
+/// new label's id, `$9` the id of a second-opinion task, `$10` its priority.
+const SUBMIT: &str = r#"
+WITH item AS (
+    SELECT id FROM items
+    WHERE id = (SELECT item_id FROM review_tasks WHERE id = $1)
+    FOR UPDATE
+), facts AS (
+    SELECT t.id, t.project_id, t.item_id, t.prediction_id, t.reason, t.state,
+           t.fencing_token, t.lease_holder, t.lease_expires_at, t.not_for,
+           pr.name AS project_name, pr.class_names,
+           COALESCE(
+               (SELECT (c.ord - 1)::int
+                FROM jsonb_array_elements_text(pr.class_names) WITH ORDINALITY c(name, ord)
+                WHERE c.name = $4 LIMIT 1),
+               CASE WHEN $5::int < jsonb_array_length(pr.class_names) THEN $5::int END
+           ) AS class_index,
+           h.id AS newest_label_id, h.class_index AS newest_class,
+           h.source AS newest_source, h.reviewer AS newest_reviewer,
+           h.created_at AS newest_at,
+           so.first_label_id, p.top_class, p.confidence,
+           (pr.policy ->> 'second_review_confidence')::real AS second_review_confidence
+    FROM item
+    JOIN review_tasks t ON t.id = $1 AND t.item_id = item.id
+    JOIN projects pr ON pr.id = t.project_id
+    LEFT JOIN predictions p ON p.id = t.prediction_id
+    LEFT JOIN second_opinions so ON so.task_id = t.id
+    LEFT JOIN LATERAL (
+        SELECT id, class_index, source, reviewer, created_at FROM labels
+        WHERE item_id = t.item_id AND source IN ('human', 'import')
+        ORDER BY created_at DESC LIMIT 1
+    ) h ON true
+), ok AS (
+    SELECT * FROM facts
+    WHERE state = 'claimed' AND fencing_token = $2 AND lease_holder = $3
+      AND class_index IS NOT NULL
+      AND not_for IS DISTINCT FROM $3
+      AND ($6 OR newest_label_id IS NULL OR newest_label_id = first_label_id)
+), done AS (
+    UPDATE review_tasks t SET state = 'done', closed_at = $7, updated_at = $7
+    FROM ok
+    WHERE t.id = ok.id AND t.state = 'claimed' AND t.fencing_token = $2
+      AND t.lease_holder = $3
+    RETURNING ok.*
+), label AS (
+    INSERT INTO labels (id, item_id, class_index, source, reviewer, prediction_id,
+                        review_task_id, created_at)
+    SELECT $8, item_id, class_index, 'human', $3, prediction_id, id, $7 FROM done
+), labeled AS (
+    UPDATE items SET state = 'human_labeled', updated_at = $7
+    FROM done WHERE items.id = done.item_id
+), opened AS (
+    INSERT INTO review_tasks (id, project_id, item_id, prediction_id, reason, priority,
+                              state, fencing_token, not_for, created_at, updated_at)
+    SELECT $9, project_id, item_id, prediction_id, 'second_opinion', $10, 'open', 0, $3,
+           $7, $7
+    FROM done
+    WHERE reason <> 'second_opinion' AND second_review_confidence IS NOT NULL
+      AND confidence >= second_review_confidence AND top_class <> class_index
+    RETURNING id
+), asked AS (
+    INSERT INTO second_opinions (task_id, project_id, item_id, first_label_id,
+                                 first_reviewer, first_class, prediction_id, model_class,
+                                 model_confidence, created_at)
+    SELECT o.id, d.project_id, d.item_id, $8, $3, d.class_index, d.prediction_id,
+           d.top_class, d.confidence, $7
+    FROM opened o CROSS JOIN done d
+), decided AS (
+    UPDATE second_opinions s
+    SET second_label_id = $8, second_reviewer = $3, second_class = d.class_index,
+        outcome = CASE WHEN d.class_index = s.first_class THEN 'agreed_with_first'
+                       WHEN d.class_index = s.model_class THEN 'agreed_with_model'
+                       ELSE 'neither' END,
+        decided_at = $7
+    FROM done d WHERE s.task_id = d.id
+    RETURNING s.outcome
+)
+SELECT f.item_id, f.state, f.fencing_token, f.lease_holder, f.lease_expires_at, f.not_for,
+       f.project_name, f.class_names, f.class_index, f.newest_label_id,
+       f.newest_class, f.newest_source, f.newest_reviewer, f.newest_at, f.first_label_id,
+       EXISTS (SELECT 1 FROM done) AS written,
+       (SELECT id FROM opened) AS second_opinion_task,
+       (SELECT outcome FROM decided) AS outcome
+FROM facts f
+"#;
 
-fn already_labeled(project: &Project, existing: &label::Model) -> AppError {
-    let class = project
-        .class_names
-        .get(existing.class_index as usize)
-        .map_or("?", String::as_str);
-    let by = match (existing.source, existing.reviewer.as_deref()) {
-        (LabelSource::Import, _) => "an import".to_owned(),
+fn already_labeled(
+    item_id: Uuid,
+    class: &str,
+    source: Option<LabelSource>,
+    reviewer: Option<&str>,
+    at: Option<DateTime<FixedOffset>>,
+) -> AppError {
+    let by = match (source, reviewer) {
+        (Some(LabelSource::Import), _) => "an import".to_owned(),
         (_, Some(reviewer)) => reviewer.to_owned(),
         (_, None) => "a person".to_owned(),
     };
+    let at = at.map_or_else(|| "an earlier time".to_owned(), |at| at.to_rfc3339());
     AppError::Conflict(format!(
-        "item {} is already labeled {class:?} by {by} (at {}); an ml or admin token may \
-         override it with \"force\": true; nothing was written",
-        existing.item_id,
-        existing.created_at.to_rfc3339()
+        "item {item_id} is already labeled {class:?} by {by} (at {at}); an ml or admin token \
+         may override it with \"force\": true; nothing was written"
     ))
 }
 
-/// Store a human label for a claimed task and close it.
+/// Why a submit that wrote nothing was refused, in the order the rules are
+/// listed on [`SUBMIT`]. What is not about this submit's own content (a
+/// lease that moved on, also while the statement waited for the item) is
+/// read again, as it is now.
+async fn submit_refusal(
+    db: &DatabaseConnection,
+    task_id: TaskId,
+    reviewer: &str,
+    submission: &Submission,
+    row: &SubmitRow,
+) -> AppResult<AppError> {
+    let holds = row.state == TaskState::Claimed
+        && row.fencing_token == submission.fencing_token
+        && row.lease_holder.as_deref() == Some(reviewer);
+    if !holds {
+        return refusal(db, task_id, submission.fencing_token, reviewer).await;
+    }
+    let class_names: Vec<String> =
+        serde_json::from_value(row.class_names.clone()).map_err(|e| {
+            anyhow::anyhow!("project {} has corrupt class names: {e}", row.project_name)
+        })?;
+    let Some(_) = row.class_index else {
+        return Ok(AppError::Invalid(format!(
+            "project {} has no class {:?}; its classes are: {}; nothing was written",
+            row.project_name,
+            submission.class,
+            class_names.join(", ")
+        )));
+    };
+    if row.not_for.as_deref() == Some(reviewer) {
+        return Ok(AppError::Forbidden(format!(
+            "task {task_id} asks for a second opinion on {reviewer}'s own label: another \
+             reviewer must give it; nothing was written"
+        )));
+    }
+    if let Some(existing) = row.newest_label_id
+        && !submission.force
+        && row.first_label_id != Some(existing)
+    {
+        let class = row
+            .newest_class
+            .and_then(|c| class_names.get(c as usize))
+            .map_or("?", String::as_str);
+        return Ok(already_labeled(
+            row.item_id,
+            class,
+            row.newest_source,
+            row.newest_reviewer.as_deref(),
+            row.newest_at,
+        ));
+    }
+    // Every rule held on what the statement read, yet the task was not
+    // closed: it changed while the statement waited for the item.
+    refusal(db, task_id, submission.fencing_token, reviewer).await
+}
+
+/// Store a human label for a task claimed by `reviewer` and close it.
 ///
 /// An item that already has a label by people (an earlier review, an
 /// import) is refused with 409 unless `submission.force` is set; the caller
-/// decides who may force.
+/// decides who may force. A second opinion is the exception: the label it
+/// checks is expected.
+///
+/// **Second opinions** (policy `second_review_confidence`, off by default):
+/// when the class submitted differs from the model's and the model's
+/// confidence is at or above that setting, the label is stored as usual and
+/// the item stays `human_labeled`, but a `second_opinion` task is opened for
+/// it, which the first reviewer can neither claim nor submit. The second
+/// reviewer sees the image and the model's proposal, not the first label.
+/// Their label is appended like any other and, being the newest human
+/// label, is the item's label from then on: where two of the three answers
+/// agree (the second reviewer sides with the first, or with the model) that
+/// is the majority; where all three differ, the second reviewer's stands and
+/// the outcome `neither` marks the item. The outcome is recorded in
+/// `second_opinions` (see `status::second_opinion_counts`). A second
+/// opinion never asks for a third, and the model never labels the item:
+/// human-labeled items are not routed again.
 pub async fn submit(
     db: &DatabaseConnection,
     task_id: TaskId,
     reviewer: &str,
     submission: &Submission,
 ) -> AppResult<SubmittedLabel> {
-    let txn = db.begin().await?;
-    // Lock the item before the task: the result consumer takes them in that
-    // order, so a submit and a routing batch can never deadlock.
-    txn.query_one_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT id FROM items WHERE id = (SELECT item_id FROM review_tasks WHERE id = $1) \
-         FOR UPDATE",
-        [task_id.as_uuid().into()],
-    ))
-    .await?
-    .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
-    let task = review_task::Entity::find_by_id(task_id.as_uuid())
-        .lock_exclusive()
-        .one(&txn)
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
-    if task.state != TaskState::Claimed || task.fencing_token != submission.fencing_token {
-        return Err(stale(&task, submission.fencing_token));
-    }
-    // Read on the transaction's own connection: taking a second one from the
-    // pool while holding this one can starve the pool under load.
-    let project = project_in(&txn, task.project_id).await?;
-    let class_index = project.class_index(&submission.class)?;
-    if !submission.force
-        && let Some(existing) = human_label(&txn, task.item_id).await?
-    {
-        return Err(already_labeled(&project, &existing));
-    }
     let now = Utc::now();
-
     let label_id = Uuid::now_v7();
-    // The label, the closed task and the labeled item in one statement (one
-    // round trip while the locks are held). The holder and expiry stay on
-    // the closed task: they are what undo checks.
-    txn.execute_raw(Statement::from_sql_and_values(
+    // A class given by number, if it is one (a class may also be named "3":
+    // the name wins, as in `Project::class_index`).
+    let class_number = submission
+        .class
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| i32::try_from(n).ok());
+    let row = SubmitRow::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        r#"
-        WITH label AS (
-            INSERT INTO labels (id, item_id, class_index, source, reviewer, prediction_id,
-                                review_task_id, created_at)
-            VALUES ($1, $2, $3, 'human', $4, $5, $6, $7)
-        ), task AS (
-            UPDATE review_tasks SET state = 'done', closed_at = $7, updated_at = $7
-            WHERE id = $6
-        )
-        UPDATE items SET state = 'human_labeled', updated_at = $7 WHERE id = $2
-        "#,
+        SUBMIT,
         [
-            label_id.into(),
-            task.item_id.into(),
-            (class_index as i32).into(),
+            task_id.as_uuid().into(),
+            submission.fencing_token.into(),
             reviewer.into(),
-            task.prediction_id.into(),
-            task.id.into(),
+            submission.class.clone().into(),
+            class_number.into(),
+            submission.force.into(),
             now.fixed_offset().into(),
+            label_id.into(),
+            Uuid::now_v7().into(),
+            SECOND_OPINION_PRIORITY.into(),
         ],
     ))
-    .await?;
-    txn.commit().await?;
+    .one(db)
+    .await?
+    .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
+    if !row.written {
+        return Err(submit_refusal(db, task_id, reviewer, submission, &row).await?);
+    }
     metrics::counter!("sieve_review_tasks_submitted_total").increment(1);
+    if let Some(opened) = row.second_opinion_task {
+        tracing::info!(task = %task_id, second_opinion = %opened, reviewer,
+            "label disagrees with a confident model: second opinion opened");
+    }
+    if let Some(outcome) = &row.outcome {
+        tracing::info!(task = %task_id, reviewer, outcome, "second opinion given");
+    }
 
-    let own_lease = task.lease_holder.as_deref() == Some(reviewer);
+    let class_index = row
+        .class_index
+        .ok_or_else(|| anyhow::anyhow!("submit of task {task_id} wrote a label without a class"))?;
+    let class: Option<String> = row
+        .class_names
+        .get(class_index as usize)
+        .and_then(|c| c.as_str())
+        .map(str::to_owned);
     Ok(SubmittedLabel {
         label_id,
-        item_id: task.item_id,
-        class_index,
-        class: project.class_names[class_index as usize].clone(),
-        undo_until: task
-            .lease_expires_at
-            .map(utc)
-            .filter(|end| own_lease && *end > now),
+        item_id: row.item_id,
+        class_index: class_index as u32,
+        class: class.unwrap_or_default(),
+        undo_until: row.lease_expires_at.map(utc).filter(|end| *end > now),
+        second_opinion_task: row.second_opinion_task,
     })
 }
 
@@ -739,9 +950,19 @@ pub async fn skip(
     })
 }
 
+/// A second opinion asked for by a label, as an undo of that label finds it.
+#[derive(FromQueryResult)]
+struct AskedOpinion {
+    id: Uuid,
+    state: TaskState,
+    lease_holder: Option<String>,
+}
+
 /// Take back `reviewer`'s own submit of `task_id`, made with
 /// `fencing_token`, while the lease it was made under still runs. The task
-/// is claimed again by the same reviewer, with a fresh lease.
+/// is claimed again by the same reviewer, with a fresh lease. A second
+/// opinion the submit asked for is cancelled with it (refused while another
+/// reviewer holds it); undoing a second opinion clears its outcome.
 pub async fn undo(
     db: &DatabaseConnection,
     task_id: TaskId,
@@ -802,18 +1023,40 @@ pub async fn undo(
         .one(&txn)
         .await?
         .ok_or_else(|| anyhow::anyhow!("task {} points at a missing item", task.id))?;
+    // A second opinion this label asked for goes with it, unless someone is
+    // giving it right now. Locked after the item, as a submit locks them.
+    let asked = AskedOpinion::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT t.id, t.state, t.lease_holder FROM second_opinions s \
+         JOIN review_tasks t ON t.id = s.task_id WHERE s.first_label_id = $1 FOR UPDATE OF t",
+        [label.id.into()],
+    ))
+    .one(&txn)
+    .await?;
+    if let Some(asked) = &asked
+        && asked.state == TaskState::Claimed
+    {
+        return Err(AppError::Conflict(format!(
+            "{} is giving a second opinion on this label now (task {}); the label stays; \
+             nothing was written",
+            asked.lease_holder.as_deref().unwrap_or("another reviewer"),
+            asked.id
+        )));
+    }
     let newer_labels = label::Entity::find()
         .filter(label::Column::ItemId.eq(item.id))
         .filter(label::Column::Id.ne(label.id))
         .filter(label::Column::CreatedAt.gte(label.created_at))
         .count(&txn)
         .await?;
-    let other_tasks = review_task::Entity::find()
+    let mut other_tasks = review_task::Entity::find()
         .filter(review_task::Column::ItemId.eq(item.id))
         .filter(review_task::Column::Id.ne(task.id))
-        .filter(review_task::Column::State.is_in([TaskState::Open, TaskState::Claimed]))
-        .count(&txn)
-        .await?;
+        .filter(review_task::Column::State.is_in([TaskState::Open, TaskState::Claimed]));
+    if let Some(asked) = &asked {
+        other_tasks = other_tasks.filter(review_task::Column::Id.ne(asked.id));
+    }
+    let other_tasks = other_tasks.count(&txn).await?;
     if item.state != ItemState::HumanLabeled || newer_labels > 0 || other_tasks > 0 {
         return Err(AppError::Conflict(format!(
             "item {} changed after the submit (state {:?}, {newer_labels} newer label(s), \
@@ -822,6 +1065,27 @@ pub async fn undo(
         )));
     }
 
+    // What refers to the label goes first: the second opinion it asked for
+    // (cancelled, unanswered), or, for a second opinion, its outcome.
+    if let Some(asked) = &asked {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "WITH gone AS (DELETE FROM second_opinions WHERE task_id = $1) \
+             UPDATE review_tasks SET state = 'cancelled', closed_at = $2, updated_at = $2 \
+             WHERE id = $1 AND state = 'open'",
+            [asked.id.into(), now.fixed_offset().into()],
+        ))
+        .await?;
+    }
+    if task.reason == TaskReason::SecondOpinion {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE second_opinions SET second_label_id = NULL, second_reviewer = NULL, \
+             second_class = NULL, outcome = NULL, decided_at = NULL WHERE task_id = $1",
+            [task.id.into()],
+        ))
+        .await?;
+    }
     let deleted = label::Entity::delete_many()
         .filter(label::Column::Id.eq(label.id))
         .filter(label::Column::ReviewTaskId.eq(task.id))
@@ -851,9 +1115,16 @@ pub async fn undo(
     })
     .exec(&txn)
     .await?;
+    // Back in review, unless this was a second opinion: then the first
+    // label is the item's label again, and the item stays human-labeled.
+    let state = if task.reason == TaskReason::SecondOpinion {
+        ItemState::HumanLabeled
+    } else {
+        ItemState::InReview
+    };
     item::Entity::update(item::ActiveModel {
         id: Set(item.id),
-        state: Set(ItemState::InReview),
+        state: Set(state),
         updated_at: Set(now.fixed_offset()),
         ..Default::default()
     })

@@ -1,5 +1,6 @@
 //! What a project looks like right now: items by state, the review backlog,
-//! labels by source, the active model.
+//! labels by source, the active model, audited machine-label accuracy and
+//! how second opinions on human labels came out.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +27,69 @@ pub struct ProjectStatus {
     /// random share of would-be machine labels): overall first, then per
     /// predicted class, each with its Wilson interval.
     pub machine_label_accuracy: Vec<MeasuredAccuracy>,
+    /// Second opinions on labels that disagreed with a confident model.
+    pub second_opinions: SecondOpinions,
+}
+
+/// Second opinions (label-error checks, `review::submit`): still open, and
+/// decided by whom the second reviewer agreed with. The first reviewer and
+/// the model always disagree, so the second can side with one of them at
+/// most.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SecondOpinions {
+    pub open: i64,
+    pub agreed_with_first: i64,
+    pub agreed_with_model: i64,
+    pub neither: i64,
+}
+
+impl SecondOpinions {
+    /// The outcome names, as stored and as the `outcome` label of
+    /// `sieve_review_second_opinions`; `open` for the undecided.
+    pub const OUTCOMES: [&str; 4] = ["open", "agreed_with_first", "agreed_with_model", "neither"];
+
+    fn from_counts(counts: &BTreeMap<String, i64>) -> Self {
+        let n = |key: &str| counts.get(key).copied().unwrap_or(0);
+        Self {
+            open: n("open"),
+            agreed_with_first: n("agreed_with_first"),
+            agreed_with_model: n("agreed_with_model"),
+            neither: n("neither"),
+        }
+    }
+
+    fn get(&self, outcome: &str) -> i64 {
+        match outcome {
+            "open" => self.open,
+            "agreed_with_first" => self.agreed_with_first,
+            "agreed_with_model" => self.agreed_with_model,
+            _ => self.neither,
+        }
+    }
+}
+
+/// Counted from the `second_opinions` table, so every scheduler process
+/// reports the same figures.
+const SECOND_OPINION_COUNTS: &str = "SELECT COALESCE(outcome, 'open') AS key, count(*) AS n \
+     FROM second_opinions WHERE project_id = $1 GROUP BY 1";
+
+/// Export every project's second-opinion counts as the gauge
+/// `sieve_review_second_opinions{project,outcome}` (`outcome`: one of
+/// [`SecondOpinions::OUTCOMES`]). Called at each `/metrics` scrape.
+pub async fn record_second_opinion_metrics(ctx: &Context) -> AppResult<()> {
+    for project in crate::projects::list(&ctx.db).await? {
+        let counted =
+            SecondOpinions::from_counts(&counts(ctx, SECOND_OPINION_COUNTS, &project).await?);
+        for outcome in SecondOpinions::OUTCOMES {
+            metrics::gauge!(
+                "sieve_review_second_opinions",
+                "project" => project.name.clone(),
+                "outcome" => outcome
+            )
+            .set(counted.get(outcome) as f64);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -168,6 +232,9 @@ pub async fn project_status(ctx: &Context, project: &Project) -> AppResult<Proje
         review_claimed: tasks.get("claimed").copied().unwrap_or(0),
         active_model_version: versions.get("active").map(|&v| v as i32),
         machine_label_accuracy: measured_accuracy(ctx, project).await?,
+        second_opinions: SecondOpinions::from_counts(
+            &counts(ctx, SECOND_OPINION_COUNTS, project).await?,
+        ),
     })
 }
 

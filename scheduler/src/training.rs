@@ -31,7 +31,6 @@ use uuid::Uuid;
 
 use crate::app::Context;
 use crate::entities::model_version::{self, VersionStatus};
-use crate::entities::review_task::TaskReason;
 use crate::entities::training_run::{self, RunState};
 use crate::error::{AppError, AppResult};
 use crate::models;
@@ -52,19 +51,23 @@ struct LabeledItem {
     class_index: i32,
     object_key: String,
     content_hash: String,
-    /// The reason of the review task the label answered (none for imports).
-    reason: Option<TaskReason>,
+    /// A person labeled the item for a task picked at random: the seed set
+    /// or the audit sample.
+    random: bool,
+    /// One of those tasks was the audit sample's.
+    audit_sample: bool,
 }
 
 impl LabeledItem {
     fn into_example(self) -> SnapshotExample {
-        let random = self.reason.is_some_and(TaskReason::is_random);
+        let random = self.random;
         // The audit sample is never trained on: it is what calibration and
         // the measured accuracy of machine labels rest on. Everything else
         // splits by content hash.
-        let split = match self.reason {
-            Some(TaskReason::Audit | TaskReason::Sample) => Split::Holdout,
-            _ => Split::of_hash(&self.content_hash),
+        let split = if self.audit_sample {
+            Split::Holdout
+        } else {
+            Split::of_hash(&self.content_hash)
         };
         SnapshotExample {
             item_id: ItemId::from_uuid(self.item_id),
@@ -86,9 +89,13 @@ async fn labeled_examples(
         ctx.db.get_database_backend(),
         r#"
         SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash,
-               t.reason
+               EXISTS (SELECT 1 FROM labels l2 JOIN review_tasks t ON t.id = l2.review_task_id
+                       WHERE l2.item_id = l.item_id
+                         AND t.reason IN ('seed', 'audit', 'sample')) AS random,
+               EXISTS (SELECT 1 FROM labels l2 JOIN review_tasks t ON t.id = l2.review_task_id
+                       WHERE l2.item_id = l.item_id
+                         AND t.reason IN ('audit', 'sample')) AS audit_sample
         FROM labels l JOIN items i ON i.id = l.item_id
-        LEFT JOIN review_tasks t ON t.id = l.review_task_id
         WHERE i.project_id = $1 AND l.source IN ('human', 'import')
         ORDER BY l.item_id, l.created_at DESC
         "#,

@@ -10,7 +10,8 @@ pub enum ItemState {
     /// Waiting for (or in) prediction.
     #[sea_orm(string_value = "queued")]
     Queued,
-    /// A review task is open for it.
+    /// A review task is open for it (but a second opinion on a human label
+    /// leaves the item `human_labeled`: it has a label meanwhile).
     #[sea_orm(string_value = "in_review")]
     InReview,
     #[sea_orm(string_value = "auto_labeled")]

@@ -21,6 +21,10 @@ pub enum TaskReason {
     /// random example for calibration all the same.
     #[sea_orm(string_value = "sample")]
     Sample,
+    /// A reviewer's label disagreed with a confident model: another reviewer
+    /// checks it (`review::submit`). The item stays `human_labeled` meanwhile.
+    #[sea_orm(string_value = "second_opinion")]
+    SecondOpinion,
 }
 
 impl TaskReason {

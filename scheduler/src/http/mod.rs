@@ -144,6 +144,9 @@ async fn metrics_text(State(ctx): State<Context>) -> impl IntoResponse {
     if let Err(err) = status::record_accuracy_metrics(&ctx).await {
         tracing::warn!(error = %err, "machine-label accuracy gauges not refreshed");
     }
+    if let Err(err) = status::record_second_opinion_metrics(&ctx).await {
+        tracing::warn!(error = %err, "second-opinion gauges not refreshed");
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         sieve_shared::telemetry::prometheus().render(),
