@@ -62,7 +62,7 @@ impl Context {
 }
 
 pub fn topology(settings: &Settings) -> Topology {
-    Topology::new(&settings.broker.prefix, settings.broker.delivery_limit)
+    Topology::from_settings(&settings.broker)
 }
 
 /// Run the HTTP API on `listener` and the result, training-event and

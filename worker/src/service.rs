@@ -110,7 +110,7 @@ pub async fn run(
     // Install the recorder before any work, so no count is lost before the
     // first scrape.
     sieve_shared::telemetry::prometheus();
-    let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
+    let topology = Topology::from_settings(&settings.broker);
     let id = new_worker_id();
     let publish_conn =
         broker::connect(&settings.broker.url, &format!("sieve-worker {id} publish")).await?;
