@@ -67,6 +67,7 @@ pub async fn run(
     )
     .await
     .with_context(|| format!("consuming {queue}"))?;
+    let _consuming = worker.health.consuming("prelabel", &channel);
 
     // The model stage: inference, publish, ack, one prepared batch at a time,
     // while this loop fetches and decodes the next one. A capacity of one

@@ -57,6 +57,7 @@ pub async fn run(
         broker::consume(&connection, &queue, 1, &format!("{}-train", worker.id))
             .await
             .with_context(|| format!("consuming {queue}"))?;
+    let _consuming = worker.health.consuming("train", &channel);
     loop {
         let delivery = tokio::select! {
             () = stop.cancelled() => break,
