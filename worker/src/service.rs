@@ -71,6 +71,10 @@ pub struct Worker {
     pub started: Instant,
     /// Training runs cancelled by the scheduler since this worker started.
     pub cancelled_runs: std::sync::Mutex<std::collections::HashSet<TrainingRunId>>,
+    /// Training runs this worker completed (or failed) and reported: a
+    /// redelivery of their job (the broker restarted while it ran) is
+    /// acknowledged without training it again.
+    pub finished_runs: std::sync::Mutex<std::collections::HashSet<TrainingRunId>>,
     /// Broker connections and consumers, for `/healthz`.
     pub health: Health,
 }
@@ -93,6 +97,18 @@ impl Worker {
             .is_ok_and(|runs| runs.contains(&run))
     }
 
+    /// Remember that `run`'s outcome was reported (confirmed by the broker).
+    pub fn finish_run(&self, run: TrainingRunId) {
+        if let Ok(mut runs) = self.finished_runs.lock() {
+            runs.insert(run);
+        }
+    }
+
+    pub fn is_finished(&self, run: TrainingRunId) -> bool {
+        self.finished_runs
+            .lock()
+            .is_ok_and(|runs| runs.contains(&run))
+    }
 }
 
 /// A worker id unique across the fleet: host, process, and a random tail.
@@ -150,6 +166,7 @@ pub async fn run(
         stats: Stats::default(),
         started: Instant::now(),
         cancelled_runs: Default::default(),
+        finished_runs: Default::default(),
         health,
     });
     tracing::info!(
