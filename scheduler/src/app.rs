@@ -69,7 +69,7 @@ impl Context {
 const INGEST_STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn topology(settings: &Settings) -> Topology {
-    Topology::new(&settings.broker.prefix, settings.broker.delivery_limit)
+    Topology::from_settings(&settings.broker)
 }
 
 /// Run the HTTP API on `listener` and the result, training-event and

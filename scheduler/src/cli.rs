@@ -566,6 +566,15 @@ fn render_project(status: &status::ProjectStatus) -> String {
     out
 }
 
+/// ` — after 6 attempts: <error>` for a job a worker gave up retrying.
+fn last_error(d: &failed::DeadLetter) -> String {
+    match (&d.error, d.attempts) {
+        (Some(error), Some(n)) => format!(" — after {n} attempts: {error}"),
+        (Some(error), None) => format!(" — {error}"),
+        _ => String::new(),
+    }
+}
+
 fn render_fleet(fleet: &status::FleetStatus) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -968,8 +977,12 @@ async fn failed_command(settings: Settings, command: FailedCommand) -> anyhow::R
             );
             for d in &dead {
                 println!(
-                    "  #{} from {} ({}): {}",
-                    d.position, d.queue, d.reason, d.summary
+                    "  #{} from {} ({}): {}{}",
+                    d.position,
+                    d.queue,
+                    d.reason,
+                    d.summary,
+                    last_error(d)
                 );
             }
         }
@@ -1015,8 +1028,12 @@ async fn failed_command(settings: Settings, command: FailedCommand) -> anyhow::R
                 );
             };
             println!(
-                "#{} from {} ({})\n{}",
-                d.position, d.queue, d.reason, d.summary
+                "#{} from {} ({})\n{}{}",
+                d.position,
+                d.queue,
+                d.reason,
+                d.summary,
+                last_error(d)
             );
             match serde_json::from_slice::<serde_json::Value>(&d.payload) {
                 Ok(body) => print_json(&body)?,

@@ -454,14 +454,10 @@ pub async fn run_sweeper(
             () = tokio::time::sleep(every) => {}
         }
         let now = Utc::now();
-        // Jobs can only be lost when the queue is empty yet items still wait.
-        let queue = ctx.topology().prelabel_queue();
-        let backlog = match sieve_shared::broker::queue_counts(&ctx.connection, &queue).await {
-            Ok((ready, _)) => {
-                metrics::gauge!("sieve_queue_ready_messages", "queue" => queue.clone())
-                    .set(f64::from(ready));
-                ready
-            }
+        // Jobs can only be lost when the queue is empty yet items still wait;
+        // jobs waiting in a delay queue to be retried are not lost either.
+        let backlog = match backlog(&ctx).await {
+            Ok(ready) => ready,
             Err(err) => {
                 tracing::warn!(error = %err, "sweeper could not read the queue; will retry");
                 continue;
@@ -491,6 +487,21 @@ pub async fn run_sweeper(
             }
         }
     }
+}
+
+/// Ready jobs on the prelabel queue and in its delay queues.
+async fn backlog(ctx: &Context) -> lapin::Result<u32> {
+    let topology = ctx.topology();
+    let queue = topology.prelabel_queue();
+    let (ready, _) = sieve_shared::broker::queue_counts(&ctx.connection, &queue).await?;
+    metrics::gauge!("sieve_queue_ready_messages", "queue" => queue).set(f64::from(ready));
+    let mut total = ready;
+    for delay_queue in topology.retry_queues() {
+        let (waiting, _) =
+            sieve_shared::broker::queue_counts(&ctx.connection, &delay_queue).await?;
+        total += waiting;
+    }
+    Ok(total)
 }
 
 /// Every project, the highest dispatch priority first.

@@ -3,18 +3,19 @@
 //! Two kinds of failure are kept for people to see. **Failed items** are
 //! images that could not be used (not an image, too large, a permanent
 //! prediction failure); they are in PostgreSQL with their reason. **Dead
-//! letters** are messages a consumer refused (undecodable, or redelivered past
-//! the delivery limit); they wait in `sieve.dead` with the queue they came
-//! from and why. A retry sends either back through the normal path, where
+//! letters** are messages a consumer refused (undecodable, redelivered past
+//! the delivery limit, or a prediction job whose transient failure outlasted
+//! every retry); they wait in `sieve.dead` with the queue they came from and
+//! why. A retry sends either back through the normal path, where
 //! every effect is keyed, so a retry cannot create a duplicate.
 
 use anyhow::Context as _;
 use chrono::Utc;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
-use lapin::types::AMQPValue;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Serialize;
 use sieve_shared::messages::{PrelabelJob, PrelabelResult, TrainEvent, TrainJob, decode};
+use sieve_shared::retry;
 use sieve_shared::topology::Route;
 use uuid::Uuid;
 
@@ -92,21 +93,26 @@ pub struct DeadLetter {
     pub position: usize,
     /// The queue it was dead-lettered from.
     pub queue: String,
-    /// `rejected` (refused by a consumer) or `delivery_limit`.
+    /// `rejected` (refused by a consumer), `delivery_limit`, or
+    /// `retries_exhausted` (a transient failure outlasted every retry).
     pub reason: String,
+    /// The error of the last attempt, when the worker gave up on a job.
+    pub error: Option<String>,
+    /// Attempts made, when the job was retried.
+    pub attempts: Option<u32>,
     /// What it is, as far as it decodes.
     pub summary: String,
     #[serde(skip)]
     pub payload: Vec<u8>,
 }
 
-fn header(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
-    let headers = delivery.properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
+/// The queue a dead letter came from and why it died.
+fn origin(delivery: &lapin::message::Delivery) -> (String, String) {
+    let (queue, reason) = retry::origin(&delivery.properties);
+    (
+        queue.unwrap_or_default(),
+        reason.unwrap_or_else(|| "unknown".into()),
+    )
 }
 
 fn summarize(queue_route: Option<Route>, payload: &[u8]) -> String {
@@ -162,10 +168,13 @@ pub async fn dead_letters(ctx: &Context, limit: usize) -> anyhow::Result<Vec<Dea
             break;
         };
         let delivery = &message.delivery;
-        let from = header(delivery, "x-first-death-queue").unwrap_or_default();
+        let (from, reason) = origin(delivery);
+        let retried = retry::header_text(&delivery.properties, retry::ERROR_HEADER).is_some();
         out.push(DeadLetter {
             position: out.len() + 1,
-            reason: header(delivery, "x-first-death-reason").unwrap_or_else(|| "unknown".into()),
+            reason,
+            error: retry::header_text(&delivery.properties, retry::ERROR_HEADER),
+            attempts: retried.then(|| retry::attempt(&delivery.properties)),
             summary: summarize(route_of(ctx, &from), &delivery.data),
             queue: from,
             payload: delivery.data.clone(),
@@ -213,8 +222,7 @@ async fn retry_dead_where(
     {
         seen += 1;
         let delivery = message.delivery;
-        let from = header(&delivery, "x-first-death-queue").unwrap_or_default();
-        let why = header(&delivery, "x-first-death-reason").unwrap_or_default();
+        let (from, why) = origin(&delivery);
         if reason.is_some_and(|r| r != why) || position.is_some_and(|p| p != seen) {
             keep.push(delivery);
             continue;

@@ -294,33 +294,42 @@ async fn queue_via_management(
     })
 }
 
+/// The work queues and the dead-letter queue one by one, then the delay
+/// queues (jobs waiting to be retried) summed into one line.
 async fn queues(ctx: &Context) -> anyhow::Result<(Vec<QueueStatus>, String)> {
     let topology = ctx.topology();
     let mut names = topology.work_queues().to_vec();
     names.push(topology.dead_queue());
+    let retry_queues = topology.retry_queues();
+    let retry_name = format!("{}.*", topology.retry_queue_prefix());
     if let Some(base) = &ctx.settings.broker.management_url {
         let http = reqwest::Client::new();
         let mut out = Vec::new();
-        for name in &names {
+        let mut failed = false;
+        for name in names.iter().chain(&retry_queues) {
             match queue_via_management(&http, base, name).await {
                 Ok(q) => out.push(q),
                 Err(err) => {
                     tracing::warn!(error = %err, "management API unavailable; falling back to passive declares");
-                    out.clear();
+                    failed = true;
                     break;
                 }
             }
         }
-        if out.len() == names.len() {
+        if !failed {
             for q in &out {
                 metrics::gauge!("sieve_queue_ready_messages", "queue" => q.name.clone())
                     .set(q.ready as f64);
+            }
+            let retries = out.split_off(names.len());
+            if !retries.is_empty() {
+                out.push(sum_queues(retry_name, &retries));
             }
             return Ok((out, "management".into()));
         }
     }
     let mut out = Vec::new();
-    for name in names {
+    for name in names.into_iter().chain(retry_queues.iter().cloned()) {
         let (ready, consumers) = sieve_shared::broker::queue_counts(&ctx.connection, &name).await?;
         metrics::gauge!("sieve_queue_ready_messages", "queue" => name.clone())
             .set(f64::from(ready));
@@ -333,12 +342,33 @@ async fn queues(ctx: &Context) -> anyhow::Result<(Vec<QueueStatus>, String)> {
             deliver_rate: None,
         });
     }
+    let retries = out.split_off(out.len() - retry_queues.len());
+    if !retries.is_empty() {
+        out.push(sum_queues(retry_name, &retries));
+    }
     let source = if ctx.settings.broker.management_url.is_some() {
         "passive declare (the management API did not answer; ready counts only)"
     } else {
         "passive declare (set broker.management_url for unacked counts and rates)"
     };
     Ok((out, source.into()))
+}
+
+/// Several queues as one line (the delay queues: what waits to be retried).
+fn sum_queues(name: String, queues: &[QueueStatus]) -> QueueStatus {
+    // A queue without traffic has no rates yet: sum what is known.
+    let sum = |f: fn(&QueueStatus) -> Option<f64>| -> Option<f64> {
+        let known: Vec<f64> = queues.iter().filter_map(f).collect();
+        (!known.is_empty()).then(|| known.iter().sum())
+    };
+    QueueStatus {
+        name,
+        ready: queues.iter().map(|q| q.ready).sum(),
+        unacked: sum(|q| q.unacked.map(|n| n as f64)).map(|n| n as u64),
+        consumers: queues.iter().map(|q| q.consumers).sum(),
+        publish_rate: sum(|q| q.publish_rate),
+        deliver_rate: sum(|q| q.deliver_rate),
+    }
 }
 
 pub async fn fleet_status(ctx: &Context) -> anyhow::Result<FleetStatus> {

@@ -369,6 +369,27 @@ pub async fn handle_event(ctx: &Context, event: &TrainEvent) -> AppResult<()> {
     };
     let now = Utc::now().fixed_offset();
     match &event.kind {
+        TrainEventKind::Started { worker_id }
+            if matches!(
+                run.state,
+                RunState::Succeeded | RunState::Failed | RunState::Cancelled
+            ) =>
+        {
+            // A worker started a run that has ended: its job was delivered
+            // again (a broker restart while another worker trained it). Tell
+            // the fleet, so that worker stops at its next epoch and drops
+            // the job instead of training for nothing.
+            tracing::info!(run = %run_id, worker = %worker_id, state = ?run.state, "a worker started a run that has ended; cancelling it there");
+            ctx.publisher
+                .publish(&ControlMessage {
+                    schema: SCHEMA_VERSION,
+                    command: ControlCommand::CancelTraining {
+                        run_id: event.run_id,
+                    },
+                })
+                .await
+                .map_err(anyhow::Error::from)?;
+        }
         TrainEventKind::Started { worker_id } => {
             tracing::info!(run = %run_id, worker = %worker_id, "training started");
             training_run::Entity::update_many()
@@ -390,16 +411,24 @@ pub async fn handle_event(ctx: &Context, event: &TrainEvent) -> AppResult<()> {
             loss,
             val_accuracy,
         } => {
-            training_run::Entity::update(training_run::ActiveModel {
-                id: Set(run_id),
-                progress: Set(Some(serde_json::json!({
-                    "epoch": epoch, "loss": loss, "val_accuracy": val_accuracy
-                }))),
-                updated_at: Set(now),
-                ..Default::default()
-            })
-            .exec(&ctx.db)
-            .await?;
+            // Only while the run is on: a late or duplicated training (a
+            // job redelivered after a broker restart) must not rewrite the
+            // progress of a run that has ended.
+            training_run::Entity::update_many()
+                .col_expr(
+                    training_run::Column::Progress,
+                    sea_orm::sea_query::Expr::value(serde_json::json!({
+                        "epoch": epoch, "loss": loss, "val_accuracy": val_accuracy
+                    })),
+                )
+                .col_expr(
+                    training_run::Column::UpdatedAt,
+                    sea_orm::sea_query::Expr::value(now),
+                )
+                .filter(training_run::Column::Id.eq(run_id))
+                .filter(training_run::Column::State.is_in([RunState::Queued, RunState::Running]))
+                .exec(&ctx.db)
+                .await?;
         }
         TrainEventKind::Failed { reason } => {
             tracing::warn!(run = %run_id, %reason, "training failed");

@@ -707,7 +707,7 @@ fn the_runbook_documents_every_setting_with_its_default() {
                 serde_json::Value::String(s) => vec![s.clone()],
                 serde_json::Value::Array(items) => items
                     .iter()
-                    .map(|i| i.as_str().unwrap().to_owned())
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
                     .collect(),
                 serde_json::Value::Null => vec![],
                 other => vec![other.to_string()],

@@ -85,23 +85,37 @@ impl Publisher {
     }
 
     /// Publish pre-encoded payloads (replaying a dead letter, tests that
-    /// inject malformed messages).
-    ///
-    /// A broker error that auto-recovery can mend (the connection dropped,
-    /// the broker restarting) is not returned at once: the publish waits for
-    /// the channel to recover and sends the whole set again, with backoff,
-    /// for up to [`RECOVERY_DEADLINE`]. Messages confirmed before the failure
-    /// may so be sent twice; every consumer is idempotent.
+    /// inject malformed messages), all with the same headers.
     pub async fn publish_payloads(
         &self,
         route: Route,
         payloads: &[Vec<u8>],
         headers: Option<FieldTable>,
     ) -> Result<(), PublishError> {
+        let messages: Vec<(&[u8], Option<&FieldTable>)> = payloads
+            .iter()
+            .map(|p| (p.as_slice(), headers.as_ref()))
+            .collect();
+        self.publish_with_headers(route, &messages).await
+    }
+
+    /// Publish pre-encoded payloads, each with its own headers (a retried
+    /// job carries its attempt and last error), confirms pipelined.
+    ///
+    /// A broker error that auto-recovery can mend (the connection dropped,
+    /// the broker restarting) is not returned at once: the publish waits for
+    /// the channel to recover and sends the whole set again, with backoff,
+    /// for up to [`RECOVERY_DEADLINE`]. Messages confirmed before the failure
+    /// may so be sent twice; every consumer is idempotent.
+    pub async fn publish_with_headers(
+        &self,
+        route: Route,
+        messages: &[(&[u8], Option<&FieldTable>)],
+    ) -> Result<(), PublishError> {
         let started = std::time::Instant::now();
         let mut backoff = std::time::Duration::from_millis(100);
         loop {
-            let error = match self.try_publish(route, payloads, headers.clone()).await {
+            let error = match self.try_publish(route, messages).await {
                 Err(PublishError::Broker { target, source })
                     if source.can_be_recovered() && started.elapsed() < RECOVERY_DEADLINE =>
                 {
@@ -127,8 +141,7 @@ impl Publisher {
     async fn try_publish(
         &self,
         route: Route,
-        payloads: &[Vec<u8>],
-        headers: Option<FieldTable>,
+        messages: &[(&[u8], Option<&FieldTable>)],
     ) -> Result<(), PublishError> {
         let (exchange, routing_key) = self.topology.address(route);
         let target = if exchange.is_empty() {
@@ -140,19 +153,20 @@ impl Publisher {
             target: target.clone(),
             source,
         };
-        let mut properties = BasicProperties::default()
+        let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
-        if let Some(headers) = headers {
-            properties = properties.with_headers(headers);
-        }
         let options = BasicPublishOptions {
             mandatory: route.mandatory(),
             ..BasicPublishOptions::default()
         };
 
-        let mut confirms = Vec::with_capacity(payloads.len());
-        for payload in payloads {
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (payload, headers) in messages {
+            let properties = match headers {
+                Some(headers) => properties.clone().with_headers((*headers).clone()),
+                None => properties.clone(),
+            };
             let confirm = self
                 .channel
                 .basic_publish(
@@ -160,7 +174,7 @@ impl Publisher {
                     routing_key.clone().into(),
                     options,
                     payload,
-                    properties.clone(),
+                    properties,
                 )
                 .await
                 .map_err(broker)?;
@@ -201,8 +215,6 @@ pub async fn consume(
     Ok((channel, consumer))
 }
 
-/// How many times a quorum queue has delivered this message before (the
-/// `x-delivery-count` header), so a handler can tell a retry from a first try.
 /// Ready messages and consumers of a queue, by a passive declare on a
 /// channel of its own (a missing queue closes the channel it is asked on).
 pub async fn queue_counts(connection: &Connection, queue: &str) -> lapin::Result<(u32, u32)> {
@@ -224,6 +236,8 @@ pub async fn queue_counts(connection: &Connection, queue: &str) -> lapin::Result
     Ok((q.message_count(), q.consumer_count()))
 }
 
+/// How many times a quorum queue has delivered this message before (the
+/// `x-delivery-count` header), so a handler can tell a retry from a first try.
 pub fn delivery_count(properties: &BasicProperties) -> i64 {
     use lapin::types::AMQPValue;
     properties

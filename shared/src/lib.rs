@@ -6,6 +6,8 @@
 //!   schema version checked on decode.
 //! - [`topology`]: queue and exchange names and their one declaration.
 //! - [`broker`]: connections, the confirming publisher, consumers.
+//! - [`retry`]: transient failures retried through delay queues; where a
+//!   dead letter came from.
 //! - [`scores`]: committee uncertainty scores (DESIGN §6).
 //! - [`settings`]: typed settings (defaults, `sieve.toml`, `SIEVE_*`).
 //! - [`store`]: object storage (local directory by default).
@@ -18,6 +20,7 @@ pub mod error;
 pub mod ids;
 pub mod live;
 pub mod messages;
+pub mod retry;
 pub mod scores;
 pub mod settings;
 pub mod store;

@@ -71,6 +71,11 @@ pub struct BrokerSettings {
     pub prefix: String,
     /// Deliveries of one message before it is dead-lettered.
     pub delivery_limit: u32,
+    /// How long a prediction job that failed transiently (the object store
+    /// not answering) waits before each retry, in milliseconds: the n-th
+    /// retry waits the n-th delay; past the last, the job is dead-lettered
+    /// with its reason. Each distinct delay is a delay queue of its own.
+    pub retry_delays_ms: Vec<u64>,
     /// RabbitMQ management API (e.g. `http://guest:guest@127.0.0.1:15672`)
     /// for unacked counts and rates in `sieve status`; without it, status
     /// falls back to passive declares (ready counts and consumers only).
@@ -83,6 +88,7 @@ impl Default for BrokerSettings {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             prefix: "sieve".into(),
             delivery_limit: 5,
+            retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
             management_url: None,
         }
     }

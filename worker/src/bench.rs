@@ -304,7 +304,7 @@ impl QueueBench {
         settings.http.worker_bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         settings.worker.batch_timeout_ms = 20;
 
-        let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
+        let topology = Topology::from_settings(&settings.broker);
         let connection = broker::connect(&settings.broker.url, "sieve-worker bench").await?;
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await.context("declaring")?;

@@ -53,6 +53,7 @@ pub async fn run(
             FieldTable::default(),
         )
         .await?;
+    let _consuming = worker.health.consuming("control", &channel);
     loop {
         let delivery = tokio::select! {
             () = stop.cancelled() => return Ok(()),

@@ -8,6 +8,7 @@
 //! - [`training`]: training jobs, from snapshot to artifact, with events.
 //! - [`control`]: activation notices from the control fanout.
 //! - [`heartbeat`]: the worker's heartbeat in Redis.
+//! - [`health`]: broker connections and consumers, for `/healthz`.
 //! - [`model`]: the burn committee (architecture, inference, training).
 //! - [`artifact`]: model artifacts (config + weights + checksum).
 //! - [`cache`]: loaded model versions.
@@ -20,6 +21,7 @@ pub mod backend;
 pub mod bench;
 pub mod cache;
 pub mod control;
+pub mod health;
 pub mod heartbeat;
 pub mod images;
 pub mod model;

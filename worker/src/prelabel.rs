@@ -6,9 +6,11 @@
 //! the broker confirmed their results. Failures are sorted by kind: a
 //! permanent one (bytes that are not an image, a corrupt model) becomes a
 //! `failed` result and is acknowledged; a transient one (the object store not
-//! answering) is rejected for redelivery, and past the delivery limit the
-//! queue dead-letters it; a message that does not decode at all goes straight
-//! to the dead-letter queue.
+//! answering) is retried later: a copy goes, with confirms, to the delay
+//! queue of its attempt (`broker.retry_delays_ms`), then the job is
+//! acknowledged, and past the last delay it goes to the dead-letter queue
+//! with its reason (see `sieve_shared::retry`); a message that does not
+//! decode at all goes straight to the dead-letter queue.
 //!
 //! With `worker.pipeline` on (the default) the loop fetches and decodes the
 //! next batch while a model stage runs the current one, publishes its results
@@ -24,13 +26,15 @@ use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use sieve_shared::broker;
+use lapin::types::FieldTable;
 use sieve_shared::ids::ModelVersionId;
 use sieve_shared::messages::{
     ModelRef, PredictionOutput, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION,
     decode,
 };
 use sieve_shared::scores::committee_scores;
+use sieve_shared::topology::Route;
+use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +67,7 @@ pub async fn run(
     )
     .await
     .with_context(|| format!("consuming {queue}"))?;
+    let _consuming = worker.health.consuming("prelabel", &channel);
 
     // The model stage: inference, publish, ack, one prepared batch at a time,
     // while this loop fetches and decodes the next one. A capacity of one
@@ -137,8 +142,8 @@ pub async fn run(
 /// What becomes of one job in a batch.
 enum Fate {
     Result(PrelabelResult),
-    /// Try again later (transient failure).
-    Requeue,
+    /// Try again later, after a delay (a transient failure, with why).
+    Retry(String),
 }
 
 fn failed(worker: &Worker, job: &PrelabelJob, reason: String) -> Fate {
@@ -235,8 +240,8 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
     for (i, ((_, job), bytes)) in jobs.iter().zip(fetched).enumerate() {
         let model = match &models[&job.model.version_id] {
             Ok(model) => model.clone(),
-            Err((true, _)) => {
-                fates[i] = Some(Fate::Requeue);
+            Err((true, reason)) => {
+                fates[i] = Some(Fate::Retry(reason.clone()));
                 continue;
             }
             Err((false, reason)) => {
@@ -252,7 +257,9 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
                 group.1.push(i);
                 group.2.push(bytes);
             }
-            Err(err) if err.is_transient() => fates[i] = Some(Fate::Requeue),
+            Err(err) if err.is_transient() => {
+                fates[i] = Some(Fate::Retry(format!("image unavailable: {err}")));
+            }
             Err(err) => fates[i] = Some(failed(worker, job, format!("image unavailable: {err}"))),
         }
     }
@@ -284,8 +291,8 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
     }
 }
 
-/// Run the model over a prepared batch, publish the results with confirms,
-/// then acknowledge (or requeue) every job.
+/// Run the model over a prepared batch, publish the results and the delayed
+/// retries with confirms, then acknowledge every job.
 async fn finish(worker: &Worker, batch: Prepared) {
     let Prepared {
         started,
@@ -328,14 +335,14 @@ async fn finish(worker: &Worker, batch: Prepared) {
     }
     let fates: Vec<Fate> = fates
         .into_iter()
-        .map(|f| f.unwrap_or(Fate::Requeue))
+        .map(|f| f.unwrap_or_else(|| Fate::Retry("the job was not processed".into())))
         .collect();
 
     let results: Vec<PrelabelResult> = fates
         .iter()
         .filter_map(|f| match f {
             Fate::Result(r) => Some(r.clone()),
-            Fate::Requeue => None,
+            Fate::Retry(_) => None,
         })
         .collect();
     if let Err(err) = worker.publisher.publish_all(&results).await {
@@ -350,10 +357,14 @@ async fn finish(worker: &Worker, batch: Prepared) {
         }
         return;
     }
-    for ((delivery, _), fate) in jobs.into_iter().zip(&fates) {
+    let retried = schedule_retries(worker, &jobs, &fates).await;
+    for (i, ((delivery, _), fate)) in jobs.into_iter().zip(&fates).enumerate() {
         let acked = match fate {
             Fate::Result(_) => delivery.ack(BasicAckOptions::default()).await,
-            Fate::Requeue => {
+            Fate::Retry(_) if retried[i] => delivery.ack(BasicAckOptions::default()).await,
+            // The delayed copy could not be published: redeliver at once
+            // rather than lose the job (this spends one delivery).
+            Fate::Retry(_) => {
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,
@@ -364,7 +375,8 @@ async fn finish(worker: &Worker, batch: Prepared) {
         };
         if !matches!(acked, Ok(true)) {
             // A stale delivery after a reconnect: the broker redelivers, and
-            // the scheduler deduplicates the second result.
+            // the scheduler deduplicates the second result (a retried job
+            // then has two copies in flight; both end in the same result).
             tracing::warn!(
                 "acknowledgement not applied (stale delivery); the job will be redelivered"
             );
@@ -378,6 +390,71 @@ async fn finish(worker: &Worker, batch: Prepared) {
     metrics::histogram!("sieve_worker_batch_size").record(fates.len() as f64);
     metrics::histogram!("sieve_worker_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::counter!("sieve_worker_jobs_consumed_total").increment(fates.len() as u64);
+}
+
+/// Publish a delayed copy of every job that failed transiently, into the
+/// delay queue of its attempt, or into the dead-letter queue with its reason
+/// once the retries are used up; with confirms, before the original is
+/// acknowledged. Returns, per job, whether its copy is safely stored.
+async fn schedule_retries(
+    worker: &Worker,
+    jobs: &[(Delivery, PrelabelJob)],
+    fates: &[Fate],
+) -> Vec<bool> {
+    let mut stored = vec![false; jobs.len()];
+    let mut by_route: Vec<(Route, Vec<usize>, Vec<FieldTable>)> = Vec::new();
+    for (i, ((delivery, job), fate)) in jobs.iter().zip(fates).enumerate() {
+        let Fate::Retry(reason) = fate else { continue };
+        let attempt = retry::attempt(&delivery.properties);
+        let (route, headers) =
+            retry::after_failure(worker.topology(), &delivery.properties, reason);
+        match route {
+            Route::Dead => {
+                tracing::warn!(job = %job.job_id, item = %job.item_id, attempt, %reason, "transient failure, retries used up; dead-lettering the job")
+            }
+            _ => {
+                tracing::debug!(job = %job.job_id, attempt, %reason, "transient failure; retrying later")
+            }
+        }
+        match by_route.iter_mut().find(|(r, _, _)| *r == route) {
+            Some((_, positions, all)) => {
+                positions.push(i);
+                all.push(headers);
+            }
+            None => by_route.push((route, vec![i], vec![headers])),
+        }
+    }
+    for (route, positions, headers) in by_route {
+        let messages: Vec<(&[u8], Option<&FieldTable>)> = positions
+            .iter()
+            .zip(&headers)
+            .map(|(&i, h)| (jobs[i].0.data.as_slice(), Some(h)))
+            .collect();
+        let (exchange, queue) = worker.topology().address(route);
+        let target = if exchange.is_empty() { queue } else { exchange };
+        match worker
+            .publisher
+            .publish_with_headers(route, &messages)
+            .await
+        {
+            Ok(()) => {
+                let n = positions.len() as u64;
+                if route == Route::Dead {
+                    metrics::counter!("sieve_worker_jobs_dead_lettered_total").increment(n);
+                } else {
+                    metrics::counter!("sieve_worker_jobs_retried_total").increment(n);
+                    tracing::info!(jobs = n, queue = %target, "jobs failed transiently; retrying after a delay");
+                }
+                for i in positions {
+                    stored[i] = true;
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, queue = %target, "could not store delayed retries; requeueing those jobs");
+            }
+        }
+    }
+    stored
 }
 
 /// Decode and normalize images, split over the cores (the model is not

@@ -2,10 +2,11 @@
 //!
 //! [`run`] starts the prediction and/or training consumers (by capability),
 //! the control listener, the heartbeat and the health/metrics endpoint, and
-//! runs them until its shutdown future resolves. On shutdown the consumers
-//! stop taking work, finish and acknowledge what they hold, and return; what
-//! was prefetched but not started goes back to the queue when the channel
-//! closes.
+//! runs them until its shutdown future resolves. `/healthz` answers 503 with
+//! the reasons while a broker connection or a consumer is down (see
+//! [`crate::health`]). On shutdown the consumers stop taking work, finish
+//! and acknowledge what they hold, and return; what was prefetched but not
+//! started goes back to the queue when the channel closes.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::get;
 use sieve_shared::Settings;
 use sieve_shared::broker::{self, Publisher};
@@ -24,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::ModelCache;
+use crate::health::Health;
 use crate::{backend, control, heartbeat, prelabel, training};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +71,12 @@ pub struct Worker {
     pub started: Instant,
     /// Training runs cancelled by the scheduler since this worker started.
     pub cancelled_runs: std::sync::Mutex<std::collections::HashSet<TrainingRunId>>,
+    /// Training runs this worker completed (or failed) and reported: a
+    /// redelivery of their job (the broker restarted while it ran) is
+    /// acknowledged without training it again.
+    pub finished_runs: std::sync::Mutex<std::collections::HashSet<TrainingRunId>>,
+    /// Broker connections and consumers, for `/healthz`.
+    pub health: Health,
 }
 
 impl Worker {
@@ -84,6 +93,19 @@ impl Worker {
 
     pub fn is_cancelled(&self, run: TrainingRunId) -> bool {
         self.cancelled_runs
+            .lock()
+            .is_ok_and(|runs| runs.contains(&run))
+    }
+
+    /// Remember that `run`'s outcome was reported (confirmed by the broker).
+    pub fn finish_run(&self, run: TrainingRunId) {
+        if let Ok(mut runs) = self.finished_runs.lock() {
+            runs.insert(run);
+        }
+    }
+
+    pub fn is_finished(&self, run: TrainingRunId) -> bool {
+        self.finished_runs
             .lock()
             .is_ok_and(|runs| runs.contains(&run))
     }
@@ -110,7 +132,7 @@ pub async fn run(
     // Install the recorder before any work, so no count is lost before the
     // first scrape.
     sieve_shared::telemetry::prometheus();
-    let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
+    let topology = Topology::from_settings(&settings.broker);
     let id = new_worker_id();
     let publish_conn =
         broker::connect(&settings.broker.url, &format!("sieve-worker {id} publish")).await?;
@@ -125,6 +147,15 @@ pub async fn run(
     channel.close(200, "declared".into()).await.ok();
     let publisher = Publisher::new(&publish_conn, topology).await?;
     let store = Store::open(&settings.store)?;
+    let mut consumers = vec!["control"];
+    consumers.extend(capabilities.iter().map(|c| c.name()));
+    let health = Health::new(
+        vec![
+            ("publish", publish_conn.status().clone()),
+            ("consume", consume_conn.status().clone()),
+        ],
+        &consumers,
+    );
     let worker = Arc::new(Worker {
         cache: ModelCache::new(store.clone(), settings.worker.model_cache),
         id,
@@ -135,6 +166,8 @@ pub async fn run(
         stats: Stats::default(),
         started: Instant::now(),
         cancelled_runs: Default::default(),
+        finished_runs: Default::default(),
+        health,
     });
     tracing::info!(
         worker = %worker.id,
@@ -172,10 +205,19 @@ pub async fn run(
     // The heartbeat is best-effort (Redis is optional): it never ends the worker.
     let heartbeat = tokio::spawn(async move { heartbeat::run(beat_worker, beat_stop).await });
     let http_stop = stop.clone();
+    let health_worker = worker.clone();
     let router = Router::new()
         .route(
             "/healthz",
-            get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+            get(move || async move {
+                let report = health_worker.health.report();
+                let status = if report.healthy() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, axum::Json(report))
+            }),
         )
         .route(
             "/metrics",

@@ -57,6 +57,7 @@ pub async fn run(
         broker::consume(&connection, &queue, 1, &format!("{}-train", worker.id))
             .await
             .with_context(|| format!("consuming {queue}"))?;
+    let _consuming = worker.health.consuming("train", &channel);
     loop {
         let delivery = tokio::select! {
             () = stop.cancelled() => break,
@@ -103,6 +104,13 @@ async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationTok
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return;
     }
+    if worker.is_finished(job.run_id) {
+        // Redelivered while this worker trained it (its acknowledgement was
+        // stale after a broker restart): the outcome is already reported.
+        tracing::info!(run = %job.run_id, "skipping a redelivered run this worker already finished");
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        return;
+    }
     tracing::info!(run = %job.run_id, version = job.version, "training started");
     let _ = publish(
         worker,
@@ -138,6 +146,7 @@ async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationTok
     };
     match settled {
         Ok(()) => {
+            worker.finish_run(job.run_id);
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }
         Err(err) => {
@@ -360,7 +369,15 @@ async fn train(
 
     let (bytes, checksum) =
         artifact::encode(&trained).map_err(|e| RunError::Permanent(e.to_string()))?;
-    let artifact_key = format!("projects/{}/models/{}.bin", job.project_id, job.version_id);
+    // Named by its content as well: a second training of the same run (a
+    // redelivered job on another worker) writes its own object and can
+    // never replace the artifact the scheduler registered.
+    let artifact_key = format!(
+        "projects/{}/models/{}-{}.bin",
+        job.project_id,
+        job.version_id,
+        checksum.get(..16).unwrap_or(&checksum)
+    );
     worker
         .store
         .put(&artifact_key, Bytes::from(bytes))

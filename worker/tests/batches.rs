@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::AMQPValue;
 use sieve_shared::Settings;
 use sieve_shared::broker::{self, Publisher};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{
     ModelRef, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION, decode,
 };
+use sieve_shared::retry;
 use sieve_shared::store::Store;
 use sieve_shared::topology::Topology;
 use sieve_worker::model::{ArchitectureConfig, Committee};
@@ -49,13 +49,20 @@ impl Harness {
     /// that every job published before [`Harness::start_worker`] lands in
     /// its first micro-batch.
     async fn new() -> Self {
+        Self::with_retry_delays(&[1_000, 5_000]).await
+    }
+
+    /// Like [`Harness::new`], waiting `delays_ms` before each retry of a
+    /// transient failure.
+    async fn with_retry_delays(delays_ms: &[u64]) -> Self {
         sieve_shared::telemetry::init_test_tracing();
         let dir = tempfile::tempdir().unwrap();
         let mut settings = common::test_settings(dir.path());
         settings.broker.delivery_limit = 3;
+        settings.broker.retry_delays_ms = delays_ms.to_vec();
         settings.worker.batch_size = 16;
         settings.worker.batch_timeout_ms = 500;
-        let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
+        let topology = Topology::from_settings(&settings.broker);
         let connection = broker::connect(&settings.broker.url, "batches test")
             .await
             .unwrap();
@@ -314,32 +321,128 @@ async fn one_batch_of_good_and_bad_images() {
     h.teardown().await;
 }
 
+/// Make `key` unreadable without it being missing: a symlink to itself
+/// ("too many levels of symbolic links"), which the store reports as a
+/// backend error, so the worker retries the job rather than fail the item.
+async fn unreadable(h: &Harness, key: &str) {
+    let path = h.settings.store.root.join(key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(path.file_name().unwrap(), &path).unwrap();
+    let err = h
+        .store
+        .get(key)
+        .await
+        .expect_err("a symlink loop is unreadable");
+    assert!(err.is_transient(), "{err}");
+}
+
+/// Where a job is: (ready in each delay queue, in the dead-letter queue).
+async fn whereabouts(h: &Harness) -> (Vec<u32>, u32) {
+    let mut delayed = Vec::new();
+    for queue in h.topology.retry_queues() {
+        delayed.push(h.ready(&queue).await);
+    }
+    (delayed, h.ready(&h.topology.dead_queue()).await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_transient_failure_is_retried_then_dead_lettered() {
-    let mut h = Harness::new().await;
+async fn an_image_readable_only_after_a_while_is_retried_until_it_succeeds() {
+    // With the old immediate requeue, three deliveries (the limit here)
+    // would have gone by within a second and dead-lettered the job.
+    let mut h = Harness::with_retry_delays(&[1_000; 6]).await;
+    unreadable(&h, "images/late.png").await;
+    let job = h.job("images/late.png");
+    let published = std::time::Instant::now();
+    h.publisher.publish(&job).await.unwrap();
+    h.start_worker();
+
+    // It failed and waits in the delay queue; later the image can be read.
+    common::eventually("the job waiting to be retried", WAIT, || async {
+        (whereabouts(&h).await.0 == [1]).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    std::fs::remove_file(h.settings.store.root.join("images/late.png")).unwrap();
+    h.store
+        .put("images/late.png", png(28, 28, true).into())
+        .await
+        .unwrap();
+
+    let results = h.results(1).await;
+    let waited = published.elapsed();
+    assert_eq!(results.len(), 1, "one result, no duplicate: {results:?}");
+    assert_eq!(results[0].job_id, job.job_id);
+    assert!(
+        matches!(results[0].outcome, PrelabelOutcome::Scored(_)),
+        "{}",
+        reason(&results[0])
+    );
+    assert!(
+        waited >= Duration::from_millis(2_500),
+        "scored only once the image could be read: {waited:?}"
+    );
+    println!("scored {waited:?} after publishing, after several retries");
+    assert_eq!(whereabouts(&h).await, (vec![0], 0), "nothing dead-lettered");
+    assert_eq!(h.ready(&h.topology.prelabel_queue()).await, 0);
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transient_failure_waits_each_delay_then_is_dead_lettered_with_its_reason() {
+    let delays = [500_u64, 1_500];
+    let mut h = Harness::with_retry_delays(&delays).await;
     h.store
         .put("images/good.png", png(28, 28, true).into())
         .await
         .unwrap();
-    // An object the store cannot read (a symlink to itself: "too many levels
-    // of symbolic links"), which is not "does not exist": the store calls it
-    // a backend error, so the worker retries it rather than failing the item.
-    let images = h.settings.store.root.join("images");
-    std::os::unix::fs::symlink("loop.png", images.join("loop.png")).unwrap();
-    let unreadable = h
-        .store
-        .get("images/loop.png")
-        .await
-        .expect_err("a symlink loop is unreadable");
-    assert!(unreadable.is_transient(), "{unreadable}");
-
+    unreadable(&h, "images/loop.png").await;
     let good = h.job("images/good.png");
     let stuck = h.job("images/loop.png");
+    let published = std::time::Instant::now();
     h.publisher
         .publish_all(&[good.clone(), stuck.clone()])
         .await
         .unwrap();
     h.start_worker();
+
+    // Follow the stuck job: 1st delay queue, 2nd delay queue, dead letters.
+    // `seen[k]` is when it was first seen at stage k; a poll takes at most
+    // `slop`, so a stage that lasted `d` is seen to last at least `d - slop`.
+    let mut seen: [Option<std::time::Instant>; 3] = [None; 3];
+    let mut slop = Duration::ZERO;
+    while seen[2].is_none() {
+        assert!(published.elapsed() < WAIT, "the job went missing: {seen:?}");
+        let polled = std::time::Instant::now();
+        let (delayed, dead) = whereabouts(&h).await;
+        let stage = match (delayed.as_slice(), dead) {
+            ([1, 0], 0) => Some(0),
+            ([0, 1], 0) => Some(1),
+            ([0, 0], 1) => Some(2),
+            _ => None,
+        };
+        if let Some(stage) = stage {
+            seen[stage].get_or_insert(polled);
+        }
+        slop = slop.max(polled.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let [Some(first), Some(second), Some(dead)] = seen else {
+        panic!("a stage was never seen: {seen:?}");
+    };
+    slop += Duration::from_millis(10);
+    println!(
+        "waited {:?} then {:?} (delays {delays:?} ms, poll slop {slop:?}); dead-lettered {:?} after publishing",
+        second - first,
+        dead - second,
+        dead - published
+    );
+    for (waited, delay) in [(second - first, delays[0]), (dead - second, delays[1])] {
+        assert!(
+            waited + slop >= Duration::from_millis(delay),
+            "a retry came after {waited:?}, before its delay of {delay} ms"
+        );
+    }
+    assert!(dead - published >= Duration::from_millis(delays.iter().sum()));
 
     // The good image in the same batch is scored once; the stuck one never
     // gets a result.
@@ -348,39 +451,33 @@ async fn a_transient_failure_is_retried_then_dead_lettered() {
     assert_eq!(results[0].job_id, good.job_id);
     assert!(matches!(results[0].outcome, PrelabelOutcome::Scored(_)));
 
-    // Redelivered up to the delivery limit, then dead-lettered with the
-    // reason `sieve failed list` shows.
-    let dead = h.topology.dead_queue();
-    common::eventually("the stuck job dead-lettered", WAIT, || async {
-        (h.ready(&dead).await == 1).then_some(())
-    })
-    .await;
+    // The dead letter is the job, with why and after how many attempts.
     let channel = h.connection.create_channel().await.unwrap();
     let message = channel
-        .basic_get(dead.clone().into(), BasicGetOptions { no_ack: true })
+        .basic_get(
+            h.topology.dead_queue().into(),
+            BasicGetOptions { no_ack: true },
+        )
         .await
         .unwrap()
         .expect("a dead letter");
     let letter = decode::<PrelabelJob>(&message.delivery.data).unwrap();
-    assert_eq!(letter.job_id, stuck.job_id);
-    let header = |name: &str| {
-        message
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(name).cloned())
-    };
-    let text = |v: Option<AMQPValue>| match v {
-        Some(AMQPValue::LongString(s)) => s.to_string(),
-        Some(AMQPValue::ShortString(s)) => s.to_string(),
-        other => format!("{other:?}"),
-    };
-    assert_eq!(text(header("x-first-death-reason")), "delivery_limit");
+    assert_eq!(letter, stuck);
+    let properties = &message.delivery.properties;
     assert_eq!(
-        text(header("x-first-death-queue")),
-        h.topology.prelabel_queue()
+        retry::origin(properties),
+        (
+            Some(h.topology.prelabel_queue()),
+            Some(retry::RETRIES_EXHAUSTED.to_owned())
+        )
     );
+    assert_eq!(
+        retry::attempt(properties),
+        3,
+        "the first try and two retries"
+    );
+    let error = retry::header_text(properties, retry::ERROR_HEADER).unwrap();
+    assert!(error.contains("symbolic links"), "{error}");
     channel.close(200, "done".into()).await.ok();
     assert_eq!(h.ready(&h.topology.prelabel_queue()).await, 0);
     assert_eq!(h.ready(&h.topology.results_queue()).await, 0);

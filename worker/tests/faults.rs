@@ -218,6 +218,60 @@ async fn duplicate_deliveries_change_nothing() {
         model_version::Entity::find().count(db).await.unwrap(),
         versions_before + 1
     );
+    // A worker starting the finished run again (its job redelivered) is
+    // told to stop: the scheduler answers with a cancel notice.
+    let channel = sieve.ctx.connection.create_channel().await.unwrap();
+    let notices = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            notices.name().clone(),
+            sieve.ctx.topology().control_exchange().into(),
+            "".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let started_again = sieve_shared::messages::TrainEvent {
+        kind: sieve_shared::messages::TrainEventKind::Started {
+            worker_id: "late-worker".into(),
+        },
+        ..replay.clone()
+    };
+    sieve.ctx.publisher.publish(&started_again).await.unwrap();
+    let notice = eventually("a cancel notice", WAIT, || async {
+        let got = channel
+            .basic_get(notices.name().clone(), Default::default())
+            .await
+            .ok()??;
+        Some(sieve_shared::messages::decode::<ControlMessage>(&got.delivery.data).unwrap())
+    })
+    .await;
+    assert!(
+        matches!(notice.command, ControlCommand::CancelTraining { run_id } if run_id.as_uuid() == run.run_id),
+        "{notice:?}"
+    );
+    channel.close(200, "done".into()).await.ok();
+    let ended = sieve_scheduler::entities::training_run::Entity::find_by_id(run.run_id)
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ended.state,
+        sieve_scheduler::entities::training_run::RunState::Succeeded,
+        "a late start changes nothing"
+    );
     let active = model_version::Entity::find()
         .filter(model_version::Column::Status.eq(VersionStatus::Active))
         .count(db)

@@ -170,11 +170,18 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
         .await
         .unwrap();
     assert_eq!(fleet_json["workers_alive"], 2);
-    assert_eq!(fleet_json["queues"].as_array().unwrap().len(), 5);
+    // Four work queues, the dead letters, and the delay queues as one line.
+    assert_eq!(fleet_json["queues"].as_array().unwrap().len(), 6);
 
     // Fleet status sees the queues, the workers and the project.
     let fleet = status::fleet_status(&sieve.ctx).await.unwrap();
-    assert_eq!(fleet.queues.len(), 5);
+    assert_eq!(fleet.queues.len(), 6);
+    let retries = fleet.queues.last().unwrap();
+    assert_eq!(
+        retries.name,
+        format!("{}.prelabel.retry.*", sieve.settings.broker.prefix)
+    );
+    assert_eq!((retries.ready, retries.consumers), (0, 0));
     assert!(fleet.queue_source.starts_with("passive declare"));
     assert_eq!(fleet.workers_alive, 2);
     assert_eq!(fleet.projects[0].total_items, 12);
@@ -188,7 +195,7 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
     let fleet = status::fleet_status(&managed).await.unwrap();
     assert_eq!(fleet.queue_source, "management");
     // (Counts appear once the broker has sampled the queues: every 5 s.)
-    assert_eq!(fleet.queues.len(), 5);
+    assert_eq!(fleet.queues.len(), 6);
 
     // SIGKILL: no clean exit, so the worker is shown as lost by server time.
     process.kill().unwrap();

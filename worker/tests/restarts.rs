@@ -6,6 +6,10 @@
 //! one state, no prediction is duplicated per model version, every failure
 //! carries its reason.
 //!
+//! RabbitMQ is also restarted while a training run is in progress: the run
+//! ends registered exactly once, its job is not trained twice, and the
+//! worker's `/healthz` answers 503 while its broker connections are down.
+//!
 //! These tests stop services that everything on the machine shares. The
 //! scenarios take one process-wide lock so they never overlap, and a guard
 //! brings the service back up when it is dropped, even if the test panics.
@@ -23,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{TestSieve, account, eventually, settled};
-use sea_orm::{EntityTrait, PaginatorTrait};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::entities::training_run::{self, RunState};
 use sieve_scheduler::fashion_mnist::Split;
@@ -405,5 +409,192 @@ async fn redis_restart_while_workers_beat() {
     let counts = account(&sieve.ctx.db, project.id, images).await;
     assert_eq!(counts.failed, 1);
     assert_eq!(counts.predictions, images - 1);
+    sieve.teardown().await;
+}
+
+/// Ready and unacknowledged messages of a queue, from the broker itself.
+fn queue_messages(name: &str) -> (u64, u64) {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--formatter",
+            "json",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let queue = all
+        .iter()
+        .find(|q| q["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no queue {name}"));
+    (
+        queue["messages_ready"].as_u64().unwrap_or(0),
+        queue["messages_unacknowledged"].as_u64().unwrap_or(0),
+    )
+}
+
+/// The worker's `/healthz`: its status code and body.
+async fn health(http: &reqwest::Client, worker: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let response = http
+        .get(format!("http://{worker}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_restart_while_training() {
+    use sieve_scheduler::entities::model_version::{self, VersionStatus};
+    use sieve_shared::messages::TrainParams;
+
+    let _serial = SERIAL.lock().await;
+    let sieve = TestSieve::start().await;
+    let db = &sieve.ctx.db;
+    let worker = sieve.worker_addrs[0];
+    let project = common::fashion_project(&sieve, "train-restart", Policy::default()).await;
+    let images = common::ingest_labeled(&sieve, &project, 1_000).await;
+    settled(db, project.id, SETTLE).await;
+    let (status, body) = health(&sieve.http, worker).await;
+    assert_eq!(status, 200, "{body}");
+
+    let params = TrainParams {
+        epochs: 30,
+        batch_size: 32,
+        ..TrainParams::default()
+    };
+    let run = sieve_scheduler::training::request(&sieve.ctx, &project, "test", params, false)
+        .await
+        .unwrap();
+    let in_progress = eventually("training progress", SETTLE, || async {
+        let r = training_run::Entity::find_by_id(run.run_id)
+            .one(db)
+            .await
+            .ok()??;
+        r.progress.is_some().then_some(r)
+    })
+    .await;
+    println!(
+        "training at {:?} when the broker stops",
+        in_progress.progress
+    );
+    assert_eq!(in_progress.state, RunState::Running);
+
+    // The broker goes away under the running training: the worker says so
+    // on /healthz (503, with the reasons) until its connections and
+    // consumers are back.
+    let started = Instant::now();
+    {
+        let _outage = Service::RabbitMq.down();
+        // (`stop_app` returns once the broker is down.)
+        let down = Instant::now();
+        let mut unhealthy = None;
+        while down.elapsed() < OUTAGE {
+            let (status, body) = health(&sieve.http, worker).await;
+            if status == 503 {
+                unhealthy.get_or_insert(body);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let body = unhealthy.expect("/healthz answered 503 while the broker was down");
+        println!("/healthz during the outage: {body}");
+        assert_eq!(body["status"], "unavailable");
+        let reasons = body["reasons"].to_string();
+        assert!(reasons.contains("connection to RabbitMQ"), "{reasons}");
+    }
+    let healthy = eventually("/healthz ok again", SETTLE, || async {
+        let (status, body) = health(&sieve.http, worker).await;
+        (status == 200).then_some(body)
+    })
+    .await;
+    println!(
+        "/healthz ok {:?} after the broker stopped: {healthy}",
+        started.elapsed()
+    );
+    for consumer in ["prelabel", "train", "control"] {
+        assert_eq!(healthy["consumers"][consumer], "consuming", "{healthy}");
+    }
+
+    // The run that was training across the restart completes, once.
+    let finished = eventually("the training run to finish", SETTLE, || async {
+        let r = training_run::Entity::find_by_id(run.run_id)
+            .one(db)
+            .await
+            .ok()??;
+        matches!(r.state, RunState::Succeeded | RunState::Failed).then_some(r)
+    })
+    .await;
+    assert_eq!(finished.state, RunState::Succeeded, "{:?}", finished.error);
+    // The broker gave the job back when the worker's connection dropped, and
+    // delivered it again after the restart, to the same worker, while it was
+    // still training it. That redelivery must end acknowledged, not trained
+    // a second time.
+    let train_queue = sieve.ctx.topology().train_queue();
+    eventually("the train queue empty", SETTLE, || async {
+        (queue_messages(&train_queue) == (0, 0)).then_some(())
+    })
+    .await;
+    let versions = model_version::Entity::find()
+        .filter(model_version::Column::TrainingRunId.eq(run.run_id))
+        .all(db)
+        .await
+        .unwrap();
+    assert_eq!(versions.len(), 1, "one version registered for the run");
+    let version = &versions[0];
+    assert!(
+        matches!(
+            version.status,
+            VersionStatus::Active | VersionStatus::Candidate
+        ),
+        "{:?}",
+        version.status
+    );
+    // The registered artifact is the bytes the checksum names, and it is
+    // the only artifact of the version, written before the run was
+    // registered: the redelivered job was not trained a second time.
+    let key = version.artifact_key.clone().unwrap();
+    let store = sieve_shared::store::Store::open(&sieve.settings.store).unwrap();
+    let bytes = store.get(&key).await.unwrap();
+    assert_eq!(
+        Some(sieve_shared::store::sha256_hex(&bytes)),
+        version.checksum
+    );
+    let models = sieve
+        .settings
+        .store
+        .root
+        .join(format!("projects/{}/models", project.id));
+    let registered = finished.finished_at.unwrap().with_timezone(&chrono::Utc);
+    let artifacts: Vec<(String, chrono::DateTime<chrono::Utc>)> = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&version.id.to_string())
+        })
+        .map(|e| {
+            let written = e.metadata().unwrap().modified().unwrap();
+            (e.file_name().to_string_lossy().into_owned(), written.into())
+        })
+        .collect();
+    println!("run registered at {registered}; artifacts {artifacts:?}");
+    assert_eq!(artifacts.len(), 1, "trained once: {artifacts:?}");
+    assert!(
+        artifacts.iter().all(|(_, written)| *written <= registered),
+        "an artifact was written after the run was registered: trained twice"
+    );
+    let (dead, _) = queue_messages(&sieve.ctx.topology().dead_queue());
+    assert_eq!(dead, 0, "nothing dead-lettered");
+
+    settled(db, project.id, SETTLE).await;
+    let counts = account(db, project.id, images).await;
+    assert_eq!(counts.failed, 0);
     sieve.teardown().await;
 }

@@ -23,6 +23,8 @@ pub struct TestSieve {
     pub ctx: Context,
     pub api: String,
     pub http: reqwest::Client,
+    /// Where each worker started here serves `/healthz` and `/metrics`.
+    pub worker_addrs: Vec<SocketAddr>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     _store: tempfile::TempDir,
@@ -83,6 +85,7 @@ impl TestSieve {
             settings,
             ctx,
             http: reqwest::Client::new(),
+            worker_addrs: Vec::new(),
             stop,
             tasks,
             _store: store,
@@ -95,6 +98,7 @@ impl TestSieve {
         let listener = TcpListener::bind(self.settings.http.worker_bind)
             .await
             .unwrap();
+        self.worker_addrs.push(listener.local_addr().unwrap());
         let s = self.stop.clone();
         self.tasks.push(tokio::spawn(service::run(
             self.settings.clone(),

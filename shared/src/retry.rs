@@ -1,0 +1,260 @@
+//! Transient failures retried later, and where a dead letter came from.
+//!
+//! A prediction job that failed transiently (the object store not
+//! answering) is not requeued at once: that would spend its delivery limit
+//! within a second. The worker publishes a copy, with confirms, into the
+//! delay queue of its attempt ([`Topology::retry_route`]), and only then
+//! acknowledges the original; the broker moves the copy back onto the
+//! prelabel queue when its delay has passed. A crash between the publish and
+//! the ack leaves two copies, and the second result is absorbed like any
+//! redelivery. Past the last delay the job goes to the dead-letter queue with
+//! its reason. The attempt count and the last error travel in headers.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+use crate::topology::{Route, Topology};
+
+/// Which attempt this delivery of a job is (absent on the first).
+pub const ATTEMPT_HEADER: &str = "sieve-attempt";
+/// Why the previous attempt failed.
+pub const ERROR_HEADER: &str = "sieve-error";
+/// On a dead letter a worker published itself: the queue the job came from.
+pub const DEAD_QUEUE_HEADER: &str = "sieve-dead-queue";
+/// On a dead letter a worker published itself: why it gave up.
+pub const DEAD_REASON_HEADER: &str = "sieve-dead-reason";
+/// The reason of a job dead-lettered after its last retry failed too.
+pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+
+/// Headers are bounded; an error message is kept to this many bytes.
+const MAX_ERROR_BYTES: usize = 1000;
+
+/// Which attempt a delivery is: 1 for a job's first delivery.
+pub fn attempt(properties: &BasicProperties) -> u32 {
+    header(properties, ATTEMPT_HEADER)
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongUInt(n) => Some(n),
+            AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
+            _ => None,
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Where a job delivered with `properties` goes after this attempt failed
+/// transiently with `error`, and the headers its copy carries there: the
+/// next delay queue, or the dead-letter queue once the retries are used up.
+/// The copy keeps the job's own headers (its dispatch priority), not the
+/// broker's (`x-…`).
+pub fn after_failure(
+    topology: &Topology,
+    properties: &BasicProperties,
+    error: &str,
+) -> (Route, FieldTable) {
+    let attempt = attempt(properties);
+    let mut headers = FieldTable::default();
+    if let Some(own) = properties.headers() {
+        for (name, value) in own.inner() {
+            if !name.as_str().starts_with("x-") {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    headers.insert(ERROR_HEADER.into(), text(truncate(error, MAX_ERROR_BYTES)));
+    match topology.retry_route(attempt) {
+        Some(route) => {
+            headers.insert(
+                ATTEMPT_HEADER.into(),
+                AMQPValue::LongLongInt(i64::from(attempt) + 1),
+            );
+            (route, headers)
+        }
+        None => {
+            headers.insert(
+                ATTEMPT_HEADER.into(),
+                AMQPValue::LongLongInt(attempt.into()),
+            );
+            headers.insert(DEAD_QUEUE_HEADER.into(), text(&topology.prelabel_queue()));
+            headers.insert(DEAD_REASON_HEADER.into(), text(RETRIES_EXHAUSTED));
+            (Route::Dead, headers)
+        }
+    }
+}
+
+/// The queue a dead letter came from and why it was dead-lettered:
+/// `retries_exhausted` from a worker, or the broker's reason (`rejected`,
+/// `delivery_limit`, ...) for its last death. The broker's `x-first-death-*`
+/// headers are not enough: a job that went through a delay queue "died" there
+/// first (expired), so its last death, the first entry of `x-death`, is the
+/// one that counts.
+pub fn origin(properties: &BasicProperties) -> (Option<String>, Option<String>) {
+    let own = (
+        header_text(properties, DEAD_QUEUE_HEADER),
+        header_text(properties, DEAD_REASON_HEADER),
+    );
+    if own.0.is_some() {
+        return own;
+    }
+    let last_death = match header(properties, "x-death") {
+        Some(AMQPValue::FieldArray(deaths)) => deaths.as_slice().first().and_then(|d| match d {
+            AMQPValue::FieldTable(t) => Some(t.clone()),
+            _ => None,
+        }),
+        _ => None,
+    };
+    if let Some(death) = last_death {
+        let field = |name: &str| death.inner().get(name).and_then(as_text);
+        return (field("queue"), field("reason"));
+    }
+    (
+        header_text(properties, "x-first-death-queue"),
+        header_text(properties, "x-first-death-reason"),
+    )
+}
+
+/// A header's value as text, when it is a string.
+pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    header(properties, name).as_ref().and_then(as_text)
+}
+
+fn header(properties: &BasicProperties, name: &str) -> Option<AMQPValue> {
+    properties.headers().as_ref()?.inner().get(name).cloned()
+}
+
+fn as_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.to_owned()))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(headers: FieldTable) -> BasicProperties {
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn attempts_count_up_then_dead_letter_with_the_reason() {
+        let t = Topology::new("sieve", 5).with_retry_delays(vec![1_000, 5_000]);
+        assert_eq!(attempt(&BasicProperties::default()), 1);
+
+        let mut first = FieldTable::default();
+        first.insert("sieve-priority".into(), AMQPValue::ShortShortUInt(5));
+        first.insert("x-delivery-count".into(), AMQPValue::LongLongInt(0));
+        let (route, headers) = after_failure(&t, &with(first), "object store timeout");
+        assert_eq!(route, Route::PrelabelRetry { delay_ms: 1_000 });
+        assert!(
+            headers.contains_key("sieve-priority"),
+            "its own headers kept"
+        );
+        assert!(
+            !headers.contains_key("x-delivery-count"),
+            "not the broker's"
+        );
+        let second = with(headers);
+        assert_eq!(attempt(&second), 2);
+        assert_eq!(
+            header_text(&second, ERROR_HEADER).as_deref(),
+            Some("object store timeout")
+        );
+
+        let (route, headers) = after_failure(&t, &second, "still down");
+        assert_eq!(route, Route::PrelabelRetry { delay_ms: 5_000 });
+        let third = with(headers);
+        assert_eq!(attempt(&third), 3);
+
+        let (route, headers) = after_failure(&t, &third, "still down");
+        assert_eq!(route, Route::Dead);
+        let dead = with(headers);
+        assert_eq!(attempt(&dead), 3, "attempts made");
+        assert_eq!(
+            origin(&dead),
+            (
+                Some("sieve.prelabel".to_owned()),
+                Some(RETRIES_EXHAUSTED.to_owned())
+            )
+        );
+    }
+
+    #[test]
+    fn no_delays_means_dead_letter_at_the_first_transient_failure() {
+        let t = Topology::new("sieve", 5).with_retry_delays(Vec::new());
+        assert_eq!(
+            after_failure(&t, &BasicProperties::default(), "x").0,
+            Route::Dead
+        );
+    }
+
+    #[test]
+    fn the_last_death_names_the_origin_not_the_delay_queue() {
+        let death = |queue: &str, reason: &str| {
+            let mut t = FieldTable::default();
+            t.insert("queue".into(), text(queue));
+            t.insert("reason".into(), text(reason));
+            AMQPValue::FieldTable(t)
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![
+                    death("sieve.prelabel", "delivery_limit"),
+                    death("sieve.prelabel.retry.1s", "expired"),
+                ]
+                .into(),
+            ),
+        );
+        headers.insert(
+            "x-first-death-queue".into(),
+            text("sieve.prelabel.retry.1s"),
+        );
+        headers.insert("x-first-death-reason".into(), text("expired"));
+        assert_eq!(
+            origin(&with(headers)),
+            (
+                Some("sieve.prelabel".to_owned()),
+                Some("delivery_limit".to_owned())
+            )
+        );
+
+        let mut first_only = FieldTable::default();
+        first_only.insert("x-first-death-queue".into(), text("sieve.results"));
+        first_only.insert("x-first-death-reason".into(), text("rejected"));
+        assert_eq!(
+            origin(&with(first_only)),
+            (
+                Some("sieve.results".to_owned()),
+                Some("rejected".to_owned())
+            )
+        );
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cut = truncate(&long, MAX_ERROR_BYTES);
+        assert!(cut.len() <= MAX_ERROR_BYTES);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+}
