@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::app::Context;
 use crate::auth;
 use crate::entities::api_token::Role;
+use crate::entities::model_version;
 use crate::entities::training_run::{self, RunState};
 use crate::fashion_mnist::{self, Truth};
 use crate::ingest;
@@ -461,6 +462,10 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
     Ok(report)
 }
 
+/// Wait until a training run has ended and its version's promotion was
+/// decided: a run is `succeeded` as soon as its version is registered, a
+/// moment before the scheduler activates it (or says why not), and a review
+/// round started in between would pick its items by the old model's doubt.
 async fn wait_for_run(ctx: &Context, run_id: Uuid, timeout: Duration) -> anyhow::Result<()> {
     wait_for("the training run", timeout, async || {
         let run = training_run::Entity::find_by_id(run_id)
@@ -468,7 +473,13 @@ async fn wait_for_run(ctx: &Context, run_id: Uuid, timeout: Duration) -> anyhow:
             .await?
             .context("the training run vanished")?;
         match run.state {
-            RunState::Succeeded => Ok(true),
+            RunState::Succeeded => {
+                let version = model_version::Entity::find_by_id(run.model_version_id)
+                    .one(&ctx.db)
+                    .await?
+                    .context("the run's model version vanished")?;
+                Ok(version.activated_at.is_some() || version.status_reason.is_some())
+            }
             RunState::Failed | RunState::Cancelled => {
                 bail!("training run failed: {}", run.error.unwrap_or_default())
             }
