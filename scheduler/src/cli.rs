@@ -11,12 +11,15 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use sieve_shared::Settings;
 use sieve_shared::messages::TrainParams;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, Context};
 use crate::entities::api_token::Role;
 use crate::policy::Policy;
 use crate::projects::{self, ClassNames, ProjectName};
-use crate::{auth, db, demo, failed, ingest, models, review, status, training, workers};
+use crate::{
+    auth, db, demo, failed, ingest, ingest_runs, models, review, status, training, workers,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,6 +68,17 @@ pub enum Command {
         /// manifest's directory); no path may leave it.
         #[arg(long, requires = "manifest")]
         root: Option<PathBuf>,
+    },
+    /// A project's ingests, newest first: from `sieve ingest` and over HTTP,
+    /// with their counts and state (a running one whose process died reads
+    /// as interrupted).
+    Ingests {
+        #[arg(long, short)]
+        project: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        #[arg(long)]
+        json: bool,
     },
     /// Queues, workers and projects at a glance (or one project in detail).
     Status {
@@ -393,14 +407,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let source = ingest_source(source, manifest, root)?;
             let ctx = Context::connect(settings).await?;
             let project = projects::get(&ctx.db, &project).await?;
-            let terminal = std::io::stderr().is_terminal();
-            let summary = ingest::ingest(
-                &ctx,
-                &project,
-                &source,
-                &ingest::Options::terminal(terminal),
-            )
-            .await?;
+            // Ctrl-C or SIGTERM stops between batches; the row says where.
+            let cancel = CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            let options = ingest::Options {
+                terminal: std::io::stderr().is_terminal(),
+                progress: None,
+                cancel: Some(cancel),
+            };
+            let requested_by = format!(
+                "cli:{}",
+                std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+            );
+            let (id, summary) =
+                ingest_runs::run_here(&ctx, &project, &source, &requested_by, options).await?;
             for failure in &summary.failures {
                 eprintln!("failed: {failure}");
             }
@@ -410,7 +434,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => "row(s)",
             };
             println!(
-                "ingested {} {} into {}: {} new, {} duplicate, {} failed, {} with imported labels, {} dispatched",
+                "ingest {id}: {} {} into {}: {} new, {} duplicate, {} failed, {} with imported labels, {} dispatched",
                 summary.files_seen,
                 what,
                 project.name,
@@ -422,6 +446,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             if summary.has_failures() {
                 return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Ingests {
+            project,
+            limit,
+            json,
+        } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &project).await?;
+            let runs = ingest_runs::list(&ctx.db, &project, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else if runs.is_empty() {
+                println!("no ingests into {}", project.name);
+            } else {
+                for run in &runs {
+                    println!(
+                        "{}  {:<11}  {}  seen={} new={} duplicate={} failed={} dispatched={}  by {}  {}{}",
+                        run.id,
+                        format!("{:?}", run.state).to_lowercase(),
+                        run.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        run.files_seen,
+                        run.new_items,
+                        run.duplicates,
+                        run.failed,
+                        run.dispatched,
+                        run.requested_by,
+                        run.source,
+                        run.error
+                            .as_deref()
+                            .map(|e| format!("  ({e})"))
+                            .unwrap_or_default(),
+                    );
+                }
             }
         }
         Command::Status {

@@ -1,6 +1,8 @@
-//! Ingests started over HTTP (`POST /api/v1/projects/{p}/ingest`): each
-//! runs as a task of `sieve serve` and has a row in `ingests` that
-//! `GET /api/v1/ingests/{id}` reads.
+//! Every ingest has a row in `ingests`: one started over HTTP
+//! (`POST /api/v1/projects/{p}/ingest`) runs as a task of `sieve serve`,
+//! one started by `sieve ingest` runs in that command's process. Both are
+//! read by `GET /api/v1/ingests/{id}`, listed per project by
+//! `GET /api/v1/projects/{p}/ingests` and `sieve ingests`.
 //!
 //! The row is the progress: the counts and the first failures are written
 //! every [`HEARTBEAT`] while the ingest runs (with `heartbeat_at`), and once
@@ -166,6 +168,38 @@ impl Row {
     }
 }
 
+/// The columns of an [`IngestRun`], for `FROM ingests i JOIN projects p`.
+const SELECT_RUN: &str = r#"
+    SELECT i.id, p.name AS project, i.project_id, i.source, i.requested_by, i.state,
+           i.heartbeat_at < now() - make_interval(secs => $1) AS stale,
+           i.files_seen, i.new_items, i.duplicates, i.failed, i.dispatched,
+           i.imported_labels, i.failures, i.error, i.created_at, i.heartbeat_at,
+           i.finished_at
+    FROM ingests i JOIN projects p ON p.id = i.project_id
+"#;
+
+async fn insert(
+    db: &DatabaseConnection,
+    project: &Project,
+    source: &Source,
+    requested_by: &str,
+) -> anyhow::Result<Uuid> {
+    let id = Uuid::now_v7();
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "INSERT INTO ingests (id, project_id, source, requested_by) VALUES ($1, $2, $3, $4)",
+        [
+            id.into(),
+            project.id.as_uuid().into(),
+            source.to_string().into(),
+            requested_by.into(),
+        ],
+    ))
+    .await?;
+    tracing::info!(ingest = %id, project = %project.name, source = %source, requested_by, "ingest started");
+    Ok(id)
+}
+
 /// Record an ingest of `source` into `project` and start it in the
 /// background; returns its row as it is now.
 pub async fn start(
@@ -174,29 +208,52 @@ pub async fn start(
     source: Source,
     requested_by: &str,
 ) -> AppResult<IngestRun> {
-    let id = Uuid::now_v7();
-    ctx.db
-        .execute_raw(Statement::from_sql_and_values(
-            ctx.db.get_database_backend(),
-            "INSERT INTO ingests (id, project_id, source, requested_by) VALUES ($1, $2, $3, $4)",
-            [
-                id.into(),
-                project.id.as_uuid().into(),
-                source.to_string().into(),
-                requested_by.into(),
-            ],
-        ))
-        .await?;
-    tracing::info!(ingest = %id, project = %project.name, source = %source, requested_by, "ingest started");
+    let id = insert(&ctx.db, project, &source, requested_by).await?;
     let runner = &ctx.ingest_runs;
-    runner.tasks.spawn(run(
-        ctx.clone(),
-        project.clone(),
+    let options = Options {
+        terminal: false,
+        progress: None,
+        cancel: Some(runner.stop.child_token()),
+    };
+    let (ctx2, project) = (ctx.clone(), project.clone());
+    runner.tasks.spawn(async move {
+        // The outcome is in the row; the log has the failure.
+        let _ = supervise(
+            &ctx2,
+            &project,
+            &source,
+            id,
+            options,
+            "the scheduler shut down",
+        )
+        .await;
+    });
+    show(&ctx.db, id).await
+}
+
+/// Record an ingest and run it in this process (`sieve ingest`), with a
+/// progress bar when `options.terminal`; `options.cancel` stops it between
+/// batches, recorded as interrupted (by Ctrl-C or SIGTERM, as the CLI
+/// wires it). Returns its id and its summary with
+/// every failure (the row keeps the first [`REPORTED_FAILURES`]).
+pub async fn run_here(
+    ctx: &Context,
+    project: &Project,
+    source: &Source,
+    requested_by: &str,
+    options: Options,
+) -> anyhow::Result<(Uuid, IngestSummary)> {
+    let id = insert(&ctx.db, project, source, requested_by).await?;
+    let summary = supervise(
+        ctx,
+        project,
         source,
         id,
-        runner.stop.child_token(),
-    ));
-    show(&ctx.db, id).await
+        options,
+        "stopped by Ctrl-C or SIGTERM",
+    )
+    .await?;
+    Ok((id, summary))
 }
 
 /// One ingest, as recorded (a `running` one whose heartbeat stopped reads
@@ -204,16 +261,8 @@ pub async fn start(
 pub async fn show(db: &DatabaseConnection, id: Uuid) -> AppResult<IngestRun> {
     let row = Row::find_by_statement(Statement::from_sql_and_values(
         db.get_database_backend(),
-        r#"
-        SELECT i.id, p.name AS project, i.project_id, i.source, i.requested_by, i.state,
-               i.heartbeat_at < now() - make_interval(secs => $2) AS stale,
-               i.files_seen, i.new_items, i.duplicates, i.failed, i.dispatched,
-               i.imported_labels, i.failures, i.error, i.created_at, i.heartbeat_at,
-               i.finished_at
-        FROM ingests i JOIN projects p ON p.id = i.project_id
-        WHERE i.id = $1
-        "#,
-        [id.into(), STALE_AFTER.as_secs_f64().into()],
+        format!("{SELECT_RUN} WHERE i.id = $2"),
+        [STALE_AFTER.as_secs_f64().into(), id.into()],
     ))
     .one(db)
     .await?;
@@ -221,14 +270,41 @@ pub async fn show(db: &DatabaseConnection, id: Uuid) -> AppResult<IngestRun> {
         .ok_or_else(|| AppError::NotFound(format!("no ingest {id}")))
 }
 
-async fn run(ctx: Context, project: Project, source: Source, id: Uuid, stop: CancellationToken) {
+/// A project's ingests, newest first, at most `limit`.
+pub async fn list(
+    db: &DatabaseConnection,
+    project: &Project,
+    limit: u64,
+) -> AppResult<Vec<IngestRun>> {
+    let rows = Row::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        format!(
+            "{SELECT_RUN} WHERE i.project_id = $2 ORDER BY i.created_at DESC, i.id DESC LIMIT $3"
+        ),
+        [
+            STALE_AFTER.as_secs_f64().into(),
+            project.id.as_uuid().into(),
+            i64::try_from(limit).unwrap_or(i64::MAX).into(),
+        ],
+    ))
+    .all(db)
+    .await?;
+    Ok(rows.into_iter().map(Row::into_run).collect())
+}
+
+/// Run the ingest recorded as `id`, writing its progress every
+/// [`HEARTBEAT`] and its outcome at the end.
+async fn supervise(
+    ctx: &Context,
+    project: &Project,
+    source: &Source,
+    id: Uuid,
+    mut options: Options,
+    stopped_by: &str,
+) -> anyhow::Result<IngestSummary> {
     let (progress, seen) = watch::channel(IngestSummary::default());
-    let options = Options {
-        terminal: false,
-        progress: Some(progress),
-        cancel: Some(stop),
-    };
-    let ingest = ingest::ingest(&ctx, &project, &source, &options);
+    options.progress = Some(progress);
+    let ingest = ingest::ingest(ctx, project, source, &options);
     tokio::pin!(ingest);
     let mut beat = tokio::time::interval(HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -244,26 +320,28 @@ async fn run(ctx: Context, project: Project, source: Source, id: Uuid, stop: Can
         }
     };
     let last = seen.borrow().clone();
-    let end = match outcome {
-        Ok(mut summary) => {
-            summary.failures.truncate(REPORTED_FAILURES);
-            (RunState::Done, summary, None)
+    let (state, recorded, error) = match &outcome {
+        Ok(summary) => {
+            let mut recorded = summary.clone();
+            recorded.failures.truncate(REPORTED_FAILURES);
+            (RunState::Done, recorded, None)
         }
         Err(err) if err.is::<Stopped>() => (
             RunState::Interrupted,
             last,
-            Some("the scheduler shut down; start it again: nothing is added twice".to_owned()),
+            Some(format!(
+                "{stopped_by}; start it again: nothing is added twice"
+            )),
         ),
         Err(err) => {
             tracing::warn!(ingest = %id, project = %project.name, error = format!("{err:#}"), "ingest failed");
             (RunState::Failed, last, Some(format!("{err:#}")))
         }
     };
-    let (state, summary, error) = end;
     // A few tries: a lost final write leaves the row `running`, read as
     // interrupted once its heartbeat is stale, which is still true enough.
     for attempt in 1..=3 {
-        match record(&ctx.db, id, &summary, Some((state, error.as_deref()))).await {
+        match record(&ctx.db, id, &recorded, Some((state, error.as_deref()))).await {
             Ok(()) => break,
             Err(err) => {
                 tracing::warn!(ingest = %id, attempt, error = format!("{err:#}"), "ingest outcome not recorded");
@@ -271,6 +349,7 @@ async fn run(ctx: Context, project: Project, source: Source, id: Uuid, stop: Can
             }
         }
     }
+    outcome
 }
 
 /// Write the counts (and the heartbeat); with `end`, the final state too.

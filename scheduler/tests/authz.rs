@@ -150,6 +150,12 @@ async fn every_endpoint_by_every_role() {
                 Action::Operate,
             ),
             (
+                "GET",
+                format!("/api/v1/projects/{p}/ingests"),
+                serde_json::Value::Null,
+                Action::Operate,
+            ),
+            (
                 "POST",
                 format!("/api/v1/projects/{p}/pause"),
                 serde_json::Value::Null,
@@ -414,6 +420,12 @@ async fn scoped_tokens_act_only_on_their_project() {
             (
                 "GET",
                 format!("/api/v1/ingests/{their_ingest}"),
+                Value::Null,
+                &ops,
+            ),
+            (
+                "GET",
+                "/api/v1/projects/theirs/ingests".to_owned(),
                 Value::Null,
                 &ops,
             ),

@@ -114,6 +114,27 @@ async fn a_store_prefix_ingest_runs_in_the_background_and_is_polled() {
             "{again}"
         );
 
+        // Both are listed, newest first, with their counts; `limit` cuts.
+        let (status, listed) = app.get("/api/v1/projects/photos/ingests", &ops).await;
+        assert_eq!(status, 200, "{listed}");
+        let runs = listed["ingests"].as_array().unwrap();
+        assert_eq!(runs.len(), 2, "{listed}");
+        assert_eq!(runs[0]["id"], again["id"], "newest first: {listed}");
+        assert_eq!(runs[1]["id"].as_str().unwrap(), id);
+        assert_eq!(runs[1]["new_items"], 5);
+        let (_, one) = app
+            .get("/api/v1/projects/photos/ingests?limit=1", &ops)
+            .await;
+        assert_eq!(one["ingests"].as_array().unwrap().len(), 1, "{one}");
+        let (status, bad) = app
+            .get("/api/v1/projects/photos/ingests?limit=many", &ops)
+            .await;
+        assert_eq!(status, 422, "{bad}");
+        assert!(
+            bad["error"]["message"].as_str().unwrap().contains("limit"),
+            "{bad}"
+        );
+
         // No such ingest; not an id.
         assert_eq!(
             app.get(&format!("/api/v1/ingests/{}", Uuid::now_v7()), &ops)

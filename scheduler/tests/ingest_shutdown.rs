@@ -45,6 +45,10 @@ async fn a_shutdown_interrupts_a_running_ingest_and_a_rerun_completes_it() {
         root: None,
     };
 
+    // Should an assertion fail while the reader still waits on the pipe,
+    // open it on the way out, or the runtime would wait for that blocked
+    // thread and the test hang instead of failing.
+    let _unblock = Unblock(gate.clone());
     let run = ingest_runs::start(&env.ctx, &env.project, source, "ops")
         .await
         .unwrap();
@@ -107,6 +111,16 @@ async fn a_shutdown_interrupts_a_running_ingest_and_a_rerun_completes_it() {
     let published: HashSet<Uuid> = jobs.iter().map(|(j, _)| j.item_id.as_uuid()).collect();
     assert_eq!(published.len(), items.len(), "every item published");
     env.teardown().await;
+}
+
+struct Unblock(std::path::PathBuf);
+
+impl Drop for Unblock {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.0.exists() {
+            release(&self.0, &gate_png());
+        }
+    }
 }
 
 fn gate_png() -> Vec<u8> {

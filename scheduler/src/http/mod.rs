@@ -9,7 +9,8 @@ mod review_page;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -46,6 +47,7 @@ pub fn router(ctx: Context) -> Router {
         .route("/projects/{project}/models", get(list_models))
         .route("/projects/{project}/models/{version}", get(show_model))
         .route("/projects/{project}/ingest", post(start_ingest))
+        .route("/projects/{project}/ingests", get(list_ingests))
         .route("/projects/{project}/pause", post(pause))
         .route("/projects/{project}/resume", post(resume))
         .route(
@@ -495,6 +497,26 @@ async fn start_ingest(
         Json(run),
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<u64>,
+}
+
+async fn list_ingests(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    Path(project): Path<String>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> AppResult<Response> {
+    let who = caller(&ctx, &headers, Action::Operate).await?;
+    let Query(query) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
+    let project = project_for(&ctx, &who, &project).await?;
+    let limit = query.limit.unwrap_or(20).min(1000);
+    let runs = ingest_runs::list(&ctx.db, &project, limit).await?;
+    Ok(Json(json!({ "ingests": runs })).into_response())
 }
 
 async fn show_ingest(
