@@ -31,16 +31,25 @@ const MAX_ERROR_BYTES: usize = 1000;
 
 /// Which attempt a delivery is: 1 for a job's first delivery.
 pub fn attempt(properties: &BasicProperties) -> u32 {
-    header(properties, ATTEMPT_HEADER)
-        .and_then(|v| match v {
-            AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
-            AMQPValue::LongInt(n) => u32::try_from(n).ok(),
-            AMQPValue::LongUInt(n) => Some(n),
-            AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
-            _ => None,
-        })
-        .unwrap_or(1)
-        .max(1)
+    header_count(properties, ATTEMPT_HEADER).unwrap_or(1).max(1)
+}
+
+/// How often a quorum queue delivered this message before and got it back
+/// (its `x-delivery-count`): 0 on a first delivery.
+pub fn delivery_count(properties: &BasicProperties) -> u32 {
+    header_count(properties, "x-delivery-count").unwrap_or(0)
+}
+
+/// A header's value as a non-negative count, whatever integer type carried it.
+fn header_count(properties: &BasicProperties, name: &str) -> Option<u32> {
+    header(properties, name).and_then(|v| match v {
+        AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
+        AMQPValue::LongInt(n) => u32::try_from(n).ok(),
+        AMQPValue::LongUInt(n) => Some(n),
+        AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u32::from(n)),
+        _ => None,
+    })
 }
 
 /// Where a job delivered with `properties` goes after this attempt failed
@@ -152,6 +161,25 @@ mod tests {
 
     fn with(headers: FieldTable) -> BasicProperties {
         BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn the_delivery_count_is_read_whatever_integer_carries_it() {
+        assert_eq!(delivery_count(&BasicProperties::default()), 0);
+        for value in [
+            AMQPValue::LongLongInt(3),
+            AMQPValue::LongInt(3),
+            AMQPValue::LongUInt(3),
+            AMQPValue::ShortInt(3),
+            AMQPValue::ShortUInt(3),
+        ] {
+            let mut headers = FieldTable::default();
+            headers.insert("x-delivery-count".into(), value.clone());
+            assert_eq!(delivery_count(&with(headers)), 3, "{value:?}");
+        }
+        let mut negative = FieldTable::default();
+        negative.insert("x-delivery-count".into(), AMQPValue::LongLongInt(-1));
+        assert_eq!(delivery_count(&with(negative)), 0);
     }
 
     #[test]

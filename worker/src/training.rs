@@ -17,11 +17,11 @@ use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use sieve_shared::broker;
 use sieve_shared::messages::{
     HoldoutEvaluation, HoldoutMetrics, SCHEMA_VERSION, Snapshot, Split, TrainEvent, TrainEventKind,
     TrainJob, decode,
 };
+use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -133,14 +133,26 @@ async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationTok
             let _ = delivery.ack(BasicAckOptions::default()).await;
             return;
         }
-        Err(err @ (RunError::Transient(_) | RunError::Cancelled)) => {
-            tracing::warn!(run = %job.run_id, error = %err, "training interrupted; requeueing the job");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+        Err(RunError::Cancelled) => {
+            tracing::warn!(run = %job.run_id, "training interrupted by shutdown; requeueing the job");
+            requeue(&delivery).await;
+            return;
+        }
+        Err(RunError::Transient(reason)) => {
+            let pause = requeue_backoff(retry::delivery_count(&delivery.properties));
+            tracing::warn!(
+                run = %job.run_id,
+                %reason,
+                pause_s = pause.as_secs(),
+                "training failed transiently; requeueing the job after a pause"
+            );
+            // Held, not requeued at once: a store that is down would otherwise
+            // pass the job round the fleet as fast as the broker can.
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = stop.cancelled() => {}
+            }
+            requeue(&delivery).await;
             return;
         }
     };
@@ -154,14 +166,26 @@ async fn handle(worker: &Arc<Worker>, delivery: Delivery, stop: &CancellationTok
                 error = format!("{err:#}"),
                 "could not report the run; requeueing it"
             );
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            requeue(&delivery).await;
         }
     }
+}
+
+async fn requeue(delivery: &Delivery) {
+    let _ = delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await;
+}
+
+/// How long a training job that failed transiently is held before it goes
+/// back to the queue: 2 s after its first delivery, doubling with each
+/// redelivery, at most a minute.
+fn requeue_backoff(deliveries_before: u32) -> Duration {
+    let seconds = 2u64.saturating_mul(1 << deliveries_before.min(5));
+    Duration::from_secs(seconds.min(60))
 }
 
 async fn load_images(
@@ -427,4 +451,16 @@ fn evaluate(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transiently_failed_job_waits_longer_each_time_up_to_a_minute() {
+        let pauses: Vec<u64> = (0..8).map(|n| requeue_backoff(n).as_secs()).collect();
+        assert_eq!(pauses, [2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(requeue_backoff(u32::MAX), Duration::from_secs(60));
+    }
 }
