@@ -4,6 +4,7 @@
 # migrates, starts a scheduler and N workers, runs `sieve demo`, stops them.
 #
 #   ops/demo.sh [--workers N] [sieve demo options, e.g. --images 300]
+#   SIEVE_BIN_DIR=target/release ops/demo.sh    # binaries already built
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +19,16 @@ done
 
 bash ops/install-deps.sh
 bash ops/ensure-services.sh
-cargo build --bins
-bin="${CARGO_TARGET_DIR:-target}/debug"
+# SIEVE_BIN_DIR: run binaries built elsewhere (a release build, say) as they are.
+if [ -n "${SIEVE_BIN_DIR:-}" ]; then
+    bin="$SIEVE_BIN_DIR"
+else
+    cargo build --bins
+    bin="${CARGO_TARGET_DIR:-target}/debug"
+fi
+for b in sieve sieve-worker; do
+    [ -x "$bin/$b" ] || { echo "no $bin/$b: build it (cargo build --bins) or fix SIEVE_BIN_DIR" >&2; exit 1; }
+done
 
 # A demo of its own: database, queue prefix, store and port.
 export SIEVE_DATABASE__URL="${SIEVE_DATABASE__URL:-postgres://postgres@127.0.0.1:5432/sieve_demo}"
