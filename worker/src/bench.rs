@@ -52,6 +52,26 @@ pub enum What {
     Train,
 }
 
+/// Which queue-path runs `bench forward` makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pipeline {
+    On,
+    Off,
+    Both,
+    None,
+}
+
+impl Pipeline {
+    fn modes(self) -> Vec<bool> {
+        match self {
+            Pipeline::On => vec![true],
+            Pipeline::Off => vec![false],
+            Pipeline::Both => vec![false, true],
+            Pipeline::None => vec![],
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// What to measure.
@@ -69,9 +89,14 @@ pub struct BenchArgs {
     /// Jobs sent through the queue path per batch size (batch 1 gets a quarter).
     #[arg(long, default_value_t = 4096)]
     pub queue_items: usize,
-    /// Queue path with pipelining: on, off, or both (compared in the same run).
-    #[arg(long, default_value = "both")]
-    pub pipeline: String,
+    /// Queue path with pipelining: on, off, both (compared in the same run), or none (bare
+    /// forward only: no broker needed, e.g. on a GPU machine without RabbitMQ).
+    #[arg(long, value_enum, default_value_t = Pipeline::Both)]
+    pub pipeline: Pipeline,
+    /// On a GPU build, also measure every bare forward on the CPU backend (flex) in the same
+    /// run, as the baseline the GPU figures are compared with.
+    #[arg(long)]
+    pub cpu_baseline: bool,
     /// MobileNetV2 ImageNet weights (ops/fetch-weights.sh); skipped when absent.
     #[arg(long, default_value = "ops/weights/mobilenet_v2-b0353104.pth")]
     pub weights: PathBuf,
@@ -139,33 +164,42 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
         per_image * 1e6
     );
 
-    let modes: Vec<bool> = match args.pipeline.as_str() {
-        "on" => vec![true],
-        "off" => vec![false],
-        _ => vec![false, true],
-    };
+    // The same weights on the CPU backend, when this build computes elsewhere and a baseline
+    // was asked for.
+    let cpu = cpu_baseline_device(args).map(|cpu| Arc::new(committee.to_device(&cpu)));
+    let modes = args.pipeline.modes();
     // Bare forward and the queue path alternate per batch size, so that both see the same
     // machine load.
     println!(
         "\n| batch | path | items | items/s | GFLOP/s | / bare | scored | failed | duplicates | peak RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let bench = QueueBench::start(&settings, &committee).await?;
+    let bench = if modes.is_empty() {
+        None
+    } else {
+        Some(QueueBench::start(&settings, &committee).await?)
+    };
     let outcome = async {
         for &b in &args.batch_sizes {
+            let input = Arc::new(random_inputs(b * config.input_len(), 7));
+            if let Some(cpu) = &cpu {
+                reset_peak_rss();
+                let rate = bare_forward(cpu, &input, b, args.seconds).await?;
+                println!(
+                    "| {b} | bare forward, cpu (flex) | - | {rate:.0} | {:.2} | - | - | - | - | {:.0} |",
+                    rate * flops as f64 / 1e9,
+                    peak_rss_mib()
+                );
+            }
             reset_peak_rss();
-            let input = random_inputs(b * config.input_len(), 7);
-            let c = committee.clone();
-            let seconds = args.seconds;
-            let bare = tokio::task::spawn_blocking(move || {
-                measure(seconds, b, || c.predict_with_embeddings(&input, b).map(|_| ()))
-            })
-            .await??;
+            let bare = bare_forward(&committee, &input, b, args.seconds).await?;
             println!(
-                "| {b} | bare forward | - | {bare:.0} | {:.2} | 1.00 | - | - | - | {:.0} |",
+                "| {b} | bare forward, {} | - | {bare:.0} | {:.2} | 1.00 | - | - | - | {:.0} |",
+                backend::backend_name(),
                 bare * flops as f64 / 1e9,
                 peak_rss_mib()
             );
+            let Some(bench) = &bench else { continue };
             let items = if b == 1 {
                 args.queue_items / 4
             } else {
@@ -191,7 +225,9 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     }
     .await;
-    bench.cleanup().await;
+    if let Some(bench) = bench {
+        bench.cleanup().await;
+    }
     outcome?;
 
     if args.skip_mobilenet {
@@ -204,21 +240,52 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let weights = args.weights.clone();
-    let batches = args.batch_sizes.clone();
-    let seconds = args.seconds;
-    tokio::task::spawn_blocking(move || mobilenet_forward(&weights, &batches, seconds)).await??;
+    let mut devices = vec![backend::device()];
+    devices.extend(cpu_baseline_device(args));
+    for device in devices {
+        let weights = args.weights.clone();
+        let batches = args.batch_sizes.clone();
+        let seconds = args.seconds;
+        tokio::task::spawn_blocking(move || {
+            mobilenet_forward(&weights, &batches, seconds, &device)
+        })
+        .await??;
+    }
     Ok(())
+}
+
+/// The CPU device for `--cpu-baseline`, when this build's device is not already the CPU.
+fn cpu_baseline_device(args: &BenchArgs) -> Option<Device> {
+    let cpu = Device::flex();
+    (args.cpu_baseline && backend::device() != cpu).then_some(cpu)
+}
+
+/// Items per second of the committee's bare forward (upload, forward, read-back).
+async fn bare_forward(
+    committee: &Arc<Committee>,
+    input: &Arc<Vec<f32>>,
+    batch: usize,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    let (c, input) = (committee.clone(), input.clone());
+    tokio::task::spawn_blocking(move || {
+        measure(seconds, batch, || {
+            c.predict_with_embeddings(&input, batch).map(|_| ())
+        })
+    })
+    .await?
 }
 
 fn mobilenet_forward(
     weights: &std::path::Path,
     batches: &[usize],
     seconds: f64,
+    device: &Device,
 ) -> anyhow::Result<()> {
-    let device = backend::device();
-    let net = mobilenet::load_imagenet(weights, &device)?;
-    println!("\n## MobileNetV2 (ImageNet weights), bare forward to the 1280-wide embedding\n");
+    let net = mobilenet::load_imagenet(weights, device)?;
+    println!(
+        "\n## MobileNetV2 (ImageNet weights) on {device:?}, bare forward to the 1280-wide embedding\n"
+    );
     println!("| side | batch | img/s | GFLOP per image | GFLOP/s | peak RSS MiB |");
     println!("|---|---|---|---|---|---|");
     for side in [96, 224] {
@@ -229,7 +296,7 @@ fn mobilenet_forward(
             let rate = measure(seconds, b, || {
                 let x = Tensor::<4>::from_data(
                     TensorData::new(input.clone(), [b, 3, side, side]),
-                    &device,
+                    device,
                 );
                 net.features(x)
                     .try_into_vec_as::<f32>()

@@ -59,6 +59,16 @@ impl Committee {
         &self.device
     }
 
+    /// The same weights on another device (a CPU baseline beside a GPU, say).
+    pub fn to_device(&self, device: &Device) -> Self {
+        let device = device.clone().without_autodiff();
+        Self {
+            net: self.net.clone().to_device(&device),
+            config: self.config.clone(),
+            device,
+        }
+    }
+
     /// Class probabilities of every member for every image.
     ///
     /// `images`: `batch * config.input_len()` f32 values, already normalized, layout
