@@ -197,8 +197,7 @@ async fn show_project(
     Path(project): Path<String>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Read).await?;
-    let project = projects::get(&ctx.db, &project).await?;
-    who.check_project(&project)?;
+    let project = project_for(&ctx, &who, &project).await?;
     Ok(Json(status::project_status(&ctx, &project).await?).into_response())
 }
 
@@ -208,8 +207,7 @@ async fn get_policy(
     Path(project): Path<String>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Read).await?;
-    let project = projects::get(&ctx.db, &project).await?;
-    who.check_project(&project)?;
+    let project = project_for(&ctx, &who, &project).await?;
     Ok(
         Json(json!({ "version": project.policy_version, "policy": project.policy }))
             .into_response(),
@@ -223,8 +221,7 @@ async fn put_policy(
     JsonBody(policy): JsonBody<Policy>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::ManageProjects).await?;
-    let project = projects::get(&ctx.db, &project).await?;
-    who.check_project(&project)?;
+    let project = project_for(&ctx, &who, &project).await?;
     let project = projects::set_policy(&ctx.db, &project, policy).await?;
     Ok(
         Json(json!({ "version": project.policy_version, "policy": project.policy }))
@@ -238,8 +235,7 @@ async fn claim_next(
     Path(project): Path<String>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Review).await?;
-    let project = projects::get(&ctx.db, &project).await?;
-    who.check_project(&project)?;
+    let project = project_for(&ctx, &who, &project).await?;
     let lease = std::time::Duration::from_secs(ctx.settings.review.lease_seconds);
     Ok(
         match review::claim_next(&ctx.db, &project, &who.name, lease).await? {
@@ -354,8 +350,7 @@ async fn retrain(
     Path(project): Path<String>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Train).await?;
-    let project = projects::get(&ctx.db, &project).await?;
-    who.check_project(&project)?;
+    let project = project_for(&ctx, &who, &project).await?;
     let run = training::request(&ctx, &project, &who.name, TrainParams::default(), false).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
@@ -366,8 +361,7 @@ async fn cancel_retrain(
     Path(project): Path<String>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Train).await?;
-    let project = projects::get(&ctx.db, &project).await?;
-    who.check_project(&project)?;
+    let project = project_for(&ctx, &who, &project).await?;
     let run_id = training::cancel(&ctx, &project, &who.name).await?;
     Ok(Json(serde_json::json!({ "run_id": run_id, "state": "cancelled" })).into_response())
 }
@@ -384,8 +378,7 @@ async fn list_models(
     Path(project): Path<String>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Read).await?;
-    let project = projects::get(&ctx.db, &project).await?;
-    who.check_project(&project)?;
+    let project = project_for(&ctx, &who, &project).await?;
     Ok(Json(models::list(&ctx, &project).await?).into_response())
 }
 
@@ -395,8 +388,7 @@ async fn show_model(
     Path((project, version)): Path<(String, i32)>,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Read).await?;
-    let project = projects::get(&ctx.db, &project).await?;
-    who.check_project(&project)?;
+    let project = project_for(&ctx, &who, &project).await?;
     Ok(Json(models::show(&ctx, &project, version).await?).into_response())
 }
 
