@@ -550,7 +550,7 @@ fn training(args: &BenchArgs) -> anyhow::Result<()> {
             epochs: args.head_epochs,
             ..HeadsOptions::default()
         };
-        let (_, report) = train_heads(&data, &options, &device)?;
+        let (_, report) = train_heads(&data, &options, &device, |_| true)?;
         let wall = started.elapsed().as_secs_f64();
         println!(
             "| {size} | {} | {wall:.1} | {:.2} | {:.3} | {:.0} |",

@@ -9,7 +9,7 @@ use std::io::Cursor;
 
 use image::imageops::FilterType;
 
-use crate::model::ArchitectureConfig;
+use crate::model::{ArchitectureConfig, mobilenet};
 
 /// Why an image cannot be used; always permanent for these bytes.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -47,6 +47,9 @@ pub fn preprocess(
     } else {
         decoded.resize_exact(side, side, FilterType::Triangle)
     };
+    if config.imagenet_normalized() {
+        return Ok(mobilenet::imagenet_normalize(&resized.to_rgb8()));
+    }
     let normalize = |v: u8| (f32::from(v) / 255.0 - 0.5) / 0.5;
     Ok(match config.channels {
         1 => resized

@@ -6,32 +6,55 @@
 //! because they go to an object store, not to a local file.
 
 use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::{Linear, LinearConfig};
 use burn::store::ModuleRecord;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bytes, Device, Tensor, TensorData};
 
+use super::heads::Heads;
+use super::mobilenet::{self, MobileNetV2};
 use super::net::SmallCnn;
 use super::{ArchitectureConfig, ModelError, check_images};
 
 /// Images per forward pass. Bounds activation memory (the first conv layer alone is 50 KiB per
 /// 28x28 image) when a caller hands over a large batch; large enough to keep the CPU busy.
 const INFERENCE_CHUNK: usize = 256;
+/// The same for MobileNetV2, whose expanded activations are ~1 MiB per 96x96 image.
+const BACKBONE_CHUNK: usize = 32;
 
 /// Class probabilities per item, per member: `probs[item][member][class]`.
 pub type CommitteeProbs = Vec<Vec<Vec<f32>>>;
 /// Backbone embedding per item: `embeddings[item][dim]`.
 pub type Embeddings = Vec<Vec<f32>>;
 
-/// A committee: one small CNN backbone shared by K linear heads (one backbone forward per
-/// batch, K cheap heads).
+/// A committee: one backbone shared by K linear heads (one backbone forward per batch, K cheap
+/// heads). The backbone is either the small CNN, trained whole, or MobileNetV2 with frozen
+/// ImageNet weights, of which only the heads are ever trained.
 ///
 /// Immutable once built; share it between threads with an `Arc`.
 #[derive(Clone, Debug)]
 pub struct Committee {
     /// Always on the plain (non-autodiff) device: inference must not build autodiff graphs.
-    pub(crate) net: SmallCnn,
+    pub(crate) net: Net,
     pub(crate) config: ArchitectureConfig,
     pub(crate) device: Device,
+}
+
+/// The module behind a committee, by architecture.
+// One per committee, never in a collection: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub(crate) enum Net {
+    Small(SmallCnn),
+    Mobile(BackboneHeads),
+}
+
+/// MobileNetV2 and K linear heads as one `[1280, K * classes]` layer on its pooled embedding.
+/// Field names are the keys in saved weights.
+#[derive(Module, Debug)]
+pub(crate) struct BackboneHeads {
+    backbone: MobileNetV2,
+    heads: Linear,
 }
 
 impl Committee {
@@ -43,12 +66,135 @@ impl Committee {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let device = device.clone().without_autodiff();
-        let net = SmallCnn::init(config, seed, &device)?;
+        let net = match config.arch.as_str() {
+            ArchitectureConfig::MOBILENET_V2 => {
+                validate_mobilenet(config)?;
+                // Random weights: the shape to load an artifact into. A real committee starts
+                // from the ImageNet backbone ([`from_backbone`](Self::from_backbone)).
+                Net::Mobile(BackboneHeads {
+                    backbone: MobileNetV2::new(&device),
+                    heads: heads_layer(config, &device),
+                })
+            }
+            _ => Net::Small(SmallCnn::init(config, seed, &device)?),
+        };
         Ok(Self {
             net,
             config: config.clone(),
             device,
         })
+    }
+
+    /// A `mobilenet_v2` committee on `backbone` (the ImageNet import, or another version's) with
+    /// fresh, untrained heads.
+    pub fn from_backbone(
+        config: &ArchitectureConfig,
+        backbone: MobileNetV2,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        if config.arch != ArchitectureConfig::MOBILENET_V2 {
+            return Err(ModelError::InvalidConfig(format!(
+                "a MobileNetV2 backbone cannot carry a {:?} committee",
+                config.arch
+            )));
+        }
+        validate_mobilenet(config)?;
+        let device = device.clone().without_autodiff();
+        Ok(Self {
+            net: Net::Mobile(BackboneHeads {
+                backbone: backbone.to_device(&device),
+                heads: heads_layer(config, &device),
+            }),
+            config: config.clone(),
+            device,
+        })
+    }
+
+    /// The same backbone with other heads (trained by [`train_heads`](super::train_heads) on this
+    /// committee's embeddings). The committee size follows the heads.
+    pub fn with_heads(&self, heads: Heads) -> Result<Self, ModelError> {
+        let Net::Mobile(net) = &self.net else {
+            return Err(ModelError::InvalidConfig(format!(
+                "{} has no frozen backbone to put heads on",
+                self.config.arch
+            )));
+        };
+        if heads.dim != self.config.embedding_dim || heads.num_classes != self.config.num_classes {
+            return Err(ModelError::InvalidConfig(format!(
+                "heads for {}-wide embeddings and {} classes do not fit a {}-wide, {}-class committee",
+                heads.dim, heads.num_classes, self.config.embedding_dim, self.config.num_classes
+            )));
+        }
+        let config = ArchitectureConfig {
+            members: heads.members,
+            ..self.config.clone()
+        };
+        validate_mobilenet(&config)?;
+        Ok(Self {
+            net: Net::Mobile(BackboneHeads {
+                backbone: net.backbone.clone(),
+                heads: heads.linear.to_device(&self.device),
+            }),
+            config,
+            device: self.device.clone(),
+        })
+    }
+
+    /// Whether the backbone is frozen (heads-only training): true for `mobilenet_v2`.
+    pub fn has_frozen_backbone(&self) -> bool {
+        matches!(self.net, Net::Mobile(_))
+    }
+
+    /// The backbone embedding of every image, flat `[batch, embedding_dim]`.
+    pub fn embed(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, ModelError> {
+        check_images(&self.config, images, batch)?;
+        let Net::Mobile(net) = &self.net else {
+            let (_, embeddings) = self.run(images, batch, true)?;
+            return Ok(embeddings.concat());
+        };
+        let input_len = self.config.input_len();
+        let mut out = Vec::with_capacity(batch * self.config.embedding_dim);
+        for chunk in images.chunks(BACKBONE_CHUNK * input_len) {
+            let n = chunk.len() / input_len;
+            let x = self.images_tensor(chunk, n, &self.device);
+            out.extend(read(net.backbone.features(x))?);
+        }
+        Ok(out)
+    }
+
+    /// Class probabilities of every member from backbone embeddings (as [`embed`](Self::embed)
+    /// returns them, or as cached from earlier predictions), without the backbone:
+    /// `out[item][member][class]`.
+    pub fn predict_embeddings(
+        &self,
+        embeddings: &[f32],
+        batch: usize,
+    ) -> Result<CommitteeProbs, ModelError> {
+        let dim = self.config.embedding_dim;
+        let Net::Mobile(net) = &self.net else {
+            return Err(ModelError::InvalidConfig(format!(
+                "{} predicts from images only",
+                self.config.arch
+            )));
+        };
+        if embeddings.len() != batch * dim {
+            return Err(ModelError::bad_input(format!(
+                "expected {batch} embeddings of {dim} values, got {} values",
+                embeddings.len()
+            )));
+        }
+        if embeddings.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::bad_input("non-finite embedding value"));
+        }
+        let (members, classes) = (self.config.members, self.config.num_classes);
+        let mut probs = Vec::with_capacity(batch);
+        for chunk in embeddings.chunks(INFERENCE_CHUNK * dim) {
+            let n = chunk.len() / dim;
+            let x = Tensor::<2>::from_data(TensorData::new(chunk.to_vec(), [n, dim]), &self.device);
+            let logits = net.heads.forward(x).reshape([n, members, classes]);
+            probs.extend(split_probs(&read(softmax(logits, 2))?, members, classes));
+        }
+        Ok(probs)
     }
 
     pub fn config(&self) -> &ArchitectureConfig {
@@ -62,8 +208,12 @@ impl Committee {
     /// The same weights on another device (a CPU baseline beside a GPU, say).
     pub fn to_device(&self, device: &Device) -> Self {
         let device = device.clone().without_autodiff();
+        let net = match &self.net {
+            Net::Small(net) => Net::Small(net.clone().to_device(&device)),
+            Net::Mobile(net) => Net::Mobile(net.clone().to_device(&device)),
+        };
         Self {
-            net: self.net.clone().to_device(&device),
+            net,
             config: self.config.clone(),
             device,
         }
@@ -91,10 +241,11 @@ impl Committee {
     /// The weights as burnpack bytes; [`from_weights`](Self::from_weights) with the same config
     /// reads them back.
     pub fn weights_to_bytes(&self) -> Result<Vec<u8>, ModelError> {
-        let bytes = self
-            .net
-            .clone()
-            .into_record()
+        let record = match &self.net {
+            Net::Small(net) => net.clone().into_record(),
+            Net::Mobile(net) => net.clone().into_record(),
+        };
+        let bytes = record
             .into_bytes()
             .map_err(|err| ModelError::Weights(err.to_string()))?;
         // Usually hands over the buffer without a copy.
@@ -120,12 +271,23 @@ impl Committee {
             .cast_to_module_dtype();
         // The seed does not matter: every parameter is overwritten, and a missing or extra
         // tensor is refused by the record.
-        let net = SmallCnn::init(config, 0, &device)?
-            .try_load_record(record)
-            .map_err(|err| ModelError::Weights(err.to_string()))?;
-
         let mut check = FiniteCheck::default();
-        net.visit(&mut check);
+        let net = match Self::init(config, 0, &device)?.net {
+            Net::Small(net) => {
+                let net = net
+                    .try_load_record(record)
+                    .map_err(|err| ModelError::Weights(err.to_string()))?;
+                net.visit(&mut check);
+                Net::Small(net)
+            }
+            Net::Mobile(net) => {
+                let net = net
+                    .try_load_record(record)
+                    .map_err(|err| ModelError::Weights(err.to_string()))?;
+                net.visit(&mut check);
+                Net::Mobile(net)
+            }
+        };
         if let Some(problem) = check.problem {
             return Err(ModelError::Weights(problem));
         }
@@ -148,17 +310,28 @@ impl Committee {
         let mut probs = Vec::with_capacity(batch);
         let mut embeddings = Vec::with_capacity(if with_embeddings { batch } else { 0 });
 
-        for chunk in images.chunks(INFERENCE_CHUNK * input_len) {
+        let chunk_len = match self.net {
+            Net::Small(_) => INFERENCE_CHUNK,
+            Net::Mobile(_) => BACKBONE_CHUNK,
+        };
+        for chunk in images.chunks(chunk_len * input_len) {
             let n = chunk.len() / input_len;
-            let output = self.net.forward(self.images_tensor(chunk, n, &self.device));
-            let flat = read(softmax(output.logits, 2))?; // [n, members, classes]
-            probs.extend(flat.chunks(members * classes).map(|item| {
-                item.chunks(classes)
-                    .map(<[f32]>::to_vec)
-                    .collect::<Vec<_>>()
-            }));
+            let x = self.images_tensor(chunk, n, &self.device);
+            let (logits, embedding) = match &self.net {
+                Net::Small(net) => {
+                    let output = net.forward(x);
+                    (output.logits, output.embedding)
+                }
+                Net::Mobile(net) => {
+                    let embedding = net.backbone.features(x); // [n, 1280]
+                    let logits = net.heads.forward(embedding.clone());
+                    (logits.reshape([n, members, classes]), embedding)
+                }
+            };
+            let flat = read(softmax(logits, 2))?; // [n, members, classes]
+            probs.extend(split_probs(&flat, members, classes));
             if with_embeddings {
-                let flat = read(output.embedding)?; // [n, embedding_dim]
+                let flat = read(embedding)?; // [n, embedding_dim]
                 embeddings.extend(flat.chunks(self.config.embedding_dim).map(<[f32]>::to_vec));
             }
         }
@@ -171,6 +344,45 @@ impl Committee {
         let side = self.config.input_size;
         let shape = [n, self.config.channels, side, side];
         Tensor::from_data(TensorData::new(images.to_vec(), shape), device)
+    }
+}
+
+/// `[n, members, classes]` flat values as `out[item][member][class]`.
+fn split_probs(flat: &[f32], members: usize, classes: usize) -> CommitteeProbs {
+    flat.chunks(members * classes)
+        .map(|item| item.chunks(classes).map(<[f32]>::to_vec).collect())
+        .collect()
+}
+
+/// The K heads as one linear layer on the backbone embedding.
+fn heads_layer(config: &ArchitectureConfig, device: &Device) -> Linear {
+    LinearConfig::new(config.embedding_dim, config.members * config.num_classes).init(device)
+}
+
+fn validate_mobilenet(config: &ArchitectureConfig) -> Result<(), ModelError> {
+    let problem = if config.channels != 3 {
+        Some(format!("takes RGB input, not {} channels", config.channels))
+    } else if config.embedding_dim != mobilenet::EMBEDDING_DIM {
+        Some(format!(
+            "has a {}-wide embedding, not {}",
+            mobilenet::EMBEDDING_DIM,
+            config.embedding_dim
+        ))
+    } else if !(32..=512).contains(&config.input_size) {
+        Some(format!(
+            "runs at 32 to 512 pixels, not {}",
+            config.input_size
+        ))
+    } else if config.members < 2 {
+        Some("needs at least 2 committee members".to_string())
+    } else if config.num_classes < 2 {
+        Some("needs at least 2 classes".to_string())
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(ModelError::InvalidConfig(format!("mobilenet_v2 {problem}"))),
+        None => Ok(()),
     }
 }
 
@@ -395,6 +607,119 @@ mod tests {
                 Err(other) => panic!("byte {position}: unexpected error {other}"),
             }
         }
+    }
+
+    fn mobilenet_config() -> ArchitectureConfig {
+        // 32 pixels: the smallest input the backbone takes, to keep the test fast.
+        ArchitectureConfig::mobilenet_v2(4, 3, 32)
+    }
+
+    fn mobilenet_images(n: usize) -> Vec<f32> {
+        let len = n * mobilenet_config().input_len();
+        (0..len)
+            .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn a_mobilenet_committee_predicts_from_images_or_from_their_embeddings_alike() {
+        let config = mobilenet_config();
+        let committee = Committee::init(&config, 0, &Device::flex()).unwrap();
+        assert!(committee.has_frozen_backbone());
+        let images = mobilenet_images(3);
+        let (probs, embeddings) = committee.predict_with_embeddings(&images, 3).unwrap();
+        assert_eq!((probs.len(), probs[0].len(), probs[0][0].len()), (3, 3, 4));
+        assert!(embeddings.iter().all(|e| e.len() == 1280));
+
+        let flat = committee.embed(&images, 3).unwrap();
+        assert_eq!(flat, embeddings.concat());
+        let from_embeddings = committee.predict_embeddings(&flat, 3).unwrap();
+        assert_close(&probs, &from_embeddings, 1e-5);
+        assert!(matches!(
+            committee.predict_embeddings(&flat[1..], 3),
+            Err(ModelError::BadInput { .. })
+        ));
+    }
+
+    #[test]
+    fn mobilenet_weights_round_trip_and_new_heads_keep_the_backbone() {
+        let config = mobilenet_config();
+        let device = Device::flex();
+        let committee = Committee::init(&config, 0, &device).unwrap();
+        let bytes = committee.weights_to_bytes().unwrap();
+        let loaded = Committee::from_weights(&config, &bytes, &device).unwrap();
+        let images = mobilenet_images(2);
+        assert_close(
+            &committee.predict(&images, 2).unwrap(),
+            &loaded.predict(&images, 2).unwrap(),
+            1e-6,
+        );
+        // A small-CNN config does not load MobileNetV2 weights, nor the reverse.
+        assert!(matches!(
+            Committee::from_weights(&ArchitectureConfig::small_cnn(4, 3), &bytes, &device),
+            Err(ModelError::Weights(_))
+        ));
+        let small = Committee::init(&ArchitectureConfig::small_cnn(4, 3), 0, &device).unwrap();
+        assert!(matches!(
+            Committee::from_weights(&config, &small.weights_to_bytes().unwrap(), &device),
+            Err(ModelError::Weights(_))
+        ));
+
+        // Heads trained elsewhere (two members now): same embeddings, other probabilities.
+        let data = super::super::EmbeddingData {
+            embeddings: committee.embed(&mobilenet_images(8), 8).unwrap(),
+            dim: 1280,
+            labels: vec![0, 1, 2, 3, 0, 1, 2, 3],
+        };
+        let options = super::super::HeadsOptions {
+            members: 2,
+            num_classes: 4,
+            epochs: 2,
+            validation_share: 0.0,
+            ..super::super::HeadsOptions::default()
+        };
+        let (heads, _) = super::super::train_heads(&data, &options, &device, |_| true).unwrap();
+        let retrained = committee.with_heads(heads).unwrap();
+        assert_eq!(retrained.config().members, 2);
+        assert_eq!(
+            retrained.embed(&images, 2).unwrap(),
+            committee.embed(&images, 2).unwrap(),
+            "the backbone is frozen"
+        );
+        assert_eq!(retrained.predict(&images, 2).unwrap()[0].len(), 2);
+    }
+
+    #[test]
+    fn refuses_mobilenet_configs_it_cannot_run() {
+        let device = Device::flex();
+        for (config, why) in [
+            (
+                ArchitectureConfig::mobilenet_v2(4, 3, 16),
+                "runs at 32 to 512",
+            ),
+            (
+                ArchitectureConfig::mobilenet_v2(4, 1, 96),
+                "2 committee members",
+            ),
+            (
+                ArchitectureConfig {
+                    channels: 1,
+                    ..ArchitectureConfig::mobilenet_v2(4, 3, 96)
+                },
+                "RGB",
+            ),
+        ] {
+            match Committee::init(&config, 0, &device) {
+                Err(ModelError::InvalidConfig(message)) => {
+                    assert!(message.contains(why), "{message}");
+                }
+                other => panic!("{config:?}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            committee(1).predict_embeddings(&[0.0; 64], 1),
+            Err(ModelError::InvalidConfig(_))
+        ));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use rand::seq::SliceRandom;
 
 use super::ModelError;
 use super::net::stream_seed;
-use super::train::{bootstrap_weights, class_weights, split};
+use super::train::{EpochReport, bootstrap_weights, class_weights, split};
 
 const SHUFFLE_STREAM: u64 = 0x4EAD;
 
@@ -75,10 +75,10 @@ pub struct HeadsReport {
 /// K heads as one linear layer: `logits[b, k, c] = (x W + b)[b, k * classes + c]`.
 #[derive(Clone, Debug)]
 pub struct Heads {
-    linear: Linear,
-    members: usize,
-    num_classes: usize,
-    dim: usize,
+    pub(crate) linear: Linear,
+    pub(crate) members: usize,
+    pub(crate) num_classes: usize,
+    pub(crate) dim: usize,
 }
 
 impl Heads {
@@ -108,10 +108,14 @@ impl Heads {
 }
 
 /// Trains K fresh heads on `data` and returns the best epoch's heads (on the plain device).
+///
+/// `on_epoch` sees each epoch's report (as [`train`](super::train)'s does); returning false
+/// cancels the run with [`ModelError::Cancelled`].
 pub fn train_heads(
     data: &EmbeddingData,
     options: &HeadsOptions,
     device: &Device,
+    mut on_epoch: impl FnMut(&EpochReport) -> bool,
 ) -> Result<(Heads, HeadsReport), ModelError> {
     let n = data.labels.len();
     let (dim, members, classes) = (data.dim, options.members, options.num_classes);
@@ -204,6 +208,13 @@ pub fn train_heads(
             0.0
         };
         if val_set.is_empty() {
+            if !on_epoch(&EpochReport {
+                epoch,
+                loss: report.loss,
+                val_accuracy: None,
+            }) {
+                return Err(ModelError::Cancelled);
+            }
             continue;
         }
         let snapshot = linear.valid();
@@ -227,6 +238,13 @@ pub fn train_heads(
             })
             .count();
         let accuracy = correct as f64 / val_set.len() as f64;
+        if !on_epoch(&EpochReport {
+            epoch,
+            loss: report.loss,
+            val_accuracy: Some(accuracy),
+        }) {
+            return Err(ModelError::Cancelled);
+        }
         if best.as_ref().is_none_or(|(a, _)| accuracy > *a) {
             best = Some((accuracy, snapshot));
             report.val_accuracy = Some(accuracy);
@@ -285,7 +303,7 @@ mod tests {
             learning_rate: 1e-2,
             ..HeadsOptions::default()
         };
-        let (heads, report) = train_heads(&data, &options, &Device::flex()).unwrap();
+        let (heads, report) = train_heads(&data, &options, &Device::flex(), |_| true).unwrap();
         assert!(report.val_accuracy.unwrap() > 0.9, "{report:?}");
         let probs = heads
             .predict(&data.embeddings[..32 * 2], &Device::flex())
@@ -303,7 +321,7 @@ mod tests {
             ..HeadsOptions::default()
         };
         assert!(matches!(
-            train_heads(&data, &options, &Device::flex()),
+            train_heads(&data, &options, &Device::flex(), |_| true),
             Err(ModelError::BadInput { .. })
         ));
     }

@@ -21,13 +21,15 @@ mod train;
 
 pub use committee::{Committee, CommitteeProbs, Embeddings};
 pub use heads::{EmbeddingData, Heads, HeadsOptions, HeadsReport, train_heads};
+pub use mobilenet::MobileNetV2;
 pub use train::{EpochReport, TrainData, TrainOptions, train};
 
 /// What a model version is: the architecture and its sizes. Stored next to the weights, since
 /// weights alone do not say which module to load them into.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ArchitectureConfig {
-    /// Architecture name; only `"small_cnn"` exists for now.
+    /// Architecture name: [`SMALL_CNN`](Self::SMALL_CNN) or
+    /// [`MOBILENET_V2`](Self::MOBILENET_V2).
     pub arch: String,
     pub num_classes: usize,
     /// Committee size K (at least 2, or there is no disagreement to measure).
@@ -41,6 +43,9 @@ pub struct ArchitectureConfig {
 }
 
 impl ArchitectureConfig {
+    pub const SMALL_CNN: &str = "small_cnn";
+    pub const MOBILENET_V2: &str = "mobilenet_v2";
+
     /// The small CNN on 28x28 grayscale images (Fashion-MNIST sized) with a 64-wide embedding.
     pub fn small_cnn(num_classes: usize, members: usize) -> Self {
         Self {
@@ -51,6 +56,25 @@ impl ArchitectureConfig {
             channels: 1,
             embedding_dim: 64,
         }
+    }
+
+    /// MobileNetV2 (frozen ImageNet backbone) on `input_size`-pixel RGB images, K heads on its
+    /// 1280-wide embedding. Grayscale input is repeated into the three channels.
+    pub fn mobilenet_v2(num_classes: usize, members: usize, input_size: usize) -> Self {
+        Self {
+            arch: Self::MOBILENET_V2.to_string(),
+            num_classes,
+            members,
+            input_size,
+            channels: 3,
+            embedding_dim: mobilenet::EMBEDDING_DIM,
+        }
+    }
+
+    /// Whether the input is normalized with ImageNet's per-channel statistics (the pretrained
+    /// backbone's) rather than to `[-1, 1]`.
+    pub fn imagenet_normalized(&self) -> bool {
+        self.arch == Self::MOBILENET_V2
     }
 
     /// Number of `f32` values of one input image (`channels * input_size * input_size`).

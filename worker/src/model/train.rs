@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use super::committee::Committee;
+use super::committee::{Committee, Net};
 use super::net::{SmallCnn, stream_seed};
 use super::{ModelError, check_images};
 
@@ -123,7 +123,13 @@ pub fn train(
     let bootstrap = bootstrap_weights(n, config.members, options.seed);
 
     let train_device = start.device.clone().autodiff();
-    let mut net = start.net.clone().train();
+    let Net::Small(net) = &start.net else {
+        return Err(ModelError::InvalidOptions(format!(
+            "{} keeps its pretrained backbone frozen: train its heads on embeddings (heads mode)",
+            config.arch
+        )));
+    };
+    let mut net = net.clone().train();
     let mut optimizer = AdamWConfig::new()
         .with_weight_decay(options.weight_decay as f32)
         .init();
@@ -177,7 +183,7 @@ pub fn train(
             None
         } else {
             let candidate = Committee {
-                net: snapshot.clone(),
+                net: Net::Small(snapshot.clone()),
                 config: config.clone(),
                 device: start.device.clone(),
             };
@@ -218,7 +224,7 @@ pub fn train(
     }
 
     Ok(Committee {
-        net: best.map_or_else(|| net.valid(), |b| b.net),
+        net: Net::Small(best.map_or_else(|| net.valid(), |b| b.net)),
         config,
         device: start.device,
     })
