@@ -15,6 +15,7 @@ mod m20261125_000003_review;
 mod m20261126_000001_sample_reason;
 mod m20261126_000011_ingests;
 mod m20261126_000012_second_opinion;
+mod m20261126_000013_project_arch;
 
 pub struct Migrator;
 
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_sample_reason::Migration),
             Box::new(m20261126_000011_ingests::Migration),
             Box::new(m20261126_000012_second_opinion::Migration),
+            Box::new(m20261126_000013_project_arch::Migration),
         ]
     }
 }

@@ -11,7 +11,6 @@
 use std::time::Duration;
 
 use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, Statement};
-use sieve_shared::messages::TrainParams;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Context;
@@ -80,7 +79,7 @@ pub async fn check(ctx: &Context, project: &Project) -> anyhow::Result<Outcome> 
     if new_labels < i64::from(every) {
         return Ok(Outcome::NotDue { new_labels });
     }
-    match training::request(ctx, project, REQUESTER, TrainParams::default(), false).await {
+    match training::request(ctx, project, REQUESTER, project.train_params(), false).await {
         Ok(run) => Ok(Outcome::Requested(run)),
         Err(AppError::Invalid(reason)) => Ok(Outcome::Refused(reason)),
         Err(AppError::Conflict(_)) => Ok(Outcome::Busy),

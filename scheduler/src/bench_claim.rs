@@ -32,6 +32,7 @@ use rand::Rng;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement};
 use sieve_shared::Settings;
 use sieve_shared::ids::TaskId;
+use sieve_shared::messages::ModelArch;
 use sieve_shared::settings::DatabaseSettings;
 use uuid::Uuid;
 
@@ -184,6 +185,7 @@ async fn seed(db: &DatabaseConnection, name: &str, tasks: u64) -> anyhow::Result
         &ProjectName::parse(name)?,
         &ClassNames::parse(&classes)?,
         &Policy::default(),
+        ModelArch::SmallCnn,
     )
     .await?;
     let version = Uuid::now_v7();

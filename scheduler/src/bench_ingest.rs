@@ -31,7 +31,7 @@ use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
 use serde::{Deserialize, Serialize};
 use sieve_shared::Settings;
 use sieve_shared::ids::{ItemId, JobId, ProjectId};
-use sieve_shared::messages::{ModelRef, PrelabelJob, SCHEMA_VERSION, encode};
+use sieve_shared::messages::{ModelArch, ModelRef, PrelabelJob, SCHEMA_VERSION, encode};
 use uuid::Uuid;
 
 use crate::app::{self, Context};
@@ -278,6 +278,7 @@ async fn bench_project(ctx: &Context) -> anyhow::Result<(ProjectId, ModelRef)> {
         &ProjectName::parse(PROJECT)?,
         &ClassNames::parse(&["a".into(), "b".into()])?,
         &Policy::default(),
+        ModelArch::SmallCnn,
     )
     .await?;
     let version = Uuid::now_v7();

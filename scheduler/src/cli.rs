@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use sieve_shared::Settings;
-use sieve_shared::messages::TrainParams;
+use sieve_shared::messages::ModelArch;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, Context};
@@ -138,6 +138,12 @@ pub enum ProjectCommand {
         /// Confidence under which an item goes to human review.
         #[arg(long)]
         threshold: Option<f32>,
+        /// What the project's models are built on: `small_cnn` (trained
+        /// whole, fast on a CPU) or `mobilenet_v2` (a frozen ImageNet
+        /// backbone with trained heads; suits GPU workers, which need its
+        /// weights: docs/operations.md). Fixed for the project's life.
+        #[arg(long, default_value_t = ModelArch::SmallCnn)]
+        arch: ModelArch,
     },
     List,
     Show {
@@ -583,8 +589,8 @@ fn render_project(status: &status::ProjectStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "project {} ({} items)",
-        status.project.name, status.total_items
+        "project {} ({} items, {})",
+        status.project.name, status.total_items, status.project.arch
     );
     for (state, n) in &status.items {
         let _ = writeln!(out, "  {state:<14} {n}");
@@ -694,6 +700,7 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             name,
             classes,
             threshold,
+            arch,
         } => {
             let ctx = Context::connect(settings).await?;
             let mut policy = Policy::default();
@@ -705,20 +712,28 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
                 &ProjectName::parse(&name)?,
                 &ClassNames::parse(&classes)?,
                 &policy,
+                arch,
                 "cli",
             )
             .await?;
             println!(
-                "created project {} ({}) with {} classes; its first model is training",
+                "created project {} ({}) with {} classes on {}; its first model is training",
                 project.name,
                 project.id,
-                project.class_names.len()
+                project.class_names.len(),
+                project.arch
             );
         }
         ProjectCommand::List => {
             let conn = db::connect(&settings.database).await?;
             for p in projects::list(&conn).await? {
-                println!("{}  {}  classes={}", p.id, p.name, p.class_names.join(","));
+                println!(
+                    "{}  {}  arch={}  classes={}",
+                    p.id,
+                    p.name,
+                    p.arch,
+                    p.class_names.join(",")
+                );
             }
         }
         ProjectCommand::Policy {
@@ -903,8 +918,8 @@ async fn retrain(settings: Settings, args: RetrainArgs) -> anyhow::Result<()> {
         }
         (None, Some(project)) => {
             let project = projects::get(&ctx.db, &project).await?;
-            let run =
-                training::request(&ctx, &project, "cli", TrainParams::default(), false).await?;
+            let params = project.train_params();
+            let run = training::request(&ctx, &project, "cli", params, false).await?;
             println!(
                 "queued training run {} for version {} ({} labels, {} holdout)",
                 run.run_id, run.version, run.labels, run.holdout
@@ -1128,5 +1143,48 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(args: &[&str]) -> Result<ModelArch, clap::Error> {
+        let argv = ["sieve", "project", "create", "p", "--classes", "a,b"]
+            .iter()
+            .chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Project(ProjectCommand::Create { arch, .. }) => Ok(arch),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn project_create_takes_an_architecture() {
+        assert!(matches!(create(&[]), Ok(ModelArch::SmallCnn)));
+        assert!(matches!(
+            create(&["--arch", "mobilenet_v2"]),
+            Ok(ModelArch::MobilenetV2)
+        ));
+        let message = match create(&["--arch", "resnet50"]) {
+            Err(err) => err.to_string(),
+            Ok(arch) => panic!("resnet50 parsed as {arch}"),
+        };
+        assert!(
+            message.contains("resnet50")
+                && message.contains("small_cnn")
+                && message.contains("mobilenet_v2"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn demo_passes_an_architecture_through() {
+        let cli = Cli::try_parse_from(["sieve", "demo", "--quick", "--arch", "mobilenet_v2"]);
+        match cli.map(|c| c.command) {
+            Ok(Command::Demo(args)) => assert_eq!(args.arch, ModelArch::MobilenetV2),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 }

@@ -1,13 +1,17 @@
-//! Projects: a name, a class list and a routing policy.
+//! Projects: a name, a class list, a routing policy and the architecture
+//! its models are built on.
 //!
 //! Names and class lists are validated here, at the edge; everything past
-//! [`ProjectName::parse`] and [`ClassNames::parse`] can trust them.
+//! [`ProjectName::parse`] and [`ClassNames::parse`] can trust them. The
+//! architecture is chosen once, at creation: every training run of the
+//! project asks for it ([`Project::train_params`]), so a project's versions
+//! stay comparable and can replace one another.
 
 use chrono::Utc;
 use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use serde::Serialize;
 use sieve_shared::ids::ProjectId;
-use sieve_shared::messages::TrainParams;
+use sieve_shared::messages::{ModelArch, TrainParams};
 use uuid::Uuid;
 
 use crate::app::Context;
@@ -73,6 +77,12 @@ impl ClassNames {
     }
 }
 
+/// The architecture named by a request (`small_cnn` or `mobilenet_v2`); an
+/// unknown name is refused with the valid ones.
+pub fn parse_arch(raw: &str) -> AppResult<ModelArch> {
+    raw.trim().parse().map_err(AppError::Invalid)
+}
+
 /// A project as the rest of the scheduler sees it: typed, validated.
 #[derive(Clone, Debug, Serialize)]
 pub struct Project {
@@ -82,6 +92,9 @@ pub struct Project {
     pub policy: Policy,
     pub policy_version: i32,
     pub active_model_version_id: Option<Uuid>,
+    /// What the project's committees are built on; every version, the
+    /// first untrained one included, uses it.
+    pub arch: ModelArch,
 }
 
 impl Project {
@@ -90,6 +103,12 @@ impl Project {
             .map_err(|e| anyhow::anyhow!("project {} has corrupt class names: {e}", model.name))?;
         let policy = serde_json::from_value(model.policy)
             .map_err(|e| anyhow::anyhow!("project {} has a corrupt policy: {e}", model.name))?;
+        let arch = model.model_arch.parse::<ModelArch>().map_err(|e| {
+            anyhow::anyhow!(
+                "project {} has a corrupt model architecture: {e}",
+                model.name
+            )
+        })?;
         Ok(Self {
             id: ProjectId::from_uuid(model.id),
             name: model.name,
@@ -97,7 +116,15 @@ impl Project {
             policy,
             policy_version: model.policy_version,
             active_model_version_id: model.active_model_version_id,
+            arch,
         })
+    }
+
+    /// The parameters of a training run of this project: its architecture
+    /// and the mode that architecture trains in (heads only for
+    /// MobileNetV2), the same for the first model and every retrain.
+    pub fn train_params(&self) -> TrainParams {
+        TrainParams::for_arch(self.arch)
     }
 
     /// The index of a class given by name or by number.
@@ -123,10 +150,11 @@ pub async fn create_with_first_model(
     name: &ProjectName,
     classes: &ClassNames,
     policy: &Policy,
+    arch: ModelArch,
     requested_by: &str,
 ) -> AppResult<Project> {
-    let project = create(&ctx.db, name, classes, policy).await?;
-    training::request(ctx, &project, requested_by, TrainParams::default(), true).await?;
+    let project = create(&ctx.db, name, classes, policy, arch).await?;
+    training::request(ctx, &project, requested_by, project.train_params(), true).await?;
     Ok(project)
 }
 
@@ -135,6 +163,7 @@ pub async fn create(
     name: &ProjectName,
     classes: &ClassNames,
     policy: &Policy,
+    arch: ModelArch,
 ) -> AppResult<Project> {
     policy.validate()?;
     if find_by_name(db, name.as_str()).await?.is_some() {
@@ -152,6 +181,7 @@ pub async fn create(
         policy: Set(serde_json::to_value(policy).map_err(anyhow::Error::from)?),
         policy_version: Set(1),
         active_model_version_id: Set(None),
+        model_arch: Set(arch.as_str().to_owned()),
         created_at: Set(now),
         updated_at: Set(now),
     };
@@ -235,5 +265,46 @@ mod tests {
         assert!(ClassNames::parse(&s(&["cat"])).is_err());
         assert!(ClassNames::parse(&s(&["cat", " cat "])).is_err());
         assert!(ClassNames::parse(&s(&["cat", ""])).is_err());
+    }
+
+    #[test]
+    fn architectures_are_validated() {
+        assert!(matches!(parse_arch("small_cnn"), Ok(ModelArch::SmallCnn)));
+        assert!(matches!(
+            parse_arch(" mobilenet_v2"),
+            Ok(ModelArch::MobilenetV2)
+        ));
+        let err = match parse_arch("resnet50") {
+            Err(AppError::Invalid(message)) => message,
+            other => panic!("resnet50 was not refused as invalid: {other:?}"),
+        };
+        assert!(
+            err.contains("resnet50") && err.contains("small_cnn") && err.contains("mobilenet_v2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn train_params_follow_the_architecture() {
+        use sieve_shared::messages::TrainMode;
+        let project = |arch| Project {
+            id: ProjectId::new(),
+            name: "p".into(),
+            class_names: vec!["a".into(), "b".into()],
+            policy: Policy::default(),
+            policy_version: 1,
+            active_model_version_id: None,
+            arch,
+        };
+        let small = project(ModelArch::SmallCnn).train_params();
+        assert_eq!(
+            (small.arch, small.mode),
+            (ModelArch::SmallCnn, TrainMode::Full)
+        );
+        let mobile = project(ModelArch::MobilenetV2).train_params();
+        assert_eq!(
+            (mobile.arch, mobile.mode, mobile.input_size()),
+            (ModelArch::MobilenetV2, TrainMode::Heads, 96)
+        );
     }
 }

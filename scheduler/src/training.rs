@@ -24,7 +24,7 @@ use sieve_shared::broker;
 use sieve_shared::ids::{ItemId, ModelVersionId, TrainingRunId};
 use sieve_shared::messages::{
     ControlCommand, ControlMessage, SCHEMA_VERSION, Snapshot, SnapshotExample, Split, TrainEvent,
-    TrainEventKind, TrainJob, TrainParams, decode,
+    TrainEventKind, TrainJob, TrainMode, TrainParams, decode,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -58,8 +58,19 @@ struct LabeledItem {
     audit_sample: bool,
 }
 
+/// A labeled item of a project whose committee trains on a frozen
+/// backbone: with the backbone's embedding from the item's newest
+/// prediction that has one, as JSON text (decoded in Rust, where a bad one
+/// can be left out with a warning instead of failing the query).
+#[derive(FromQueryResult)]
+struct LabeledItemWithEmbedding {
+    #[sea_orm(nested)]
+    item: LabeledItem,
+    embedding: Option<String>,
+}
+
 impl LabeledItem {
-    fn into_example(self) -> SnapshotExample {
+    fn into_example(self, embedding: Option<Vec<f32>>) -> SnapshotExample {
         let random = self.random;
         // The audit sample is never trained on: it is what calibration and
         // the measured accuracy of machine labels rest on. Everything else
@@ -75,35 +86,100 @@ impl LabeledItem {
             class_index: self.class_index as u32,
             split,
             random,
+            embedding,
+        }
+    }
+}
+
+/// An embedding as stored with a prediction (a JSON array of numbers), or
+/// `None` with a warning for anything else: the worker then computes the
+/// embedding from the image, so a bad one costs time, never the run.
+fn decode_embedding(item_id: Uuid, json: &str) -> Option<Vec<f32>> {
+    match serde_json::from_str::<Vec<f32>>(json) {
+        Ok(embedding) => Some(embedding),
+        Err(err) => {
+            tracing::warn!(item = %item_id, error = %err, "stored embedding is not an array of numbers; leaving it out of the snapshot");
+            None
         }
     }
 }
 
 /// The newest human (or imported) label of every item in the project.
 /// Machine labels never enter training data.
+const LABELED_ITEMS: &str = r#"
+    SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash,
+           EXISTS (SELECT 1 FROM labels l2 JOIN review_tasks t ON t.id = l2.review_task_id
+                   WHERE l2.item_id = l.item_id
+                     AND t.reason IN ('seed', 'audit', 'sample')) AS random,
+           EXISTS (SELECT 1 FROM labels l2 JOIN review_tasks t ON t.id = l2.review_task_id
+                   WHERE l2.item_id = l.item_id
+                     AND t.reason IN ('audit', 'sample')) AS audit_sample
+    FROM labels l JOIN items i ON i.id = l.item_id
+    WHERE i.project_id = $1 AND l.source IN ('human', 'import')
+    ORDER BY l.item_id, l.created_at DESC
+"#;
+
+/// What [`LABELED_ITEMS`] adds for a run on a frozen backbone: each item's
+/// embedding from its newest prediction, with one, by a version of the same
+/// backbone at the same input size (`$2`: `{"arch", "input_size"}`, matched
+/// by containment in the version's architecture JSON). The backbone is the
+/// frozen ImageNet network whichever version carries it, so any such
+/// version's embedding is the one the heads would see; versions of another
+/// architecture or input size embed differently and are passed over. The
+/// lookup per item runs on the `(item_id, model_version_id)` unique index of
+/// `predictions`, so the whole set stays one round trip.
+const EMBEDDING_LOOKUP: &str = r#"
+    LEFT JOIN LATERAL (
+        SELECT p.embedding::text AS embedding
+        FROM predictions p JOIN model_versions mv ON mv.id = p.model_version_id
+        WHERE p.item_id = labeled.item_id
+          AND p.embedding IS NOT NULL
+          AND mv.architecture @> $2
+        ORDER BY p.created_at DESC
+        LIMIT 1
+    ) e ON true
+"#;
+
+/// The snapshot's examples for a run with `params`. Only a frozen-backbone
+/// (heads mode) run carries embeddings; for the others the column is not
+/// even read.
 async fn labeled_examples(
     ctx: &Context,
     project: &Project,
+    params: &TrainParams,
 ) -> anyhow::Result<Vec<SnapshotExample>> {
-    let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
-        ctx.db.get_database_backend(),
-        r#"
-        SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash,
-               EXISTS (SELECT 1 FROM labels l2 JOIN review_tasks t ON t.id = l2.review_task_id
-                       WHERE l2.item_id = l.item_id
-                         AND t.reason IN ('seed', 'audit', 'sample')) AS random,
-               EXISTS (SELECT 1 FROM labels l2 JOIN review_tasks t ON t.id = l2.review_task_id
-                       WHERE l2.item_id = l.item_id
-                         AND t.reason IN ('audit', 'sample')) AS audit_sample
-        FROM labels l JOIN items i ON i.id = l.item_id
-        WHERE i.project_id = $1 AND l.source IN ('human', 'import')
-        ORDER BY l.item_id, l.created_at DESC
-        "#,
-        [project.id.as_uuid().into()],
+    let backend = ctx.db.get_database_backend();
+    if params.mode != TrainMode::Heads {
+        let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
+            backend,
+            LABELED_ITEMS,
+            [project.id.as_uuid().into()],
+        ))
+        .all(&ctx.db)
+        .await?;
+        return Ok(rows.into_iter().map(|r| r.into_example(None)).collect());
+    }
+    let backbone = serde_json::json!({
+        "arch": params.arch.as_str(),
+        "input_size": params.input_size(),
+    });
+    let rows = LabeledItemWithEmbedding::find_by_statement(Statement::from_sql_and_values(
+        backend,
+        format!("SELECT labeled.*, e.embedding FROM ({LABELED_ITEMS}) labeled {EMBEDDING_LOOKUP}"),
+        [project.id.as_uuid().into(), backbone.into()],
     ))
     .all(&ctx.db)
     .await?;
-    Ok(rows.into_iter().map(LabeledItem::into_example).collect())
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let embedding = row
+                .embedding
+                .as_deref()
+                .and_then(|json| decode_embedding(row.item.item_id, json));
+            row.item.into_example(embedding)
+        })
+        .collect())
 }
 
 /// Queue a training run for `project`. `bootstrap` allows a run with no
@@ -115,7 +191,17 @@ pub async fn request(
     params: TrainParams,
     bootstrap: bool,
 ) -> AppResult<RunSummary> {
-    let examples = labeled_examples(ctx, project).await?;
+    if params.arch != project.arch || params.mode != project.arch.train_mode() {
+        return Err(AppError::Invalid(format!(
+            "project {} trains {} in {:?} mode; a run of {} in {:?} mode would register a version it cannot use",
+            project.name,
+            project.arch,
+            project.arch.train_mode(),
+            params.arch,
+            params.mode
+        )));
+    }
+    let examples = labeled_examples(ctx, project, &params).await?;
     if examples.is_empty() && !bootstrap {
         return Err(AppError::Invalid(format!(
             "project {} has no human labels yet: review some items before retraining",

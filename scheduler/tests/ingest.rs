@@ -21,6 +21,7 @@ use sieve_scheduler::object_prefix::Prefix;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_shared::Settings;
+use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
 struct Env {
@@ -59,6 +60,7 @@ impl Env {
             &ProjectName::parse("ingest").unwrap(),
             &ClassNames::parse(&["cat".into(), "dog".into()]).unwrap(),
             &Policy::default(),
+            ModelArch::SmallCnn,
         )
         .await
         .unwrap();

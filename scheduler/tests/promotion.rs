@@ -14,7 +14,7 @@ use sieve_scheduler::entities::project;
 use sieve_scheduler::models;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, ProjectName};
-use sieve_shared::messages::HoldoutMetrics;
+use sieve_shared::messages::{HoldoutMetrics, ModelArch};
 use uuid::Uuid;
 
 fn metrics(accuracy: f64, base_accuracy: Option<f64>) -> serde_json::Value {
@@ -76,6 +76,7 @@ async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
             &ProjectName::parse("promo").unwrap(),
             &ClassNames::parse(&["a".into(), "b".into()]).unwrap(),
             &Policy::default(),
+            ModelArch::SmallCnn,
         )
         .await
         .unwrap();

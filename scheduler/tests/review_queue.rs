@@ -19,6 +19,7 @@ use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::review::{self, Submission};
 use sieve_shared::ids::TaskId;
+use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
 async fn project_with_tasks(test: &TestDb, tasks: usize) -> Project {
@@ -27,6 +28,7 @@ async fn project_with_tasks(test: &TestDb, tasks: usize) -> Project {
         &ProjectName::parse("queue").unwrap(),
         &ClassNames::parse(&["cat".into(), "dog".into()]).unwrap(),
         &Policy::default(),
+        ModelArch::SmallCnn,
     )
     .await
     .unwrap();

@@ -23,7 +23,9 @@ use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::results;
 use sieve_shared::Settings;
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
-use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION};
+use sieve_shared::messages::{
+    ModelArch, PredictionOutput, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION,
+};
 use sieve_shared::scores::Scores;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -55,6 +57,7 @@ async fn project_with_model(db: &sea_orm::DatabaseConnection) -> (Project, Uuid)
         &ProjectName::parse("scale-out").unwrap(),
         &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
         &policy,
+        ModelArch::SmallCnn,
     )
     .await
     .unwrap();

@@ -20,8 +20,8 @@ use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::results::{self, Applied};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
 use sieve_shared::messages::{
-    HoldoutEvaluation, HoldoutMetrics, PredictionOutput, PrelabelOutcome, PrelabelResult,
-    SCHEMA_VERSION,
+    HoldoutEvaluation, HoldoutMetrics, ModelArch, PredictionOutput, PrelabelOutcome,
+    PrelabelResult, SCHEMA_VERSION,
 };
 use sieve_shared::scores::Scores;
 use uuid::Uuid;
@@ -38,6 +38,7 @@ async fn project_with_model(
         &ProjectName::parse("routing").unwrap(),
         &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
         &policy,
+        ModelArch::SmallCnn,
     )
     .await
     .unwrap();

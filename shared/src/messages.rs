@@ -127,6 +127,77 @@ impl Message for PrelabelResult {
     const ROUTE: Route = Route::Results;
 }
 
+/// Which network a project's committee is built on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelArch {
+    /// A small CNN trained from scratch on 28x28 grayscale input; fast on a CPU.
+    #[default]
+    SmallCnn,
+    /// torchvision's MobileNetV2 with its ImageNet weights as a frozen
+    /// backbone, K linear heads on its 1280-wide embedding.
+    MobilenetV2,
+}
+
+impl ModelArch {
+    /// The only training mode a job may ask of this architecture: the small
+    /// CNN is trained whole; MobileNetV2 keeps its ImageNet backbone frozen
+    /// and trains the heads on cached embeddings.
+    pub fn train_mode(self) -> TrainMode {
+        match self {
+            Self::SmallCnn => TrainMode::Full,
+            Self::MobilenetV2 => TrainMode::Heads,
+        }
+    }
+
+    /// The square input side the architecture runs at unless told otherwise.
+    pub fn default_input_size(self) -> u32 {
+        match self {
+            Self::SmallCnn => 28,
+            Self::MobilenetV2 => 96,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SmallCnn => "small_cnn",
+            Self::MobilenetV2 => "mobilenet_v2",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelArch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ModelArch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "small_cnn" => Ok(Self::SmallCnn),
+            "mobilenet_v2" => Ok(Self::MobilenetV2),
+            other => Err(format!(
+                "unknown model architecture {other:?} (expected small_cnn or mobilenet_v2)"
+            )),
+        }
+    }
+}
+
+/// What a training run changes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainMode {
+    /// Every weight, from the base version's (or a fresh initialisation).
+    #[default]
+    Full,
+    /// Only the committee's K heads, on embeddings of the frozen backbone
+    /// (cached in the snapshot where the workers returned them).
+    Heads,
+}
+
 /// Hyper-parameters of a training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainParams {
@@ -135,6 +206,13 @@ pub struct TrainParams {
     pub batch_size: u32,
     pub learning_rate: f64,
     pub seed: u64,
+    #[serde(default)]
+    pub arch: ModelArch,
+    #[serde(default)]
+    pub mode: TrainMode,
+    /// Square input side in pixels; `None`: the architecture's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_size: Option<u32>,
 }
 
 impl Default for TrainParams {
@@ -145,7 +223,34 @@ impl Default for TrainParams {
             batch_size: 64,
             learning_rate: 2e-3,
             seed: 17,
+            arch: ModelArch::SmallCnn,
+            mode: TrainMode::Full,
+            input_size: None,
         }
+    }
+}
+
+impl TrainParams {
+    /// The defaults for a committee on `arch`, in the mode it trains in.
+    /// Heads train on embeddings in well under a second per epoch, so they
+    /// get more epochs (early stopping ends them sooner) and larger batches.
+    pub fn for_arch(arch: ModelArch) -> Self {
+        match arch {
+            ModelArch::SmallCnn => Self::default(),
+            ModelArch::MobilenetV2 => Self {
+                epochs: 30,
+                batch_size: 256,
+                learning_rate: 1e-3,
+                arch,
+                mode: TrainMode::Heads,
+                ..Self::default()
+            },
+        }
+    }
+
+    pub fn input_size(&self) -> u32 {
+        self.input_size
+            .unwrap_or_else(|| self.arch.default_input_size())
     }
 }
 
@@ -206,6 +311,11 @@ pub struct SnapshotExample {
     /// items are always holdout: they are calibration evidence.
     #[serde(default)]
     pub random: bool,
+    /// The frozen backbone's embedding of the item, where a worker returned
+    /// one with a prediction of the same architecture and input size: heads
+    /// mode trains on these without reading the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// The labeled set a training run learns from, written once to the object

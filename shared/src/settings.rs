@@ -268,6 +268,10 @@ pub struct WorkerSettings {
     /// Fetch and decode the next batch while the current one is on the
     /// model (off: one batch at a time, lock-step).
     pub pipeline: bool,
+    /// torchvision's MobileNetV2 ImageNet weights (`ops/fetch-weights.sh`
+    /// puts them here): the frozen backbone of a `mobilenet_v2` project's
+    /// first model. Later versions carry the backbone in their artifact.
+    pub mobilenet_weights: PathBuf,
 }
 
 impl Default for WorkerSettings {
@@ -280,6 +284,7 @@ impl Default for WorkerSettings {
             heartbeat_seconds: 5,
             model_cache: 4,
             pipeline: true,
+            mobilenet_weights: PathBuf::from("ops/weights/mobilenet_v2-b0353104.pth"),
         }
     }
 }

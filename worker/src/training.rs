@@ -18,8 +18,8 @@ use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use sieve_shared::messages::{
-    HoldoutEvaluation, HoldoutMetrics, SCHEMA_VERSION, Snapshot, Split, TrainEvent, TrainEventKind,
-    TrainJob, decode,
+    HoldoutEvaluation, HoldoutMetrics, ModelArch, SCHEMA_VERSION, Snapshot, Split, TrainEvent,
+    TrainEventKind, TrainJob, TrainMode, decode,
 };
 use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::artifact;
 use crate::images;
 use crate::model::{
-    self, ArchitectureConfig, Committee, EpochReport, ModelError, TrainData, TrainOptions,
+    self, ArchitectureConfig, Committee, CommitteeProbs, EmbeddingData, EpochReport, HeadsOptions,
+    ModelError, TrainData, TrainOptions,
 };
 use crate::service::Worker;
 
@@ -228,6 +229,15 @@ async fn load_images(
     .map_err(|e| RunError::Permanent(format!("image decoding panicked: {e}")))
 }
 
+/// What a mode's training produced, ready to register.
+struct Trained {
+    model: Committee,
+    evaluations: Vec<HoldoutEvaluation>,
+    /// The base version's accuracy on the same holdout, when it can be measured.
+    base_accuracy: Option<f64>,
+    train_size: usize,
+}
+
 async fn train(
     worker: &Arc<Worker>,
     job: &TrainJob,
@@ -242,25 +252,8 @@ async fn train(
     })?;
     let snapshot: Snapshot = serde_json::from_slice(&snapshot_bytes)
         .map_err(|e| RunError::Permanent(format!("corrupt snapshot {}: {e}", job.snapshot_key)))?;
+    drop(snapshot_bytes);
     let classes = job.class_names.len();
-    let config = ArchitectureConfig::small_cnn(classes, job.params.members.max(2) as usize);
-
-    let mut base_model = None;
-    let start = match &job.base {
-        Some(base) => match worker.cache.get(base).await {
-            Ok(model) if model.config() == &config => {
-                base_model = Some(model.clone());
-                (*model).clone()
-            }
-            Ok(_) => Committee::init(&config, job.params.seed, &crate::backend::device())
-                .map_err(|e| RunError::Permanent(e.to_string()))?,
-            Err(err) if err.is_transient() => return Err(RunError::Transient(err.to_string())),
-            Err(err) => return Err(RunError::Permanent(format!("base model refused: {err}"))),
-        },
-        None => Committee::init(&config, job.params.seed, &crate::backend::device())
-            .map_err(|e| RunError::Permanent(e.to_string()))?,
-    };
-
     if let Some(bad) = snapshot
         .examples
         .iter()
@@ -271,6 +264,161 @@ async fn train(
             bad.item_id, bad.class_index
         )));
     }
+    let mode = job.params.mode;
+    if mode != job.params.arch.train_mode() {
+        return Err(RunError::Permanent(format!(
+            "{} is trained in {:?} mode, not {mode:?}: {}",
+            job.params.arch,
+            job.params.arch.train_mode(),
+            match job.params.arch {
+                ModelArch::SmallCnn => "the small CNN has no pretrained backbone to freeze",
+                ModelArch::MobilenetV2 => {
+                    "fine-tuning the whole MobileNetV2 is not available in training jobs"
+                }
+            }
+        )));
+    }
+    let trained = match mode {
+        TrainMode::Full => train_full(worker, job, &snapshot, stop).await?,
+        TrainMode::Heads => train_heads(worker, job, &snapshot, stop).await?,
+    };
+    let Trained {
+        model,
+        evaluations,
+        base_accuracy,
+        train_size,
+    } = trained;
+    let holdout_size = evaluations.len();
+    let accuracy = accuracy_of(&evaluations);
+
+    let architecture = serde_json::to_value(model.config()).unwrap_or_default();
+    let (bytes, checksum) = tokio::task::spawn_blocking(move || artifact::encode(&model))
+        .await
+        .map_err(|e| RunError::Permanent(format!("encoding the artifact panicked: {e}")))?
+        .map_err(|e| RunError::Permanent(e.to_string()))?;
+    // Named by its content as well: a second training of the same run (a
+    // redelivered job on another worker) writes its own object and can
+    // never replace the artifact the scheduler registered.
+    let artifact_key = format!(
+        "projects/{}/models/{}-{}.bin",
+        job.project_id,
+        job.version_id,
+        checksum.get(..16).unwrap_or(&checksum)
+    );
+    worker
+        .store
+        .put(&artifact_key, Bytes::from(bytes))
+        .await
+        .map_err(|e| RunError::Transient(e.to_string()))?;
+    tracing::info!(run = %job.run_id, version = job.version, ?mode, train = train_size, holdout = holdout_size, ?accuracy, "training completed");
+    Ok(TrainEventKind::Completed {
+        artifact_key,
+        checksum,
+        architecture,
+        metrics: HoldoutMetrics {
+            holdout_size: holdout_size as u32,
+            accuracy,
+            train_size: train_size as u32,
+            evaluations,
+            base_accuracy,
+        },
+    })
+}
+
+/// The base version from the model cache, if the job names one.
+async fn base_model(worker: &Worker, job: &TrainJob) -> Result<Option<Arc<Committee>>, RunError> {
+    let Some(base) = &job.base else {
+        return Ok(None);
+    };
+    match worker.cache.get(base).await {
+        Ok(model) => Ok(Some(model)),
+        Err(err) if err.is_transient() => Err(RunError::Transient(err.to_string())),
+        Err(err) => Err(RunError::Permanent(format!("base model refused: {err}"))),
+    }
+}
+
+/// Runs `work` (a blocking training loop) with its epochs reported on
+/// `sieve.train.events` and a cancel flag raised by shutdown or a cancel
+/// notice; maps a cancelled loop to the right [`RunError`].
+async fn supervised<T: Send + 'static>(
+    worker: &Arc<Worker>,
+    job: &TrainJob,
+    stop: &CancellationToken,
+    work: impl FnOnce(&mut (dyn FnMut(&EpochReport) -> bool + Send)) -> Result<T, ModelError>
+    + Send
+    + 'static,
+) -> Result<T, RunError> {
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<EpochReport>();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let cancel_flag = cancelled.clone();
+    let watch_stop = stop.clone();
+    let watch_worker = worker.clone();
+    let run_id = job.run_id;
+    let watcher = tokio::spawn(async move {
+        // Shutdown or a cancel notice, whichever comes first.
+        loop {
+            tokio::select! {
+                () = watch_stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if watch_worker.is_cancelled(run_id) {
+                        break;
+                    }
+                }
+            }
+        }
+        cancel_flag.store(true, Ordering::SeqCst);
+    });
+    let training = tokio::task::spawn_blocking(move || {
+        let mut on_epoch = |report: &EpochReport| {
+            let _ = progress_tx.send(report.clone());
+            !cancelled.load(Ordering::SeqCst)
+        };
+        work(&mut on_epoch)
+    });
+    let forward = async {
+        while let Some(report) = progress_rx.recv().await {
+            let _ = publish(
+                worker,
+                job,
+                TrainEventKind::Progress {
+                    epoch: report.epoch as u32,
+                    loss: report.loss,
+                    val_accuracy: report.val_accuracy,
+                },
+            )
+            .await;
+        }
+    };
+    let (trained, ()) = tokio::join!(training, forward);
+    watcher.abort();
+    match trained.map_err(|e| RunError::Permanent(format!("training panicked: {e}")))? {
+        Ok(value) => Ok(value),
+        Err(ModelError::Cancelled) if worker.is_cancelled(job.run_id) => {
+            Err(RunError::CancelledByRequest)
+        }
+        Err(ModelError::Cancelled) => Err(RunError::Cancelled),
+        Err(err) => Err(RunError::Permanent(err.to_string())),
+    }
+}
+
+/// Full mode: the small CNN trained whole, from the base version's weights
+/// (or a fresh initialisation).
+async fn train_full(
+    worker: &Arc<Worker>,
+    job: &TrainJob,
+    snapshot: &Snapshot,
+    stop: &CancellationToken,
+) -> Result<Trained, RunError> {
+    let classes = job.class_names.len();
+    let config = ArchitectureConfig::small_cnn(classes, job.params.members.max(2) as usize);
+    let base = base_model(worker, job).await?;
+    let base_model = base.filter(|model| model.config() == &config);
+    let start = match &base_model {
+        Some(model) => (**model).clone(),
+        None => Committee::init(&config, job.params.seed, &crate::backend::device())
+            .map_err(|e| RunError::Permanent(e.to_string()))?,
+    };
+
     let keys = snapshot
         .examples
         .iter()
@@ -314,128 +462,241 @@ async fn train(
         seed: job.params.seed,
         ..TrainOptions::default()
     };
-    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<EpochReport>();
-    let cancelled = Arc::new(AtomicBool::new(false));
-    let cancel_flag = cancelled.clone();
-    let watch_stop = stop.clone();
-    let watch_worker = worker.clone();
-    let run_id = job.run_id;
-    let watcher = tokio::spawn(async move {
-        // Shutdown or a cancel notice, whichever comes first.
-        loop {
-            tokio::select! {
-                () = watch_stop.cancelled() => break,
-                () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if watch_worker.is_cancelled(run_id) {
-                        break;
-                    }
-                }
-            }
-        }
-        cancel_flag.store(true, Ordering::SeqCst);
-    });
     let train_size = train_data.labels.len();
-    let flag = cancelled.clone();
-    let training = tokio::task::spawn_blocking(move || {
-        model::train(start, &train_data, &options, |report| {
-            let _ = progress_tx.send(report.clone());
-            !flag.load(Ordering::SeqCst)
-        })
-    });
-    let forward = async {
-        while let Some(report) = progress_rx.recv().await {
-            let _ = publish(
-                worker,
-                job,
-                TrainEventKind::Progress {
-                    epoch: report.epoch as u32,
-                    loss: report.loss,
-                    val_accuracy: report.val_accuracy,
-                },
-            )
-            .await;
-        }
-    };
-    let (trained, ()) = tokio::join!(training, forward);
-    watcher.abort();
-    let trained =
-        match trained.map_err(|e| RunError::Permanent(format!("training panicked: {e}")))? {
-            Ok(model) => model,
-            Err(ModelError::Cancelled) if worker.is_cancelled(job.run_id) => {
-                return Err(RunError::CancelledByRequest);
-            }
-            Err(ModelError::Cancelled) => return Err(RunError::Cancelled),
-            Err(err) => return Err(RunError::Permanent(err.to_string())),
-        };
+    let trained = supervised(worker, job, stop, move |on_epoch| {
+        model::train(start, &train_data, &options, on_epoch)
+    })
+    .await?;
 
-    let holdout_size = holdout.labels.len();
-    let (trained, evaluations, base_evaluations) = tokio::task::spawn_blocking(move || {
-        let evaluations = evaluate(&trained, &holdout, &holdout_random);
-        let base_evaluations = base_model.map(|base| evaluate(&base, &holdout, &holdout_random));
+    let (model, evaluations, base_evaluations) = tokio::task::spawn_blocking(move || {
+        let labels = &holdout.labels;
+        let evaluations = trained
+            .predict(&holdout.images, labels.len())
+            .and_then(|probs| evaluate(&probs, labels, &holdout_random));
+        let base_evaluations = base_model.map(|base| {
+            base.predict(&holdout.images, labels.len())
+                .and_then(|probs| evaluate(&probs, labels, &holdout_random))
+        });
         (trained, evaluations, base_evaluations)
     })
     .await
     .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?;
-    let evaluations = evaluations.map_err(|e| RunError::Permanent(e.to_string()))?;
-    let base_accuracy = match base_evaluations {
-        Some(Ok(base)) if !base.is_empty() => {
-            Some(base.iter().filter(|e| e.label == e.predicted).count() as f64 / base.len() as f64)
-        }
-        _ => None,
+    Ok(Trained {
+        model,
+        evaluations: evaluations.map_err(|e| RunError::Permanent(e.to_string()))?,
+        base_accuracy: base_evaluations
+            .and_then(|e| e.ok())
+            .and_then(|e| accuracy_of(&e)),
+        train_size,
+    })
+}
+
+/// Snapshot examples whose embeddings are computed per backbone pass when
+/// the snapshot has none cached: bounds memory (a 96x96 RGB input is 108 KiB).
+const EMBED_CHUNK: usize = 256;
+
+/// Heads mode: the backbone stays frozen (the base version's, or the
+/// ImageNet import for a project's first model); K fresh heads learn from
+/// embeddings, cached in the snapshot where a worker returned them with a
+/// prediction, computed from the image otherwise.
+async fn train_heads(
+    worker: &Arc<Worker>,
+    job: &TrainJob,
+    snapshot: &Snapshot,
+    stop: &CancellationToken,
+) -> Result<Trained, RunError> {
+    let classes = job.class_names.len();
+    let members = job.params.members.max(2) as usize;
+    let config =
+        ArchitectureConfig::mobilenet_v2(classes, members, job.params.input_size() as usize);
+    let base = base_model(worker, job).await?;
+    // Same backbone at the same input size: its embeddings (cached or not)
+    // are what the new heads will read, so both can be compared on them.
+    let base = base.filter(|m| {
+        m.has_frozen_backbone()
+            && m.config().input_size == config.input_size
+            && m.config().num_classes == classes
+    });
+    let backbone_from = match &base {
+        Some(_) => "the base version".to_string(),
+        None => worker
+            .settings
+            .worker
+            .mobilenet_weights
+            .display()
+            .to_string(),
     };
-    let accuracy = (!evaluations.is_empty()).then(|| {
+    let start = match &base {
+        Some(model) => Committee::clone(model),
+        None => {
+            let path = worker.settings.worker.mobilenet_weights.clone();
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || {
+                let device = crate::backend::device();
+                let backbone = model::mobilenet::load_imagenet(&path, &device).map_err(|e| {
+                    format!(
+                        "the MobileNetV2 ImageNet weights at {} do not load ({e}); run ops/fetch-weights.sh or set worker.mobilenet_weights",
+                        path.display()
+                    )
+                })?;
+                Committee::from_backbone(&config, backbone, &device).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| RunError::Permanent(format!("loading the backbone panicked: {e}")))?
+            .map_err(RunError::Permanent)?
+        }
+    };
+    let dim = start.config().embedding_dim;
+    let start = Arc::new(start);
+
+    // Embeddings: cached ones first, then the rest through the backbone.
+    let mut embeddings: Vec<Option<Vec<f32>>> = snapshot
+        .examples
+        .iter()
+        .map(|e| {
+            e.embedding
+                .clone()
+                .filter(|v| v.len() == dim && v.iter().all(|x| x.is_finite()))
+        })
+        .collect();
+    let missing: Vec<usize> = (0..embeddings.len())
+        .filter(|&i| embeddings[i].is_none())
+        .collect();
+    let cached = embeddings.len() - missing.len();
+    tracing::info!(run = %job.run_id, cached, to_compute = missing.len(), backbone = %backbone_from, "heads mode: gathering embeddings");
+    for (done, chunk) in missing.chunks(EMBED_CHUNK).enumerate() {
+        if stop.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        if worker.is_cancelled(job.run_id) {
+            return Err(RunError::CancelledByRequest);
+        }
+        let keys = chunk
+            .iter()
+            .map(|&i| snapshot.examples[i].object_key.clone())
+            .collect();
+        let inputs = load_images(worker, start.config(), keys).await?;
+        let model = start.clone();
+        let computed = tokio::task::spawn_blocking(move || {
+            let good: Vec<usize> = (0..inputs.len()).filter(|&j| inputs[j].is_ok()).collect();
+            let flat: Vec<f32> = inputs.into_iter().flatten().flatten().collect();
+            model.embed(&flat, good.len()).map(|flat| (good, flat))
+        })
+        .await
+        .map_err(|e| RunError::Permanent(format!("the backbone panicked: {e}")))?
+        .map_err(|e| RunError::Permanent(e.to_string()))?;
+        let (good, flat) = computed;
+        for (j, embedding) in good.into_iter().zip(flat.chunks(dim)) {
+            embeddings[chunk[j]] = Some(embedding.to_vec());
+        }
+        tracing::debug!(run = %job.run_id, computed = ((done + 1) * EMBED_CHUNK).min(missing.len()), of = missing.len(), "embeddings");
+    }
+
+    let mut train_data = EmbeddingData {
+        embeddings: Vec::new(),
+        dim,
+        labels: Vec::new(),
+    };
+    let (mut holdout, mut holdout_labels, mut holdout_random) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let mut skipped = 0usize;
+    for (example, embedding) in snapshot.examples.iter().zip(embeddings) {
+        let Some(embedding) = embedding else {
+            skipped += 1;
+            continue;
+        };
+        match example.split {
+            Split::Train => {
+                train_data.embeddings.extend_from_slice(&embedding);
+                train_data.labels.push(example.class_index as usize);
+            }
+            Split::Holdout => {
+                holdout.extend_from_slice(&embedding);
+                holdout_labels.push(example.class_index as usize);
+                holdout_random.push(example.random);
+            }
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(run = %job.run_id, skipped, "snapshot images that could not be used were skipped");
+    }
+    let train_size = train_data.labels.len();
+    if snapshot.examples.is_empty() {
+        // A project's first model: the backbone with untrained heads, as the
+        // small CNN's first model is untrained.
+        return Ok(Trained {
+            model: Committee::clone(&start),
+            evaluations: Vec::new(),
+            base_accuracy: None,
+            train_size,
+        });
+    }
+    if train_size == 0 {
+        return Err(RunError::Permanent(format!(
+            "heads mode has no training example with a usable image or embedding ({skipped} of {} could not be used)",
+            snapshot.examples.len()
+        )));
+    }
+    let options = HeadsOptions {
+        members,
+        num_classes: classes,
+        epochs: job.params.epochs as usize,
+        batch_size: job.params.batch_size.max(1) as usize,
+        learning_rate: job.params.learning_rate,
+        seed: job.params.seed,
+        ..HeadsOptions::default()
+    };
+    let heads_start = start.clone();
+    let model = supervised(worker, job, stop, move |on_epoch| {
+        let (heads, _) = model::train_heads(&train_data, &options, heads_start.device(), on_epoch)?;
+        heads_start.with_heads(heads)
+    })
+    .await?;
+
+    let (model, evaluations, base_evaluations) = tokio::task::spawn_blocking(move || {
+        let n = holdout_labels.len();
+        let evaluations = model
+            .predict_embeddings(&holdout, n)
+            .and_then(|probs| evaluate(&probs, &holdout_labels, &holdout_random));
+        let base_evaluations = base.map(|base| {
+            base.predict_embeddings(&holdout, n)
+                .and_then(|probs| evaluate(&probs, &holdout_labels, &holdout_random))
+        });
+        (model, evaluations, base_evaluations)
+    })
+    .await
+    .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?;
+    Ok(Trained {
+        model,
+        evaluations: evaluations.map_err(|e| RunError::Permanent(e.to_string()))?,
+        base_accuracy: base_evaluations
+            .and_then(|e| e.ok())
+            .and_then(|e| accuracy_of(&e)),
+        train_size,
+    })
+}
+
+fn accuracy_of(evaluations: &[HoldoutEvaluation]) -> Option<f64> {
+    (!evaluations.is_empty()).then(|| {
         evaluations
             .iter()
             .filter(|e| e.label == e.predicted)
             .count() as f64
             / evaluations.len() as f64
-    });
-
-    let (bytes, checksum) =
-        artifact::encode(&trained).map_err(|e| RunError::Permanent(e.to_string()))?;
-    // Named by its content as well: a second training of the same run (a
-    // redelivered job on another worker) writes its own object and can
-    // never replace the artifact the scheduler registered.
-    let artifact_key = format!(
-        "projects/{}/models/{}-{}.bin",
-        job.project_id,
-        job.version_id,
-        checksum.get(..16).unwrap_or(&checksum)
-    );
-    worker
-        .store
-        .put(&artifact_key, Bytes::from(bytes))
-        .await
-        .map_err(|e| RunError::Transient(e.to_string()))?;
-    tracing::info!(run = %job.run_id, version = job.version, train = train_size, holdout = holdout_size, ?accuracy, "training completed");
-    Ok(TrainEventKind::Completed {
-        artifact_key,
-        checksum,
-        architecture: serde_json::to_value(&config).unwrap_or_default(),
-        metrics: HoldoutMetrics {
-            holdout_size: holdout_size as u32,
-            accuracy,
-            train_size: train_size as u32,
-            evaluations,
-            base_accuracy,
-        },
     })
 }
 
-/// The committee's verdict on every holdout example; `random[i]` says whether
-/// example `i` was picked at random (what calibration may use).
+/// The committee's verdict on every holdout example from its probabilities;
+/// `random[i]` says whether example `i` was picked at random (what
+/// calibration may use).
 fn evaluate(
-    model: &Committee,
-    holdout: &TrainData,
+    probs: &CommitteeProbs,
+    labels: &[usize],
     random: &[bool],
 ) -> Result<Vec<HoldoutEvaluation>, ModelError> {
-    if holdout.labels.is_empty() {
-        return Ok(Vec::new());
-    }
-    let probs = model.predict(&holdout.images, holdout.labels.len())?;
     probs
         .iter()
-        .zip(&holdout.labels)
+        .zip(labels)
         .zip(random)
         .map(|((members, &label), &random)| {
             let s = sieve_shared::scores::committee_scores(members).map_err(|e| {

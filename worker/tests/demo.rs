@@ -15,6 +15,7 @@ use sieve_scheduler::demo::{self, DemoArgs};
 use sieve_scheduler::entities::item;
 use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_shared::messages::ModelArch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quick_demo_report_adds_up() {
@@ -38,6 +39,7 @@ async fn quick_demo_report_adds_up() {
         data_dir: fashion_mnist::DEFAULT_DIR.into(),
         work_dir: work.path().to_owned(),
         step_timeout_secs: 300,
+        arch: ModelArch::SmallCnn,
     };
     let report = demo::run(&sieve.ctx, &args).await.unwrap();
     println!("{}", serde_json::to_string_pretty(&report).unwrap());

@@ -23,6 +23,7 @@ use sieve_scheduler::fashion_mnist::{self, Split};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, ProjectName};
 use sieve_scheduler::{ingest, workers};
+use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
 const IMAGES: usize = 40;
@@ -67,6 +68,7 @@ async fn one_image_set_through_queue_worker_router_review_and_retrain() {
         &ProjectName::parse("skeleton").unwrap(),
         &ClassNames::parse(&classes).unwrap(),
         &policy,
+        ModelArch::SmallCnn,
         "test",
     )
     .await

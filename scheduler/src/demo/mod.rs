@@ -18,6 +18,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, Statement};
 use serde::Serialize;
+use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
 use crate::app::Context;
@@ -98,6 +99,10 @@ pub struct DemoArgs {
     /// Give up waiting for the fleet after this long per step.
     #[arg(long, default_value_t = 1200)]
     pub step_timeout_secs: u64,
+    /// What the new project's models are built on (`sieve project create
+    /// --arch`); ignored with --resume, where the project already has one.
+    #[arg(long, default_value_t = ModelArch::SmallCnn)]
+    pub arch: ModelArch,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -349,6 +354,7 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
             &ProjectName::parse(name)?,
             &ClassNames::parse(&classes)?,
             &args.policy(),
+            args.arch,
             "demo",
         )
         .await?;

@@ -14,6 +14,9 @@ pub struct Model {
     pub policy: Json,
     pub policy_version: i32,
     pub active_model_version_id: Option<Uuid>,
+    /// `small_cnn` or `mobilenet_v2` (a CHECK constraint holds it to those);
+    /// parsed into `ModelArch` by `Project::from_model`.
+    pub model_arch: String,
     pub created_at: DateTimeWithTimeZone,
     pub updated_at: DateTimeWithTimeZone,
 }

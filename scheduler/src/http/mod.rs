@@ -19,7 +19,7 @@ use sea_orm::EntityTrait;
 use serde::Deserialize;
 use serde_json::json;
 use sieve_shared::ids::TaskId;
-use sieve_shared::messages::TrainParams;
+use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
 use crate::app::Context;
@@ -169,6 +169,9 @@ struct CreateProject {
     classes: Vec<String>,
     #[serde(default)]
     policy: Option<Policy>,
+    /// `small_cnn` (the default) or `mobilenet_v2`.
+    #[serde(default)]
+    arch: Option<String>,
 }
 
 async fn create_project(
@@ -180,11 +183,16 @@ async fn create_project(
     who.require_unscoped("create projects")?;
     let name = ProjectName::parse(&body.name)?;
     let classes = ClassNames::parse(&body.classes)?;
+    let arch = match body.arch.as_deref() {
+        Some(raw) => projects::parse_arch(raw)?,
+        None => ModelArch::default(),
+    };
     let project = projects::create_with_first_model(
         &ctx,
         &name,
         &classes,
         &body.policy.unwrap_or_default(),
+        arch,
         &who.name,
     )
     .await?;
@@ -351,7 +359,8 @@ async fn retrain(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Train).await?;
     let project = project_for(&ctx, &who, &project).await?;
-    let run = training::request(&ctx, &project, &who.name, TrainParams::default(), false).await?;
+    let params = project.train_params();
+    let run = training::request(&ctx, &project, &who.name, params, false).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
 

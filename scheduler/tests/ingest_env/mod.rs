@@ -22,7 +22,7 @@ use sieve_scheduler::entities::project as project_entity;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_shared::Settings;
-use sieve_shared::messages::{PrelabelJob, decode};
+use sieve_shared::messages::{ModelArch, PrelabelJob, decode};
 use uuid::Uuid;
 
 pub struct Env {
@@ -65,6 +65,7 @@ impl Env {
             &ProjectName::parse("control").unwrap(),
             &ClassNames::parse(&["cat".into(), "dog".into()]).unwrap(),
             &Policy::default(),
+            ModelArch::SmallCnn,
         )
         .await
         .unwrap();

@@ -26,6 +26,7 @@ use sieve_scheduler::entities::review_task::{self, TaskReason, TaskState};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_shared::Settings;
+use sieve_shared::messages::ModelArch;
 use sieve_shared::store::{image_key, sha256_hex};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -167,6 +168,18 @@ impl App {
     /// is in the store and with a prediction by a registered model version.
     /// Task `i` proposes class `i % classes.len()` and is handed out `i`-th.
     pub async fn seed(&self, name: &str, classes: &[&str], tasks: usize) -> Seeded {
+        self.seed_on(ModelArch::SmallCnn, name, classes, tasks)
+            .await
+    }
+
+    /// [`App::seed`] for a project on `arch`.
+    pub async fn seed_on(
+        &self,
+        arch: ModelArch,
+        name: &str,
+        classes: &[&str],
+        tasks: usize,
+    ) -> Seeded {
         let db = self.db();
         let classes: Vec<String> = classes.iter().map(|c| (*c).to_owned()).collect();
         let project = projects::create(
@@ -174,6 +187,7 @@ impl App {
             &ProjectName::parse(name).unwrap(),
             &ClassNames::parse(&classes).unwrap(),
             &Policy::default(),
+            arch,
         )
         .await
         .unwrap();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use sieve_scheduler::app::{self, Context};
 use sieve_scheduler::db;
 use sieve_shared::Settings;
+use sieve_shared::messages::ModelArch;
 use sieve_worker::service::{self, Capability};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -47,6 +48,9 @@ pub fn test_settings(store: &Path) -> Settings {
     s.worker.drain_seconds = 20;
     // Tests label a handful of items; they opt into the per-class minimum.
     s.training.min_labels_per_class = 0;
+    // Tests run in worker/; ops/fetch-weights.sh (run by ops/test.sh) puts them here.
+    s.worker.mobilenet_weights =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/weights/mobilenet_v2-b0353104.pth");
     s
 }
 
@@ -156,6 +160,16 @@ pub async fn fashion_project(
     name: &str,
     policy: sieve_scheduler::policy::Policy,
 ) -> sieve_scheduler::projects::Project {
+    fashion_project_on(sieve, name, policy, ModelArch::SmallCnn).await
+}
+
+/// [`fashion_project`] on a given architecture.
+pub async fn fashion_project_on(
+    sieve: &TestSieve,
+    name: &str,
+    policy: sieve_scheduler::policy::Policy,
+    arch: ModelArch,
+) -> sieve_scheduler::projects::Project {
     use sieve_scheduler::fashion_mnist;
     use sieve_scheduler::projects::{self, ClassNames, ProjectName};
     let classes: Vec<String> = fashion_mnist::CLASSES
@@ -167,6 +181,7 @@ pub async fn fashion_project(
         &ProjectName::parse(name).unwrap(),
         &ClassNames::parse(&classes).unwrap(),
         &policy,
+        arch,
         "test",
     )
     .await

@@ -1,0 +1,190 @@
+//! Heads mode on the real services. A `mobilenet_v2` project's first model
+//! is torchvision's ImageNet MobileNetV2 (the real weights, from
+//! `ops/fetch-weights.sh`) with untrained heads; the items it predicts come
+//! back with 1280-wide embeddings; people label them; a retrain then trains
+//! K heads on those
+//! cached embeddings alone — the images are deleted from the store before it
+//! starts, so a worker that still needed them would fail — registers a
+//! version with holdout metrics, and that version is promoted over the
+//! untrained one and takes over prediction.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{TestSieve, eventually};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sieve_scheduler::entities::label::{self, LabelSource};
+use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::training_run::{self, RunState};
+use sieve_scheduler::entities::{item, prediction};
+use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::{ingest, projects, training};
+use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
+use sieve_shared::store::sha256_hex;
+
+const IMAGES: usize = 200;
+const WAIT: Duration = Duration::from_secs(300);
+
+async fn predictions_with_embeddings(sieve: &TestSieve, version: uuid::Uuid) -> Vec<usize> {
+    prediction::Entity::find()
+        .filter(prediction::Column::ModelVersionId.eq(version))
+        .all(&sieve.ctx.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|p| p.embedding.and_then(|e| e.as_array().map(Vec::len)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heads_retrain_learns_from_cached_embeddings_alone() {
+    let sieve = TestSieve::start().await;
+    let db = &sieve.ctx.db;
+    let policy = Policy {
+        confidence_threshold: 0.99,
+        disagreement_limit: 1.0,
+        audit_rate: 0.0,
+        ..Policy::default()
+    };
+    let project = common::fashion_project_on(&sieve, "heads", policy, ModelArch::MobilenetV2).await;
+    assert_eq!(project.arch, ModelArch::MobilenetV2);
+    let v1 = model_version::Entity::find_by_id(project.active_model_version_id.unwrap())
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    let arch = v1.architecture.clone().unwrap();
+    assert_eq!(arch["arch"], "mobilenet_v2", "{arch}");
+    assert_eq!(arch["embedding_dim"], 1280, "{arch}");
+
+    // Unlabeled images: v1 predicts them (and returns their embeddings).
+    let (dir, data) = common::fashion_images(Split::Train, IMAGES);
+    let ingested = ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
+        .await
+        .unwrap();
+    let items_made = ingested.new_items as usize;
+    assert!(items_made > IMAGES - 5, "{ingested:?}");
+    let widths = eventually("v1's predictions with embeddings", WAIT, || async {
+        let widths = predictions_with_embeddings(&sieve, v1.id).await;
+        (widths.len() == items_made).then_some(widths)
+    })
+    .await;
+    assert!(widths.iter().all(|&w| w == 1280), "{widths:?}");
+
+    // People label them (the ground truth, written as review would).
+    let truth: HashMap<String, i32> = (0..IMAGES)
+        .map(|i| {
+            let bytes = std::fs::read(dir.path().join(fashion_mnist::file_name(Split::Train, i)));
+            (sha256_hex(&bytes.unwrap()), i32::from(data.labels[i]))
+        })
+        .collect();
+    let items = item::Entity::find()
+        .filter(item::Column::ProjectId.eq(project.id.as_uuid()))
+        .all(db)
+        .await
+        .unwrap();
+    assert_eq!(items.len(), items_made);
+    let now = chrono::Utc::now().fixed_offset();
+    for item in &items {
+        label::Entity::insert(label::ActiveModel {
+            id: Set(uuid::Uuid::now_v7()),
+            item_id: Set(item.id),
+            class_index: Set(truth[&item.content_hash]),
+            source: Set(LabelSource::Human),
+            reviewer: Set(Some("test".into())),
+            prediction_id: Set(None),
+            model_version_id: Set(None),
+            review_task_id: Set(None),
+            created_at: Set(now),
+        })
+        .exec_without_returning(db)
+        .await
+        .unwrap();
+    }
+
+    // The images go away: heads mode must train from the cached embeddings.
+    for item in &items {
+        std::fs::remove_file(sieve.settings.store.root.join(&item.object_key)).unwrap();
+    }
+
+    let project = projects::get(db, "heads").await.unwrap();
+    let params = project.train_params();
+    assert_eq!(
+        (params.arch, params.mode),
+        (ModelArch::MobilenetV2, TrainMode::Heads)
+    );
+    let run = training::request(&sieve.ctx, &project, "test", params, false)
+        .await
+        .unwrap();
+    let finished = eventually("the heads run to finish", WAIT, || async {
+        let r = training_run::Entity::find_by_id(run.run_id)
+            .one(db)
+            .await
+            .ok()??;
+        matches!(
+            r.state,
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled
+        )
+        .then_some(r)
+    })
+    .await;
+    assert_eq!(
+        finished.state,
+        RunState::Succeeded,
+        "run ended {:?}: {:?}",
+        finished.state,
+        finished.error
+    );
+
+    let bytes = sieve.ctx.store.get(&finished.snapshot_key).await.unwrap();
+    let snapshot: Snapshot = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(snapshot.examples.len(), items_made);
+    assert!(
+        snapshot
+            .examples
+            .iter()
+            .all(|e| e.embedding.as_ref().is_some_and(|v| v.len() == 1280)),
+        "every example carries its cached embedding"
+    );
+
+    let v2 = eventually("v2 promoted", WAIT, || async {
+        let v = model_version::Entity::find_by_id(finished.model_version_id)
+            .one(db)
+            .await
+            .ok()??;
+        (v.status == VersionStatus::Active).then_some(v)
+    })
+    .await;
+    assert_eq!(v2.architecture.as_ref().unwrap()["arch"], "mobilenet_v2");
+    let metrics: HoldoutMetrics = serde_json::from_value(v2.metrics.clone().unwrap()).unwrap();
+    let accuracy = metrics.accuracy.unwrap();
+    println!(
+        "heads on {} cached embeddings: holdout accuracy {accuracy:.3} on {} (untrained heads: {:?})",
+        metrics.train_size, metrics.holdout_size, metrics.base_accuracy
+    );
+    assert_eq!(
+        (metrics.train_size + metrics.holdout_size) as usize,
+        items_made,
+        "every example used"
+    );
+    // Ten classes: chance is 0.1. ImageNet features with a linear probe on
+    // 160 examples do far better.
+    assert!(accuracy > 0.4, "holdout accuracy {accuracy}");
+    assert!(
+        metrics.base_accuracy.is_some_and(|base| base < accuracy),
+        "compared with the untrained heads on the same holdout: {metrics:?}"
+    );
+
+    let versions = model_version::Entity::find()
+        .filter(model_version::Column::ProjectId.eq(project.id.as_uuid()))
+        .count(db)
+        .await
+        .unwrap();
+    assert_eq!(versions, 2);
+    sieve.teardown().await;
+}
