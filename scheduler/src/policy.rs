@@ -6,15 +6,21 @@
 //! is either fixed or, with a target accuracy, the per-class threshold the
 //! active model version was calibrated to ([`crate::calibration`]).
 //!
-//! Audits are chosen per item, not per routing: an item is in the project's
-//! audit sample when a hash of (project, content hash) falls under the audit
-//! rate ([`audit_draw`]). The sample is a fixed, uniform random share of the
-//! items, so a rescore neither redraws it nor lets an item's chances grow
-//! with every round, and it is the same set whichever model version routes.
-//! Sampled items always go to a human: as `audit` where the policy would
-//! have labeled them by machine (these measure machine-label accuracy) and as
-//! `sample` otherwise. Both are random, unlike the uncertain items active
-//! learning picks, which makes them the evidence calibration can trust.
+//! Audits are chosen per item, not per routing, from two fixed draws of a
+//! hash of (project, content hash) ([`draws`]), so a rescore neither redraws
+//! them nor lets an item's chances grow with every round, and they are the
+//! same whichever model version routes:
+//! - the **sample** (`draws.sample` under the audit rate) always goes to a
+//!   human, whatever the model says: random evidence for calibration from
+//!   the first trained model on, before any machine label exists;
+//! - the **audit** (`draws.audit` under the audit rate, an independent draw)
+//!   goes to a human when the policy would label it by machine: these
+//!   measure the accuracy of machine labels. With one draw for both, the
+//!   sample was reviewed in the loop's first rounds, while no item was yet
+//!   confident enough to be labeled by machine, and no audit was ever left.
+//!
+//! Both are random, unlike the uncertain items active learning picks, which
+//! makes them the evidence calibration can trust.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -144,19 +150,44 @@ impl Policy {
 /// and calibration cannot open the gate to machine labels without them.
 pub const AUDIT_PRIORITY: f32 = 3.0;
 
-/// The item's fixed draw in [0, 1) for audit sampling: the first eight bytes
-/// of SHA-256(project id, content hash). Salted by the project so that two
-/// projects sharing images sample independently, and independent of the
-/// holdout split (which reads the content hash itself).
-pub fn audit_draw(project: ProjectId, content_hash: &str) -> f64 {
-    let mut hasher = Sha256::new();
-    hasher.update(project.as_uuid().as_bytes());
-    hasher.update(content_hash.as_bytes());
-    let digest = hasher.finalize();
-    let mut head = [0u8; 8];
-    head.copy_from_slice(&digest[..8]);
-    // 53 bits: exactly representable in an f64 in [0, 1).
-    (u64::from_be_bytes(head) >> 11) as f64 / (1u64 << 53) as f64
+/// An item's two fixed draws in [0, 1), compared with the audit rate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draws {
+    /// Under the rate: in the calibration sample (always reviewed).
+    pub sample: f64,
+    /// Under the rate: audited when the policy would label it by machine.
+    pub audit: f64,
+}
+
+impl Draws {
+    /// Draws that are never under any rate: no sample, no audit.
+    pub const NONE: Draws = Draws {
+        sample: 1.0,
+        audit: 1.0,
+    };
+}
+
+/// The item's draws: the first eight bytes of SHA-256(project id, content
+/// hash) for the sample, and of SHA-256(project id, content hash, "audit")
+/// for the audit. Salted by the project so that two projects sharing images
+/// sample independently, and independent of the holdout split (which reads
+/// the content hash itself).
+pub fn draws(project: ProjectId, content_hash: &str) -> Draws {
+    let draw = |salt: &[u8]| {
+        let mut hasher = Sha256::new();
+        hasher.update(project.as_uuid().as_bytes());
+        hasher.update(content_hash.as_bytes());
+        hasher.update(salt);
+        let digest = hasher.finalize();
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&digest[..8]);
+        // 53 bits: exactly representable in an f64 in [0, 1).
+        (u64::from_be_bytes(head) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    Draws {
+        sample: draw(b""),
+        audit: draw(b"audit"),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -166,13 +197,8 @@ pub enum Decision {
 }
 
 /// Route one prediction. `threshold` comes from [`Policy::threshold_for`];
-/// `audit_draw` is the item's [`audit_draw`], passed in so tests decide it.
-pub fn decide(
-    policy: &Policy,
-    scores: &Scores,
-    threshold: Option<f32>,
-    audit_draw: f64,
-) -> Decision {
+/// `draws` are the item's [`draws`], passed in so tests decide them.
+pub fn decide(policy: &Policy, scores: &Scores, threshold: Option<f32>, draws: Draws) -> Decision {
     // Most uncertain first: priority is the committee's doubt.
     let priority = (1.0 - scores.confidence) + scores.disagreement;
     let disagreement = match policy.disagreement_measure {
@@ -187,20 +213,21 @@ pub fn decide(
             _ => Some(TaskReason::LowConfidence),
         }
     };
-    let sampled = audit_draw < policy.audit_rate;
-    match (review, sampled) {
-        (None, false) => Decision::MachineLabel {
-            class_index: scores.top_class,
-        },
-        (None, true) => Decision::Review {
+    let sampled = draws.sample < policy.audit_rate;
+    let audited = draws.audit < policy.audit_rate;
+    match (review, audited, sampled) {
+        (None, true, _) => Decision::Review {
             reason: TaskReason::Audit,
             priority: AUDIT_PRIORITY,
         },
-        (Some(_), true) => Decision::Review {
+        (None, false, false) => Decision::MachineLabel {
+            class_index: scores.top_class,
+        },
+        (_, _, true) => Decision::Review {
             reason: TaskReason::Sample,
             priority: AUDIT_PRIORITY,
         },
-        (Some(reason), false) => Decision::Review { reason, priority },
+        (Some(reason), _, false) => Decision::Review { reason, priority },
     }
 }
 
@@ -219,33 +246,42 @@ mod tests {
         }
     }
 
-    fn fixed(policy: &Policy, s: &Scores, draw: f64) -> Decision {
-        decide(policy, s, policy.threshold_for(s.top_class, None), draw)
+    fn fixed(policy: &Policy, s: &Scores, draws: Draws) -> Decision {
+        decide(policy, s, policy.threshold_for(s.top_class, None), draws)
     }
+
+    const AUDIT: Draws = Draws {
+        sample: 0.5,
+        audit: 0.01,
+    };
+    const SAMPLE: Draws = Draws {
+        sample: 0.01,
+        audit: 0.5,
+    };
 
     #[test]
     fn routes_by_threshold_disagreement_and_audit() {
         let policy = Policy::default();
         assert_eq!(
-            fixed(&policy, &scores(0.95, 0.0), 0.5),
+            fixed(&policy, &scores(0.95, 0.0), Draws::NONE),
             Decision::MachineLabel { class_index: 3 }
         );
         assert!(matches!(
-            fixed(&policy, &scores(0.5, 0.0), 0.5),
+            fixed(&policy, &scores(0.5, 0.0), Draws::NONE),
             Decision::Review {
                 reason: TaskReason::LowConfidence,
                 ..
             }
         ));
         assert!(matches!(
-            fixed(&policy, &scores(0.95, 0.5), 0.5),
+            fixed(&policy, &scores(0.95, 0.5), Draws::NONE),
             Decision::Review {
                 reason: TaskReason::Disagreement,
                 ..
             }
         ));
         assert!(matches!(
-            fixed(&policy, &scores(0.95, 0.0), 0.01),
+            fixed(&policy, &scores(0.95, 0.0), AUDIT),
             Decision::Review {
                 reason: TaskReason::Audit,
                 ..
@@ -254,45 +290,78 @@ mod tests {
     }
 
     #[test]
-    fn sampled_items_always_reach_a_human() {
+    fn sampled_items_always_reach_a_human_and_audits_only_confident_ones() {
         let policy = Policy::default();
-        // Under the audit rate: reviewed whatever the model says, first.
-        for (confidence, disagreement, reason) in [
-            (0.95, 0.0, TaskReason::Audit),
-            (0.5, 0.0, TaskReason::Sample),
-            (0.95, 0.5, TaskReason::Sample),
-        ] {
-            assert_eq!(
-                fixed(&policy, &scores(confidence, disagreement), 0.01),
-                Decision::Review {
-                    reason,
-                    priority: AUDIT_PRIORITY
+        // Under the rate: sampled items are reviewed whatever the model says,
+        // audited ones when the model would label them; both first.
+        for (confidence, disagreement, draws, reason) in [
+            (0.95, 0.0, AUDIT, Some(TaskReason::Audit)),
+            (0.95, 0.0, SAMPLE, Some(TaskReason::Sample)),
+            (0.5, 0.0, SAMPLE, Some(TaskReason::Sample)),
+            (0.95, 0.5, SAMPLE, Some(TaskReason::Sample)),
+            (
+                0.95,
+                0.0,
+                Draws {
+                    sample: 0.01,
+                    audit: 0.01,
                 },
-                "{confidence} {disagreement}"
-            );
+                Some(TaskReason::Audit),
+            ),
+            // An audit draw on an uncertain item: reviewed for its doubt.
+            (0.5, 0.0, AUDIT, None),
+        ] {
+            let decision = fixed(&policy, &scores(confidence, disagreement), draws);
+            match reason {
+                Some(reason) => assert_eq!(
+                    decision,
+                    Decision::Review {
+                        reason,
+                        priority: AUDIT_PRIORITY
+                    },
+                    "{confidence} {disagreement} {draws:?}"
+                ),
+                None => assert!(
+                    matches!(
+                        decision,
+                        Decision::Review { reason: TaskReason::LowConfidence, priority }
+                            if priority < AUDIT_PRIORITY
+                    ),
+                    "{decision:?}"
+                ),
+            }
         }
         // Uncertainty priorities stay below the audits'.
-        match fixed(&policy, &scores(0.0, 1.0), 0.5) {
+        match fixed(&policy, &scores(0.0, 1.0), Draws::NONE) {
             Decision::Review { priority, .. } => assert!(priority < AUDIT_PRIORITY),
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
-    fn the_audit_draw_is_stable_uniform_and_per_project() {
+    fn the_draws_are_stable_uniform_independent_and_per_project() {
         let project = ProjectId::new();
         let hash = |i: u32| format!("{i:064x}");
-        assert_eq!(audit_draw(project, &hash(7)), audit_draw(project, &hash(7)));
+        assert_eq!(draws(project, &hash(7)), draws(project, &hash(7)));
         let other = ProjectId::new();
-        assert_ne!(audit_draw(project, &hash(7)), audit_draw(other, &hash(7)));
-        // Sequential (non-random) hashes still give a uniform draw: 10,000
+        assert_ne!(draws(project, &hash(7)), draws(other, &hash(7)));
+        // Sequential (non-random) hashes still give uniform draws: 10,000
         // draws under 0.02 is Binomial(10000, 0.02), mean 200, sd 14.
-        let draws: Vec<f64> = (0..10_000).map(|i| audit_draw(project, &hash(i))).collect();
-        assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
-        let under = draws.iter().filter(|&&d| d < 0.02).count();
-        assert!((144..=256).contains(&under), "{under}");
-        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
-        assert!((mean - 0.5).abs() < 0.02, "{mean}");
+        let all: Vec<Draws> = (0..10_000).map(|i| draws(project, &hash(i))).collect();
+        for pick in [|d: &Draws| d.sample, |d: &Draws| d.audit] {
+            let values: Vec<f64> = all.iter().map(pick).collect();
+            assert!(values.iter().all(|d| (0.0..1.0).contains(d)));
+            let under = values.iter().filter(|&&d| d < 0.02).count();
+            assert!((144..=256).contains(&under), "{under}");
+            let mean = values.iter().sum::<f64>() / values.len() as f64;
+            assert!((mean - 0.5).abs() < 0.02, "{mean}");
+        }
+        // Independent: both under 0.2 is Binomial(10000, 0.04), mean 400, sd 20.
+        let both = all
+            .iter()
+            .filter(|d| d.sample < 0.2 && d.audit < 0.2)
+            .count();
+        assert!((320..=480).contains(&both), "{both}");
     }
 
     #[test]
@@ -312,7 +381,7 @@ mod tests {
         let t = policy.threshold_for(3, Some(&calibration));
         assert_eq!(t, Some(0.8));
         assert_eq!(
-            decide(&policy, &s, t, 0.5),
+            decide(&policy, &s, t, Draws::NONE),
             Decision::MachineLabel { class_index: 3 }
         );
         // A class without enough evidence never gets a machine label.
@@ -336,12 +405,12 @@ mod tests {
         let mut s = scores(0.95, 0.9);
         s.mutual_information = 0.05;
         assert!(matches!(
-            fixed(&policy, &s, 0.5),
+            fixed(&policy, &s, Draws::NONE),
             Decision::MachineLabel { .. }
         ));
         s.mutual_information = 0.2;
         assert!(matches!(
-            fixed(&policy, &s, 0.5),
+            fixed(&policy, &s, Draws::NONE),
             Decision::Review {
                 reason: TaskReason::Disagreement,
                 ..
@@ -352,7 +421,7 @@ mod tests {
     #[test]
     fn less_confident_items_come_first() {
         let policy = Policy::default();
-        let priority = |c| match fixed(&policy, &scores(c, 0.0), 0.5) {
+        let priority = |c| match fixed(&policy, &scores(c, 0.0), Draws::NONE) {
             Decision::Review { priority, .. } => priority,
             Decision::MachineLabel { .. } => panic!("expected review"),
         };

@@ -33,7 +33,7 @@ use crate::entities::item::{self, ItemState};
 use crate::entities::label::{self, LabelSource};
 use crate::entities::review_task::{self, TaskReason, TaskState};
 use crate::entities::{prediction, project};
-use crate::policy::{Decision, audit_draw, decide};
+use crate::policy::{Decision, decide, draws};
 use crate::projects::Project;
 
 /// How long to wait for more results before applying a partial batch.
@@ -197,7 +197,7 @@ async fn apply_one(
         return Ok(Applied::Kept);
     }
 
-    let draw = audit_draw(project.id, &item.content_hash);
+    let draws = draws(project.id, &item.content_hash);
     let threshold = project
         .policy
         .threshold_for(output.scores.top_class, active.calibration.as_ref());
@@ -211,7 +211,7 @@ async fn apply_one(
             priority: rand::rng().random::<f32>(),
         }
     } else {
-        decide(&project.policy, &output.scores, threshold, draw)
+        decide(&project.policy, &output.scores, threshold, draws)
     };
     match decision {
         Decision::MachineLabel { class_index } => {

@@ -250,18 +250,26 @@ async fn audit_sampling_holds_its_rate() {
         .count(&test.conn)
         .await
         .unwrap();
+    let samples = review_task::Entity::find()
+        .filter(review_task::Column::Reason.eq(TaskReason::Sample))
+        .count(&test.conn)
+        .await
+        .unwrap();
     let machine = item::Entity::find()
         .filter(item::Column::State.eq(ItemState::AutoLabeled))
         .count(&test.conn)
         .await
         .unwrap();
-    // Binomial(2000, 0.1): mean 200, sd 13.4; four sd either side.
-    println!("audits: {audits} of {n} (expected 200 ± 54)");
+    // Audits: Binomial(2000, 0.1), mean 200, sd 13.4; four sd either side.
+    // The calibration sample, an independent draw, takes 10% of the rest:
+    // Binomial(2000, 0.09), mean 180, sd 12.8.
+    println!("audits: {audits} of {n} (expected 200 ± 54); samples: {samples} (180 ± 51)");
     assert!((146..=254).contains(&audits), "{audits}");
+    assert!((129..=231).contains(&samples), "{samples}");
     assert_eq!(
-        audits + machine,
+        audits + samples + machine,
         n as u64,
-        "every confident item is machine-labeled or audited"
+        "every confident item is machine-labeled, audited or in the sample"
     );
     test.drop().await;
 }

@@ -249,9 +249,9 @@ async fn curve(
                     mutual_information: row.mutual_information,
                 };
                 let threshold = policy.threshold_for(scores.top_class, Some(&calibration));
-                // A draw of 1.0 is never under the audit rate: no audits.
+                // What the policy labels by machine, leaving out audits.
                 if let Decision::MachineLabel { class_index } =
-                    policy::decide(&policy, &scores, threshold, 1.0)
+                    policy::decide(&policy, &scores, threshold, policy::Draws::NONE)
                 {
                     labels += 1;
                     right +=
