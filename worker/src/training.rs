@@ -468,27 +468,16 @@ async fn train_full(
     })
     .await?;
 
-    let (model, evaluations, base_evaluations) = tokio::task::spawn_blocking(move || {
-        let labels = &holdout.labels;
-        let evaluations = trained
-            .predict(&holdout.images, labels.len())
-            .and_then(|probs| evaluate(&probs, labels, &holdout_random));
-        let base_evaluations = base_model.map(|base| {
-            base.predict(&holdout.images, labels.len())
-                .and_then(|probs| evaluate(&probs, labels, &holdout_random))
-        });
-        (trained, evaluations, base_evaluations)
-    })
-    .await
-    .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?;
-    Ok(Trained {
-        model,
-        evaluations: evaluations.map_err(|e| RunError::Permanent(e.to_string()))?,
-        base_accuracy: base_evaluations
-            .and_then(|e| e.ok())
-            .and_then(|e| accuracy_of(&e)),
+    evaluated(
+        trained,
+        base_model,
+        Committee::predict,
+        holdout.images,
+        holdout.labels,
+        holdout_random,
         train_size,
-    })
+    )
+    .await
 }
 
 /// Snapshot examples whose embeddings are computed per backbone pass when
@@ -653,15 +642,37 @@ async fn train_heads(
     })
     .await?;
 
+    evaluated(
+        model,
+        base,
+        Committee::predict_embeddings,
+        holdout,
+        holdout_labels,
+        holdout_random,
+        train_size,
+    )
+    .await
+}
+
+/// The trained model and its base (when there is one) scored on the same
+/// holdout: `inputs` are what `predict` reads (images, or embeddings in
+/// heads mode), `random[i]` whether example `i` was picked at random.
+async fn evaluated(
+    model: Committee,
+    base: Option<Arc<Committee>>,
+    predict: fn(&Committee, &[f32], usize) -> Result<CommitteeProbs, ModelError>,
+    inputs: Vec<f32>,
+    labels: Vec<usize>,
+    random: Vec<bool>,
+    train_size: usize,
+) -> Result<Trained, RunError> {
     let (model, evaluations, base_evaluations) = tokio::task::spawn_blocking(move || {
-        let n = holdout_labels.len();
-        let evaluations = model
-            .predict_embeddings(&holdout, n)
-            .and_then(|probs| evaluate(&probs, &holdout_labels, &holdout_random));
-        let base_evaluations = base.map(|base| {
-            base.predict_embeddings(&holdout, n)
-                .and_then(|probs| evaluate(&probs, &holdout_labels, &holdout_random))
-        });
+        let score = |committee: &Committee| {
+            predict(committee, &inputs, labels.len())
+                .and_then(|probs| evaluate(&probs, &labels, &random))
+        };
+        let evaluations = score(&model);
+        let base_evaluations = base.map(|base| score(&base));
         (model, evaluations, base_evaluations)
     })
     .await
