@@ -17,6 +17,7 @@
 
 pub mod broker;
 pub mod error;
+pub mod fashion_mnist;
 pub mod ids;
 pub mod live;
 pub mod messages;

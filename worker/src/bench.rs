@@ -1,4 +1,4 @@
-//! `sieve-worker bench forward|train`: the worker's throughput figures.
+//! `sieve-worker bench forward|train|accuracy`: the worker's throughput and model-quality figures.
 //!
 //! - `forward`: the committee's bare forward pass on preprocessed inputs, then the real queue
 //!   path (jobs on RabbitMQ under a private prefix, images in a temporary store, a worker
@@ -7,6 +7,7 @@
 //! - `train`: one epoch of the small CNN on 10,000 28x28 images, one epoch of MobileNetV2
 //!   fine-tuning (forward, backward, AdamW) at 96x96, and heads-only training on cached
 //!   1280-wide embeddings.
+//! - `accuracy` (`bench_accuracy.rs`): the training recipe's model quality on real labels.
 //!
 //! FLOPs are counted by layer arithmetic (2 per multiply-add, convolutions and linear layers
 //! only). Peak RSS is the process's `VmHWM`, reset before each measurement through
@@ -42,6 +43,7 @@ use crate::model::{
     train, train_heads,
 };
 use crate::service::{self, Capability};
+use crate::bench_accuracy::{self, AccuracyArgs};
 use crate::{artifact, backend, images};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -50,6 +52,9 @@ pub enum What {
     Forward,
     /// Training: small CNN and MobileNetV2 epochs, heads on embeddings.
     Train,
+    /// Model quality: the loop's training recipe on N real Fashion-MNIST labels, scored on
+    /// the test split (accuracy, and the share labelable at 95 / 97 / 99%).
+    Accuracy,
 }
 
 /// Which queue-path runs `bench forward` makes.
@@ -115,6 +120,8 @@ pub struct BenchArgs {
     /// Epochs of a heads run (early stopping may end it sooner).
     #[arg(long, default_value_t = 10)]
     pub head_epochs: usize,
+    #[command(flatten)]
+    pub accuracy: AccuracyArgs,
 }
 
 pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
@@ -133,6 +140,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         What::Forward => forward(settings, &args).await?,
         What::Train => tokio::task::block_in_place(|| training(&args))?,
+        What::Accuracy => {
+            tokio::task::block_in_place(|| bench_accuracy::run(&args.accuracy, args.members))?
+        }
     }
     println!("load average at end: {}", load_average());
     Ok(())

@@ -50,13 +50,12 @@ pub fn preprocess(
     if config.imagenet_normalized() {
         return Ok(mobilenet::imagenet_normalize(&resized.to_rgb8()));
     }
-    let normalize = |v: u8| (f32::from(v) / 255.0 - 0.5) / 0.5;
     Ok(match config.channels {
         1 => resized
             .to_luma8()
             .into_raw()
             .into_iter()
-            .map(normalize)
+            .map(normalize_pixel)
             .collect(),
         _ => {
             // Channel-major [3, h, w] from interleaved RGB.
@@ -65,12 +64,18 @@ pub fn preprocess(
             let mut out = vec![0.0; 3 * plane];
             for (i, px) in rgb.pixels().enumerate() {
                 for c in 0..3 {
-                    out[c * plane + i] = normalize(px[c]);
+                    out[c * plane + i] = normalize_pixel(px[c]);
                 }
             }
             out
         }
     })
+}
+
+/// One 8-bit pixel value as the models without a pretrained backbone see it: scaled to
+/// `[-1, 1]`.
+pub fn normalize_pixel(value: u8) -> f32 {
+    (f32::from(value) / 255.0 - 0.5) / 0.5
 }
 
 #[cfg(test)]

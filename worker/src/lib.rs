@@ -19,6 +19,7 @@
 pub mod artifact;
 pub mod backend;
 pub mod bench;
+pub mod bench_accuracy;
 pub mod cache;
 pub mod control;
 pub mod health;

@@ -535,7 +535,19 @@ fn predict_inputs(
         input.extend_from_slice(v);
     }
     let inference_started = Instant::now();
-    let predicted = model.predict_with_embeddings(&input, good);
+    // Only a frozen backbone's embedding is worth sending: heads retrain on it without the
+    // images. A small CNN's changes with every version, so nothing could reuse it, and at 256
+    // values it would be most of every result message and prediction row.
+    let predicted = if model.has_frozen_backbone() {
+        model
+            .predict_with_embeddings(&input, good)
+            .map(|(probs, embeddings)| (probs, embeddings.into_iter().map(Some).collect()))
+    } else {
+        model.predict(&input, good).map(|probs| {
+            let none = vec![None; probs.len()];
+            (probs, none)
+        })
+    };
     metrics::histogram!("sieve_worker_inference_seconds")
         .record(inference_started.elapsed().as_secs_f64());
     let (probs, embeddings) = match predicted {
@@ -554,7 +566,7 @@ fn predict_inputs(
                 probabilities: s.mean,
                 member_votes: s.member_votes,
                 scores: s.scores,
-                embedding: Some(embedding),
+                embedding,
             })
         });
     decoded

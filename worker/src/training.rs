@@ -19,7 +19,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use sieve_shared::messages::{
     HoldoutEvaluation, HoldoutMetrics, ModelArch, SCHEMA_VERSION, Snapshot, Split, TrainEvent,
-    TrainEventKind, TrainJob, TrainMode, decode,
+    LrSchedule, TrainEventKind, TrainJob, TrainMode, decode,
 };
 use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
@@ -459,6 +459,7 @@ async fn train_full(
         epochs: job.params.epochs as usize,
         batch_size: job.params.batch_size.max(1) as usize,
         learning_rate: job.params.learning_rate,
+        cosine: job.params.schedule == LrSchedule::Cosine,
         seed: job.params.seed,
         ..TrainOptions::default()
     };

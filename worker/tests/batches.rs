@@ -303,7 +303,8 @@ async fn one_batch_of_good_and_bad_images() {
         assert_eq!(p.probabilities.len(), 10);
         assert!((p.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-3);
         assert_eq!(p.member_votes.len(), 3);
-        assert_eq!(p.embedding.as_ref().map(Vec::len), Some(64));
+        // The small CNN's embedding changes with every version: nothing keeps it.
+        assert_eq!(p.embedding, None);
     }
     let expect = [
         ("images/corrupt.png", "not a decodable image"),

@@ -472,7 +472,7 @@ mod tests {
             }
         }
         assert_eq!(embeddings.len(), 5);
-        assert!(embeddings.iter().all(|e| e.len() == 64));
+        assert!(embeddings.iter().all(|e| e.len() == config().embedding_dim));
         // The embedding is taken after the ReLU.
         assert!(embeddings.iter().flatten().all(|&v| v >= 0.0));
         assert_close(&committee.predict(&images, 5).unwrap(), &probs, 0.0);

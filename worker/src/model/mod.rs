@@ -46,7 +46,8 @@ impl ArchitectureConfig {
     pub const SMALL_CNN: &str = "small_cnn";
     pub const MOBILENET_V2: &str = "mobilenet_v2";
 
-    /// The small CNN on 28x28 grayscale images (Fashion-MNIST sized) with a 64-wide embedding.
+    /// The small CNN on 28x28 grayscale images (Fashion-MNIST sized) with a 256-wide embedding
+    /// (measured against 64 and 128 with `sieve-worker bench accuracy`: docs/benchmarks.md).
     pub fn small_cnn(num_classes: usize, members: usize) -> Self {
         Self {
             arch: "small_cnn".to_string(),
@@ -54,7 +55,7 @@ impl ArchitectureConfig {
             members,
             input_size: 28,
             channels: 1,
-            embedding_dim: 64,
+            embedding_dim: 256,
         }
     }
 

@@ -107,14 +107,24 @@ impl SmallCnn {
     /// - `logits`: `[batch, members, num_classes]`
     /// - `embedding`: `[batch, embedding_dim]`
     pub(crate) fn forward(&self, images: Tensor<4>) -> Forward {
+        self.forward_masked(images, None)
+    }
+
+    /// [`forward`](Self::forward) with the heads reading the embedding multiplied by `mask`
+    /// (`[batch, embedding_dim]`, for dropout in training); the returned embedding is unmasked.
+    pub(crate) fn forward_masked(&self, images: Tensor<4>, mask: Option<Tensor<2>>) -> Forward {
         let x = self.pool.forward(relu(self.conv1.forward(images))); // [batch, 16, s/2, s/2]
         let x = self.pool.forward(relu(self.conv2.forward(x))); // [batch, 32, s/4, s/4]
         let x: Tensor<2> = x.flatten(1, 3); // [batch, 32 * (s/4)^2]
         let embedding = relu(self.embed.forward(x)); // [batch, embedding_dim]
+        let head_input = match mask {
+            Some(mask) => embedding.clone() * mask,
+            None => embedding.clone(),
+        };
         let per_head: Vec<Tensor<2>> = self
             .heads
             .iter()
-            .map(|head| head.forward(embedding.clone())) // [batch, num_classes] each
+            .map(|head| head.forward(head_input.clone())) // [batch, num_classes] each
             .collect();
         let logits = Tensor::stack::<3>(per_head, 1); // [batch, members, num_classes]
         Forward { logits, embedding }

@@ -1,0 +1,248 @@
+//! `sieve-worker bench accuracy`: how good a committee the loop's training recipe makes from a
+//! given number of human labels, on real data (Fashion-MNIST).
+//!
+//! For each label count N: the small-CNN committee, freshly initialised, is trained with
+//! [`model::train`](crate::model::train) on N training images drawn at random (nested: the
+//! first N of one seeded permutation, so a larger N only adds labels), with the loop's own
+//! hyper-parameters ([`TrainParams`]'s defaults) unless overridden. It then scores the test
+//! split and prints the committee's accuracy and its **oracle share** at 95, 97 and 99%: the
+//! largest share of the test images, most confident first, whose labels are at least that
+//! accurate. That share is the ceiling for what calibration can open at the target, so it says
+//! how much of a data set a recipe could label by machine, independently of the sampler and the
+//! calibration evidence. Random labels rather than the loop's uncertainty-picked ones: the
+//! figure is the recipe's, not the sampler's.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use sieve_shared::fashion_mnist::{self, Dataset, Split};
+use sieve_shared::messages::{LrSchedule, TrainParams};
+use sieve_shared::scores::committee_scores;
+
+use crate::backend;
+use crate::images::normalize_pixel;
+use crate::model::{ArchitectureConfig, Committee, TrainData, TrainOptions, train};
+
+/// Accuracy targets the oracle share is printed for.
+const TARGETS: [f64; 3] = [0.95, 0.97, 0.99];
+
+#[derive(Debug, clap::Args)]
+pub struct AccuracyArgs {
+    /// Human-label counts to train on, each a fresh committee.
+    #[arg(long, value_delimiter = ',', default_value = "3000,6000,13000")]
+    pub labels: Vec<usize>,
+    /// Test images scored (the first of the test split; at most 10,000).
+    #[arg(long, default_value_t = 10_000)]
+    pub test_images: usize,
+    /// Where the Fashion-MNIST IDX files are.
+    #[arg(long, default_value = fashion_mnist::DEFAULT_DIR)]
+    pub data_dir: PathBuf,
+    /// Epochs at most (default: the loop's).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// AdamW learning rate (default: the loop's).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Mini-batch size (default: the loop's).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Keep the learning rate constant (the loop decays it along a half cosine).
+    #[arg(long)]
+    pub constant_lr: bool,
+    /// Dropout on the embedding while training (default: the loop's).
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Seeds the label draw, the initialisation and training.
+    #[arg(long, default_value_t = 17)]
+    pub seed: u64,
+}
+
+/// The figures of one trained committee on the test images.
+#[derive(Clone, Debug, PartialEq)]
+struct Scored {
+    accuracy: f64,
+    /// Per target of [`TARGETS`]: (oracle share, accuracy of that share).
+    shares: Vec<(f64, f64)>,
+}
+
+pub fn run(args: &AccuracyArgs, members: usize) -> anyhow::Result<()> {
+    let loop_params = TrainParams::default();
+    let options = TrainOptions {
+        epochs: args.epochs.unwrap_or(loop_params.epochs as usize),
+        batch_size: args.batch_size.unwrap_or(loop_params.batch_size as usize),
+        learning_rate: args.learning_rate.unwrap_or(loop_params.learning_rate),
+        cosine: !args.constant_lr && loop_params.schedule == LrSchedule::Cosine,
+        dropout: args.dropout.unwrap_or(0.0),
+        seed: args.seed,
+        ..TrainOptions::default()
+    };
+    let train_set = fashion_mnist::load(&args.data_dir, Split::Train, None)?;
+    let test_set = fashion_mnist::load(&args.data_dir, Split::Test, Some(args.test_images))?;
+    let config = ArchitectureConfig::small_cnn(fashion_mnist::CLASSES.len(), members);
+    let device = backend::device();
+
+    println!(
+        "\n## small-CNN committee (K={members}) on N random Fashion-MNIST labels, scored on {} test images",
+        test_set.len()
+    );
+    println!(
+        "recipe: at most {} epochs (early stopping, patience {}, {:.0}% validation split), batch {}, AdamW lr {}{}, dropout {}, seed {}\n",
+        options.epochs,
+        options.patience,
+        options.validation_share * 100.0,
+        options.batch_size,
+        options.learning_rate,
+        if options.cosine { " (cosine decay)" } else { "" },
+        options.dropout,
+        options.seed
+    );
+    println!(
+        "| labels | epochs run | train s | accuracy | share at ≥ 95% | share at ≥ 97% | share at ≥ 99% |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+
+    let mut order: Vec<usize> = (0..train_set.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(args.seed));
+    let test_inputs = inputs(&test_set, &(0..test_set.len()).collect::<Vec<_>>());
+    for &n in &args.labels {
+        anyhow::ensure!(
+            n <= train_set.len(),
+            "--labels {n}: the training split has only {} images",
+            train_set.len()
+        );
+        let picked = &order[..n];
+        let data = TrainData {
+            images: inputs(&train_set, picked),
+            labels: picked
+                .iter()
+                .map(|&i| usize::from(train_set.labels[i]))
+                .collect(),
+        };
+        let started = Instant::now();
+        let mut epochs_run = 0;
+        let committee = train(
+            Committee::init(&config, args.seed, &device)?,
+            &data,
+            &options,
+            |epoch| {
+                epochs_run = epoch.epoch;
+                eprintln!(
+                    "  {n} labels, epoch {}: loss {:.4}, validation accuracy {:.3}",
+                    epoch.epoch,
+                    epoch.loss,
+                    epoch.val_accuracy.unwrap_or(f64::NAN)
+                );
+                true
+            },
+        )
+        .with_context(|| format!("training on {n} labels"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let probs = committee.predict(&test_inputs, test_set.len())?;
+        let mut predictions = Vec::with_capacity(probs.len());
+        for (members, &label) in probs.iter().zip(&test_set.labels) {
+            let scores = committee_scores(members)?.scores;
+            predictions.push((scores.confidence, scores.top_class == u32::from(label)));
+        }
+        let scored = score(predictions);
+        let share = |i: usize| {
+            let (share, accuracy) = scored.shares[i];
+            format!("{:.1}% ({:.2}%)", share * 100.0, accuracy * 100.0)
+        };
+        println!(
+            "| {n} | {epochs_run} | {seconds:.0} | {:.2}% | {} | {} | {} |",
+            scored.accuracy * 100.0,
+            share(0),
+            share(1),
+            share(2)
+        );
+    }
+    println!(
+        "\nshare at ≥ X%: the largest share of the test images, most confident first, whose labels are at least X% correct (their accuracy in brackets)"
+    );
+    Ok(())
+}
+
+/// The images at `indices`, normalized as the worker normalizes a decoded grayscale image.
+fn inputs(data: &Dataset, indices: &[usize]) -> Vec<f32> {
+    indices
+        .iter()
+        .flat_map(|&i| data.image(i).iter().copied().map(normalize_pixel))
+        .collect()
+}
+
+/// Accuracy and oracle shares of `(confidence, correct)` predictions.
+fn score(mut predictions: Vec<(f32, bool)>) -> Scored {
+    let n = predictions.len();
+    let correct = predictions.iter().filter(|p| p.1).count();
+    predictions.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let shares = TARGETS
+        .iter()
+        .map(|&target| {
+            // The longest most-confident prefix at or above the target. A cut only falls between
+            // distinct confidences, as a threshold would.
+            let (mut best, mut hits) = ((0, 0), 0);
+            for (i, p) in predictions.iter().enumerate() {
+                hits += usize::from(p.1);
+                let at_boundary = predictions.get(i + 1).is_none_or(|next| next.0 != p.0);
+                if at_boundary && hits as f64 >= target * (i + 1) as f64 {
+                    best = (i + 1, hits);
+                }
+            }
+            let (len, hits) = best;
+            (
+                len as f64 / n.max(1) as f64,
+                if len == 0 {
+                    0.0
+                } else {
+                    hits as f64 / len as f64
+                },
+            )
+        })
+        .collect();
+    Scored {
+        accuracy: correct as f64 / n.max(1) as f64,
+        shares,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oracle_shares_as_counted_by_hand() {
+        // 100 predictions, most confident first: 90 right, then 10 wrong; then 100 more, every
+        // other one wrong.
+        let mut predictions = Vec::new();
+        for i in 0..200 {
+            let confidence = 1.0 - i as f32 / 1000.0;
+            let correct = if i < 100 { i < 90 } else { i % 2 == 0 };
+            predictions.push((confidence, correct));
+        }
+        let scored = score(predictions);
+        assert!((scored.accuracy - 140.0 / 200.0).abs() < 1e-12);
+        // >= 95%: the first 90 are all right; 94 gives 90/94 = 95.7%, 95 gives 90/95 = 94.7%.
+        assert_eq!(scored.shares[0], (94.0 / 200.0, 90.0 / 94.0));
+        // >= 97%: 92 gives 90/92 = 97.8%, 93 gives 96.8%.
+        assert_eq!(scored.shares[1], (92.0 / 200.0, 90.0 / 92.0));
+        // >= 99%: 90 gives 100%, 91 gives 98.9%.
+        assert_eq!(scored.shares[2], (90.0 / 200.0, 1.0));
+    }
+
+    #[test]
+    fn ties_are_admitted_or_refused_together() {
+        // Twenty right at 0.99, then ten right and one wrong all at 0.9.
+        let mut predictions = vec![(0.99, true); 20];
+        predictions.extend(vec![(0.9, true); 10]);
+        predictions.push((0.9, false));
+        let scored = score(predictions);
+        // All 31 are 96.8% right: enough for 95%.
+        assert_eq!(scored.shares[0], (1.0, 30.0 / 31.0));
+        // Not for 97%, and no cut falls inside the tie: only the first twenty.
+        assert_eq!(scored.shares[1], (20.0 / 31.0, 1.0));
+    }
+}
