@@ -46,7 +46,9 @@ pub struct Calibration {
     /// Whether classes short of evidence borrowed the pooled threshold.
     #[serde(default)]
     pub pooled: bool,
-    /// Per class: whether its threshold is the pooled one.
+    /// Per class: whether its threshold comes from the pool (the pooled
+    /// threshold, or raised above it where the class's own evidence
+    /// contradicted it) rather than from its own evidence alone.
     #[serde(default)]
     pub borrowed: Vec<bool>,
 }
@@ -140,12 +142,56 @@ fn lowest_threshold(examples: &[&Evidence], target_accuracy: f64, z: f64) -> Opt
     threshold
 }
 
+/// The lowest threshold, at or above `pooled`, at which a class's own
+/// examples (`mine`, most confident first) are not significantly less
+/// accurate than the target: those at or above it have a Wilson upper bound
+/// of at least `target_accuracy`, or there are none. Above `pooled` the
+/// candidates are the class's own confidences, so a class whose most
+/// confident examples are wrong gets `None` and goes to review.
+///
+/// Raising the threshold rather than shutting the class keeps a class that
+/// is worse than the pool at the pooled threshold, but fine where the model
+/// is surer, from losing every machine label: one such class is a tenth of
+/// Fashion-MNIST.
+fn uncontradicted_threshold(
+    mine: &[&Evidence],
+    pooled: f32,
+    target_accuracy: f64,
+    z: f64,
+) -> Option<f32> {
+    let above: Vec<&Evidence> = mine
+        .iter()
+        .copied()
+        .filter(|e| e.confidence >= pooled)
+        .collect();
+    let mut correct = above.iter().filter(|e| e.correct).count() as u64;
+    let mut n = above.len();
+    if n == 0 || wilson(correct, n as u64, z).1 >= target_accuracy {
+        return Some(pooled);
+    }
+    // Drop the least confident examples, a tie at a time; the candidate is
+    // then the lowest confidence left.
+    while n > 0 {
+        let lowest = above[n - 1].confidence;
+        while n > 0 && above[n - 1].confidence == lowest {
+            correct -= u64::from(above[n - 1].correct);
+            n -= 1;
+        }
+        if n > 0 && wilson(correct, n as u64, z).1 >= target_accuracy {
+            return Some(above[n - 1].confidence);
+        }
+    }
+    None
+}
+
 /// Per-class thresholds for `target_accuracy` from `evidence`.
 ///
 /// With `pool`, a class without enough evidence of its own borrows the
-/// threshold calibrated on every class's evidence together — unless its own
+/// threshold calibrated on every class's evidence together. Where its own
 /// examples at or above that threshold are significantly less accurate than
-/// the target (their Wilson upper bound falls short of it). Active learning
+/// the target (their Wilson upper bound falls short of it), it gets the
+/// lowest higher threshold where they no longer are, or none if even its most
+/// confident examples are (see [`uncontradicted_threshold`]). Active learning
 /// labels the items the model was unsure of, so few labeled examples sit in
 /// any one class's confident region; pooling them is what lets machine
 /// labeling start before thousands of labels per class exist.
@@ -183,12 +229,8 @@ pub fn calibrate(
         counts[class] = mine.len() as u32;
         thresholds[class] = lowest_threshold(&mine, target_accuracy, z);
         if let (None, Some(pooled)) = (thresholds[class], pooled_threshold) {
-            let above: Vec<&&Evidence> = mine.iter().filter(|e| e.confidence >= pooled).collect();
-            let correct = above.iter().filter(|e| e.correct).count() as u64;
-            let contradicted =
-                !above.is_empty() && wilson(correct, above.len() as u64, z).1 < target_accuracy;
-            if !contradicted {
-                thresholds[class] = Some(pooled);
+            if let Some(threshold) = uncontradicted_threshold(&mine, pooled, target_accuracy, z) {
+                thresholds[class] = Some(threshold);
                 borrowed[class] = true;
             }
         }
@@ -392,5 +434,31 @@ mod tests {
             calibrate(&weak, 6, 0.97, 0.95, true).thresholds,
             vec![None; 6]
         );
+    }
+
+    #[test]
+    fn a_class_contradicting_the_pool_is_raised_not_shut() {
+        // Classes 0-3: 1,000 right each, confidences spread over [0.80, 1.0).
+        // Class 4: 8 wrong at 0.95 and 40 right at 0.99.
+        let mut evidence = Vec::new();
+        for class in 0..4 {
+            evidence.extend((0..1000).map(|i| ev(class, 0.80 + i as f32 / 5000.0, true)));
+        }
+        evidence.extend((0..8).map(|_| ev(4, 0.95, false)));
+        evidence.extend((0..40).map(|_| ev(4, 0.99, true)));
+
+        let c = calibrate(&evidence, 5, 0.97, 0.95, true);
+        // The pool (4,040 of 4,048 right) opens at its lowest confidence.
+        assert_eq!(c.thresholds[..4], [Some(0.80); 4]);
+        // Class 4 is 40 of 48 right there (Wilson upper bound ~0.92): it
+        // gets the lowest threshold above its mistakes instead of none.
+        assert_eq!(c.thresholds[4], Some(0.99));
+        assert!(c.borrowed[4]);
+
+        // Mistakes at the top of a class leave nothing to raise to.
+        let mut top_wrong = evidence[..4000].to_vec();
+        top_wrong.extend((0..40).map(|_| ev(4, 0.95, true)));
+        top_wrong.extend((0..8).map(|_| ev(4, 0.99, false)));
+        assert_eq!(calibrate(&top_wrong, 5, 0.97, 0.95, true).thresholds[4], None);
     }
 }
