@@ -459,6 +459,9 @@ mod tests {
         let mut top_wrong = evidence[..4000].to_vec();
         top_wrong.extend((0..40).map(|_| ev(4, 0.95, true)));
         top_wrong.extend((0..8).map(|_| ev(4, 0.99, false)));
-        assert_eq!(calibrate(&top_wrong, 5, 0.97, 0.95, true).thresholds[4], None);
+        assert_eq!(
+            calibrate(&top_wrong, 5, 0.97, 0.95, true).thresholds[4],
+            None
+        );
     }
 }

@@ -109,5 +109,4 @@ mod tests {
         assert_eq!(truth.class_of("t10k-00001.png"), None);
         assert_eq!(truth.class_of("cat.png"), None);
     }
-
 }

@@ -106,15 +106,24 @@ fn decode_embedding(item_id: Uuid, json: &str) -> Option<Vec<f32>> {
 
 /// The newest human (or imported) label of every item in the project.
 /// Machine labels never enter training data.
+///
+/// Which items were labeled for a random pick (seed, audit, calibration
+/// sample) comes from one grouped join over the project's tasks, not from a
+/// subquery per label: when a project grows faster than PostgreSQL's
+/// statistics, the planner turned those subqueries into a scan of every
+/// review task per label — six minutes for 13,000 labels in the demo.
 const LABELED_ITEMS: &str = r#"
+    WITH random_picks AS (
+        SELECT l2.item_id, bool_or(t.reason IN ('audit', 'sample')) AS audit_sample
+        FROM review_tasks t JOIN labels l2 ON l2.review_task_id = t.id
+        WHERE t.project_id = $1 AND t.reason IN ('seed', 'audit', 'sample')
+        GROUP BY l2.item_id
+    )
     SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash,
-           EXISTS (SELECT 1 FROM labels l2 JOIN review_tasks t ON t.id = l2.review_task_id
-                   WHERE l2.item_id = l.item_id
-                     AND t.reason IN ('seed', 'audit', 'sample')) AS random,
-           EXISTS (SELECT 1 FROM labels l2 JOIN review_tasks t ON t.id = l2.review_task_id
-                   WHERE l2.item_id = l.item_id
-                     AND t.reason IN ('audit', 'sample')) AS audit_sample
+           r.item_id IS NOT NULL AS random,
+           COALESCE(r.audit_sample, false) AS audit_sample
     FROM labels l JOIN items i ON i.id = l.item_id
+    LEFT JOIN random_picks r ON r.item_id = l.item_id
     WHERE i.project_id = $1 AND l.source IN ('human', 'import')
     ORDER BY l.item_id, l.created_at DESC
 "#;

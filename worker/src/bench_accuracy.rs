@@ -96,7 +96,11 @@ pub fn run(args: &AccuracyArgs, members: usize) -> anyhow::Result<()> {
         options.validation_share * 100.0,
         options.batch_size,
         options.learning_rate,
-        if options.cosine { " (cosine decay)" } else { "" },
+        if options.cosine {
+            " (cosine decay)"
+        } else {
+            ""
+        },
         options.dropout,
         options.seed
     );

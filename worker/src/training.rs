@@ -18,8 +18,8 @@ use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use sieve_shared::messages::{
-    HoldoutEvaluation, HoldoutMetrics, ModelArch, SCHEMA_VERSION, Snapshot, Split, TrainEvent,
-    LrSchedule, TrainEventKind, TrainJob, TrainMode, decode,
+    HoldoutEvaluation, HoldoutMetrics, LrSchedule, ModelArch, SCHEMA_VERSION, Snapshot, Split,
+    TrainEvent, TrainEventKind, TrainJob, TrainMode, decode,
 };
 use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
