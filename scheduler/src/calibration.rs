@@ -228,11 +228,11 @@ pub fn calibrate(
         );
         counts[class] = mine.len() as u32;
         thresholds[class] = lowest_threshold(&mine, target_accuracy, z);
-        if let (None, Some(pooled)) = (thresholds[class], pooled_threshold) {
-            if let Some(threshold) = uncontradicted_threshold(&mine, pooled, target_accuracy, z) {
-                thresholds[class] = Some(threshold);
-                borrowed[class] = true;
-            }
+        if let (None, Some(pooled)) = (thresholds[class], pooled_threshold)
+            && let Some(threshold) = uncontradicted_threshold(&mine, pooled, target_accuracy, z)
+        {
+            thresholds[class] = Some(threshold);
+            borrowed[class] = true;
         }
     }
     Calibration {
