@@ -750,10 +750,10 @@ mod tests {
 
     #[test]
     fn flop_counts_match_the_architectures() {
-        // conv1 112,896 + conv2 903,168 + embedding 100,352 + 3 heads 1,920.
+        // conv1 112,896 + conv2 903,168 + embedding 401,408 + 3 heads 7,680.
         assert_eq!(
             small_cnn_multiply_adds(&ArchitectureConfig::small_cnn(10, 3)),
-            1_118_336
+            1_425_152
         );
         // The MobileNetV2 paper: about 300 million multiply-adds at 224x224.
         let m = mobilenet::multiply_adds(224, 224, true);
