@@ -53,8 +53,9 @@ use sea_orm::{
     ActiveValue::Set, ConnectionTrait, EntityTrait, FromQueryResult, Statement, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
+use sieve_shared::blocking::map_blocking;
 use sieve_shared::ids::ItemId;
-use sieve_shared::store::{Listed, Store, StoreError, image_key, sha256_hex};
+use sieve_shared::store::{BlockingStore, Listed, Store, StoreError, image_key, sha256_hex};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -68,7 +69,8 @@ use crate::manifest::{ManifestReader, Row, Target};
 use crate::object_prefix::{self, Prefix};
 use crate::projects::Project;
 
-/// Files read and hashed at once.
+/// Files or objects read and hashed at once: a batch is shared out among
+/// this many blocking tasks (see [`on_blocking_threads`]).
 const READ_CONCURRENCY: usize = 16;
 
 /// Checked batches waiting for their insert.
@@ -307,22 +309,168 @@ fn check_file(path: &Path, max_pixels: u64, max_bytes: u64) -> (Checked, Option<
     }
 }
 
-/// Read, hash and check a file (on a blocking thread), and store an
-/// image's bytes under their content-addressed key: storing the same
-/// image twice is a no-op, and an item never exists without its bytes.
-async fn read_file(ctx: &Context, project: &Project, path: PathBuf) -> anyhow::Result<Checked> {
-    let max_pixels = ctx.settings.ingest.max_pixels;
-    let max_bytes = ctx.settings.ingest.max_file_bytes;
-    let (checked, bytes) =
-        tokio::task::spawn_blocking(move || check_file(&path, max_pixels, max_bytes))
-            .await
-            .context("file check task panicked")?;
-    if let (Checked::Image { hash, .. }, Some(bytes)) = (&checked, bytes) {
-        ctx.store
-            .put(&image_key(&project.id.to_string(), hash), bytes)
-            .await?;
+/// What the reading stage needs on a blocking thread. A batch is read by
+/// [`READ_CONCURRENCY`] blocking tasks, each taking a run of its files or
+/// rows (read, hash, header check, store), rather than by a task per file:
+/// for small images the hops between threads cost more than the work.
+#[derive(Clone)]
+struct Reading {
+    store: BlockingStore,
+    project_id: String,
+    class_names: Vec<String>,
+    max_pixels: u64,
+    max_bytes: u64,
+}
+
+impl Reading {
+    /// Call within the runtime (see [`Store::blocking`]).
+    fn new(ctx: &Context, project: &Project) -> Self {
+        Self {
+            store: ctx.store.blocking(),
+            project_id: project.id.to_string(),
+            class_names: project.class_names.clone(),
+            max_pixels: ctx.settings.ingest.max_pixels,
+            max_bytes: ctx.settings.ingest.max_file_bytes,
+        }
     }
-    Ok(checked)
+
+    /// Read, hash and check a file, and store an image's bytes under their
+    /// content-addressed key: storing the same image twice is a no-op, and
+    /// an item never exists without its bytes.
+    fn file(&self, path: &Path) -> Result<Checked, StoreError> {
+        let (checked, bytes) = check_file(path, self.max_pixels, self.max_bytes);
+        if let (Checked::Image { hash, .. }, Some(bytes)) = (&checked, bytes) {
+            let key = image_key(&self.project_id, hash);
+            self.store.put_content_addressed(&key, bytes)?;
+        }
+        Ok(checked)
+    }
+
+    /// Read and check an object already in sieve's store.
+    fn stored_object(&self, key: &str) -> Result<Checked, StoreError> {
+        match self.store.get(key) {
+            Ok(bytes) => Ok(match too_big(bytes.len() as u64, self.max_bytes) {
+                Some(reason) => Checked::Unreadable { reason },
+                None => Checked::from_bytes(bytes, self.max_pixels).0,
+            }),
+            Err(err) => object_failure(err).map(|reason| Checked::Unreadable { reason }),
+        }
+    }
+
+    /// A folder's file, or the failure found when listing it.
+    fn folder_entry(&self, file: Result<PathBuf, FileFailure>) -> Result<Entry, StoreError> {
+        let (path, checked) = match file {
+            Ok(path) => (path.display().to_string(), self.file(&path)?),
+            Err(failure) => (
+                failure.path,
+                Checked::Unreadable {
+                    reason: failure.reason,
+                },
+            ),
+        };
+        Ok(Entry {
+            source: path.clone(),
+            object_key: None,
+            checked,
+            label: None,
+            path,
+            line: None,
+        })
+    }
+
+    /// Read and check what one manifest row points at; a label that is not
+    /// one of the project's classes comes back as a failure beside the
+    /// entry. Without a `root` (a manifest in the store) a row naming a path
+    /// is refused.
+    fn manifest_row(
+        &self,
+        root: Option<&Root>,
+        row: Row,
+    ) -> Result<(Entry, Option<FileFailure>), StoreError> {
+        let mut refused = None;
+        let label = match &row.label {
+            None => None,
+            Some(name) => match self.class_names.iter().position(|c| c == name) {
+                Some(index) => Some(index as i32),
+                None => {
+                    refused = Some(FileFailure {
+                        path: row.target.to_string(),
+                        line: Some(row.line),
+                        reason: format!(
+                            "label {name:?} is not one of the project's classes ({}); the item is ingested without it",
+                            self.class_names.join(", ")
+                        ),
+                    });
+                    None
+                }
+            },
+        };
+        let (object_key, checked) = match (&row.target, root) {
+            (Target::Path(path), Some(root)) => {
+                let checked = match root.resolve(Path::new(path)) {
+                    Ok(real) => self.file(&real)?,
+                    Err(reason) => Checked::Unreadable { reason },
+                };
+                (None, checked)
+            }
+            (Target::Path(_), None) => {
+                let reason = "a manifest in the object store names images by `key`; a `path` is refused (no server file paths)".to_owned();
+                (None, Checked::Unreadable { reason })
+            }
+            (Target::Key(key), _) => {
+                let checked = match object_prefix::refuse_key(key) {
+                    Some(reason) => Checked::Unreadable { reason },
+                    // Already stored: only hashed and checked.
+                    None => self.stored_object(key)?,
+                };
+                (Some(key.clone()), checked)
+            }
+        };
+        let target = row.target.to_string();
+        let entry = Entry {
+            source: match &row.external_id {
+                Some(id) => format!("{target} (external_id {id})"),
+                None => target.clone(),
+            },
+            object_key,
+            checked,
+            label,
+            path: target,
+            line: Some(row.line),
+        };
+        Ok((entry, refused))
+    }
+}
+
+/// Why one object could not be read, when that is the object's failure (it
+/// is missing, its key is bad, access is denied); a backend that keeps
+/// failing (after the client's retries) is the ingest's, and comes back as
+/// the error.
+fn object_failure(err: StoreError) -> Result<String, StoreError> {
+    match err {
+        err @ (StoreError::NotFound(_) | StoreError::InvalidKey { .. }) => Ok(err.to_string()),
+        StoreError::Backend {
+            source:
+                source @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ..
+        } => Ok(format!("cannot read: {source}")),
+        err => Err(err),
+    }
+}
+
+/// `work` over `inputs` on [`READ_CONCURRENCY`] blocking tasks (see
+/// [`map_blocking`]); the first store failure is the batch's.
+async fn on_blocking_threads<T, R, W>(inputs: Vec<T>, work: W) -> anyhow::Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    W: Fn(T) -> Result<R, StoreError> + Clone + Send + 'static,
+{
+    let results = map_blocking(inputs, READ_CONCURRENCY, work)
+        .await
+        .context("ingest read task panicked")?;
+    Ok(results.into_iter().collect::<Result<Vec<R>, _>>()?)
 }
 
 /// Format and dimensions from the header only: a decompression bomb is
@@ -886,16 +1034,17 @@ async fn folder(
     let files = list_files(&root)?;
     let progress = Progress::new(Some(files.len() as u64), "files", options);
     let batch_size = ctx.settings.ingest.batch_size.max(1);
-    let (ctx2, project2) = (ctx.clone(), project.clone());
+    let reading = Reading::new(ctx, project);
     pipeline(ctx, project, progress, options, move |send| async move {
-        for chunk in files.chunks(batch_size) {
-            let entries = futures_util::stream::iter(chunk.iter().cloned())
-                .map(|file| folder_entry(&ctx2, &project2, file))
-                .buffered(READ_CONCURRENCY)
-                .collect::<Vec<_>>()
+        let mut files = files.into_iter();
+        loop {
+            let chunk: Vec<_> = files.by_ref().take(batch_size).collect();
+            if chunk.is_empty() {
+                return;
+            }
+            let reading = reading.clone();
+            let entries = on_blocking_threads(chunk, move |file| reading.folder_entry(file))
                 .await
-                .into_iter()
-                .collect::<anyhow::Result<Vec<Entry>>>()
                 .map(Batch::of);
             let failed = entries.is_err();
             if send.send(entries).await.is_err() || failed {
@@ -904,33 +1053,6 @@ async fn folder(
         }
     })
     .await
-}
-
-async fn folder_entry(
-    ctx: &Context,
-    project: &Project,
-    file: Result<PathBuf, FileFailure>,
-) -> anyhow::Result<Entry> {
-    let (path, checked) = match file {
-        Ok(path) => {
-            let shown = path.display().to_string();
-            (shown, read_file(ctx, project, path).await?)
-        }
-        Err(failure) => (
-            failure.path,
-            Checked::Unreadable {
-                reason: failure.reason,
-            },
-        ),
-    };
-    Ok(Entry {
-        source: path.clone(),
-        object_key: None,
-        checked,
-        label: None,
-        path,
-        line: None,
-    })
 }
 
 /// Hash and check bytes that are already in memory: small ones here,
@@ -963,86 +1085,11 @@ async fn read_object(
             Some(reason) => unreadable(reason),
             None => check_bytes(bytes, ctx.settings.ingest.max_pixels).await,
         },
-        Err(err @ (StoreError::NotFound(_) | StoreError::InvalidKey { .. })) => {
-            unreadable(err.to_string())
-        }
-        Err(StoreError::Backend {
-            source:
-                source @ (object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. }),
-            ..
-        }) => unreadable(format!("cannot read: {source}")),
-        Err(err) => Err(err).with_context(|| format!("reading {key} from the object store")),
+        Err(err) => match object_failure(err) {
+            Ok(reason) => unreadable(reason),
+            Err(err) => Err(err).with_context(|| format!("reading {key} from the object store")),
+        },
     }
-}
-
-/// Read and check what one manifest row points at; a label that is not
-/// one of the project's classes comes back as a failure beside the entry.
-/// Without a `root` (a manifest in the store) a row naming a path is
-/// refused.
-async fn check_row(
-    ctx: &Context,
-    project: &Project,
-    root: Option<&Root>,
-    row: Row,
-) -> anyhow::Result<(Entry, Option<FileFailure>)> {
-    let mut refused = None;
-    let label = match &row.label {
-        None => None,
-        Some(name) => match project.class_names.iter().position(|c| c == name) {
-            Some(index) => Some(index as i32),
-            None => {
-                refused = Some(FileFailure {
-                    path: row.target.to_string(),
-                    line: Some(row.line),
-                    reason: format!(
-                        "label {name:?} is not one of the project's classes ({}); the item is ingested without it",
-                        project.class_names.join(", ")
-                    ),
-                });
-                None
-            }
-        },
-    };
-    let (object_key, checked) = match (&row.target, root) {
-        (Target::Path(path), Some(root)) => {
-            let root = root.clone();
-            let path = PathBuf::from(path);
-            let resolved = tokio::task::spawn_blocking(move || root.resolve(&path))
-                .await
-                .context("path check task panicked")?;
-            let checked = match resolved {
-                Ok(real) => read_file(ctx, project, real).await?,
-                Err(reason) => Checked::Unreadable { reason },
-            };
-            (None, checked)
-        }
-        (Target::Path(_), None) => {
-            let reason = "a manifest in the object store names images by `key`; a `path` is refused (no server file paths)".to_owned();
-            (None, Checked::Unreadable { reason })
-        }
-        (Target::Key(key), _) => {
-            let checked = match object_prefix::refuse_key(key) {
-                Some(reason) => Checked::Unreadable { reason },
-                // Already stored: only hashed and checked.
-                None => read_object(ctx, &ctx.store, key, None).await?.0,
-            };
-            (Some(key.clone()), checked)
-        }
-    };
-    let target = row.target.to_string();
-    let entry = Entry {
-        source: match &row.external_id {
-            Some(id) => format!("{target} (external_id {id})"),
-            None => target.clone(),
-        },
-        object_key,
-        checked,
-        label,
-        path: target,
-        line: Some(row.line),
-    };
-    Ok((entry, refused))
 }
 
 /// A manifest stored in sieve's store, opened for streaming: its bytes are
@@ -1080,19 +1127,13 @@ async fn manifest(
 ) -> anyhow::Result<IngestSummary> {
     let batch_size = ctx.settings.ingest.batch_size.max(1);
     let progress = Progress::new(None, "rows", options);
-    let (ctx2, project2) = (ctx.clone(), project.clone());
+    let reading = Reading::new(ctx, project);
     let mut summary = pipeline(ctx, project, progress, options, move |send| async move {
         let mut reader = reader;
         loop {
-            let batch = read_manifest_batch(
-                &ctx2,
-                &project2,
-                root.as_ref(),
-                reader,
-                batch_size,
-                &manifest_name,
-            )
-            .await;
+            let batch =
+                read_manifest_batch(&reading, root.as_ref(), reader, batch_size, &manifest_name)
+                    .await;
             let (batch, back) = match batch {
                 Ok((Some(batch), back)) => (Ok(batch), Some(back)),
                 Ok((None, _)) => return,
@@ -1116,8 +1157,7 @@ async fn manifest(
 /// The next batch of a manifest, read and checked; `None` at its end. The
 /// reader goes to a blocking thread (file I/O) and comes back.
 async fn read_manifest_batch(
-    ctx: &Context,
-    project: &Project,
+    reading: &Reading,
     root: Option<&Root>,
     reader: ManifestReader,
     batch_size: usize,
@@ -1154,13 +1194,10 @@ async fn read_manifest_batch(
             }
         }
     }
-    let checked: Vec<(Entry, Option<FileFailure>)> = futures_util::stream::iter(good)
-        .map(|row| check_row(ctx, project, root, row))
-        .buffered(READ_CONCURRENCY)
-        .collect::<Vec<_>>()
+    let (reading, root) = (reading.clone(), root.cloned());
+    let checked = on_blocking_threads(good, move |row| reading.manifest_row(root.as_ref(), row))
         .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+        .with_context(|| format!("reading the images {manifest_name} names"))?;
     for (entry, refused) in checked {
         batch.failures.extend(refused);
         batch.entries.push(entry);

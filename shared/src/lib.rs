@@ -15,6 +15,7 @@
 //! - [`telemetry`]: logs and Prometheus metrics.
 //! - [`error`]: errors both services act on.
 
+pub mod blocking;
 pub mod broker;
 pub mod error;
 pub mod fashion_mnist;

@@ -43,6 +43,19 @@ impl StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same backend when it is a local directory, for [`LocalFiles`].
+    local: Option<Arc<LocalFileSystem>>,
+}
+
+/// Blocking access to the objects of a local store, for work on many small
+/// objects at once: `object_store` makes every local read two hops to a
+/// blocking thread and back, which for an 850-byte image costs more than
+/// hashing it. Call these from a blocking thread (`spawn_blocking`), a
+/// batch at a time. Keys and file locations are the store's own, so what is
+/// written here reads back through [`Store`] and the other way round.
+#[derive(Clone, Debug)]
+pub struct LocalFiles {
+    fs: Arc<LocalFileSystem>,
 }
 
 /// An object found by [`Store::list`].
@@ -61,16 +74,32 @@ impl Store {
             reason,
         };
         std::fs::create_dir_all(&root).map_err(|e| open(e.to_string()))?;
-        let local = LocalFileSystem::new_with_prefix(&root).map_err(|e| open(e.to_string()))?;
+        let local =
+            Arc::new(LocalFileSystem::new_with_prefix(&root).map_err(|e| open(e.to_string()))?);
         Ok(Self {
-            inner: Arc::new(local),
+            inner: local.clone(),
+            local: Some(local),
         })
     }
 
     /// A store over any `object_store` backend (an S3 bucket that ingest
     /// reads from, say).
     pub fn from_backend(inner: Arc<dyn ObjectStore>) -> Self {
-        Self { inner }
+        Self { inner, local: None }
+    }
+
+    /// Blocking file access, when this store is a local directory.
+    pub fn local_files(&self) -> Option<LocalFiles> {
+        self.local.clone().map(|fs| LocalFiles { fs })
+    }
+
+    /// This store for blocking threads: local files directly, any other
+    /// backend through the current runtime. Call it within the runtime.
+    pub fn blocking(&self) -> BlockingStore {
+        match self.local_files() {
+            Some(files) => BlockingStore::Local(files),
+            None => BlockingStore::Remote(self.clone(), tokio::runtime::Handle::current()),
+        }
     }
 
     /// Whether `key` may name an object: relative, without `.`, `..` or
@@ -183,6 +212,107 @@ impl Store {
     }
 }
 
+/// A [`Store`] used from a blocking thread (`spawn_blocking`): the
+/// thread handles a batch of objects, one hop for all of them.
+#[derive(Clone, Debug)]
+pub enum BlockingStore {
+    Local(LocalFiles),
+    /// A remote backend: each call waits on the runtime.
+    Remote(Store, tokio::runtime::Handle),
+}
+
+impl BlockingStore {
+    pub fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        match self {
+            BlockingStore::Local(files) => files.get(key),
+            BlockingStore::Remote(store, runtime) => runtime.block_on(store.get(key)),
+        }
+    }
+
+    /// Store `bytes` under a content-addressed key (see
+    /// [`LocalFiles::put_content_addressed`]).
+    pub fn put_content_addressed(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        match self {
+            BlockingStore::Local(files) => files.put_content_addressed(key, &bytes),
+            BlockingStore::Remote(store, runtime) => runtime.block_on(store.put(key, bytes)),
+        }
+    }
+}
+
+impl LocalFiles {
+    fn file(&self, key: &str) -> Result<std::path::PathBuf, StoreError> {
+        let path = Store::path(key)?;
+        self.fs
+            .path_to_filesystem(&path)
+            .map_err(|source| StoreError::Backend {
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    fn io_error(key: &str, err: std::io::Error) -> StoreError {
+        match err.kind() {
+            std::io::ErrorKind::NotFound => StoreError::NotFound(key.to_owned()),
+            _ => StoreError::Backend {
+                key: key.to_owned(),
+                source: object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(err),
+                },
+            },
+        }
+    }
+
+    /// An object's bytes (blocking).
+    pub fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let file = self.file(key)?;
+        std::fs::read(&file)
+            .map(Bytes::from)
+            .map_err(|err| Self::io_error(key, err))
+    }
+
+    /// Store `bytes` under a content-addressed `key` (blocking): an object
+    /// already there is the same bytes, so it is left as it is. Like
+    /// `object_store`, the bytes go to a staging file beside it (`KEY#N`,
+    /// which listings skip) that is then renamed into place, so a reader
+    /// never sees half an object.
+    pub fn put_content_addressed(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        use std::io::Write as _;
+        let file = self.file(key)?;
+        if file.is_file() {
+            return Ok(());
+        }
+        let failed = |err: std::io::Error| Self::io_error(key, err);
+        let mut attempt = 1u32;
+        let (mut staged, staging) = loop {
+            let mut staging = file.clone().into_os_string();
+            staging.push(format!("#{attempt}"));
+            let staging = std::path::PathBuf::from(staging);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&staging)
+            {
+                Ok(staged) => break (staged, staging),
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => attempt += 1,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    let parent = file.parent().unwrap_or(std::path::Path::new("."));
+                    std::fs::create_dir_all(parent).map_err(failed)?;
+                }
+                Err(err) => return Err(failed(err)),
+            }
+        };
+        let written = staged
+            .write_all(bytes)
+            .and_then(|()| std::fs::rename(&staging, &file));
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(&staging);
+            return Err(failed(err));
+        }
+        Ok(())
+    }
+}
+
 /// Hex SHA-256 of some bytes: item identity and artifact checksums.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -263,6 +393,62 @@ mod tests {
             store.get_stream("out/5.bin").await.err(),
             Some(StoreError::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn local_files_read_and_write_what_the_store_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreSettings {
+            root: dir.path().to_owned(),
+        })
+        .expect("open");
+        let files = store.local_files().expect("a local store");
+        store
+            .put("x/1.bin", Bytes::from_static(b"one"))
+            .await
+            .expect("put");
+        assert_eq!(files.get("x/1.bin").expect("get"), "one");
+        files
+            .put_content_addressed("y/z/2.bin", b"two")
+            .expect("put");
+        assert_eq!(store.get("y/z/2.bin").await.expect("get"), "two");
+        // Content-addressed: a second write of the key keeps the first.
+        files
+            .put_content_addressed("y/z/2.bin", b"other")
+            .expect("put again");
+        assert_eq!(files.get("y/z/2.bin").expect("get"), "two");
+        // No staging file is left for a listing to see.
+        let listed: Vec<Listed> = store.list("y").try_collect().await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("y/z"))
+                .expect("dir")
+                .count(),
+            1
+        );
+        assert!(matches!(files.get("x/none"), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            files.get("../escape"),
+            Err(StoreError::InvalidKey { .. })
+        ));
+    }
+
+    #[test]
+    fn a_remote_store_is_used_from_blocking_threads_through_the_runtime() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let remote = Store::from_backend(Arc::new(object_store::memory::InMemory::new()));
+        assert!(remote.local_files().is_none());
+        let blocking = runtime.block_on(async { remote.blocking() });
+        assert!(matches!(blocking, BlockingStore::Remote(..)));
+        let read = runtime.block_on(async move {
+            tokio::task::spawn_blocking(move || {
+                blocking.put_content_addressed("k/1", Bytes::from_static(b"one"))?;
+                blocking.get("k/1")
+            })
+            .await
+            .expect("blocking task")
+        });
+        assert_eq!(read.expect("round trip"), "one");
     }
 
     #[test]

@@ -27,12 +27,14 @@ use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
+use sieve_shared::blocking::map_blocking;
 use sieve_shared::ids::ModelVersionId;
 use sieve_shared::messages::{
     ModelRef, PredictionOutput, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION,
     decode,
 };
 use sieve_shared::scores::committee_scores;
+use sieve_shared::store::{Store, StoreError};
 use sieve_shared::topology::Route;
 use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
@@ -42,7 +44,7 @@ use crate::images;
 use crate::model::Committee;
 use crate::service::Worker;
 
-/// Image fetches in flight per batch.
+/// Image fetches in flight per batch from a remote store.
 const FETCH_CONCURRENCY: usize = 16;
 
 pub async fn run(
@@ -227,14 +229,7 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
     }
 
     let keys: Vec<String> = jobs.iter().map(|(_, job)| job.object_key.clone()).collect();
-    let fetched: Vec<_> = futures_util::stream::iter(keys)
-        .map(|key| {
-            let store = worker.store.clone();
-            async move { store.get(&key).await }
-        })
-        .buffered(FETCH_CONCURRENCY)
-        .collect()
-        .await;
+    let fetched = fetch_images(&worker.store, keys).await;
 
     let mut by_model: HashMap<ModelVersionId, Fetched> = HashMap::new();
     for (i, ((_, job), bytes)) in jobs.iter().zip(fetched).enumerate() {
@@ -288,6 +283,36 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
         jobs,
         fates,
         groups,
+    }
+}
+
+/// A batch's images, in order, read on a few blocking threads (a run of
+/// keys each): a local store is read a core's worth of files per thread,
+/// a remote one [`FETCH_CONCURRENCY`] requests at a time.
+async fn fetch_images(store: &Store, keys: Vec<String>) -> Vec<Result<bytes::Bytes, StoreError>> {
+    let tasks = match store.local_files() {
+        Some(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        None => FETCH_CONCURRENCY,
+    };
+    let count = keys.len();
+    let blocking = store.blocking();
+    match map_blocking(keys, tasks, move |key| blocking.get(&key)).await {
+        Ok(fetched) => fetched,
+        // A bug, not the images' fault: retried (transient), then dead-lettered.
+        Err(err) => {
+            let reason = format!("image read panicked: {err}");
+            (0..count)
+                .map(|_| {
+                    Err(StoreError::Backend {
+                        key: "(a batch's images)".into(),
+                        source: object_store::Error::Generic {
+                            store: "sieve",
+                            source: reason.clone().into(),
+                        },
+                    })
+                })
+                .collect()
+        }
     }
 }
 
