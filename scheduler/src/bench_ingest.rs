@@ -11,11 +11,11 @@
 //! because the bench knows it.
 //!
 //! Each phase runs in a child process (this binary, `--phase`), so the peak
-//! RSS it reports (VmHWM) is that phase's own. Before each ingest phase, a
-//! bare lapin loop publishes the same number of messages, of the same size
-//! as that phase's jobs, with confirms pipelined (a sliding window), to the
-//! same prelabel queue: the baseline the target is measured against. The
-//! queue is purged between phases.
+//! RSS it reports (VmHWM) is that phase's own. Before and after each ingest
+//! phase, a bare lapin loop publishes the same number of messages, of the
+//! same size as that phase's jobs, with confirms pipelined (a sliding
+//! window), to the same prelabel queue: the baseline the target is measured
+//! against, the faster of the two runs. The queue is purged between phases.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -205,6 +205,10 @@ async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyh
     let started = Instant::now();
     generate_images(&images_dir, args.images)?;
     generate_manifest(&settings.store.root, &manifest, args.manifest_rows)?;
+    // On disk before any timing: otherwise the writeback of a million new
+    // files lands in whichever phase comes first (it once halved a raw
+    // publish loop, whose broker writes to the same disk).
+    flush_to_disk();
     eprintln!(
         "generated {} PNGs and {} stored objects + manifest in {:.1}s (not timed)",
         args.images,
@@ -238,12 +242,15 @@ async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyh
     let run_file = work.join("run.json");
     std::fs::write(&run_file, serde_json::to_vec(&run)?)?;
 
+    // The raw loop runs before and after each ingest, and the ingest is
+    // compared with the faster of the two: the load of a shared machine
+    // moves both, and a slow baseline must not flatter the ratio.
     let mut phases = Vec::new();
     if args.images > 0 {
-        phases.extend([Phase::RawFolder, Phase::Folder]);
+        phases.extend([Phase::RawFolder, Phase::Folder, Phase::RawFolder]);
     }
     if args.manifest_rows > 0 {
-        phases.extend([Phase::RawManifest, Phase::Manifest]);
+        phases.extend([Phase::RawManifest, Phase::Manifest, Phase::RawManifest]);
     }
     let mut results = Vec::new();
     for phase in phases {
@@ -505,10 +512,17 @@ fn print_report(settings: &Settings, results: &[PhaseResult]) {
         (Phase::RawFolder, Phase::Folder, "folder"),
         (Phase::RawManifest, Phase::Manifest, "manifest"),
     ] {
-        if let (Some(raw), Some(ing)) = (find(raw), find(ingest)) {
-            let ratio = ing.per_second() / raw.per_second().max(1e-9);
+        let fastest_raw = results
+            .iter()
+            .filter(|r| r.phase == raw)
+            .map(PhaseResult::per_second)
+            .fold(None, |best: Option<f64>, rate| {
+                Some(best.map_or(rate, |b| b.max(rate)))
+            });
+        if let (Some(raw), Some(ing)) = (fastest_raw, find(ingest)) {
+            let ratio = ing.per_second() / raw.max(1e-9);
             println!(
-                "{name}: ingest / raw publish = {ratio:.2} (target >= 0.5: {})",
+                "{name}: ingest / raw publish (the faster raw run) = {ratio:.2} (target >= 0.5: {})",
                 if ratio >= 0.5 { "met" } else { "MISSED" }
             );
         }
@@ -520,6 +534,14 @@ fn print_report(settings: &Settings, results: &[PhaseResult]) {
             m.items,
             if mb <= 300.0 { "met" } else { "MISSED" }
         );
+    }
+}
+
+/// Write every dirty page to disk (`sync`); a failure only costs accuracy.
+fn flush_to_disk() {
+    match std::process::Command::new("sync").status() {
+        Ok(status) if status.success() => {}
+        other => eprintln!("warning: could not sync the generated data to disk ({other:?})"),
     }
 }
 

@@ -271,17 +271,15 @@ impl LocalFiles {
             .map_err(|err| Self::io_error(key, err))
     }
 
-    /// Store `bytes` under a content-addressed `key` (blocking): an object
-    /// already there is the same bytes, so it is left as it is. Like
+    /// Store `bytes` under a content-addressed `key` (blocking). Like
     /// `object_store`, the bytes go to a staging file beside it (`KEY#N`,
     /// which listings skip) that is then renamed into place, so a reader
-    /// never sees half an object.
+    /// never sees half an object; an object already there is replaced by
+    /// the same bytes. (Looking first would cost every new image a lookup
+    /// in a large directory to save a write on the rare re-ingest.)
     pub fn put_content_addressed(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
         use std::io::Write as _;
         let file = self.file(key)?;
-        if file.is_file() {
-            return Ok(());
-        }
         let failed = |err: std::io::Error| Self::io_error(key, err);
         let mut attempt = 1u32;
         let (mut staged, staging) = loop {
@@ -412,9 +410,9 @@ mod tests {
             .put_content_addressed("y/z/2.bin", b"two")
             .expect("put");
         assert_eq!(store.get("y/z/2.bin").await.expect("get"), "two");
-        // Content-addressed: a second write of the key keeps the first.
+        // A second write of the key (the same image again) is harmless.
         files
-            .put_content_addressed("y/z/2.bin", b"other")
+            .put_content_addressed("y/z/2.bin", b"two")
             .expect("put again");
         assert_eq!(files.get("y/z/2.bin").expect("get"), "two");
         // No staging file is left for a listing to see.
