@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use sieve_shared::Settings;
 use sieve_shared::ids::{ItemId, JobId, ProjectId};
 use sieve_shared::messages::{ModelArch, ModelRef, PrelabelJob, SCHEMA_VERSION, encode};
+use sieve_shared::procstat::{own_cpu, peak_rss_kib, service_cpu};
 use uuid::Uuid;
 
 use crate::app::{self, Context};
@@ -258,9 +259,9 @@ async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyh
         eprintln!("phase {}: {} ...", phase.arg(), phase.label());
         let before = service_cpu();
         let mut result = run_child(phase, &run_file).await?;
-        let after = service_cpu();
-        result.postgres_cpu = after.0 - before.0;
-        result.rabbitmq_cpu = after.1 - before.1;
+        let used = service_cpu() - before;
+        result.postgres_cpu = used.postgres;
+        result.rabbitmq_cpu = used.rabbitmq;
         eprintln!(
             "  {} items in {:.2}s: {:.0}/s, peak RSS {:.1} MB",
             result.items,
@@ -555,74 +556,6 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// The process's peak resident set (VmHWM), in KiB; 0 where unknown.
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// This process's CPU time so far (user + system), in seconds.
-fn own_cpu() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .map_or(0.0, |stat| stat_cpu(&stat, false))
-}
-
-/// CPU seconds from a `/proc/PID/stat` line: utime + stime, and with
-/// `children` the reaped children's too (PostgreSQL's backends exit when
-/// their connection closes and their time moves to the postmaster).
-fn stat_cpu(stat: &str, children: bool) -> f64 {
-    // Fields after the command name, which is in parentheses.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime, stime, cutime, cstime are fields 14-17; `rest` starts at 3.
-    let take = if children { 4 } else { 2 };
-    let ticks: f64 = fields
-        .iter()
-        .skip(11)
-        .take(take)
-        .filter_map(|f| f.parse::<f64>().ok())
-        .sum();
-    ticks / 100.0
-}
-
-/// CPU seconds used so far by every PostgreSQL process and by RabbitMQ's
-/// Erlang VM on this machine (0 where they cannot be seen).
-fn service_cpu() -> (f64, f64) {
-    let (mut postgres, mut rabbit) = (0.0, 0.0);
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return (0.0, 0.0);
-    };
-    for entry in dir.flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if stat.contains("(postgres)") {
-            postgres += stat_cpu(&stat, true);
-        } else if stat.contains("(beam.smp)") {
-            rabbit += stat_cpu(&stat, false);
-        }
-    }
-    (postgres, rabbit)
-}
-
 /// `url` with its database name replaced by `name`.
 fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
     let (base, query) = match url.split_once('?') {
@@ -758,17 +691,5 @@ mod tests {
             crate::ingest::header_dimensions(&a, 1_000_000),
             Ok((SIDE, SIDE))
         );
-    }
-
-    #[test]
-    fn reads_the_peak_resident_set() {
-        assert!(peak_rss_kib() > 0);
-    }
-
-    #[test]
-    fn reads_cpu_ticks_from_a_stat_line() {
-        let stat = "42 (post gres) S 1 2 3 4 5 6 7 8 9 10 150 50 300 100 20 0";
-        assert_eq!(stat_cpu(stat, false), 2.0);
-        assert_eq!(stat_cpu(stat, true), 6.0);
     }
 }

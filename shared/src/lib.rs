@@ -22,6 +22,7 @@ pub mod fashion_mnist;
 pub mod ids;
 pub mod live;
 pub mod messages;
+pub mod procstat;
 pub mod retry;
 pub mod scores;
 pub mod settings;

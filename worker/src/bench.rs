@@ -34,6 +34,7 @@ use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{
     ModelRef, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION, decode,
 };
+use sieve_shared::procstat::{own_cpu, peak_rss_mib, reset_peak_rss, service_cpu};
 use sieve_shared::store::Store;
 use sieve_shared::topology::Topology;
 use tokio_util::sync::CancellationToken;
@@ -181,9 +182,9 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
     // Bare forward and the queue path alternate per batch size, so that both see the same
     // machine load.
     println!(
-        "\n| batch | path | items | items/s | GFLOP/s | / bare | scored | failed | duplicates | peak RSS MiB |"
+        "\n| batch | path | items | items/s | GFLOP/s | / bare | scored | failed | duplicates | peak RSS MiB | CPU µs/item bench+worker / RabbitMQ |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let bench = if modes.is_empty() {
         None
     } else {
@@ -196,7 +197,7 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
                 reset_peak_rss();
                 let rate = bare_forward(cpu, &input, b, args.seconds).await?;
                 println!(
-                    "| {b} | bare forward, cpu (flex) | - | {rate:.0} | {:.2} | - | - | - | - | {:.0} |",
+                    "| {b} | bare forward, cpu (flex) | - | {rate:.0} | {:.2} | - | - | - | - | {:.0} | - |",
                     rate * flops as f64 / 1e9,
                     peak_rss_mib()
                 );
@@ -204,7 +205,7 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
             reset_peak_rss();
             let bare = bare_forward(&committee, &input, b, args.seconds).await?;
             println!(
-                "| {b} | bare forward, {} | - | {bare:.0} | {:.2} | 1.00 | - | - | - | {:.0} |",
+                "| {b} | bare forward, {} | - | {bare:.0} | {:.2} | 1.00 | - | - | - | {:.0} | - |",
                 backend::backend_name(),
                 bare * flops as f64 / 1e9,
                 peak_rss_mib()
@@ -218,9 +219,14 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
             .max(b * 4);
             for &pipeline in &modes {
                 reset_peak_rss();
+                // The broker shares the machine: its CPU per item is the
+                // part of the gap to the bare forward that is not ours.
+                let (own_before, services_before) = (own_cpu(), service_cpu());
                 let figures = bench.run(b, pipeline, items).await?;
+                let per_item = |seconds: f64| seconds / items as f64 * 1e6;
+                let broker = (service_cpu() - services_before).rabbitmq;
                 println!(
-                    "| {b} | queue, pipeline {} | {items} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.0} |",
+                    "| {b} | queue, pipeline {} | {items} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.0} | {:.0} / {:.0} |",
                     if pipeline { "on" } else { "off" },
                     figures.rate(),
                     figures.rate() * flops as f64 / 1e9,
@@ -228,7 +234,9 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
                     figures.scored,
                     figures.failed,
                     figures.duplicates,
-                    peak_rss_mib()
+                    peak_rss_mib(),
+                    per_item(own_cpu() - own_before),
+                    per_item(broker)
                 );
             }
         }
@@ -718,24 +726,6 @@ fn synthetic_embeddings(n: usize, dim: usize, classes: usize, seed: u64) -> Embe
         dim,
         labels,
     }
-}
-
-/// Resets the kernel's peak-RSS mark of this process (Linux 4.0+; ignored elsewhere).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// `VmHWM` of this process in MiB (0 where /proc is absent).
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn load_average() -> String {
