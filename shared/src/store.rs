@@ -328,13 +328,19 @@ pub fn image_key(project: &str, content_hash: &str) -> String {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn round_trips_and_reports_missing_objects() {
+    /// A local store in a fresh directory (removed when the guard drops).
+    fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&StoreSettings {
             root: dir.path().to_owned(),
         })
         .expect("open");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn round_trips_and_reports_missing_objects() {
+        let (_dir, store) = temp_store();
         store
             .put("a/b/c.bin", Bytes::from_static(b"hello"))
             .await
@@ -347,11 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_keys_that_escape() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&StoreSettings {
-            root: dir.path().to_owned(),
-        })
-        .expect("open");
+        let (_dir, store) = temp_store();
         for key in ["../etc/passwd", "a/../../b", "", "a//b"] {
             let err = store.get(key).await.expect_err(key);
             assert!(matches!(err, StoreError::InvalidKey { .. }), "{key}: {err}");
@@ -360,11 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn lists_a_prefix_by_whole_segments_and_streams_objects() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&StoreSettings {
-            root: dir.path().to_owned(),
-        })
-        .expect("open");
+        let (_dir, store) = temp_store();
         for key in ["in/a/1.bin", "in/a/sub/2.bin", "in/ab/3.bin", "out/4.bin"] {
             store
                 .put(key, Bytes::from_static(b"1234"))
@@ -395,11 +393,7 @@ mod tests {
 
     #[tokio::test]
     async fn local_files_read_and_write_what_the_store_does() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&StoreSettings {
-            root: dir.path().to_owned(),
-        })
-        .expect("open");
+        let (dir, store) = temp_store();
         let files = store.local_files().expect("a local store");
         store
             .put("x/1.bin", Bytes::from_static(b"one"))
