@@ -291,22 +291,36 @@ fn too_big(len: u64, max_bytes: u64) -> Option<String> {
     })
 }
 
+/// Read `path` if it is a regular file within the size limit. The kind is
+/// checked before opening (a FIFO, which a manifest row could name, would
+/// block the open), and at most `max_bytes` + 1 bytes are read, so a file
+/// that grew after the check is still refused.
 fn check_file(path: &Path, max_pixels: u64, max_bytes: u64) -> (Checked, Option<Bytes>) {
-    let unreadable = |err: std::io::Error| {
-        let reason = format!("cannot read: {err}");
-        (Checked::Unreadable { reason }, None)
-    };
+    use std::io::Read as _;
+    let unreadable = |reason: String| (Checked::Unreadable { reason }, None);
+    let cannot = |err: std::io::Error| unreadable(format!("cannot read: {err}"));
     let metadata = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(err) => return unreadable(err),
+        Err(err) => return cannot(err),
     };
+    if !metadata.is_file() {
+        return unreadable("not a regular file".into());
+    }
     if let Some(reason) = too_big(metadata.len(), max_bytes) {
-        return (Checked::Unreadable { reason }, None);
+        return unreadable(reason);
     }
-    match std::fs::read(path) {
-        Ok(bytes) => Checked::from_bytes(Bytes::from(bytes), max_pixels),
-        Err(err) => unreadable(err),
+    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
+    let read = std::fs::File::open(path).and_then(|file| {
+        file.take(max_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)
+    });
+    if let Err(err) = read {
+        return cannot(err);
     }
+    if let Some(reason) = too_big(bytes.len() as u64, max_bytes) {
+        return unreadable(reason);
+    }
+    Checked::from_bytes(Bytes::from(bytes), max_pixels)
 }
 
 /// What the reading stage needs on a blocking thread. A batch is read by
@@ -1293,6 +1307,32 @@ mod tests {
         let mut out = Cursor::new(Vec::new());
         img.write_to(&mut out, ImageFormat::Png).expect("encode");
         out.into_inner()
+    }
+
+    #[test]
+    fn only_regular_files_within_the_limit_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("a.png");
+        std::fs::write(&image, png(28, 28)).expect("write");
+        let size = std::fs::metadata(&image).expect("stat").len();
+        let (checked, bytes) = check_file(&image, 1_000, size);
+        assert!(matches!(checked, Checked::Image { width: 28, .. }));
+        assert_eq!(bytes.map(|b| b.len() as u64), Some(size));
+
+        let (checked, _) = check_file(&image, 1_000, size - 1);
+        assert!(
+            matches!(&checked, Checked::Unreadable { reason } if reason.contains("over the limit")),
+            "a byte over the limit"
+        );
+        let (checked, _) = check_file(dir.path(), 1_000, size);
+        assert!(
+            matches!(&checked, Checked::Unreadable { reason } if reason == "not a regular file"),
+            "a directory"
+        );
+        let (checked, _) = check_file(&dir.path().join("none.png"), 1_000, size);
+        assert!(
+            matches!(&checked, Checked::Unreadable { reason } if reason.starts_with("cannot read"))
+        );
     }
 
     #[test]
