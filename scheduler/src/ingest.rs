@@ -18,8 +18,10 @@
 //! and never read.
 //!
 //! The work is a pipeline, so that reading, inserting and publishing
-//! overlap: a producer task reads and hashes files (bounded concurrency)
-//! and stores their bytes, a few batches ahead; the caller's loop inserts
+//! overlap: a producer task reads and hashes files and stores their bytes,
+//! a few batches ahead (each batch shared out among a few blocking tasks, a
+//! run of files each; an S3 prefix is read asynchronously, a bounded number
+//! of objects at once); the caller's loop inserts
 //! each batch; and the batch's jobs are published (with confirms, then
 //! stamped) by tasks of their own, a few in flight. Every stage is bounded,
 //! so memory stays flat however large the input (a prefix is listed as a
