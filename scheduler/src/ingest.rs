@@ -293,10 +293,12 @@ fn too_big(len: u64, max_bytes: u64) -> Option<String> {
     })
 }
 
-/// Read `path` if it is a regular file within the size limit. The kind is
-/// checked before opening (a FIFO, which a manifest row could name, would
-/// block the open), and at most `max_bytes` + 1 bytes are read, so a file
-/// that grew after the check is still refused.
+/// Read `path` within the size limit: a file over it is refused from its
+/// size before reading, and at most `max_bytes` + 1 bytes are ever read, so
+/// a file that grew after the check, or a device that never ends, is
+/// refused too. (A named pipe is read like a file, as `cat` would: a
+/// producer can stream an image in, and a test uses one to hold an ingest
+/// mid-way.)
 fn check_file(path: &Path, max_pixels: u64, max_bytes: u64) -> (Checked, Option<Bytes>) {
     use std::io::Read as _;
     let unreadable = |reason: String| (Checked::Unreadable { reason }, None);
@@ -305,13 +307,11 @@ fn check_file(path: &Path, max_pixels: u64, max_bytes: u64) -> (Checked, Option<
         Ok(m) => m,
         Err(err) => return cannot(err),
     };
-    if !metadata.is_file() {
-        return unreadable("not a regular file".into());
-    }
     if let Some(reason) = too_big(metadata.len(), max_bytes) {
         return unreadable(reason);
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
+    let capacity = usize::try_from(metadata.len().min(max_bytes)).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(capacity);
     let read = std::fs::File::open(path).and_then(|file| {
         file.take(max_bytes.saturating_add(1))
             .read_to_end(&mut bytes)
@@ -1312,7 +1312,7 @@ mod tests {
     }
 
     #[test]
-    fn only_regular_files_within_the_limit_are_read() {
+    fn files_are_read_within_the_size_limit_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("a.png");
         std::fs::write(&image, png(28, 28)).expect("write");
@@ -1326,10 +1326,16 @@ mod tests {
             matches!(&checked, Checked::Unreadable { reason } if reason.contains("over the limit")),
             "a byte over the limit"
         );
-        let (checked, _) = check_file(dir.path(), 1_000, size);
+        let (checked, _) = check_file(dir.path(), 1_000, 1 << 20);
         assert!(
-            matches!(&checked, Checked::Unreadable { reason } if reason == "not a regular file"),
+            matches!(&checked, Checked::Unreadable { reason } if reason.starts_with("cannot read")),
             "a directory"
+        );
+        // A device that never ends is cut off at the limit.
+        let (checked, _) = check_file(Path::new("/dev/zero"), 1_000, size);
+        assert!(
+            matches!(&checked, Checked::Unreadable { reason } if reason.contains("over the limit")),
+            "/dev/zero"
         );
         let (checked, _) = check_file(&dir.path().join("none.png"), 1_000, size);
         assert!(
