@@ -7,7 +7,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use sieve_shared::messages::{
-    ControlMessage, Message, PrelabelJob, PrelabelResult, TrainEvent, TrainJob, decode, encode,
+    ControlMessage, Message, PrelabelJob, PrelabelResult, PrelabelResults, TrainEvent, TrainJob,
+    decode, decode_results, encode,
 };
 
 fn round_trip<M: Message + PartialEq + std::fmt::Debug>(data: &[u8]) {
@@ -21,6 +22,8 @@ fn round_trip<M: Message + PartialEq + std::fmt::Debug>(data: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     round_trip::<PrelabelJob>(data);
     round_trip::<PrelabelResult>(data);
+    round_trip::<PrelabelResults>(data);
+    let _ = decode_results(data);
     round_trip::<TrainJob>(data);
     round_trip::<TrainEvent>(data);
     round_trip::<ControlMessage>(data);

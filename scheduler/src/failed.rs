@@ -14,7 +14,7 @@ use chrono::Utc;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Serialize;
-use sieve_shared::messages::{PrelabelJob, PrelabelResult, TrainEvent, TrainJob, decode};
+use sieve_shared::messages::{PrelabelJob, TrainEvent, TrainJob, decode, decode_results};
 use sieve_shared::retry;
 use sieve_shared::topology::Route;
 use uuid::Uuid;
@@ -125,8 +125,15 @@ fn summarize(queue_route: Option<Route>, payload: &[u8]) -> String {
             ),
             Err(e) => shown(&e),
         },
-        Some(Route::Results) => match decode::<PrelabelResult>(payload) {
-            Ok(r) => format!("result {} for item {}", r.job_id, r.item_id),
+        Some(Route::Results) => match decode_results(payload).as_deref() {
+            Ok([r]) => format!("result {} for item {}", r.job_id, r.item_id),
+            Ok(results) => format!(
+                "{} results, the first for item {}",
+                results.len(),
+                results
+                    .first()
+                    .map_or_else(|| "-".to_owned(), |r| r.item_id.to_string())
+            ),
             Err(e) => shown(&e),
         },
         Some(Route::Train) => match decode::<TrainJob>(payload) {
@@ -243,7 +250,7 @@ async fn retry_dead_where(
                 }
                 Err(e) => Err(format!("does not decode ({e})")),
             },
-            Some(Route::Results) => decode::<PrelabelResult>(&delivery.data)
+            Some(Route::Results) => decode_results(&delivery.data)
                 .map(|_| ())
                 .map_err(|e| format!("does not decode ({e})")),
             Some(Route::Train) => decode::<TrainJob>(&delivery.data)

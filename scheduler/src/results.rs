@@ -23,7 +23,7 @@ use sea_orm::{
 };
 use sieve_shared::broker;
 use sieve_shared::ids::ProjectId;
-use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, decode};
+use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, decode_results};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -377,46 +377,52 @@ pub async fn run(
                 None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
             },
         };
-        let mut deliveries = vec![first];
+        // Up to `results_batch` results (a worker's message carries a whole
+        // batch of them) or what arrived within the window.
+        let mut batch = Received::default();
+        batch.add(first).await;
         let window = tokio::time::sleep(BATCH_WINDOW);
         tokio::pin!(window);
-        while deliveries.len() < batch_size {
+        while batch.results.len() < batch_size {
             tokio::select! {
                 () = &mut window => break,
                 next = consumer.next() => match next {
-                    Some(delivery) => deliveries.push(delivery),
+                    Some(delivery) => batch.add(delivery).await,
                     None => break,
                 },
             }
         }
-        handle_batch(&ctx, deliveries, &stop).await;
+        handle_batch(&ctx, batch, &stop).await;
     }
 }
 
-async fn handle_batch(
-    ctx: &Context,
-    deliveries: Vec<lapin::Result<Delivery>>,
-    stop: &CancellationToken,
-) {
-    let mut good = Vec::new();
-    let mut results = Vec::new();
-    for delivery in deliveries {
+/// Deliveries taken for one transaction, and the results they carry.
+#[derive(Default)]
+struct Received {
+    deliveries: Vec<Delivery>,
+    results: Vec<PrelabelResult>,
+}
+
+impl Received {
+    /// Decode a delivery: its results join the batch; one that does not
+    /// decode is dead-lettered at once.
+    async fn add(&mut self, delivery: lapin::Result<Delivery>) {
         let delivery = match delivery {
             Ok(d) => d,
             Err(err) => {
                 // The channel recovers by itself; unacked deliveries return.
                 tracing::warn!(error = %err, "results consumer error");
-                continue;
+                return;
             }
         };
-        match decode::<PrelabelResult>(&delivery.data) {
-            Ok(result) => {
-                results.push(result);
-                good.push(delivery);
+        match decode_results(&delivery.data) {
+            Ok(results) => {
+                self.results.extend(results);
+                self.deliveries.push(delivery);
             }
             Err(err) => {
                 // Permanent: the same bytes will never decode. Dead-letter it.
-                tracing::warn!(error = %err, "undecodable result; dead-lettering it");
+                tracing::warn!(error = %err, "undecodable result message; dead-lettering it");
                 let _ = delivery
                     .nack(BasicNackOptions {
                         requeue: false,
@@ -426,16 +432,36 @@ async fn handle_batch(
             }
         }
     }
-    if results.is_empty() {
-        return;
+}
+
+async fn handle_batch(ctx: &Context, batch: Received, stop: &CancellationToken) {
+    let Received {
+        deliveries: good,
+        results,
+    } = batch;
+    if !results.is_empty() {
+        apply_until_done(ctx, &results, good, stop).await;
+    } else {
+        // Nothing to apply (an empty batch message): settled as it is.
+        ack_all(good).await;
     }
+}
+
+/// Apply `results` and acknowledge their deliveries, retrying until the
+/// database takes them or the service stops (then they go back).
+async fn apply_until_done(
+    ctx: &Context,
+    results: &[PrelabelResult],
+    good: Vec<Delivery>,
+    stop: &CancellationToken,
+) {
     // A failure here is transient (database restarting, a deadlock): keep
     // the batch unacknowledged and retry it with backoff. Requeueing would
     // count against the delivery limit and dead-letter good results during a
     // short database outage.
     let mut backoff = Duration::from_millis(250);
     loop {
-        match apply(&ctx.db, &results).await {
+        match apply(&ctx.db, results).await {
             Ok(_) => break,
             Err(err) => {
                 tracing::error!(
@@ -460,9 +486,13 @@ async fn handle_batch(
             }
         }
     }
-    for delivery in good {
+    ack_all(good).await;
+}
+
+async fn ack_all(deliveries: Vec<Delivery>) {
+    for delivery in deliveries {
         if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
-            tracing::warn!(error = %err, "ack failed; the result will be redelivered and deduplicated");
+            tracing::warn!(error = %err, "ack failed; the results will be redelivered and deduplicated");
         }
     }
 }

@@ -127,6 +127,39 @@ impl Message for PrelabelResult {
     const ROUTE: Route = Route::Results;
 }
 
+/// A batch's results as one message (worker -> scheduler): one publish and
+/// one confirm per batch, and one delivery for the broker to route and
+/// store, instead of one per item. Each result keeps its own ids, so the
+/// scheduler applies them one by one, idempotently, as before. Messages
+/// holding a single [`PrelabelResult`] (from workers before batching, or
+/// replayed dead letters) are still read: see [`decode_results`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrelabelResults {
+    pub schema: u16,
+    pub results: Vec<PrelabelResult>,
+}
+
+impl Message for PrelabelResults {
+    const ROUTE: Route = Route::Results;
+}
+
+/// The results a message of the results queue carries: a batch
+/// ([`PrelabelResults`]) or a single [`PrelabelResult`].
+pub fn decode_results(bytes: &[u8]) -> Result<Vec<PrelabelResult>, DecodeError> {
+    /// Only whether the message has a `results` field.
+    #[derive(Deserialize)]
+    struct Shape {
+        #[serde(default)]
+        results: Option<serde::de::IgnoredAny>,
+    }
+    let batch = serde_json::from_slice::<Shape>(bytes).is_ok_and(|shape| shape.results.is_some());
+    if batch {
+        decode::<PrelabelResults>(bytes).map(|batch| batch.results)
+    } else {
+        decode::<PrelabelResult>(bytes).map(|result| vec![result])
+    }
+}
+
 /// Which network a project's committee is built on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -456,6 +489,59 @@ mod tests {
                 checksum: "00".into(),
             },
         }
+    }
+
+    fn result(outcome: PrelabelOutcome) -> PrelabelResult {
+        let job = job();
+        PrelabelResult {
+            schema: SCHEMA_VERSION,
+            job_id: job.job_id,
+            project_id: job.project_id,
+            item_id: job.item_id,
+            model_version_id: job.model.version_id,
+            worker_id: "w1".into(),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn results_are_read_as_a_batch_or_one_by_one() {
+        let failed = |reason: &str| {
+            result(PrelabelOutcome::Failed {
+                reason: reason.into(),
+            })
+        };
+        let batch = PrelabelResults {
+            schema: SCHEMA_VERSION,
+            results: vec![failed("a"), failed("b")],
+        };
+        assert_eq!(
+            decode_results(&encode(&batch)).expect("batch"),
+            batch.results
+        );
+        let one = failed("c");
+        assert_eq!(
+            decode_results(&encode(&one)).expect("single"),
+            vec![one.clone()]
+        );
+        // A batch with another schema is refused as a batch, by version.
+        let mut value = serde_json::to_value(&batch).expect("json");
+        value["schema"] = 99.into();
+        let old = serde_json::to_vec(&value).expect("bytes");
+        assert!(matches!(
+            decode_results(&old),
+            Err(DecodeError::UnsupportedSchema { found: 99 })
+        ));
+        // A batch whose results are not results is not read as anything.
+        let broken = br#"{"schema": 1, "results": [{"job_id": 3}]}"#;
+        assert!(matches!(
+            decode_results(broken),
+            Err(DecodeError::Invalid {
+                kind: "PrelabelResults",
+                ..
+            })
+        ));
+        assert!(decode_results(b"not json").is_err());
     }
 
     #[test]

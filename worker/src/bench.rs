@@ -32,7 +32,7 @@ use sieve_shared::Settings;
 use sieve_shared::broker::{self, Publisher};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{
-    ModelRef, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION, decode,
+    ModelRef, PrelabelJob, PrelabelOutcome, SCHEMA_VERSION, decode_results,
 };
 use sieve_shared::procstat::{own_cpu, peak_rss_mib, reset_peak_rss, service_cpu};
 use sieve_shared::store::Store;
@@ -503,7 +503,7 @@ impl QueueBench {
                     .await
                     .context("no result for 120 s")?
                     .context("results consumer ended")??;
-                let result: PrelabelResult = decode(&delivery.data)?;
+                let batch = decode_results(&delivery.data)?;
                 // Acknowledged in bulk, so that the bench's own consumer is
                 // not what limits the rate it measures.
                 unacked += 1;
@@ -514,16 +514,18 @@ impl QueueBench {
                 } else {
                     last = Some(delivery);
                 }
-                if !expected.contains(&result.job_id) {
-                    continue;
-                }
-                if !seen.insert(result.job_id) {
-                    duplicates += 1;
-                    continue;
-                }
-                match result.outcome {
-                    PrelabelOutcome::Scored(_) => scored += 1,
-                    PrelabelOutcome::Failed { .. } => failed += 1,
+                for result in batch {
+                    if !expected.contains(&result.job_id) {
+                        continue;
+                    }
+                    if !seen.insert(result.job_id) {
+                        duplicates += 1;
+                        continue;
+                    }
+                    match result.outcome {
+                        PrelabelOutcome::Scored(_) => scored += 1,
+                        PrelabelOutcome::Failed { .. } => failed += 1,
+                    }
                 }
             }
             if let Some(delivery) = last {

@@ -30,8 +30,8 @@ use lapin::types::FieldTable;
 use sieve_shared::blocking::map_blocking;
 use sieve_shared::ids::ModelVersionId;
 use sieve_shared::messages::{
-    ModelRef, PredictionOutput, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION,
-    decode,
+    ModelRef, PredictionOutput, PrelabelJob, PrelabelOutcome, PrelabelResult, PrelabelResults,
+    SCHEMA_VERSION, decode,
 };
 use sieve_shared::scores::committee_scores;
 use sieve_shared::store::{Store, StoreError};
@@ -370,7 +370,22 @@ async fn finish(worker: &Worker, batch: Prepared) {
             Fate::Retry(_) => None,
         })
         .collect();
-    if let Err(err) = worker.publisher.publish_all(&results).await {
+    // One message for the batch's results: one publish and confirm, one
+    // delivery for the broker, instead of one per item.
+    let result_count = results.len();
+    let published = if results.is_empty() {
+        Ok(())
+    } else {
+        let batch = PrelabelResults {
+            schema: SCHEMA_VERSION,
+            results,
+        };
+        worker
+            .publisher
+            .publish_all(std::slice::from_ref(&batch))
+            .await
+    };
+    if let Err(err) = published {
         tracing::error!(error = %err, "publishing results failed; requeueing the batch");
         for (delivery, _) in jobs {
             let _ = delivery
@@ -409,7 +424,7 @@ async fn finish(worker: &Worker, batch: Prepared) {
     worker
         .stats
         .items
-        .fetch_add(results.len() as u64, Ordering::Relaxed);
+        .fetch_add(result_count as u64, Ordering::Relaxed);
     metrics::histogram!("sieve_worker_batch_size").record(fates.len() as f64);
     metrics::histogram!("sieve_worker_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::counter!("sieve_worker_jobs_consumed_total").increment(fates.len() as u64);

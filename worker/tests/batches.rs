@@ -20,7 +20,7 @@ use sieve_shared::Settings;
 use sieve_shared::broker::{self, Publisher};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{
-    ModelRef, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION, decode,
+    ModelRef, PrelabelJob, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION, decode, decode_results,
 };
 use sieve_shared::retry;
 use sieve_shared::store::Store;
@@ -146,10 +146,11 @@ impl Harness {
             };
             match tokio::time::timeout(wait, consumer.next()).await {
                 Ok(Some(Ok(delivery))) => {
-                    let result: PrelabelResult = decode(&delivery.data).unwrap();
+                    for result in decode_results(&delivery.data).unwrap() {
+                        distinct.insert(result.job_id);
+                        all.push(result);
+                    }
                     delivery.ack(BasicAckOptions::default()).await.unwrap();
-                    distinct.insert(result.job_id);
-                    all.push(result);
                 }
                 Ok(other) => panic!("results consumer ended: {other:?}"),
                 Err(_) => {

@@ -17,7 +17,7 @@ use lapin::options::{BasicAckOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use sieve_shared::broker::{self, Publisher};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
-use sieve_shared::messages::{ModelRef, PrelabelJob, PrelabelResult, SCHEMA_VERSION, decode};
+use sieve_shared::messages::{ModelRef, PrelabelJob, SCHEMA_VERSION, decode_results};
 use sieve_shared::store::Store;
 use sieve_shared::topology::Topology;
 use sieve_worker::model::{ArchitectureConfig, Committee};
@@ -121,8 +121,9 @@ async fn sigterm_finishes_the_batch_acks_and_exits() {
             .unwrap()
             .unwrap()
             .unwrap();
-        let result: PrelabelResult = decode(&delivery.data).unwrap();
-        assert!(answered.insert(result.job_id), "a job answered twice");
+        for result in decode_results(&delivery.data).unwrap() {
+            assert!(answered.insert(result.job_id), "a job answered twice");
+        }
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
     let signalled = Instant::now();
@@ -148,8 +149,9 @@ async fn sigterm_finishes_the_batch_acks_and_exits() {
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_millis(300), results.next()).await
         {
-            let result: PrelabelResult = decode(&delivery.data).unwrap();
-            assert!(answered.insert(result.job_id), "a job answered twice");
+            for result in decode_results(&delivery.data).unwrap() {
+                assert!(answered.insert(result.job_id), "a job answered twice");
+            }
             delivery.ack(BasicAckOptions::default()).await.unwrap();
         }
         let left = ready(&channel, &topology.prelabel_queue()).await as usize;
