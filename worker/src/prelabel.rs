@@ -34,7 +34,7 @@ use sieve_shared::messages::{
     SCHEMA_VERSION, decode,
 };
 use sieve_shared::scores::committee_scores;
-use sieve_shared::store::{Store, StoreError};
+use sieve_shared::store::{BlockingStore, Store, StoreError};
 use sieve_shared::topology::Route;
 use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
@@ -290,12 +290,12 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
 /// keys each): a local store is read a core's worth of files per thread,
 /// a remote one [`FETCH_CONCURRENCY`] requests at a time.
 async fn fetch_images(store: &Store, keys: Vec<String>) -> Vec<Result<bytes::Bytes, StoreError>> {
-    let tasks = match store.local_files() {
-        Some(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        None => FETCH_CONCURRENCY,
+    let blocking = store.blocking();
+    let tasks = match blocking {
+        BlockingStore::Local(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        BlockingStore::Remote(..) => FETCH_CONCURRENCY,
     };
     let count = keys.len();
-    let blocking = store.blocking();
     match map_blocking(keys, tasks, move |key| blocking.get(&key)).await {
         Ok(fetched) => fetched,
         // A bug, not the images' fault: retried (transient), then dead-lettered.
