@@ -24,6 +24,8 @@ use crate::{db, dispatch, http, ingest_runs, results, training};
 #[derive(Clone)]
 pub struct Context {
     pub db: DatabaseConnection,
+    /// A small pool of its own for review claims (`db::connect_claims`).
+    pub claims: DatabaseConnection,
     pub publisher: Publisher,
     pub store: Store,
     pub settings: Arc<Settings>,
@@ -39,6 +41,7 @@ impl Context {
     /// object store. Each failure names the service and address.
     pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
         let db = db::connect(&settings.database).await?;
+        let claims = db::connect_claims(&settings.database).await?;
         let connection = broker::connect(&settings.broker.url, "sieve-scheduler publish").await?;
         let topology = topology(&settings);
         let channel = connection.create_channel().await?;
@@ -51,6 +54,7 @@ impl Context {
         let store = Store::open(&settings.store)?;
         Ok(Self {
             db,
+            claims,
             publisher,
             store,
             settings: Arc::new(settings),

@@ -4,10 +4,13 @@
 //! an item with a prediction, as routing leaves them), then runs
 //! `--reviewers` tokio tasks that each claim and submit in a loop, with no
 //! pause, until the queue is empty. They call the same functions the HTTP
-//! handlers call (`review::claim_next`, `review::submit`) through one
-//! connection pool of `--pool` connections: this measures the queue in
-//! PostgreSQL, not HTTP. A lone reviewer on a separate project first gives
-//! the uncontended baseline of the same operations.
+//! handlers call (`review::claim_next`, `review::submit`) through the same
+//! two pools the server has: `--claim-pool` connections for claims and
+//! `--pool` for submits (`--claim-pool 0`: claims share the submits' pool,
+//! as before the server had two). This measures the queue in PostgreSQL,
+//! not HTTP. A lone reviewer on a separate project first gives the
+//! uncontended baseline of the same operations; `--compare-shared` also
+//! drains a second queue of the same size with one shared pool.
 //!
 //! Afterwards the database is checked: every task done, claimed exactly once
 //! (its fencing token is 1, so no lease was ever taken over), one label per
@@ -53,6 +56,14 @@ pub struct ClaimArgs {
     /// PostgreSQL connections shared by the reviewers.
     #[arg(long, default_value_t = 16)]
     pub pool: u32,
+    /// PostgreSQL connections for claims only, as `database.claim_connections`
+    /// gives the server (0: claims share `--pool`).
+    #[arg(long, default_value_t = 4)]
+    pub claim_pool: u32,
+    /// Also drain a second queue of `--tasks` with claims and submits
+    /// sharing one pool of `--pool` connections, to compare in the same run.
+    #[arg(long)]
+    pub compare_shared: bool,
     /// Tasks a lone reviewer claims and submits first (the baseline).
     #[arg(long, default_value_t = 1_000)]
     pub baseline: u64,
@@ -110,46 +121,103 @@ pub async fn run(settings: &Settings, args: &ClaimArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(url: &str, args: &ClaimArgs) -> anyhow::Result<()> {
-    let conn = db::connect(&DatabaseSettings {
+    let settings = DatabaseSettings {
         url: url.to_owned(),
         max_connections: args.pool,
-    })
-    .await?;
+        claim_connections: args.claim_pool,
+    };
+    let conn = db::connect(&settings).await?;
+    let claims = if args.claim_pool == 0 {
+        conn.clone()
+    } else {
+        db::connect_claims(&settings).await?
+    };
     db::migrate(&conn).await?;
     let started = Instant::now();
     let baseline = seed(&conn, "baseline", args.baseline).await?;
     let project = seed(&conn, "claims", args.tasks).await?;
+    let shared_queue = if args.compare_shared {
+        Some(seed(&conn, "shared", args.tasks).await?)
+    } else {
+        None
+    };
     conn.execute_unprepared("VACUUM ANALYZE").await?;
     println!(
-        "seeded {} + {} open review tasks in {:.1} s (database {})",
+        "seeded {} + {}{} open review tasks in {:.1} s (database {})",
         args.baseline,
         args.tasks,
+        if args.compare_shared { " × 2" } else { "" },
         started.elapsed().as_secs_f64(),
         url.rsplit('/').next().unwrap_or(url)
     );
 
     let think = Duration::from_millis(args.think_ms);
+    let pools = Pools {
+        claims: &claims,
+        submits: &conn,
+    };
     println!("load average before: {}", load_average());
-    let lone = drain(&conn, &baseline, 1, Duration::ZERO).await?;
+    let lone = drain(pools, &baseline, 1, Duration::ZERO).await?;
     report("baseline, 1 reviewer, no pause", &lone.0);
-    let (phase, claimed) = drain(&conn, &project, args.reviewers, think).await?;
+    let (phase, claimed) = drain(pools, &project, args.reviewers, think).await?;
+    let pooling = if args.claim_pool == 0 {
+        format!("one shared pool of {}", args.pool)
+    } else {
+        format!(
+            "{} claim + {} submit connections",
+            args.claim_pool, args.pool
+        )
+    };
     report(
-        &format!("{} reviewers, {} ms pause", args.reviewers, args.think_ms),
+        &format!(
+            "{} reviewers, {} ms pause, {pooling}",
+            args.reviewers, args.think_ms
+        ),
         &phase,
     );
-    let checked = verify(&conn, &project, &claimed).await;
+    let mut checked = verify(&conn, &project, &claimed).await;
+    let shared = match &shared_queue {
+        Some(queue) => {
+            let one = Pools {
+                claims: &conn,
+                submits: &conn,
+            };
+            let (shared, claimed) = drain(one, queue, args.reviewers, think).await?;
+            report(
+                &format!(
+                    "{} reviewers, {} ms pause, one shared pool of {} (comparison)",
+                    args.reviewers, args.think_ms, args.pool
+                ),
+                &shared,
+            );
+            checked = checked.and(verify(&conn, queue, &claimed).await);
+            Some(shared)
+        }
+        None => None,
+    };
     conn.close().await.ok();
+    claims.close().await.ok();
     println!(
         "{}",
         serde_json::to_string(&serde_json::json!({
             "pool": args.pool,
+            "claim_pool": args.claim_pool,
             "think_ms": args.think_ms,
             "baseline": lone.0,
             "concurrent": phase,
+            "shared_pool": shared,
             "double_claims_checked": checked.is_ok(),
         }))?
     );
     checked
+}
+
+/// Where claims and submits get their connections (one pool for both when
+/// they are the same).
+#[derive(Clone, Copy)]
+struct Pools<'a> {
+    claims: &'a DatabaseConnection,
+    submits: &'a DatabaseConnection,
 }
 
 fn report(what: &str, phase: &Phase) {
@@ -241,7 +309,7 @@ async fn seed(db: &DatabaseConnection, name: &str, tasks: u64) -> anyhow::Result
 /// `reviewers` reviewers claim and submit until the queue of `project` is
 /// empty.
 async fn drain(
-    db: &DatabaseConnection,
+    pools: Pools<'_>,
     project: &Project,
     reviewers: usize,
     think: Duration,
@@ -249,9 +317,16 @@ async fn drain(
     let started = Instant::now();
     let mut running = tokio::task::JoinSet::new();
     for n in 0..reviewers {
-        let db = db.clone();
+        let claims = pools.claims.clone();
+        let submits = pools.submits.clone();
         let project = project.clone();
-        running.spawn(async move { review_loop(&db, &project, &format!("r{n}"), think).await });
+        running.spawn(async move {
+            let pools = Pools {
+                claims: &claims,
+                submits: &submits,
+            };
+            review_loop(pools, &project, &format!("r{n}"), think).await
+        });
     }
     let mut all = Tally::default();
     while let Some(done) = running.join_next().await {
@@ -284,7 +359,7 @@ async fn drain(
 }
 
 async fn review_loop(
-    db: &DatabaseConnection,
+    pools: Pools<'_>,
     project: &Project,
     reviewer: &str,
     think: Duration,
@@ -298,7 +373,7 @@ async fn review_loop(
     // check afterwards then reports the tasks it left claimed.
     while tally.errors < 10 {
         let t = Instant::now();
-        let claimed = review::claim_next(db, project, reviewer, LEASE).await;
+        let claimed = review::claim_next(pools.claims, project, reviewer, LEASE).await;
         tally.claims.push(t.elapsed());
         let task = match claimed {
             Ok(Some(task)) => task,
@@ -321,7 +396,7 @@ async fn review_loop(
         }
         let t = Instant::now();
         let submitted = review::submit(
-            db,
+            pools.submits,
             TaskId::from_uuid(task.task_id),
             reviewer,
             &Submission {

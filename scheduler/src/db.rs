@@ -15,6 +15,17 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
     connect_url(&settings.url, settings.max_connections).await
 }
 
+/// The pool review claims use (`database.claim_connections`). A claim
+/// commits without waiting for the WAL flush and reads only through
+/// indexes, so a few connections serve hundreds of reviewers; what would
+/// make it slow is waiting for a connection that a submit holds while its
+/// commit waits for the disk. With its own pool it never does.
+pub async fn connect_claims(
+    settings: &DatabaseSettings,
+) -> Result<DatabaseConnection, Unreachable> {
+    connect_url(&settings.url, settings.claim_connections.max(1)).await
+}
+
 async fn connect_url(url: &str, max_connections: u32) -> Result<DatabaseConnection, Unreachable> {
     let mut options = ConnectOptions::new(url.to_owned());
     options

@@ -7,7 +7,9 @@ mod review_support;
 
 use chrono::{DateTime, Utc};
 use review_support::{App, with_app};
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
+};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
@@ -452,6 +454,39 @@ async fn undo_takes_back_only_your_own_submit_within_its_lease() {
             2,
             "every human label that was not undone by its author is kept"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_is_served_while_every_other_connection_is_busy() {
+    with_app(300, |app| async move {
+        let seeded = app.seed("busy", &CLASSES, 2).await;
+        let alice = app.token("alice", Role::Reviewer).await;
+        // Take every connection of the main pool, as submits waiting for the
+        // disk would, and keep them until the claim has been answered.
+        let mut held = Vec::new();
+        for _ in 0..app.settings.database.max_connections {
+            held.push(app.ctx.db.begin().await.unwrap());
+        }
+        // With one shared pool the claim would wait for a connection until
+        // the pool's acquire timeout (10 s); the claim pool serves it.
+        let claimed = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            claim(&app, "busy", &alice),
+        )
+        .await
+        .expect("a claim must not wait for the main pool");
+        assert_eq!(uuid(&claimed["task_id"]), seeded.tasks[0].task_id);
+        assert_eq!(claimed["remaining"], 1);
+        for transaction in held {
+            transaction.rollback().await.unwrap();
+        }
+        // The claim took the task for alice, durably enough to be seen
+        // through the main pool.
+        let task = app.task(seeded.tasks[0].task_id).await;
+        assert_eq!(task.state, TaskState::Claimed);
+        assert_eq!(task.lease_holder.as_deref(), Some("alice"));
     })
     .await;
 }

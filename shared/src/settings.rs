@@ -52,6 +52,10 @@ pub struct DatabaseSettings {
     /// PostgreSQL URL; `sieve migrate` creates the database if it is missing.
     pub url: String,
     pub max_connections: u32,
+    /// Connections of a second, small pool for review claims (and the
+    /// token and project lookups in front of them), so a reviewer waiting
+    /// for the next item never queues behind submits waiting for the disk.
+    pub claim_connections: u32,
 }
 
 impl Default for DatabaseSettings {
@@ -59,6 +63,7 @@ impl Default for DatabaseSettings {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/sieve".into(),
             max_connections: 10,
+            claim_connections: 4,
         }
     }
 }

@@ -242,11 +242,14 @@ async fn claim_next(
     headers: HeaderMap,
     Path(project): Path<String>,
 ) -> AppResult<Response> {
-    let who = caller(&ctx, &headers, Action::Review).await?;
-    let project = project_for(&ctx, &who, &project).await?;
+    // Everything a claim reads goes through the claim pool: a reviewer
+    // waiting for the next item must not queue behind durable writes.
+    let who = auth::authorize(&ctx.claims, bearer(&headers), Action::Review).await?;
+    let project = projects::get(&ctx.claims, &project).await?;
+    who.check_project(&project)?;
     let lease = std::time::Duration::from_secs(ctx.settings.review.lease_seconds);
     Ok(
-        match review::claim_next(&ctx.db, &project, &who.name, lease).await? {
+        match review::claim_next(&ctx.claims, &project, &who.name, lease).await? {
             Some(task) => Json(task).into_response(),
             None => StatusCode::NO_CONTENT.into_response(),
         },

@@ -25,6 +25,7 @@ impl TestDb {
                 &id[id.len() - 12..]
             ),
             max_connections: 20,
+            ..DatabaseSettings::default()
         };
         db::create_database_if_missing(&settings.url).await.unwrap();
         let conn = db::connect(&settings).await.unwrap();

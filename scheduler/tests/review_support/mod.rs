@@ -122,6 +122,7 @@ impl Harness {
         app::topology(settings).delete(&channel).await.unwrap();
         conn.close(200, "bye".into()).await.ok();
         self.app.ctx.db.clone().close().await.ok();
+        self.app.ctx.claims.clone().close().await.ok();
         db::drop_database(&settings.database.url).await.unwrap();
     }
 }
