@@ -21,10 +21,11 @@ use sea_orm::{
 };
 use serde::Serialize;
 use sieve_shared::broker;
+use sieve_shared::embedding_table::TableWriter;
 use sieve_shared::ids::{ItemId, ModelVersionId, TrainingRunId};
 use sieve_shared::messages::{
-    ControlCommand, ControlMessage, SCHEMA_VERSION, Snapshot, SnapshotExample, Split, TrainEvent,
-    TrainEventKind, TrainJob, TrainMode, TrainParams, decode,
+    ControlCommand, ControlMessage, EmbeddingTable, SCHEMA_VERSION, Snapshot, SnapshotExample,
+    Split, TrainEvent, TrainEventKind, TrainJob, TrainMode, TrainParams, decode,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -58,19 +59,8 @@ struct LabeledItem {
     audit_sample: bool,
 }
 
-/// A labeled item of a project whose committee trains on a frozen
-/// backbone: with the backbone's embedding from the item's newest
-/// prediction that has one, as JSON text (decoded in Rust, where a bad one
-/// can be left out with a warning instead of failing the query).
-#[derive(FromQueryResult)]
-struct LabeledItemWithEmbedding {
-    #[sea_orm(nested)]
-    item: LabeledItem,
-    embedding: Option<String>,
-}
-
 impl LabeledItem {
-    fn into_example(self, embedding: Option<Vec<f32>>) -> SnapshotExample {
+    fn into_example(self) -> SnapshotExample {
         let random = self.random;
         // The audit sample is never trained on: it is what calibration and
         // the measured accuracy of machine labels rest on. Everything else
@@ -86,7 +76,8 @@ impl LabeledItem {
             class_index: self.class_index as u32,
             split,
             random,
-            embedding,
+            embedding_row: None,
+            embedding: None,
         }
     }
 }
@@ -128,67 +119,112 @@ const LABELED_ITEMS: &str = r#"
     ORDER BY l.item_id, l.created_at DESC
 "#;
 
-/// What [`LABELED_ITEMS`] adds for a run on a frozen backbone: each item's
-/// embedding from its newest prediction, with one, by a version of the same
-/// backbone at the same input size (`$2`: `{"arch", "input_size"}`, matched
-/// by containment in the version's architecture JSON). The backbone is the
-/// frozen ImageNet network whichever version carries it, so any such
-/// version's embedding is the one the heads would see; versions of another
-/// architecture or input size embed differently and are passed over. The
-/// lookup per item runs on the `(item_id, model_version_id)` unique index of
-/// `predictions`, so the whole set stays one round trip.
-const EMBEDDING_LOOKUP: &str = r#"
+/// For a run on a frozen backbone, each of a chunk of items' embedding
+/// from its newest prediction with one, by a version of the same backbone
+/// at the same input size (`$2`: `{"arch", "input_size"}`, matched by
+/// containment in the version's architecture JSON), in the order of the
+/// item ids in `$1` (comma-separated text; an item without one gets NULL).
+/// The backbone is the frozen ImageNet network whichever version carries
+/// it, so any such version's embedding is the one the heads would see;
+/// versions of another architecture or input size embed differently and
+/// are passed over. The lookup per item runs on the
+/// `(item_id, model_version_id)` unique index of `predictions`.
+const EMBEDDINGS_OF: &str = r#"
+    SELECT e.embedding
+    FROM unnest(string_to_array($1, ',')::uuid[]) WITH ORDINALITY AS u(item_id, n)
     LEFT JOIN LATERAL (
         SELECT p.embedding::text AS embedding
         FROM predictions p JOIN model_versions mv ON mv.id = p.model_version_id
-        WHERE p.item_id = labeled.item_id
+        WHERE p.item_id = u.item_id
           AND p.embedding IS NOT NULL
           AND mv.architecture @> $2
         ORDER BY p.created_at DESC
         LIMIT 1
     ) e ON true
+    ORDER BY u.n
 "#;
 
-/// The snapshot's examples for a run with `params`. Only a frozen-backbone
-/// (heads mode) run carries embeddings; for the others the column is not
-/// even read.
+/// Items whose embeddings one query fetches: about 13 KB of JSON each, so a
+/// chunk holds a few MB however many labels there are.
+const EMBEDDING_CHUNK: usize = 500;
+
+/// One row of [`EMBEDDINGS_OF`].
+#[derive(FromQueryResult)]
+struct StoredEmbedding {
+    embedding: Option<String>,
+}
+
+/// The snapshot's examples: every human or imported label's item.
 async fn labeled_examples(
     ctx: &Context,
     project: &Project,
-    params: &TrainParams,
 ) -> anyhow::Result<Vec<SnapshotExample>> {
-    let backend = ctx.db.get_database_backend();
-    if params.mode != TrainMode::Heads {
-        let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
-            backend,
-            LABELED_ITEMS,
-            [project.id.as_uuid().into()],
-        ))
-        .all(&ctx.db)
-        .await?;
-        return Ok(rows.into_iter().map(|r| r.into_example(None)).collect());
-    }
+    let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
+        ctx.db.get_database_backend(),
+        LABELED_ITEMS,
+        [project.id.as_uuid().into()],
+    ))
+    .all(&ctx.db)
+    .await?;
+    Ok(rows.into_iter().map(LabeledItem::into_example).collect())
+}
+
+/// For a run on a frozen backbone (heads mode): write the examples' cached
+/// embeddings to the table `key`, a chunk of items at a time, and point each
+/// example that has one at its row. `None` when no example has one (the
+/// worker then computes them all from the images).
+async fn write_embeddings(
+    ctx: &Context,
+    params: &TrainParams,
+    examples: &mut [SnapshotExample],
+    key: &str,
+) -> anyhow::Result<Option<EmbeddingTable>> {
     let backbone = serde_json::json!({
         "arch": params.arch.as_str(),
         "input_size": params.input_size(),
     });
-    let rows = LabeledItemWithEmbedding::find_by_statement(Statement::from_sql_and_values(
-        backend,
-        format!("SELECT labeled.*, e.embedding FROM ({LABELED_ITEMS}) labeled {EMBEDDING_LOOKUP}"),
-        [project.id.as_uuid().into(), backbone.into()],
-    ))
-    .all(&ctx.db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let embedding = row
+    let mut writer: Option<TableWriter> = None;
+    for chunk in examples.chunks_mut(EMBEDDING_CHUNK) {
+        let ids = chunk
+            .iter()
+            .map(|e| e.item_id.as_uuid().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let found = StoredEmbedding::find_by_statement(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            EMBEDDINGS_OF,
+            [ids.into(), backbone.clone().into()],
+        ))
+        .all(&ctx.db)
+        .await?;
+        anyhow::ensure!(
+            found.len() == chunk.len(),
+            "the embedding lookup returned {} rows for {} items",
+            found.len(),
+            chunk.len()
+        );
+        for (example, stored) in chunk.iter_mut().zip(found) {
+            let Some(embedding) = stored
                 .embedding
                 .as_deref()
-                .and_then(|json| decode_embedding(row.item.item_id, json));
-            row.item.into_example(embedding)
-        })
-        .collect())
+                .and_then(|json| decode_embedding(example.item_id.as_uuid(), json))
+            else {
+                continue;
+            };
+            let table = match &mut writer {
+                Some(table) => table,
+                None => writer.insert(TableWriter::create(&ctx.store, key, embedding.len()).await?),
+            };
+            example.embedding_row = table.push(&embedding).await?;
+            if example.embedding_row.is_none() {
+                tracing::warn!(item = %example.item_id, width = embedding.len(), expected = table.dim(), "stored embedding is not the backbone's width of finite numbers; leaving it out of the snapshot");
+            }
+        }
+    }
+    match writer {
+        Some(table) => Ok(table.finish().await?),
+        None => Ok(None),
+    }
 }
 
 /// Queue a training run for `project`. `bootstrap` allows a run with no
@@ -210,7 +246,7 @@ pub async fn request(
             params.mode
         )));
     }
-    let examples = labeled_examples(ctx, project, &params).await?;
+    let mut examples = labeled_examples(ctx, project).await?;
     if examples.is_empty() && !bootstrap {
         return Err(AppError::Invalid(format!(
             "project {} has no human labels yet: review some items before retraining",
@@ -243,6 +279,14 @@ pub async fn request(
     let run_id = TrainingRunId::new();
     let version_id = ModelVersionId::new();
     let snapshot_key = format!("projects/{}/snapshots/{run_id}.json", project.id);
+    // Only a frozen-backbone run reads embeddings; for the others they are
+    // not even looked up.
+    let embeddings = if params.mode == TrainMode::Heads {
+        let key = format!("projects/{}/snapshots/{run_id}.embeddings.f32", project.id);
+        write_embeddings(ctx, &params, &mut examples, &key).await?
+    } else {
+        None
+    };
     let holdout = examples
         .iter()
         .filter(|e| e.split == Split::Holdout)
@@ -253,6 +297,7 @@ pub async fn request(
         project_id: project.id,
         class_names: project.class_names.clone(),
         examples,
+        embeddings,
     };
     ctx.store
         .put(

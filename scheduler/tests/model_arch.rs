@@ -19,6 +19,7 @@ use sieve_scheduler::error::AppError;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, Project};
 use sieve_scheduler::training;
+use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{
     ModelArch, Snapshot, SnapshotExample, TrainJob, TrainMode, TrainParams, decode,
 };
@@ -323,28 +324,32 @@ async fn snapshots_carry_embeddings_of_the_same_backbone_only() {
             .unwrap();
         let (snap, raw) = snapshot(&app, &project, run.run_id).await;
         assert_eq!(snap.examples.len(), 5);
-        // (length, first value): the embeddings differ by value, and a
-        // failure should not print 1,280 of them.
-        let summary = |e: &SnapshotExample| e.embedding.as_ref().map(|v| (v.len(), v[0]));
-        assert_eq!(summary(example_of(&snap, item(0))), Some((1280, 1.5)));
-        assert!(
-            example_of(&snap, item(0))
-                .embedding
-                .as_ref()
-                .unwrap()
-                .iter()
-                .all(|&x| x == 1.5)
+        // One row in the table, for item 0; nothing inline.
+        let table = snap.embeddings.as_ref().expect("an embedding table");
+        assert_eq!((table.rows, table.dim), (1, 1280));
+        assert_eq!(
+            table.key,
+            format!(
+                "projects/{}/snapshots/{}.embeddings.f32",
+                project.id, run.run_id
+            )
         );
+        let cached = Embeddings::load(&app.ctx.store, table).await.unwrap();
+        let row = example_of(&snap, item(0))
+            .embedding_row
+            .expect("item 0's row");
+        assert!(cached.row(row).unwrap().iter().all(|&x| x == 1.5));
         for i in 1..5 {
-            assert_eq!(example_of(&snap, item(i)).embedding, None, "item {i}");
+            assert_eq!(example_of(&snap, item(i)).embedding_row, None, "item {i}");
         }
         let carried = raw["examples"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|e| e.get("embedding").is_some())
+            .filter(|e| e.get("embedding_row").is_some())
             .count();
         assert_eq!(carried, 1, "no embedding key where there is none");
+        assert!(!raw.to_string().contains("\"embedding\""), "nothing inline");
 
         // A small-CNN project's snapshot carries none, even where a
         // MobileNet version left one.
@@ -370,8 +375,20 @@ async fn snapshots_carry_embeddings_of_the_same_backbone_only() {
         .unwrap();
         let (snap, raw) = snapshot(&app, &plain.project, run.run_id).await;
         assert_eq!(snap.examples.len(), 2);
-        assert!(snap.examples.iter().all(|e| e.embedding.is_none()));
+        assert!(snap.embeddings.is_none());
+        assert!(snap.examples.iter().all(|e| e.embedding_row.is_none()));
         assert!(!raw.to_string().contains("embedding"));
+        assert!(
+            app.ctx
+                .store
+                .get(&format!(
+                    "projects/{}/snapshots/{}.embeddings.f32",
+                    plain.project.id, run.run_id
+                ))
+                .await
+                .is_err(),
+            "no table for a run that reads none"
+        );
     })
     .await;
 }

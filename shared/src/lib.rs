@@ -17,6 +17,7 @@
 
 pub mod blocking;
 pub mod broker;
+pub mod embedding_table;
 pub mod error;
 pub mod fashion_mnist;
 pub mod ids;

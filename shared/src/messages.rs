@@ -360,11 +360,28 @@ pub struct SnapshotExample {
     /// items are always holdout: they are calibration evidence.
     #[serde(default)]
     pub random: bool,
-    /// The frozen backbone's embedding of the item, where a worker returned
-    /// one with a prediction of the same architecture and input size: heads
-    /// mode trains on these without reading the image.
+    /// The row of the snapshot's [`EmbeddingTable`] holding the frozen
+    /// backbone's embedding of the item, where a worker returned one with a
+    /// prediction of the same architecture and input size: heads mode
+    /// trains on these without reading the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_row: Option<u32>,
+    /// The embedding itself, inline: how snapshots carried it before the
+    /// table (about 13 KB of JSON per item). Still read; no longer written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Vec<f32>>,
+}
+
+/// Where a snapshot's cached embeddings are: an object of `rows` rows of
+/// `dim` little-endian `f32` each, nothing else (`format` `f32le`), with its
+/// SHA-256. Written and read by `sieve_shared::embedding_table`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingTable {
+    pub key: String,
+    pub format: String,
+    pub dim: u32,
+    pub rows: u32,
+    pub sha256: String,
 }
 
 /// The labeled set a training run learns from, written once to the object
@@ -375,6 +392,9 @@ pub struct Snapshot {
     pub project_id: ProjectId,
     pub class_names: Vec<String>,
     pub examples: Vec<SnapshotExample>,
+    /// The examples' cached embeddings, when any example has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<EmbeddingTable>,
 }
 
 /// Holdout evaluation of a trained version.

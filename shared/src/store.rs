@@ -12,7 +12,7 @@ use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
 use crate::settings::StoreSettings;
@@ -56,6 +56,55 @@ pub struct Store {
 #[derive(Clone, Debug)]
 pub struct LocalFiles {
     fs: Arc<LocalFileSystem>,
+}
+
+/// An object being written in parts ([`Store::upload`]).
+#[derive(Debug)]
+pub struct Upload {
+    key: String,
+    parts: WriteMultipart,
+}
+
+/// Parts uploading at once: bounds what an upload holds in memory (a part
+/// is 5 MiB) while a remote store gets a few requests in parallel.
+const PARTS_IN_FLIGHT: usize = 4;
+
+impl Upload {
+    /// Append `bytes`, waiting while too many parts are still uploading.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.parts
+            .wait_for_capacity(PARTS_IN_FLIGHT)
+            .await
+            .map_err(|source| self.failed(source))?;
+        self.parts.write(bytes);
+        Ok(())
+    }
+
+    /// Upload what is left and make the object visible.
+    pub async fn finish(self) -> Result<(), StoreError> {
+        let key = self.key;
+        self.parts
+            .finish()
+            .await
+            .map(|_| ())
+            .map_err(|source| StoreError::Backend { key, source })
+    }
+
+    /// Give up: remove the parts uploaded so far.
+    pub async fn abort(self) -> Result<(), StoreError> {
+        let key = self.key;
+        self.parts
+            .abort()
+            .await
+            .map_err(|source| StoreError::Backend { key, source })
+    }
+
+    fn failed(&self, source: object_store::Error) -> StoreError {
+        StoreError::Backend {
+            key: self.key.clone(),
+            source,
+        }
+    }
 }
 
 /// An object found by [`Store::list`].
@@ -137,6 +186,25 @@ impl Store {
                 source,
             })?;
         Ok(())
+    }
+
+    /// Start writing `key` in parts, for an object too large to hold whole
+    /// (a snapshot's embedding table). Nothing is visible under `key` until
+    /// [`Upload::finish`]; an upload dropped or aborted leaves nothing.
+    pub async fn upload(&self, key: &str) -> Result<Upload, StoreError> {
+        let path = Self::path(key)?;
+        let upload =
+            self.inner
+                .put_multipart(&path)
+                .await
+                .map_err(|source| StoreError::Backend {
+                    key: key.to_owned(),
+                    source,
+                })?;
+        Ok(Upload {
+            key: key.to_owned(),
+            parts: WriteMultipart::new(upload),
+        })
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {

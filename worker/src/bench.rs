@@ -30,9 +30,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sieve_shared::Settings;
 use sieve_shared::broker::{self, Publisher};
+use sieve_shared::embedding_table::{Embeddings, TableWriter};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{
-    ModelRef, PrelabelJob, PrelabelOutcome, SCHEMA_VERSION, decode_results,
+    ModelRef, PrelabelJob, PrelabelOutcome, SCHEMA_VERSION, Snapshot, SnapshotExample, Split,
+    decode_results,
 };
 use sieve_shared::procstat::{own_cpu, peak_rss_mib, reset_peak_rss, service_cpu};
 use sieve_shared::store::Store;
@@ -140,7 +142,10 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     println!("load average at start: {}", load_average());
     match args.what {
         What::Forward => forward(settings, &args).await?,
-        What::Train => tokio::task::block_in_place(|| training(&args))?,
+        What::Train => {
+            snapshot_formats(&args).await?;
+            tokio::task::block_in_place(|| training(&args))?;
+        }
         What::Accuracy => {
             tokio::task::block_in_place(|| bench_accuracy::run(&args.accuracy, args.members))?
         }
@@ -613,6 +618,114 @@ fn training(args: &BenchArgs) -> anyhow::Result<()> {
         mobilenet_epoch(&args.weights, m, &device)?;
     }
 
+    Ok(())
+}
+
+/// A heads-mode snapshot's cached embeddings, written to and read back from a local store
+/// in both formats: inline JSON numbers (how snapshots carried them before the table) and
+/// the binary table that replaced them. What the scheduler and a worker spend on them at
+/// each size before any training starts.
+async fn snapshot_formats(args: &BenchArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("sieve-bench-snapshots-{}", std::process::id()));
+    let store = Store::open(&sieve_shared::settings::StoreSettings { root: dir.clone() })?;
+    let measured = snapshot_rows(args, &store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    measured
+}
+
+async fn snapshot_rows(args: &BenchArgs, store: &Store) -> anyhow::Result<()> {
+    println!(
+        "\n## snapshots of cached 1280-wide embeddings: inline JSON (before) vs the f32 table\n"
+    );
+    println!("| labels | format | bytes MB | write s | read + check s | read peak RSS MiB |");
+    println!("|---|---|---|---|---|---|");
+    for &size in &args.head_sizes {
+        let data = synthetic_embeddings(size, mobilenet::EMBEDDING_DIM, 10, 5);
+        let rows = || data.embeddings.chunks(data.dim);
+        let example = |i: usize, embedding: Option<Vec<f32>>, row: Option<u32>| SnapshotExample {
+            item_id: ItemId::new(),
+            object_key: format!("projects/p/images/{i:064x}"),
+            class_index: data.labels[i] as u32,
+            split: Split::Train,
+            random: false,
+            embedding_row: row,
+            embedding,
+        };
+        let snapshot = |examples, embeddings| Snapshot {
+            schema: SCHEMA_VERSION,
+            project_id: ProjectId::new(),
+            class_names: (0..10).map(|c| format!("class {c}")).collect(),
+            examples,
+            embeddings,
+        };
+
+        // Before: every embedding inline, one JSON document built, stored and parsed whole.
+        let started = Instant::now();
+        let inline = snapshot(
+            rows()
+                .enumerate()
+                .map(|(i, e)| example(i, Some(e.to_vec()), None))
+                .collect(),
+            None,
+        );
+        let bytes = serde_json::to_vec(&inline)?;
+        drop(inline);
+        let inline_len = bytes.len();
+        store.put("inline.json", bytes.into()).await?;
+        let write = started.elapsed().as_secs_f64();
+        reset_peak_rss();
+        let started = Instant::now();
+        let read: Snapshot = serde_json::from_slice(&store.get("inline.json").await?)?;
+        let decoded = read
+            .examples
+            .iter()
+            .filter(|e| e.embedding.is_some())
+            .count();
+        let read_s = started.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            decoded == size,
+            "inline: {decoded} of {size} embeddings read back"
+        );
+        drop(read);
+        println!(
+            "| {size} | inline JSON (before) | {:.0} | {write:.2} | {read_s:.2} | {:.0} |",
+            inline_len as f64 / 1e6,
+            peak_rss_mib()
+        );
+
+        // Now: the rows streamed into a table, the document without them.
+        let started = Instant::now();
+        let mut table = TableWriter::create(store, "table.f32", data.dim).await?;
+        let mut examples = Vec::with_capacity(size);
+        for (i, e) in rows().enumerate() {
+            let row = table.push(e).await?;
+            examples.push(example(i, None, row));
+        }
+        let header = serde_json::to_vec(&snapshot(examples, table.finish().await?))?;
+        let header_len = header.len();
+        store.put("table.json", header.into()).await?;
+        let write = started.elapsed().as_secs_f64();
+        reset_peak_rss();
+        let started = Instant::now();
+        let read: Snapshot = serde_json::from_slice(&store.get("table.json").await?)?;
+        let table = read.embeddings.as_ref().context("the table is missing")?;
+        let cached = Embeddings::load(store, table).await?;
+        let decoded = read
+            .examples
+            .iter()
+            .filter(|e| e.embedding_row.and_then(|r| cached.row(r)).is_some())
+            .count();
+        let read_s = started.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            decoded == size,
+            "table: {decoded} of {size} embeddings read back"
+        );
+        println!(
+            "| {size} | f32 table + JSON | {:.0} | {write:.2} | {read_s:.2} | {:.0} |",
+            (header_len as u64 + u64::from(table.rows) * u64::from(table.dim) * 4) as f64 / 1e6,
+            peak_rss_mib()
+        );
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use sieve_shared::embedding_table::{Embeddings, TableError};
 use sieve_shared::messages::{
     HoldoutEvaluation, HoldoutMetrics, LrSchedule, ModelArch, SCHEMA_VERSION, Snapshot, Split,
     TrainEvent, TrainEventKind, TrainJob, TrainMode, decode,
@@ -539,16 +540,34 @@ async fn train_heads(
     let dim = start.config().embedding_dim;
     let start = Arc::new(start);
 
-    // Embeddings: cached ones first, then the rest through the backbone.
+    // Embeddings: cached ones first (from the snapshot's table, or inline
+    // in a snapshot written before the table), then the rest through the
+    // backbone.
+    let table = match &snapshot.embeddings {
+        Some(table) => Some(Embeddings::load(&worker.store, table).await.map_err(
+            |e| match &e {
+                TableError::Store { source, .. } if source.is_transient() => {
+                    RunError::Transient(e.to_string())
+                }
+                _ => RunError::Permanent(format!("corrupt snapshot: {e}")),
+            },
+        )?),
+        None => None,
+    };
     let mut embeddings: Vec<Option<Vec<f32>>> = snapshot
         .examples
         .iter()
         .map(|e| {
-            e.embedding
-                .clone()
+            let from_table = e
+                .embedding_row
+                .and_then(|row| table.as_ref()?.row(row))
+                .map(<[f32]>::to_vec);
+            from_table
+                .or_else(|| e.embedding.clone())
                 .filter(|v| v.len() == dim && v.iter().all(|x| x.is_finite()))
         })
         .collect();
+    drop(table);
     let missing: Vec<usize> = (0..embeddings.len())
         .filter(|&i| embeddings[i].is_none())
         .collect();

@@ -24,6 +24,7 @@ use sieve_scheduler::entities::{item, prediction};
 use sieve_scheduler::fashion_mnist::{self, Split};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::{ingest, projects, training};
+use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
 use sieve_shared::store::sha256_hex;
 
@@ -144,11 +145,14 @@ async fn heads_retrain_learns_from_cached_embeddings_alone() {
     let bytes = sieve.ctx.store.get(&finished.snapshot_key).await.unwrap();
     let snapshot: Snapshot = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(snapshot.examples.len(), items_made);
+    // Every example's cached embedding is in the snapshot's table, none
+    // inline; the table checks out and each row is the backbone's width.
+    let table = snapshot.embeddings.as_ref().expect("an embedding table");
+    assert_eq!((table.rows as usize, table.dim), (items_made, 1280));
+    let cached = Embeddings::load(&sieve.ctx.store, table).await.unwrap();
     assert!(
-        snapshot
-            .examples
-            .iter()
-            .all(|e| e.embedding.as_ref().is_some_and(|v| v.len() == 1280)),
+        snapshot.examples.iter().all(|e| e.embedding.is_none()
+            && e.embedding_row.and_then(|r| cached.row(r)).is_some()),
         "every example carries its cached embedding"
     );
 
