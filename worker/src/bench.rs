@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// Jobs sent through the queue path per batch size (batch 1 gets a quarter).
     #[arg(long, default_value_t = 4096)]
     pub queue_items: usize,
+    /// Jobs sent through MobileNetV2's queue path per batch size at 96x96 (224x224 gets a
+    /// quarter, batch 1 a quarter again).
+    #[arg(long, default_value_t = 1024)]
+    pub mobilenet_queue_items: usize,
     /// Queue path with pipelining: on, off, both (compared in the same run), or none (bare
     /// forward only: no broker needed, e.g. on a GPU machine without RabbitMQ).
     #[arg(long, value_enum, default_value_t = Pipeline::Both)]
@@ -180,79 +184,15 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
         per_image * 1e6
     );
 
-    // The same weights on the CPU backend, when this build computes elsewhere and a baseline
-    // was asked for.
-    let cpu = cpu_baseline_device(args).map(|cpu| Arc::new(committee.to_device(&cpu)));
-    let modes = args.pipeline.modes();
-    // Bare forward and the queue path alternate per batch size, so that both see the same
-    // machine load.
-    println!(
-        "\n| batch | path | items | items/s | GFLOP/s | / bare | scored | failed | duplicates | peak RSS MiB | CPU µs/item bench+worker / RabbitMQ |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let bench = if modes.is_empty() {
-        None
-    } else {
-        Some(QueueBench::start(&settings, &committee).await?)
-    };
-    let outcome = async {
-        for &b in &args.batch_sizes {
-            let input = Arc::new(random_inputs(b * config.input_len(), 7));
-            if let Some(cpu) = &cpu {
-                reset_peak_rss();
-                let rate = bare_forward(cpu, &input, b, args.seconds).await?;
-                println!(
-                    "| {b} | bare forward, cpu (flex) | - | {rate:.0} | {:.2} | - | - | - | - | {:.0} | - |",
-                    rate * flops as f64 / 1e9,
-                    peak_rss_mib()
-                );
-            }
-            reset_peak_rss();
-            let bare = bare_forward(&committee, &input, b, args.seconds).await?;
-            println!(
-                "| {b} | bare forward, {} | - | {bare:.0} | {:.2} | 1.00 | - | - | - | {:.0} | - |",
-                backend::backend_name(),
-                bare * flops as f64 / 1e9,
-                peak_rss_mib()
-            );
-            let Some(bench) = &bench else { continue };
-            let items = if b == 1 {
-                args.queue_items / 4
-            } else {
-                args.queue_items
-            }
-            .max(b * 4);
-            for &pipeline in &modes {
-                reset_peak_rss();
-                // The broker shares the machine: its CPU per item is the
-                // part of the gap to the bare forward that is not ours.
-                let (own_before, services_before) = (own_cpu(), service_cpu());
-                let figures = bench.run(b, pipeline, items).await?;
-                let per_item = |seconds: f64| seconds / items as f64 * 1e6;
-                let broker = (service_cpu() - services_before).rabbitmq;
-                println!(
-                    "| {b} | queue, pipeline {} | {items} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.0} | {:.0} / {:.0} |",
-                    if pipeline { "on" } else { "off" },
-                    figures.rate(),
-                    figures.rate() * flops as f64 / 1e9,
-                    figures.rate() / bare,
-                    figures.scored,
-                    figures.failed,
-                    figures.duplicates,
-                    peak_rss_mib(),
-                    per_item(own_cpu() - own_before),
-                    per_item(broker)
-                );
-            }
+    let items = |b: usize| {
+        if b == 1 {
+            args.queue_items / 4
+        } else {
+            args.queue_items
         }
-        anyhow::Ok(())
-    }
-    .await;
-    if let Some(bench) = bench {
-        bench.cleanup().await;
-    }
-    outcome?;
-
+        .max(b * 4)
+    };
+    compare_paths(&settings, args, &committee, flops, items).await?;
     if args.skip_mobilenet {
         return Ok(());
     }
@@ -274,7 +214,115 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
         })
         .await??;
     }
+
+    // The MobileNetV2 committee (frozen ImageNet backbone, K heads) as a worker runs it:
+    // bare forward against the queue path, as for the small CNN. The bench's images are
+    // 28x28 grayscale PNGs, so the queue path also resizes them and makes them RGB.
+    for side in [96, 224] {
+        let config = ArchitectureConfig::mobilenet_v2(10, args.members, side);
+        let weights = args.weights.clone();
+        let committee = tokio::task::spawn_blocking(move || -> anyhow::Result<Committee> {
+            let device = backend::device();
+            let backbone = mobilenet::load_imagenet(&weights, &device)?;
+            Ok(Committee::from_backbone(&config, backbone, &device)?)
+        })
+        .await??;
+        let flops = 2 * mobilenet::multiply_adds(side, side, false);
+        println!(
+            "\n## MobileNetV2 committee ({side}x{side}x3, frozen ImageNet backbone, K={} heads), {:.3} GFLOP per image",
+            args.members,
+            flops as f64 / 1e9
+        );
+        let per_side = if side > 96 { 4 } else { 1 };
+        let items = |b: usize| {
+            if b == 1 {
+                args.mobilenet_queue_items / 4 / per_side
+            } else {
+                args.mobilenet_queue_items / per_side
+            }
+            .max(b * 4)
+        };
+        compare_paths(&settings, args, &Arc::new(committee), flops, items).await?;
+    }
     Ok(())
+}
+
+/// For each batch size: the committee's bare forward, then the real queue path (a worker
+/// consuming jobs from RabbitMQ, results out), alternating so that both see the same
+/// machine load. `items(b)` jobs per queue run.
+async fn compare_paths(
+    settings: &Settings,
+    args: &BenchArgs,
+    committee: &Arc<Committee>,
+    flops: u64,
+    items: impl Fn(usize) -> usize,
+) -> anyhow::Result<()> {
+    let input_len = committee.config().input_len();
+    // The same weights on the CPU backend, when this build computes elsewhere and a baseline
+    // was asked for.
+    let cpu = cpu_baseline_device(args).map(|cpu| Arc::new(committee.to_device(&cpu)));
+    let modes = args.pipeline.modes();
+    println!(
+        "\n| batch | path | items | items/s | GFLOP/s | / bare | scored | failed | duplicates | peak RSS MiB | CPU µs/item bench+worker / RabbitMQ |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let bench = if modes.is_empty() {
+        None
+    } else {
+        Some(QueueBench::start(settings, committee).await?)
+    };
+    let outcome = async {
+        for &b in &args.batch_sizes {
+            let input = Arc::new(random_inputs(b * input_len, 7));
+            if let Some(cpu) = &cpu {
+                reset_peak_rss();
+                let rate = bare_forward(cpu, &input, b, args.seconds).await?;
+                println!(
+                    "| {b} | bare forward, cpu (flex) | - | {rate:.0} | {:.2} | - | - | - | - | {:.0} | - |",
+                    rate * flops as f64 / 1e9,
+                    peak_rss_mib()
+                );
+            }
+            reset_peak_rss();
+            let bare = bare_forward(committee, &input, b, args.seconds).await?;
+            println!(
+                "| {b} | bare forward, {} | - | {bare:.1} | {:.2} | 1.00 | - | - | - | {:.0} | - |",
+                backend::backend_name(),
+                bare * flops as f64 / 1e9,
+                peak_rss_mib()
+            );
+            let Some(bench) = &bench else { continue };
+            let items = items(b);
+            for &pipeline in &modes {
+                reset_peak_rss();
+                // The broker shares the machine: its CPU per item is the
+                // part of the gap to the bare forward that is not ours.
+                let (own_before, services_before) = (own_cpu(), service_cpu());
+                let figures = bench.run(b, pipeline, items).await?;
+                let per_item = |seconds: f64| seconds / items as f64 * 1e6;
+                let broker = (service_cpu() - services_before).rabbitmq;
+                println!(
+                    "| {b} | queue, pipeline {} | {items} | {:.1} | {:.2} | {:.2} | {} | {} | {} | {:.0} | {:.0} / {:.0} |",
+                    if pipeline { "on" } else { "off" },
+                    figures.rate(),
+                    figures.rate() * flops as f64 / 1e9,
+                    figures.rate() / bare,
+                    figures.scored,
+                    figures.failed,
+                    figures.duplicates,
+                    peak_rss_mib(),
+                    per_item(own_cpu() - own_before),
+                    per_item(broker)
+                );
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(bench) = bench {
+        bench.cleanup().await;
+    }
+    outcome
 }
 
 /// The CPU device for `--cpu-baseline`, when this build's device is not already the CPU.
