@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use sieve_shared::Settings;
-use sieve_shared::messages::ModelArch;
+use sieve_shared::messages::{ModelArch, TrainParams};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, Context};
@@ -239,6 +239,11 @@ pub enum ReviewCommand {
 pub struct RetrainArgs {
     #[arg(long, short)]
     project: Option<String>,
+    /// Also train on the project's machine labels (self-training; only items
+    /// of the training split, never the holdout). Off by default: machine
+    /// labels enter training only when a run asks.
+    #[arg(long)]
+    machine_labels: bool,
     #[command(subcommand)]
     command: Option<RetrainCommand>,
 }
@@ -918,11 +923,22 @@ async fn retrain(settings: Settings, args: RetrainArgs) -> anyhow::Result<()> {
         }
         (None, Some(project)) => {
             let project = projects::get(&ctx.db, &project).await?;
-            let params = project.train_params();
+            let params = TrainParams {
+                machine_labels: args.machine_labels,
+                ..project.train_params()
+            };
             let run = training::request(&ctx, &project, "cli", params, false).await?;
             println!(
-                "queued training run {} for version {} ({} labels, {} holdout)",
-                run.run_id, run.version, run.labels, run.holdout
+                "queued training run {} for version {} ({} labels, {} holdout{})",
+                run.run_id,
+                run.version,
+                run.labels,
+                run.holdout,
+                if args.machine_labels {
+                    format!(", {} machine labels", run.machine_labels)
+                } else {
+                    String::new()
+                }
             );
         }
         (None, None) => anyhow::bail!("name the project: sieve retrain --project NAME"),

@@ -42,8 +42,11 @@ use crate::{calibration, dispatch};
 pub struct RunSummary {
     pub run_id: Uuid,
     pub version: i32,
+    /// Human (and imported) labels in the snapshot.
     pub labels: usize,
     pub holdout: usize,
+    /// Machine labels it trains on as well (a run that asked for them).
+    pub machine_labels: usize,
 }
 
 #[derive(FromQueryResult)]
@@ -76,6 +79,7 @@ impl LabeledItem {
             class_index: self.class_index as u32,
             split,
             random,
+            machine: false,
             embedding_row: None,
             embedding: None,
         }
@@ -167,6 +171,40 @@ async fn labeled_examples(
     .all(&ctx.db)
     .await?;
     Ok(rows.into_iter().map(LabeledItem::into_example).collect())
+}
+
+/// Items labeled by machine now (state `auto_labeled`: no person has
+/// labeled them, or they would be `human_labeled`), with the newest machine
+/// label of each. Only for a run that asks for machine labels.
+const MACHINE_LABELED_ITEMS: &str = r#"
+    SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash,
+           false AS random, false AS audit_sample
+    FROM labels l JOIN items i ON i.id = l.item_id
+    WHERE i.project_id = $1 AND i.state = 'auto_labeled' AND l.source = 'machine'
+    ORDER BY l.item_id, l.created_at DESC
+"#;
+
+/// The machine-labeled examples a run that asks for them trains on: only
+/// items the content hash puts in the training split. An item of the
+/// holdout split never enters training in any form, so when a person labels
+/// it later, no version has already learnt it, and holdouts stay comparable.
+async fn machine_examples(
+    ctx: &Context,
+    project: &Project,
+) -> anyhow::Result<Vec<SnapshotExample>> {
+    let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
+        ctx.db.get_database_backend(),
+        MACHINE_LABELED_ITEMS,
+        [project.id.as_uuid().into()],
+    ))
+    .all(&ctx.db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(LabeledItem::into_example)
+        .filter(|e| e.split == Split::Train)
+        .map(|e| SnapshotExample { machine: true, ..e })
+        .collect())
 }
 
 /// For a run on a frozen backbone (heads mode): write the examples' cached
@@ -276,6 +314,12 @@ pub async fn request(
             )));
         }
     }
+    // Human labels are counted above and below; machine labels only join
+    // the training split of a run that asked for them.
+    let human_count = examples.len();
+    if params.machine_labels {
+        examples.extend(machine_examples(ctx, project).await?);
+    }
     let run_id = TrainingRunId::new();
     let version_id = ModelVersionId::new();
     let snapshot_key = format!("projects/{}/snapshots/{run_id}.json", project.id);
@@ -291,7 +335,8 @@ pub async fn request(
         .iter()
         .filter(|e| e.split == Split::Holdout)
         .count();
-    let label_count = examples.len();
+    let label_count = human_count;
+    let machine_count = examples.len() - human_count;
     let snapshot = Snapshot {
         schema: SCHEMA_VERSION,
         project_id: project.id,
@@ -395,12 +440,13 @@ pub async fn request(
         return Err(AppError::Internal(anyhow::anyhow!(reason)));
     }
     metrics::counter!("sieve_training_runs_total").increment(1);
-    tracing::info!(project = %project.name, run = %run_id, version, labels = label_count, "training run queued");
+    tracing::info!(project = %project.name, run = %run_id, version, labels = label_count, machine_labels = machine_count, "training run queued");
     Ok(RunSummary {
         run_id: run_id.as_uuid(),
         version,
         labels: label_count,
         holdout,
+        machine_labels: machine_count,
     })
 }
 

@@ -261,6 +261,12 @@ pub struct TrainParams {
     /// Square input side in pixels; `None`: the architecture's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_size: Option<u32>,
+    /// Also train on the project's current machine labels (self-training),
+    /// never on their own: only items of the training split by content
+    /// hash, so the holdout stays human truth, and they never count toward
+    /// the minimum labels per class. Off unless a run asks for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub machine_labels: bool,
 }
 
 impl Default for TrainParams {
@@ -275,6 +281,7 @@ impl Default for TrainParams {
             arch: ModelArch::SmallCnn,
             mode: TrainMode::Full,
             input_size: None,
+            machine_labels: false,
         }
     }
 }
@@ -360,6 +367,10 @@ pub struct SnapshotExample {
     /// items are always holdout: they are calibration evidence.
     #[serde(default)]
     pub random: bool,
+    /// The label is the model's (the item was labeled by machine), in a
+    /// run that asked for machine labels: always `Train`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub machine: bool,
     /// The row of the snapshot's [`EmbeddingTable`] holding the frozen
     /// backbone's embedding of the item, where a worker returned one with a
     /// prediction of the same architecture and input size: heads mode

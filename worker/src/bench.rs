@@ -696,6 +696,7 @@ async fn snapshot_rows(args: &BenchArgs, store: &Store) -> anyhow::Result<()> {
             class_index: data.labels[i] as u32,
             split: Split::Train,
             random: false,
+            machine: false,
             embedding_row: row,
             embedding,
         };

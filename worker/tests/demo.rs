@@ -40,6 +40,8 @@ async fn quick_demo_report_adds_up() {
         work_dir: work.path().to_owned(),
         step_timeout_secs: 300,
         arch: ModelArch::SmallCnn,
+        // The demo's default: retrains also learn from machine labels.
+        machine_labels: true,
     };
     let report = demo::run(&sieve.ctx, &args).await.unwrap();
     println!("{}", serde_json::to_string_pretty(&report).unwrap());

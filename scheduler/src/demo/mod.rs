@@ -103,6 +103,12 @@ pub struct DemoArgs {
     /// --arch`); ignored with --resume, where the project already has one.
     #[arg(long, default_value_t = ModelArch::SmallCnn)]
     pub arch: ModelArch,
+    /// Each retrain also learns from the project's machine labels
+    /// (self-training, `sieve retrain --machine-labels`): training-split
+    /// items only, so the holdout and calibration stay human truth.
+    /// `--machine-labels false` trains on human labels alone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub machine_labels: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -231,11 +237,12 @@ impl Api {
             .await?)
     }
 
-    async fn retrain(&self, project: &str) -> anyhow::Result<Uuid> {
+    async fn retrain(&self, project: &str, machine_labels: bool) -> anyhow::Result<Uuid> {
         let response = self
             .http
             .post(format!("{}/api/v1/projects/{project}/retrain", self.base))
             .bearer_auth(&self.ml_token)
+            .json(&serde_json::json!({ "machine_labels": machine_labels }))
             .send()
             .await?;
         if !response.status().is_success() {
@@ -431,7 +438,7 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
         if status.review_open == 0 {
             break;
         }
-        let run_id = match api.retrain(&project.name).await {
+        let run_id = match api.retrain(&project.name, args.machine_labels).await {
             Ok(run_id) => run_id,
             Err(err) => {
                 // Typically not enough labels for some class yet: review more.

@@ -19,7 +19,7 @@ use sea_orm::EntityTrait;
 use serde::Deserialize;
 use serde_json::json;
 use sieve_shared::ids::TaskId;
-use sieve_shared::messages::ModelArch;
+use sieve_shared::messages::{ModelArch, TrainParams};
 use uuid::Uuid;
 
 use crate::app::Context;
@@ -355,14 +355,33 @@ async fn undo(
     Ok(Json(reopened).into_response())
 }
 
+/// What a retrain request may ask; an empty body asks nothing.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetrainRequest {
+    /// Also train on machine labels (see `TrainParams::machine_labels`).
+    #[serde(default)]
+    machine_labels: bool,
+}
+
 async fn retrain(
     State(ctx): State<Context>,
     headers: HeaderMap,
     Path(project): Path<String>,
+    body: axum::body::Bytes,
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Train).await?;
     let project = project_for(&ctx, &who, &project).await?;
-    let params = project.train_params();
+    let asked: RetrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RetrainRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| AppError::Invalid(format!("bad request body: {e}")))?
+    };
+    let params = TrainParams {
+        machine_labels: asked.machine_labels,
+        ..project.train_params()
+    };
     let run = training::request(&ctx, &project, &who.name, params, false).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }
