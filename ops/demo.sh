@@ -5,6 +5,9 @@
 #
 #   ops/demo.sh [--workers N] [sieve demo options, e.g. --images 300]
 #   SIEVE_BIN_DIR=target/release ops/demo.sh    # binaries already built
+#
+# It builds release binaries, as the container images ship them: the loop
+# trains a model every round, and a debug build takes about twice as long.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,11 +26,11 @@ bash ops/ensure-services.sh
 if [ -n "${SIEVE_BIN_DIR:-}" ]; then
     bin="$SIEVE_BIN_DIR"
 else
-    cargo build --bins
-    bin="${CARGO_TARGET_DIR:-target}/debug"
+    cargo build --release --bins
+    bin="${CARGO_TARGET_DIR:-target}/release"
 fi
 for b in sieve sieve-worker; do
-    [ -x "$bin/$b" ] || { echo "no $bin/$b: build it (cargo build --bins) or fix SIEVE_BIN_DIR" >&2; exit 1; }
+    [ -x "$bin/$b" ] || { echo "no $bin/$b: build it (cargo build --release --bins) or fix SIEVE_BIN_DIR" >&2; exit 1; }
 done
 
 # A demo of its own: database, queue prefix, store and port.

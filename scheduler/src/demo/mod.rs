@@ -128,6 +128,8 @@ pub struct DemoReport {
     pub human_label_accuracy: Option<f64>,
     /// The accuracy the routing policy aimed at (`None`: a fixed threshold).
     pub target_accuracy: Option<f64>,
+    /// Whether retrains also learned from machine labels (self-training).
+    pub trained_on_machine_labels: bool,
     pub model_versions: usize,
     pub seconds: f64,
     /// Items labeled (by machine or human) per second over the whole run.

@@ -22,6 +22,14 @@ pub(super) fn render(report: &DemoReport) -> anyhow::Result<String> {
                 .map_or("none (fixed threshold)".into(), pct),
         ),
         (
+            "retrains learned from".to_owned(),
+            if report.trained_on_machine_labels {
+                "human and machine labels (self-training; holdout human only)".to_owned()
+            } else {
+                "human labels only".to_owned()
+            },
+        ),
+        (
             "labeled by humans".to_owned(),
             report.human_labels.to_string(),
         ),

@@ -98,6 +98,7 @@ pub(super) async fn score(
         machine_label_accuracy: share(machine_total.1, machine_total.0),
         human_label_accuracy: share(human.1, human.0),
         target_accuracy: args.target_accuracy,
+        trained_on_machine_labels: args.machine_labels,
         model_versions: versions,
         seconds,
         throughput: labeled as f64 / seconds.max(1e-9),
