@@ -158,19 +158,29 @@ struct StoredEmbedding {
     embedding: Option<String>,
 }
 
-/// The snapshot's examples: every human or imported label's item.
-async fn labeled_examples(
+/// The examples `query` ([`LABELED_ITEMS`] or [`MACHINE_LABELED_ITEMS`])
+/// finds in `project`.
+async fn examples(
     ctx: &Context,
     project: &Project,
+    query: &str,
 ) -> anyhow::Result<Vec<SnapshotExample>> {
     let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
         ctx.db.get_database_backend(),
-        LABELED_ITEMS,
+        query,
         [project.id.as_uuid().into()],
     ))
     .all(&ctx.db)
     .await?;
     Ok(rows.into_iter().map(LabeledItem::into_example).collect())
+}
+
+/// The snapshot's examples: every human or imported label's item.
+async fn labeled_examples(
+    ctx: &Context,
+    project: &Project,
+) -> anyhow::Result<Vec<SnapshotExample>> {
+    examples(ctx, project, LABELED_ITEMS).await
 }
 
 /// Items labeled by machine now (state `auto_labeled`: no person has
@@ -192,16 +202,9 @@ async fn machine_examples(
     ctx: &Context,
     project: &Project,
 ) -> anyhow::Result<Vec<SnapshotExample>> {
-    let rows = LabeledItem::find_by_statement(Statement::from_sql_and_values(
-        ctx.db.get_database_backend(),
-        MACHINE_LABELED_ITEMS,
-        [project.id.as_uuid().into()],
-    ))
-    .all(&ctx.db)
-    .await?;
-    Ok(rows
+    Ok(examples(ctx, project, MACHINE_LABELED_ITEMS)
+        .await?
         .into_iter()
-        .map(LabeledItem::into_example)
         .filter(|e| e.split == Split::Train)
         .map(|e| SnapshotExample { machine: true, ..e })
         .collect())
