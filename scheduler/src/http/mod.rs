@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use sea_orm::EntityTrait;
+use sea_orm::{DatabaseConnection, EntityTrait};
 use serde::Deserialize;
 use serde_json::json;
 use sieve_shared::ids::TaskId;
@@ -245,8 +245,7 @@ async fn claim_next(
     // Everything a claim reads goes through the claim pool: a reviewer
     // waiting for the next item must not queue behind durable writes.
     let who = auth::authorize(&ctx.claims, bearer(&headers), Action::Review).await?;
-    let project = projects::get(&ctx.claims, &project).await?;
-    who.check_project(&project)?;
+    let project = project_on(&ctx.claims, &who, &project).await?;
     let lease = std::time::Duration::from_secs(ctx.settings.review.lease_seconds);
     Ok(
         match review::claim_next(&ctx.claims, &project, &who.name, lease).await? {
@@ -460,7 +459,12 @@ async fn item_image(
 
 /// The project named in the path, if the caller may act on it.
 async fn project_for(ctx: &Context, who: &Caller, name: &str) -> AppResult<Project> {
-    let project = projects::get(&ctx.db, name).await?;
+    project_on(&ctx.db, who, name).await
+}
+
+/// The project `name`, read through `db`, if `who` may see it.
+async fn project_on(db: &DatabaseConnection, who: &Caller, name: &str) -> AppResult<Project> {
+    let project = projects::get(db, name).await?;
     who.check_project(&project)?;
     Ok(project)
 }
