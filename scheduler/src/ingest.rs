@@ -13,6 +13,13 @@
 //! `failed` with the reason, so that nothing handed to sieve disappears
 //! silently.
 //!
+//! An image is copied into sieve's store, under its content-addressed key,
+//! only when it is not there already: an object of a `store:` prefix, a
+//! manifest's key, and a file read from a folder (or a manifest's root)
+//! inside the local store's directory keep their own key, and nothing is
+//! written (see [`Reading::file`]); the store owns such a file from then
+//! on. A copy is what a folder outside the store, or an S3 bucket, gets.
+//!
 //! Paths never leave their root: a path with `..` that climbs out of it, an
 //! absolute path elsewhere, or a symlink that resolves elsewhere is reported
 //! and never read.
@@ -57,7 +64,9 @@ use sea_orm::{
 use serde::{Deserialize, Serialize};
 use sieve_shared::blocking::map_blocking;
 use sieve_shared::ids::ItemId;
-use sieve_shared::store::{BlockingStore, Listed, Store, StoreError, image_key, sha256_hex};
+use sieve_shared::store::{
+    BlockingStore, Listed, LocalFiles, Store, StoreError, image_key, sha256_hex,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -153,6 +162,12 @@ pub struct IngestSummary {
     /// Files (folder) or rows (manifest) looked at.
     pub files_seen: u64,
     pub new_items: u64,
+    /// New items whose image stayed where it was, referenced by its own
+    /// key (a file under the store's directory, an object of a `store:`
+    /// prefix or a manifest's key) rather than copied under its
+    /// content-addressed key; the other new items were copied.
+    #[serde(default)]
+    pub in_place: u64,
     pub duplicates: u64,
     /// Files or rows that became `failed` items or no item at all.
     pub failed: u64,
@@ -332,6 +347,9 @@ fn check_file(path: &Path, max_pixels: u64, max_bytes: u64) -> (Checked, Option<
 #[derive(Clone)]
 struct Reading {
     store: BlockingStore,
+    /// Set when the files are read from a root inside the local store's
+    /// directory: they are referenced where they are (see [`Reading::file`]).
+    in_place: Option<LocalFiles>,
     project_id: String,
     class_names: Vec<String>,
     max_pixels: u64,
@@ -339,10 +357,16 @@ struct Reading {
 }
 
 impl Reading {
-    /// Call within the runtime (see [`Store::blocking`]).
-    fn new(ctx: &Context, project: &Project) -> Self {
+    /// Call within the runtime (see [`Store::blocking`]). `root`: the
+    /// folder (or a manifest's root) that files are read from, if any.
+    fn new(ctx: &Context, project: &Project, root: Option<&Root>) -> Self {
+        let in_place = match (ctx.store.local_files(), root) {
+            (Some(files), Some(root)) if root.0.starts_with(files.root()) => Some(files),
+            _ => None,
+        };
         Self {
             store: ctx.store.blocking(),
+            in_place,
             project_id: project.id.to_string(),
             class_names: project.class_names.clone(),
             max_pixels: ctx.settings.ingest.max_pixels,
@@ -350,16 +374,39 @@ impl Reading {
         }
     }
 
-    /// Read, hash and check a file, and store an image's bytes under their
+    /// Read, hash and check a file (a canonical path, as [`Root`] gives),
+    /// and see that the image is in the store; returns the key to use
+    /// instead of the content-addressed one, if any.
+    ///
+    /// A file under a root inside the local store's directory is already
+    /// an object of the store: it is referenced by its own key (its path
+    /// below the store root), as a `store:` prefix is, and nothing is
+    /// written. The store owns it from then on (see `docs/architecture.md`,
+    /// ingest). Any other file, and one whose path is not a key ingest may
+    /// use (see [`object_prefix::refuse_key`]; sieve's own area is
+    /// copied, not referenced), has its bytes stored under their
     /// content-addressed key: storing the same image twice is a no-op, and
     /// an item never exists without its bytes.
-    fn file(&self, path: &Path) -> Result<Checked, StoreError> {
+    ///
+    /// Either way an item is one per (project, hash), and the first
+    /// ingested keeps it: of two files with the same bytes, the first in
+    /// the folder's sorted order (or the manifest's) is the item's key,
+    /// and an image already ingested, copied or in place, keeps the key it
+    /// has.
+    fn file(&self, path: &Path) -> Result<(Checked, Option<String>), StoreError> {
         let (checked, bytes) = check_file(path, self.max_pixels, self.max_bytes);
-        if let (Checked::Image { hash, .. }, Some(bytes)) = (&checked, bytes) {
+        let own_key = self
+            .in_place
+            .as_ref()
+            .and_then(|files| files.key_of(path))
+            .filter(|key| object_prefix::refuse_key(key).is_none());
+        if own_key.is_none()
+            && let (Checked::Image { hash, .. }, Some(bytes)) = (&checked, bytes)
+        {
             let key = image_key(&self.project_id, hash);
             self.store.put_content_addressed(&key, bytes)?;
         }
-        Ok(checked)
+        Ok((checked, own_key))
     }
 
     /// Read and check an object already in sieve's store.
@@ -375,18 +422,21 @@ impl Reading {
 
     /// A folder's file, or the failure found when listing it.
     fn folder_entry(&self, file: Result<PathBuf, FileFailure>) -> Result<Entry, StoreError> {
-        let (path, checked) = match file {
+        let (path, (checked, object_key)) = match file {
             Ok(path) => (path.display().to_string(), self.file(&path)?),
             Err(failure) => (
                 failure.path,
-                Checked::Unreadable {
-                    reason: failure.reason,
-                },
+                (
+                    Checked::Unreadable {
+                        reason: failure.reason,
+                    },
+                    None,
+                ),
             ),
         };
         Ok(Entry {
             source: path.clone(),
-            object_key: None,
+            object_key,
             checked,
             label: None,
             path,
@@ -422,13 +472,13 @@ impl Reading {
             },
         };
         let (object_key, checked) = match (&row.target, root) {
-            (Target::Path(path), Some(root)) => {
-                let checked = match root.resolve(Path::new(path)) {
-                    Ok(real) => self.file(&real)?,
-                    Err(reason) => Checked::Unreadable { reason },
-                };
-                (None, checked)
-            }
+            (Target::Path(path), Some(root)) => match root.resolve(Path::new(path)) {
+                Ok(real) => {
+                    let (checked, own_key) = self.file(&real)?;
+                    (own_key, checked)
+                }
+                Err(reason) => (None, Checked::Unreadable { reason }),
+            },
             (Target::Path(_), None) => {
                 let reason = "a manifest in the object store names images by `key`; a `path` is refused (no server file paths)".to_owned();
                 (None, Checked::Unreadable { reason })
@@ -605,8 +655,8 @@ impl Progress {
         }
         self.bar.inc(by);
         self.bar.set_message(format!(
-            "new {} · duplicate {} · failed {}",
-            summary.new_items, summary.duplicates, summary.failed
+            "new {} ({} in place) · duplicate {} · failed {}",
+            summary.new_items, summary.in_place, summary.duplicates, summary.failed
         ));
         if !self.terminal && self.last_log.elapsed() >= PROGRESS_LOG_EVERY {
             self.last_log = Instant::now();
@@ -614,6 +664,7 @@ impl Progress {
             tracing::info!(
                 seen = summary.files_seen,
                 new = summary.new_items,
+                in_place = summary.in_place,
                 duplicates = summary.duplicates,
                 failed = summary.failed,
                 per_second = format!("{rate:.0}"),
@@ -852,15 +903,19 @@ async fn ingest_batch(
     };
 
     summary.duplicates += attempted - inserted.len() as u64;
+    let project_id = project.id.to_string();
     let mut to_dispatch: Vec<(Uuid, String)> = Vec::new();
     for item in inserted {
-        match item.state {
-            ItemState::Failed => summary.failed += 1,
-            ItemState::Queued => {
-                summary.new_items += 1;
-                to_dispatch.push((item.id, item.object_key));
-            }
-            _ => summary.new_items += 1,
+        if item.state == ItemState::Failed {
+            summary.failed += 1;
+            continue;
+        }
+        summary.new_items += 1;
+        if item.object_key != image_key(&project_id, &item.content_hash) {
+            summary.in_place += 1;
+        }
+        if item.state == ItemState::Queued {
+            to_dispatch.push((item.id, item.object_key));
         }
     }
     publishing.start(ctx, project, to_dispatch, summary).await
@@ -873,6 +928,7 @@ fn finished(project: &Project, source: &Source, summary: &IngestSummary) {
         source = %source,
         seen = summary.files_seen,
         new = summary.new_items,
+        in_place = summary.in_place,
         duplicates = summary.duplicates,
         failed = summary.failed,
         imported_labels = summary.imported_labels,
@@ -1050,7 +1106,7 @@ async fn folder(
     let files = list_files(&root)?;
     let progress = Progress::new(Some(files.len() as u64), "files", options);
     let batch_size = ctx.settings.ingest.batch_size.max(1);
-    let reading = Reading::new(ctx, project);
+    let reading = Reading::new(ctx, project, Some(&root));
     pipeline(ctx, project, progress, options, move |send| async move {
         let mut files = files.into_iter();
         loop {
@@ -1143,7 +1199,7 @@ async fn manifest(
 ) -> anyhow::Result<IngestSummary> {
     let batch_size = ctx.settings.ingest.batch_size.max(1);
     let progress = Progress::new(None, "rows", options);
-    let reading = Reading::new(ctx, project);
+    let reading = Reading::new(ctx, project, root.as_ref());
     let mut summary = pipeline(ctx, project, progress, options, move |send| async move {
         let mut reader = reader;
         loop {

@@ -43,8 +43,8 @@ impl StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
-    /// The same backend when it is a local directory, for [`LocalFiles`].
-    local: Option<Arc<LocalFileSystem>>,
+    /// The same backend when it is a local directory.
+    local: Option<LocalFiles>,
 }
 
 /// Blocking access to the objects of a local store, for work on many small
@@ -56,6 +56,9 @@ pub struct Store {
 #[derive(Clone, Debug)]
 pub struct LocalFiles {
     fs: Arc<LocalFileSystem>,
+    /// The store's directory, canonical (as `object_store` resolves it), so
+    /// that a canonical file path can be compared with it.
+    root: Arc<std::path::Path>,
 }
 
 /// An object being written in parts ([`Store::upload`]).
@@ -123,11 +126,16 @@ impl Store {
             reason,
         };
         std::fs::create_dir_all(&root).map_err(|e| open(e.to_string()))?;
-        let local =
-            Arc::new(LocalFileSystem::new_with_prefix(&root).map_err(|e| open(e.to_string()))?);
+        let canonical = std::fs::canonicalize(&root).map_err(|e| open(e.to_string()))?;
+        let fs = Arc::new(
+            LocalFileSystem::new_with_prefix(&canonical).map_err(|e| open(e.to_string()))?,
+        );
         Ok(Self {
-            inner: local.clone(),
-            local: Some(local),
+            inner: fs.clone(),
+            local: Some(LocalFiles {
+                fs,
+                root: canonical.into(),
+            }),
         })
     }
 
@@ -139,7 +147,7 @@ impl Store {
 
     /// Blocking file access, when this store is a local directory.
     pub fn local_files(&self) -> Option<LocalFiles> {
-        self.local.clone().map(|fs| LocalFiles { fs })
+        self.local.clone()
     }
 
     /// This store for blocking threads: local files directly, any other
@@ -308,6 +316,30 @@ impl BlockingStore {
 }
 
 impl LocalFiles {
+    /// The store's directory, canonical.
+    pub fn root(&self) -> &std::path::Path {
+        &self.root
+    }
+
+    /// The key under which this store reads `file` (a canonical path), if
+    /// it has one: the file lies under the root, its relative path joined
+    /// with `/` is a valid key, and that key leads back to this very file.
+    /// The last check matters: `object_store`'s local backend decodes
+    /// percent escapes and keeps names ending in `#DIGITS` for its staging
+    /// files, so some names have no key of their own.
+    pub fn key_of(&self, file: &std::path::Path) -> Option<String> {
+        let relative = file.strip_prefix(&self.root).ok()?;
+        let mut parts = Vec::new();
+        for component in relative.components() {
+            match component {
+                std::path::Component::Normal(part) => parts.push(part.to_str()?),
+                _ => return None,
+            }
+        }
+        let key = parts.join("/");
+        (self.file(&key).ok()? == file).then_some(key)
+    }
+
     fn file(&self, key: &str) -> Result<std::path::PathBuf, StoreError> {
         let path = Store::path(key)?;
         self.fs
@@ -491,6 +523,34 @@ mod tests {
             files.get("../escape"),
             Err(StoreError::InvalidKey { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_file_under_the_root_has_the_key_that_reads_it_back() {
+        let (dir, store) = temp_store();
+        let files = store.local_files().expect("a local store");
+        let root = std::fs::canonicalize(dir.path()).expect("canonical");
+        assert_eq!(files.root(), root);
+        for name in ["in/a b/c.png", "in/100%.png", "in/x#y.png"] {
+            let file = root.join(name);
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&file, name).expect("write");
+            let key = files.key_of(&file).expect(name);
+            assert_eq!(key, name);
+            assert_eq!(store.get(&key).await.expect(name), name.as_bytes());
+        }
+        for (file, why) in [
+            (root.join("in/x.png#1"), "a staging file's name"),
+            (root.join("in/tab\there.png"), "a control character"),
+            (root.clone(), "the root itself"),
+            (dir.path().join("../elsewhere.png"), "not a canonical path"),
+            (
+                root.parent().expect("parent").join("x.png"),
+                "outside the root",
+            ),
+        ] {
+            assert_eq!(files.key_of(&file), None, "{why}");
+        }
     }
 
     #[test]
