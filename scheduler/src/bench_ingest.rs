@@ -5,17 +5,20 @@
 //! Each run makes its own database (`sieve_bench_<tag>`), queue prefix
 //! (`bench-<tag>`) and store directory, and removes all three at the end.
 //! The data is generated first and not timed: distinct 28x28 grayscale PNGs
-//! (noise, so each has its own SHA-256) in a folder, and as many distinct
-//! objects in the store named by a CSV manifest of keys. Every manifest row
-//! is a real object that ingest reads and hashes: nothing is skipped
-//! because the bench knows it.
+//! (noise, so each has its own SHA-256) in a folder outside the store
+//! (ingest copies each into the store), as many others in a folder inside
+//! the store's directory (ingest references each where it is), and as many
+//! distinct objects in the store named by a CSV manifest of keys. Every
+//! file and row is a real image that ingest reads and hashes: nothing is
+//! skipped because the bench knows it.
 //!
 //! Each phase runs in a child process (this binary, `--phase`), so the peak
 //! RSS it reports (VmHWM) is that phase's own. Before and after each ingest
 //! phase, a bare lapin loop publishes the same number of messages, of the
 //! same size as that phase's jobs, with confirms pipelined (a sliding
 //! window), to the same prelabel queue: the baseline the target is measured
-//! against, the faster of the two runs. The queue is purged between phases.
+//! against, the faster of the two runs. The queue is purged, and what the
+//! last phase wrote flushed to disk, between phases.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -48,14 +51,23 @@ const SIDE: u32 = 28;
 /// The manifest's images start at this seed, so that none is the same
 /// image as one in the folder (they share a project).
 const MANIFEST_SEEDS: u64 = 1 << 40;
+/// The same for the folder inside the store.
+const IN_STORE_SEEDS: u64 = 1 << 41;
+/// Where, under the store's directory, the in-place folder is generated.
+const IN_STORE_DIR: &str = "bench-folder";
 /// Prefix of a child's result line on its stdout.
 const RESULT_MARK: &str = "BENCH-RESULT ";
 
 #[derive(Debug, clap::Args)]
 pub struct BenchIngestArgs {
-    /// Synthetic PNGs for the folder phase (0 skips it).
+    /// Synthetic PNGs for each folder phase (0 skips them).
     #[arg(long, default_value_t = 100_000)]
     pub images: u64,
+    /// Which folder phases run: a folder outside the store (each image
+    /// copied in), a folder inside the store's directory (referenced in
+    /// place), or both.
+    #[arg(long, value_enum, default_value_t = Folders::Both)]
+    pub folders: Folders,
     /// Rows of the object-key manifest, each a distinct stored PNG (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     pub manifest_rows: u64,
@@ -74,10 +86,19 @@ pub struct BenchIngestArgs {
     pub run_file: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Folders {
+    Both,
+    Copy,
+    InPlace,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 pub enum Phase {
     RawFolder,
     Folder,
+    RawFolderInStore,
+    FolderInStore,
     RawManifest,
     Manifest,
 }
@@ -87,6 +108,8 @@ impl Phase {
         match self {
             Phase::RawFolder => "raw-folder",
             Phase::Folder => "folder",
+            Phase::RawFolderInStore => "raw-folder-in-store",
+            Phase::FolderInStore => "folder-in-store",
             Phase::RawManifest => "raw-manifest",
             Phase::Manifest => "manifest",
         }
@@ -95,7 +118,9 @@ impl Phase {
     fn label(self) -> &'static str {
         match self {
             Phase::RawFolder => "raw publish, folder-sized jobs",
-            Phase::Folder => "ingest folder of PNGs",
+            Phase::Folder => "ingest folder of PNGs (copied)",
+            Phase::RawFolderInStore => "raw publish, in-store folder jobs",
+            Phase::FolderInStore => "ingest folder in store (in place)",
             Phase::RawManifest => "raw publish, manifest-sized jobs",
             Phase::Manifest => "ingest manifest of keys",
         }
@@ -107,12 +132,15 @@ impl Phase {
 struct Run {
     settings: Settings,
     images_dir: PathBuf,
+    /// The folder inside the store's directory.
+    in_store_dir: PathBuf,
     manifest: PathBuf,
     images: u64,
     manifest_rows: u64,
     raw_window: usize,
     /// A job exactly like the ones each ingest publishes (same key length).
     folder_job: Vec<u8>,
+    in_store_job: Vec<u8>,
     manifest_job: Vec<u8>,
 }
 
@@ -202,17 +230,25 @@ async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyh
     let (project_id, model) = bench_project(&ctx).await?;
 
     let images_dir = work.join("images");
+    let in_store_dir = settings.store.root.join(IN_STORE_DIR);
     let manifest = work.join("manifest.csv");
+    let (copy, in_place) = match args.folders {
+        Folders::Both => (args.images, args.images),
+        Folders::Copy => (args.images, 0),
+        Folders::InPlace => (0, args.images),
+    };
     let started = Instant::now();
-    generate_images(&images_dir, args.images)?;
+    generate_images(&images_dir, copy, 0)?;
+    generate_images(&in_store_dir, in_place, IN_STORE_SEEDS)?;
     generate_manifest(&settings.store.root, &manifest, args.manifest_rows)?;
     // On disk before any timing: otherwise the writeback of a million new
     // files lands in whichever phase comes first (it once halved a raw
     // publish loop, whose broker writes to the same disk).
     flush_to_disk();
     eprintln!(
-        "generated {} PNGs and {} stored objects + manifest in {:.1}s (not timed)",
-        args.images,
+        "generated {} PNGs outside the store, {} inside it and {} stored objects + manifest in {:.1}s (not timed)",
+        copy,
+        in_place,
         args.manifest_rows,
         started.elapsed().as_secs_f64()
     );
@@ -233,11 +269,13 @@ async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyh
     let run = Run {
         settings: settings.clone(),
         images_dir,
+        in_store_dir,
         manifest,
         images: args.images,
         manifest_rows: args.manifest_rows,
         raw_window: args.raw_window.max(1),
         folder_job: job(folder_key),
+        in_store_job: job(format!("{IN_STORE_DIR}/{}", image_name(0))),
         manifest_job: job(manifest_key(0)),
     };
     let run_file = work.join("run.json");
@@ -247,8 +285,15 @@ async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyh
     // compared with the faster of the two: the load of a shared machine
     // moves both, and a slow baseline must not flatter the ratio.
     let mut phases = Vec::new();
-    if args.images > 0 {
+    if copy > 0 {
         phases.extend([Phase::RawFolder, Phase::Folder, Phase::RawFolder]);
+    }
+    if in_place > 0 {
+        phases.extend([
+            Phase::RawFolderInStore,
+            Phase::FolderInStore,
+            Phase::RawFolderInStore,
+        ]);
     }
     if args.manifest_rows > 0 {
         phases.extend([Phase::RawManifest, Phase::Manifest, Phase::RawManifest]);
@@ -256,6 +301,9 @@ async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyh
     let mut results = Vec::new();
     for phase in phases {
         purge(&ctx).await?;
+        // What the last phase wrote (100,000 copies, say) is not flushed
+        // in the next one's time.
+        flush_to_disk();
         eprintln!("phase {}: {} ...", phase.arg(), phase.label());
         let before = service_cpu();
         let mut result = run_child(phase, &run_file).await?;
@@ -367,28 +415,39 @@ async fn run_phase(phase: Phase, run_file: &Path) -> anyhow::Result<()> {
     )?;
     let result = match phase {
         Phase::RawFolder => raw_publish(&run, phase, &run.folder_job, run.images).await?,
+        Phase::RawFolderInStore => raw_publish(&run, phase, &run.in_store_job, run.images).await?,
         Phase::RawManifest => {
             raw_publish(&run, phase, &run.manifest_job, run.manifest_rows).await?
         }
-        Phase::Folder | Phase::Manifest => {
+        Phase::Folder | Phase::FolderInStore | Phase::Manifest => {
             let ctx = Context::connect(run.settings.clone()).await?;
             let project = projects::get(&ctx.db, PROJECT).await?;
-            let (expected, bytes) = match phase {
-                Phase::Folder => (run.images, run.folder_job.len()),
-                _ => (run.manifest_rows, run.manifest_job.len()),
+            // Items, and of them referenced in place (not copied).
+            let (expected, in_place, bytes) = match phase {
+                Phase::Folder => (run.images, 0, run.folder_job.len()),
+                Phase::FolderInStore => (run.images, run.images, run.in_store_job.len()),
+                _ => (run.manifest_rows, run.manifest_rows, run.manifest_job.len()),
             };
             let started = Instant::now();
-            let summary = if phase == Phase::Folder {
-                ingest::ingest_folder(&ctx, &project, &run.images_dir, false).await?
-            } else {
-                ingest::ingest_manifest(&ctx, &project, &run.manifest, None, false).await?
+            let summary = match phase {
+                Phase::Folder => {
+                    ingest::ingest_folder(&ctx, &project, &run.images_dir, false).await?
+                }
+                Phase::FolderInStore => {
+                    ingest::ingest_folder(&ctx, &project, &run.in_store_dir, false).await?
+                }
+                _ => ingest::ingest_manifest(&ctx, &project, &run.manifest, None, false).await?,
             };
             let seconds = started.elapsed().as_secs_f64();
-            if summary.new_items != expected || summary.dispatched != expected {
+            if summary.new_items != expected
+                || summary.dispatched != expected
+                || summary.in_place != in_place
+            {
                 anyhow::bail!(
-                    "expected {expected} new items, all dispatched; got {} new, {} dispatched, {} failed ({:?})",
+                    "expected {expected} new items, all dispatched, {in_place} of them in place; got {} new, {} dispatched, {} in place, {} failed ({:?})",
                     summary.new_items,
                     summary.dispatched,
+                    summary.in_place,
                     summary.failed,
                     summary.failures.first()
                 );
@@ -490,12 +549,12 @@ fn print_report(settings: &Settings, results: &[PhaseResult]) {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<34} {:>9} {:>9} {:>10} {:>9} {:>12} {:>23}",
+        "{:<36} {:>9} {:>9} {:>10} {:>9} {:>12} {:>23}",
         "phase", "items", "seconds", "items/s", "msg bytes", "peak RSS MB", "CPU s sieve/pg/rabbit"
     );
     for r in results {
         println!(
-            "{:<34} {:>9} {:>9.2} {:>10.0} {:>9} {:>12.1} {:>23}",
+            "{:<36} {:>9} {:>9.2} {:>10.0} {:>9} {:>12.1} {:>23}",
             r.phase.label(),
             r.items,
             r.seconds,
@@ -510,7 +569,12 @@ fn print_report(settings: &Settings, results: &[PhaseResult]) {
     }
     let find = |p: Phase| results.iter().find(|r| r.phase == p);
     for (raw, ingest, name) in [
-        (Phase::RawFolder, Phase::Folder, "folder"),
+        (Phase::RawFolder, Phase::Folder, "folder, copied"),
+        (
+            Phase::RawFolderInStore,
+            Phase::FolderInStore,
+            "folder in store, in place",
+        ),
         (Phase::RawManifest, Phase::Manifest, "manifest"),
     ] {
         let fastest_raw = results
@@ -577,7 +641,7 @@ fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
 }
 
 fn manifest_key(i: u64) -> String {
-    format!("bench/{:02x}/{i:07}.png", i % 256)
+    format!("bench/{}", image_name(i))
 }
 
 /// A distinct 28x28 grayscale PNG for each `i`: noise from a generator
@@ -642,11 +706,17 @@ fn make_shards(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn generate_images(dir: &Path, count: u64) -> anyhow::Result<()> {
+/// Where image `i` of a generated folder is, below the folder.
+fn image_name(i: u64) -> String {
+    format!("{:02x}/{i:07}.png", i % 256)
+}
+
+fn generate_images(dir: &Path, count: u64, seeds: u64) -> anyhow::Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
     make_shards(dir)?;
-    generate_with(count, 0, |i| {
-        dir.join(format!("{:02x}/{i:07}.png", i % 256))
-    })
+    generate_with(count, seeds, |i| dir.join(image_name(i)))
 }
 
 /// Objects straight into the local store's directory (a key is a path
