@@ -19,7 +19,7 @@ use sea_orm::{
     ActiveValue::Set, ColumnTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
     SqlErr, Statement, TransactionTrait,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sieve_shared::broker;
 use sieve_shared::embedding_table::TableWriter;
 use sieve_shared::ids::{ItemId, ModelVersionId, TrainingRunId};
@@ -126,13 +126,15 @@ const LABELED_ITEMS: &str = r#"
 /// For a run on a frozen backbone, each of a chunk of items' embedding
 /// from its newest prediction with one, by a version of the same backbone
 /// at the same input size (`$2`: `{"arch", "input_size"}`, matched by
-/// containment in the version's architecture JSON), in the order of the
-/// item ids in `$1` (comma-separated text; an item without one gets NULL).
-/// The backbone is the frozen ImageNet network whichever version carries
-/// it, so any such version's embedding is the one the heads would see;
-/// versions of another architecture or input size embed differently and
-/// are passed over. The lookup per item runs on the
-/// `(item_id, model_version_id)` unique index of `predictions`.
+/// containment in the version's architecture JSON, and `$3`: the
+/// backbone's weights, the architecture's `backbone` field, NULL for the
+/// ImageNet import as it came), in the order of the item ids in `$1`
+/// (comma-separated text; an item without one gets NULL). Any version that
+/// carries the same backbone weights embeds an image as the heads will see
+/// it; versions of another architecture or input size, or whose backbone a
+/// full-mode run fine-tuned differently, are passed over. The lookup per
+/// item runs on the `(item_id, model_version_id)` unique index of
+/// `predictions`.
 const EMBEDDINGS_OF: &str = r#"
     SELECT e.embedding
     FROM unnest(string_to_array($1, ',')::uuid[]) WITH ORDINALITY AS u(item_id, n)
@@ -142,11 +144,37 @@ const EMBEDDINGS_OF: &str = r#"
         WHERE p.item_id = u.item_id
           AND p.embedding IS NOT NULL
           AND mv.architecture @> $2
+          AND (mv.architecture ->> 'backbone') IS NOT DISTINCT FROM $3
         ORDER BY p.created_at DESC
         LIMIT 1
     ) e ON true
     ORDER BY u.n
 "#;
+
+/// The backbone a heads-mode run trains on, as [`EMBEDDINGS_OF`] matches
+/// it: the base version's when the worker will start from it (same
+/// architecture and input size), otherwise the ImageNet import.
+struct Backbone {
+    /// `{"arch", "input_size"}`.
+    shape: serde_json::Value,
+    /// The architecture's `backbone` field: which fine-tuning run's weights.
+    weights: Option<String>,
+}
+
+impl Backbone {
+    fn of_base(base: Option<&model_version::Model>, params: &TrainParams) -> Self {
+        let shape = serde_json::json!({
+            "arch": params.arch.as_str(),
+            "input_size": params.input_size(),
+        });
+        let weights = base
+            .and_then(|v| v.architecture.as_ref())
+            .filter(|arch| arch.get("arch") == shape.get("arch"))
+            .filter(|arch| arch.get("input_size") == shape.get("input_size"))
+            .and_then(|arch| arch.get("backbone")?.as_str().map(str::to_owned));
+        Self { shape, weights }
+    }
+}
 
 /// Items whose embeddings one query fetches: about 13 KB of JSON each, so a
 /// chunk holds a few MB however many labels there are.
@@ -216,14 +244,10 @@ async fn machine_examples(
 /// worker then computes them all from the images).
 async fn write_embeddings(
     ctx: &Context,
-    params: &TrainParams,
+    backbone: &Backbone,
     examples: &mut [SnapshotExample],
     key: &str,
 ) -> anyhow::Result<Option<EmbeddingTable>> {
-    let backbone = serde_json::json!({
-        "arch": params.arch.as_str(),
-        "input_size": params.input_size(),
-    });
     let mut writer: Option<TableWriter> = None;
     for chunk in examples.chunks_mut(EMBEDDING_CHUNK) {
         let ids = chunk
@@ -234,7 +258,11 @@ async fn write_embeddings(
         let found = StoredEmbedding::find_by_statement(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
             EMBEDDINGS_OF,
-            [ids.into(), backbone.clone().into()],
+            [
+                ids.into(),
+                backbone.shape.clone().into(),
+                backbone.weights.clone().into(),
+            ],
         ))
         .all(&ctx.db)
         .await?;
@@ -268,6 +296,64 @@ async fn write_embeddings(
     }
 }
 
+/// What a person's retrain may change from the project's defaults (the
+/// HTTP body of a retrain, the flags of `sieve retrain`); automatic
+/// retrains change nothing.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainRequest {
+    /// Also train on machine labels (see `TrainParams::machine_labels`).
+    #[serde(default)]
+    pub machine_labels: bool,
+    /// `full` fine-tunes a MobileNetV2 project's backbone with its heads
+    /// (default: the mode the architecture trains in, heads for MobileNetV2).
+    #[serde(default)]
+    pub mode: Option<TrainMode>,
+    /// Full mode of MobileNetV2: train only the last this many of its 17
+    /// blocks (see `TrainParams::unfrozen_blocks`).
+    #[serde(default)]
+    pub unfrozen_blocks: Option<u32>,
+    /// Upper bound on epochs (early stopping may end sooner).
+    #[serde(default)]
+    pub epochs: Option<u32>,
+}
+
+/// The most epochs a run may ask for.
+const MAX_EPOCHS: u32 = 1000;
+
+impl RetrainRequest {
+    /// The run's parameters: the defaults of the project's architecture in
+    /// the mode asked for, with what was asked on top.
+    pub fn params(&self, project: &Project) -> AppResult<TrainParams> {
+        let defaults = match self.mode {
+            Some(mode) => TrainParams::for_mode(project.arch, mode),
+            None => project.train_params(),
+        };
+        let epochs = match self.epochs {
+            Some(n) if !(1..=MAX_EPOCHS).contains(&n) => {
+                return Err(AppError::Invalid(format!(
+                    "epochs = {n}: ask for 1 to {MAX_EPOCHS}"
+                )));
+            }
+            Some(n) => n,
+            None => defaults.epochs,
+        };
+        let params = TrainParams {
+            machine_labels: self.machine_labels,
+            unfrozen_blocks: self.unfrozen_blocks,
+            epochs,
+            ..defaults
+        };
+        match params.problem() {
+            Some(problem) => Err(AppError::Invalid(format!(
+                "project {}: {problem}",
+                project.name
+            ))),
+            None => Ok(params),
+        }
+    }
+}
+
 /// Queue a training run for `project`. `bootstrap` allows a run with no
 /// labels: a project's first, untrained model.
 pub async fn request(
@@ -277,15 +363,14 @@ pub async fn request(
     params: TrainParams,
     bootstrap: bool,
 ) -> AppResult<RunSummary> {
-    if params.arch != project.arch || params.mode != project.arch.train_mode() {
+    if params.arch != project.arch {
         return Err(AppError::Invalid(format!(
-            "project {} trains {} in {:?} mode; a run of {} in {:?} mode would register a version it cannot use",
-            project.name,
-            project.arch,
-            project.arch.train_mode(),
-            params.arch,
-            params.mode
+            "project {} runs {}; a run of {} would register a version it cannot use",
+            project.name, project.arch, params.arch
         )));
+    }
+    if let Some(problem) = params.problem() {
+        return Err(AppError::Invalid(problem));
     }
     let mut examples = labeled_examples(ctx, project).await?;
     if examples.is_empty() && !bootstrap {
@@ -328,9 +413,14 @@ pub async fn request(
     let snapshot_key = format!("projects/{}/snapshots/{run_id}.json", project.id);
     // Only a frozen-backbone run reads embeddings; for the others they are
     // not even looked up.
+    let active = match project.active_model_version_id {
+        Some(id) => model_version::Entity::find_by_id(id).one(&ctx.db).await?,
+        None => None,
+    };
     let embeddings = if params.mode == TrainMode::Heads {
         let key = format!("projects/{}/snapshots/{run_id}.embeddings.f32", project.id);
-        write_embeddings(ctx, &params, &mut examples, &key).await?
+        let backbone = Backbone::of_base(active.as_ref(), &params);
+        write_embeddings(ctx, &backbone, &mut examples, &key).await?
     } else {
         None
     };
@@ -355,14 +445,7 @@ pub async fn request(
         .await
         .map_err(anyhow::Error::from)?;
 
-    let base = match project.active_model_version_id {
-        Some(id) => model_version::Entity::find_by_id(id)
-            .one(&ctx.db)
-            .await?
-            .map(|v| dispatch::model_ref(&v))
-            .transpose()?,
-        None => None,
-    };
+    let base = active.as_ref().map(dispatch::model_ref).transpose()?;
 
     let txn = ctx.db.begin().await?;
     let last = model_version::Entity::find()

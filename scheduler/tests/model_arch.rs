@@ -186,6 +186,58 @@ async fn every_run_of_a_mobilenet_project_trains_heads() {
         assert_eq!(run_params(&app, auto.run_id).await, project.train_params());
         mark_succeeded(&app, auto.run_id).await;
 
+        // Full mode on request: MobileNetV2 fine-tuned, its last blocks
+        // only if asked; what the architecture cannot do is refused first.
+        for (asked, why) in [
+            (
+                json!({ "mode": "full", "unfrozen_blocks": 18 }),
+                "17 blocks",
+            ),
+            (json!({ "unfrozen_blocks": 2 }), "full mode"),
+            (json!({ "mode": "full", "epochs": 0 }), "1 to 1000"),
+            (json!({ "mode": "everything" }), "bad request body"),
+        ] {
+            let (status, body) = app
+                .post("/api/v1/projects/labeled/retrain", &ml, asked.clone())
+                .await;
+            assert_eq!(status, 422, "{asked}: {body}");
+            assert!(body.to_string().contains(why), "{asked}: {body}");
+        }
+        let (status, run) = app
+            .post(
+                "/api/v1/projects/labeled/retrain",
+                &ml,
+                json!({ "mode": "full", "unfrozen_blocks": 3, "epochs": 2 }),
+            )
+            .await;
+        assert_eq!(status, 202, "{run}");
+        let run_id: Uuid = run["run_id"].as_str().unwrap().parse().unwrap();
+        let params = run_params(&app, run_id).await;
+        assert_eq!(
+            (
+                params.arch,
+                params.mode,
+                params.unfrozen_blocks,
+                params.epochs
+            ),
+            (ModelArch::MobilenetV2, TrainMode::Full, Some(3), 2)
+        );
+        let jobs = drain_train_jobs(&app).await;
+        assert_eq!(jobs.last().map(|job| &job.params), Some(&params));
+        mark_succeeded(&app, run_id).await;
+        let (status, body) = app
+            .post(
+                "/api/v1/projects/small/retrain",
+                &ml,
+                json!({ "mode": "heads" }),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert!(
+            body.to_string().contains("no pretrained backbone"),
+            "{body}"
+        );
+
         // A run that asks for another architecture than the project's is
         // refused: its version could never replace the project's.
         let refused = training::request(&app.ctx, &project, "test", TrainParams::default(), true)

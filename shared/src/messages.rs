@@ -173,13 +173,33 @@ pub enum ModelArch {
 }
 
 impl ModelArch {
-    /// The only training mode a job may ask of this architecture: the small
-    /// CNN is trained whole; MobileNetV2 keeps its ImageNet backbone frozen
-    /// and trains the heads on cached embeddings.
+    /// The mode a run of this architecture trains in unless it asks for
+    /// another (automatic retrains always do this): the small CNN is trained
+    /// whole; MobileNetV2 keeps its backbone frozen and trains the heads on
+    /// cached embeddings.
     pub fn train_mode(self) -> TrainMode {
         match self {
             Self::SmallCnn => TrainMode::Full,
             Self::MobilenetV2 => TrainMode::Heads,
+        }
+    }
+
+    /// Whether a run of this architecture can train in `mode`: MobileNetV2
+    /// in both (full mode fine-tunes the backbone, or its last blocks); the
+    /// small CNN has no pretrained backbone to freeze, so only in full mode.
+    pub fn trains_in(self, mode: TrainMode) -> bool {
+        match self {
+            Self::SmallCnn => mode == TrainMode::Full,
+            Self::MobilenetV2 => true,
+        }
+    }
+
+    /// Inverted-residual blocks of the backbone (MobileNetV2's 17); 0 for
+    /// a network without one.
+    pub fn backbone_blocks(self) -> u32 {
+        match self {
+            Self::SmallCnn => 0,
+            Self::MobilenetV2 => 17,
         }
     }
 
@@ -267,6 +287,12 @@ pub struct TrainParams {
     /// the minimum labels per class. Off unless a run asks for it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub machine_labels: bool,
+    /// Full mode of a pretrained backbone (MobileNetV2): train only its
+    /// last this many inverted-residual blocks, with its final 1x1
+    /// convolution and the heads, and keep the rest frozen (weights and
+    /// BatchNorm statistics). `None` fine-tunes every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unfrozen_blocks: Option<u32>,
 }
 
 impl Default for TrainParams {
@@ -282,6 +308,7 @@ impl Default for TrainParams {
             mode: TrainMode::Full,
             input_size: None,
             machine_labels: false,
+            unfrozen_blocks: None,
         }
     }
 }
@@ -304,9 +331,60 @@ impl TrainParams {
         }
     }
 
+    /// The defaults for a run of `arch` in `mode`. Fine-tuning MobileNetV2
+    /// whole takes minutes per thousand images on a CPU (docs/benchmarks.md),
+    /// so a full-mode run gets few epochs, small batches and a learning rate
+    /// that moves pretrained weights gently.
+    pub fn for_mode(arch: ModelArch, mode: TrainMode) -> Self {
+        match (arch, mode) {
+            (ModelArch::MobilenetV2, TrainMode::Full) => Self {
+                epochs: 4,
+                batch_size: 32,
+                learning_rate: 5e-4,
+                arch,
+                mode,
+                ..Self::default()
+            },
+            _ => Self {
+                mode,
+                ..Self::for_arch(arch)
+            },
+        }
+    }
+
     pub fn input_size(&self) -> u32 {
         self.input_size
             .unwrap_or_else(|| self.arch.default_input_size())
+    }
+
+    /// Why a run with these parameters cannot train, if it cannot: a mode
+    /// the architecture has no use for, or blocks to unfreeze that it does
+    /// not have.
+    pub fn problem(&self) -> Option<String> {
+        if !self.arch.trains_in(self.mode) {
+            return Some(format!(
+                "{} trains in {:?} mode only: it has no pretrained backbone to freeze",
+                self.arch,
+                self.arch.train_mode()
+            ));
+        }
+        match self.unfrozen_blocks {
+            Some(_) if self.mode != TrainMode::Full => Some(format!(
+                "unfrozen_blocks applies to full mode; {:?} mode trains the heads alone",
+                self.mode
+            )),
+            Some(n) if n > self.arch.backbone_blocks() => Some(format!(
+                "unfrozen_blocks = {n}, but {} has {} blocks{}",
+                self.arch,
+                self.arch.backbone_blocks(),
+                if self.arch.backbone_blocks() == 0 {
+                    " (it is always trained whole)"
+                } else {
+                    ""
+                }
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -505,6 +583,61 @@ impl Message for ControlMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn train_params_say_what_an_architecture_cannot_train() {
+        let mobile_full = TrainParams::for_mode(ModelArch::MobilenetV2, TrainMode::Full);
+        assert_eq!(
+            (mobile_full.mode, mobile_full.batch_size),
+            (TrainMode::Full, 32)
+        );
+        assert_eq!(mobile_full.problem(), None);
+        let last_four = TrainParams {
+            unfrozen_blocks: Some(4),
+            ..mobile_full.clone()
+        };
+        assert_eq!(last_four.problem(), None);
+
+        let too_many = TrainParams {
+            unfrozen_blocks: Some(18),
+            ..mobile_full
+        };
+        let problem = too_many.problem().unwrap_or_default();
+        assert!(problem.contains("17 blocks"), "{problem}");
+
+        let heads = TrainParams {
+            unfrozen_blocks: Some(2),
+            ..TrainParams::for_arch(ModelArch::MobilenetV2)
+        };
+        let problem = heads.problem().unwrap_or_default();
+        assert!(problem.contains("full mode"), "{problem}");
+
+        let small_heads = TrainParams::for_mode(ModelArch::SmallCnn, TrainMode::Heads);
+        let problem = small_heads.problem().unwrap_or_default();
+        assert!(problem.contains("no pretrained backbone"), "{problem}");
+        let small_partial = TrainParams {
+            unfrozen_blocks: Some(1),
+            ..TrainParams::default()
+        };
+        let problem = small_partial.problem().unwrap_or_default();
+        assert!(problem.contains("trained whole"), "{problem}");
+        assert_eq!(TrainParams::default().problem(), None);
+    }
+
+    #[test]
+    fn train_params_from_before_unfrozen_blocks_still_decode() {
+        let old = r#"{"members":3,"epochs":8,"batch_size":64,"learning_rate":0.002,"seed":17,"arch":"mobilenet_v2","mode":"heads"}"#;
+        let params: TrainParams = serde_json::from_str(old).unwrap_or_default();
+        assert_eq!(
+            (params.arch, params.mode, params.unfrozen_blocks),
+            (ModelArch::MobilenetV2, TrainMode::Heads, None)
+        );
+        assert!(
+            !serde_json::to_string(&params)
+                .unwrap_or_default()
+                .contains("unfrozen")
+        );
+    }
 
     fn job() -> PrelabelJob {
         PrelabelJob {

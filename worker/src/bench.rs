@@ -20,9 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use futures_util::StreamExt;
 use lapin::options::BasicAckOptions;
@@ -33,8 +30,8 @@ use sieve_shared::broker::{self, Publisher};
 use sieve_shared::embedding_table::{Embeddings, TableWriter};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{
-    ModelRef, PrelabelJob, PrelabelOutcome, SCHEMA_VERSION, Snapshot, SnapshotExample, Split,
-    decode_results,
+    ModelArch, ModelRef, PrelabelJob, PrelabelOutcome, SCHEMA_VERSION, Snapshot, SnapshotExample,
+    Split, TrainMode, TrainParams, decode_results,
 };
 use sieve_shared::procstat::{own_cpu, peak_rss_mib, reset_peak_rss, service_cpu};
 use sieve_shared::store::Store;
@@ -121,6 +118,10 @@ pub struct BenchArgs {
     /// Images of the MobileNetV2 epoch (default: --train-images).
     #[arg(long)]
     pub mobilenet_train_images: Option<usize>,
+    /// Beside the whole network, the MobileNetV2 epoch is also timed training only the last
+    /// this many blocks (full mode's `unfrozen_blocks`; a list, or none).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    pub unfreeze_last: Vec<usize>,
     /// Labeled embeddings for the heads runs.
     #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
     pub head_sizes: Vec<usize>,
@@ -663,7 +664,7 @@ fn training(args: &BenchArgs) -> anyhow::Result<()> {
 
     if !args.skip_mobilenet {
         let m = args.mobilenet_train_images.unwrap_or(n);
-        mobilenet_epoch(&args.weights, m, &device)?;
+        mobilenet_epoch(args, m, &device)?;
     }
 
     Ok(())
@@ -778,64 +779,65 @@ async fn snapshot_rows(args: &BenchArgs, store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One epoch of MobileNetV2 fine-tuning at 96x96: forward, backward, AdamW over every
-/// parameter (BatchNorm in training mode), from the ImageNet weights when present.
-fn mobilenet_epoch(weights: &std::path::Path, n: usize, device: &Device) -> anyhow::Result<()> {
+/// One epoch of full-mode fine-tuning of a MobileNetV2 committee at 96x96, through
+/// [`model::train`](train) as a training job runs it: K heads on the ImageNet backbone
+/// (random weights when the file is absent), forward, backward and AdamW over every layer, and
+/// again with only the last blocks trained (`--unfreeze-last`).
+fn mobilenet_epoch(args: &BenchArgs, n: usize, device: &Device) -> anyhow::Result<()> {
     let side = 96;
-    let batch = 32;
+    let config = ArchitectureConfig::mobilenet_v2(10, args.members, side);
+    let options = TrainOptions {
+        epochs: 1,
+        validation_share: 0.0,
+        ..TrainOptions::default()
+    };
+    let batch = TrainParams::for_mode(ModelArch::MobilenetV2, TrainMode::Full).batch_size as usize;
+    let options = TrainOptions {
+        batch_size: batch,
+        ..options
+    };
+    let weights = if args.weights.exists() {
+        "ImageNet"
+    } else {
+        "random"
+    };
     println!(
-        "\n## full mode, MobileNetV2 at {side}x{side}: one epoch of {n} images, batch {batch}"
+        "\n## full mode, MobileNetV2 at {side}x{side}: one epoch of {n} images, batch {batch}, K={}, {weights} weights\n",
+        args.members
     );
-    reset_peak_rss();
-    let net = if weights.exists() {
-        mobilenet::load_imagenet(weights, device)?
+    println!("| layers trained | wall s | img/s | peak RSS MiB |");
+    println!("|---|---|---|---|");
+    let data = TrainData {
+        images: random_inputs(n * config.input_len(), 3),
+        labels: (0..n).map(|i| i % 10).collect(),
+    };
+    let backbone = if args.weights.exists() {
+        mobilenet::load_imagenet(&args.weights, device)?
     } else {
         mobilenet::MobileNetV2::new(device)
     };
-    let mut net = net.train();
-    let train_device = device.clone().autodiff();
-    let mut optimizer = AdamWConfig::new().with_weight_decay(1e-4).init();
-    let classes = mobilenet::NUM_CLASSES;
-    let mut rng = StdRng::seed_from_u64(3);
-    let started = Instant::now();
-    let mut done = 0;
-    let mut last_loss = f32::NAN;
-    while done < n {
-        let b = batch.min(n - done);
-        let x = Tensor::<4>::from_data(
-            TensorData::new(
-                random_inputs(b * 3 * side * side, done as u64),
-                [b, 3, side, side],
-            ),
-            &train_device,
+    let start = Committee::from_backbone(&config, backbone, device)?;
+    let mut variants = vec![None];
+    variants.extend(args.unfreeze_last.iter().map(|&blocks| Some(blocks)));
+    for unfrozen_blocks in variants {
+        reset_peak_rss();
+        let options = TrainOptions {
+            unfrozen_blocks,
+            ..options.clone()
+        };
+        let started = Instant::now();
+        train(start.clone(), &data, &options, |_| true)?;
+        let wall = started.elapsed().as_secs_f64();
+        println!(
+            "| {} | {wall:.1} | {:.1} | {:.0} |",
+            match unfrozen_blocks {
+                None => "every layer".to_string(),
+                Some(blocks) => format!("last {blocks} of 17 blocks, final conv, heads"),
+            },
+            n as f64 / wall,
+            peak_rss_mib()
         );
-        let mut targets = vec![0.0_f32; b * classes];
-        for row in 0..b {
-            targets[row * classes + rng.random_range(0..10)] = 1.0 / b as f32;
-        }
-        let targets = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), &train_device);
-        let loss = (log_softmax(net.forward(x), 1) * targets).sum().neg();
-        last_loss = loss
-            .clone()
-            .try_into_scalar()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let grads = GradientsParams::from_grads(loss.backward(), &net);
-        net = optimizer.step(1e-4, net, grads);
-        done += b;
     }
-    let wall = started.elapsed().as_secs_f64();
-    let flops = 3 * 2 * mobilenet::multiply_adds(side, side, true);
-    println!(
-        "{} weights, 1000-way classifier, labels in 0..10: {wall:.1} s, {:.1} img/s, ~{:.1} GFLOP/s (forward+backward counted as 3x forward), last loss {last_loss:.3}, peak RSS {:.0} MiB",
-        if weights.exists() {
-            "ImageNet"
-        } else {
-            "random"
-        },
-        n as f64 / wall,
-        n as f64 * flops as f64 / wall / 1e9,
-        peak_rss_mib()
-    );
     Ok(())
 }
 

@@ -266,18 +266,8 @@ async fn train(
         )));
     }
     let mode = job.params.mode;
-    if mode != job.params.arch.train_mode() {
-        return Err(RunError::Permanent(format!(
-            "{} is trained in {:?} mode, not {mode:?}: {}",
-            job.params.arch,
-            job.params.arch.train_mode(),
-            match job.params.arch {
-                ModelArch::SmallCnn => "the small CNN has no pretrained backbone to freeze",
-                ModelArch::MobilenetV2 => {
-                    "fine-tuning the whole MobileNetV2 is not available in training jobs"
-                }
-            }
-        )));
+    if let Some(problem) = job.params.problem() {
+        return Err(RunError::Permanent(problem));
     }
     let trained = match mode {
         TrainMode::Full => train_full(worker, job, &snapshot, stop).await?,
@@ -336,6 +326,46 @@ async fn base_model(worker: &Worker, job: &TrainJob) -> Result<Option<Arc<Commit
         Err(err) if err.is_transient() => Err(RunError::Transient(err.to_string())),
         Err(err) => Err(RunError::Permanent(format!("base model refused: {err}"))),
     }
+}
+
+/// Where a MobileNetV2 run starts: the base version when it has the same
+/// backbone shape, input size and classes (its embeddings, cached or not,
+/// are what the new heads will read, so both can be compared on them), or
+/// the ImageNet import with fresh heads for a project's first model. Also
+/// the base itself, to score on the same holdout, and where the backbone
+/// came from, for the log.
+async fn mobilenet_start(
+    worker: &Worker,
+    job: &TrainJob,
+) -> Result<(Arc<Committee>, Option<Arc<Committee>>, String), RunError> {
+    let classes = job.class_names.len();
+    let members = job.params.members.max(2) as usize;
+    let config =
+        ArchitectureConfig::mobilenet_v2(classes, members, job.params.input_size() as usize);
+    let base = base_model(worker, job).await?.filter(|m| {
+        m.has_frozen_backbone()
+            && m.config().input_size == config.input_size
+            && m.config().num_classes == classes
+    });
+    if let Some(model) = &base {
+        return Ok((model.clone(), base.clone(), "the base version".to_string()));
+    }
+    let path = worker.settings.worker.mobilenet_weights.clone();
+    let from = path.display().to_string();
+    let start = tokio::task::spawn_blocking(move || {
+        let device = crate::backend::device();
+        let backbone = model::mobilenet::load_imagenet(&path, &device).map_err(|e| {
+            format!(
+                "the MobileNetV2 ImageNet weights at {} do not load ({e}); run ops/fetch-weights.sh or set worker.mobilenet_weights",
+                path.display()
+            )
+        })?;
+        Committee::from_backbone(&config, backbone, &device).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| RunError::Permanent(format!("loading the backbone panicked: {e}")))?
+    .map_err(RunError::Permanent)?;
+    Ok((Arc::new(start), None, from))
 }
 
 /// Runs `work` (a blocking training loop) with its epochs reported on
@@ -403,7 +433,11 @@ async fn supervised<T: Send + 'static>(
 }
 
 /// Full mode: the small CNN trained whole, from the base version's weights
-/// (or a fresh initialisation).
+/// (or a fresh initialisation); or MobileNetV2 fine-tuned with its heads,
+/// whole or its last `unfrozen_blocks`, from the base version (or the
+/// ImageNet import with fresh heads). A fine-tuned backbone is recorded as
+/// this version's own ([`ArchitectureConfig::backbone`]): embeddings of
+/// other versions no longer describe it.
 async fn train_full(
     worker: &Arc<Worker>,
     job: &TrainJob,
@@ -411,15 +445,25 @@ async fn train_full(
     stop: &CancellationToken,
 ) -> Result<Trained, RunError> {
     let classes = job.class_names.len();
-    let config = ArchitectureConfig::small_cnn(classes, job.params.members.max(2) as usize);
-    let base = base_model(worker, job).await?;
-    let base_model = base.filter(|model| model.config() == &config);
-    let start = match &base_model {
-        Some(model) => (**model).clone(),
-        None => Committee::init(&config, job.params.seed, &crate::backend::device())
-            .map_err(|e| RunError::Permanent(e.to_string()))?,
+    let members = job.params.members.max(2) as usize;
+    let (config, start, base_model) = match job.params.arch {
+        ModelArch::SmallCnn => {
+            let config = ArchitectureConfig::small_cnn(classes, members);
+            let base = base_model(worker, job).await?;
+            let base_model = base.filter(|model| model.config() == &config);
+            let start = match &base_model {
+                Some(model) => (**model).clone(),
+                None => Committee::init(&config, job.params.seed, &crate::backend::device())
+                    .map_err(|e| RunError::Permanent(e.to_string()))?,
+            };
+            (config, start, base_model)
+        }
+        ModelArch::MobilenetV2 => {
+            let (start, base, _) = mobilenet_start(worker, job).await?;
+            let start = Committee::clone(&start).with_backbone_of(job.version_id.to_string());
+            (start.config().clone(), start, base)
+        }
     };
-
     let keys = snapshot
         .examples
         .iter()
@@ -462,6 +506,7 @@ async fn train_full(
         learning_rate: job.params.learning_rate,
         cosine: job.params.schedule == LrSchedule::Cosine,
         seed: job.params.seed,
+        unfrozen_blocks: job.params.unfrozen_blocks.map(|n| n as usize),
         ..TrainOptions::default()
     };
     let train_size = train_data.labels.len();
@@ -498,47 +543,8 @@ async fn train_heads(
 ) -> Result<Trained, RunError> {
     let classes = job.class_names.len();
     let members = job.params.members.max(2) as usize;
-    let config =
-        ArchitectureConfig::mobilenet_v2(classes, members, job.params.input_size() as usize);
-    let base = base_model(worker, job).await?;
-    // Same backbone at the same input size: its embeddings (cached or not)
-    // are what the new heads will read, so both can be compared on them.
-    let base = base.filter(|m| {
-        m.has_frozen_backbone()
-            && m.config().input_size == config.input_size
-            && m.config().num_classes == classes
-    });
-    let backbone_from = match &base {
-        Some(_) => "the base version".to_string(),
-        None => worker
-            .settings
-            .worker
-            .mobilenet_weights
-            .display()
-            .to_string(),
-    };
-    let start = match &base {
-        Some(model) => Committee::clone(model),
-        None => {
-            let path = worker.settings.worker.mobilenet_weights.clone();
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || {
-                let device = crate::backend::device();
-                let backbone = model::mobilenet::load_imagenet(&path, &device).map_err(|e| {
-                    format!(
-                        "the MobileNetV2 ImageNet weights at {} do not load ({e}); run ops/fetch-weights.sh or set worker.mobilenet_weights",
-                        path.display()
-                    )
-                })?;
-                Committee::from_backbone(&config, backbone, &device).map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| RunError::Permanent(format!("loading the backbone panicked: {e}")))?
-            .map_err(RunError::Permanent)?
-        }
-    };
+    let (start, base, backbone_from) = mobilenet_start(worker, job).await?;
     let dim = start.config().embedding_dim;
-    let start = Arc::new(start);
 
     // Embeddings: cached ones first (from the snapshot's table, or inline
     // in a snapshot written before the table), then the rest through the

@@ -19,7 +19,7 @@ use sea_orm::{DatabaseConnection, EntityTrait};
 use serde::Deserialize;
 use serde_json::json;
 use sieve_shared::ids::TaskId;
-use sieve_shared::messages::{ModelArch, TrainParams};
+use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
 use crate::app::Context;
@@ -30,6 +30,7 @@ use crate::ingest::Source;
 use crate::object_prefix::Prefix;
 use crate::policy::Policy;
 use crate::projects::{self, ClassNames, Project, ProjectName};
+use crate::training::RetrainRequest;
 use crate::{dispatch, ingest_runs, models, review, status, training};
 
 pub fn router(ctx: Context) -> Router {
@@ -354,15 +355,6 @@ async fn undo(
     Ok(Json(reopened).into_response())
 }
 
-/// What a retrain request may ask; an empty body asks nothing.
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RetrainRequest {
-    /// Also train on machine labels (see `TrainParams::machine_labels`).
-    #[serde(default)]
-    machine_labels: bool,
-}
-
 async fn retrain(
     State(ctx): State<Context>,
     headers: HeaderMap,
@@ -371,16 +363,14 @@ async fn retrain(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Train).await?;
     let project = project_for(&ctx, &who, &project).await?;
+    // An empty body asks for nothing beyond the project's defaults.
     let asked: RetrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RetrainRequest::default()
     } else {
         serde_json::from_slice(&body)
             .map_err(|e| AppError::Invalid(format!("bad request body: {e}")))?
     };
-    let params = TrainParams {
-        machine_labels: asked.machine_labels,
-        ..project.train_params()
-    };
+    let params = asked.params(&project)?;
     let run = training::request(&ctx, &project, &who.name, params, false).await?;
     Ok((StatusCode::ACCEPTED, Json(run)).into_response())
 }

@@ -28,8 +28,9 @@ pub type CommitteeProbs = Vec<Vec<Vec<f32>>>;
 pub type Embeddings = Vec<Vec<f32>>;
 
 /// A committee: one backbone shared by K linear heads (one backbone forward per batch, K cheap
-/// heads). The backbone is either the small CNN, trained whole, or MobileNetV2 with frozen
-/// ImageNet weights, of which only the heads are ever trained.
+/// heads). The backbone is either the small CNN, trained whole, or MobileNetV2 from its ImageNet
+/// weights, kept frozen while heads train on its embeddings (heads mode) or fine-tuned with them
+/// (full mode).
 ///
 /// Immutable once built; share it between threads with an `Arc`.
 #[derive(Clone, Debug)]
@@ -55,6 +56,39 @@ pub(crate) enum Net {
 pub(crate) struct BackboneHeads {
     backbone: MobileNetV2,
     heads: Linear,
+}
+
+impl BackboneHeads {
+    /// `[batch, members, classes]` logits, the heads reading the embedding times `mask`
+    /// (`[batch, 1280]`, dropout in training).
+    pub(crate) fn forward_masked(
+        &self,
+        images: Tensor<4>,
+        mask: Option<Tensor<2>>,
+        members: usize,
+    ) -> Tensor<3> {
+        let embedding = self.backbone.features(images); // [batch, 1280]
+        let embedding = match mask {
+            Some(mask) => embedding * mask,
+            None => embedding,
+        };
+        let logits = self.heads.forward(embedding); // [batch, members * classes]
+        let [batch, width] = logits.dims();
+        logits.reshape([batch, members, width / members])
+    }
+
+    /// Ready for full-mode fine-tuning: every layer trainable, or, with `unfrozen` blocks, only
+    /// the backbone's last `unfrozen` blocks, its final convolution and the heads.
+    pub(crate) fn for_fine_tuning(self, unfrozen: Option<usize>) -> Self {
+        let net = self.unfreeze();
+        match unfrozen {
+            None => net,
+            Some(blocks) => Self {
+                backbone: net.backbone.freeze_all_but_last(blocks),
+                heads: net.heads,
+            },
+        }
+    }
 }
 
 impl Committee {
@@ -138,6 +172,18 @@ impl Committee {
             config,
             device: self.device.clone(),
         })
+    }
+
+    /// The same weights, recorded as carrying the backbone fine-tuned for model version
+    /// `version` (see [`ArchitectureConfig::backbone`]).
+    pub fn with_backbone_of(self, version: impl Into<String>) -> Self {
+        Self {
+            config: ArchitectureConfig {
+                backbone: Some(version.into()),
+                ..self.config
+            },
+            ..self
+        }
     }
 
     /// Whether the backbone is frozen (heads-only training): true for `mobilenet_v2`.

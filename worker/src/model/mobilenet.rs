@@ -154,6 +154,33 @@ impl MobileNetV2 {
         self.classifier.forward(self.dropout.forward(embedding)) // [batch, 1000]
     }
 
+    /// The same network with the stem and every inverted-residual block but the last `blocks`
+    /// frozen ([`Module::freeze`]: no gradients, BatchNorm on its running statistics); the
+    /// final 1x1 convolution always stays trainable. For partial fine-tuning, where the early
+    /// layers' generic features are kept and their backward pass, the most expensive one at
+    /// full resolution, is never computed.
+    pub fn freeze_all_but_last(self, blocks: usize) -> Self {
+        let trained_from = self.blocks.len().saturating_sub(blocks);
+        Self {
+            stem: self.stem.freeze(),
+            blocks: self
+                .blocks
+                .into_iter()
+                .enumerate()
+                .map(|(i, block)| {
+                    if i < trained_from {
+                        block.freeze()
+                    } else {
+                        block
+                    }
+                })
+                .collect(),
+            head: self.head,
+            dropout: self.dropout,
+            classifier: self.classifier,
+        }
+    }
+
     /// The pooled 1280-wide embedding the classifier reads: the frozen-backbone output.
     ///
     /// # Shapes

@@ -40,6 +40,12 @@ pub struct ArchitectureConfig {
     pub channels: usize,
     /// Width of the backbone embedding the heads read.
     pub embedding_dim: usize,
+    /// Which weights a pretrained backbone carries: `None` for the ImageNet import as it came,
+    /// otherwise the id of the model version whose full-mode run fine-tuned it (kept by the
+    /// heads-mode versions trained on it). Embeddings are only comparable between versions with
+    /// the same backbone, so the scheduler matches cached embeddings by this too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<String>,
 }
 
 impl ArchitectureConfig {
@@ -56,6 +62,7 @@ impl ArchitectureConfig {
             input_size: 28,
             channels: 1,
             embedding_dim: 256,
+            backbone: None,
         }
     }
 
@@ -69,6 +76,7 @@ impl ArchitectureConfig {
             input_size,
             channels: 3,
             embedding_dim: mobilenet::EMBEDDING_DIM,
+            backbone: None,
         }
     }
 
@@ -76,6 +84,18 @@ impl ArchitectureConfig {
     /// backbone's) rather than to `[-1, 1]`.
     pub fn imagenet_normalized(&self) -> bool {
         self.arch == Self::MOBILENET_V2
+    }
+
+    /// Whether `other` is the same network shape (weights of one load into the other), whatever
+    /// backbone weights either carries.
+    pub fn same_shape(&self, other: &Self) -> bool {
+        Self {
+            backbone: None,
+            ..self.clone()
+        } == Self {
+            backbone: None,
+            ..other.clone()
+        }
     }
 
     /// Number of `f32` values of one input image (`channels * input_size * input_size`).

@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use super::committee::{Committee, Net};
+use super::committee::{BackboneHeads, Committee, Net};
 use super::net::{SmallCnn, stream_seed};
 use super::{ModelError, check_images};
 
@@ -65,6 +65,10 @@ pub struct TrainOptions {
     /// Epochs in a row without a better validation result (accuracy, then loss) before training
     /// stops; 0 counts as 1.
     pub patience: usize,
+    /// A pretrained backbone (MobileNetV2): train only its last this many blocks (with its final
+    /// convolution and the heads) and keep the rest frozen; `None` trains every layer. The small
+    /// CNN has no pretrained layers to keep, and refuses it.
+    pub unfrozen_blocks: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -81,6 +85,7 @@ impl Default for TrainOptions {
             seed: 0,
             validation_share: 0.1,
             patience: 3,
+            unfrozen_blocks: None,
         }
     }
 }
@@ -97,7 +102,10 @@ pub struct EpochReport {
 }
 
 /// Fine-tunes `start` (a fresh [`Committee::init`] or a loaded previous version) on `data` with
-/// AdamW, and returns the best epoch's weights.
+/// AdamW, and returns the best epoch's weights. A small CNN trains whole; a MobileNetV2 committee
+/// trains its heads with its backbone, whole or only the last
+/// [`unfrozen_blocks`](TrainOptions::unfrozen_blocks) (full mode; heads mode is
+/// [`train_heads`](super::train_heads), on cached embeddings).
 ///
 /// `on_epoch` is called after every epoch; returning `false` stops training with
 /// [`ModelError::Cancelled`]. With zero training examples `start` comes back unchanged (a fresh,
@@ -107,7 +115,7 @@ pub fn train(
     start: Committee,
     data: &TrainData,
     options: &TrainOptions,
-    mut on_epoch: impl FnMut(&EpochReport) -> bool,
+    on_epoch: impl FnMut(&EpochReport) -> bool,
 ) -> Result<Committee, ModelError> {
     let config = start.config.clone();
     let n = data.labels.len();
@@ -123,26 +131,72 @@ pub fn train(
         )));
     }
     check_options(options)?;
+    if options.unfrozen_blocks.is_some() && matches!(start.net, Net::Small(_)) {
+        return Err(ModelError::InvalidOptions(format!(
+            "{} has no pretrained layers to keep frozen: it always trains whole",
+            config.arch
+        )));
+    }
     if n == 0 || options.epochs == 0 {
         return Ok(start);
     }
 
+    match &start.net {
+        Net::Small(net) => fit(net.clone(), &start, data, options, on_epoch),
+        Net::Mobile(net) => {
+            let net = net.clone().for_fine_tuning(options.unfrozen_blocks);
+            fit(net, &start, data, options, on_epoch)
+        }
+    }
+}
+
+/// A committee's network as the fine-tuning loop sees it.
+pub(crate) trait Tunable: Module {
+    /// `[batch, members, classes]` logits, the heads reading the embedding times `mask`.
+    fn logits(&self, images: Tensor<4>, mask: Option<Tensor<2>>, members: usize) -> Tensor<3>;
+    fn into_net(self) -> Net;
+}
+
+impl Tunable for SmallCnn {
+    fn logits(&self, images: Tensor<4>, mask: Option<Tensor<2>>, _members: usize) -> Tensor<3> {
+        self.forward_masked(images, mask).logits
+    }
+
+    fn into_net(self) -> Net {
+        Net::Small(self)
+    }
+}
+
+impl Tunable for BackboneHeads {
+    fn logits(&self, images: Tensor<4>, mask: Option<Tensor<2>>, members: usize) -> Tensor<3> {
+        self.forward_masked(images, mask, members)
+    }
+
+    fn into_net(self) -> Net {
+        Net::Mobile(self)
+    }
+}
+
+/// The training loop of [`train`], for either network.
+fn fit<M: Tunable>(
+    net: M,
+    start: &Committee,
+    data: &TrainData,
+    options: &TrainOptions,
+    mut on_epoch: impl FnMut(&EpochReport) -> bool,
+) -> Result<Committee, ModelError> {
+    let config = start.config.clone();
+    let n = data.labels.len();
     let (train_set, val_set) = split(n, options.validation_share, options.seed)?;
     let class_weights = class_weights(&data.labels, &train_set, config.num_classes);
     let bootstrap = bootstrap_weights(n, config.members, options.seed);
 
     let train_device = start.device.clone().autodiff();
-    let Net::Small(net) = &start.net else {
-        return Err(ModelError::InvalidOptions(format!(
-            "{} keeps its pretrained backbone frozen: train its heads on embeddings (heads mode)",
-            config.arch
-        )));
-    };
-    let mut net = net.clone().train();
+    let mut net = net.train();
     let mut optimizer = AdamWConfig::new()
         .with_weight_decay(options.weight_decay as f32)
         .init();
-    let mut best: Option<Best> = None;
+    let mut best: Option<Best<M>> = None;
     let mut epochs_since_best = 0;
     let mut order = train_set.clone();
 
@@ -184,7 +238,7 @@ pub fn train(
                 )
             });
             // [batch, members, classes]
-            let log_probs = log_softmax(net.forward_masked(x, mask).logits, 2);
+            let log_probs = log_softmax(net.logits(x, mask, config.members), 2);
             let loss = (log_probs * weights).sum().neg().div_scalar(targets.total);
             // Read back every batch: a NaN stops the run at once instead of training on.
             let value: f32 = loss
@@ -206,7 +260,7 @@ pub fn train(
             None
         } else {
             let candidate = Committee {
-                net: Net::Small(snapshot.clone()),
+                net: snapshot.clone().into_net(),
                 config: config.clone(),
                 device: start.device.clone(),
             };
@@ -247,9 +301,9 @@ pub fn train(
     }
 
     Ok(Committee {
-        net: Net::Small(best.map_or_else(|| net.valid(), |b| b.net)),
+        net: best.map_or_else(|| net.valid(), |b| b.net).into_net(),
         config,
-        device: start.device,
+        device: start.device.clone(),
     })
 }
 
@@ -419,9 +473,9 @@ impl Validation {
     }
 }
 
-struct Best {
+struct Best<M> {
     validation: Validation,
-    net: SmallCnn,
+    net: M,
 }
 
 fn evaluate(
@@ -653,6 +707,120 @@ mod tests {
             train(fresh(), &data(4, 0), &all_validation, |_| true),
             Err(ModelError::NotEnoughData(_))
         ));
+
+        // The small CNN has nothing pretrained to keep.
+        let partial = TrainOptions {
+            unfrozen_blocks: Some(2),
+            ..TrainOptions::default()
+        };
+        match train(fresh(), &data(4, 0), &partial, |_| true) {
+            Err(ModelError::InvalidOptions(reason)) => {
+                assert!(reason.contains("always trains whole"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    /// Every float parameter (BatchNorm running statistics included) of a MobileNetV2
+    /// committee with its module's path, in the module's own order.
+    fn mobilenet_params(committee: &Committee) -> Vec<(String, Vec<f32>)> {
+        use burn::module::{ModuleVisitor, Param};
+
+        #[derive(Default)]
+        struct Values {
+            stack: Vec<String>,
+            values: Vec<(String, Vec<f32>)>,
+        }
+        impl ModuleVisitor for Values {
+            fn enter_module(&mut self, name: &str, _container_type: &str) {
+                self.stack.push(name.to_string());
+            }
+            fn exit_module(&mut self, _name: &str, _container_type: &str) {
+                self.stack.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let values = param.val().try_into_vec_as::<f32>().unwrap();
+                self.values.push((self.stack.join("."), values));
+            }
+        }
+        let Net::Mobile(net) = &committee.net else {
+            panic!("not a MobileNetV2 committee");
+        };
+        let mut visitor = Values::default();
+        net.visit(&mut visitor);
+        visitor.values
+    }
+
+    /// Which parameters moved between two committees of the same shape, by path.
+    fn moved(before: &Committee, after: &Committee) -> Vec<String> {
+        let (before, after) = (mobilenet_params(before), mobilenet_params(after));
+        assert_eq!(before.len(), after.len());
+        before
+            .iter()
+            .zip(&after)
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((path, _), _)| path.clone())
+            .collect()
+    }
+
+    #[test]
+    fn full_mode_fine_tunes_mobilenet_whole_or_only_its_last_blocks() {
+        // 32 pixels, the smallest input the backbone takes, to keep the test fast.
+        let config = ArchitectureConfig::mobilenet_v2(4, 2, 32);
+        let start = Committee::init(&config, 0, &Device::flex()).unwrap();
+        let (images, labels) = squares(&config, 16, 5);
+        let data = TrainData { images, labels };
+        let options = TrainOptions {
+            epochs: 1,
+            batch_size: 8,
+            validation_share: 0.0,
+            ..TrainOptions::default()
+        };
+
+        let partial = TrainOptions {
+            unfrozen_blocks: Some(1),
+            ..options.clone()
+        };
+        let trained = train(start.clone(), &data, &partial, |_| true).unwrap();
+        let changed = moved(&start, &trained);
+        let under = |prefix: &str| changed.iter().filter(|p| p.starts_with(prefix)).count();
+        assert!(under("heads") > 0, "the heads train: {changed:?}");
+        assert!(
+            under("backbone.head") > 0,
+            "the final convolution trains: {changed:?}"
+        );
+        assert!(
+            under("backbone.blocks.16") > 0,
+            "the last block trains: {changed:?}"
+        );
+        // Weights and BatchNorm statistics of everything before it stay as they were.
+        assert_eq!(under("backbone.stem"), 0, "{changed:?}");
+        for block in 0..16 {
+            assert_eq!(
+                under(&format!("backbone.blocks.{block}.")),
+                0,
+                "block {block} is frozen: {changed:?}"
+            );
+        }
+
+        let whole = train(start.clone(), &data, &options, |_| true).unwrap();
+        let changed = moved(&start, &whole);
+        assert!(
+            changed.iter().any(|p| p.starts_with("backbone.stem")),
+            "without unfrozen_blocks every layer trains: {changed:?}"
+        );
+        assert!(
+            changed.iter().any(|p| p.starts_with("backbone.blocks.0.")),
+            "{changed:?}"
+        );
+        // Inference afterwards: probabilities for every member, nothing NaN.
+        let probs = whole
+            .predict(&data.images[..2 * config.input_len()], 2)
+            .unwrap();
+        assert!(
+            probs.iter().flatten().flatten().all(|p| p.is_finite()),
+            "{probs:?}"
+        );
     }
 
     #[test]
