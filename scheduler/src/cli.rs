@@ -120,8 +120,9 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Ingest of a folder of PNGs and of a manifest of keys, against the
-    /// raw publish rate of the same broker; own database and queues.
+    /// Ingest of a folder of PNGs (copied into the store, and inside the
+    /// store referenced in place) and of a manifest of keys, against the raw
+    /// publish rate of the same broker; own database and queues.
     Ingest(crate::bench_ingest::BenchIngestArgs),
     /// Review claims: many reviewers claiming and submitting at once until
     /// the queue is empty; latencies, throughput, zero double claims.
@@ -475,11 +476,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => "row(s)",
             };
             println!(
-                "ingest {id}: {} {} into {}: {} new, {} duplicate, {} failed, {} with imported labels, {} dispatched",
+                "ingest {id}: {} {} into {}: {} new ({} referenced in place), {} duplicate, {} failed, {} with imported labels, {} dispatched",
                 summary.files_seen,
                 what,
                 project.name,
                 summary.new_items,
+                summary.in_place,
                 summary.duplicates,
                 summary.failed,
                 summary.imported_labels,
