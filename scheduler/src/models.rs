@@ -108,10 +108,52 @@ async fn find_version(
         })
 }
 
+/// Whose decision an activation carries out.
+#[derive(Clone, Copy, Debug)]
+enum Decision {
+    /// A person's (promote, rollback): whatever is active is replaced.
+    Person,
+    /// The automatic promotion, decided against `champion`: carried out only
+    /// while that is still the active version, so that it never overrides a
+    /// promotion or rollback a person made while the candidate was judged.
+    Automatic { champion: Option<Uuid> },
+}
+
 /// Make `version_id` the project's active model, notify the fleet and
 /// rescore. Returns the number of items re-dispatched.
 pub async fn activate(ctx: &Context, project: &Project, version_id: Uuid) -> AppResult<usize> {
+    Ok(activate_as(ctx, project, version_id, Decision::Person)
+        .await?
+        .unwrap_or(0))
+}
+
+/// [`activate`] on `decision`'s behalf; `None` when an automatic decision
+/// was overtaken (the champion it was judged against is no longer active).
+///
+/// Activations of one project are serialized on its row: two at once (a
+/// person's promotion racing an automatic one) would otherwise both retire
+/// the champion they saw and both activate their own version, and the one
+/// committing second would fail on the one-active-version index.
+async fn activate_as(
+    ctx: &Context,
+    project: &Project,
+    version_id: Uuid,
+    decision: Decision,
+) -> AppResult<Option<usize>> {
     let txn = ctx.db.begin().await?;
+    let current = project::Entity::find_by_id(project.id.as_uuid())
+        .lock_exclusive()
+        .one(&txn)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no project {}", project.name)))?;
+    if let Decision::Automatic { champion } = decision
+        && current.active_model_version_id != champion
+    {
+        txn.rollback().await?;
+        // A person may have promoted this very version meanwhile.
+        let done = current.active_model_version_id == Some(version_id);
+        return Ok(done.then_some(0));
+    }
     let target = model_version::Entity::find_by_id(version_id)
         .lock_exclusive()
         .one(&txn)
@@ -174,7 +216,7 @@ pub async fn activate(ctx: &Context, project: &Project, version_id: Uuid) -> App
         .map_err(anyhow::Error::from)?;
     // Reload: the project now points at the new version.
     let project = projects::get(&ctx.db, &project.id.to_string()).await?;
-    Ok(dispatch::dispatch_pending(ctx, &project, None).await?)
+    Ok(Some(dispatch::dispatch_pending(ctx, &project, None).await?))
 }
 
 /// Promote a version by number (the ML team's manual override).
@@ -207,7 +249,10 @@ pub async fn rollback(ctx: &Context, project: &Project) -> AppResult<i32> {
 /// champion's minus `training.promotion_margin`. The champion's figure is
 /// the one measured on the candidate's own holdout when the run started from
 /// the current champion (the fair comparison); otherwise the accuracy the
-/// champion recorded when it was trained.
+/// champion recorded when it was trained. The champion is `project`'s active
+/// version as read by the caller; if a person promotes or rolls back before
+/// the candidate is activated, the candidate stays a candidate with that
+/// reason rather than overriding them.
 pub async fn consider_promotion(
     ctx: &Context,
     project: &Project,
@@ -242,22 +287,30 @@ pub async fn consider_promotion(
         (Some(_), None) => false,
         (Some(champion), Some(candidate)) => candidate + margin >= champion,
     };
-    if promote {
-        activate(ctx, project, candidate_id).await?;
-    } else {
-        let reason = format!(
+    let decision = Decision::Automatic {
+        champion: project.active_model_version_id,
+    };
+    let reason = if !promote {
+        format!(
             "not promoted: holdout accuracy {} is below the champion's {} ({basis}, margin {margin})",
             candidate_accuracy.map_or("unmeasured".into(), |a| format!("{a:.4}")),
             champion_accuracy.map_or("unmeasured".into(), |a| format!("{a:.4}")),
-        );
-        tracing::info!(project = %project.name, version = candidate.version, %reason);
-        model_version::Entity::update(model_version::ActiveModel {
-            id: Set(candidate_id),
-            status_reason: Set(Some(reason)),
-            ..Default::default()
-        })
-        .exec(&ctx.db)
-        .await?;
-    }
-    Ok(promote)
+        )
+    } else if activate_as(ctx, project, candidate_id, decision)
+        .await?
+        .is_none()
+    {
+        "not promoted: another version was made active while this one was judged against the champion; `sieve models promote` it to use it".to_owned()
+    } else {
+        return Ok(true);
+    };
+    tracing::info!(project = %project.name, version = candidate.version, %reason);
+    model_version::Entity::update(model_version::ActiveModel {
+        id: Set(candidate_id),
+        status_reason: Set(Some(reason)),
+        ..Default::default()
+    })
+    .exec(&ctx.db)
+    .await?;
+    Ok(false)
 }

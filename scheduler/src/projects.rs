@@ -121,8 +121,9 @@ impl Project {
     }
 
     /// The parameters of a training run of this project: its architecture
-    /// and the mode that architecture trains in (heads only for
-    /// MobileNetV2), the same for the first model and every retrain.
+    /// and the mode that architecture trains in by default (heads only for
+    /// MobileNetV2), for the first model, every automatic retrain and every
+    /// retrain that asks for nothing else (see `training::RetrainRequest`).
     pub fn train_params(&self) -> TrainParams {
         TrainParams::for_arch(self.arch)
     }

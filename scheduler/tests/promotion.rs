@@ -160,3 +160,117 @@ async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
     })
     .await;
 }
+
+/// A person's promotion and an automatic one at the same moment: both
+/// return, exactly one version is active (before activations were
+/// serialized on the project row, the second to commit failed on the
+/// one-active-version index); and an automatic decision judged against a
+/// champion that a person has since replaced is not carried out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn activations_at_once_leave_one_active_and_a_stale_decision_steps_aside() {
+    with_app(60, |app| async move {
+        let db = app.db();
+        let created = projects::create(
+            db,
+            &ProjectName::parse("race").unwrap(),
+            &ClassNames::parse(&["a".into(), "b".into()]).unwrap(),
+            &Policy::default(),
+            ModelArch::SmallCnn,
+        )
+        .await
+        .unwrap();
+        let pid = created.id.as_uuid();
+        let v1 = version(db, pid, 1, None, VersionStatus::Active, metrics(0.80, None)).await;
+        project::Entity::update(project::ActiveModel {
+            id: Set(pid),
+            active_model_version_id: Set(Some(v1)),
+            ..Default::default()
+        })
+        .exec(db)
+        .await
+        .unwrap();
+
+        for round in 0..10 {
+            let project = projects::get(db, "race").await.unwrap();
+            let (a, b) = (
+                version(
+                    db,
+                    pid,
+                    2 + 2 * round,
+                    Some(v1),
+                    VersionStatus::Candidate,
+                    metrics(0.9, None),
+                )
+                .await,
+                version(
+                    db,
+                    pid,
+                    3 + 2 * round,
+                    Some(v1),
+                    VersionStatus::Candidate,
+                    metrics(0.9, None),
+                )
+                .await,
+            );
+            let (first, second) = tokio::join!(
+                models::activate(&app.ctx, &project, a),
+                models::activate(&app.ctx, &project, b),
+            );
+            first.unwrap();
+            second.unwrap();
+            let active: Vec<Uuid> = model_version::Entity::find()
+                .all(db)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|v| v.project_id == pid && v.status == VersionStatus::Active)
+                .map(|v| v.id)
+                .collect();
+            assert_eq!(active.len(), 1, "round {round}: {active:?}");
+            let pointed = projects::get(db, "race")
+                .await
+                .unwrap()
+                .active_model_version_id;
+            assert_eq!(pointed, Some(active[0]), "round {round}");
+        }
+
+        // The automatic decision reads the champion, a person promotes
+        // another version, then the decision would be carried out.
+        let stale = projects::get(db, "race").await.unwrap();
+        let champion = stale.active_model_version_id.unwrap();
+        let chosen = version(
+            db,
+            pid,
+            100,
+            Some(champion),
+            VersionStatus::Candidate,
+            metrics(0.5, None),
+        )
+        .await;
+        let candidate = version(
+            db,
+            pid,
+            101,
+            Some(champion),
+            VersionStatus::Candidate,
+            metrics(0.99, Some(0.5)),
+        )
+        .await;
+        models::promote(&app.ctx, &stale, 100).await.unwrap();
+        assert!(
+            !models::consider_promotion(&app.ctx, &stale, candidate)
+                .await
+                .unwrap(),
+            "a decision against a replaced champion is not carried out"
+        );
+        let candidate_now = status_of(db, candidate).await;
+        assert_eq!(candidate_now.status, VersionStatus::Candidate);
+        let reason = candidate_now.status_reason.unwrap();
+        assert!(
+            reason.contains("another version was made active"),
+            "{reason}"
+        );
+        assert_eq!(status_of(db, chosen).await.status, VersionStatus::Active);
+    })
+    .await;
+}

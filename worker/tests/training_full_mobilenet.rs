@@ -72,6 +72,18 @@ async fn version(sieve: &TestSieve, id: uuid::Uuid) -> model_version::Model {
         .unwrap()
 }
 
+/// The version once the scheduler has decided on its promotion: active, or
+/// a candidate with the reason it was not promoted.
+async fn decided(sieve: &TestSieve, id: uuid::Uuid) -> model_version::Model {
+    eventually("the promotion decision", WAIT, || async {
+        let v = version(sieve, id).await;
+        (v.status == VersionStatus::Active
+            || (v.status == VersionStatus::Candidate && v.status_reason.is_some()))
+        .then_some(v)
+    })
+    .await
+}
+
 /// Item id -> embedding of that version's prediction, where it has one.
 async fn embeddings_of(sieve: &TestSieve, version: uuid::Uuid) -> HashMap<uuid::Uuid, Vec<f32>> {
     prediction::Entity::find()
@@ -206,7 +218,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
 
     // v3 takes over (promoted by hand if the policy kept it a candidate);
     // the items in review are rescored by it, with its own embeddings.
-    if version(&sieve, v3.id).await.status != VersionStatus::Active {
+    if decided(&sieve, v3.id).await.status != VersionStatus::Active {
         models::promote(&sieve.ctx, &project, v3.version)
             .await
             .unwrap();
@@ -252,7 +264,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
             example.item_id
         );
     }
-    let v4 = version(&sieve, heads_again.model_version_id).await;
+    let v4 = decided(&sieve, heads_again.model_version_id).await;
     assert_eq!(
         v4.architecture.unwrap()["backbone"],
         v3.id.to_string(),
