@@ -59,6 +59,43 @@ async fn version(
     id
 }
 
+/// A project whose version 1 is active with `accuracy` recorded: its id and
+/// version 1's.
+async fn project_with_champion(
+    db: &sea_orm::DatabaseConnection,
+    name: &str,
+    accuracy: f64,
+) -> (Uuid, Uuid) {
+    let created = projects::create(
+        db,
+        &ProjectName::parse(name).unwrap(),
+        &ClassNames::parse(&["a".into(), "b".into()]).unwrap(),
+        &Policy::default(),
+        ModelArch::SmallCnn,
+    )
+    .await
+    .unwrap();
+    let pid = created.id.as_uuid();
+    let v1 = version(
+        db,
+        pid,
+        1,
+        None,
+        VersionStatus::Active,
+        metrics(accuracy, None),
+    )
+    .await;
+    project::Entity::update(project::ActiveModel {
+        id: Set(pid),
+        active_model_version_id: Set(Some(v1)),
+        ..Default::default()
+    })
+    .exec(db)
+    .await
+    .unwrap();
+    (pid, v1)
+}
+
 async fn status_of(db: &sea_orm::DatabaseConnection, id: Uuid) -> model_version::Model {
     model_version::Entity::find_by_id(id)
         .one(db)
@@ -71,25 +108,7 @@ async fn status_of(db: &sea_orm::DatabaseConnection, id: Uuid) -> model_version:
 async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
     with_app(60, |app| async move {
         let db = app.db();
-        let created = projects::create(
-            db,
-            &ProjectName::parse("promo").unwrap(),
-            &ClassNames::parse(&["a".into(), "b".into()]).unwrap(),
-            &Policy::default(),
-            ModelArch::SmallCnn,
-        )
-        .await
-        .unwrap();
-        let pid = created.id.as_uuid();
-        let v1 = version(db, pid, 1, None, VersionStatus::Active, metrics(0.95, None)).await;
-        project::Entity::update(project::ActiveModel {
-            id: Set(pid),
-            active_model_version_id: Set(Some(v1)),
-            ..Default::default()
-        })
-        .exec(db)
-        .await
-        .unwrap();
+        let (pid, v1) = project_with_champion(db, "promo", 0.95).await;
 
         // v2 recorded 0.60 and the champion scored 0.80 on v2's own holdout:
         // worse. (v1's 0.95 was measured on an older, easier holdout.)
@@ -170,25 +189,7 @@ async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
 async fn activations_at_once_leave_one_active_and_a_stale_decision_steps_aside() {
     with_app(60, |app| async move {
         let db = app.db();
-        let created = projects::create(
-            db,
-            &ProjectName::parse("race").unwrap(),
-            &ClassNames::parse(&["a".into(), "b".into()]).unwrap(),
-            &Policy::default(),
-            ModelArch::SmallCnn,
-        )
-        .await
-        .unwrap();
-        let pid = created.id.as_uuid();
-        let v1 = version(db, pid, 1, None, VersionStatus::Active, metrics(0.80, None)).await;
-        project::Entity::update(project::ActiveModel {
-            id: Set(pid),
-            active_model_version_id: Set(Some(v1)),
-            ..Default::default()
-        })
-        .exec(db)
-        .await
-        .unwrap();
+        let (pid, v1) = project_with_champion(db, "race", 0.80).await;
 
         for round in 0..10 {
             let project = projects::get(db, "race").await.unwrap();

@@ -14,19 +14,17 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{TestSieve, eventually};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
-use sieve_scheduler::entities::label::{self, LabelSource};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
-use sieve_scheduler::entities::training_run::{self, RunState};
-use sieve_scheduler::entities::{item, prediction};
-use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_scheduler::entities::prediction;
+use sieve_scheduler::entities::training_run;
+use sieve_scheduler::fashion_mnist::Split;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::Project;
 use sieve_scheduler::training::{self, RetrainRequest};
 use sieve_scheduler::{ingest, models, projects};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
-use sieve_shared::store::sha256_hex;
 
 const IMAGES: usize = 200;
 const WAIT: Duration = Duration::from_secs(300);
@@ -37,31 +35,23 @@ async fn retrain(
     project: &Project,
     asked: RetrainRequest,
 ) -> training_run::Model {
-    let db = &sieve.ctx.db;
     let params = asked.params(project).unwrap();
     let run = training::request(&sieve.ctx, project, "test", params, false)
         .await
         .unwrap();
-    let finished = eventually("the run to finish", WAIT, || async {
-        let r = training_run::Entity::find_by_id(run.run_id)
-            .one(db)
-            .await
-            .ok()??;
-        matches!(
-            r.state,
-            RunState::Succeeded | RunState::Failed | RunState::Cancelled
-        )
-        .then_some(r)
-    })
-    .await;
-    assert_eq!(
-        finished.state,
-        RunState::Succeeded,
-        "run ended {:?}: {:?}",
-        finished.state,
-        finished.error
-    );
-    finished
+    common::succeeded(sieve, run.run_id, WAIT).await
+}
+
+/// A heads run's snapshot and its table of cached embeddings.
+async fn snapshot_with_table(
+    sieve: &TestSieve,
+    run: &training_run::Model,
+) -> (Snapshot, Embeddings) {
+    let bytes = sieve.ctx.store.get(&run.snapshot_key).await.unwrap();
+    let snapshot: Snapshot = serde_json::from_slice(&bytes).unwrap();
+    let table = snapshot.embeddings.as_ref().expect("an embedding table");
+    let cached = Embeddings::load(&sieve.ctx.store, table).await.unwrap();
+    (snapshot, cached)
 }
 
 async fn version(sieve: &TestSieve, id: uuid::Uuid) -> model_version::Model {
@@ -118,34 +108,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
         (embeddings_of(&sieve, v1).await.len() == items_made).then_some(())
     })
     .await;
-    let truth: HashMap<String, i32> = (0..IMAGES)
-        .map(|i| {
-            let bytes = std::fs::read(dir.path().join(fashion_mnist::file_name(Split::Train, i)));
-            (sha256_hex(&bytes.unwrap()), i32::from(data.labels[i]))
-        })
-        .collect();
-    let items = item::Entity::find()
-        .filter(item::Column::ProjectId.eq(project.id.as_uuid()))
-        .all(db)
-        .await
-        .unwrap();
-    let now = chrono::Utc::now().fixed_offset();
-    for item in &items {
-        label::Entity::insert(label::ActiveModel {
-            id: Set(uuid::Uuid::now_v7()),
-            item_id: Set(item.id),
-            class_index: Set(truth[&item.content_hash]),
-            source: Set(LabelSource::Human),
-            reviewer: Set(Some("test".into())),
-            prediction_id: Set(None),
-            model_version_id: Set(None),
-            review_task_id: Set(None),
-            created_at: Set(now),
-        })
-        .exec_without_returning(db)
-        .await
-        .unwrap();
-    }
+    common::label_with_truth(&sieve, &project, dir.path(), &data).await;
 
     // Heads on the ImageNet backbone: v2, promoted over the untrained heads.
     let heads = retrain(&sieve, &project, RetrainRequest::default()).await;
@@ -241,17 +204,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
     // Heads mode on v3: its cached embeddings, v3's, never v1's or v2's.
     let project = projects::get(db, "full").await.unwrap();
     let heads_again = retrain(&sieve, &project, RetrainRequest::default()).await;
-    let snapshot: Snapshot = serde_json::from_slice(
-        &sieve
-            .ctx
-            .store
-            .get(&heads_again.snapshot_key)
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let table = snapshot.embeddings.as_ref().expect("an embedding table");
-    let cached = Embeddings::load(&sieve.ctx.store, table).await.unwrap();
+    let (snapshot, cached) = snapshot_with_table(&sieve, &heads_again).await;
     for example in &snapshot.examples {
         let row = example
             .embedding_row
@@ -278,17 +231,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
         .unwrap();
     let project = projects::get(db, "full").await.unwrap();
     let on_imagenet = retrain(&sieve, &project, RetrainRequest::default()).await;
-    let snapshot: Snapshot = serde_json::from_slice(
-        &sieve
-            .ctx
-            .store
-            .get(&on_imagenet.snapshot_key)
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let table = snapshot.embeddings.as_ref().expect("an embedding table");
-    let cached = Embeddings::load(&sieve.ctx.store, table).await.unwrap();
+    let (snapshot, cached) = snapshot_with_table(&sieve, &on_imagenet).await;
     for example in &snapshot.examples {
         let item = example.item_id.as_uuid();
         let row = example

@@ -12,21 +12,17 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{TestSieve, eventually};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
-use sieve_scheduler::entities::label::{self, LabelSource};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
-use sieve_scheduler::entities::training_run::{self, RunState};
-use sieve_scheduler::entities::{item, prediction};
-use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_scheduler::entities::prediction;
+use sieve_scheduler::fashion_mnist::Split;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::{ingest, projects, training};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
-use sieve_shared::store::sha256_hex;
 
 const IMAGES: usize = 200;
 const WAIT: Duration = Duration::from_secs(300);
@@ -78,35 +74,8 @@ async fn heads_retrain_learns_from_cached_embeddings_alone() {
     assert!(widths.iter().all(|&w| w == 1280), "{widths:?}");
 
     // People label them (the ground truth, written as review would).
-    let truth: HashMap<String, i32> = (0..IMAGES)
-        .map(|i| {
-            let bytes = std::fs::read(dir.path().join(fashion_mnist::file_name(Split::Train, i)));
-            (sha256_hex(&bytes.unwrap()), i32::from(data.labels[i]))
-        })
-        .collect();
-    let items = item::Entity::find()
-        .filter(item::Column::ProjectId.eq(project.id.as_uuid()))
-        .all(db)
-        .await
-        .unwrap();
+    let items = common::label_with_truth(&sieve, &project, dir.path(), &data).await;
     assert_eq!(items.len(), items_made);
-    let now = chrono::Utc::now().fixed_offset();
-    for item in &items {
-        label::Entity::insert(label::ActiveModel {
-            id: Set(uuid::Uuid::now_v7()),
-            item_id: Set(item.id),
-            class_index: Set(truth[&item.content_hash]),
-            source: Set(LabelSource::Human),
-            reviewer: Set(Some("test".into())),
-            prediction_id: Set(None),
-            model_version_id: Set(None),
-            review_task_id: Set(None),
-            created_at: Set(now),
-        })
-        .exec_without_returning(db)
-        .await
-        .unwrap();
-    }
 
     // The images go away: heads mode must train from the cached embeddings.
     for item in &items {
@@ -122,25 +91,7 @@ async fn heads_retrain_learns_from_cached_embeddings_alone() {
     let run = training::request(&sieve.ctx, &project, "test", params, false)
         .await
         .unwrap();
-    let finished = eventually("the heads run to finish", WAIT, || async {
-        let r = training_run::Entity::find_by_id(run.run_id)
-            .one(db)
-            .await
-            .ok()??;
-        matches!(
-            r.state,
-            RunState::Succeeded | RunState::Failed | RunState::Cancelled
-        )
-        .then_some(r)
-    })
-    .await;
-    assert_eq!(
-        finished.state,
-        RunState::Succeeded,
-        "run ended {:?}: {:?}",
-        finished.state,
-        finished.error
-    );
+    let finished = common::succeeded(&sieve, run.run_id, WAIT).await;
 
     let bytes = sieve.ctx.store.get(&finished.snapshot_key).await.unwrap();
     let snapshot: Snapshot = serde_json::from_slice(&bytes).unwrap();

@@ -237,6 +237,86 @@ pub async fn ingest_labeled(
         .new_items
 }
 
+/// Label every item of `project` with its true class as a person would
+/// (a `human` label per item, written directly); `dir` holds the images
+/// [`fashion_images`] exported for `data`. Returns the items.
+#[allow(dead_code)] // not every test binary trains
+pub async fn label_with_truth(
+    sieve: &TestSieve,
+    project: &sieve_scheduler::projects::Project,
+    dir: &Path,
+    data: &sieve_scheduler::fashion_mnist::Dataset,
+) -> Vec<sieve_scheduler::entities::item::Model> {
+    use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+    use sieve_scheduler::entities::item;
+    use sieve_scheduler::entities::label::{self, LabelSource};
+    use sieve_scheduler::fashion_mnist::{self, Split};
+    let truth: std::collections::HashMap<String, i32> = (0..data.labels.len())
+        .map(|i| {
+            let bytes = std::fs::read(dir.join(fashion_mnist::file_name(Split::Train, i)));
+            (
+                sieve_shared::store::sha256_hex(&bytes.unwrap()),
+                i32::from(data.labels[i]),
+            )
+        })
+        .collect();
+    let db = &sieve.ctx.db;
+    let items = item::Entity::find()
+        .filter(item::Column::ProjectId.eq(project.id.as_uuid()))
+        .all(db)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().fixed_offset();
+    for item in &items {
+        label::Entity::insert(label::ActiveModel {
+            id: Set(uuid::Uuid::now_v7()),
+            item_id: Set(item.id),
+            class_index: Set(truth[&item.content_hash]),
+            source: Set(LabelSource::Human),
+            reviewer: Set(Some("test".into())),
+            prediction_id: Set(None),
+            model_version_id: Set(None),
+            review_task_id: Set(None),
+            created_at: Set(now),
+        })
+        .exec_without_returning(db)
+        .await
+        .unwrap();
+    }
+    items
+}
+
+/// Wait for training run `run` to end and assert it succeeded.
+#[allow(dead_code)] // not every test binary trains
+pub async fn succeeded(
+    sieve: &TestSieve,
+    run: uuid::Uuid,
+    timeout: Duration,
+) -> sieve_scheduler::entities::training_run::Model {
+    use sea_orm::EntityTrait;
+    use sieve_scheduler::entities::training_run::{self, RunState};
+    let finished = eventually("the training run to finish", timeout, || async {
+        let r = training_run::Entity::find_by_id(run)
+            .one(&sieve.ctx.db)
+            .await
+            .ok()??;
+        matches!(
+            r.state,
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled
+        )
+        .then_some(r)
+    })
+    .await;
+    assert_eq!(
+        finished.state,
+        RunState::Succeeded,
+        "run ended {:?}: {:?}",
+        finished.state,
+        finished.error
+    );
+    finished
+}
+
 /// Exact accounting of one project after a fault, as the reliability tests
 /// print it.
 #[derive(Debug, PartialEq, Eq)]
