@@ -277,6 +277,10 @@ pub struct WorkerSettings {
     /// puts them here): the frozen backbone of a `mobilenet_v2` project's
     /// first model. Later versions carry the backbone in their artifact.
     pub mobilenet_weights: PathBuf,
+    /// The most memory a full-mode training run may take for its input
+    /// images (every snapshot image as `f32` model input); a run that would
+    /// need more is refused, saying how much. Heads mode needs none of it.
+    pub train_images_mib: u64,
 }
 
 impl Default for WorkerSettings {
@@ -290,6 +294,7 @@ impl Default for WorkerSettings {
             model_cache: 4,
             pipeline: true,
             mobilenet_weights: PathBuf::from("ops/weights/mobilenet_v2-b0353104.pth"),
+            train_images_mib: 4096,
         }
     }
 }

@@ -464,6 +464,21 @@ async fn train_full(
             (start.config().clone(), start, base)
         }
     };
+    // Every image is held as model input for the whole run: refuse at once,
+    // with the figure, what would otherwise end in an out-of-memory kill.
+    let needed = snapshot.examples.len() as u64 * config.input_len() as u64 * 4;
+    let allowed = worker.settings.worker.train_images_mib << 20;
+    if needed > allowed {
+        return Err(RunError::Permanent(format!(
+            "full mode holds every training image as model input: {} images at {}x{}x{} need {} MiB, above worker.train_images_mib = {} MiB; raise it on workers with the memory, or train on fewer labels, a smaller input size, or in heads mode",
+            snapshot.examples.len(),
+            config.channels,
+            config.input_size,
+            config.input_size,
+            needed >> 20,
+            allowed >> 20
+        )));
+    }
     let keys = snapshot
         .examples
         .iter()

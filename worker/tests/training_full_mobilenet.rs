@@ -25,6 +25,7 @@ use sieve_scheduler::training::{self, RetrainRequest};
 use sieve_scheduler::{ingest, models, projects};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
+use sieve_worker::service::Capability;
 
 const IMAGES: usize = 200;
 const WAIT: Duration = Duration::from_secs(300);
@@ -253,5 +254,59 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
             "item {item}: v3's embedding leaked in"
         );
     }
+    sieve.teardown().await;
+}
+
+/// A full-mode run whose images would not fit the worker's
+/// `worker.train_images_mib` is refused with the figure before it loads
+/// them; the run ends `failed` with the reason and the champion stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_mode_run_too_large_for_the_workers_memory_is_refused_with_the_figure() {
+    let mut sieve = TestSieve::start_with(vec![Capability::Prelabel]).await;
+    sieve.settings.worker.train_images_mib = 1;
+    sieve.spawn_worker(vec![Capability::Train]).await;
+    let db = &sieve.ctx.db;
+    let project =
+        common::fashion_project_on(&sieve, "big", Policy::default(), ModelArch::MobilenetV2).await;
+    let champion = project.active_model_version_id;
+    let (dir, data) = common::fashion_images(Split::Train, 40);
+    ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
+        .await
+        .unwrap();
+    common::label_with_truth(&sieve, &project, dir.path(), &data).await;
+
+    let asked = RetrainRequest {
+        mode: Some(TrainMode::Full),
+        ..RetrainRequest::default()
+    };
+    let run = training::request(
+        &sieve.ctx,
+        &project,
+        "test",
+        asked.params(&project).unwrap(),
+        false,
+    )
+    .await
+    .unwrap();
+    let failed = eventually("the run to fail", WAIT, || async {
+        let r = training_run::Entity::find_by_id(run.run_id)
+            .one(db)
+            .await
+            .ok()??;
+        (r.state == training_run::RunState::Failed).then_some(r)
+    })
+    .await;
+    let error = failed.error.unwrap_or_default();
+    assert!(
+        error.contains("worker.train_images_mib = 1 MiB") && error.contains("40 images"),
+        "{error}"
+    );
+    assert_eq!(
+        projects::get(db, "big")
+            .await
+            .unwrap()
+            .active_model_version_id,
+        champion
+    );
     sieve.teardown().await;
 }
