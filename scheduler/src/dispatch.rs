@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use chrono::Utc;
 use lapin::types::{AMQPValue, FieldTable};
-use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, FromQueryResult, Statement};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, FromQueryResult,
+    Statement,
+};
 use serde::Serialize;
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{ModelRef, PrelabelJob, SCHEMA_VERSION, encode};
@@ -102,7 +105,7 @@ pub struct ControlChange {
     pub priority: Option<i16>,
 }
 
-pub async fn control(db: &DatabaseConnection, project: ProjectId) -> anyhow::Result<Control> {
+pub async fn control(db: &impl ConnectionTrait, project: ProjectId) -> anyhow::Result<Control> {
     let found = Control::find_by_statement(Statement::from_sql_and_values(
         db.get_database_backend(),
         "SELECT paused, rate_limit, priority::smallint AS priority FROM project_dispatch WHERE project_id = $1",
@@ -256,34 +259,12 @@ pub(crate) async fn publish_controlled(
     items: &[(Uuid, String)],
     control: &Control,
 ) -> anyhow::Result<usize> {
-    let headers = (control.priority > 0).then(|| {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            PRIORITY_HEADER.into(),
-            AMQPValue::ShortShortUInt(control.priority.clamp(0, 9) as u8),
-        );
-        headers
-    });
+    let headers = job_headers(control);
     for chunk in items.chunks(paced_chunk(control.rate_limit)) {
         if let Some(rate) = control.rate_limit {
             pace(project.id, chunk.len(), rate).await;
         }
-        let payloads: Vec<Vec<u8>> = chunk
-            .iter()
-            .map(|(id, key)| {
-                encode(&PrelabelJob {
-                    schema: SCHEMA_VERSION,
-                    job_id: JobId::new(),
-                    project_id: project.id,
-                    item_id: ItemId::from_uuid(*id),
-                    object_key: key.clone(),
-                    model: model.clone(),
-                })
-            })
-            .collect();
-        ctx.publisher
-            .publish_payloads(Route::Prelabel, &payloads, headers.clone())
-            .await?;
+        send_jobs(ctx, project, model, chunk, headers.clone()).await?;
         stamp(
             &ctx.db,
             chunk.iter().map(|(id, _)| *id).collect(),
@@ -295,11 +276,125 @@ pub(crate) async fn publish_controlled(
     Ok(items.len())
 }
 
+/// Publish one job per item, confirmed, with no rate limit and no stamp:
+/// for items whose `dispatched_at` their own (uncommitted) insert already
+/// set, see [`lock_for_ingest`].
+pub(crate) async fn publish_unstamped(
+    ctx: &Context,
+    project: &Project,
+    model: &ModelRef,
+    items: &[(Uuid, String)],
+    control: &Control,
+) -> anyhow::Result<usize> {
+    let headers = job_headers(control);
+    for chunk in items.chunks(PUBLISH_CHUNK) {
+        send_jobs(ctx, project, model, chunk, headers.clone()).await?;
+    }
+    metrics::counter!("sieve_jobs_published_total").increment(items.len() as u64);
+    Ok(items.len())
+}
+
+/// The headers every job of a project carries: its priority, if any.
+fn job_headers(control: &Control) -> Option<FieldTable> {
+    (control.priority > 0).then(|| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            PRIORITY_HEADER.into(),
+            AMQPValue::ShortShortUInt(control.priority.clamp(0, 9) as u8),
+        );
+        headers
+    })
+}
+
+/// Encode and publish one job per item, and wait for the confirms.
+async fn send_jobs(
+    ctx: &Context,
+    project: &Project,
+    model: &ModelRef,
+    items: &[(Uuid, String)],
+    headers: Option<FieldTable>,
+) -> anyhow::Result<()> {
+    let payloads: Vec<Vec<u8>> = items
+        .iter()
+        .map(|(id, key)| {
+            encode(&PrelabelJob {
+                schema: SCHEMA_VERSION,
+                job_id: JobId::new(),
+                project_id: project.id,
+                item_id: ItemId::from_uuid(*id),
+                object_key: key.clone(),
+                model: model.clone(),
+            })
+        })
+        .collect();
+    ctx.publisher
+        .publish_payloads(Route::Prelabel, &payloads, headers)
+        .await?;
+    Ok(())
+}
+
+/// What an ingest batch's transaction needs to know about its project,
+/// read under a share lock on the project's row.
+pub struct IngestTarget {
+    /// The active model; `None`: the items wait for the first activation.
+    pub model: Option<ModelRef>,
+    pub control: Control,
+}
+
+impl IngestTarget {
+    /// Whether the batch's jobs go out inside its transaction (before the
+    /// commit): only when nothing holds them back. A rate limit would keep
+    /// the transaction, and the lock, open while it paces.
+    pub fn publishes_in_transaction(&self) -> bool {
+        self.model.is_some() && !self.control.paused && self.control.rate_limit.is_none()
+    }
+}
+
+/// Lock `project`'s row in share mode for the rest of `txn` and read its
+/// active model and dispatch control.
+///
+/// The lock is what makes publishing before the commit safe. An
+/// activation locks the row exclusively, so it waits for every ingest
+/// batch in flight, and a batch that starts after it reads the new model;
+/// either way the activation's rescore sees the batch's items. The result
+/// consumer, given a result for an item it cannot see, takes a
+/// conflicting lock on the row to wait for the batch that is inserting it
+/// (see `results::apply`).
+pub async fn lock_for_ingest(
+    txn: &DatabaseTransaction,
+    project: ProjectId,
+) -> anyhow::Result<IngestTarget> {
+    // A statement of its own: a later one sees what an activation that
+    // this lock waited for committed.
+    let active = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "SELECT active_model_version_id FROM projects WHERE id = $1 FOR SHARE",
+            [project.as_uuid().into()],
+        ))
+        .await?
+        .with_context(|| format!("project {project} is missing"))?
+        .try_get::<Option<Uuid>>("", "active_model_version_id")?;
+    let version = match active {
+        Some(id) => Some(
+            model_version::Entity::find_by_id(id)
+                .one(txn)
+                .await?
+                .with_context(|| format!("active model version {id} is missing"))?,
+        ),
+        None => None,
+    };
+    Ok(IngestTarget {
+        model: version.as_ref().map(model_ref).transpose()?,
+        control: control(txn, project).await?,
+    })
+}
+
 /// Set (or clear) `dispatched_at` of `ids` in one statement. The rows are
 /// locked in id order first, like the result consumer locks them, so the
 /// two never deadlock. The ids travel as one JSON parameter.
-async fn stamp(
-    db: &DatabaseConnection,
+pub(crate) async fn stamp(
+    db: &impl ConnectionTrait,
     ids: Vec<Uuid>,
     at: Option<chrono::DateTime<Utc>>,
 ) -> anyhow::Result<()> {

@@ -28,20 +28,28 @@
 //! overlap: a producer task reads and hashes files and stores their bytes,
 //! a few batches ahead (each batch shared out among a few blocking tasks, a
 //! run of files each; an S3 prefix is read asynchronously, a bounded number
-//! of objects at once); the caller's loop inserts
-//! each batch; and the batch's jobs are published (with confirms, then
-//! stamped) by tasks of their own, a few in flight. Every stage is bounded,
-//! so memory stays flat however large the input (a prefix is listed as a
-//! stream, a manifest read line by line). A crash at any point leaves items
-//! that are either published or `dispatched_at` NULL, which the sweeper
-//! re-publishes.
+//! of objects at once); each batch is then inserted and its jobs published
+//! by a task of its own, a few in flight. Every stage is bounded, so memory
+//! stays flat however large the input (a prefix is listed as a stream, a
+//! manifest read line by line).
 //!
-//! Each batch's jobs name the project's active model as the database says
-//! when the batch is published, read after its insert committed. So a
-//! model activated during an ingest never leaves items with only jobs for
-//! the old version: an insert that committed before the activation is seen
-//! by the activation's rescore, one that committed after it reads the new
-//! version.
+//! A batch is one transaction: it takes its project's row in share mode,
+//! reads the active model, inserts the items with `dispatched_at` already
+//! set, publishes their jobs, waits for the broker's confirms and only then
+//! commits (see `insert_batch`). So an item that exists has its job, with
+//! no second write of every row to record it, and a crash at any point
+//! leaves no item unpublished: what did not commit never existed, and its
+//! jobs, if any went out, are orphans whose results are dropped. Items held
+//! back (no model yet, the project paused) are inserted with
+//! `dispatched_at` NULL and go out on activation or resume; under a rate
+//! limit they are published after the commit, paced, then stamped, and a
+//! crash there leaves them NULL for the sweeper.
+//!
+//! The share lock is what keeps the active model straight. An activation
+//! locks the project's row exclusively, so it waits for every batch in
+//! flight, and its rescore then sees their items; a batch that starts after
+//! it reads the new version. So a model activated during an ingest never
+//! leaves items with only jobs for the old version.
 //!
 //! A known label from a manifest is ground truth from people: it is stored
 //! as an `import` label, the item is `human_labeled` (so it is never
@@ -59,7 +67,8 @@ use futures_util::{StreamExt, TryStreamExt};
 use image::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, EntityTrait, FromQueryResult, Statement, TransactionTrait,
+    ActiveValue::Set, ConnectionTrait, DatabaseTransaction, EntityTrait, FromQueryResult,
+    Statement, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use sieve_shared::blocking::map_blocking;
@@ -87,8 +96,9 @@ const READ_CONCURRENCY: usize = 16;
 /// Checked batches waiting for their insert.
 const BATCHES_AHEAD: usize = 2;
 
-/// Batches being published (and stamped) while later ones are inserted.
-const PUBLISHES_IN_FLIGHT: usize = 4;
+/// Batches being inserted and published, each in its own transaction,
+/// while later ones are read.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// Objects larger than this are hashed on a blocking thread.
 const HASH_INLINE_BYTES: usize = 64 * 1024;
@@ -719,10 +729,14 @@ struct Inserted {
 /// statement; returns the rows added. The rows travel as one JSON
 /// parameter rather than thousands of bound values: far less work on both
 /// sides for a large batch.
+///
+/// Queued rows get `dispatched_at` = `dispatched` (`None`: they wait,
+/// unpublished, for the first activation, resume or the sweeper).
 async fn insert_items(
     db: &impl ConnectionTrait,
     project: &Project,
     now: chrono::DateTime<chrono::FixedOffset>,
+    dispatched: Option<chrono::DateTime<chrono::FixedOffset>>,
     rows: &[NewItem],
 ) -> anyhow::Result<Vec<Inserted>> {
     if rows.is_empty() {
@@ -736,7 +750,8 @@ async fn insert_items(
                            width, height, state, attempts, last_error, dispatched_at,
                            created_at, updated_at)
         SELECT r.id, $1, r.object_key, r.source, r.content_hash, r.size_bytes,
-               r.width, r.height, r.state, 0, r.last_error, NULL, $2, $2
+               r.width, r.height, r.state, 0, r.last_error,
+               CASE WHEN r.state = 'queued' THEN $4::timestamptz END, $2, $2
         FROM jsonb_to_recordset($3::jsonb) AS r(
             id uuid, object_key text, source text, content_hash text, size_bytes bigint,
             width integer, height integer, state text, last_error text)
@@ -744,55 +759,58 @@ async fn insert_items(
         ON CONFLICT (project_id, content_hash) DO NOTHING
         RETURNING id, content_hash, state, object_key
         "#,
-        [project.id.as_uuid().into(), now.into(), json.into()],
+        [
+            project.id.as_uuid().into(),
+            now.into(),
+            json.into(),
+            dispatched.into(),
+        ],
     ))
     .all(db)
     .await?;
     Ok(inserted)
 }
 
-/// The publishing stage: each inserted batch's jobs go out in a task of
-/// their own, at most [`PUBLISHES_IN_FLIGHT`] at once.
+/// Batches in flight: each inserted in its own transaction, which a task
+/// then publishes and commits ([`publish_and_commit`]), at most
+/// [`BATCHES_IN_FLIGHT`] at once, while later batches are inserted.
 #[derive(Default)]
-struct Publishing {
-    tasks: JoinSet<anyhow::Result<usize>>,
+struct InFlight {
+    tasks: JoinSet<anyhow::Result<Committed>>,
 }
 
-impl Publishing {
+impl InFlight {
+    /// Insert `batch` here, in the order batches come (so the first file
+    /// with given bytes is the one its item points at), and leave its
+    /// publish and commit to a task.
     async fn start(
         &mut self,
         ctx: &Context,
         project: &Project,
-        items: Vec<(Uuid, String)>,
+        batch: Prepared,
         summary: &mut IngestSummary,
     ) -> anyhow::Result<()> {
-        if items.is_empty() {
+        if batch.rows.is_empty() {
             return Ok(());
         }
-        while self.tasks.len() >= PUBLISHES_IN_FLIGHT {
+        while self.tasks.len() >= BATCHES_IN_FLIGHT {
             self.join_one(summary).await?;
         }
+        let inserted = insert_batch(ctx, project, batch).await?;
         let (ctx, project) = (ctx.clone(), project.clone());
-        self.tasks.spawn(async move {
-            // Read now, after the insert committed, not at the start of the
-            // ingest: see the module comment. Without a model the items
-            // wait (`dispatched_at` NULL) for the first activation.
-            match dispatch::current_model(&ctx, project.id).await? {
-                Some(model) => dispatch::publish_jobs(&ctx, &project, &model, &items).await,
-                None => Ok(0),
-            }
-        });
+        self.tasks
+            .spawn(async move { publish_and_commit(&ctx, &project, inserted).await });
         Ok(())
     }
 
     async fn join_one(&mut self, summary: &mut IngestSummary) -> anyhow::Result<()> {
         if let Some(done) = self.tasks.join_next().await {
-            summary.dispatched += done.context("publish task panicked")?? as u64;
+            summary.add(&done.context("ingest batch task panicked")??);
         }
         Ok(())
     }
 
-    /// Wait for every publish; the first failure is the ingest's.
+    /// Wait for every batch; the first failure is the ingest's.
     async fn finish(mut self, summary: &mut IngestSummary) -> anyhow::Result<()> {
         while !self.tasks.is_empty() {
             self.join_one(summary).await?;
@@ -801,17 +819,48 @@ impl Publishing {
     }
 }
 
-/// Insert one batch of entries and start publishing its jobs.
+/// A batch's rows, ready for its transaction.
+struct Prepared {
+    /// Sorted by hash, distinct.
+    rows: Vec<NewItem>,
+    /// Known labels (class index) by hash.
+    labels: std::collections::HashMap<String, i32>,
+    now: chrono::DateTime<chrono::FixedOffset>,
+}
+
+/// What a batch's transaction added to the counts.
+#[derive(Default)]
+struct Committed {
+    new_items: u64,
+    in_place: u64,
+    duplicates: u64,
+    failed: u64,
+    dispatched: u64,
+    imported_labels: u64,
+}
+
+impl IngestSummary {
+    fn add(&mut self, batch: &Committed) {
+        self.new_items += batch.new_items;
+        self.in_place += batch.in_place;
+        self.duplicates += batch.duplicates;
+        self.failed += batch.failed;
+        self.dispatched += batch.dispatched;
+        self.imported_labels += batch.imported_labels;
+    }
+}
+
+/// Check one batch of entries and start its insert and publish.
 async fn ingest_batch(
     ctx: &Context,
     project: &Project,
-    publishing: &mut Publishing,
+    in_flight: &mut InFlight,
     entries: Vec<Entry>,
     summary: &mut IngestSummary,
 ) -> anyhow::Result<()> {
     let now = Utc::now().fixed_offset();
     let mut rows = Vec::with_capacity(entries.len());
-    let mut labels_by_hash = std::collections::HashMap::new();
+    let mut labels = std::collections::HashMap::new();
     let mut seen_in_batch = std::collections::HashSet::new();
     for entry in entries {
         summary.files_seen += 1;
@@ -852,7 +901,7 @@ async fn ingest_batch(
             .object_key
             .unwrap_or_else(|| image_key(&project.id.to_string(), &hash));
         if let (Some(class), ItemState::HumanLabeled) = (entry.label, state) {
-            labels_by_hash.insert(hash.clone(), class);
+            labels.insert(hash.clone(), class);
         }
         rows.push(NewItem {
             id: ItemId::new().as_uuid(),
@@ -866,59 +915,128 @@ async fn ingest_batch(
             last_error: error,
         });
     }
-
-    let attempted = rows.len() as u64;
     // One lock order for every ingest, so two ingests of overlapping sets
     // wait for each other instead of deadlocking.
     rows.sort_by(|a, b| a.content_hash.cmp(&b.content_hash));
-    let inserted = if labels_by_hash.is_empty() {
-        insert_items(&ctx.db, project, now, &rows).await?
-    } else {
-        // Items and their import labels land together, or not at all.
-        let txn = ctx.db.begin().await?;
-        let inserted = insert_items(&txn, project, now, &rows).await?;
-        let labels: Vec<label::ActiveModel> = inserted
-            .iter()
-            .filter_map(|item| {
-                let class = labels_by_hash.get(&item.content_hash)?;
-                Some(label::ActiveModel {
-                    id: Set(Uuid::now_v7()),
-                    item_id: Set(item.id),
-                    class_index: Set(*class),
-                    source: Set(LabelSource::Import),
-                    reviewer: Set(None),
-                    prediction_id: Set(None),
-                    model_version_id: Set(None),
-                    review_task_id: Set(None),
-                    created_at: Set(now),
-                })
-            })
-            .collect();
-        summary.imported_labels += labels.len() as u64;
-        if !labels.is_empty() {
-            label::Entity::insert_many(labels).exec(&txn).await?;
-        }
-        txn.commit().await?;
-        inserted
-    };
+    let batch = Prepared { rows, labels, now };
+    in_flight.start(ctx, project, batch, summary).await
+}
 
-    summary.duplicates += attempted - inserted.len() as u64;
+/// A batch inserted in its still open transaction.
+struct Inserting {
+    txn: DatabaseTransaction,
+    target: dispatch::IngestTarget,
+    committed: Committed,
+    to_dispatch: Vec<(Uuid, String)>,
+}
+
+/// Insert a batch's items (and import labels) in a transaction of its own,
+/// left open for [`publish_and_commit`]. With the jobs published before the
+/// commit, an item that exists has its job, and the insert stamps
+/// `dispatched_at` itself (no second write of every row). A crash before
+/// the commit leaves jobs for items that never existed, whose results are
+/// dropped; re-running the ingest inserts and publishes those images afresh.
+async fn insert_batch(
+    ctx: &Context,
+    project: &Project,
+    batch: Prepared,
+) -> anyhow::Result<Inserting> {
+    let Prepared { rows, labels, now } = batch;
+    let txn = ctx.db.begin().await?;
+    let target = dispatch::lock_for_ingest(&txn, project.id).await?;
+    let stamp = target.publishes_in_transaction().then_some(now);
+    let inserted = insert_items(&txn, project, now, stamp, &rows).await?;
+    let mut committed = Committed {
+        duplicates: (rows.len() - inserted.len()) as u64,
+        ..Committed::default()
+    };
+    let imports: Vec<label::ActiveModel> = inserted
+        .iter()
+        .filter_map(|item| {
+            let class = labels.get(&item.content_hash)?;
+            Some(label::ActiveModel {
+                id: Set(Uuid::now_v7()),
+                item_id: Set(item.id),
+                class_index: Set(*class),
+                source: Set(LabelSource::Import),
+                reviewer: Set(None),
+                prediction_id: Set(None),
+                model_version_id: Set(None),
+                review_task_id: Set(None),
+                created_at: Set(now),
+            })
+        })
+        .collect();
+    committed.imported_labels = imports.len() as u64;
+    if !imports.is_empty() {
+        label::Entity::insert_many(imports).exec(&txn).await?;
+    }
+
     let project_id = project.id.to_string();
     let mut to_dispatch: Vec<(Uuid, String)> = Vec::new();
     for item in inserted {
         if item.state == ItemState::Failed {
-            summary.failed += 1;
+            committed.failed += 1;
             continue;
         }
-        summary.new_items += 1;
+        committed.new_items += 1;
         if item.object_key != image_key(&project_id, &item.content_hash) {
-            summary.in_place += 1;
+            committed.in_place += 1;
         }
         if item.state == ItemState::Queued {
             to_dispatch.push((item.id, item.object_key));
         }
     }
-    publishing.start(ctx, project, to_dispatch, summary).await
+    Ok(Inserting {
+        txn,
+        target,
+        committed,
+        to_dispatch,
+    })
+}
+
+/// Publish an inserted batch's jobs, wait for the confirms, then commit.
+///
+/// Held back (no model, paused) the items were inserted unstamped and wait;
+/// under a rate limit they are published after the commit, paced, and
+/// stamped as they go, so the transaction stays short.
+async fn publish_and_commit(
+    ctx: &Context,
+    project: &Project,
+    batch: Inserting,
+) -> anyhow::Result<Committed> {
+    let Inserting {
+        txn,
+        target,
+        mut committed,
+        to_dispatch,
+    } = batch;
+    let Some(model) = target.model.as_ref().filter(|_| !target.control.paused) else {
+        txn.commit().await?;
+        return Ok(committed);
+    };
+    if !target.publishes_in_transaction() {
+        txn.commit().await?;
+        committed.dispatched =
+            dispatch::publish_controlled(ctx, project, model, &to_dispatch, &target.control).await?
+                as u64;
+        return Ok(committed);
+    }
+    match dispatch::publish_unstamped(ctx, project, model, &to_dispatch, &target.control).await {
+        Ok(published) => {
+            txn.commit().await?;
+            committed.dispatched = published as u64;
+            Ok(committed)
+        }
+        Err(err) => {
+            // Keep what was accepted: unstamped, the items are the
+            // sweeper's to publish once the broker is back.
+            let ids = to_dispatch.iter().map(|(id, _)| *id).collect();
+            dispatch::stamp(&txn, ids, None).await?;
+            txn.commit().await?;
+            Err(err.context("publishing an ingest batch's jobs; its items wait for the sweeper"))
+        }
+    }
 }
 
 fn finished(project: &Project, source: &Source, summary: &IngestSummary) {
@@ -1058,7 +1176,7 @@ where
     let (send, mut batches) = mpsc::channel(BATCHES_AHEAD);
     let mut reader = AbortOnDrop(Some(tokio::spawn(read(send))));
     let cancel = options.cancel.clone().unwrap_or_default();
-    let mut publishing = Publishing::default();
+    let mut in_flight = InFlight::default();
     let mut summary = IngestSummary::default();
     let mut stopped = false;
     loop {
@@ -1075,11 +1193,11 @@ where
         summary.files_seen += batch.malformed;
         summary.failed += batch.malformed;
         summary.failures.extend(batch.failures);
-        ingest_batch(ctx, project, &mut publishing, batch.entries, &mut summary).await?;
+        ingest_batch(ctx, project, &mut in_flight, batch.entries, &mut summary).await?;
         progress.advance(batch.rows, &summary);
     }
     // What was inserted is published even when stopped.
-    publishing.finish(&mut summary).await?;
+    in_flight.finish(&mut summary).await?;
     progress.advance(0, &summary);
     progress.finish();
     if stopped {

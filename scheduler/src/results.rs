@@ -18,8 +18,9 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use rand::Rng;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait, TryInsertResult,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+    TryInsertResult,
 };
 use sieve_shared::broker;
 use sieve_shared::ids::ProjectId;
@@ -78,12 +79,16 @@ pub async fn apply(
     let mut ids: Vec<Uuid> = results.iter().map(|r| r.item_id.as_uuid()).collect();
     ids.sort();
     ids.dedup();
-    item::Entity::find()
-        .filter(item::Column::Id.is_in(ids))
-        .order_by_asc(item::Column::Id)
-        .lock_exclusive()
-        .all(&txn)
-        .await?;
+    let found = lock_items(&txn, &ids).await?;
+    if found < ids.len() {
+        // An ingest publishes a batch's jobs before its transaction commits
+        // (`dispatch::lock_for_ingest`), so a result can come back for an
+        // item not yet visible. Wait for the ingest batches in flight in
+        // these projects, then look again; what is still missing is an
+        // orphan (a batch that never committed) and is dropped below.
+        wait_for_ingests(&txn, results).await?;
+        lock_items(&txn, &ids).await?;
+    }
     let mut projects: HashMap<ProjectId, Option<(Project, ActiveModel)>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(results.len());
     for result in results {
@@ -119,6 +124,43 @@ pub async fn apply(
         metrics::counter!("sieve_results_routed_total", "outcome" => outcome.label()).increment(1);
     }
     Ok(outcomes)
+}
+
+/// Lock the items `ids` (sorted) in id order; returns how many exist.
+async fn lock_items(txn: &DatabaseTransaction, ids: &[Uuid]) -> anyhow::Result<usize> {
+    let found = item::Entity::find()
+        .select_only()
+        .column(item::Column::Id)
+        .filter(item::Column::Id.is_in(ids.iter().copied()))
+        .order_by_asc(item::Column::Id)
+        .lock_exclusive()
+        .into_tuple::<Uuid>()
+        .all(txn)
+        .await?;
+    Ok(found.len())
+}
+
+/// Wait until no ingest batch of the results' projects is in flight: each
+/// holds its project's row in share mode until it commits, and this takes
+/// a lock that conflicts with that, until the end of `txn`.
+async fn wait_for_ingests(
+    txn: &DatabaseTransaction,
+    results: &[PrelabelResult],
+) -> anyhow::Result<()> {
+    let mut projects: Vec<Uuid> = results.iter().map(|r| r.project_id.as_uuid()).collect();
+    projects.sort();
+    projects.dedup();
+    txn.execute_raw(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        r#"
+        SELECT id FROM projects
+        WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($1::jsonb))
+        ORDER BY id FOR NO KEY UPDATE
+        "#,
+        [serde_json::to_string(&projects)?.into()],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// What routing needs to know about a project's active model.

@@ -184,3 +184,142 @@ async fn items_ingested_around_an_activation_are_routed_by_the_new_version() {
     assert_eq!(routed_by_v2, items.len());
     env.teardown().await;
 }
+
+/// An ingest batch publishes its jobs before it commits. While one is in
+/// flight (its transaction holding the project's row in share mode, its
+/// item inserted but not visible), an activation waits for it and then
+/// rescores its item, and a result that comes back for the item waits for
+/// the commit instead of being dropped as one for an unknown item. A
+/// result for an item that never commits is still dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_flight_holds_back_activations_and_early_results() {
+    use sea_orm::TransactionTrait;
+    use sieve_scheduler::dispatch;
+    use sieve_scheduler::entities::item;
+
+    let env = Env::start(4).await;
+    let v1 = env.project.active_model_version_id.unwrap();
+    let v2 = Uuid::now_v7();
+    model_version::Entity::insert(model_version::ActiveModel {
+        id: Set(v2),
+        project_id: Set(env.project.id.as_uuid()),
+        version: Set(2),
+        parent_id: Set(Some(v1)),
+        training_run_id: Set(None),
+        artifact_key: Set(Some("m2".into())),
+        checksum: Set(Some("c2".into())),
+        architecture: Set(None),
+        metrics: Set(None),
+        calibration: Set(None),
+        status: Set(VersionStatus::Candidate),
+        status_reason: Set(None),
+        created_at: Set(Utc::now().fixed_offset()),
+        activated_at: Set(None),
+    })
+    .exec_without_returning(&env.ctx.db)
+    .await
+    .unwrap();
+
+    // The batch: lock, read the model, insert one item (as ingest does).
+    let txn = env.ctx.db.begin().await.unwrap();
+    let target = dispatch::lock_for_ingest(&txn, env.project.id)
+        .await
+        .unwrap();
+    assert_eq!(target.model.unwrap().version_id.as_uuid(), v1);
+    let now = Utc::now().fixed_offset();
+    let item_id = Uuid::now_v7();
+    item::Entity::insert(item::ActiveModel {
+        id: Set(item_id),
+        project_id: Set(env.project.id.as_uuid()),
+        object_key: Set("k".into()),
+        source: Set("in flight".into()),
+        content_hash: Set("ab".repeat(32)),
+        size_bytes: Set(1),
+        width: Set(Some(1)),
+        height: Set(Some(1)),
+        state: Set(ItemState::Queued),
+        attempts: Set(0),
+        last_error: Set(None),
+        dispatched_at: Set(Some(now)),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec_without_returning(&txn)
+    .await
+    .unwrap();
+
+    let result_for = |item: Uuid, version: Uuid| PrelabelResult {
+        schema: SCHEMA_VERSION,
+        job_id: sieve_shared::ids::JobId::new(),
+        project_id: env.project.id,
+        item_id: sieve_shared::ids::ItemId::from_uuid(item),
+        model_version_id: sieve_shared::ids::ModelVersionId::from_uuid(version),
+        worker_id: "test".into(),
+        outcome: PrelabelOutcome::Scored(PredictionOutput {
+            probabilities: vec![0.6, 0.4],
+            member_votes: vec![0, 1, 0],
+            scores: Scores {
+                top_class: 0,
+                confidence: 0.6,
+                margin: 0.2,
+                entropy: 0.67,
+                disagreement: 0.33,
+                mutual_information: 0.1,
+            },
+            embedding: None,
+        }),
+    };
+    // The worker was fast: the result is back before the commit.
+    let early = {
+        let (db, result) = (env.ctx.db.clone(), result_for(item_id, v1));
+        tokio::spawn(async move { results::apply(&db, &[result]).await })
+    };
+    let activation = {
+        let (ctx, project) = (env.ctx.clone(), env.project.clone());
+        tokio::spawn(async move { models::activate(&ctx, &project, v2).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !early.is_finished(),
+        "the result did not wait for the batch"
+    );
+    assert!(
+        !activation.is_finished(),
+        "the activation did not wait for the batch"
+    );
+
+    txn.commit().await.unwrap();
+    let limit = Duration::from_secs(30);
+    let applied = tokio::time::timeout(limit, early)
+        .await
+        .expect("the result still waits after the commit")
+        .unwrap()
+        .unwrap();
+    // Routed if it went before the activation, kept (a retired version's)
+    // after it; either way applied to the item, not dropped.
+    assert_ne!(applied, vec![results::Applied::UnknownItem]);
+    tokio::time::timeout(limit, activation)
+        .await
+        .expect("the activation still waits after the commit")
+        .unwrap()
+        .unwrap();
+    // The activation's rescore saw the batch's item.
+    let jobs = env.drain().await;
+    assert!(
+        jobs.iter().any(
+            |(job, _)| job.item_id.as_uuid() == item_id && job.model.version_id.as_uuid() == v2
+        ),
+        "no job for the new version: {jobs:?}"
+    );
+
+    // A result for an item that never committed: dropped, not waited on.
+    let orphan = tokio::time::timeout(
+        limit,
+        results::apply(&env.ctx.db, &[result_for(Uuid::now_v7(), v2)]),
+    )
+    .await
+    .expect("a result for an orphan hung")
+    .unwrap();
+    assert_eq!(orphan, vec![results::Applied::UnknownItem]);
+    env.teardown().await;
+}
