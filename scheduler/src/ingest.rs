@@ -28,8 +28,8 @@
 //! overlap: a producer task reads and hashes files and stores their bytes,
 //! a few batches ahead (each batch shared out among a few blocking tasks, a
 //! run of files each; an S3 prefix is read asynchronously, a bounded number
-//! of objects at once); each batch is then inserted and its jobs published
-//! by a task of its own, a few in flight. Every stage is bounded, so memory
+//! of objects at once); the caller's loop inserts each batch, in order, and
+//! leaves its publish and commit to a task of its own, a few in flight. Every stage is bounded, so memory
 //! stays flat however large the input (a prefix is listed as a stream, a
 //! manifest read line by line).
 //!
@@ -96,8 +96,8 @@ const READ_CONCURRENCY: usize = 16;
 /// Checked batches waiting for their insert.
 const BATCHES_AHEAD: usize = 2;
 
-/// Batches being inserted and published, each in its own transaction,
-/// while later ones are read.
+/// Batches inserted and being published, each holding its transaction (a
+/// pooled connection) open until its jobs are confirmed.
 const BATCHES_IN_FLIGHT: usize = 4;
 
 /// Objects larger than this are hashed on a blocking thread.
