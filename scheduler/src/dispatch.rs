@@ -272,7 +272,6 @@ pub(crate) async fn publish_controlled(
         )
         .await?;
     }
-    metrics::counter!("sieve_jobs_published_total").increment(items.len() as u64);
     Ok(items.len())
 }
 
@@ -290,7 +289,6 @@ pub(crate) async fn publish_unstamped(
     for chunk in items.chunks(PUBLISH_CHUNK) {
         send_jobs(ctx, project, model, chunk, headers.clone()).await?;
     }
-    metrics::counter!("sieve_jobs_published_total").increment(items.len() as u64);
     Ok(items.len())
 }
 
@@ -330,6 +328,7 @@ async fn send_jobs(
     ctx.publisher
         .publish_payloads(Route::Prelabel, &payloads, headers)
         .await?;
+    metrics::counter!("sieve_jobs_published_total").increment(items.len() as u64);
     Ok(())
 }
 

@@ -31,10 +31,8 @@ use uuid::Uuid;
 
 const IMAGES: u32 = 24;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn items_ingested_around_an_activation_are_routed_by_the_new_version() {
-    let env = Env::start(4).await;
-    let v1 = env.project.active_model_version_id.unwrap();
+/// A candidate version 2, child of `v1`, ready to be activated.
+async fn candidate(env: &Env, v1: Uuid) -> Uuid {
     let v2 = Uuid::now_v7();
     model_version::Entity::insert(model_version::ActiveModel {
         id: Set(v2),
@@ -55,6 +53,14 @@ async fn items_ingested_around_an_activation_are_routed_by_the_new_version() {
     .exec_without_returning(&env.ctx.db)
     .await
     .unwrap();
+    v2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_ingested_around_an_activation_are_routed_by_the_new_version() {
+    let env = Env::start(4).await;
+    let v1 = env.project.active_model_version_id.unwrap();
+    let v2 = candidate(&env, v1).await;
     // A manifest of 24 images with a named pipe in the middle: batches of 4,
     // so the first 12 items are inserted and published, then reading waits.
     let dir = tempfile::tempdir().unwrap();
@@ -199,26 +205,7 @@ async fn a_batch_in_flight_holds_back_activations_and_early_results() {
 
     let env = Env::start(4).await;
     let v1 = env.project.active_model_version_id.unwrap();
-    let v2 = Uuid::now_v7();
-    model_version::Entity::insert(model_version::ActiveModel {
-        id: Set(v2),
-        project_id: Set(env.project.id.as_uuid()),
-        version: Set(2),
-        parent_id: Set(Some(v1)),
-        training_run_id: Set(None),
-        artifact_key: Set(Some("m2".into())),
-        checksum: Set(Some("c2".into())),
-        architecture: Set(None),
-        metrics: Set(None),
-        calibration: Set(None),
-        status: Set(VersionStatus::Candidate),
-        status_reason: Set(None),
-        created_at: Set(Utc::now().fixed_offset()),
-        activated_at: Set(None),
-    })
-    .exec_without_returning(&env.ctx.db)
-    .await
-    .unwrap();
+    let v2 = candidate(&env, v1).await;
 
     // The batch: lock, read the model, insert one item (as ingest does).
     let txn = env.ctx.db.begin().await.unwrap();
