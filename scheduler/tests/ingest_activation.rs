@@ -25,11 +25,37 @@ use sieve_scheduler::entities::item::ItemState;
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::{ingest, models, results};
+use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION};
 use sieve_shared::scores::Scores;
 use uuid::Uuid;
 
 const IMAGES: u32 = 24;
+
+/// A confident result for `item` by `version`, as a worker sends it.
+fn scored(project: ProjectId, item: Uuid, version: Uuid) -> PrelabelResult {
+    PrelabelResult {
+        schema: SCHEMA_VERSION,
+        job_id: JobId::new(),
+        project_id: project,
+        item_id: ItemId::from_uuid(item),
+        model_version_id: ModelVersionId::from_uuid(version),
+        worker_id: "test".into(),
+        outcome: PrelabelOutcome::Scored(PredictionOutput {
+            probabilities: vec![0.99, 0.01],
+            member_votes: vec![0, 0, 0],
+            scores: Scores {
+                top_class: 0,
+                confidence: 0.99,
+                margin: 0.98,
+                entropy: 0.06,
+                disagreement: 0.0,
+                mutual_information: 0.0,
+            },
+            embedding: None,
+        }),
+    }
+}
 
 /// A candidate version 2, child of `v1`, ready to be activated.
 async fn candidate(env: &Env, v1: Uuid) -> Uuid {
@@ -143,26 +169,12 @@ async fn items_ingested_around_an_activation_are_routed_by_the_new_version() {
     // the job names. Every item ends routed, by the new version.
     let outcomes: Vec<PrelabelResult> = jobs
         .iter()
-        .map(|(job, _)| PrelabelResult {
-            schema: SCHEMA_VERSION,
-            job_id: job.job_id,
-            project_id: job.project_id,
-            item_id: job.item_id,
-            model_version_id: job.model.version_id,
-            worker_id: "test".into(),
-            outcome: PrelabelOutcome::Scored(PredictionOutput {
-                probabilities: vec![0.99, 0.01],
-                member_votes: vec![0, 0, 0],
-                scores: Scores {
-                    top_class: 0,
-                    confidence: 0.99,
-                    margin: 0.98,
-                    entropy: 0.06,
-                    disagreement: 0.0,
-                    mutual_information: 0.0,
-                },
-                embedding: None,
-            }),
+        .map(|(job, _)| {
+            scored(
+                job.project_id,
+                job.item_id.as_uuid(),
+                job.model.version_id.as_uuid(),
+            )
         })
         .collect();
     for chunk in outcomes.chunks(16) {
@@ -235,27 +247,7 @@ async fn a_batch_in_flight_holds_back_activations_and_early_results() {
     .await
     .unwrap();
 
-    let result_for = |item: Uuid, version: Uuid| PrelabelResult {
-        schema: SCHEMA_VERSION,
-        job_id: sieve_shared::ids::JobId::new(),
-        project_id: env.project.id,
-        item_id: sieve_shared::ids::ItemId::from_uuid(item),
-        model_version_id: sieve_shared::ids::ModelVersionId::from_uuid(version),
-        worker_id: "test".into(),
-        outcome: PrelabelOutcome::Scored(PredictionOutput {
-            probabilities: vec![0.6, 0.4],
-            member_votes: vec![0, 1, 0],
-            scores: Scores {
-                top_class: 0,
-                confidence: 0.6,
-                margin: 0.2,
-                entropy: 0.67,
-                disagreement: 0.33,
-                mutual_information: 0.1,
-            },
-            embedding: None,
-        }),
-    };
+    let result_for = |item: Uuid, version: Uuid| scored(env.project.id, item, version);
     // The worker was fast: the result is back before the commit.
     let early = {
         let (db, result) = (env.ctx.db.clone(), result_for(item_id, v1));
