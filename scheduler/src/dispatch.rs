@@ -31,7 +31,7 @@ use sieve_shared::topology::Route;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::app::Context;
+use crate::context::Context;
 use crate::entities::{model_version, project};
 use crate::projects::Project;
 

@@ -2,56 +2,43 @@
 //! queue and the model registry; the `sieve` CLI and HTTP API.
 //!
 //! # Layout
-//! - [`app`]: the shared [`app::Context`] and `sieve serve` (HTTP + consumers).
-//! - [`cli`]: the `sieve` command line; thin over the modules below.
-//! - [`http`]: `/api/v1`, `/healthz`, `/metrics`.
-//! - [`projects`], [`policy`], [`calibration`]: projects, their classes, the
-//!   routing policy and its thresholds calibrated to a target accuracy.
-//! - [`ingest`]: images into items (folders, manifests, object-store
-//!   prefixes: [`manifest`], [`object_prefix`]); [`ingest_runs`]: ingests
-//!   started over HTTP, their progress in PostgreSQL; [`dispatch`]: items
-//!   into jobs, pause / resume / rate limit / priority.
-//! - [`results`]: the result consumer that stores predictions and routes.
+//! The folders follow an item through the loop; dependencies point down
+//! this list, never back up (see docs/architecture.md).
+//! - Foundations: [`error`], [`db`], [`entities`] (sea-orm models),
+//!   [`context`] (the handles every stage takes), [`projects`] (names,
+//!   classes, architecture), [`policy`] (a project's routing policy and the
+//!   decision for one prediction), [`auth`] (API tokens and roles).
+//! - [`ingest`]: images into items: the pipeline, `manifest` files,
+//!   object-store `prefix`es, and `runs` (every ingest's row and progress).
+//! - [`dispatch`]: items into jobs; pause, resume, rate limit, priority,
+//!   the re-dispatch sweeper.
+//! - [`routing`]: the result consumer that stores predictions and routes
+//!   them (`results`), thresholds calibrated to a target (`calibration`).
 //! - [`review`]: the review queue (claims, leases, fencing tokens).
-//! - [`training`]: snapshots, training runs and their events
-//!   ([`auto_retrain`]: runs requested every N new human labels);
-//!   [`models`]: versions, promotion, rollback, activation and rescore;
-//!   [`evaluation`]: per-class precision/recall, calibration error and
-//!   machine share of a version, from its holdout.
-//! - [`auth`]: API tokens and roles.
-//! - [`status`], [`workers`], [`failed`]: what operators look at and
-//!   replay (fleet status, heartbeats, failed items and dead letters).
-//! - [`bench_ingest`]: `sieve bench ingest` (ingest against raw publish).
-//! - [`bench_claim`]: `sieve bench claim` (the review queue under load).
-//! - [`demo`]: the end-to-end run on Fashion-MNIST with simulated reviewers.
-//! - [`db`], [`entities`]: PostgreSQL connection, migrations, sea-orm models.
+//! - [`training`]: snapshots, training runs and their events; `registry`
+//!   (versions, promotion, rollback, activation and rescore), `evaluation`
+//!   (per-class figures of a version), `auto_retrain` (retrain every N labels).
+//! - [`operate`]: what operators look at and replay: `status`, `workers`,
+//!   `failed`.
+//! - [`http`]: `/api/v1`, the review page, `/healthz`, `/metrics`.
+//! - [`server`]: `sieve serve`, the HTTP API and the loops in one process.
+//! - [`cli`]: the `sieve` command line; thin over the modules above.
+//! - [`tools`]: the demo and the benchmarks, beside the service.
 
-pub mod app;
 pub mod auth;
-pub mod auto_retrain;
-pub mod bench_claim;
-pub mod bench_ingest;
-pub mod calibration;
 pub mod cli;
+pub mod context;
 pub mod db;
-pub mod demo;
 pub mod dispatch;
 pub mod entities;
 pub mod error;
-pub mod evaluation;
-pub mod failed;
-pub mod fashion_mnist;
 pub mod http;
 pub mod ingest;
-pub mod ingest_runs;
-pub mod manifest;
-pub mod models;
-pub mod object_prefix;
+pub mod operate;
 pub mod policy;
 pub mod projects;
-pub mod report;
-pub mod results;
 pub mod review;
-pub mod status;
+pub mod routing;
+pub mod server;
+pub mod tools;
 pub mod training;
-pub mod workers;

@@ -4,7 +4,8 @@
 //! A project stores its policy as JSON with a version number; every routed
 //! prediction records the version that routed it. The confidence threshold
 //! is either fixed or, with a target accuracy, the per-class threshold the
-//! active model version was calibrated to ([`crate::calibration`]).
+//! active model version was calibrated to (routing's `calibration`, which
+//! reads this policy; nothing here reads anything above it).
 //!
 //! Audits are chosen per item, not per routing, from two fixed draws of a
 //! hash of (project, content hash) ([`draws`]), so a rescore neither redraws
@@ -27,7 +28,6 @@ use sha2::{Digest, Sha256};
 use sieve_shared::ids::ProjectId;
 use sieve_shared::scores::Scores;
 
-use crate::calibration::Calibration;
 use crate::entities::review_task::TaskReason;
 use crate::error::AppError;
 
@@ -128,21 +128,6 @@ impl Policy {
         }
         Ok(())
     }
-
-    /// The confidence a prediction of `class` needs to become a machine
-    /// label; `None` means it never does (no calibrated threshold yet).
-    pub fn threshold_for(&self, class: u32, calibration: Option<&Calibration>) -> Option<f32> {
-        match self.target_accuracy {
-            None => Some(self.confidence_threshold),
-            Some(target) => calibration
-                .filter(|c| {
-                    c.target_accuracy == target
-                        && c.confidence_level == self.confidence_level
-                        && c.pooled == self.pool_evidence
-                })
-                .and_then(|c| c.thresholds.get(class as usize).copied().flatten()),
-        }
-    }
 }
 
 /// Priority of audit and sample tasks: ahead of every uncertain item
@@ -196,7 +181,8 @@ pub enum Decision {
     Review { reason: TaskReason, priority: f32 },
 }
 
-/// Route one prediction. `threshold` comes from [`Policy::threshold_for`];
+/// Route one prediction. `threshold` comes from routing's
+/// `calibration::threshold_for`;
 /// `draws` are the item's [`draws`], passed in so tests decide them.
 pub fn decide(policy: &Policy, scores: &Scores, threshold: Option<f32>, draws: Draws) -> Decision {
     // Most uncertain first: priority is the committee's doubt.
@@ -247,7 +233,12 @@ mod tests {
     }
 
     fn fixed(policy: &Policy, s: &Scores, draws: Draws) -> Decision {
-        decide(policy, s, policy.threshold_for(s.top_class, None), draws)
+        // Without a target the threshold is the fixed one.
+        let threshold = policy
+            .target_accuracy
+            .is_none()
+            .then_some(policy.confidence_threshold);
+        decide(policy, s, threshold, draws)
     }
 
     const AUDIT: Draws = Draws {
@@ -362,37 +353,6 @@ mod tests {
             .filter(|d| d.sample < 0.2 && d.audit < 0.2)
             .count();
         assert!((320..=480).contains(&both), "{both}");
-    }
-
-    #[test]
-    fn target_accuracy_uses_the_calibrated_class_threshold() {
-        let policy = Policy {
-            target_accuracy: Some(0.97),
-            ..Policy::default()
-        };
-        let calibration = Calibration {
-            target_accuracy: 0.97,
-            confidence_level: 0.95,
-            thresholds: vec![None, None, None, Some(0.8)],
-            evidence: vec![0, 0, 0, 500],
-            ..Calibration::default()
-        };
-        let s = scores(0.85, 0.0);
-        let t = policy.threshold_for(3, Some(&calibration));
-        assert_eq!(t, Some(0.8));
-        assert_eq!(
-            decide(&policy, &s, t, Draws::NONE),
-            Decision::MachineLabel { class_index: 3 }
-        );
-        // A class without enough evidence never gets a machine label.
-        assert_eq!(policy.threshold_for(0, Some(&calibration)), None);
-        // Nor does anything before the version was calibrated for this target.
-        assert_eq!(policy.threshold_for(3, None), None);
-        let other_target = Policy {
-            target_accuracy: Some(0.99),
-            ..policy.clone()
-        };
-        assert_eq!(other_target.threshold_for(3, Some(&calibration)), None);
     }
 
     #[test]

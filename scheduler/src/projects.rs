@@ -14,11 +14,9 @@ use sieve_shared::ids::ProjectId;
 use sieve_shared::messages::{ModelArch, TrainParams};
 use uuid::Uuid;
 
-use crate::app::Context;
 use crate::entities::project;
 use crate::error::{AppError, AppResult};
 use crate::policy::Policy;
-use crate::{calibration, training};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProjectName(String);
@@ -144,21 +142,6 @@ impl Project {
     }
 }
 
-/// Create a project and queue its first (untrained) model, so that items
-/// ingested into it can be pre-labeled at once and the loop can start.
-pub async fn create_with_first_model(
-    ctx: &Context,
-    name: &ProjectName,
-    classes: &ClassNames,
-    policy: &Policy,
-    arch: ModelArch,
-    requested_by: &str,
-) -> AppResult<Project> {
-    let project = create(&ctx.db, name, classes, policy, arch).await?;
-    training::request(ctx, &project, requested_by, project.train_params(), true).await?;
-    Ok(project)
-}
-
 pub async fn create(
     db: &DatabaseConnection,
     name: &ProjectName,
@@ -190,30 +173,6 @@ pub async fn create(
         .exec_with_returning(db)
         .await?;
     Project::from_model(inserted)
-}
-
-/// Replace a project's policy: a new policy version, and the active model's
-/// thresholds recalibrated for it. Returns the updated project.
-pub async fn set_policy(
-    db: &DatabaseConnection,
-    project: &Project,
-    policy: Policy,
-) -> AppResult<Project> {
-    policy.validate()?;
-    let updated = project::Entity::update(project::ActiveModel {
-        id: Set(project.id.as_uuid()),
-        policy: Set(serde_json::to_value(&policy).map_err(anyhow::Error::from)?),
-        policy_version: Set(project.policy_version + 1),
-        updated_at: Set(Utc::now().fixed_offset()),
-        ..Default::default()
-    })
-    .exec(db)
-    .await?;
-    if let Some(active) = project.active_model_version_id {
-        calibration::refresh(db, &policy, active, project.class_names.len()).await?;
-    }
-    tracing::info!(project = %project.name, version = updated.policy_version, "policy updated");
-    Project::from_model(updated)
 }
 
 async fn find_by_name(db: &DatabaseConnection, name: &str) -> AppResult<Option<Project>> {

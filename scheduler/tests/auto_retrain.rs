@@ -9,11 +9,12 @@ mod review_support;
 use review_support::{App, with_app};
 use sea_orm::{ActiveValue::Set, EntityTrait};
 use serde_json::json;
-use sieve_scheduler::auto_retrain::{self, Outcome};
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::training_run::{self, RunState};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects;
+use sieve_scheduler::routing;
+use sieve_scheduler::training::auto_retrain::{self, Outcome};
 
 /// Claim the next task and label it with its proposed class, over HTTP.
 async fn label_next(app: &App, token: &str, project: &str, classes: &[&str]) {
@@ -59,7 +60,7 @@ async fn a_run_is_requested_every_n_human_labels_and_never_twice() {
             Outcome::NotDue { new_labels: 0 }
         ));
 
-        let project = projects::set_policy(
+        let project = routing::calibration::set_policy(
             app.db(),
             &seeded.project,
             Policy {

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
-use sieve_scheduler::app::{self, Context};
+use sieve_scheduler::context::{self, Context};
 use sieve_scheduler::db;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::project as project_entity;
+use sieve_scheduler::ingest::prefix::Prefix;
 use sieve_scheduler::ingest::{self, IngestSummary};
-use sieve_scheduler::object_prefix::Prefix;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_shared::Settings;
@@ -148,7 +148,7 @@ impl Env {
 
     async fn teardown(self) {
         let channel = self.ctx.connection.create_channel().await.unwrap();
-        app::topology(&self.settings)
+        context::topology(&self.settings)
             .delete(&channel)
             .await
             .unwrap();

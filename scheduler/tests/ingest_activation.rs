@@ -24,7 +24,9 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::item::ItemState;
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::prediction;
-use sieve_scheduler::{ingest, models, results};
+use sieve_scheduler::ingest;
+use sieve_scheduler::routing::results;
+use sieve_scheduler::training::registry;
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
 use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION};
 use sieve_shared::scores::Scores;
@@ -127,7 +129,9 @@ async fn items_ingested_around_an_activation_are_routed_by_the_new_version() {
     }
 
     // Activate (and rescore) while the ingest waits, then let it go on.
-    models::activate(&env.ctx, &env.project, v2).await.unwrap();
+    registry::activate(&env.ctx, &env.project, v2)
+        .await
+        .unwrap();
     let feed = tokio::task::spawn_blocking(move || {
         let img = image::GrayImage::from_pixel(6, 6, image::Luma([200]));
         let mut bytes = std::io::Cursor::new(Vec::new());
@@ -255,7 +259,7 @@ async fn a_batch_in_flight_holds_back_activations_and_early_results() {
     };
     let activation = {
         let (ctx, project) = (env.ctx.clone(), env.project.clone());
-        tokio::spawn(async move { models::activate(&ctx, &project, v2).await })
+        tokio::spawn(async move { registry::activate(&ctx, &project, v2).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(

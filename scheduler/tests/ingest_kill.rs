@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use ingest_env::{Env, item_ids, pngs};
 use sieve_scheduler::dispatch::{self, Sweep};
-use sieve_scheduler::ingest_runs::{self, RunState};
+use sieve_scheduler::ingest::runs::{self, RunState};
 use sieve_shared::store::image_key;
 
 const IMAGES: u32 = 4000;
@@ -74,9 +74,7 @@ async fn an_ingest_killed_half_way_and_run_again_has_every_image_once_and_publis
 
     // Both runs are recorded: the finished one with its counts, the killed
     // one as running until its heartbeat goes stale, then interrupted.
-    let runs = ingest_runs::list(&env.ctx.db, &env.project, 10)
-        .await
-        .unwrap();
+    let runs = runs::list(&env.ctx.db, &env.project, 10).await.unwrap();
     assert_eq!(runs.len(), 2, "{runs:?}");
     let (second, first) = (&runs[0], &runs[1]);
     assert_eq!(second.state, RunState::Done, "{second:?}");

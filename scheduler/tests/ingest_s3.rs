@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use ingest_env::Env;
 use sieve_scheduler::entities::item::ItemState;
+use sieve_scheduler::ingest::prefix::{self, Prefix};
 use sieve_scheduler::ingest::{self, Options, Source};
-use sieve_scheduler::object_prefix::{self, Prefix};
 use sieve_shared::settings::Secret;
 use sieve_shared::store::{image_key, sha256_hex};
 
@@ -107,7 +107,7 @@ async fn a_bucket_prefix_is_copied_in_once_and_its_bad_objects_are_reported() {
     .await;
 
     // Uploaded through the same signed client ingest uses.
-    let bucket = object_prefix::s3_store(&env.settings.s3, "photos").unwrap();
+    let bucket = prefix::s3_store(&env.settings.s3, "photos").unwrap();
     for (key, bytes) in [
         ("batch/a.png", png(1)),
         ("batch/sub/b.png", png(2)),

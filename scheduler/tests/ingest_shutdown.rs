@@ -14,8 +14,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use ingest_env::{Env, pngs};
+use sieve_scheduler::ingest::runs::{self, RunState};
 use sieve_scheduler::ingest::{self, Source};
-use sieve_scheduler::ingest_runs::{self, RunState};
 use uuid::Uuid;
 
 const IMAGES: u32 = 12;
@@ -49,7 +49,7 @@ async fn a_shutdown_interrupts_a_running_ingest_and_a_rerun_completes_it() {
     // open it on the way out, or the runtime would wait for that blocked
     // thread and the test hang instead of failing.
     let _unblock = Unblock(gate.clone());
-    let run = ingest_runs::start(&env.ctx, &env.project, source, "ops")
+    let run = runs::start(&env.ctx, &env.project, source, "ops")
         .await
         .unwrap();
     assert_eq!(run.state, RunState::Running);
@@ -63,7 +63,7 @@ async fn a_shutdown_interrupts_a_running_ingest_and_a_rerun_completes_it() {
     }
 
     env.ctx.ingest_runs.shutdown(Duration::from_secs(30)).await;
-    let stopped = ingest_runs::show(&env.ctx.db, run.id).await.unwrap();
+    let stopped = runs::show(&env.ctx.db, run.id).await.unwrap();
     assert_eq!(stopped.state, RunState::Interrupted, "{stopped:?}");
     assert!(
         stopped.error.as_deref().unwrap().contains("shut down"),

@@ -12,13 +12,14 @@ use lapin::options::BasicGetOptions;
 use review_support::{App, with_app};
 use sea_orm::{ActiveValue::Set, ConnectionTrait, DbBackend, EntityTrait, Statement};
 use serde_json::json;
-use sieve_scheduler::auto_retrain::{self, Outcome};
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::training_run::{self, RunState};
 use sieve_scheduler::error::AppError;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, Project};
+use sieve_scheduler::routing;
 use sieve_scheduler::training;
+use sieve_scheduler::training::auto_retrain::{self, Outcome};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{
     ModelArch, Snapshot, SnapshotExample, TrainJob, TrainMode, TrainParams, decode,
@@ -168,7 +169,7 @@ async fn every_run_of_a_mobilenet_project_trains_heads() {
         assert_eq!(jobs[0].params, params);
         mark_succeeded(&app, run_id).await;
 
-        let project = projects::set_policy(
+        let project = routing::calibration::set_policy(
             app.db(),
             &seeded.project,
             Policy {

@@ -11,9 +11,9 @@ use review_support::with_app;
 use sea_orm::{ActiveValue::Set, EntityTrait};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::project;
-use sieve_scheduler::models;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+use sieve_scheduler::training::registry;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch};
 use uuid::Uuid;
 
@@ -123,7 +123,7 @@ async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
         .await;
         let project = projects::get(db, "promo").await.unwrap();
         assert!(
-            !models::consider_promotion(&app.ctx, &project, v2)
+            !registry::consider_promotion(&app.ctx, &project, v2)
                 .await
                 .unwrap()
         );
@@ -150,7 +150,7 @@ async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
         )
         .await;
         assert!(
-            models::consider_promotion(&app.ctx, &project, v3)
+            registry::consider_promotion(&app.ctx, &project, v3)
                 .await
                 .unwrap()
         );
@@ -166,7 +166,7 @@ async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
 
         // Rollback: v1 again, everywhere the project points.
         let project = projects::get(db, "promo").await.unwrap();
-        assert_eq!(models::rollback(&app.ctx, &project).await.unwrap(), 1);
+        assert_eq!(registry::rollback(&app.ctx, &project).await.unwrap(), 1);
         assert_eq!(status_of(db, v1).await.status, VersionStatus::Active);
         assert_eq!(status_of(db, v3).await.status, VersionStatus::Retired);
         assert_eq!(
@@ -214,8 +214,8 @@ async fn activations_at_once_leave_one_active_and_a_stale_decision_steps_aside()
                 .await,
             );
             let (first, second) = tokio::join!(
-                models::activate(&app.ctx, &project, a),
-                models::activate(&app.ctx, &project, b),
+                registry::activate(&app.ctx, &project, a),
+                registry::activate(&app.ctx, &project, b),
             );
             first.unwrap();
             second.unwrap();
@@ -257,9 +257,9 @@ async fn activations_at_once_leave_one_active_and_a_stale_decision_steps_aside()
             metrics(0.99, Some(0.5)),
         )
         .await;
-        models::promote(&app.ctx, &stale, 100).await.unwrap();
+        registry::promote(&app.ctx, &stale, 100).await.unwrap();
         assert!(
-            !models::consider_promotion(&app.ctx, &stale, candidate)
+            !registry::consider_promotion(&app.ctx, &stale, candidate)
                 .await
                 .unwrap(),
             "a decision against a replaced champion is not carried out"

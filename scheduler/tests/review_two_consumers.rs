@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rand::seq::SliceRandom;
 use sea_orm::{ActiveValue::Set, ConnectionTrait, DbBackend, EntityTrait, Statement};
-use sieve_scheduler::app::{self, Context};
+use sieve_scheduler::context::{self, Context};
 use sieve_scheduler::db;
 use sieve_scheduler::entities::item::ItemState;
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::project;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
-use sieve_scheduler::results;
+use sieve_scheduler::routing::results;
 use sieve_shared::Settings;
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
 use sieve_shared::messages::{
@@ -288,7 +288,7 @@ async fn two_result_consumers_give_the_outcome_of_one() {
 
     for ctx in &contexts {
         let channel = ctx.connection.create_channel().await.unwrap();
-        app::topology(&settings).delete(&channel).await.ok();
+        context::topology(&settings).delete(&channel).await.ok();
         ctx.db.clone().close().await.ok();
     }
     conn.close().await.ok();

@@ -10,14 +10,14 @@ mod common;
 use chrono::Utc;
 use common::TestDb;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
-use sieve_scheduler::calibration;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::review_task::{self, TaskReason};
 use sieve_scheduler::entities::{label, project};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
-use sieve_scheduler::results::{self, Applied};
+use sieve_scheduler::routing::calibration;
+use sieve_scheduler::routing::results::{self, Applied};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
 use sieve_shared::messages::{
     HoldoutEvaluation, HoldoutMetrics, ModelArch, PredictionOutput, PrelabelOutcome,

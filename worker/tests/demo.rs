@@ -11,10 +11,10 @@ use std::collections::HashMap;
 
 use common::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
-use sieve_scheduler::demo::{self, DemoArgs};
 use sieve_scheduler::entities::item;
 use sieve_scheduler::entities::label::{self, LabelSource};
-use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_scheduler::tools::demo::{self, DemoArgs};
+use sieve_scheduler::tools::fashion_mnist::{self, Split};
 use sieve_shared::messages::ModelArch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

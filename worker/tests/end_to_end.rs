@@ -19,10 +19,11 @@ use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::{prediction, review_task};
-use sieve_scheduler::fashion_mnist::{self, Split};
+use sieve_scheduler::ingest;
+use sieve_scheduler::operate::workers;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, ProjectName};
-use sieve_scheduler::{ingest, workers};
+use sieve_scheduler::tools::fashion_mnist::{self, Split};
 use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
@@ -63,7 +64,7 @@ async fn one_image_set_through_queue_worker_router_review_and_retrain() {
         audit_rate: 0.0,
         ..Policy::default()
     };
-    let project = projects::create_with_first_model(
+    let project = training::create_project(
         &sieve.ctx,
         &ProjectName::parse("skeleton").unwrap(),
         &ClassNames::parse(&classes).unwrap(),
@@ -349,14 +350,14 @@ async fn one_image_set_through_queue_worker_router_review_and_retrain() {
     // Rollback restores the previous version, and promote brings v2 back.
     let project = projects::get(db, "skeleton").await.unwrap();
     assert_eq!(
-        sieve_scheduler::models::rollback(&sieve.ctx, &project)
+        sieve_scheduler::training::registry::rollback(&sieve.ctx, &project)
             .await
             .unwrap(),
         1
     );
     assert_eq!(active_version(&sieve, "skeleton").await.unwrap().id, v1.id);
     let project = projects::get(db, "skeleton").await.unwrap();
-    sieve_scheduler::models::promote(&sieve.ctx, &project, 2)
+    sieve_scheduler::training::registry::promote(&sieve.ctx, &project, 2)
         .await
         .unwrap();
     assert_eq!(active_version(&sieve, "skeleton").await.unwrap().id, v2.id);

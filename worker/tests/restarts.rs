@@ -30,11 +30,12 @@ use common::{TestSieve, account, eventually, settled};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::entities::training_run::{self, RunState};
-use sieve_scheduler::fashion_mnist::Split;
 use sieve_scheduler::ingest;
+use sieve_scheduler::operate::status;
+use sieve_scheduler::operate::workers;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::Project;
-use sieve_scheduler::{status, workers};
+use sieve_scheduler::tools::fashion_mnist::Split;
 
 /// One service down at a time, across the whole test binary.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

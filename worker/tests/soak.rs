@@ -20,9 +20,9 @@ use common::{TestSieve, account, eventually};
 use rand::Rng;
 use sea_orm::{EntityTrait, PaginatorTrait};
 use sieve_scheduler::entities::prediction;
-use sieve_scheduler::fashion_mnist::Split;
 use sieve_scheduler::ingest;
 use sieve_scheduler::policy::Policy;
+use sieve_scheduler::tools::fashion_mnist::Split;
 use sieve_worker::service::Capability;
 
 /// Prediction workers alive at any time.
@@ -164,7 +164,7 @@ async fn workers_sigkilled_mid_batch_lose_and_duplicate_nothing() {
         .iter()
         .find(|(o, _)| o == "duplicate")
         .map_or(0.0, |(_, v)| *v);
-    let dead = sieve_scheduler::failed::dead_letters(&sieve.ctx, 100)
+    let dead = sieve_scheduler::operate::failed::dead_letters(&sieve.ctx, 100)
         .await
         .unwrap();
     println!(

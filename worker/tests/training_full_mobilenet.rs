@@ -18,11 +18,12 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::entities::training_run;
-use sieve_scheduler::fashion_mnist::Split;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::Project;
+use sieve_scheduler::tools::fashion_mnist::Split;
+use sieve_scheduler::training::registry;
 use sieve_scheduler::training::{self, RetrainRequest};
-use sieve_scheduler::{ingest, models, projects};
+use sieve_scheduler::{ingest, projects};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
 use sieve_worker::service::Capability;
@@ -183,7 +184,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
     // v3 takes over (promoted by hand if the policy kept it a candidate);
     // the items in review are rescored by it, with its own embeddings.
     if decided(&sieve, v3.id).await.status != VersionStatus::Active {
-        models::promote(&sieve.ctx, &project, v3.version)
+        registry::promote(&sieve.ctx, &project, v3.version)
             .await
             .unwrap();
     }
@@ -227,7 +228,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
 
     // Back to v2, on the ImageNet backbone: although v3's embeddings are
     // the newest, a heads run from v2 trains on the ImageNet backbone's.
-    models::promote(&sieve.ctx, &project, v2.version)
+    registry::promote(&sieve.ctx, &project, v2.version)
         .await
         .unwrap();
     let project = projects::get(db, "full").await.unwrap();

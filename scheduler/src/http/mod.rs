@@ -22,16 +22,18 @@ use sieve_shared::ids::TaskId;
 use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
-use crate::app::Context;
 use crate::auth::{self, Action, Caller};
+use crate::context::Context;
 use crate::entities::item;
 use crate::error::{AppError, AppResult};
 use crate::ingest::Source;
-use crate::object_prefix::Prefix;
+use crate::ingest::prefix::Prefix;
+use crate::operate::status;
 use crate::policy::Policy;
 use crate::projects::{self, ClassNames, Project, ProjectName};
 use crate::training::RetrainRequest;
-use crate::{dispatch, ingest_runs, models, review, status, training};
+use crate::training::registry;
+use crate::{dispatch, ingest, review, routing, training};
 
 pub fn router(ctx: Context) -> Router {
     let body_limit = ctx.settings.http.body_limit;
@@ -188,7 +190,7 @@ async fn create_project(
         Some(raw) => projects::parse_arch(raw)?,
         None => ModelArch::default(),
     };
-    let project = projects::create_with_first_model(
+    let project = training::create_project(
         &ctx,
         &name,
         &classes,
@@ -231,7 +233,7 @@ async fn put_policy(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::ManageProjects).await?;
     let project = project_for(&ctx, &who, &project).await?;
-    let project = projects::set_policy(&ctx.db, &project, policy).await?;
+    let project = routing::calibration::set_policy(&ctx.db, &project, policy).await?;
     Ok(
         Json(json!({ "version": project.policy_version, "policy": project.policy }))
             .into_response(),
@@ -399,7 +401,7 @@ async fn list_models(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Read).await?;
     let project = project_for(&ctx, &who, &project).await?;
-    Ok(Json(models::list(&ctx, &project).await?).into_response())
+    Ok(Json(registry::list(&ctx, &project).await?).into_response())
 }
 
 async fn show_model(
@@ -409,7 +411,7 @@ async fn show_model(
 ) -> AppResult<Response> {
     let who = caller(&ctx, &headers, Action::Read).await?;
     let project = project_for(&ctx, &who, &project).await?;
-    Ok(Json(models::show(&ctx, &project, version).await?).into_response())
+    Ok(Json(registry::show(&ctx, &project, version).await?).into_response())
 }
 
 async fn item_image(
@@ -506,7 +508,7 @@ async fn start_ingest(
             .open(&ctx)
             .map_err(|e| AppError::Invalid(format!("{e:#}")))?;
     }
-    let run = ingest_runs::start(&ctx, &project, source, &who.name).await?;
+    let run = ingest::runs::start(&ctx, &project, source, &who.name).await?;
     let location = format!("/api/v1/ingests/{}", run.id);
     Ok((
         StatusCode::ACCEPTED,
@@ -532,7 +534,7 @@ async fn list_ingests(
     let Query(query) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
     let project = project_for(&ctx, &who, &project).await?;
     let limit = query.limit.unwrap_or(20).min(1000);
-    let runs = ingest_runs::list(&ctx.db, &project, limit).await?;
+    let runs = ingest::runs::list(&ctx.db, &project, limit).await?;
     Ok(Json(json!({ "ingests": runs })).into_response())
 }
 
@@ -546,7 +548,7 @@ async fn show_ingest(
     // scoped token learns nothing from it.
     let missing = || AppError::NotFound(format!("no ingest {id:?}"));
     let uuid: Uuid = id.parse().map_err(|_| missing())?;
-    let run = match ingest_runs::show(&ctx.db, uuid).await {
+    let run = match ingest::runs::show(&ctx.db, uuid).await {
         Err(AppError::NotFound(_)) => return Err(missing()),
         found => found?,
     };

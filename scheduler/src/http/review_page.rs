@@ -14,7 +14,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::app::Context;
+use crate::context::Context;
 
 const PAGE: &str = include_str!("../../assets/review.html");
 const SCRIPT: &str = include_str!("../../assets/review.js");

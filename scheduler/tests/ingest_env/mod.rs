@@ -13,7 +13,7 @@ use chrono::Utc;
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
-use sieve_scheduler::app::{self, Context};
+use sieve_scheduler::context::{self, Context};
 use sieve_scheduler::db;
 use sieve_scheduler::dispatch;
 use sieve_scheduler::entities::item;
@@ -158,7 +158,7 @@ impl Env {
 
     pub async fn teardown(self) {
         let channel = self.ctx.connection.create_channel().await.unwrap();
-        app::topology(&self.settings)
+        context::topology(&self.settings)
             .delete(&channel)
             .await
             .unwrap();

@@ -17,8 +17,8 @@ use futures_util::FutureExt;
 use sea_orm::{
     ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement,
 };
-use sieve_scheduler::app::{self, Context};
 use sieve_scheduler::auth;
+use sieve_scheduler::context::{self, Context};
 use sieve_scheduler::db;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
@@ -95,9 +95,11 @@ impl Harness {
         let ctx = Context::connect(settings.clone()).await.unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
-        let server = tokio::spawn(app::serve(ctx.clone(), listener, async move {
-            s.cancelled().await
-        }));
+        let server = tokio::spawn(sieve_scheduler::server::serve(
+            ctx.clone(),
+            listener,
+            async move { s.cancelled().await },
+        ));
         Self {
             app: App {
                 settings,
@@ -119,7 +121,7 @@ impl Harness {
             .await
             .unwrap();
         let channel = conn.create_channel().await.unwrap();
-        app::topology(settings).delete(&channel).await.unwrap();
+        context::topology(settings).delete(&channel).await.unwrap();
         conn.close(200, "bye".into()).await.ok();
         self.app.ctx.db.clone().close().await.ok();
         self.app.ctx.claims.clone().close().await.ok();

@@ -19,7 +19,7 @@ use object_store::aws::AmazonS3Builder;
 use sieve_shared::settings::S3Settings;
 use sieve_shared::store::Store;
 
-use crate::app::Context;
+use crate::context::Context;
 
 /// The first segment of every key sieve writes for itself.
 const OWN_AREA: &str = "projects";

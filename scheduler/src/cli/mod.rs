@@ -13,14 +13,15 @@ use sieve_shared::Settings;
 use sieve_shared::messages::{ModelArch, TrainMode};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, Context};
+use crate::context::Context;
 use crate::entities::api_token::Role;
+use crate::operate::{failed, status, workers};
 use crate::policy::Policy;
 use crate::projects::{self, ClassNames, ProjectName};
+use crate::tools::demo;
 use crate::training::RetrainRequest;
-use crate::{
-    auth, db, demo, failed, ingest, ingest_runs, models, review, status, training, workers,
-};
+use crate::training::registry;
+use crate::{auth, db, ingest, review, routing, server, training};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -123,10 +124,10 @@ pub enum BenchCommand {
     /// Ingest of a folder of PNGs (copied into the store, and inside the
     /// store referenced in place) and of a manifest of keys, against the raw
     /// publish rate of the same broker; own database and queues.
-    Ingest(crate::bench_ingest::BenchIngestArgs),
+    Ingest(crate::tools::bench_ingest::BenchIngestArgs),
     /// Review claims: many reviewers claiming and submitting at once until
     /// the queue is empty; latencies, throughput, zero double claims.
-    Claim(crate::bench_claim::ClaimArgs),
+    Claim(crate::tools::bench_claim::ClaimArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -379,7 +380,7 @@ fn ingest_source(
     manifest: Option<String>,
     root: Option<PathBuf>,
 ) -> anyhow::Result<ingest::Source> {
-    use crate::object_prefix::{self, Prefix};
+    use crate::ingest::prefix::{self, Prefix};
     Ok(match (manifest, source) {
         (Some(manifest), _) => match manifest.strip_prefix("store:") {
             Some(key) => {
@@ -395,7 +396,7 @@ fn ingest_source(
                 root,
             },
         },
-        (None, Some(source)) if object_prefix::is_location(&source) => {
+        (None, Some(source)) if prefix::is_location(&source) => {
             ingest::Source::Prefix(Prefix::parse(&source)?)
         }
         (None, Some(dir)) => ingest::Source::Folder(PathBuf::from(dir)),
@@ -437,7 +438,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("binding {}", settings.http.bind))?;
             let ctx = Context::connect(settings).await?;
             tracing::info!(addr = %listener.local_addr()?, "sieve scheduler listening");
-            app::serve(ctx, listener, shutdown_signal()).await?;
+            server::serve(ctx, listener, shutdown_signal()).await?;
         }
         Command::Project(command) => project(settings, command).await?,
         Command::Ingest {
@@ -466,7 +467,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::env::var("USER").unwrap_or_else(|_| "unknown".into())
             );
             let (id, summary) =
-                ingest_runs::run_here(&ctx, &project, &source, &requested_by, options).await?;
+                ingest::runs::run_here(&ctx, &project, &source, &requested_by, options).await?;
             for failure in &summary.failures {
                 eprintln!("failed: {failure}");
             }
@@ -498,7 +499,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let ctx = Context::connect(settings).await?;
             let project = projects::get(&ctx.db, &project).await?;
-            let runs = ingest_runs::list(&ctx.db, &project, limit).await?;
+            let runs = ingest::runs::list(&ctx.db, &project, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
             } else if runs.is_empty() {
@@ -612,10 +613,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             demo::run(&ctx, &args).await?;
         }
         Command::Bench(BenchCommand::Ingest(args)) => {
-            crate::bench_ingest::run(settings, &args).await?;
+            crate::tools::bench_ingest::run(settings, &args).await?;
         }
         Command::Bench(BenchCommand::Claim(args)) => {
-            crate::bench_claim::run(&settings, &args).await?;
+            crate::tools::bench_claim::run(&settings, &args).await?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -744,7 +745,7 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             if let Some(t) = threshold {
                 policy.confidence_threshold = t;
             }
-            let project = projects::create_with_first_model(
+            let project = training::create_project(
                 &ctx,
                 &ProjectName::parse(&name)?,
                 &ClassNames::parse(&classes)?,
@@ -840,7 +841,7 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
             let project = if policy == before {
                 project
             } else {
-                projects::set_policy(&conn, &project, policy).await?
+                routing::calibration::set_policy(&conn, &project, policy).await?
             };
             println!("policy version {}:", project.policy_version);
             print_json(&project.policy)?;
@@ -987,7 +988,7 @@ async fn models_command(settings: Settings, command: ModelsCommand) -> anyhow::R
     match command {
         ModelsCommand::List { project } => {
             let project = projects::get(&ctx.db, &project).await?;
-            for v in models::list(&ctx, &project).await? {
+            for v in registry::list(&ctx, &project).await? {
                 println!(
                     "v{}  {:?}  holdout_accuracy={}  holdout={}  train={}  {}",
                     v.version,
@@ -1005,7 +1006,7 @@ async fn models_command(settings: Settings, command: ModelsCommand) -> anyhow::R
             json,
         } => {
             let project = projects::get(&ctx.db, &project).await?;
-            let detail = models::show(&ctx, &project, version).await?;
+            let detail = registry::show(&ctx, &project, version).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&detail)?);
             } else {
@@ -1014,19 +1015,19 @@ async fn models_command(settings: Settings, command: ModelsCommand) -> anyhow::R
         }
         ModelsCommand::Promote { project, version } => {
             let project = projects::get(&ctx.db, &project).await?;
-            let rescored = models::promote(&ctx, &project, version).await?;
+            let rescored = registry::promote(&ctx, &project, version).await?;
             println!("v{version} is active; {rescored} item(s) queued for rescoring");
         }
         ModelsCommand::Rollback { project } => {
             let project = projects::get(&ctx.db, &project).await?;
-            let version = models::rollback(&ctx, &project).await?;
+            let version = registry::rollback(&ctx, &project).await?;
             println!("rolled back: v{version} is active again");
         }
     }
     Ok(())
 }
 
-fn print_version(detail: &models::VersionDetail) {
+fn print_version(detail: &registry::VersionDetail) {
     let figure = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.4}"));
     let v = &detail.summary;
     println!(

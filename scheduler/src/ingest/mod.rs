@@ -55,6 +55,10 @@
 //! as an `import` label, the item is `human_labeled` (so it is never
 //! dispatched, rescored or reviewed) and training snapshots include it.
 
+pub mod manifest;
+pub mod prefix;
+pub mod runs;
+
 use std::future::Future;
 use std::io::Cursor;
 use std::path::{Component, Path, PathBuf};
@@ -81,12 +85,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::app::Context;
+use crate::context::Context;
 use crate::dispatch;
 use crate::entities::item::ItemState;
 use crate::entities::label::{self, LabelSource};
-use crate::manifest::{ManifestReader, Row, Target};
-use crate::object_prefix::{self, Prefix};
+use crate::ingest::manifest::{ManifestReader, Row, Target};
+use crate::ingest::prefix::Prefix;
 use crate::projects::Project;
 
 /// Files or objects read and hashed at once: a batch is shared out among
@@ -393,7 +397,7 @@ impl Reading {
     /// below the store root), as a `store:` prefix is, and nothing is
     /// written. The store owns it from then on (see `docs/architecture.md`,
     /// ingest). Any other file, and one whose path is not a key ingest may
-    /// use (see [`object_prefix::refuse_key`]; sieve's own area is
+    /// use (see [`prefix::refuse_key`]; sieve's own area is
     /// copied, not referenced), has its bytes stored under their
     /// content-addressed key: storing the same image twice is a no-op, and
     /// an item never exists without its bytes.
@@ -409,7 +413,7 @@ impl Reading {
             .in_place
             .as_ref()
             .and_then(|files| files.key_of(path))
-            .filter(|key| object_prefix::refuse_key(key).is_none());
+            .filter(|key| prefix::refuse_key(key).is_none());
         if own_key.is_none()
             && let (Checked::Image { hash, .. }, Some(bytes)) = (&checked, bytes)
         {
@@ -494,7 +498,7 @@ impl Reading {
                 (None, Checked::Unreadable { reason })
             }
             (Target::Key(key), _) => {
-                let checked = match object_prefix::refuse_key(key) {
+                let checked = match prefix::refuse_key(key) {
                     Some(reason) => Checked::Unreadable { reason },
                     // Already stored: only hashed and checked.
                     None => self.stored_object(key)?,
@@ -1285,7 +1289,7 @@ async fn read_object(
 /// A manifest stored in sieve's store, opened for streaming: its bytes are
 /// read as the rows are, never held whole.
 async fn stored_manifest(ctx: &Context, key: &str) -> anyhow::Result<ManifestReader> {
-    if let Some(reason) = object_prefix::refuse_key(key) {
+    if let Some(reason) = prefix::refuse_key(key) {
         anyhow::bail!("manifest store:{key}: {reason}");
     }
     let stream = ctx
@@ -1447,7 +1451,7 @@ async fn object_entry(
     let refused = if prefix.is_external() {
         Store::check_key(&listed.key).err().map(|e| e.to_string())
     } else {
-        object_prefix::refuse_key(&listed.key)
+        prefix::refuse_key(&listed.key)
     };
     let checked = match refused {
         Some(reason) => Checked::Unreadable { reason },

@@ -28,14 +28,14 @@ use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::app::Context;
-use crate::calibration::{self, Calibration};
+use crate::context::Context;
 use crate::entities::item::{self, ItemState};
 use crate::entities::label::{self, LabelSource};
 use crate::entities::review_task::{self, TaskReason, TaskState};
 use crate::entities::{prediction, project};
 use crate::policy::{Decision, decide, draws};
 use crate::projects::Project;
+use crate::routing::calibration::{self, Calibration};
 
 /// How long to wait for more results before applying a partial batch.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
@@ -240,9 +240,11 @@ async fn apply_one(
     }
 
     let draws = draws(project.id, &item.content_hash);
-    let threshold = project
-        .policy
-        .threshold_for(output.scores.top_class, active.calibration.as_ref());
+    let threshold = calibration::threshold_for(
+        &project.policy,
+        output.scores.top_class,
+        active.calibration.as_ref(),
+    );
     let decision = if active.untrained {
         // An untrained committee's doubt is noise, and ordering by it would
         // bias the first labels toward whatever classes it happens to doubt.

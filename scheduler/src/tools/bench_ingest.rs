@@ -38,7 +38,7 @@ use sieve_shared::messages::{ModelArch, ModelRef, PrelabelJob, SCHEMA_VERSION, e
 use sieve_shared::procstat::{own_cpu, peak_rss_kib, service_cpu};
 use uuid::Uuid;
 
-use crate::app::{self, Context};
+use crate::context::{self, Context};
 use crate::entities::model_version::{self, VersionStatus};
 use crate::entities::project as project_entity;
 use crate::policy::Policy;
@@ -199,7 +199,7 @@ pub async fn run(settings: Settings, args: &BenchIngestArgs) -> anyhow::Result<(
         Ok(conn) => {
             let deleted = async {
                 let channel = conn.create_channel().await?;
-                app::topology(&settings).delete(&channel).await
+                context::topology(&settings).delete(&channel).await
             }
             .await;
             if let Err(err) = deleted {
@@ -493,7 +493,7 @@ async fn raw_publish(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let queue = app::topology(&run.settings).prelabel_queue();
+    let queue = context::topology(&run.settings).prelabel_queue();
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());

@@ -15,7 +15,7 @@ use serde::Serialize;
 use sieve_shared::messages::{ControlCommand, ControlMessage, HoldoutMetrics, SCHEMA_VERSION};
 use uuid::Uuid;
 
-use crate::app::Context;
+use crate::context::Context;
 use crate::dispatch;
 use crate::entities::model_version::{self, VersionStatus};
 use crate::entities::project;
@@ -73,7 +73,7 @@ pub struct VersionDetail {
     pub summary: VersionSummary,
     /// Accuracy of the version it started from, on this version's holdout.
     pub base_accuracy: Option<f64>,
-    pub quality: Option<crate::evaluation::Quality>,
+    pub quality: Option<crate::training::evaluation::Quality>,
 }
 
 /// A version with per-class precision/recall, calibration error and the
@@ -84,9 +84,9 @@ pub async fn show(ctx: &Context, project: &Project, version: i32) -> AppResult<V
     Ok(VersionDetail {
         summary: VersionSummary::from(&found),
         base_accuracy: metrics.as_ref().and_then(|m| m.base_accuracy),
-        quality: metrics
-            .filter(|m| !m.evaluations.is_empty())
-            .map(|m| crate::evaluation::quality(&m, &project.class_names, &project.policy)),
+        quality: metrics.filter(|m| !m.evaluations.is_empty()).map(|m| {
+            crate::training::evaluation::quality(&m, &project.class_names, &project.policy)
+        }),
     })
 }
 

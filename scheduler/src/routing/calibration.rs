@@ -17,13 +17,16 @@
 //! good enough. The evidence is computed when the version is registered, so
 //! a new version routes with its own thresholds from its first prediction.
 
-use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+use chrono::Utc;
+use sea_orm::{ActiveValue::Set, ConnectionTrait, DatabaseConnection, EntityTrait};
 use serde::{Deserialize, Serialize};
 use sieve_shared::messages::HoldoutMetrics;
 use uuid::Uuid;
 
-use crate::entities::model_version;
+use crate::entities::{model_version, project};
+use crate::error::AppResult;
 use crate::policy::Policy;
+use crate::projects::Project;
 
 /// One holdout example as a model version saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,6 +54,26 @@ pub struct Calibration {
     /// contradicted it) rather than from its own evidence alone.
     #[serde(default)]
     pub borrowed: Vec<bool>,
+}
+
+/// The confidence a prediction of `class` needs to become a machine label
+/// under `policy`; `None` means it never does (no threshold calibrated for
+/// this policy's target yet).
+pub fn threshold_for(
+    policy: &Policy,
+    class: u32,
+    calibration: Option<&Calibration>,
+) -> Option<f32> {
+    match policy.target_accuracy {
+        None => Some(policy.confidence_threshold),
+        Some(target) => calibration
+            .filter(|c| {
+                c.target_accuracy == target
+                    && c.confidence_level == policy.confidence_level
+                    && c.pooled == policy.pool_evidence
+            })
+            .and_then(|c| c.thresholds.get(class as usize).copied().flatten()),
+    }
 }
 
 /// The z value of a two-sided normal interval at `level` (0.90, 0.95, 0.99...).
@@ -260,6 +283,30 @@ pub fn evidence(metrics: &HoldoutMetrics) -> Vec<Evidence> {
         .collect()
 }
 
+/// Replace a project's policy: a new policy version, and the active model's
+/// thresholds recalibrated for it. Returns the updated project.
+pub async fn set_policy(
+    db: &DatabaseConnection,
+    project: &Project,
+    policy: Policy,
+) -> AppResult<Project> {
+    policy.validate()?;
+    let updated = project::Entity::update(project::ActiveModel {
+        id: Set(project.id.as_uuid()),
+        policy: Set(serde_json::to_value(&policy).map_err(anyhow::Error::from)?),
+        policy_version: Set(project.policy_version + 1),
+        updated_at: Set(Utc::now().fixed_offset()),
+        ..Default::default()
+    })
+    .exec(db)
+    .await?;
+    if let Some(active) = project.active_model_version_id {
+        refresh(db, &policy, active, project.class_names.len()).await?;
+    }
+    tracing::info!(project = %project.name, version = updated.policy_version, "policy updated");
+    Project::from_model(updated)
+}
+
 /// Recompute and store the calibration of a model version for `policy`
 /// (cleared when the policy has no target accuracy).
 pub async fn refresh(
@@ -324,6 +371,8 @@ pub async fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{Decision, Draws, decide};
+    use sieve_shared::scores::Scores;
 
     #[test]
     fn normal_quantiles() {
@@ -463,5 +512,43 @@ mod tests {
             calibrate(&top_wrong, 5, 0.97, 0.95, true).thresholds[4],
             None
         );
+    }
+
+    #[test]
+    fn target_accuracy_uses_the_calibrated_class_threshold() {
+        let policy = Policy {
+            target_accuracy: Some(0.97),
+            ..Policy::default()
+        };
+        let calibration = Calibration {
+            target_accuracy: 0.97,
+            confidence_level: 0.95,
+            thresholds: vec![None, None, None, Some(0.8)],
+            evidence: vec![0, 0, 0, 500],
+            ..Calibration::default()
+        };
+        let s = Scores {
+            top_class: 3,
+            confidence: 0.85,
+            margin: 0.0,
+            entropy: 0.0,
+            disagreement: 0.0,
+            mutual_information: 0.0,
+        };
+        let t = threshold_for(&policy, 3, Some(&calibration));
+        assert_eq!(t, Some(0.8));
+        assert_eq!(
+            decide(&policy, &s, t, Draws::NONE),
+            Decision::MachineLabel { class_index: 3 }
+        );
+        // A class without enough evidence never gets a machine label.
+        assert_eq!(threshold_for(&policy, 0, Some(&calibration)), None);
+        // Nor does anything before the version was calibrated for this target.
+        assert_eq!(threshold_for(&policy, 3, None), None);
+        let other_target = Policy {
+            target_accuracy: Some(0.99),
+            ..policy.clone()
+        };
+        assert_eq!(threshold_for(&other_target, 3, Some(&calibration)), None);
     }
 }

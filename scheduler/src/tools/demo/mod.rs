@@ -21,17 +21,18 @@ use serde::Serialize;
 use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
-use crate::app::Context;
 use crate::auth;
+use crate::context::Context;
 use crate::entities::api_token::Role;
 use crate::entities::model_version;
 use crate::entities::training_run::{self, RunState};
-use crate::fashion_mnist::{self, Truth};
 use crate::ingest;
+use crate::operate::status;
 use crate::policy::Policy;
 use crate::projects::{self, ClassNames, Project, ProjectName};
 use crate::review::{ClaimedTask, SubmittedLabel};
-use crate::status;
+use crate::tools::fashion_mnist::{self, Truth};
+use crate::training;
 
 #[derive(Clone, Debug, Args)]
 pub struct DemoArgs {
@@ -358,7 +359,7 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
             .iter()
             .map(|c| c.to_string())
             .collect();
-        let project = projects::create_with_first_model(
+        let project = training::create_project(
             ctx,
             &ProjectName::parse(name)?,
             &ClassNames::parse(&classes)?,

@@ -10,8 +10,8 @@
 use serde::Serialize;
 use sieve_shared::messages::{HoldoutEvaluation, HoldoutMetrics};
 
-use crate::calibration;
 use crate::policy::Policy;
+use crate::routing::calibration;
 
 /// Bins of the expected calibration error (equal-width confidence bins).
 const ECE_BINS: usize = 10;
@@ -80,8 +80,7 @@ pub fn quality(metrics: &HoldoutMetrics, classes: &[String], policy: &Policy) ->
     let machine: Vec<&HoldoutEvaluation> = evaluations
         .iter()
         .filter(|e| {
-            policy
-                .threshold_for(e.predicted, calibration.as_ref())
+            calibration::threshold_for(policy, e.predicted, calibration.as_ref())
                 .is_some_and(|t| e.confidence >= t)
         })
         .collect();

@@ -19,7 +19,7 @@ use sieve_shared::retry;
 use sieve_shared::topology::Route;
 use uuid::Uuid;
 
-use crate::app::Context;
+use crate::context::Context;
 use crate::dispatch;
 use crate::entities::item::{self, ItemState};
 use crate::projects::Project;

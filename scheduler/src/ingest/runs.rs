@@ -11,7 +11,8 @@
 //! belongs to a process that died: it reads as `interrupted`. Running the
 //! same ingest again is safe, since an item is unique per project and
 //! content hash. On SIGTERM `sieve serve` stops its ingests between batches
-//! and records them as interrupted at once ([`Runner::shutdown`]).
+//! and records them as interrupted at once
+//! ([`crate::context::Background::shutdown`]).
 
 use std::time::Duration;
 
@@ -19,11 +20,9 @@ use chrono::{DateTime, FixedOffset};
 use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement};
 use serde::Serialize;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::app::Context;
+use crate::context::Context;
 use crate::error::{AppError, AppResult};
 use crate::ingest::{
     self, FileFailure, IngestSummary, Options, REPORTED_FAILURES, Source, Stopped,
@@ -36,30 +35,6 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// A `running` ingest silent for this long is taken for interrupted.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
-
-/// The ingests this process runs: stopped together at shutdown.
-#[derive(Clone, Debug, Default)]
-pub struct Runner {
-    tasks: TaskTracker,
-    stop: CancellationToken,
-}
-
-impl Runner {
-    /// Stop every running ingest between batches and wait, up to
-    /// `deadline`, until each has recorded where it stopped.
-    pub async fn shutdown(&self, deadline: Duration) {
-        self.stop.cancel();
-        self.tasks.close();
-        if tokio::time::timeout(deadline, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "ingests still running at shutdown; their heartbeat stops, so they read as interrupted"
-            );
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -209,14 +184,13 @@ pub async fn start(
     requested_by: &str,
 ) -> AppResult<IngestRun> {
     let id = insert(&ctx.db, project, &source, requested_by).await?;
-    let runner = &ctx.ingest_runs;
-    let options = Options {
-        terminal: false,
-        progress: None,
-        cancel: Some(runner.stop.child_token()),
-    };
     let (ctx2, project) = (ctx.clone(), project.clone());
-    runner.tasks.spawn(async move {
+    ctx.ingest_runs.spawn(|cancel| async move {
+        let options = Options {
+            terminal: false,
+            progress: None,
+            cancel: Some(cancel),
+        };
         // The outcome is in the row; the log has the failure.
         let _ = supervise(
             &ctx2,

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use sea_orm::{FromQueryResult, Statement};
 use serde::Serialize;
 
-use crate::app::Context;
-use crate::calibration;
+use crate::context::Context;
 use crate::error::AppResult;
 use crate::projects::Project;
+use crate::routing::calibration;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ProjectStatus {
@@ -374,7 +374,7 @@ fn sum_queues(name: String, queues: &[QueueStatus]) -> QueueStatus {
 pub async fn fleet_status(ctx: &Context) -> anyhow::Result<FleetStatus> {
     let (queues, queue_source) = queues(ctx).await?;
     let (workers_alive, workers_lost, workers_error) =
-        match crate::workers::list(&ctx.settings.redis).await {
+        match crate::operate::workers::list(&ctx.settings.redis).await {
             Ok(w) => (
                 w.iter().filter(|w| !w.lost).count(),
                 w.iter().filter(|w| w.lost).count(),

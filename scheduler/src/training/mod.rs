@@ -7,6 +7,10 @@
 //! project. Workers report on `sieve.train.events`; a completed run becomes a
 //! `candidate` version, promoted when it is not worse than the champion.
 
+pub mod auto_retrain;
+pub mod evaluation;
+pub mod registry;
+
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -24,19 +28,20 @@ use sieve_shared::broker;
 use sieve_shared::embedding_table::TableWriter;
 use sieve_shared::ids::{ItemId, ModelVersionId, TrainingRunId};
 use sieve_shared::messages::{
-    ControlCommand, ControlMessage, EmbeddingTable, SCHEMA_VERSION, Snapshot, SnapshotExample,
-    Split, TrainEvent, TrainEventKind, TrainJob, TrainMode, TrainParams, decode,
+    ControlCommand, ControlMessage, EmbeddingTable, ModelArch, SCHEMA_VERSION, Snapshot,
+    SnapshotExample, Split, TrainEvent, TrainEventKind, TrainJob, TrainMode, TrainParams, decode,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::app::Context;
+use crate::context::Context;
+use crate::dispatch;
 use crate::entities::model_version::{self, VersionStatus};
 use crate::entities::training_run::{self, RunState};
 use crate::error::{AppError, AppResult};
-use crate::models;
-use crate::projects::{self, Project};
-use crate::{calibration, dispatch};
+use crate::policy::Policy;
+use crate::projects::{self, ClassNames, Project, ProjectName};
+use crate::routing::calibration;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSummary {
@@ -352,6 +357,21 @@ impl RetrainRequest {
             None => Ok(params),
         }
     }
+}
+
+/// Create a project and queue its first (untrained) model, so that items
+/// ingested into it can be pre-labeled at once and the loop can start.
+pub async fn create_project(
+    ctx: &Context,
+    name: &ProjectName,
+    classes: &ClassNames,
+    policy: &Policy,
+    arch: ModelArch,
+    requested_by: &str,
+) -> AppResult<Project> {
+    let project = projects::create(&ctx.db, name, classes, policy, arch).await?;
+    request(ctx, &project, requested_by, project.train_params(), true).await?;
+    Ok(project)
 }
 
 /// Queue a training run for `project`. `bootstrap` allows a run with no
@@ -779,7 +799,7 @@ pub async fn handle_event(ctx: &Context, event: &TrainEvent) -> AppResult<()> {
                 project.class_names.len(),
             )
             .await?;
-            models::consider_promotion(ctx, &project, run.model_version_id).await?;
+            registry::consider_promotion(ctx, &project, run.model_version_id).await?;
         }
     }
     Ok(())

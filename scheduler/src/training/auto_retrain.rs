@@ -13,7 +13,7 @@ use std::time::Duration;
 use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Context;
+use crate::context::Context;
 use crate::entities::training_run::{self, RunState};
 use crate::error::AppError;
 use crate::projects::{self, Project};

@@ -1,80 +1,25 @@
-//! The scheduler's shared handles, and `sieve serve`.
+//! `sieve serve`: the HTTP API and the scheduler's loops in one process.
 //!
-//! [`Context`] is what every operation needs (database, publisher, object
-//! store, settings); the CLI builds one per command, the server one per
-//! process. [`serve`] runs the HTTP API and the consumers until its shutdown
-//! future resolves, then drains them.
+//! [`serve`] runs the HTTP API, the result consumer, the training-event
+//! consumer, the re-dispatch sweeper and automatic retrains until its
+//! shutdown future resolves, then drains them. Nothing imports this module
+//! but the CLI and tests: it is the top of the scheduler's graph.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lapin::Connection;
-use sea_orm::DatabaseConnection;
-use sieve_shared::Settings;
-use sieve_shared::broker::{self, Publisher};
-use sieve_shared::store::Store;
-use sieve_shared::topology::Topology;
+use sieve_shared::broker;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{db, dispatch, http, ingest_runs, results, training};
-
-#[derive(Clone)]
-pub struct Context {
-    pub db: DatabaseConnection,
-    /// A small pool of its own for review claims (`db::connect_claims`).
-    pub claims: DatabaseConnection,
-    pub publisher: Publisher,
-    pub store: Store,
-    pub settings: Arc<Settings>,
-    /// The publishing connection (also for short-lived channels: passive
-    /// declares, dead-letter reads).
-    pub connection: Arc<Connection>,
-    /// Ingests started over HTTP, running in this process.
-    pub ingest_runs: ingest_runs::Runner,
-}
-
-impl Context {
-    /// Connect to PostgreSQL and RabbitMQ, declare the topology, open the
-    /// object store. Each failure names the service and address.
-    pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
-        let db = db::connect(&settings.database).await?;
-        let claims = db::connect_claims(&settings.database).await?;
-        let connection = broker::connect(&settings.broker.url, "sieve-scheduler publish").await?;
-        let topology = topology(&settings);
-        let channel = connection.create_channel().await?;
-        topology
-            .declare(&channel)
-            .await
-            .context("declaring the RabbitMQ topology")?;
-        channel.close(200, "declared".into()).await.ok();
-        let publisher = Publisher::new(&connection, topology).await?;
-        let store = Store::open(&settings.store)?;
-        Ok(Self {
-            db,
-            claims,
-            publisher,
-            store,
-            settings: Arc::new(settings),
-            connection: Arc::new(connection),
-            ingest_runs: ingest_runs::Runner::default(),
-        })
-    }
-
-    pub fn topology(&self) -> &Topology {
-        self.publisher.topology()
-    }
-}
+use crate::context::Context;
+use crate::{dispatch, http, routing, training};
 
 /// How long HTTP-started ingests get to finish their batch and record
 /// themselves at shutdown.
 const INGEST_STOP_DEADLINE: Duration = Duration::from_secs(10);
-
-pub fn topology(settings: &Settings) -> Topology {
-    Topology::from_settings(&settings.broker)
-}
 
 /// Run the HTTP API on `listener` and the result, training-event and
 /// re-dispatch loops until `shutdown` resolves. In-flight batches finish and
@@ -93,7 +38,11 @@ pub async fn serve(
         Arc::new(broker::connect(&ctx.settings.broker.url, "sieve-scheduler consume").await?);
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(results::run(ctx.clone(), consume.clone(), stop.clone()));
+    tasks.spawn(routing::results::run(
+        ctx.clone(),
+        consume.clone(),
+        stop.clone(),
+    ));
     tasks.spawn(training::run_events(
         ctx.clone(),
         consume.clone(),
@@ -104,7 +53,7 @@ pub async fn serve(
         Duration::from_secs(60),
         stop.clone(),
     ));
-    tasks.spawn(crate::auto_retrain::run(
+    tasks.spawn(training::auto_retrain::run(
         ctx.clone(),
         Duration::from_secs(10),
         stop.clone(),

@@ -1,0 +1,9 @@
+//! Routing: what happens to a prediction once a worker has made it.
+//!
+//! - [`results`]: the result consumer: stores each prediction and routes it
+//!   by the project's [`crate::policy`] to a machine label or a review task.
+//! - [`calibration`]: per-class thresholds calibrated to a target accuracy
+//!   from a version's random evidence, and policy changes that recalibrate.
+
+pub mod calibration;
+pub mod results;
