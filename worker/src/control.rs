@@ -14,7 +14,7 @@ use sieve_shared::messages::{ControlCommand, ControlMessage, ModelRef, decode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::Worker;
+use crate::context::Worker;
 
 pub async fn run(
     worker: Arc<Worker>,

@@ -9,7 +9,7 @@ use sieve_shared::live::{self, Heartbeat};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend;
-use crate::service::Worker;
+use crate::context::Worker;
 
 fn heartbeat(worker: &Worker, period: Duration) -> Heartbeat {
     let items = worker.stats.items.load(Ordering::Relaxed);

@@ -4,8 +4,10 @@
 //!
 //! # Layout
 //! - [`service`]: the process — connections, loops, drain on shutdown.
-//! - [`prelabel`]: micro-batched prediction jobs in, scored results out.
-//! - [`training`]: training jobs, from snapshot to artifact, with events.
+//! - [`context`]: the [`context::Worker`] every loop shares, capabilities.
+//! - [`jobs`]: the jobs it takes: `prelabel` (micro-batched prediction
+//!   jobs in, scored results out) and `train` (from snapshot to artifact,
+//!   with events).
 //! - [`control`]: activation notices from the control fanout.
 //! - [`heartbeat`]: the worker's heartbeat in Redis.
 //! - [`health`]: broker connections and consumers, for `/healthz`.
@@ -14,18 +16,18 @@
 //! - [`cache`]: loaded model versions.
 //! - [`images`]: image bytes to model input.
 //! - [`backend`]: the burn device chosen by cargo feature.
-//! - [`bench`]: `sieve-worker bench forward|train`, the throughput figures.
+//! - [`tools`]: `sieve-worker bench forward|train|accuracy`, beside the
+//!   service.
 
 pub mod artifact;
 pub mod backend;
-pub mod bench;
-pub mod bench_accuracy;
 pub mod cache;
+pub mod context;
 pub mod control;
 pub mod health;
 pub mod heartbeat;
 pub mod images;
+pub mod jobs;
 pub mod model;
-pub mod prelabel;
 pub mod service;
-pub mod training;
+pub mod tools;

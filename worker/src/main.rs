@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use sieve_shared::Settings;
-use sieve_worker::service::{self, Capability};
+use sieve_worker::context::Capability;
+use sieve_worker::service;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,7 +38,7 @@ struct Cli {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Measure inference or training throughput (figures for docs/benchmarks.md).
-    Bench(sieve_worker::bench::BenchArgs),
+    Bench(sieve_worker::tools::bench::BenchArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -55,7 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         settings.http.worker_bind = addr;
     }
     if let Some(Command::Bench(args)) = cli.command {
-        return sieve_worker::bench::run(settings, args).await;
+        return sieve_worker::tools::bench::run(settings, args).await;
     }
     let capabilities = settings
         .worker

@@ -25,8 +25,9 @@ use sieve_shared::messages::{
 use sieve_shared::retry;
 use sieve_shared::store::Store;
 use sieve_shared::topology::Topology;
+use sieve_worker::context::Capability;
 use sieve_worker::model::{ArchitectureConfig, Committee};
-use sieve_worker::service::{self, Capability};
+use sieve_worker::service;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -24,6 +24,7 @@ use sieve_scheduler::operate::workers;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, ProjectName};
 use sieve_scheduler::tools::fashion_mnist::{self, Split};
+use sieve_scheduler::training;
 use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 

@@ -23,7 +23,7 @@ use sieve_scheduler::entities::prediction;
 use sieve_scheduler::ingest;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::tools::fashion_mnist::Split;
-use sieve_worker::service::Capability;
+use sieve_worker::context::Capability;
 
 /// Prediction workers alive at any time.
 const WORKERS: usize = 2;

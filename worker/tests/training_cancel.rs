@@ -16,7 +16,7 @@ use sieve_scheduler::entities::training_run::{self, RunState};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::{projects, training};
 use sieve_shared::messages::TrainParams;
-use sieve_worker::service::Capability;
+use sieve_worker::context::Capability;
 
 const WAIT: Duration = Duration::from_secs(120);
 const IMAGES: usize = 600;

@@ -26,7 +26,7 @@ use sieve_scheduler::training::{self, RetrainRequest};
 use sieve_scheduler::{ingest, projects};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
-use sieve_worker::service::Capability;
+use sieve_worker::context::Capability;
 
 const IMAGES: usize = 200;
 const WAIT: Duration = Duration::from_secs(300);

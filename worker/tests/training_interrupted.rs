@@ -19,7 +19,7 @@ use sieve_scheduler::policy::Policy;
 
 use sieve_scheduler::training;
 use sieve_shared::messages::TrainParams;
-use sieve_worker::service::Capability;
+use sieve_worker::context::Capability;
 
 const WAIT: Duration = Duration::from_secs(120);
 const IMAGES: usize = 1500;

@@ -19,7 +19,9 @@ use rand::seq::SliceRandom;
 
 use super::ModelError;
 use super::net::stream_seed;
-use super::train::{EpochReport, bootstrap_weights, class_weights, split};
+use super::recipe::{
+    EpochReport, argmax, bootstrap_weights, class_weights, mean_over_members, split,
+};
 
 const SHUFFLE_STREAM: u64 = 0x4EAD;
 
@@ -233,8 +235,8 @@ pub fn train_heads(
             .iter()
             .zip(&val_set)
             .filter(|(item, i)| {
-                let mean = super::train::mean_over_members(item);
-                super::train::argmax(&mean) == data.labels[**i]
+                let mean = mean_over_members(item);
+                argmax(&mean) == data.labels[**i]
             })
             .count();
         let accuracy = correct as f64 / val_set.len() as f64;

@@ -17,12 +17,14 @@ mod committee;
 mod heads;
 pub mod mobilenet;
 mod net;
+mod recipe;
 mod train;
 
 pub use committee::{Committee, CommitteeProbs, Embeddings};
 pub use heads::{EmbeddingData, Heads, HeadsOptions, HeadsReport, train_heads};
 pub use mobilenet::MobileNetV2;
-pub use train::{EpochReport, TrainData, TrainOptions, train};
+pub use recipe::EpochReport;
+pub use train::{TrainData, TrainOptions, train};
 
 /// What a model version is: the architecture and its sizes. Stored next to the weights, since
 /// weights alone do not say which module to load them into.

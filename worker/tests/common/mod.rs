@@ -11,10 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sieve_scheduler::context::{self, Context};
-use sieve_scheduler::db;
+use sieve_scheduler::{db, training};
 use sieve_shared::Settings;
 use sieve_shared::messages::ModelArch;
-use sieve_worker::service::{self, Capability};
+use sieve_worker::context::Capability;
+use sieve_worker::service;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

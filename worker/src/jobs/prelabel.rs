@@ -40,9 +40,9 @@ use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::context::Worker;
 use crate::images;
 use crate::model::Committee;
-use crate::service::Worker;
 
 /// Image fetches in flight per batch from a remote store.
 const FETCH_CONCURRENCY: usize = 16;

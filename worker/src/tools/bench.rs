@@ -38,12 +38,13 @@ use sieve_shared::store::Store;
 use sieve_shared::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench_accuracy::{self, AccuracyArgs};
+use crate::context::Capability;
 use crate::model::{
     ArchitectureConfig, Committee, EmbeddingData, HeadsOptions, TrainData, TrainOptions, mobilenet,
     train, train_heads,
 };
-use crate::service::{self, Capability};
+use crate::service;
+use crate::tools::bench_accuracy::{self, AccuracyArgs};
 use crate::{artifact, backend, images};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -27,12 +27,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifact;
+use crate::context::Worker;
 use crate::images;
 use crate::model::{
     self, ArchitectureConfig, Committee, CommitteeProbs, EmbeddingData, EpochReport, HeadsOptions,
     ModelError, TrainData, TrainOptions,
 };
-use crate::service::Worker;
 
 /// Why a run did not complete, and so what happens to its job.
 #[derive(Debug, thiserror::Error)]
