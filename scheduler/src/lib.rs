@@ -7,7 +7,9 @@
 //! - Foundations: [`error`], [`db`], [`entities`] (sea-orm models),
 //!   [`context`] (the handles every stage takes), [`projects`] (names,
 //!   classes, architecture), [`policy`] (a project's routing policy and the
-//!   decision for one prediction), [`auth`] (API tokens and roles).
+//!   decision for one prediction, and `PolicyPatch`, the one way it is
+//!   changed), [`patch`] (absent vs `null` in partial updates), [`auth`]
+//!   (API tokens and roles).
 //! - [`ingest`]: images into items: the pipeline, `manifest` files,
 //!   object-store `prefix`es, and `runs` (every ingest's row and progress).
 //! - [`dispatch`]: items into jobs; pause, resume, rate limit, priority,
@@ -35,6 +37,7 @@ pub mod error;
 pub mod http;
 pub mod ingest;
 pub mod operate;
+pub mod patch;
 pub mod policy;
 pub mod projects;
 pub mod review;

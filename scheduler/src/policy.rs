@@ -30,6 +30,7 @@ use sieve_shared::scores::Scores;
 
 use crate::entities::review_task::TaskReason;
 use crate::error::AppError;
+use crate::patch::present;
 
 /// Which committee disagreement the limit applies to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +128,86 @@ impl Policy {
             ));
         }
         Ok(())
+    }
+}
+
+/// A change to a policy, as `PUT /api/v1/projects/{p}/policy` and
+/// `sieve project policy` take it: a field left out stays as it is, an
+/// explicit `null` clears an optional one (back to the fixed threshold, no
+/// automatic retrains, no second opinions). The result is validated as a
+/// whole by [`Policy::validate`].
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyPatch {
+    pub confidence_threshold: Option<f32>,
+    #[serde(default, deserialize_with = "present")]
+    pub target_accuracy: Option<Option<f64>>,
+    pub confidence_level: Option<f64>,
+    pub disagreement_measure: Option<DisagreementMeasure>,
+    pub disagreement_limit: Option<f32>,
+    pub audit_rate: Option<f64>,
+    pub pool_evidence: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    pub retrain_every_labels: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    pub second_review_confidence: Option<Option<f32>>,
+}
+
+impl PolicyPatch {
+    /// `policy` with this change applied (not yet validated).
+    pub fn apply(&self, policy: &Policy) -> Policy {
+        let mut next = policy.clone();
+        let Self {
+            confidence_threshold,
+            target_accuracy,
+            confidence_level,
+            disagreement_measure,
+            disagreement_limit,
+            audit_rate,
+            pool_evidence,
+            retrain_every_labels,
+            second_review_confidence,
+        } = self.clone();
+        if let Some(v) = confidence_threshold {
+            next.confidence_threshold = v;
+        }
+        if let Some(v) = target_accuracy {
+            next.target_accuracy = v;
+        }
+        if let Some(v) = confidence_level {
+            next.confidence_level = v;
+        }
+        if let Some(v) = disagreement_measure {
+            next.disagreement_measure = v;
+        }
+        if let Some(v) = disagreement_limit {
+            next.disagreement_limit = v;
+        }
+        if let Some(v) = audit_rate {
+            next.audit_rate = v;
+        }
+        if let Some(v) = pool_evidence {
+            next.pool_evidence = v;
+        }
+        if let Some(v) = retrain_every_labels {
+            next.retrain_every_labels = v;
+        }
+        if let Some(v) = second_review_confidence {
+            next.second_review_confidence = v;
+        }
+        next
+    }
+}
+
+impl DisagreementMeasure {
+    pub fn parse(raw: &str) -> Result<Self, AppError> {
+        match raw {
+            "vote" => Ok(Self::Vote),
+            "mutual_information" => Ok(Self::MutualInformation),
+            other => Err(AppError::Invalid(format!(
+                "disagreement measure {other:?}: use vote or mutual_information"
+            ))),
+        }
     }
 }
 
@@ -419,5 +500,23 @@ mod tests {
         let policy: Policy = serde_json::from_str(stored).unwrap_or_default();
         assert_eq!(policy.confidence_threshold, 0.8);
         assert_eq!(policy.second_review_confidence, None);
+    }
+
+    #[test]
+    fn a_patch_changes_what_it_names_and_null_clears() {
+        let policy = Policy {
+            target_accuracy: Some(0.97),
+            retrain_every_labels: Some(500),
+            ..Policy::default()
+        };
+        let patch: PolicyPatch =
+            serde_json::from_str(r#"{"audit_rate": 0.05, "target_accuracy": null}"#).unwrap();
+        let next = patch.apply(&policy);
+        assert_eq!(next.audit_rate, 0.05);
+        assert_eq!(next.target_accuracy, None);
+        // Left out: unchanged, not reset to the default.
+        assert_eq!(next.retrain_every_labels, Some(500));
+        assert_eq!(PolicyPatch::default().apply(&policy), policy);
+        assert!(serde_json::from_str::<PolicyPatch>(r#"{"treshold": 0.5}"#).is_err());
     }
 }

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Context;
 use crate::entities::api_token::Role;
 use crate::operate::{failed, status, workers};
-use crate::policy::Policy;
+use crate::patch;
+use crate::policy::{DisagreementMeasure, Policy, PolicyPatch};
 use crate::projects::{self, ClassNames, ProjectName};
 use crate::tools::demo;
 use crate::training::RetrainRequest;
@@ -788,61 +789,33 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
         } => {
             let conn = db::connect(&settings.database).await?;
             let project = projects::get(&conn, &name).await?;
-            let mut policy = project.policy.clone();
-            let before = policy.clone();
-            if let Some(t) = threshold {
-                policy.confidence_threshold = t;
-            }
-            if let Some(t) = target_accuracy {
-                policy.target_accuracy = match t.as_str() {
-                    "none" => None,
-                    t => Some(
-                        t.parse()
-                            .with_context(|| format!("target accuracy {t:?} is not a number"))?,
-                    ),
-                };
-            }
-            if let Some(l) = confidence_level {
-                policy.confidence_level = l;
-            }
-            if let Some(a) = audit_rate {
-                policy.audit_rate = a;
-            }
-            if let Some(d) = disagreement_limit {
-                policy.disagreement_limit = d;
-            }
-            if let Some(pool) = pool_evidence {
-                policy.pool_evidence = pool;
-            }
-            if let Some(n) = retrain_every {
-                policy.retrain_every_labels = match n.as_str() {
-                    "none" => None,
-                    n => Some(n.parse().with_context(|| {
-                        format!("--retrain-every {n:?}: a number of labels, or none")
-                    })?),
-                };
-            }
-            if let Some(c) = second_review_confidence {
-                policy.second_review_confidence = match c.as_str() {
-                    "none" => None,
-                    c => Some(c.parse().with_context(|| {
-                        format!("--second-review-confidence {c:?}: a confidence, or none")
-                    })?),
-                };
-            }
-            if let Some(m) = disagreement_measure {
-                policy.disagreement_measure = serde_json::from_value(serde_json::json!(m))
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "disagreement measure {m:?}: use vote or mutual_information"
-                        )
-                    })?;
-            }
-            let project = if policy == before {
-                project
-            } else {
-                routing::calibration::set_policy(&conn, &project, policy).await?
+            let patch = PolicyPatch {
+                confidence_threshold: threshold,
+                target_accuracy: patch::optional_flag(
+                    "--target-accuracy",
+                    target_accuracy.as_deref(),
+                    "an accuracy",
+                )?,
+                confidence_level,
+                disagreement_measure: disagreement_measure
+                    .as_deref()
+                    .map(DisagreementMeasure::parse)
+                    .transpose()?,
+                disagreement_limit,
+                audit_rate,
+                pool_evidence,
+                retrain_every_labels: patch::optional_flag(
+                    "--retrain-every",
+                    retrain_every.as_deref(),
+                    "a number of labels",
+                )?,
+                second_review_confidence: patch::optional_flag(
+                    "--second-review-confidence",
+                    second_review_confidence.as_deref(),
+                    "a confidence",
+                )?,
             };
+            let project = routing::calibration::patch_policy(&conn, &project, &patch).await?;
             println!("policy version {}:", project.policy_version);
             print_json(&project.policy)?;
         }
@@ -876,13 +849,11 @@ async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<
         } => {
             let conn = db::connect(&settings.database).await?;
             let project = projects::get(&conn, &name).await?;
-            let rate_limit = match rate_limit.as_deref() {
-                None => None,
-                Some("none") => Some(None),
-                Some(r) => Some(Some(r.parse::<f64>().with_context(|| {
-                    format!("rate limit {r:?} is not a number of jobs per second")
-                })?)),
-            };
+            let rate_limit = patch::optional_flag(
+                "--rate-limit",
+                rate_limit.as_deref(),
+                "a number of jobs per second",
+            )?;
             let change = crate::dispatch::ControlChange {
                 paused: None,
                 rate_limit,

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::entities::{model_version, project};
 use crate::error::AppResult;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyPatch};
 use crate::projects::Project;
 
 /// One holdout example as a model version saw it.
@@ -305,6 +305,21 @@ pub async fn set_policy(
     }
     tracing::info!(project = %project.name, version = updated.policy_version, "policy updated");
     Project::from_model(updated)
+}
+
+/// Apply `patch` to a project's policy (`PUT /policy`, `sieve project
+/// policy`): a new policy version, recalibrated, unless the patch leaves the
+/// policy as it was.
+pub async fn patch_policy(
+    db: &DatabaseConnection,
+    project: &Project,
+    patch: &PolicyPatch,
+) -> AppResult<Project> {
+    let next = patch.apply(&project.policy);
+    if next == project.policy {
+        return Ok(project.clone());
+    }
+    set_policy(db, project, next).await
 }
 
 /// Recompute and store the calibration of a model version for `policy`
