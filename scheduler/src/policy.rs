@@ -510,7 +510,8 @@ mod tests {
             ..Policy::default()
         };
         let patch: PolicyPatch =
-            serde_json::from_str(r#"{"audit_rate": 0.05, "target_accuracy": null}"#).unwrap();
+            serde_json::from_str(r#"{"audit_rate": 0.05, "target_accuracy": null}"#)
+                .expect("a valid patch");
         let next = patch.apply(&policy);
         assert_eq!(next.audit_rate, 0.05);
         assert_eq!(next.target_accuracy, None);

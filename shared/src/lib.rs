@@ -13,6 +13,7 @@
 //! - [`store`]: object storage (local directory by default).
 //! - [`live`]: losable live state in Redis (worker heartbeats).
 //! - [`telemetry`]: logs and Prometheus metrics.
+//! - [`shutdown`]: the signal both binaries stop on (Ctrl-C, SIGTERM).
 //! - [`error`]: errors both services act on.
 
 pub mod blocking;
@@ -27,6 +28,7 @@ pub mod procstat;
 pub mod retry;
 pub mod scores;
 pub mod settings;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod topology;

@@ -67,25 +67,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.http.worker_bind)
         .await
         .with_context(|| format!("binding {}", settings.http.worker_bind))?;
-    service::run(settings, capabilities, listener, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
+    service::run(
+        settings,
+        capabilities,
+        listener,
+        sieve_shared::shutdown::signal(),
+    )
+    .await
 }
 
 #[tokio::main]

@@ -1,0 +1,416 @@
+//! What the `sieve` command line takes: every command and its flags, as
+//! clap derives them. Parsing only; the commands run in the sibling files.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use sieve_shared::messages::{ModelArch, TrainMode};
+
+use crate::entities::api_token::Role;
+use crate::tools::{bench_claim, bench_ingest, demo};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sieve",
+    version,
+    about = "Active-learning image labeling: scheduler and CLI"
+)]
+pub struct Cli {
+    /// Settings file (default: ./sieve.toml if present). SIEVE_* variables override it.
+    #[arg(long, global = true, env = "SIEVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API, the result consumer and the training-event consumer.
+    Serve,
+    /// Create the database if needed and apply pending migrations.
+    Migrate,
+    /// Create, list and inspect projects.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+    /// Ingest a folder of images, an object-store prefix, or a CSV / JSON
+    /// Lines manifest, into a project. Exits with status 2 if any file,
+    /// object or row failed.
+    Ingest {
+        /// A folder to read recursively, `store:PREFIX` (objects under a
+        /// prefix of sieve's store) or `s3://BUCKET/PREFIX` (a bucket,
+        /// reached with the s3.* settings; its images are copied in).
+        #[arg(
+            value_name = "FOLDER|store:PREFIX|s3://BUCKET/PREFIX",
+            required_unless_present = "manifest",
+            conflicts_with = "manifest"
+        )]
+        source: Option<String>,
+        #[arg(long, short)]
+        project: String,
+        /// A CSV (header with `path` or `key`, optional `label`,
+        /// `external_id`) or JSON Lines manifest: a file, or `store:KEY`
+        /// for one in sieve's store (its rows then name keys only).
+        #[arg(long, value_name = "FILE|store:KEY")]
+        manifest: Option<String>,
+        /// Directory that manifest paths are relative to (default: the
+        /// manifest's directory); no path may leave it.
+        #[arg(long, requires = "manifest")]
+        root: Option<PathBuf>,
+    },
+    /// A project's ingests, newest first: from `sieve ingest` and over HTTP,
+    /// with their counts and state (a running one whose process died reads
+    /// as interrupted).
+    Ingests {
+        #[arg(long, short)]
+        project: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queues, workers and projects at a glance (or one project in detail).
+    Status {
+        #[arg(long, short)]
+        project: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Refresh every N seconds until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
+    /// Workers from their heartbeats; one that stopped beating shows as LOST.
+    Workers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Claim and submit review tasks.
+    #[command(subcommand)]
+    Review(ReviewCommand),
+    /// Queue a training run from the project's human labels, or show runs.
+    Retrain(RetrainArgs),
+    /// List, promote and roll back model versions.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Failed items and dead letters: list, retry, purge.
+    #[command(subcommand)]
+    Failed(FailedCommand),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Run the active-learning loop on Fashion-MNIST with simulated reviewers
+    /// (needs `sieve serve` and workers running; `ops/demo.sh` starts them).
+    Demo(demo::DemoArgs),
+    /// Benchmarks that print their figures (docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Ingest of a folder of PNGs (copied into the store, and inside the
+    /// store referenced in place) and of a manifest of keys, against the raw
+    /// publish rate of the same broker; own database and queues.
+    Ingest(bench_ingest::BenchIngestArgs),
+    /// Review claims: many reviewers claiming and submitting at once until
+    /// the queue is empty; latencies, throughput, zero double claims.
+    Claim(bench_claim::ClaimArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCommand {
+    /// Create a classification project; its first model is queued at once.
+    Create {
+        name: String,
+        /// Class names, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        classes: Vec<String>,
+        /// Confidence under which an item goes to human review.
+        #[arg(long)]
+        threshold: Option<f32>,
+        /// What the project's models are built on: `small_cnn` (trained
+        /// whole, fast on a CPU) or `mobilenet_v2` (a frozen ImageNet
+        /// backbone with trained heads; suits GPU workers, which need its
+        /// weights: docs/operations.md). Fixed for the project's life.
+        #[arg(long, default_value_t = ModelArch::SmallCnn)]
+        arch: ModelArch,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Stop publishing prediction jobs for a project; ingest still records
+    /// its items, and they go out on resume.
+    Pause {
+        name: String,
+    },
+    /// Publish again, starting with every item that waited while paused.
+    Resume {
+        name: String,
+    },
+    /// Show or change how a project's jobs are dispatched.
+    Dispatch {
+        name: String,
+        /// Jobs per second at most; `none` removes the limit.
+        #[arg(long)]
+        rate_limit: Option<String>,
+        /// 0 to 9, higher first (the sweeper's order; jobs carry it).
+        #[arg(long)]
+        priority: Option<i16>,
+    },
+    /// Show or change a project's routing policy (each change is a new
+    /// policy version; the active model is recalibrated for it).
+    Policy {
+        name: String,
+        /// Fixed confidence threshold (used without a target accuracy).
+        #[arg(long)]
+        threshold: Option<f32>,
+        /// Calibrate per-class thresholds to this machine-label accuracy
+        /// (e.g. 0.97); `none` goes back to the fixed threshold.
+        #[arg(long)]
+        target_accuracy: Option<String>,
+        /// Confidence level of the accuracy's lower bound (Wilson).
+        #[arg(long)]
+        confidence_level: Option<f64>,
+        /// Share of items (a fixed sample, chosen by hash) that people
+        /// review whatever the model says: audits of would-be machine labels
+        /// and the evidence calibration rests on.
+        #[arg(long)]
+        audit_rate: Option<f64>,
+        #[arg(long)]
+        disagreement_limit: Option<f32>,
+        /// `vote` or `mutual_information`.
+        #[arg(long)]
+        disagreement_measure: Option<String>,
+        /// Retrain automatically after every N new human labels; `none`
+        /// turns it off.
+        #[arg(long)]
+        retrain_every: Option<String>,
+        /// Let a class short of calibration evidence borrow the threshold
+        /// calibrated on all classes together (true or false).
+        #[arg(long)]
+        pool_evidence: Option<bool>,
+        /// Second opinion on a reviewer's label that disagrees with a model
+        /// at least this confident (e.g. 0.95); `none` turns it off.
+        #[arg(long)]
+        second_review_confidence: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReviewCommand {
+    /// Claim the most uncertain open task.
+    Next {
+        #[arg(long, short)]
+        project: String,
+        #[arg(long, default_value = "cli")]
+        reviewer: String,
+    },
+    /// Submit a label for a claimed task.
+    Submit {
+        task: String,
+        /// The fencing token `review next` printed.
+        #[arg(long)]
+        token: i64,
+        /// Class name or index.
+        #[arg(long)]
+        class: String,
+        #[arg(long, default_value = "cli")]
+        reviewer: String,
+        /// Label it even if people already labeled the item (the CLI has
+        /// the database's own authority, like an admin token).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RetrainArgs {
+    #[arg(long, short)]
+    pub(super) project: Option<String>,
+    /// Also train on the project's machine labels (self-training; only items
+    /// of the training split, never the holdout). Off by default: machine
+    /// labels enter training only when a run asks.
+    #[arg(long)]
+    pub(super) machine_labels: bool,
+    /// `full` fine-tunes a MobileNetV2 project's backbone with its heads, from
+    /// the active version's weights (minutes per thousand images on a CPU);
+    /// default: the architecture's own mode (heads for MobileNetV2).
+    #[arg(long, value_enum)]
+    pub(super) mode: Option<ModeArg>,
+    /// With `--mode full` on MobileNetV2: train only the last N of its 17
+    /// blocks (and its final convolution and the heads), keep the rest frozen.
+    #[arg(long, value_name = "N")]
+    pub(super) unfreeze_last: Option<u32>,
+    /// Upper bound on epochs (default: the mode's; early stopping may end
+    /// a run sooner).
+    #[arg(long)]
+    pub(super) epochs: Option<u32>,
+    #[command(subcommand)]
+    pub(super) command: Option<RetrainCommand>,
+}
+
+/// A training mode on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ModeArg {
+    Heads,
+    Full,
+}
+
+impl From<ModeArg> for TrainMode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::Heads => TrainMode::Heads,
+            ModeArg::Full => TrainMode::Full,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetrainCommand {
+    /// Training runs of a project, newest first.
+    Status {
+        #[arg(long, short)]
+        project: String,
+    },
+    /// Cancel the project's queued or running training run: it ends
+    /// `cancelled`, its version is never registered, the champion stays.
+    Cancel {
+        #[arg(long, short)]
+        project: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    List {
+        #[arg(long, short)]
+        project: String,
+    },
+    /// One version: holdout accuracy, per-class precision / recall,
+    /// expected calibration error, and the share the project's policy would
+    /// label by machine with it.
+    Show {
+        #[arg(long, short)]
+        project: String,
+        version: i32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Activate a version by number.
+    Promote {
+        #[arg(long, short)]
+        project: String,
+        version: i32,
+    },
+    /// Re-activate the previously active version.
+    Rollback {
+        #[arg(long, short)]
+        project: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FailedCommand {
+    /// Failed items of a project (with --project) and the dead letters.
+    List {
+        #[arg(long, short)]
+        project: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send failed items (with --project) or dead letters back through the
+    /// normal path. `--reason` narrows it: a substring of the item error, or
+    /// a dead-letter reason (`rejected`, `delivery_limit`).
+    Retry {
+        #[arg(long, short)]
+        project: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only the dead letter at this position of `failed list`.
+        #[arg(long, conflicts_with_all = ["project", "reason"])]
+        position: Option<usize>,
+    },
+    /// One dead letter in full: origin, reason and its decoded body.
+    Show {
+        /// Position, as `failed list` numbers them (1 is the oldest).
+        position: usize,
+    },
+    /// Drop every dead letter.
+    Purge {
+        /// Confirm: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once and stored only as a hash.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Let the token act only on this project (others answer 404).
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+fn parse_role(raw: &str) -> Result<Role, String> {
+    match raw {
+        "reviewer" => Ok(Role::Reviewer),
+        "ml" => Ok(Role::Ml),
+        "ops" => Ok(Role::Ops),
+        "admin" => Ok(Role::Admin),
+        other => Err(format!(
+            "unknown role {other:?}: use reviewer, ml, ops or admin"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(args: &[&str]) -> Result<ModelArch, clap::Error> {
+        let argv = ["sieve", "project", "create", "p", "--classes", "a,b"]
+            .iter()
+            .chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Project(ProjectCommand::Create { arch, .. }) => Ok(arch),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn project_create_takes_an_architecture() {
+        assert!(matches!(create(&[]), Ok(ModelArch::SmallCnn)));
+        assert!(matches!(
+            create(&["--arch", "mobilenet_v2"]),
+            Ok(ModelArch::MobilenetV2)
+        ));
+        let message = match create(&["--arch", "resnet50"]) {
+            Err(err) => err.to_string(),
+            Ok(arch) => panic!("resnet50 parsed as {arch}"),
+        };
+        assert!(
+            message.contains("resnet50")
+                && message.contains("small_cnn")
+                && message.contains("mobilenet_v2"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn demo_passes_an_architecture_through() {
+        let cli = Cli::try_parse_from(["sieve", "demo", "--quick", "--arch", "mobilenet_v2"]);
+        match cli.map(|c| c.command) {
+            Ok(Command::Demo(args)) => assert_eq!(args.arch, ModelArch::MobilenetV2),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+}

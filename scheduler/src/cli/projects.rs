@@ -1,0 +1,144 @@
+//! `sieve project`: create, list, show, policy, pause, resume, dispatch.
+
+use sieve_shared::Settings;
+
+use super::args::ProjectCommand;
+use super::render::print_json;
+use crate::context::Context;
+use crate::operate::status;
+use crate::patch;
+use crate::policy::{DisagreementMeasure, Policy, PolicyPatch};
+use crate::projects::{self, ClassNames, ProjectName};
+use crate::{db, routing, training};
+
+pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Result<()> {
+    match command {
+        ProjectCommand::Create {
+            name,
+            classes,
+            threshold,
+            arch,
+        } => {
+            let ctx = Context::connect(settings).await?;
+            let mut policy = Policy::default();
+            if let Some(t) = threshold {
+                policy.confidence_threshold = t;
+            }
+            let project = training::create_project(
+                &ctx,
+                &ProjectName::parse(&name)?,
+                &ClassNames::parse(&classes)?,
+                &policy,
+                arch,
+                "cli",
+            )
+            .await?;
+            println!(
+                "created project {} ({}) with {} classes on {}; its first model is training",
+                project.name,
+                project.id,
+                project.class_names.len(),
+                project.arch
+            );
+        }
+        ProjectCommand::List => {
+            let conn = db::connect(&settings.database).await?;
+            for p in projects::list(&conn).await? {
+                println!(
+                    "{}  {}  arch={}  classes={}",
+                    p.id,
+                    p.name,
+                    p.arch,
+                    p.class_names.join(",")
+                );
+            }
+        }
+        ProjectCommand::Policy {
+            name,
+            threshold,
+            target_accuracy,
+            confidence_level,
+            audit_rate,
+            disagreement_limit,
+            disagreement_measure,
+            retrain_every,
+            pool_evidence,
+            second_review_confidence,
+        } => {
+            let conn = db::connect(&settings.database).await?;
+            let project = projects::get(&conn, &name).await?;
+            let patch = PolicyPatch {
+                confidence_threshold: threshold,
+                target_accuracy: patch::optional_flag(
+                    "--target-accuracy",
+                    target_accuracy.as_deref(),
+                    "an accuracy",
+                )?,
+                confidence_level,
+                disagreement_measure: disagreement_measure
+                    .as_deref()
+                    .map(DisagreementMeasure::parse)
+                    .transpose()?,
+                disagreement_limit,
+                audit_rate,
+                pool_evidence,
+                retrain_every_labels: patch::optional_flag(
+                    "--retrain-every",
+                    retrain_every.as_deref(),
+                    "a number of labels",
+                )?,
+                second_review_confidence: patch::optional_flag(
+                    "--second-review-confidence",
+                    second_review_confidence.as_deref(),
+                    "a confidence",
+                )?,
+            };
+            let project = routing::calibration::patch_policy(&conn, &project, &patch).await?;
+            println!("policy version {}:", project.policy_version);
+            print_json(&project.policy)?;
+        }
+        ProjectCommand::Show { name } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &name).await?;
+            print_json(&status::project_status(&ctx, &project).await?)?;
+        }
+        ProjectCommand::Pause { name } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &name).await?;
+            crate::dispatch::pause(&ctx, &project).await?;
+            println!(
+                "{} is paused: no prediction jobs are published",
+                project.name
+            );
+        }
+        ProjectCommand::Resume { name } => {
+            let ctx = Context::connect(settings).await?;
+            let project = projects::get(&ctx.db, &name).await?;
+            let published = crate::dispatch::resume(&ctx, &project).await?;
+            println!(
+                "{} is running again; {published} waiting item(s) published",
+                project.name
+            );
+        }
+        ProjectCommand::Dispatch {
+            name,
+            rate_limit,
+            priority,
+        } => {
+            let conn = db::connect(&settings.database).await?;
+            let project = projects::get(&conn, &name).await?;
+            let rate_limit = patch::optional_flag(
+                "--rate-limit",
+                rate_limit.as_deref(),
+                "a number of jobs per second",
+            )?;
+            let change = crate::dispatch::ControlChange {
+                paused: None,
+                rate_limit,
+                priority,
+            };
+            print_json(&crate::dispatch::set_control(&conn, project.id, &change).await?)?;
+        }
+    }
+    Ok(())
+}

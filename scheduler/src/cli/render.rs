@@ -1,0 +1,119 @@
+//! How the CLI shows things to a person: the status screens, a version's
+//! figures, and JSON for scripts.
+
+use crate::operate::{failed, status};
+
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub fn project(status: &status::ProjectStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "project {} ({} items, {})",
+        status.project.name, status.total_items, status.project.arch
+    );
+    for (state, n) in &status.items {
+        let _ = writeln!(out, "  {state:<14} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "  review: {} open, {} claimed; active model: {}; policy v{}",
+        status.review_open,
+        status.review_claimed,
+        status
+            .active_model_version
+            .map_or("none".into(), |v| format!("v{v}")),
+        status.project.policy_version
+    );
+    for m in &status.machine_label_accuracy {
+        let _ = writeln!(
+            out,
+            "  machine-label accuracy {:<12} {:.3} [{:.3}, {:.3}] from {} audits",
+            m.class.as_deref().unwrap_or("(overall)"),
+            m.accuracy,
+            m.lower,
+            m.upper,
+            m.audited
+        );
+    }
+    let second = &status.second_opinions;
+    if status.project.policy.second_review_confidence.is_some()
+        || *second != status::SecondOpinions::default()
+    {
+        let _ = writeln!(
+            out,
+            "  second opinions: {} open; the second reviewer agreed with the first {}, \
+             with the model {}, with neither {}",
+            second.open, second.agreed_with_first, second.agreed_with_model, second.neither
+        );
+    }
+    out
+}
+
+/// ` — after 6 attempts: <error>` for a job a worker gave up retrying.
+pub fn last_error(d: &failed::DeadLetter) -> String {
+    match (&d.error, d.attempts) {
+        (Some(error), Some(n)) => format!(" — after {n} attempts: {error}"),
+        (Some(error), None) => format!(" — {error}"),
+        _ => String::new(),
+    }
+}
+
+pub fn fleet(fleet: &status::FleetStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "queues ({}):", fleet.queue_source);
+    for q in &fleet.queues {
+        let _ = writeln!(
+            out,
+            "  {:<28} ready {:>8}  unacked {:>8}  consumers {:>3}  publish/s {:>8}  deliver/s {:>8}",
+            q.name,
+            q.ready,
+            q.unacked.map_or("-".into(), |n| n.to_string()),
+            q.consumers,
+            q.publish_rate.map_or("-".into(), |r| format!("{r:.1}")),
+            q.deliver_rate.map_or("-".into(), |r| format!("{r:.1}")),
+        );
+    }
+    match &fleet.workers_error {
+        Some(err) => {
+            let _ = writeln!(out, "workers: unknown ({err})");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "workers: {} alive, {} lost",
+                fleet.workers_alive, fleet.workers_lost
+            );
+        }
+    }
+    for p in &fleet.projects {
+        let machine_share = if p.machine_labeled + p.human_labeled > 0 {
+            format!(
+                "{:.1}%",
+                100.0 * p.machine_labeled as f64 / (p.machine_labeled + p.human_labeled) as f64
+            )
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "project {:<20} items {:>8}  queued {:>6}  review {:>6}  machine {:>6}  human {:>6}  failed {:>5}  machine share {}  model {}",
+            p.project.name,
+            p.total_items,
+            p.items.get("queued").copied().unwrap_or(0),
+            p.review_open + p.review_claimed,
+            p.machine_labeled,
+            p.human_labeled,
+            p.items.get("failed").copied().unwrap_or(0),
+            machine_share,
+            p.active_model_version
+                .map_or("none".into(), |v| format!("v{v}")),
+        );
+    }
+    out
+}
