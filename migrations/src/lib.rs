@@ -16,6 +16,7 @@ mod m20261126_000001_sample_reason;
 mod m20261126_000011_ingests;
 mod m20261126_000012_second_opinion;
 mod m20261126_000013_project_arch;
+mod m20261201_000001_lease_holder_token;
 
 pub struct Migrator;
 
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000011_ingests::Migration),
             Box::new(m20261126_000012_second_opinion::Migration),
             Box::new(m20261126_000013_project_arch::Migration),
+            Box::new(m20261201_000001_lease_holder_token::Migration),
         ]
     }
 }

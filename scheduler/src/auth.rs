@@ -51,6 +51,9 @@ pub fn allows(role: Role, action: Action) -> bool {
 /// Who is calling.
 #[derive(Clone, Debug)]
 pub struct Caller {
+    /// The token's id: who the caller is, where people are compared.
+    pub token_id: Uuid,
+    /// The token's name: what is shown and recorded.
     pub name: String,
     pub role: Role,
     /// The only project this caller may act on; `None`: every project.
@@ -58,6 +61,14 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// This caller as a reviewer: known by the token's id, shown by name.
+    pub fn reviewer(&self) -> crate::review::Reviewer<'_> {
+        crate::review::Reviewer {
+            name: &self.name,
+            token: Some(self.token_id),
+        }
+    }
+
     /// Refuse (403) unless this caller's role allows `action` too.
     pub fn require(&self, action: Action) -> AppResult<()> {
         if allows(self.role, action) {
@@ -176,6 +187,7 @@ pub async fn authorize(
         return Err(forbidden(found.role, action));
     }
     Ok(Caller {
+        token_id: found.id,
         name: found.name,
         role: found.role,
         project: found.project_id,

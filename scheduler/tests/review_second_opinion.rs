@@ -463,7 +463,9 @@ async fn outcomes_are_counted_and_undo_keeps_them_consistent() {
         app.db()
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "UPDATE review_tasks SET lease_holder = 'alice' WHERE id = $1",
+                "UPDATE review_tasks SET lease_holder = 'alice', \
+                 lease_holder_token = (SELECT id FROM api_tokens WHERE name = 'alice') \
+                 WHERE id = $1",
                 [asked.into()],
             ))
             .await

@@ -34,7 +34,7 @@ pub async fn claim_next(
     let who = auth::authorize(&ctx.claims, bearer(&headers), Action::Review).await?;
     let project = project_on(&ctx.claims, &who, &project).await?;
     Ok(
-        match review::claim_next(&ctx.claims, &project, &who.name, lease(&ctx)).await? {
+        match review::claim_next(&ctx.claims, &project, who.reviewer(), lease(&ctx)).await? {
             Some(task) => Json(task).into_response(),
             None => StatusCode::NO_CONTENT.into_response(),
         },
@@ -42,7 +42,7 @@ pub async fn claim_next(
 }
 
 pub async fn show(State(ctx): State<Context>, at: AuthedTask<Review>) -> AppResult<Response> {
-    Ok(Json(review::show(&ctx.db, at.task, &at.who.name).await?).into_response())
+    Ok(Json(review::show(&ctx.db, at.task, at.who.reviewer()).await?).into_response())
 }
 
 pub async fn submit(
@@ -53,7 +53,7 @@ pub async fn submit(
     if body.force {
         at.who.require(Action::ForceLabel)?;
     }
-    let label = review::submit(&ctx.db, at.task, &at.who.name, &body).await?;
+    let label = review::submit(&ctx.db, at.task, at.who.reviewer(), &body).await?;
     Ok(Json(label).into_response())
 }
 
@@ -67,7 +67,7 @@ pub async fn release(
     at: AuthedTask<Review>,
     JsonBody(body): JsonBody<Release>,
 ) -> AppResult<Response> {
-    review::release(&ctx.db, at.task, body.fencing_token).await?;
+    review::release(&ctx.db, at.task, at.who.reviewer(), body.fencing_token).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -86,7 +86,7 @@ pub async fn renew(
     let renewed = review::renew(
         &ctx.db,
         at.task,
-        &at.who.name,
+        at.who.reviewer(),
         body.fencing_token,
         lease(&ctx),
     )
@@ -99,7 +99,7 @@ pub async fn skip(
     at: AuthedTask<Review>,
     JsonBody(body): JsonBody<review::Skip>,
 ) -> AppResult<Response> {
-    Ok(Json(review::skip(&ctx.db, at.task, &at.who.name, &body).await?).into_response())
+    Ok(Json(review::skip(&ctx.db, at.task, at.who.reviewer(), &body).await?).into_response())
 }
 
 pub async fn undo(
@@ -110,7 +110,7 @@ pub async fn undo(
     let reopened = review::undo(
         &ctx.db,
         at.task,
-        &at.who.name,
+        at.who.reviewer(),
         body.fencing_token,
         lease(&ctx),
     )

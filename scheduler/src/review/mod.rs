@@ -38,7 +38,6 @@
 //! that works and which label then counts is on [`submit`].
 
 use chrono::{DateTime, Duration, FixedOffset, Utc};
-use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait,
     FromQueryResult, PaginatorTrait, QueryFilter, QuerySelect, Statement, TransactionTrait,
@@ -56,6 +55,60 @@ use crate::projects::{self, Project};
 
 /// Longest skip reason accepted, in characters.
 pub const MAX_SKIP_REASON_CHARS: usize = 500;
+
+/// Who acts on a review task. People are told apart by their API token's
+/// id, since two tokens may share a name; `name` is what is shown, and what
+/// labels and skips record. The CLI acts with the database's authority under
+/// a name and has no token (`token: None`): a claim made that way is held
+/// only by callers without a token, and a claim made with a token only by
+/// that token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reviewer<'a> {
+    pub name: &'a str,
+    pub token: Option<Uuid>,
+}
+
+impl<'a> From<&'a str> for Reviewer<'a> {
+    fn from(name: &'a str) -> Self {
+        Self { name, token: None }
+    }
+}
+
+impl<'a> From<&'a String> for Reviewer<'a> {
+    fn from(name: &'a String) -> Self {
+        Self::from(name.as_str())
+    }
+}
+
+/// Who holds a task's claim, as stored on the task.
+#[derive(FromQueryResult)]
+struct Holder {
+    state: TaskState,
+    fencing_token: i64,
+    lease_holder: Option<String>,
+    lease_holder_token: Option<Uuid>,
+}
+
+impl Holder {
+    async fn of(db: &impl ConnectionTrait, task_id: TaskId) -> AppResult<Self> {
+        Self::find_by_statement(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT state, fencing_token, lease_holder, lease_holder_token \
+             FROM review_tasks WHERE id = $1",
+            [task_id.as_uuid().into()],
+        ))
+        .one(db)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))
+    }
+
+    /// Whether `reviewer` is the one the claim was made by (whatever its
+    /// state now).
+    fn is(&self, reviewer: Reviewer<'_>) -> bool {
+        self.lease_holder.as_deref() == Some(reviewer.name)
+            && self.lease_holder_token == reviewer.token
+    }
+}
 
 /// A claimed task with what a reviewer needs to decide.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -298,9 +351,10 @@ async fn claimed_view(
 pub async fn claim_next(
     db: &DatabaseConnection,
     project: &Project,
-    reviewer: &str,
+    reviewer: impl Into<Reviewer<'_>>,
     lease: std::time::Duration,
 ) -> AppResult<Option<ClaimedTask>> {
+    let reviewer = reviewer.into();
     let started = std::time::Instant::now();
     let claimed = claim_next_inner(db, project, reviewer, lease).await;
     metrics::histogram!("sieve_review_claim_seconds").record(started.elapsed().as_secs_f64());
@@ -310,7 +364,7 @@ pub async fn claim_next(
 async fn claim_next_inner(
     db: &DatabaseConnection,
     project: &Project,
-    reviewer: &str,
+    reviewer: Reviewer<'_>,
     lease: std::time::Duration,
 ) -> AppResult<Option<ClaimedTask>> {
     let now = Utc::now();
@@ -320,9 +374,10 @@ async fn claim_next_inner(
         CLAIM,
         [
             project.id.as_uuid().into(),
-            reviewer.into(),
+            reviewer.name.into(),
             expires.fixed_offset().into(),
             now.fixed_offset().into(),
+            reviewer.token.into(),
         ],
     ))
     .one(db)
@@ -406,11 +461,13 @@ struct Claimed {
 /// out again with the same token number, which is why a submit also checks
 /// the holder. Nothing a reviewer submitted is at risk: submits commit
 /// synchronously, and their flush also covers every claim before them.
-/// `$1` project, `$2` reviewer, `$3` lease expiry, `$4` now.
+/// `$1` project, `$2` reviewer, `$3` lease expiry, `$4` now, `$5` the
+/// reviewer's token id (NULL without one).
 const CLAIM: &str = r#"
 WITH claimed AS (
     UPDATE review_tasks t
-    SET state = 'claimed', lease_holder = $2, lease_expires_at = $3,
+    SET state = 'claimed', lease_holder = $2, lease_holder_token = $5::uuid,
+        lease_expires_at = $3,
         fencing_token = t.fencing_token + 1, updated_at = $4
     FROM (
         SELECT id, state AS was FROM review_tasks
@@ -464,10 +521,9 @@ pub struct SubmittedLabel {
     pub second_opinion_task: Option<Uuid>,
 }
 
-fn stale(task: &review_task::Model, token: i64) -> AppError {
+fn stale(task: Uuid, current: i64, state: TaskState, token: i64) -> AppError {
     AppError::Conflict(format!(
-        "task {} is no longer yours: its lease moved on (token {token}, current {}, state {:?}); nothing was written",
-        task.id, task.fencing_token, task.state
+        "task {task} is no longer yours: its lease moved on (token {token}, current {current}, state {state:?}); nothing was written"
     ))
 }
 
@@ -476,21 +532,23 @@ async fn refusal(
     db: &impl ConnectionTrait,
     task_id: TaskId,
     token: i64,
-    reviewer: &str,
+    reviewer: Reviewer<'_>,
 ) -> AppResult<AppError> {
-    let task = review_task::Entity::find_by_id(task_id.as_uuid())
-        .one(db)
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
+    let task = Holder::of(db, task_id).await?;
     let holder = task.lease_holder.as_deref().unwrap_or("nobody");
     Ok(
-        if task.state == TaskState::Claimed && task.fencing_token == token && holder != reviewer {
+        if task.state == TaskState::Claimed && task.fencing_token == token && !task.is(reviewer) {
+            let by = if holder == reviewer.name {
+                format!("another token named {holder}")
+            } else {
+                holder.to_owned()
+            };
             AppError::Conflict(format!(
-                "task {} is held by {holder}, not by {reviewer}; nothing was written",
-                task.id
+                "task {task_id} is held by {by}, not by this caller ({}); nothing was written",
+                reviewer.name
             ))
         } else {
-            stale(&task, token)
+            stale(task_id.as_uuid(), task.fencing_token, task.state, token)
         },
     )
 }
@@ -507,6 +565,7 @@ struct SubmitRow {
     state: TaskState,
     fencing_token: i64,
     lease_holder: Option<String>,
+    lease_holder_token: Option<Uuid>,
     lease_expires_at: Option<DateTime<FixedOffset>>,
     not_for: Option<String>,
     project_name: String,
@@ -543,7 +602,8 @@ struct SubmitRow {
 ///
 /// `$1` task, `$2` token, `$3` reviewer, `$4` class name, `$5` class number
 /// (NULL unless the class given is a number), `$6` force, `$7` now, `$8` the
-/// new label's id, `$9` the id of a second-opinion task, `$10` its priority.
+/// new label's id, `$9` the id of a second-opinion task, `$10` its priority,
+/// `$11` the reviewer's token id (NULL without one).
 const SUBMIT: &str = r#"
 WITH item AS (
     SELECT id FROM items
@@ -551,7 +611,7 @@ WITH item AS (
     FOR UPDATE
 ), facts AS (
     SELECT t.id, t.project_id, t.item_id, t.prediction_id, t.reason, t.state,
-           t.fencing_token, t.lease_holder, t.lease_expires_at, t.not_for,
+           t.fencing_token, t.lease_holder, t.lease_holder_token, t.lease_expires_at, t.not_for,
            pr.name AS project_name, pr.class_names,
            COALESCE(
                (SELECT (c.ord - 1)::int
@@ -577,6 +637,7 @@ WITH item AS (
 ), ok AS (
     SELECT * FROM facts
     WHERE state = 'claimed' AND fencing_token = $2 AND lease_holder = $3
+      AND lease_holder_token IS NOT DISTINCT FROM $11::uuid
       AND class_index IS NOT NULL
       AND not_for IS DISTINCT FROM $3
       AND ($6 OR newest_label_id IS NULL OR newest_label_id = first_label_id)
@@ -584,7 +645,7 @@ WITH item AS (
     UPDATE review_tasks t SET state = 'done', closed_at = $7, updated_at = $7
     FROM ok
     WHERE t.id = ok.id AND t.state = 'claimed' AND t.fencing_token = $2
-      AND t.lease_holder = $3
+      AND t.lease_holder = $3 AND t.lease_holder_token IS NOT DISTINCT FROM $11::uuid
     RETURNING ok.*
 ), label AS (
     INSERT INTO labels (id, item_id, class_index, source, reviewer, prediction_id,
@@ -619,7 +680,8 @@ WITH item AS (
     FROM done d WHERE s.task_id = d.id
     RETURNING s.outcome
 )
-SELECT f.item_id, f.state, f.fencing_token, f.lease_holder, f.lease_expires_at, f.not_for,
+SELECT f.item_id, f.state, f.fencing_token, f.lease_holder, f.lease_holder_token,
+       f.lease_expires_at, f.not_for,
        f.project_name, f.class_names, f.class_index, f.newest_label_id,
        f.newest_class, f.newest_source, f.newest_reviewer, f.newest_at, f.first_label_id,
        EXISTS (SELECT 1 FROM done) AS written,
@@ -654,13 +716,14 @@ fn already_labeled(
 async fn submit_refusal(
     db: &DatabaseConnection,
     task_id: TaskId,
-    reviewer: &str,
+    reviewer: Reviewer<'_>,
     submission: &Submission,
     row: &SubmitRow,
 ) -> AppResult<AppError> {
     let holds = row.state == TaskState::Claimed
         && row.fencing_token == submission.fencing_token
-        && row.lease_holder.as_deref() == Some(reviewer);
+        && row.lease_holder.as_deref() == Some(reviewer.name)
+        && row.lease_holder_token == reviewer.token;
     if !holds {
         return refusal(db, task_id, submission.fencing_token, reviewer).await;
     }
@@ -676,7 +739,8 @@ async fn submit_refusal(
             class_names.join(", ")
         )));
     };
-    if row.not_for.as_deref() == Some(reviewer) {
+    if row.not_for.as_deref() == Some(reviewer.name) {
+        let reviewer = reviewer.name;
         return Ok(AppError::Forbidden(format!(
             "task {task_id} asks for a second opinion on {reviewer}'s own label: another \
              reviewer must give it; nothing was written"
@@ -727,9 +791,10 @@ async fn submit_refusal(
 pub async fn submit(
     db: &DatabaseConnection,
     task_id: TaskId,
-    reviewer: &str,
+    reviewer: impl Into<Reviewer<'_>>,
     submission: &Submission,
 ) -> AppResult<SubmittedLabel> {
+    let reviewer = reviewer.into();
     let now = Utc::now();
     let label_id = Uuid::now_v7();
     // A class given by number, if it is one (a class may also be named "3":
@@ -745,7 +810,7 @@ pub async fn submit(
         [
             task_id.as_uuid().into(),
             submission.fencing_token.into(),
-            reviewer.into(),
+            reviewer.name.into(),
             submission.class.clone().into(),
             class_number.into(),
             submission.force.into(),
@@ -753,6 +818,7 @@ pub async fn submit(
             label_id.into(),
             Uuid::now_v7().into(),
             SECOND_OPINION_PRIORITY.into(),
+            reviewer.token.into(),
         ],
     ))
     .one(db)
@@ -762,6 +828,7 @@ pub async fn submit(
         return Err(submit_refusal(db, task_id, reviewer, submission, &row).await?);
     }
     metrics::counter!("sieve_review_tasks_submitted_total").increment(1);
+    let reviewer = reviewer.name;
     if let Some(opened) = row.second_opinion_task {
         tracing::info!(task = %task_id, second_opinion = %opened, reviewer,
             "label disagrees with a confident model: second opinion opened");
@@ -788,33 +855,34 @@ pub async fn submit(
     })
 }
 
-/// Give a claimed task back to the queue unchanged.
+/// Give a claimed task back to the queue unchanged, by its holder with the
+/// current token (like every other step on a claim).
 pub async fn release(
     db: &DatabaseConnection,
     task_id: TaskId,
+    reviewer: impl Into<Reviewer<'_>>,
     fencing_token: i64,
 ) -> AppResult<()> {
-    let updated = review_task::Entity::update_many()
-        .col_expr(review_task::Column::State, Expr::value(TaskState::Open))
-        .col_expr(
-            review_task::Column::LeaseHolder,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            review_task::Column::LeaseExpiresAt,
-            Expr::value(Option::<DateTime<FixedOffset>>::None),
-        )
-        .filter(review_task::Column::Id.eq(task_id.as_uuid()))
-        .filter(review_task::Column::State.eq(TaskState::Claimed))
-        .filter(review_task::Column::FencingToken.eq(fencing_token))
-        .exec(db)
+    let reviewer = reviewer.into();
+    let updated = db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE review_tasks \
+             SET state = 'open', lease_holder = NULL, lease_holder_token = NULL, \
+                 lease_expires_at = NULL, updated_at = $5 \
+             WHERE id = $1 AND state = 'claimed' AND fencing_token = $2 AND lease_holder = $3 \
+               AND lease_holder_token IS NOT DISTINCT FROM $4::uuid",
+            [
+                task_id.as_uuid().into(),
+                fencing_token.into(),
+                reviewer.name.into(),
+                reviewer.token.into(),
+                Utc::now().fixed_offset().into(),
+            ],
+        ))
         .await?;
-    if updated.rows_affected == 0 {
-        let task = review_task::Entity::find_by_id(task_id.as_uuid())
-            .one(db)
-            .await?
-            .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
-        return Err(stale(&task, fencing_token));
+    if updated.rows_affected() == 0 {
+        return Err(refusal(db, task_id, fencing_token, reviewer).await?);
     }
     Ok(())
 }
@@ -831,28 +899,30 @@ pub struct Lease {
 pub async fn renew(
     db: &DatabaseConnection,
     task_id: TaskId,
-    reviewer: &str,
+    reviewer: impl Into<Reviewer<'_>>,
     fencing_token: i64,
     lease: std::time::Duration,
 ) -> AppResult<Lease> {
+    let reviewer = reviewer.into();
     let now = Utc::now();
     let expires = now + lease_length(lease);
-    let updated = review_task::Entity::update_many()
-        .col_expr(
-            review_task::Column::LeaseExpiresAt,
-            Expr::value(Some(expires.fixed_offset())),
-        )
-        .col_expr(
-            review_task::Column::UpdatedAt,
-            Expr::value(now.fixed_offset()),
-        )
-        .filter(review_task::Column::Id.eq(task_id.as_uuid()))
-        .filter(review_task::Column::State.eq(TaskState::Claimed))
-        .filter(review_task::Column::FencingToken.eq(fencing_token))
-        .filter(review_task::Column::LeaseHolder.eq(reviewer))
-        .exec(db)
+    let updated = db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE review_tasks SET lease_expires_at = $5, updated_at = $6 \
+             WHERE id = $1 AND state = 'claimed' AND fencing_token = $2 AND lease_holder = $3 \
+               AND lease_holder_token IS NOT DISTINCT FROM $4::uuid",
+            [
+                task_id.as_uuid().into(),
+                fencing_token.into(),
+                reviewer.name.into(),
+                reviewer.token.into(),
+                expires.fixed_offset().into(),
+                now.fixed_offset().into(),
+            ],
+        ))
         .await?;
-    if updated.rows_affected == 0 {
+    if updated.rows_affected() == 0 {
         return Err(refusal(db, task_id, fencing_token, reviewer).await?);
     }
     Ok(Lease {
@@ -913,27 +983,31 @@ struct SkipUpdate {
 pub async fn skip(
     db: &DatabaseConnection,
     task_id: TaskId,
-    reviewer: &str,
+    reviewer: impl Into<Reviewer<'_>>,
     skip: &Skip,
 ) -> AppResult<Skipped> {
+    let reviewer = reviewer.into();
     let reason = skip_reason(&skip.reason)?;
     let now = Utc::now().fixed_offset();
     let updated = SkipUpdate::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
         r#"
         UPDATE review_tasks
-        SET state = 'open', lease_holder = NULL, lease_expires_at = NULL,
+        SET state = 'open', lease_holder = NULL, lease_holder_token = NULL,
+            lease_expires_at = NULL,
             skip_count = skip_count + 1, last_skip_reason = $4, last_skipped_by = $3,
             last_skipped_at = $5, updated_at = $5
         WHERE id = $1 AND state = 'claimed' AND fencing_token = $2 AND lease_holder = $3
+          AND lease_holder_token IS NOT DISTINCT FROM $6::uuid
         RETURNING project_id, skip_count
         "#,
         [
             task_id.as_uuid().into(),
             skip.fencing_token.into(),
-            reviewer.into(),
+            reviewer.name.into(),
             reason.into(),
             now.into(),
+            reviewer.token.into(),
         ],
     ))
     .one(db)
@@ -942,7 +1016,7 @@ pub async fn skip(
         return Err(refusal(db, task_id, skip.fencing_token, reviewer).await?);
     };
     metrics::counter!("sieve_review_tasks_skipped_total").increment(1);
-    tracing::info!(task = %task_id, reviewer, skips = updated.skip_count, "review task skipped");
+    tracing::info!(task = %task_id, reviewer = reviewer.name, skips = updated.skip_count, "review task skipped");
     Ok(Skipped {
         task_id: task_id.as_uuid(),
         skip_count: updated.skip_count,
@@ -966,10 +1040,12 @@ struct AskedOpinion {
 pub async fn undo(
     db: &DatabaseConnection,
     task_id: TaskId,
-    reviewer: &str,
+    reviewer: impl Into<Reviewer<'_>>,
     fencing_token: i64,
     lease: std::time::Duration,
 ) -> AppResult<ClaimedTask> {
+    let who = reviewer.into();
+    let reviewer = who.name;
     let txn = db.begin().await?;
     let task = review_task::Entity::find_by_id(task_id.as_uuid())
         .lock_exclusive()
@@ -983,7 +1059,12 @@ pub async fn undo(
         )));
     }
     if task.fencing_token != fencing_token {
-        return Err(stale(&task, fencing_token));
+        return Err(stale(
+            task.id,
+            task.fencing_token,
+            task.state,
+            fencing_token,
+        ));
     }
     let label = label::Entity::find()
         .filter(label::Column::ReviewTaskId.eq(task.id))
@@ -997,10 +1078,9 @@ pub async fn undo(
             ))
         })?;
     let author = label.reviewer.as_deref().unwrap_or("nobody");
-    if label.source != LabelSource::Human
-        || author != reviewer
-        || task.lease_holder.as_deref() != Some(reviewer)
-    {
+    // The task row is locked above; the token column is read under that lock.
+    let holder = Holder::of(&txn, task_id).await?;
+    if label.source != LabelSource::Human || author != reviewer || !holder.is(who) {
         return Err(AppError::Forbidden(format!(
             "only the reviewer who submitted task {} ({author}) may undo it; nothing was written",
             task.id
@@ -1115,6 +1195,12 @@ pub async fn undo(
     })
     .exec(&txn)
     .await?;
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE review_tasks SET lease_holder_token = $2 WHERE id = $1",
+        [task.id.into(), who.token.into()],
+    ))
+    .await?;
     // Back in review, unless this was a second opinion: then the first
     // label is the item's label again, and the item stays human-labeled.
     let state = if task.reason == TaskReason::SecondOpinion {
@@ -1188,7 +1274,12 @@ struct SkipRecord {
 
 /// One review task, its item and the model's proposal, as `viewer` may see
 /// it.
-pub async fn show(db: &DatabaseConnection, task_id: TaskId, viewer: &str) -> AppResult<TaskView> {
+pub async fn show(
+    db: &DatabaseConnection,
+    task_id: TaskId,
+    viewer: impl Into<Reviewer<'_>>,
+) -> AppResult<TaskView> {
+    let viewer = viewer.into();
     let task = review_task::Entity::find_by_id(task_id.as_uuid())
         .one(db)
         .await?
@@ -1216,7 +1307,7 @@ pub async fn show(db: &DatabaseConnection, task_id: TaskId, viewer: &str) -> App
             reviewer: l.reviewer,
             created_at: utc(l.created_at),
         });
-    let holds = task.state == TaskState::Claimed && task.lease_holder.as_deref() == Some(viewer);
+    let holds = task.state == TaskState::Claimed && Holder::of(db, task_id).await?.is(viewer);
     Ok(TaskView {
         task_id: task.id,
         project: project.name.clone(),
