@@ -25,9 +25,32 @@ const INGEST_STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// re-dispatch loops until `shutdown` resolves. In-flight batches finish and
 /// are acknowledged before this returns; ingests started over HTTP stop
 /// between batches and are recorded as interrupted.
+///
+/// With `http.metrics_bind` set, `/metrics` is served on a listener of its
+/// own bound there (see [`serve_on`]).
 pub async fn serve(
     ctx: Context,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = match ctx.settings.http.metrics_bind {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding http.metrics_bind {addr}"))?,
+        ),
+        None => None,
+    };
+    serve_on(ctx, listener, metrics, shutdown).await
+}
+
+/// [`serve`] with the API on `listener` and `/metrics` on `metrics`, bound
+/// by the caller (`http.metrics_bind` must be set for the API port to stop
+/// serving it).
+pub async fn serve_on(
+    ctx: Context,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // Install the recorder before any work, so no count is lost before the
@@ -66,6 +89,16 @@ pub async fn serve(
             .await
             .context("HTTP server")
     });
+    if let Some(metrics) = metrics {
+        let router = http::metrics_router(ctx.clone());
+        let metrics_stop = stop.clone();
+        tasks.spawn(async move {
+            axum::serve(metrics, router)
+                .with_graceful_shutdown(async move { metrics_stop.cancelled().await })
+                .await
+                .context("metrics HTTP server")
+        });
+    }
 
     tokio::select! {
         () = shutdown => tracing::info!("shutting down: draining consumers"),

@@ -691,6 +691,39 @@ fn dockerfiles_build_on_the_pinned_toolchain_and_run_unprivileged() {
     assert!(worker.contains("--no-default-features --features cuda"));
 }
 
+/// Prometheus scrapes the scheduler where `/metrics` needs no token: the
+/// port of `SIEVE_HTTP__METRICS_BIND`, declared on the container (on the API
+/// port it would get 401, and with `metrics_bind` set, 404).
+#[test]
+fn the_scheduler_is_scraped_on_its_metrics_bind() {
+    let docs = k8s_documents();
+    let bind = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "ConfigMap")
+        .and_then(|(_, d)| d["data"]["SIEVE_HTTP__METRICS_BIND"].as_str())
+        .expect("the ConfigMap sets SIEVE_HTTP__METRICS_BIND");
+    let port: u64 = bind.rsplit_once(':').unwrap().1.parse().unwrap();
+    let (_, scheduler) = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "Deployment" && d["metadata"]["name"] == "sieve-scheduler")
+        .unwrap();
+    let pod = &scheduler["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"].as_str(),
+        Some(port.to_string().as_str()),
+        "the scrape port is http.metrics_bind's"
+    );
+    let ports = &pod["spec"]["containers"][0]["ports"];
+    assert!(
+        ports
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["containerPort"].as_u64() == Some(port)),
+        "the container declares port {port}"
+    );
+}
+
 #[test]
 fn the_runbook_documents_every_setting_with_its_default() {
     let doc = read("docs/operations.md");

@@ -16,7 +16,14 @@ use sieve_scheduler::routing::calibration;
 const CLASSES: [&str; 3] = ["cat", "dog", "bird"];
 
 async fn scrape(app: &App) -> String {
-    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
+    let ops = app.token("scraper", Role::Ops).await;
+    let response = app
+        .http
+        .get(app.url("/metrics"))
+        .bearer_auth(ops)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     response.text().await.unwrap()
 }

@@ -156,9 +156,11 @@ async fn counts(app: &App, project: &str, token: &str) -> Value {
 }
 
 async fn gauge(app: &App, project: &str, outcome: &str) -> Option<f64> {
+    let ops = app.token("scraper", Role::Ops).await;
     let text = app
         .http
         .get(app.url("/metrics"))
+        .bearer_auth(ops)
         .send()
         .await
         .unwrap()

@@ -191,8 +191,13 @@ impl Default for S3Settings {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Where `sieve serve` listens (API, review page, metrics).
+    /// Where `sieve serve` listens (API, review page; `/metrics` for `ops`
+    /// and `admin` tokens unless `metrics_bind` is set).
     pub bind: SocketAddr,
+    /// A separate listener for the scheduler's `/metrics`, served there
+    /// without a token and no longer on `bind`. Unset: `/metrics` is on
+    /// `bind` and needs a bearer token with role `ops` or `admin`.
+    pub metrics_bind: Option<SocketAddr>,
     /// Where `sieve-worker` serves `/healthz` and `/metrics`.
     pub worker_bind: SocketAddr,
     /// Base URL CLI commands use to reach a running scheduler.
@@ -205,6 +210,7 @@ impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_bind: None,
             worker_bind: SocketAddr::from(([127, 0, 0, 1], 9090)),
             api_url: "http://127.0.0.1:8080".into(),
             body_limit: 1024 * 1024,

@@ -63,9 +63,17 @@ async fn predictions(sieve: &TestSieve) -> u64 {
 
 /// `sieve_results_routed_total` by outcome, from the scheduler's metrics.
 async fn routed(sieve: &TestSieve) -> Vec<(String, f64)> {
+    let scraper = sieve_scheduler::auth::create_token(
+        &sieve.ctx.db,
+        "scraper",
+        sieve_scheduler::entities::api_token::Role::Ops,
+    )
+    .await
+    .unwrap();
     let text = sieve
         .http
         .get(format!("{}/metrics", sieve.api))
+        .bearer_auth(scraper)
         .send()
         .await
         .unwrap()

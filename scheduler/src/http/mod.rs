@@ -63,12 +63,14 @@ pub fn router(ctx: Context) -> Router {
         .route("/review/{task}/skip", post(review::skip))
         .route("/review/{task}/undo", post(review::undo))
         .route("/items/{item}/image", get(review::item_image));
-    Router::new()
+    let mut root = Router::new()
         .nest("/api/v1", api)
         .merge(review_page::routes())
-        .route("/healthz", get(operate::healthz))
-        .route("/metrics", get(operate::metrics))
-        .layer(middleware::from_fn_with_state(body_limit, limit_body))
+        .route("/healthz", get(operate::healthz));
+    if ctx.settings.http.metrics_bind.is_none() {
+        root = root.route("/metrics", get(operate::metrics_with_token));
+    }
+    root.layer(middleware::from_fn_with_state(body_limit, limit_body))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(ctx)
 }
@@ -91,4 +93,12 @@ fn too_large(limit: usize) -> AppError {
     AppError::TooLarge(format!(
         "the request body is over the limit of {limit} bytes (http.body_limit)"
     ))
+}
+
+/// `/metrics` alone, without a token, for the listener on
+/// `http.metrics_bind`: a port that only the monitoring network reaches.
+pub fn metrics_router(ctx: Context) -> Router {
+    Router::new()
+        .route("/metrics", get(operate::metrics))
+        .with_state(ctx)
 }

@@ -40,6 +40,9 @@ pub struct App {
     pub ctx: Context,
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// `http://127.0.0.1:PORT` of the `/metrics` listener, when
+    /// `http.metrics_bind` was set.
+    pub metrics_base: Option<String>,
     pub http: reqwest::Client,
 }
 
@@ -57,7 +60,19 @@ where
     F: FnOnce(App) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let harness = Harness::start(lease_seconds).await;
+    with_app_configured(lease_seconds, |_| {}, test).await;
+}
+
+/// [`with_app`] with settings changed by `configure` first. A
+/// `http.metrics_bind` it sets is bound (port 0 picks one) and replaced by
+/// the address bound.
+pub async fn with_app_configured<C, F, Fut>(lease_seconds: u64, configure: C, test: F)
+where
+    C: FnOnce(&mut Settings),
+    F: FnOnce(App) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let harness = Harness::start(lease_seconds, configure).await;
     let outcome = AssertUnwindSafe(test(harness.app.clone()))
         .catch_unwind()
         .await;
@@ -68,7 +83,7 @@ where
 }
 
 impl Harness {
-    async fn start(lease_seconds: u64) -> Self {
+    async fn start(lease_seconds: u64, configure: impl FnOnce(&mut Settings)) -> Self {
         sieve_shared::telemetry::init_test_tracing();
         let store = tempfile::tempdir().unwrap();
         let id = Uuid::now_v7().simple().to_string();
@@ -81,6 +96,7 @@ impl Harness {
         settings.store.root = store.path().to_owned();
         settings.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.review.lease_seconds = lease_seconds;
+        configure(&mut settings);
 
         db::create_database_if_missing(&settings.database.url)
             .await
@@ -92,12 +108,22 @@ impl Harness {
         let listener = TcpListener::bind(settings.http.bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         settings.http.api_url = format!("http://{addr}");
+        let metrics = match settings.http.metrics_bind {
+            Some(bind) => {
+                let metrics = TcpListener::bind(bind).await.unwrap();
+                settings.http.metrics_bind = Some(metrics.local_addr().unwrap());
+                Some(metrics)
+            }
+            None => None,
+        };
+        let metrics_base = settings.http.metrics_bind.map(|a| format!("http://{a}"));
         let ctx = Context::connect(settings.clone()).await.unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
-        let server = tokio::spawn(sieve_scheduler::server::serve(
+        let server = tokio::spawn(sieve_scheduler::server::serve_on(
             ctx.clone(),
             listener,
+            metrics,
             async move { s.cancelled().await },
         ));
         Self {
@@ -105,6 +131,7 @@ impl Harness {
                 settings,
                 ctx,
                 base: format!("http://{addr}"),
+                metrics_base,
                 http: reqwest::Client::new(),
             },
             stop,
