@@ -37,6 +37,7 @@ use uuid::Uuid;
 use crate::context::Context;
 use crate::dispatch;
 use crate::entities::model_version::{self, VersionStatus};
+use crate::entities::project;
 use crate::entities::training_run::{self, RunState};
 use crate::error::{AppError, AppResult};
 use crate::policy::Policy;
@@ -376,6 +377,14 @@ pub async fn create_project(
 
 /// Queue a training run for `project`. `bootstrap` allows a run with no
 /// labels: a project's first, untrained model.
+///
+/// A project without an active version always gets a run: its first model
+/// may have failed (a worker that could not read the store) or been
+/// cancelled, and until some version is active nothing it ingests is
+/// pre-labeled and nothing reaches review, so no label could ever come. Such
+/// a run is a bootstrap too: the untrained first model when there are no
+/// human labels yet, else a model trained from scratch on those there are,
+/// whatever their count per class.
 pub async fn request(
     ctx: &Context,
     project: &Project,
@@ -383,6 +392,12 @@ pub async fn request(
     params: TrainParams,
     bootstrap: bool,
 ) -> AppResult<RunSummary> {
+    // As stored now: the caller's copy may predate an activation.
+    let without_model = project::Entity::find_by_id(project.id.as_uuid())
+        .one(&ctx.db)
+        .await?
+        .is_some_and(|p| p.active_model_version_id.is_none());
+    let bootstrap = bootstrap || without_model;
     if params.arch != project.arch {
         return Err(AppError::Invalid(format!(
             "project {} runs {}; a run of {} would register a version it cannot use",
