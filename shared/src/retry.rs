@@ -92,6 +92,17 @@ pub fn after_failure(
     }
 }
 
+/// The headers of a message a consumer dead-letters itself (rather than
+/// rejecting it to the broker): the queue it came from, why, and the error,
+/// so `sieve failed` lists it and `sieve failed retry` sends it back there.
+pub fn dead_letter_headers(queue: &str, reason: &str, error: &str) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(DEAD_QUEUE_HEADER.into(), text(queue));
+    headers.insert(DEAD_REASON_HEADER.into(), text(reason));
+    headers.insert(ERROR_HEADER.into(), text(truncate(error, MAX_ERROR_BYTES)));
+    headers
+}
+
 /// The queue a dead letter came from and why it was dead-lettered:
 /// `retries_exhausted` from a worker, or the broker's reason (`rejected`,
 /// `delivery_limit`, ...) for its last death. The broker's `x-first-death-*`

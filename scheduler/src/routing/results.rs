@@ -24,7 +24,12 @@ use sea_orm::{
 };
 use sieve_shared::broker;
 use sieve_shared::ids::ProjectId;
-use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, decode_results};
+use sieve_shared::messages::{
+    PredictionOutput, PrelabelOutcome, PrelabelResult, PrelabelResults, SCHEMA_VERSION,
+    decode_results, encode,
+};
+use sieve_shared::retry;
+use sieve_shared::topology::Route;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -493,44 +498,128 @@ async fn handle_batch(ctx: &Context, batch: Received, stop: &CancellationToken) 
 
 /// Apply `results` and acknowledge their deliveries, retrying until the
 /// database takes them or the service stops (then they go back).
+///
+/// A failed batch is either the database's fault (restarting, a deadlock:
+/// transient) or one result's (a poison result: a version id that does not
+/// exist, a string PostgreSQL refuses). While the database answers, a failed
+/// batch is applied one result at a time; a result that still fails
+/// [`POISON_ATTEMPTS`] times, alone, with the database answering, is
+/// dead-lettered with its error (`sieve failed list` shows it, `sieve
+/// failed retry` sends it back), and the rest of the batch is routed. A
+/// poison result so costs its batch a few hundred milliseconds, not every
+/// project its routing.
 async fn apply_until_done(
     ctx: &Context,
     results: &[PrelabelResult],
     good: Vec<Delivery>,
     stop: &CancellationToken,
 ) {
-    // A failure here is transient (database restarting, a deadlock): keep
-    // the batch unacknowledged and retry it with backoff. Requeueing would
-    // count against the delivery limit and dead-letter good results during a
-    // short database outage.
+    // While the database is down, keep the batch unacknowledged and retry it
+    // with backoff. Requeueing would count against the delivery limit and
+    // dead-letter good results during a short database outage.
     let mut backoff = Duration::from_millis(250);
     loop {
-        match apply(&ctx.db, results).await {
+        let err = match apply(&ctx.db, results).await {
             Ok(_) => break,
-            Err(err) => {
-                tracing::error!(
-                    error = format!("{err:#}"),
-                    batch = results.len(),
-                    retry_in = ?backoff,
-                    "applying results failed; retrying the batch"
-                );
-                tokio::select! {
-                    () = stop.cancelled() => {
-                        // Shutting down: hand the batch back for another consumer.
-                        for delivery in good {
-                            let _ = delivery
-                                .nack(BasicNackOptions { requeue: true, ..Default::default() })
-                                .await;
-                        }
-                        return;
-                    }
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+            Err(err) => err,
+        };
+        if ctx.db.ping().await.is_ok() {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                batch = results.len(),
+                "a result batch failed while the database answers; applying it one result at a time"
+            );
+            if apply_one_by_one(ctx, results, stop).await {
+                break;
             }
+        } else {
+            tracing::error!(
+                error = format!("{err:#}"),
+                batch = results.len(),
+                retry_in = ?backoff,
+                "applying results failed; retrying the batch"
+            );
         }
+        tokio::select! {
+            () = stop.cancelled() => {
+                // Shutting down: hand the batch back for another consumer.
+                for delivery in good {
+                    let _ = delivery
+                        .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                        .await;
+                }
+                return;
+            }
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
     ack_all(good).await;
+}
+
+/// How often a result is tried alone, the database answering, before it is
+/// taken for poison.
+pub const POISON_ATTEMPTS: u32 = 3;
+
+/// The dead-letter reason of a result no database write could take.
+pub const POISON_REASON: &str = "poison_result";
+
+/// Apply each result in a transaction of its own; dead-letter those that
+/// fail [`POISON_ATTEMPTS`] times while the database answers. Returns false
+/// when the database stopped answering (or the service is stopping): the
+/// caller retries the whole batch later, and what was applied is found
+/// again by its keys.
+async fn apply_one_by_one(
+    ctx: &Context,
+    results: &[PrelabelResult],
+    stop: &CancellationToken,
+) -> bool {
+    for result in results {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match apply(&ctx.db, std::slice::from_ref(result)).await {
+                Ok(_) => break,
+                Err(err) => err,
+            };
+            if ctx.db.ping().await.is_err() || stop.is_cancelled() {
+                return false;
+            }
+            if attempt >= POISON_ATTEMPTS {
+                let error = format!("{err:#}");
+                tracing::error!(
+                    error,
+                    item = %result.item_id,
+                    version = %result.model_version_id,
+                    project = %result.project_id,
+                    "a result fails alone while the database answers; dead-lettering it"
+                );
+                if let Err(publish) = dead_letter(ctx, result, &error).await {
+                    tracing::error!(error = %publish, "dead-lettering a poison result failed");
+                    return false;
+                }
+                metrics::counter!("sieve_results_poison_total").increment(1);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+        }
+    }
+    true
+}
+
+/// Publish `result` alone to the dead-letter queue, marked as coming from
+/// the results queue with `error`, so `sieve failed retry` sends it back
+/// there.
+async fn dead_letter(ctx: &Context, result: &PrelabelResult, error: &str) -> anyhow::Result<()> {
+    let payload = encode(&PrelabelResults {
+        schema: SCHEMA_VERSION,
+        results: vec![result.clone()],
+    });
+    let headers = retry::dead_letter_headers(&ctx.topology().results_queue(), POISON_REASON, error);
+    ctx.publisher
+        .publish_payloads(Route::Dead, &[payload], Some(headers))
+        .await?;
+    Ok(())
 }
 
 async fn ack_all(deliveries: Vec<Delivery>) {
