@@ -81,6 +81,7 @@ pub async fn serve_on(
         Duration::from_secs(10),
         stop.clone(),
     ));
+    tasks.spawn(training::watchdog::run(ctx.clone(), stop.clone()));
     let router = http::router(ctx.clone());
     let http_stop = stop.clone();
     tasks.spawn(async move {

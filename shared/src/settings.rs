@@ -35,6 +35,11 @@ pub struct TrainingSettings {
     /// A candidate is promoted automatically when its holdout accuracy is at
     /// least the champion's (on the same holdout) minus this margin.
     pub promotion_margin: f64,
+    /// A training run that made no progress (no start, no epoch) for this
+    /// long is stuck: a queued one whose job is not in the queue has it
+    /// published again, once; otherwise it is failed with the reason, so
+    /// the project can train again. Longer than the slowest epoch.
+    pub stuck_after_seconds: u64,
 }
 
 impl Default for TrainingSettings {
@@ -42,6 +47,7 @@ impl Default for TrainingSettings {
         Self {
             min_labels_per_class: 1,
             promotion_margin: 0.0,
+            stuck_after_seconds: 3600,
         }
     }
 }

@@ -36,6 +36,11 @@ pub enum Outcome {
     },
     /// A run is queued or running already.
     Busy,
+    /// The last run failed and no label has arrived since: the same run
+    /// would fail the same way. The next new label lifts it.
+    BackedOff {
+        failed_run: uuid::Uuid,
+    },
     /// Due, but refused (typically too few labels for some class).
     Refused(String),
     Requested(RunSummary),
@@ -75,6 +80,14 @@ pub async fn check(ctx: &Context, project: &Project) -> anyhow::Result<Outcome> 
     .one(&ctx.db)
     .await?
     .map_or(0, |c| c.n);
+    if let Some(failed) = runs
+        .first()
+        .filter(|r| r.state == RunState::Failed && i64::from(r.label_count) >= labels)
+    {
+        return Ok(Outcome::BackedOff {
+            failed_run: failed.id,
+        });
+    }
     let new_labels = labels - learned;
     if new_labels < i64::from(every) {
         return Ok(Outcome::NotDue { new_labels });

@@ -10,6 +10,7 @@
 pub mod auto_retrain;
 pub mod evaluation;
 pub mod registry;
+pub mod watchdog;
 
 use std::time::Duration;
 
@@ -609,7 +610,7 @@ pub async fn cancel(ctx: &Context, project: &Project, by: &str) -> AppResult<Uui
 
 /// End a run (and its version) unless it already ended. Returns false when
 /// it had: a duplicated event then changes nothing.
-async fn finish(
+pub(crate) async fn finish(
     ctx: &Context,
     run_id: Uuid,
     state: RunState,
