@@ -40,6 +40,12 @@ impl StoreError {
     }
 }
 
+/// The file (object) that marks a directory as a sieve store. The
+/// scheduler writes it when it opens the store (`sieve migrate` does first);
+/// a worker refuses a root without it, so one whose volume is not mounted
+/// (an empty mount point) stops at start instead of failing every image.
+pub const MARKER: &str = ".sieve-store";
+
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
@@ -126,7 +132,48 @@ impl Store {
             reason,
         };
         std::fs::create_dir_all(&root).map_err(|e| open(e.to_string()))?;
-        let canonical = std::fs::canonicalize(&root).map_err(|e| open(e.to_string()))?;
+        let marker = std::path::Path::new(&root).join(MARKER);
+        if !marker.exists() {
+            std::fs::write(
+                &marker,
+                "a sieve object store: images, snapshots, model artifacts\n",
+            )
+            .map_err(|e| open(format!("writing {}: {e}", marker.display())))?;
+        }
+        Self::open_at(&root)
+    }
+
+    /// Open a store that must be there already: its root exists and holds
+    /// the [`MARKER`] the scheduler wrote. What a worker opens: a root that
+    /// is missing or unmarked is a volume not mounted (or a wrong path), and
+    /// every image read from it would fail.
+    pub fn open_existing(settings: &StoreSettings) -> Result<Self, StoreError> {
+        let raw = settings.root.to_string_lossy();
+        let root = raw.strip_prefix("file://").unwrap_or(&raw).to_owned();
+        let refuse = |reason: String| StoreError::Open {
+            root: root.clone(),
+            reason,
+        };
+        let dir = std::path::Path::new(&root);
+        if !dir.is_dir() {
+            return Err(refuse(
+                "no such directory (store.root must name the store the scheduler writes; is its volume mounted?)".into(),
+            ));
+        }
+        if !dir.join(MARKER).exists() {
+            return Err(refuse(format!(
+                "no {MARKER} in it: not a sieve store, or its volume is not mounted (the scheduler marks the store when it first opens it: run `sieve migrate`)"
+            )));
+        }
+        Self::open_at(&root)
+    }
+
+    fn open_at(root: &str) -> Result<Self, StoreError> {
+        let open = |reason: String| StoreError::Open {
+            root: root.to_owned(),
+            reason,
+        };
+        let canonical = std::fs::canonicalize(root).map_err(|e| open(e.to_string()))?;
         let fs = Arc::new(
             LocalFileSystem::new_with_prefix(&canonical).map_err(|e| open(e.to_string()))?,
         );

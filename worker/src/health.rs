@@ -46,6 +46,10 @@ enum Consumer {
 pub struct Health {
     connections: Vec<(&'static str, ConnectionStatus)>,
     consumers: Mutex<Vec<(&'static str, Consumer)>>,
+    /// This worker's own faults, by what failed (`store`, `model`): what
+    /// makes it unable to do jobs other workers can do. Set when a batch
+    /// shows one, cleared by the next success.
+    faults: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Health {
@@ -62,6 +66,24 @@ impl Health {
                     .map(|name| (*name, Consumer::NotStarted))
                     .collect(),
             ),
+            faults: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// This worker cannot do its jobs because of `what` (its store, a
+    /// model it cannot load): unhealthy, with `reason`, until [`Health::clear`].
+    pub fn fault(&self, what: &'static str, reason: String) {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if faults.insert(what, reason.clone()).is_none() {
+            tracing::warn!(%what, %reason, "this worker has a fault of its own; /healthz reports it");
+        }
+    }
+
+    /// `what` works again.
+    pub fn clear(&self, what: &'static str) {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if faults.remove(what).is_some() {
+            tracing::info!(%what, "this worker's fault cleared");
         }
     }
 
@@ -114,6 +136,13 @@ impl Health {
                 ((*name).to_owned(), state.to_owned())
             })
             .collect();
+        reasons.extend(
+            self.faults
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned(),
+        );
         Report {
             status: if reasons.is_empty() {
                 "ok"

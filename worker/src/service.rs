@@ -58,7 +58,9 @@ pub async fn run(
         .context("declaring the RabbitMQ topology")?;
     channel.close(200, "declared".into()).await.ok();
     let publisher = Publisher::new(&publish_conn, topology).await?;
-    let store = Store::open(&settings.store)?;
+    // Not `open`: a worker must not create an empty store where the shared
+    // one should be mounted.
+    let store = Store::open_existing(&settings.store)?;
     let mut consumers = vec!["control"];
     consumers.extend(capabilities.iter().map(|c| c.name()));
     let health = Health::new(

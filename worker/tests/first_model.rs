@@ -57,10 +57,13 @@ async fn a_failed_first_model_is_queued_again_by_retrain_and_the_project_gets_go
     let mut sieve = TestSieve::start_with(vec![Capability::Prelabel]).await;
     let db = sieve.ctx.db.clone();
 
-    // A training worker whose store root is not the shared one (not mounted).
+    // A training worker whose store is not the shared one: another sieve
+    // store, marked as such (an unmarked or missing root is refused at
+    // start; see own_faults.rs), so it cannot find the project's snapshot.
     let unmounted = tempfile::tempdir().unwrap();
     let mut bad = sieve.settings.clone();
-    bad.store.root = unmounted.path().join("not-mounted");
+    bad.store.root = unmounted.path().join("another-store");
+    sieve_shared::store::Store::open(&bad.store).unwrap();
     bad.http.worker_bind = SocketAddr::from(([127, 0, 0, 1], 0));
     let bad_stop = CancellationToken::new();
     let s = bad_stop.clone();

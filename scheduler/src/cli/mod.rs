@@ -35,6 +35,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             db::create_database_if_missing(&settings.database.url).await?;
             let conn = db::connect(&settings.database).await?;
             let applied = db::migrate(&conn).await?;
+            // Marks the store, so workers started next find it.
+            sieve_shared::store::Store::open(&settings.store)?;
             println!("database is up to date ({applied} migration(s) applied)");
         }
         Command::Serve => {

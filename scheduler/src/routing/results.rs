@@ -195,6 +195,15 @@ async fn apply_one(
 
     let output = match &result.outcome {
         PrelabelOutcome::Failed { reason } => {
+            // Only the active version fails an item: a failure by a version
+            // since replaced says nothing about what the active one can do
+            // (and the item's job for it is on its way).
+            let by_active = project.active_model_version_id.is_none()
+                || project.active_model_version_id == Some(result.model_version_id.as_uuid());
+            if !by_active {
+                tracing::debug!(item = %item.id, version = %result.model_version_id, %reason, "a failure by a version no longer active; ignored");
+                return Ok(Applied::Kept);
+            }
             // Only an item still waiting can fail; a labeled one keeps its label.
             if item.state == ItemState::Queued {
                 item::Entity::update(item::ActiveModel {

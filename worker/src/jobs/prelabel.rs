@@ -4,13 +4,16 @@
 //! A batch is up to `worker.batch_size` jobs or whatever arrived within
 //! `worker.batch_timeout_ms` of the first. Jobs are acknowledged only after
 //! the broker confirmed their results. Failures are sorted by kind: a
-//! permanent one (bytes that are not an image, a corrupt model) becomes a
+//! permanent one (bytes that are not an image, too many pixels) becomes a
 //! `failed` result and is acknowledged; a transient one (the object store not
 //! answering) is retried later: a copy goes, with confirms, to the delay
 //! queue of its attempt (`broker.retry_delays_ms`), then the job is
 //! acknowledged, and past the last delay it goes to the dead-letter queue
 //! with its reason (see `sieve_shared::retry`); a message that does not
-//! decode at all goes straight to the dead-letter queue.
+//! decode at all goes straight to the dead-letter queue. A fault of this
+//! worker's own (a model it cannot load, a store where no image of a batch
+//! can be found) is not the items': their jobs are retried the same way,
+//! for another worker to take, and `/healthz` answers 503 with the reason.
 //!
 //! With `worker.pipeline` on (the default) the loop fetches and decodes the
 //! next batch while a model stage runs the current one, publishes its results
@@ -213,34 +216,56 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
         };
     }
 
-    // Models first: one load per distinct version in the batch.
-    let mut models: HashMap<ModelVersionId, Result<Arc<Committee>, (bool, String)>> =
-        HashMap::new();
+    // Models first: one load per distinct version in the batch. A model
+    // this worker cannot load (missing, a bad checksum, NaN weights) is this
+    // worker's fault, not the items': their jobs are retried after a delay,
+    // when another worker may take them, and /healthz says why.
+    let mut models: HashMap<ModelVersionId, Result<Arc<Committee>, String>> = HashMap::new();
     for (_, job) in &jobs {
         if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(job.model.version_id)
         {
-            let loaded = worker
-                .cache
-                .get(&job.model)
-                .await
-                .map_err(|e| (e.is_transient(), e.to_string()));
+            let loaded = worker.cache.get(&job.model).await.map_err(|e| {
+                let reason = format!("model v{} does not load here: {e}", job.model.version);
+                worker.health.fault("model", reason.clone());
+                metrics::counter!("sieve_worker_own_faults_total", "kind" => "model").increment(1);
+                reason
+            });
+            if loaded.is_ok() {
+                worker.health.clear("model");
+            }
             slot.insert(loaded);
         }
     }
 
     let keys: Vec<String> = jobs.iter().map(|(_, job)| job.object_key.clone()).collect();
     let fetched = fetch_images(&worker.store, keys).await;
+    // Objects missing while none of the batch could be read: this worker's
+    // store is the suspect (not mounted, a wrong root), not the items. Their
+    // jobs are retried after a delay instead of failing the items; a
+    // missing object beside ones that read is that object's fault.
+    let store_suspect = !fetched.iter().any(Result::is_ok)
+        && fetched
+            .iter()
+            .any(|f| matches!(f, Err(StoreError::NotFound(_))));
+    if store_suspect {
+        worker.health.fault(
+            "store",
+            format!(
+                "no image of the last batch could be read from the store at {}: is its volume mounted?",
+                worker.settings.store.root.display()
+            ),
+        );
+        metrics::counter!("sieve_worker_own_faults_total", "kind" => "store").increment(1);
+    } else if fetched.iter().any(Result::is_ok) {
+        worker.health.clear("store");
+    }
 
     let mut by_model: HashMap<ModelVersionId, Fetched> = HashMap::new();
     for (i, ((_, job), bytes)) in jobs.iter().zip(fetched).enumerate() {
         let model = match &models[&job.model.version_id] {
             Ok(model) => model.clone(),
-            Err((true, reason)) => {
+            Err(reason) => {
                 fates[i] = Some(Fate::Retry(reason.clone()));
-                continue;
-            }
-            Err((false, reason)) => {
-                fates[i] = Some(failed(worker, job, reason.clone()));
                 continue;
             }
         };
@@ -252,7 +277,10 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
                 group.1.push(i);
                 group.2.push(bytes);
             }
-            Err(err) if err.is_transient() => {
+            Err(err)
+                if err.is_transient()
+                    || (store_suspect && matches!(err, StoreError::NotFound(_))) =>
+            {
                 fates[i] = Some(Fate::Retry(format!("image unavailable: {err}")));
             }
             Err(err) => fates[i] = Some(failed(worker, job, format!("image unavailable: {err}"))),

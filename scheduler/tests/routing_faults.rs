@@ -1,8 +1,14 @@
+//! Faults around the result consumer.
+//!
 //! A poison result (one no database write can take) among good ones: the
 //! good ones, in its batch and in another project, are routed within
 //! seconds, and the poison one is dead-lettered with its error for `sieve
 //! failed` to show and replay. Before, the consumer retried the whole batch
 //! forever and routing stopped for every project.
+//!
+//! A `Failed` result by a version that is no longer active fails no item: a
+//! worker that could not do a job for an old version says nothing about
+//! the active one (issue 25 item 1).
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,6 +18,7 @@ use std::time::Duration;
 
 use review_support::{App, eventually, with_app};
 use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, Statement};
+use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::operate::failed;
 use sieve_scheduler::routing::results::POISON_REASON;
@@ -142,4 +149,71 @@ async fn a_poison_result_is_dead_lettered_and_the_rest_is_routed() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_failure_by_a_retired_version_fails_no_item() {
+    with_app(30, |app| async move {
+        let seeded = app.seed("retired", &["cat", "dog"], 2).await;
+        let project = seeded.project.id;
+        let old = seeded_version(&app, project).await;
+        let active = active_version(&app, project).await;
+        let (a, b) = (seeded.tasks[0].item_id, seeded.tasks[1].item_id);
+        for id in [a, b] {
+            app.db()
+                .execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "UPDATE items SET state = 'queued' WHERE id = $1",
+                    [id.into()],
+                ))
+                .await
+                .unwrap();
+        }
+        let failure = |item: Uuid, version: Uuid| PrelabelResult {
+            outcome: PrelabelOutcome::Failed {
+                reason: "model does not load here".into(),
+            },
+            ..result(project, item, version, "w1")
+        };
+        app.ctx
+            .publisher
+            .publish(&PrelabelResults {
+                schema: SCHEMA_VERSION,
+                results: vec![failure(a, old), failure(b, active)],
+            })
+            .await
+            .unwrap();
+        let state = |id: Uuid| {
+            let app = &app;
+            async move {
+                item::Entity::find_by_id(id)
+                    .one(app.db())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .state
+            }
+        };
+        // The active version's failure fails its item; the old one's not.
+        eventually(
+            "the active version's failure applied",
+            Duration::from_secs(20),
+            || async { (state(b).await == ItemState::Failed).then_some(()) },
+        )
+        .await;
+        assert_eq!(state(a).await, ItemState::Queued);
+    })
+    .await;
+}
+
+/// The version `App::seed` registered for `project`.
+async fn seeded_version(app: &App, project: ProjectId) -> Uuid {
+    use sieve_scheduler::entities::model_version;
+    model_version::Entity::find()
+        .filter(model_version::Column::ProjectId.eq(project.as_uuid()))
+        .one(app.db())
+        .await
+        .unwrap()
+        .unwrap()
+        .id
 }
