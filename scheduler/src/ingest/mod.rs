@@ -423,6 +423,26 @@ impl Reading {
         Ok((checked, own_key))
     }
 
+    /// Read and check an object of sieve's own area (another project's
+    /// image, named by an exported manifest) and store its bytes under this
+    /// project's content-addressed key: the new item owns a copy, as a file
+    /// from outside the store gets one.
+    fn copied_object(&self, key: &str) -> Result<Checked, StoreError> {
+        let bytes = match self.store.get(key) {
+            Ok(bytes) => bytes,
+            Err(err) => return object_failure(err).map(|reason| Checked::Unreadable { reason }),
+        };
+        if let Some(reason) = too_big(bytes.len() as u64, self.max_bytes) {
+            return Ok(Checked::Unreadable { reason });
+        }
+        let (checked, image) = Checked::from_bytes(bytes, self.max_pixels);
+        if let (Checked::Image { hash, .. }, Some(bytes)) = (&checked, image) {
+            self.store
+                .put_content_addressed(&image_key(&self.project_id, hash), bytes)?;
+        }
+        Ok(checked)
+    }
+
     /// Read and check an object already in sieve's store.
     fn stored_object(&self, key: &str) -> Result<Checked, StoreError> {
         match self.store.get(key) {
@@ -496,6 +516,14 @@ impl Reading {
             (Target::Path(_), None) => {
                 let reason = "a manifest in the object store names images by `key`; a `path` is refused (no server file paths)".to_owned();
                 (None, Checked::Unreadable { reason })
+            }
+            // A local manifest (`sieve ingest --manifest FILE`, run with the
+            // store's own authority) may name images of sieve's own area, as
+            // an export does: they are copied into this project's area. A
+            // manifest in the store (the API) may not: a scoped token must
+            // not reach another project's images.
+            (Target::Key(key), Some(_)) if prefix::in_own_area(key) => {
+                (None, self.copied_object(key)?)
             }
             (Target::Key(key), _) => {
                 let checked = match prefix::refuse_key(key) {

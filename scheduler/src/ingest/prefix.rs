@@ -10,6 +10,9 @@
 //! Sieve's own area of the store (`projects/`: images, training snapshots,
 //! model artifacts) is never an ingest source: a prefix or manifest key
 //! there is refused, so that ingest cannot reach another project's images.
+//! The one exception is a local manifest file read by `sieve ingest`, which
+//! has the store's own authority: its keys there (an export of another
+//! project) are copied into the project's own area.
 
 use std::fmt;
 use std::sync::Arc;
@@ -45,6 +48,12 @@ pub struct BadPrefix {
 /// local path.
 pub fn is_location(text: &str) -> bool {
     text.starts_with("store:") || text.starts_with("s3://")
+}
+
+/// Whether `key` is a well-formed key in sieve's own area of the store
+/// (images, snapshots, artifacts of some project).
+pub fn in_own_area(key: &str) -> bool {
+    Store::check_key(key).is_ok() && key.split('/').next() == Some(OWN_AREA)
 }
 
 /// Why a key of sieve's store may not be ingested, if it may not: a bad
