@@ -36,6 +36,9 @@ pub enum Action {
     Operate,
     /// Label an item that people already labeled (`force` on a submit).
     ForceLabel,
+    /// Take a project's labeled dataset out (`export`): every item, its
+    /// label and who gave it.
+    Export,
 }
 
 pub fn allows(role: Role, action: Action) -> bool {
@@ -43,7 +46,10 @@ pub fn allows(role: Role, action: Action) -> bool {
     match role {
         Role::Admin => true,
         Role::Reviewer => matches!(action, Read | Review),
-        Role::Ml => matches!(action, Read | Review | ManageProjects | Train | ForceLabel),
+        Role::Ml => matches!(
+            action,
+            Read | Review | ManageProjects | Train | ForceLabel | Export
+        ),
         Role::Ops => matches!(action, Read | Operate),
     }
 }
@@ -210,6 +216,9 @@ mod tests {
         assert!(allows(Role::Ml, Action::ForceLabel));
         assert!(!allows(Role::Reviewer, Action::ForceLabel));
         assert!(!allows(Role::Ops, Action::ForceLabel));
+        assert!(allows(Role::Ml, Action::Export));
+        assert!(!allows(Role::Reviewer, Action::Export));
+        assert!(!allows(Role::Ops, Action::Export));
         for action in [
             Action::Read,
             Action::Review,
@@ -217,6 +226,7 @@ mod tests {
             Action::Train,
             Action::Operate,
             Action::ForceLabel,
+            Action::Export,
         ] {
             assert!(allows(Role::Admin, action));
         }

@@ -22,6 +22,9 @@
 //!   (per-class figures of a version), `auto_retrain` (retrain every N labels).
 //! - [`operate`]: what operators look at and replay: `status`, `workers`,
 //!   `failed`.
+//! - [`export`]: labels out: one row per item with its label's provenance
+//!   (`snapshot`: one repeatable-read transaction read through a cursor;
+//!   `write`: CSV, JSON Lines; `output`: a file renamed into place).
 //! - [`http`]: `/api/v1`, the review page, `/healthz`, `/metrics`.
 //! - [`server`]: `sieve serve`, the HTTP API and the loops in one process.
 //! - [`cli`]: the `sieve` command line; thin over the modules above.
@@ -34,6 +37,7 @@ pub mod db;
 pub mod dispatch;
 pub mod entities;
 pub mod error;
+pub mod export;
 pub mod http;
 pub mod ingest;
 pub mod operate;

@@ -57,6 +57,10 @@ pub enum Command {
         #[arg(long, requires = "manifest")]
         root: Option<PathBuf>,
     },
+    /// Export a project's labeled items, one row each with its label's
+    /// provenance (who or which model, confidence, audits, measured
+    /// accuracy), as CSV or JSON Lines: also a manifest `sieve ingest` reads.
+    Export(ExportArgs),
     /// A project's ingests, newest first: from `sieve ingest` and over HTTP,
     /// with their counts and state (a running one whose process died reads
     /// as interrupted).
@@ -103,6 +107,36 @@ pub enum Command {
     /// Benchmarks that print their figures (docs/benchmarks.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long, short)]
+    pub project: String,
+    /// `csv` or `jsonl`.
+    #[arg(long, short, default_value = "csv")]
+    pub format: String,
+    /// A file (written under a temporary name, renamed when complete), or
+    /// `-` for standard output (the default).
+    #[arg(long, short)]
+    pub out: Option<String>,
+    /// Only labels from `human`, `machine` or `import` (repeatable).
+    #[arg(long)]
+    pub source: Vec<String>,
+    /// Items in these states (repeatable; default `auto_labeled` and
+    /// `human_labeled`): `queued`, `in_review`, `failed` too on request.
+    #[arg(long)]
+    pub state: Vec<String>,
+    /// Only labels whose prediction is at least this confident (0 to 1);
+    /// leaves out imports, which have none.
+    #[arg(long)]
+    pub min_confidence: Option<String>,
+    /// Only these classes (repeatable).
+    #[arg(long)]
+    pub class: Vec<String>,
+    /// Only labels given since the cursor an earlier export printed.
+    #[arg(long, value_name = "CURSOR")]
+    pub since: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 //! shows the results to a person.
 
 mod args;
+mod export;
 mod ingest;
 mod operate;
 mod projects;
@@ -20,8 +21,8 @@ use anyhow::Context as _;
 use sieve_shared::Settings;
 
 pub use args::{
-    BenchCommand, Cli, Command, FailedCommand, ModelsCommand, ProjectCommand, RetrainArgs,
-    ReviewCommand, TokenCommand,
+    BenchCommand, Cli, Command, ExportArgs, FailedCommand, ModelsCommand, ProjectCommand,
+    RetrainArgs, ReviewCommand, TokenCommand,
 };
 
 use crate::context::Context;
@@ -54,6 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             manifest,
             root,
         } => return ingest::ingest(settings, source, project, manifest, root).await,
+        Command::Export(args) => export::export(settings, args).await?,
         Command::Ingests {
             project,
             limit,

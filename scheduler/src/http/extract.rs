@@ -47,6 +47,8 @@ requirement! {
     Train => Train,
     /// Ingest, pause, resume, rate-limit; the fleet's status.
     Operate => Operate,
+    /// Take a project's labeled dataset out.
+    Export => Export,
 }
 
 /// The `Authorization: Bearer` token, if any.

@@ -10,6 +10,7 @@
 pub mod extract;
 
 mod dispatch;
+mod export;
 mod ingest;
 mod operate;
 mod projects;
@@ -46,6 +47,7 @@ pub fn router(ctx: Context) -> Router {
             "/projects/{project}/models/{version}",
             get(training::show_model),
         )
+        .route("/projects/{project}/export", get(export::export))
         .route("/projects/{project}/ingest", post(ingest::start))
         .route("/projects/{project}/ingests", get(ingest::list))
         .route("/projects/{project}/pause", post(dispatch::pause))

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use sea_orm::{FromQueryResult, Statement};
+use sea_orm::{ConnectionTrait, FromQueryResult, Statement};
 use serde::Serialize;
 
 use crate::context::Context;
@@ -115,8 +115,17 @@ pub async fn measured_accuracy(
     ctx: &Context,
     project: &Project,
 ) -> AppResult<Vec<MeasuredAccuracy>> {
+    measured_accuracy_on(&ctx.db, project).await
+}
+
+/// [`measured_accuracy`] read through `db`: a transaction's snapshot (an
+/// export's) as well as the pool.
+pub async fn measured_accuracy_on(
+    db: &impl ConnectionTrait,
+    project: &Project,
+) -> AppResult<Vec<MeasuredAccuracy>> {
     let rows = AuditRow::find_by_statement(Statement::from_sql_and_values(
-        ctx.db.get_database_backend(),
+        db.get_database_backend(),
         r#"
         SELECT p.top_class AS class, count(*) AS n,
                sum(CASE WHEN l.class_index = p.top_class THEN 1 ELSE 0 END)::bigint AS k
@@ -128,7 +137,7 @@ pub async fn measured_accuracy(
         "#,
         [project.id.as_uuid().into()],
     ))
-    .all(&ctx.db)
+    .all(db)
     .await?;
     let z = calibration::z_for(project.policy.confidence_level);
     let measure = |class: Option<String>, n: i64, k: i64| {

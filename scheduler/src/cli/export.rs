@@ -1,0 +1,61 @@
+//! `sieve export`: a project's labeled dataset to a file or standard
+//! output, with a progress bar on a terminal and a summary at the end.
+
+use std::io::IsTerminal;
+
+use sieve_shared::Settings;
+use tokio_util::sync::CancellationToken;
+
+use super::args::ExportArgs;
+use crate::export::output::{self, Destination};
+use crate::export::{Export, Filters, Format, Request};
+use crate::{db, projects};
+
+pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> {
+    // Checked before connecting: a typo answers at once.
+    let request = request(&args)?;
+    let to = Destination::parse(args.out.as_deref());
+    let conn = db::connect(&settings.database).await?;
+    let project = projects::get(&conn, &args.project).await?;
+    let export = Export::begin(&conn, &project, request).await?;
+    // Ctrl-C or SIGTERM stops between pages and leaves nothing at --out.
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        sieve_shared::shutdown::signal().await;
+        stop.cancel();
+    });
+    let options = output::Options {
+        terminal: std::io::stderr().is_terminal(),
+        cancel,
+    };
+    let summary = output::write(export, &to, options).await?;
+    for line in summary.describe(&to.describe()) {
+        eprintln!("{line}");
+    }
+    Ok(())
+}
+
+/// The same request, and the same messages for bad input, as the API's.
+fn request(args: &ExportArgs) -> anyhow::Result<Request> {
+    let mut filters = Filters::default();
+    for source in &args.source {
+        filters.add_source(source)?;
+    }
+    for state in &args.state {
+        filters.add_state(state)?;
+    }
+    for class in &args.class {
+        filters.add_class(class);
+    }
+    if let Some(min) = &args.min_confidence {
+        filters.set_min_confidence(min)?;
+    }
+    if let Some(since) = &args.since {
+        filters.set_since(since)?;
+    }
+    Ok(Request {
+        format: Format::parse(&args.format)?,
+        filters,
+    })
+}

@@ -1,0 +1,220 @@
+//! The row formats: CSV with a header, and JSON Lines, with the same
+//! columns under the same names. `key` and `label` are an ingest
+//! manifest's columns, so an export can be ingested again.
+
+use std::io::Write as _;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::Format;
+use super::snapshot::Row;
+use crate::operate::status::MeasuredAccuracy;
+
+/// The columns, in order.
+pub const COLUMNS: [&str; 18] = [
+    "item_id",
+    "key",
+    "source",
+    "content_hash",
+    "label",
+    "label_source",
+    "labeled_by",
+    "labeled_by_token",
+    "model_version",
+    "confidence",
+    "agreement",
+    "audited",
+    "machine_accuracy",
+    "machine_accuracy_lower",
+    "machine_accuracy_upper",
+    "machine_audits",
+    "state",
+    "labeled_at",
+];
+
+/// One row, as written. `machine_*`: the audited accuracy of machine
+/// labels of the row's class (Wilson interval at the policy's confidence
+/// level), on machine-labeled rows only.
+#[derive(Serialize)]
+struct Record<'a> {
+    item_id: Uuid,
+    key: &'a str,
+    source: &'a str,
+    content_hash: &'a str,
+    label: Option<&'a str>,
+    label_source: Option<&'a str>,
+    labeled_by: Option<&'a str>,
+    labeled_by_token: Option<Uuid>,
+    model_version: Option<i32>,
+    confidence: Option<f32>,
+    agreement: Option<f32>,
+    audited: bool,
+    machine_accuracy: Option<f64>,
+    machine_accuracy_lower: Option<f64>,
+    machine_accuracy_upper: Option<f64>,
+    machine_audits: Option<i64>,
+    state: &'a str,
+    labeled_at: Option<String>,
+}
+
+pub fn header(format: Format, out: &mut Vec<u8>) {
+    if format == Format::Csv {
+        out.extend_from_slice(COLUMNS.join(",").as_bytes());
+        out.push(b'\n');
+    }
+}
+
+pub fn footer(_format: Format, _out: &mut Vec<u8>) {}
+
+/// `accuracy`: `None` for a row whose label is not a machine label;
+/// `Some(None)` for a machine label of a class never audited.
+pub fn row(
+    format: Format,
+    row: &Row,
+    class: Option<&str>,
+    accuracy: Option<Option<&MeasuredAccuracy>>,
+    out: &mut Vec<u8>,
+) {
+    let measured = accuracy.flatten();
+    let record = Record {
+        item_id: row.item_id,
+        key: &row.object_key,
+        source: &row.source,
+        content_hash: &row.content_hash,
+        label: class,
+        label_source: row.label_source.as_deref(),
+        labeled_by: row.reviewer.as_deref(),
+        labeled_by_token: row.reviewer_token,
+        model_version: row.model_version,
+        confidence: row.confidence,
+        agreement: row.agreement,
+        audited: row.audited,
+        machine_accuracy: measured.map(|m| m.accuracy),
+        machine_accuracy_lower: measured.map(|m| m.lower),
+        machine_accuracy_upper: measured.map(|m| m.upper),
+        machine_audits: accuracy.map(|m| m.map_or(0, |m| m.audited)),
+        state: &row.state,
+        labeled_at: row.labeled_at.map(|t| t.to_rfc3339()),
+    };
+    match format {
+        Format::Csv => csv(&record, out),
+        Format::Jsonl => {
+            // Writing to a Vec fails only for a value serde cannot encode,
+            // and a Record has none.
+            if serde_json::to_writer(&mut *out, &record).is_ok() {
+                out.push(b'\n');
+            }
+        }
+    }
+}
+
+fn csv(r: &Record<'_>, out: &mut Vec<u8>) {
+    fn text(out: &mut Vec<u8>, value: &str) {
+        // RFC 4180: quote a field with a separator, a quote or a line end
+        // (or surrounding spaces, which a reader may trim).
+        if value.contains([',', '"', '\n', '\r']) || value.starts_with(' ') || value.ends_with(' ')
+        {
+            out.push(b'"');
+            out.extend_from_slice(value.replace('"', "\"\"").as_bytes());
+            out.push(b'"');
+        } else {
+            out.extend_from_slice(value.as_bytes());
+        }
+    }
+    fn opt<T: std::fmt::Display>(out: &mut Vec<u8>, value: Option<T>) {
+        if let Some(v) = value {
+            let _ = write!(out, "{v}");
+        }
+    }
+    let _ = write!(out, "{},", r.item_id);
+    text(out, r.key);
+    out.push(b',');
+    text(out, r.source);
+    out.push(b',');
+    text(out, r.content_hash);
+    out.push(b',');
+    if let Some(label) = r.label {
+        text(out, label);
+    }
+    out.push(b',');
+    opt(out, r.label_source);
+    out.push(b',');
+    if let Some(who) = r.labeled_by {
+        text(out, who);
+    }
+    out.push(b',');
+    opt(out, r.labeled_by_token);
+    out.push(b',');
+    opt(out, r.model_version);
+    out.push(b',');
+    opt(out, r.confidence);
+    out.push(b',');
+    opt(out, r.agreement);
+    out.push(b',');
+    let _ = write!(out, "{},", r.audited);
+    opt(out, r.machine_accuracy);
+    out.push(b',');
+    opt(out, r.machine_accuracy_lower);
+    out.push(b',');
+    opt(out, r.machine_accuracy_upper);
+    out.push(b',');
+    opt(out, r.machine_audits);
+    out.push(b',');
+    out.extend_from_slice(r.state.as_bytes());
+    out.push(b',');
+    opt(out, r.labeled_at.as_deref());
+    out.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Row {
+        Row {
+            item_id: Uuid::nil(),
+            source: "photos/a, \"b\".png".into(),
+            object_key: "incoming/a.png".into(),
+            content_hash: "ab".into(),
+            state: "auto_labeled".into(),
+            class_index: Some(1),
+            label_source: Some("machine".into()),
+            reviewer: None,
+            labeled_at: None,
+            reviewer_token: None,
+            model_version: Some(3),
+            confidence: Some(0.97),
+            agreement: Some(1.0),
+            audited: false,
+        }
+    }
+
+    #[test]
+    fn csv_rows_have_every_column_and_quote_what_needs_it() {
+        let mut out = Vec::new();
+        header(Format::Csv, &mut out);
+        row(Format::Csv, &sample(), Some("boot"), Some(None), &mut out);
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0].split(',').count(), COLUMNS.len());
+        assert_eq!(
+            lines[1],
+            "00000000-0000-0000-0000-000000000000,incoming/a.png,\"photos/a, \"\"b\"\".png\",ab,boot,machine,,,3,0.97,1,false,,,,0,auto_labeled,"
+        );
+    }
+
+    #[test]
+    fn json_lines_use_the_same_names() {
+        let mut out = Vec::new();
+        row(Format::Jsonl, &sample(), Some("boot"), None, &mut out);
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        let object = value.as_object().expect("object");
+        assert_eq!(object.keys().count(), COLUMNS.len());
+        for column in COLUMNS {
+            assert!(object.contains_key(column), "{column}");
+        }
+        assert_eq!(value["label"], "boot");
+        assert_eq!(value["machine_audits"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,64 @@
+//! `GET /projects/{p}/export?format=csv|jsonl&source=&state=&min_confidence=&class=&since=`:
+//! the labeled dataset, streamed page by page from one snapshot (`ml`,
+//! `admin`). What the body cannot say before it ends travels in headers:
+//! `x-sieve-export-cursor` (the `since` for next time) and
+//! `x-sieve-export-left-out` (`in_review=3,failed=1`: items left out for
+//! their state).
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use super::extract::{AuthedProject, Export as ExportAction};
+use crate::context::Context;
+use crate::error::{AppError, AppResult};
+use crate::export::{Export, Request};
+
+pub async fn export(
+    State(ctx): State<Context>,
+    at: AuthedProject<ExportAction>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> AppResult<Response> {
+    let Query(pairs) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
+    let request = Request::from_query(&pairs)?;
+    let format = request.format;
+    let export = Export::begin(&ctx.db, &at.project, request).await?;
+    let summary = export.summary().clone();
+    let project = at.project.name.clone();
+    let body = futures_util::stream::try_unfold(export, move |mut export| {
+        let project = project.clone();
+        async move {
+            match export.next_chunk().await {
+                Ok(Some(chunk)) => Ok(Some((bytes::Bytes::from(chunk), export))),
+                Ok(None) => Ok(None),
+                Err(err) => {
+                    // The status has gone out: the body ends short instead.
+                    tracing::error!(project, error = format!("{err:#}"), "export failed mid-way");
+                    Err(err)
+                }
+            }
+        }
+    });
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    let file = format!("{}.{}", at.project.name, format.name());
+    for (name, value) in [
+        (
+            "content-disposition",
+            format!("attachment; filename=\"{file}\""),
+        ),
+        ("x-sieve-export-cursor", summary.cursor.clone()),
+        ("x-sieve-export-left-out", summary.left_out_header()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    Ok(response)
+}
