@@ -323,6 +323,74 @@ async fn rows_carry_each_labels_provenance_as_csv_and_json_lines() {
 }
 
 #[tokio::test]
+async fn coco_has_images_categories_and_one_annotation_per_labeled_image() {
+    with_app(300, |app| async move {
+        let f = fixture(&app, "shoes").await;
+        let coco = |query: &'static str| {
+            let app = app.clone();
+            let ml = f.ml.clone();
+            async move {
+                let answer = get(
+                    &app,
+                    &format!("/api/v1/projects/shoes/export?format=coco{query}"),
+                    Some(&ml),
+                )
+                .await;
+                assert_eq!(answer.status, 200, "{}", answer.body);
+                assert_eq!(answer.headers["content-type"], "application/json");
+                serde_json::from_str::<Value>(&answer.body).unwrap()
+            }
+        };
+        let all = coco("").await;
+        let categories = all["categories"].as_array().unwrap();
+        let names: Vec<&str> = categories
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, CLASSES);
+        assert_eq!(categories[0]["id"], 1);
+        let images = all["images"].as_array().unwrap();
+        let annotations = all["annotations"].as_array().unwrap();
+        assert_eq!(images.len(), 7);
+        assert_eq!(annotations.len(), 7);
+        for image in images {
+            assert_eq!(image["width"], 28, "{image}");
+            assert!(
+                image["file_name"].as_str().unwrap().ends_with(".png")
+                    || image["file_name"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("projects/"),
+                "{image}"
+            );
+        }
+        // alice's label of item 1: sandal, category 3, on that item's image.
+        let image = images
+            .iter()
+            .find(|i| i["sieve_item_id"] == f.items[1].to_string())
+            .unwrap();
+        let annotation = annotations
+            .iter()
+            .find(|a| a["image_id"] == image["id"])
+            .unwrap();
+        assert_eq!(annotation["category_id"], 3);
+        assert_eq!(annotation["attributes"]["label_source"], "human");
+        assert_eq!(annotation["attributes"]["labeled_by"], "alice");
+        assert_eq!(
+            annotation["attributes"]["labeled_by_token"],
+            f.alice.to_string()
+        );
+        assert_eq!(annotation["attributes"]["model_version"], 1);
+
+        // Items without a label are images without annotations.
+        let unlabeled = coco("&state=in_review,failed").await;
+        assert_eq!(unlabeled["images"].as_array().unwrap().len(), 2);
+        assert_eq!(unlabeled["annotations"], json!([]));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn only_ml_and_admin_export_and_bad_input_names_what_is_allowed() {
     with_app(300, |app| async move {
         let f = fixture(&app, "shoes").await;
@@ -342,7 +410,7 @@ async fn only_ml_and_admin_export_and_bad_input_names_what_is_allowed() {
         );
 
         for (query, names) in [
-            ("format=xml", &["xml", "csv", "jsonl"][..]),
+            ("format=xml", &["xml", "csv", "jsonl", "coco"][..]),
             ("source=robot", &["robot", "human", "machine", "import"]),
             ("state=lost", &["lost", "in_review", "auto_labeled"]),
             ("class=hat", &["hat", "sneaker", "boot", "sandal"]),
@@ -575,6 +643,12 @@ async fn an_empty_project_exports_a_valid_empty_file() {
         let jsonl = dir.path().join("empty.jsonl");
         export_to(&app, &project, Format::Jsonl, &jsonl).await;
         assert_eq!(std::fs::read(&jsonl).unwrap(), b"");
+        let coco = dir.path().join("empty.json");
+        export_to(&app, &project, Format::Coco, &coco).await;
+        let coco: Value = serde_json::from_slice(&std::fs::read(&coco).unwrap()).unwrap();
+        assert_eq!(coco["images"], json!([]));
+        assert_eq!(coco["annotations"], json!([]));
+        assert_eq!(coco["categories"].as_array().unwrap().len(), 3);
     })
     .await;
 }

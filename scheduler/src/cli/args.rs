@@ -113,7 +113,7 @@ pub enum Command {
 pub struct ExportArgs {
     #[arg(long, short)]
     pub project: String,
-    /// `csv` or `jsonl`.
+    /// `csv`, `jsonl` or `coco` (COCO JSON).
     #[arg(long, short, default_value = "csv")]
     pub format: String,
     /// A file (written under a temporary name, renamed when complete), or

@@ -44,18 +44,22 @@ pub use snapshot::{Export, Summary};
 pub enum Format {
     Csv,
     Jsonl,
+    /// COCO JSON: images, categories, one annotation per labeled image
+    /// (its `category_id`, the provenance under `attributes`).
+    Coco,
 }
 
 impl Format {
-    pub const NAMES: [&str; 2] = ["csv", "jsonl"];
+    pub const NAMES: [&str; 3] = ["csv", "jsonl", "coco"];
 
     pub fn parse(text: &str) -> AppResult<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
             "csv" => Ok(Self::Csv),
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
+            "coco" => Ok(Self::Coco),
             other => Err(AppError::Invalid(format!(
                 "unknown export format {other:?}: use {}",
-                Self::NAMES.join(" or ")
+                Self::NAMES.join(", ")
             ))),
         }
     }
@@ -64,6 +68,7 @@ impl Format {
         match self {
             Self::Csv => "csv",
             Self::Jsonl => "jsonl",
+            Self::Coco => "coco",
         }
     }
 
@@ -71,6 +76,16 @@ impl Format {
         match self {
             Self::Csv => "text/csv; charset=utf-8",
             Self::Jsonl => "application/x-ndjson",
+            Self::Coco => "application/json",
+        }
+    }
+
+    /// The file name extension of an export in this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Csv => "csv",
+            Self::Jsonl => "jsonl",
+            Self::Coco => "json",
         }
     }
 }

@@ -57,7 +57,7 @@ const STATE_COUNTS: &str =
 /// `$6` labels from (lists as comma-separated text).
 const ROWS: &str = r#"
 DECLARE export_rows NO SCROLL CURSOR FOR
-SELECT i.id AS item_id, i.source, i.object_key, i.content_hash, i.state,
+SELECT i.id AS item_id, i.source, i.object_key, i.content_hash, i.state, i.width, i.height,
        l.class_index, l.source AS label_source, l.reviewer, l.created_at AS labeled_at,
        t.lease_holder_token AS reviewer_token, mv.version AS model_version,
        p.confidence, (1 - p.disagreement)::real AS agreement,
@@ -91,6 +91,8 @@ pub struct Row {
     pub object_key: String,
     pub content_hash: String,
     pub state: String,
+    pub width: Option<i32>,
+    pub height: Option<i32>,
     pub class_index: Option<i32>,
     pub label_source: Option<String>,
     pub reviewer: Option<String>,
@@ -206,6 +208,14 @@ pub struct Export {
     summary: Summary,
     /// Whether the format's header has gone out.
     header_sent: bool,
+    /// The cursor's declaration: a format written in two passes (COCO:
+    /// images, then annotations) declares it again, in the same snapshot.
+    declare: Statement,
+    /// The pass over the rows (0, then 1 for COCO's annotations) and the
+    /// rows written in it (COCO's ids count them, from 1).
+    pass: u8,
+    written: u64,
+    entries: u64,
 }
 
 impl Export {
@@ -277,8 +287,8 @@ impl Export {
             list(classes.iter().map(i32::to_string).collect()).into(),
             filters.since.map(Cursor::at).into(),
         ];
-        txn.execute_raw(Statement::from_sql_and_values(backend, ROWS, values))
-            .await?;
+        let declare = Statement::from_sql_and_values(backend, ROWS, values);
+        txn.execute_raw(declare.clone()).await?;
 
         Ok(Self {
             txn: Some(txn),
@@ -295,6 +305,10 @@ impl Export {
                 incremental: filters.since.is_some(),
             },
             header_sent: false,
+            declare,
+            pass: 0,
+            written: 0,
+            entries: 0,
         })
     }
 
@@ -311,7 +325,7 @@ impl Export {
         let mut out = Vec::new();
         if !self.header_sent {
             self.header_sent = true;
-            write::header(self.format, &mut out);
+            write::header(self.format, &self.project, &mut out);
             if !out.is_empty() {
                 return Ok(Some(out));
             }
@@ -322,6 +336,20 @@ impl Export {
         ))
         .all(txn)
         .await?;
+        if rows.is_empty() && self.format == Format::Coco && self.pass == 0 {
+            // The same rows again, from the same snapshot.
+            txn.execute_raw(Statement::from_string(
+                txn.get_database_backend(),
+                "CLOSE export_rows",
+            ))
+            .await?;
+            txn.execute_raw(self.declare.clone()).await?;
+            self.pass = 1;
+            self.written = 0;
+            self.entries = 0;
+            write::between_passes(self.format, &mut out);
+            return Ok(Some(out));
+        }
         if rows.is_empty() {
             if let Some(txn) = self.txn.take() {
                 // Read-only: ending it releases the cursor and the snapshot.
@@ -342,9 +370,19 @@ impl Export {
                 }
                 _ => None,
             };
-            write::row(self.format, row, class, accuracy, &mut out);
+            self.written += 1;
+            let at = write::Position {
+                pass: self.pass,
+                number: self.written,
+                entries: self.entries,
+            };
+            if write::row(self.format, at, row, class, accuracy, &mut out) {
+                self.entries += 1;
+            }
         }
-        self.summary.rows += rows.len() as u64;
+        if self.pass == 0 {
+            self.summary.rows += rows.len() as u64;
+        }
         Ok(Some(out))
     }
 }

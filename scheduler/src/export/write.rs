@@ -1,15 +1,26 @@
 //! The row formats: CSV with a header, and JSON Lines, with the same
 //! columns under the same names. `key` and `label` are an ingest
 //! manifest's columns, so an export can be ingested again.
+//!
+//! COCO is one JSON object written as it streams: `info` and `categories`
+//! first, then `images` from a first pass over the rows and `annotations`
+//! from a second (ids are the row's number in its pass, from 1, so an
+//! image and its annotation share theirs; a category's id is the class
+//! index + 1). One annotation per labeled image, with its `category_id`
+//! and the provenance under `attributes`: the writer box task kinds will
+//! extend with `bbox` and `area`.
 
 use std::io::Write as _;
 
+use chrono::Utc;
 use serde::Serialize;
+use serde_json::json;
 use uuid::Uuid;
 
 use super::Format;
 use super::snapshot::Row;
 use crate::operate::status::MeasuredAccuracy;
+use crate::projects::Project;
 
 /// The columns, in order.
 pub const COLUMNS: [&str; 18] = [
@@ -58,24 +69,66 @@ struct Record<'a> {
     labeled_at: Option<String>,
 }
 
-pub fn header(format: Format, out: &mut Vec<u8>) {
-    if format == Format::Csv {
-        out.extend_from_slice(COLUMNS.join(",").as_bytes());
-        out.push(b'\n');
+/// Where a row falls: the pass over the rows (COCO makes two), its number
+/// in it (from 1), and how many entries the pass has written before it.
+#[derive(Clone, Copy, Debug)]
+pub struct Position {
+    pub pass: u8,
+    pub number: u64,
+    pub entries: u64,
+}
+
+pub fn header(format: Format, project: &Project, out: &mut Vec<u8>) {
+    match format {
+        Format::Csv => {
+            out.extend_from_slice(COLUMNS.join(",").as_bytes());
+            out.push(b'\n');
+        }
+        Format::Jsonl => {}
+        Format::Coco => {
+            let categories: Vec<serde_json::Value> = project
+                .class_names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| json!({ "id": i + 1, "name": name, "supercategory": "" }))
+                .collect();
+            let head = json!({
+                "description": format!("sieve export of {}", project.name),
+                "date_created": Utc::now().to_rfc3339(),
+            });
+            let _ = write!(
+                out,
+                "{{\"info\":{head},\"licenses\":[],\"categories\":{},\"images\":[",
+                serde_json::Value::Array(categories)
+            );
+        }
     }
 }
 
-pub fn footer(_format: Format, _out: &mut Vec<u8>) {}
+/// Between COCO's images and its annotations.
+pub fn between_passes(format: Format, out: &mut Vec<u8>) {
+    if format == Format::Coco {
+        out.extend_from_slice(b"],\"annotations\":[");
+    }
+}
 
-/// `accuracy`: `None` for a row whose label is not a machine label;
-/// `Some(None)` for a machine label of a class never audited.
+pub fn footer(format: Format, out: &mut Vec<u8>) {
+    if format == Format::Coco {
+        out.extend_from_slice(b"]}\n");
+    }
+}
+
+/// Write `row`; whether it made an entry (COCO's annotations skip
+/// unlabeled rows). `accuracy`: `None` for a row whose label is not a
+/// machine label; `Some(None)` for a machine label of a class never audited.
 pub fn row(
     format: Format,
+    at: Position,
     row: &Row,
     class: Option<&str>,
     accuracy: Option<Option<&MeasuredAccuracy>>,
     out: &mut Vec<u8>,
-) {
+) -> bool {
     let measured = accuracy.flatten();
     let record = Record {
         item_id: row.item_id,
@@ -98,15 +151,59 @@ pub fn row(
         labeled_at: row.labeled_at.map(|t| t.to_rfc3339()),
     };
     match format {
-        Format::Csv => csv(&record, out),
+        Format::Csv => {
+            csv(&record, out);
+            true
+        }
         Format::Jsonl => {
             // Writing to a Vec fails only for a value serde cannot encode,
             // and a Record has none.
             if serde_json::to_writer(&mut *out, &record).is_ok() {
                 out.push(b'\n');
             }
+            true
         }
+        Format::Coco => coco(at, row, &record, out),
     }
+}
+
+/// One COCO image (first pass) or annotation (second pass; none for an
+/// image without a label).
+fn coco(at: Position, row: &Row, record: &Record<'_>, out: &mut Vec<u8>) -> bool {
+    let value = if at.pass == 0 {
+        json!({
+            "id": at.number,
+            "file_name": record.key,
+            "width": row.width,
+            "height": row.height,
+            "sieve_item_id": record.item_id,
+            "content_hash": record.content_hash,
+        })
+    } else {
+        let Some(class) = row.class_index else {
+            return false;
+        };
+        let mut attributes = serde_json::to_value(record).unwrap_or_default();
+        if let Some(map) = attributes.as_object_mut() {
+            // On the image or the annotation already.
+            for key in ["item_id", "key", "content_hash", "label"] {
+                map.remove(key);
+            }
+        }
+        json!({
+            "id": at.number,
+            "image_id": at.number,
+            "category_id": class + 1,
+            "attributes": attributes,
+        })
+    };
+    // Annotations skip unlabeled rows: a comma goes before every entry but
+    // the first one written in the pass.
+    if at.entries > 0 {
+        out.push(b',');
+    }
+    let _ = serde_json::to_writer(&mut *out, &value);
+    true
 }
 
 fn csv(r: &Record<'_>, out: &mut Vec<u8>) {
@@ -171,6 +268,12 @@ fn csv(r: &Record<'_>, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
+    const FIRST: Position = Position {
+        pass: 0,
+        number: 1,
+        entries: 0,
+    };
+
     fn sample() -> Row {
         Row {
             item_id: Uuid::nil(),
@@ -178,6 +281,8 @@ mod tests {
             object_key: "incoming/a.png".into(),
             content_hash: "ab".into(),
             state: "auto_labeled".into(),
+            width: Some(28),
+            height: Some(28),
             class_index: Some(1),
             label_source: Some("machine".into()),
             reviewer: None,
@@ -193,8 +298,16 @@ mod tests {
     #[test]
     fn csv_rows_have_every_column_and_quote_what_needs_it() {
         let mut out = Vec::new();
-        header(Format::Csv, &mut out);
-        row(Format::Csv, &sample(), Some("boot"), Some(None), &mut out);
+        out.extend_from_slice(COLUMNS.join(",").as_bytes());
+        out.push(b'\n');
+        row(
+            Format::Csv,
+            FIRST,
+            &sample(),
+            Some("boot"),
+            Some(None),
+            &mut out,
+        );
         let text = String::from_utf8(out).expect("utf-8");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0].split(',').count(), COLUMNS.len());
@@ -207,7 +320,14 @@ mod tests {
     #[test]
     fn json_lines_use_the_same_names() {
         let mut out = Vec::new();
-        row(Format::Jsonl, &sample(), Some("boot"), None, &mut out);
+        row(
+            Format::Jsonl,
+            FIRST,
+            &sample(),
+            Some("boot"),
+            None,
+            &mut out,
+        );
         let value: serde_json::Value = serde_json::from_slice(&out).expect("json");
         let object = value.as_object().expect("object");
         assert_eq!(object.keys().count(), COLUMNS.len());

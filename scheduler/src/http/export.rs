@@ -1,4 +1,4 @@
-//! `GET /projects/{p}/export?format=csv|jsonl&source=&state=&min_confidence=&class=&since=`:
+//! `GET /projects/{p}/export?format=csv|jsonl|coco&source=&state=&min_confidence=&class=&since=`:
 //! the labeled dataset, streamed page by page from one snapshot (`ml`,
 //! `admin`). What the body cannot say before it ends travels in headers:
 //! `x-sieve-export-cursor` (the `since` for next time) and
@@ -47,7 +47,7 @@ pub async fn export(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),
     );
-    let file = format!("{}.{}", at.project.name, format.name());
+    let file = format!("{}.{}", at.project.name, format.extension());
     for (name, value) in [
         (
             "content-disposition",
