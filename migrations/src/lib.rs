@@ -17,6 +17,7 @@ mod m20261126_000011_ingests;
 mod m20261126_000012_second_opinion;
 mod m20261126_000013_project_arch;
 mod m20261201_000001_lease_holder_token;
+mod m20261206_000002_scheduler_leases;
 
 pub struct Migrator;
 
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000012_second_opinion::Migration),
             Box::new(m20261126_000013_project_arch::Migration),
             Box::new(m20261201_000001_lease_holder_token::Migration),
+            Box::new(m20261206_000002_scheduler_leases::Migration),
         ]
     }
 }

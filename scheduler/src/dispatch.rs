@@ -33,6 +33,7 @@ use uuid::Uuid;
 
 use crate::context::Context;
 use crate::entities::{model_version, project};
+use crate::lease::Held;
 use crate::projects::Project;
 
 /// Jobs published per confirm round.
@@ -540,12 +541,16 @@ async fn dispatch_where(
 pub async fn run_sweeper(
     ctx: Context,
     every: Duration,
+    held: Held,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(every) => {}
+        }
+        if !held.now() {
+            continue;
         }
         let now = Utc::now();
         // Jobs can only be lost when the queue is empty yet items still wait;

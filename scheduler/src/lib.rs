@@ -9,7 +9,8 @@
 //!   classes, architecture), [`policy`] (a project's routing policy and the
 //!   decision for one prediction, and `PolicyPatch`, the one way it is
 //!   changed), [`patch`] (absent vs `null` in partial updates), [`auth`]
-//!   (API tokens and roles).
+//!   (API tokens and roles), [`lease`] (the work that runs in one scheduler
+//!   at a time).
 //! - [`ingest`]: images into items: the pipeline, `manifest` files,
 //!   object-store `prefix`es, and `runs` (every ingest's row and progress).
 //! - [`dispatch`]: items into jobs; pause, resume, rate limit, priority,
@@ -40,6 +41,7 @@ pub mod error;
 pub mod export;
 pub mod http;
 pub mod ingest;
+pub mod lease;
 pub mod operate;
 pub mod patch;
 pub mod policy;

@@ -1,8 +1,9 @@
 //! `sieve serve`: the HTTP API and the scheduler's loops in one process.
 //!
 //! [`serve`] runs the HTTP API, the result consumer, the training-event
-//! consumer, the re-dispatch sweeper and automatic retrains until its
-//! shutdown future resolves, then drains them. Nothing imports this module
+//! consumer, the re-dispatch sweeper, automatic retrains and the training
+//! watchdog (those three only while it holds the background lease, see
+//! [`crate::lease`]) until its shutdown future resolves, then drains them. Nothing imports this module
 //! but the CLI and tests: it is the top of the scheduler's graph.
 
 use std::future::Future;
@@ -15,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Context;
-use crate::{dispatch, http, routing, training};
+use crate::{dispatch, http, lease, routing, training};
 
 /// How long HTTP-started ingests get to finish their batch and record
 /// themselves at shutdown.
@@ -71,17 +72,29 @@ pub async fn serve_on(
         consume.clone(),
         stop.clone(),
     ));
+    // The sweeper, automatic retrains and the watchdog run in one scheduler
+    // at a time (two run during a rolling update): the one holding the
+    // background lease.
+    let (held_tx, held) = lease::channel();
+    tasks.spawn(lease::keep(
+        ctx.db.clone(),
+        lease::holder_id(),
+        held_tx,
+        stop.clone(),
+    ));
     tasks.spawn(dispatch::run_sweeper(
         ctx.clone(),
         Duration::from_secs(60),
+        held.clone(),
         stop.clone(),
     ));
     tasks.spawn(training::auto_retrain::run(
         ctx.clone(),
         Duration::from_secs(10),
+        held.clone(),
         stop.clone(),
     ));
-    tasks.spawn(training::watchdog::run(ctx.clone(), stop.clone()));
+    tasks.spawn(training::watchdog::run(ctx.clone(), held, stop.clone()));
     let router = http::router(ctx.clone());
     let http_stop = stop.clone();
     tasks.spawn(async move {

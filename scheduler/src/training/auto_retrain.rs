@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Context;
 use crate::entities::training_run::{self, RunState};
 use crate::error::AppError;
+use crate::lease::Held;
 use crate::projects::{self, Project};
 use crate::training::{self, RunSummary};
 
@@ -101,11 +102,19 @@ pub async fn check(ctx: &Context, project: &Project) -> anyhow::Result<Outcome> 
 }
 
 /// Check every project each `every` until `stop`.
-pub async fn run(ctx: Context, every: Duration, stop: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    ctx: Context,
+    every: Duration,
+    held: Held,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(every) => {}
+        }
+        if !held.now() {
+            continue;
         }
         let projects = match projects::list(&ctx.db).await {
             Ok(projects) => projects,

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Context;
 use crate::entities::model_version;
 use crate::entities::training_run::{self, RunState};
+use crate::lease::Held;
 use crate::projects::{self, Project};
 use crate::{dispatch, training};
 
@@ -207,11 +208,14 @@ async fn fail(ctx: &Context, run: uuid::Uuid, reason: String) -> anyhow::Result<
 }
 
 /// Sweep every [`INTERVAL`] until `stop`.
-pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(ctx: Context, held: Held, stop: CancellationToken) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(INTERVAL) => {}
+        }
+        if !held.now() {
+            continue;
         }
         if let Err(err) = sweep(&ctx).await {
             tracing::warn!(
