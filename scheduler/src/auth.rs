@@ -39,6 +39,9 @@ pub enum Action {
     /// Take a project's labeled dataset out (`export`): every item, its
     /// label and who gave it.
     Export,
+    /// Bring labels in with an ingest (a manifest's `label` column): ground
+    /// truth, the ML team's to give, not operations'.
+    ImportLabels,
 }
 
 pub fn allows(role: Role, action: Action) -> bool {
@@ -48,7 +51,7 @@ pub fn allows(role: Role, action: Action) -> bool {
         Role::Reviewer => matches!(action, Read | Review),
         Role::Ml => matches!(
             action,
-            Read | Review | ManageProjects | Train | ForceLabel | Export
+            Read | Review | ManageProjects | Train | ForceLabel | Export | ImportLabels
         ),
         Role::Ops => matches!(action, Read | Operate),
     }
@@ -219,6 +222,8 @@ mod tests {
         assert!(allows(Role::Ml, Action::Export));
         assert!(!allows(Role::Reviewer, Action::Export));
         assert!(!allows(Role::Ops, Action::Export));
+        assert!(allows(Role::Ml, Action::ImportLabels));
+        assert!(!allows(Role::Ops, Action::ImportLabels));
         for action in [
             Action::Read,
             Action::Review,
@@ -227,6 +232,7 @@ mod tests {
             Action::Operate,
             Action::ForceLabel,
             Action::Export,
+            Action::ImportLabels,
         ] {
             assert!(allows(Role::Admin, action));
         }

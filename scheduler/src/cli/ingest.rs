@@ -34,6 +34,8 @@ pub async fn ingest(
         terminal: std::io::stderr().is_terminal(),
         progress: None,
         cancel: Some(cancel),
+        // The CLI acts with the database's authority.
+        labels_refused: None,
     };
     let requested_by = format!(
         "cli:{}",

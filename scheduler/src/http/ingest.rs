@@ -11,6 +11,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::extract::{Authed, AuthedProject, JsonBody, Operate};
+use crate::auth::{self, Action};
 use crate::context::Context;
 use crate::error::{AppError, AppResult};
 use crate::ingest::{self, Source, prefix::Prefix};
@@ -59,7 +60,13 @@ pub async fn start(
             .open(&ctx)
             .map_err(|e| AppError::Invalid(format!("{e:#}")))?;
     }
-    let run = ingest::runs::start(&ctx, &at.project, source, &at.who.name).await?;
+    let labels_refused = (!auth::allows(at.who.role, Action::ImportLabels)).then(|| {
+        format!(
+            "importing labels takes an ml or admin token, not {:?}",
+            at.who.role
+        )
+    });
+    let run = ingest::runs::start(&ctx, &at.project, source, &at.who.name, labels_refused).await?;
     let location = format!("/api/v1/ingests/{}", run.id);
     Ok((
         StatusCode::ACCEPTED,

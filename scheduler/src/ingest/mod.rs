@@ -154,6 +154,10 @@ pub struct Options {
     /// Stops the ingest between batches: jobs of inserted items are still
     /// published (or left for the sweeper), and it ends with an error.
     pub cancel: Option<CancellationToken>,
+    /// Why a manifest's labels may not be imported by whoever asked (an
+    /// `ops` token: labels are the ML team's); such a row's item is ingested
+    /// without its label, and the row is reported with this reason.
+    pub labels_refused: Option<String>,
 }
 
 impl Options {
@@ -366,6 +370,8 @@ struct Reading {
     in_place: Option<LocalFiles>,
     project_id: String,
     class_names: Vec<String>,
+    /// See [`Options::labels_refused`].
+    labels_refused: Option<String>,
     max_pixels: u64,
     max_bytes: u64,
 }
@@ -383,6 +389,7 @@ impl Reading {
             in_place,
             project_id: project.id.to_string(),
             class_names: project.class_names.clone(),
+            labels_refused: None,
             max_pixels: ctx.settings.ingest.max_pixels,
             max_bytes: ctx.settings.ingest.max_file_bytes,
         }
@@ -490,6 +497,17 @@ impl Reading {
         let mut refused = None;
         let label = match &row.label {
             None => None,
+            Some(name) if self.labels_refused.is_some() => {
+                refused = Some(FileFailure {
+                    path: row.target.to_string(),
+                    line: Some(row.line),
+                    reason: format!(
+                        "label {name:?} not imported: {}; the item is ingested without it",
+                        self.labels_refused.as_deref().unwrap_or_default()
+                    ),
+                });
+                None
+            }
             Some(name) => match self.class_names.iter().position(|c| c == name) {
                 Some(index) => Some(index as i32),
                 None => {
@@ -1349,7 +1367,8 @@ async fn manifest(
 ) -> anyhow::Result<IngestSummary> {
     let batch_size = ctx.settings.ingest.batch_size.max(1);
     let progress = Progress::new(None, "rows", options);
-    let reading = Reading::new(ctx, project, root.as_ref());
+    let mut reading = Reading::new(ctx, project, root.as_ref());
+    reading.labels_refused = options.labels_refused.clone();
     let mut summary = pipeline(ctx, project, progress, options, move |send| async move {
         let mut reader = reader;
         loop {

@@ -182,6 +182,7 @@ pub async fn start(
     project: &Project,
     source: Source,
     requested_by: &str,
+    labels_refused: Option<String>,
 ) -> AppResult<IngestRun> {
     let id = insert(&ctx.db, project, &source, requested_by).await?;
     let (ctx2, project) = (ctx.clone(), project.clone());
@@ -190,6 +191,7 @@ pub async fn start(
             terminal: false,
             progress: None,
             cancel: Some(cancel),
+            labels_refused,
         };
         // The outcome is in the row; the log has the failure.
         let _ = supervise(

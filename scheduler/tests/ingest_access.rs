@@ -1,0 +1,83 @@
+//! Who may bring what in over HTTP (issue 25 item 5): labels in a manifest
+//! are ground truth, so importing them takes a role that may label (`ml`,
+//! `admin`) besides one that may ingest (`ops`, `admin`). An `ops` token's
+//! ingest still brings the images in, without their labels, and says why
+//! for each row.
+
+#![allow(clippy::unwrap_used)]
+
+mod review_support;
+
+use std::time::Duration;
+
+use review_support::{App, eventually, png, with_app};
+use serde_json::{Value, json};
+use sieve_scheduler::entities::api_token::Role;
+
+async fn ingest(app: &App, token: &str, manifest: &str) -> Value {
+    let (status, started) = app
+        .post(
+            "/api/v1/projects/photos/ingest",
+            token,
+            json!({ "manifest": format!("store:{manifest}") }),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let id = started["id"].as_str().unwrap().to_owned();
+    eventually("the ingest to end", Duration::from_secs(30), || async {
+        let (_, run) = app.get(&format!("/api/v1/ingests/{id}"), token).await;
+        (run["state"] != "running").then_some(run)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn importing_labels_takes_an_ml_or_admin_token() {
+    with_app(60, |app| async move {
+        app.seed("photos", &["cat", "dog"], 0).await;
+        for (n, key) in ["uploads/a.png", "uploads/b.png"].iter().enumerate() {
+            app.ctx.store.put(key, png(n).into()).await.unwrap();
+        }
+        let rows = |key: &str| format!("{{\"key\": \"{key}\", \"label\": \"dog\"}}\n");
+        for (name, key) in [
+            ("ops.jsonl", "uploads/a.png"),
+            ("ml.jsonl", "uploads/b.png"),
+        ] {
+            app.ctx
+                .store
+                .put(&format!("uploads/{name}"), rows(key).into_bytes().into())
+                .await
+                .unwrap();
+        }
+
+        let ops = app.token("olga", Role::Ops).await;
+        let done = ingest(&app, &ops, "uploads/ops.jsonl").await;
+        assert_eq!(done["state"], "done", "{done}");
+        assert_eq!(
+            (
+                &done["new_items"],
+                &done["imported_labels"],
+                &done["failed"]
+            ),
+            (&json!(1), &json!(0), &json!(0)),
+            "{done}"
+        );
+        // The image is in; the refused label is reported on its row.
+        let reason = done["failures"][0]["reason"].as_str().unwrap();
+        assert!(reason.contains("ml or admin"), "{reason}");
+
+        // Ingest itself is an operation (ops, admin): admin has both.
+        let admin = app.token("ada", Role::Admin).await;
+        let done = ingest(&app, &admin, "uploads/ml.jsonl").await;
+        assert_eq!(
+            (
+                &done["new_items"],
+                &done["imported_labels"],
+                &done["failed"]
+            ),
+            (&json!(1), &json!(1), &json!(0)),
+            "{done}"
+        );
+    })
+    .await;
+}
