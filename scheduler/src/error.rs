@@ -30,6 +30,10 @@ pub enum AppError {
     /// The request body is over `http.body_limit` (413); nothing was written.
     #[error("{0}")]
     TooLarge(String),
+    /// Too much of this is running already (429): try again once some of
+    /// it has finished. Nothing was written.
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -43,6 +47,7 @@ impl AppError {
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -55,6 +60,7 @@ impl AppError {
             AppError::Unauthorized => "unauthorized",
             AppError::Forbidden(_) => "forbidden",
             AppError::TooLarge(_) => "payload_too_large",
+            AppError::Busy(_) => "too_many_requests",
             AppError::Internal(_) => "internal",
         }
     }

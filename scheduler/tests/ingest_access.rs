@@ -2,7 +2,7 @@
 //! are ground truth, so importing them takes a role that may label (`ml`,
 //! `admin`) besides one that may ingest (`ops`, `admin`). An `ops` token's
 //! ingest still brings the images in, without their labels, and says why
-//! for each row.
+//! for each row. And HTTP ingests are capped, per project and in all.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +10,8 @@ mod review_support;
 
 use std::time::Duration;
 
-use review_support::{App, eventually, png, with_app};
+use review_support::{App, eventually, png, with_app, with_app_configured};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::Role;
 
@@ -78,6 +79,80 @@ async fn importing_labels_takes_an_ml_or_admin_token() {
             (&json!(1), &json!(1), &json!(0)),
             "{done}"
         );
+    })
+    .await;
+}
+
+/// A row as a running ingest of `project` leaves it, heartbeat fresh.
+async fn running_ingest(app: &App, project: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::now_v7();
+    app.db()
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO ingests (id, project_id, source, requested_by)
+             SELECT $1, id, 'folder elsewhere', 'test' FROM projects WHERE name = $2",
+            [id.into(), project.into()],
+        ))
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_ingests_are_capped_per_project_and_in_all() {
+    let caps = |s: &mut sieve_shared::Settings| {
+        s.ingest.max_running_per_project = 1;
+        s.ingest.max_running = 2;
+    };
+    with_app_configured(60, caps, |app| async move {
+        for name in ["a", "b", "c"] {
+            app.seed(name, &["cat", "dog"], 0).await;
+        }
+        let ops = app.token("olga", Role::Ops).await;
+        let start = |project: &'static str| {
+            let (app, ops) = (&app, ops.clone());
+            async move {
+                app.post(
+                    &format!("/api/v1/projects/{project}/ingest"),
+                    &ops,
+                    json!({ "prefix": "store:nothing-here/" }),
+                )
+                .await
+            }
+        };
+        let in_a = running_ingest(&app, "a").await;
+        running_ingest(&app, "b").await;
+
+        let (status, body) = start("a").await;
+        assert_eq!(status, 429, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_running_per_project"),
+            "{body}"
+        );
+        let (status, body) = start("c").await;
+        assert_eq!(status, 429, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("ingest.max_running"),
+            "{body}"
+        );
+
+        // One ends: there is room again.
+        app.db()
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "UPDATE ingests SET state = 'done' WHERE id = $1",
+                [in_a.into()],
+            ))
+            .await
+            .unwrap();
+        let (status, body) = start("c").await;
+        assert_eq!(status, 202, "{body}");
     })
     .await;
 }

@@ -237,6 +237,11 @@ pub struct IngestSettings {
     /// Longest manifest line accepted, in bytes; a longer one is reported
     /// and skipped without being held in memory.
     pub max_line_bytes: u64,
+    /// Ingests started over HTTP that may run at once in one project, and
+    /// in all (each holds a few pooled connections and a reading task): a
+    /// start past either gets 429.
+    pub max_running_per_project: u32,
+    pub max_running: u32,
 }
 
 impl Default for IngestSettings {
@@ -246,6 +251,8 @@ impl Default for IngestSettings {
             max_pixels: 50_000_000,
             max_file_bytes: 64 * 1024 * 1024,
             max_line_bytes: 64 * 1024,
+            max_running_per_project: 2,
+            max_running: 8,
         }
     }
 }
@@ -334,10 +341,83 @@ impl Settings {
             }
             None => figment = figment.merge(Toml::file("sieve.toml")),
         }
-        figment
+        let settings: Self = figment
             .merge(Env::prefixed("SIEVE_").split("__").ignore(&["config"]))
             .extract()
-            .map_err(|err| SettingsError(Box::new(err)))
+            .map_err(|err| SettingsError(Box::new(err)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Refuse values that parse but cannot work (a zero lease, an empty
+    /// batch), at start and with the setting's name, rather than as a
+    /// division by zero or a loop that never ends later on.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let positive: [(&str, u64); 20] = [
+            (
+                "database.max_connections",
+                self.database.max_connections.into(),
+            ),
+            (
+                "database.claim_connections",
+                self.database.claim_connections.into(),
+            ),
+            ("broker.delivery_limit", self.broker.delivery_limit.into()),
+            ("http.body_limit", self.http.body_limit as u64),
+            ("ingest.batch_size", self.ingest.batch_size as u64),
+            ("ingest.max_pixels", self.ingest.max_pixels),
+            ("ingest.max_file_bytes", self.ingest.max_file_bytes),
+            ("ingest.max_line_bytes", self.ingest.max_line_bytes),
+            (
+                "ingest.max_running_per_project",
+                self.ingest.max_running_per_project.into(),
+            ),
+            ("ingest.max_running", self.ingest.max_running.into()),
+            ("review.lease_seconds", self.review.lease_seconds),
+            ("review.results_batch", self.review.results_batch as u64),
+            (
+                "training.stuck_after_seconds",
+                self.training.stuck_after_seconds,
+            ),
+            ("worker.batch_size", self.worker.batch_size as u64),
+            ("worker.drain_seconds", self.worker.drain_seconds),
+            ("worker.heartbeat_seconds", self.worker.heartbeat_seconds),
+            ("worker.model_cache", self.worker.model_cache as u64),
+            ("worker.train_images_mib", self.worker.train_images_mib),
+            ("worker.batch_timeout_ms", self.worker.batch_timeout_ms),
+            (
+                "broker.retry_delays_ms (each)",
+                self.broker
+                    .retry_delays_ms
+                    .iter()
+                    .copied()
+                    .min()
+                    .unwrap_or(1),
+            ),
+        ];
+        let mut wrong: Vec<String> = positive
+            .iter()
+            .filter(|(_, value)| *value == 0)
+            .map(|(name, _)| format!("{name} must be more than 0"))
+            .collect();
+        if !(0.0..=1.0).contains(&self.training.promotion_margin) {
+            wrong.push(format!(
+                "training.promotion_margin must be within 0..=1, got {}",
+                self.training.promotion_margin
+            ));
+        }
+        if self.broker.prefix.is_empty() {
+            wrong.push("broker.prefix must not be empty".into());
+        }
+        if self.worker.capabilities.is_empty() {
+            wrong.push("worker.capabilities must name prelabel, train, or both".into());
+        }
+        match wrong.is_empty() {
+            true => Ok(()),
+            false => Err(SettingsError(Box::new(figment::Error::from(
+                wrong.join("; "),
+            )))),
+        }
     }
 }
 
@@ -398,6 +478,29 @@ mod tests {
             assert!(err.to_string().contains("prefx"), "{err}");
             let err = Settings::load(Some(Path::new("missing.toml"))).expect_err("missing");
             assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused_with_their_names() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SIEVE_REVIEW__LEASE_SECONDS", "0");
+            jail.set_env("SIEVE_WORKER__BATCH_SIZE", "0");
+            jail.set_env("SIEVE_TRAINING__PROMOTION_MARGIN", "2.5");
+            let err = Settings::load(None).expect_err("zero lease");
+            let text = err.to_string();
+            for name in [
+                "review.lease_seconds",
+                "worker.batch_size",
+                "training.promotion_margin",
+            ] {
+                assert!(text.contains(name), "{text}");
+            }
+            jail.set_env("SIEVE_REVIEW__LEASE_SECONDS", "300");
+            jail.set_env("SIEVE_WORKER__BATCH_SIZE", "64");
+            jail.set_env("SIEVE_TRAINING__PROMOTION_MARGIN", "0.01");
+            assert!(Settings::load(None).is_ok());
             Ok(())
         });
     }

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset};
-use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, TransactionTrait};
 use serde::Serialize;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -81,6 +81,13 @@ pub struct IngestRun {
     /// When the running process last recorded progress.
     pub heartbeat_at: DateTime<FixedOffset>,
     pub finished_at: Option<DateTime<FixedOffset>>,
+}
+
+/// Ingests running now (heartbeat fresh): in one project, and in all.
+#[derive(Default, FromQueryResult)]
+struct Running {
+    here: i64,
+    everywhere: i64,
 }
 
 #[derive(FromQueryResult)]
@@ -154,7 +161,7 @@ const SELECT_RUN: &str = r#"
 "#;
 
 async fn insert(
-    db: &DatabaseConnection,
+    db: &impl ConnectionTrait,
     project: &Project,
     source: &Source,
     requested_by: &str,
@@ -184,7 +191,44 @@ pub async fn start(
     requested_by: &str,
     labels_refused: Option<String>,
 ) -> AppResult<IngestRun> {
-    let id = insert(&ctx.db, project, &source, requested_by).await?;
+    // Count and insert under one lock, so two starts at once cannot both
+    // pass the caps.
+    let txn = ctx.db.begin().await?;
+    txn.execute_raw(Statement::from_string(
+        txn.get_database_backend(),
+        "SELECT pg_advisory_xact_lock(hashtext('sieve ingest start'))",
+    ))
+    .await?;
+    let running = Running::find_by_statement(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        r#"
+        SELECT count(*) FILTER (WHERE project_id = $1) AS here, count(*) AS everywhere
+        FROM ingests
+        WHERE state = 'running' AND heartbeat_at > now() - make_interval(secs => $2)
+        "#,
+        [
+            project.id.as_uuid().into(),
+            STALE_AFTER.as_secs_f64().into(),
+        ],
+    ))
+    .one(&txn)
+    .await?
+    .unwrap_or_default();
+    let limits = &ctx.settings.ingest;
+    if running.here >= i64::from(limits.max_running_per_project) {
+        return Err(AppError::Busy(format!(
+            "{} ingests into {} are running (ingest.max_running_per_project); start this one when one has finished",
+            running.here, project.name
+        )));
+    }
+    if running.everywhere >= i64::from(limits.max_running) {
+        return Err(AppError::Busy(format!(
+            "{} ingests are running (ingest.max_running); start this one when one has finished",
+            running.everywhere
+        )));
+    }
+    let id = insert(&txn, project, &source, requested_by).await?;
+    txn.commit().await?;
     let (ctx2, project) = (ctx.clone(), project.clone());
     ctx.ingest_runs.spawn(|cancel| async move {
         let options = Options {
