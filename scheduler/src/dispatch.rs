@@ -494,6 +494,7 @@ async fn dispatch_where(
             SELECT i.id, i.object_key FROM items i
             WHERE i.project_id = $1 AND i.id > $2
               AND i.state IN ('queued', 'in_review', 'auto_labeled')
+              AND i.dead_lettered_at IS NULL
               AND ($3::timestamptz IS NULL
                    OR (i.dispatched_at IS NULL AND i.created_at < $3)
                    OR i.dispatched_at < $6)

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Context;
-use crate::{dispatch, http, lease, routing, training};
+use crate::{dispatch, http, lease, operate, routing, training};
 
 /// How long HTTP-started ingests get to finish their batch and record
 /// themselves at shutdown.
@@ -68,6 +68,11 @@ pub async fn serve_on(
         stop.clone(),
     ));
     tasks.spawn(training::run_events(
+        ctx.clone(),
+        consume.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(operate::dead_notices::run(
         ctx.clone(),
         consume.clone(),
         stop.clone(),

@@ -148,6 +148,13 @@ impl Topology {
     pub fn dead_queue(&self) -> String {
         self.name("dead")
     }
+    /// A copy of every dead letter, for the scheduler: it marks the item of
+    /// a dead-lettered job (so nothing sends it again until someone acts)
+    /// and fails the run of a dead-lettered train job. `dead` itself is
+    /// left for operators to list, retry and purge.
+    pub fn dead_notices_queue(&self) -> String {
+        self.name("dead.notices")
+    }
 
     /// Work queues, in the order they are declared.
     pub fn work_queues(&self) -> [String; 4] {
@@ -166,7 +173,9 @@ impl Topology {
             Route::Results => (String::new(), self.results_queue()),
             Route::Train => (String::new(), self.train_queue()),
             Route::TrainEvents => (String::new(), self.train_events_queue()),
-            Route::Dead => (String::new(), self.dead_queue()),
+            // Through the fanout, like the broker's own dead letters, so the
+            // notices queue sees them too.
+            Route::Dead => (self.dead_letter_exchange(), String::new()),
             Route::Control => (self.control_exchange(), String::new()),
             Route::PrelabelRetry { delay_ms } => (String::new(), self.retry_queue(delay_ms)),
         }
@@ -220,22 +229,20 @@ impl Topology {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        channel
-            .queue_declare(
-                self.dead_queue().into(),
-                queue,
-                self.quorum_arguments(false),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.dead_queue().into(),
-                self.dead_letter_exchange().into(),
-                ShortString::from(""),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        for name in [self.dead_queue(), self.dead_notices_queue()] {
+            channel
+                .queue_declare(name.clone().into(), queue, self.quorum_arguments(false))
+                .await?;
+            channel
+                .queue_bind(
+                    name.into(),
+                    self.dead_letter_exchange().into(),
+                    ShortString::from(""),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
 
         for name in [self.prelabel_queue(), self.results_queue()] {
             channel
@@ -298,6 +305,7 @@ impl Topology {
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
         let mut queues = self.work_queues().to_vec();
         queues.push(self.dead_queue());
+        queues.push(self.dead_notices_queue());
         queues.extend(self.retry_queues());
         for name in queues {
             channel

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::context::Context;
 use crate::dispatch;
 use crate::entities::item::{self, ItemState};
+use crate::operate::dead_notices;
 use crate::projects::Project;
 
 #[derive(Clone, Debug, Serialize)]
@@ -243,6 +244,9 @@ async fn retry_dead_where(
                         .await?
                         .is_some();
                     if exists {
+                        // Someone acted: the sweeper and rescores may send
+                        // it again from now on.
+                        dead_notices::unmark(&ctx.db, job.item_id.as_uuid()).await?;
                         Ok(())
                     } else {
                         Err(format!("item {} no longer exists", job.item_id))

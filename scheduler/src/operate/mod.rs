@@ -4,7 +4,10 @@
 //!   `GET /api/v1/status`).
 //! - [`workers`]: worker heartbeats read from Redis: alive or lost.
 //! - [`failed`]: failed items and dead letters, listed, retried, purged.
+//! - [`dead_notices`]: every dead letter seen once more: its item marked so
+//!   nothing sends it again, its training run failed.
 
+pub mod dead_notices;
 pub mod failed;
 pub mod status;
 pub mod workers;
