@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use sea_orm::EntityTrait;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -131,23 +132,32 @@ pub async fn item_image(
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no item {id}")))?;
     caller.who.check_item_project(id, item.project_id)?;
-    let bytes = ctx
+    // Streamed: an image may be as large as ingest.max_file_bytes, and a
+    // page of reviewers must not hold that many in memory at once. The type
+    // comes from the first chunk's magic bytes.
+    let mut stream = ctx
         .store
-        .get(&item.object_key)
+        .get_stream(&item.object_key)
         .await
         .map_err(|e| AppError::NotFound(e.to_string()))?;
-    let content_type = match image::guess_format(&bytes) {
+    let first = match stream.next().await {
+        Some(chunk) => chunk.map_err(|e| AppError::Internal(e.into()))?,
+        None => bytes::Bytes::new(),
+    };
+    let content_type = match image::guess_format(&first) {
         Ok(image::ImageFormat::Png) => "image/png",
         Ok(image::ImageFormat::Jpeg) => "image/jpeg",
+        Ok(image::ImageFormat::WebP) => "image/webp",
         _ => "application/octet-stream",
     };
+    let body = futures_util::stream::once(async move { Ok(first) }).chain(stream);
     Ok((
         [
             (header::CONTENT_TYPE, content_type),
             // The bytes are whatever was ingested: never let a browser guess.
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
-        bytes,
+        axum::body::Body::from_stream(body),
     )
         .into_response())
 }
