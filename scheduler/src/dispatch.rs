@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use crate::context::Context;
 use crate::entities::{model_version, project};
-use crate::lease::Held;
+use crate::lease::{self, Held};
 use crate::projects::Project;
 
 /// Jobs published per confirm round.
@@ -545,46 +545,42 @@ pub async fn run_sweeper(
     held: Held,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            () = tokio::time::sleep(every) => {}
+    lease::every(every, &held, &stop, || sweep_once(&ctx, every)).await
+}
+
+/// One round of the sweeper.
+async fn sweep_once(ctx: &Context, every: Duration) {
+    let now = Utc::now();
+    // Jobs can only be lost when the queue is empty yet items still wait;
+    // jobs waiting in a delay queue to be retried are not lost either.
+    let backlog = match backlog(ctx).await {
+        Ok(ready) => ready,
+        Err(err) => {
+            tracing::warn!(error = %err, "sweeper could not read the queue; will retry");
+            return;
         }
-        if !held.now() {
+    };
+    let sweep = Sweep {
+        created_before: now - chrono::Duration::from_std(every).unwrap_or_default(),
+        dispatched_before: (backlog == 0)
+            .then(|| now - chrono::Duration::from_std(every * 10).unwrap_or_default()),
+    };
+    let projects = match projects_by_priority(&ctx.db).await {
+        Ok(p) => p,
+        Err(err) => {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "sweeper could not list projects; will retry"
+            );
+            return;
+        }
+    };
+    for model in projects {
+        let Ok(project) = Project::from_model(model) else {
             continue;
-        }
-        let now = Utc::now();
-        // Jobs can only be lost when the queue is empty yet items still wait;
-        // jobs waiting in a delay queue to be retried are not lost either.
-        let backlog = match backlog(&ctx).await {
-            Ok(ready) => ready,
-            Err(err) => {
-                tracing::warn!(error = %err, "sweeper could not read the queue; will retry");
-                continue;
-            }
         };
-        let sweep = Sweep {
-            created_before: now - chrono::Duration::from_std(every).unwrap_or_default(),
-            dispatched_before: (backlog == 0)
-                .then(|| now - chrono::Duration::from_std(every * 10).unwrap_or_default()),
-        };
-        let projects = match projects_by_priority(&ctx.db).await {
-            Ok(p) => p,
-            Err(err) => {
-                tracing::warn!(
-                    error = format!("{err:#}"),
-                    "sweeper could not list projects; will retry"
-                );
-                continue;
-            }
-        };
-        for model in projects {
-            let Ok(project) = Project::from_model(model) else {
-                continue;
-            };
-            if let Err(err) = dispatch_pending(&ctx, &project, Some(sweep)).await {
-                tracing::warn!(project = %project.name, error = format!("{err:#}"), "sweep failed; will retry");
-            }
+        if let Err(err) = dispatch_pending(ctx, &project, Some(sweep)).await {
+            tracing::warn!(project = %project.name, error = format!("{err:#}"), "sweep failed; will retry");
         }
     }
 }

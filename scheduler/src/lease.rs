@@ -35,6 +35,30 @@ impl Held {
     }
 }
 
+/// Run `round` every `every` while this process holds the lease, until
+/// `stop`: the shape of every background loop. A round reports its own
+/// errors and is tried again at the next tick.
+pub async fn every<F, Fut>(
+    every: Duration,
+    held: &Held,
+    stop: &CancellationToken,
+    mut round: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(every) => {}
+        }
+        if held.now() {
+            round().await;
+        }
+    }
+}
+
 /// Take or renew `name` for `holder`; true when `holder` has it now.
 pub async fn try_hold(
     db: &DatabaseConnection,

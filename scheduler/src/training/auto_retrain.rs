@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Context;
 use crate::entities::training_run::{self, RunState};
 use crate::error::AppError;
-use crate::lease::Held;
+use crate::lease::{self, Held};
 use crate::projects::{self, Project};
 use crate::training::{self, RunSummary};
 
@@ -101,45 +101,42 @@ pub async fn check(ctx: &Context, project: &Project) -> anyhow::Result<Outcome> 
     }
 }
 
-/// Check every project each `every` until `stop`.
+/// Check every project each `every`, while this scheduler holds the
+/// background lease, until `stop`.
 pub async fn run(
     ctx: Context,
     every: Duration,
     held: Held,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            () = tokio::time::sleep(every) => {}
+    lease::every(every, &held, &stop, || check_all(&ctx)).await
+}
+
+/// One round: every project whose policy retrains automatically.
+async fn check_all(ctx: &Context) {
+    let projects = match projects::list(&ctx.db).await {
+        Ok(projects) => projects,
+        Err(err) => {
+            tracing::warn!(error = %err, "auto-retrain could not list projects; will retry");
+            return;
         }
-        if !held.now() {
-            continue;
-        }
-        let projects = match projects::list(&ctx.db).await {
-            Ok(projects) => projects,
-            Err(err) => {
-                tracing::warn!(error = %err, "auto-retrain could not list projects; will retry");
-                continue;
+    };
+    for project in projects
+        .iter()
+        .filter(|p| p.policy.retrain_every_labels.is_some())
+    {
+        match check(ctx, project).await {
+            Ok(Outcome::Requested(run)) => tracing::info!(
+                project = %project.name,
+                run = %run.run_id,
+                "auto-retrain: enough new human labels, training run queued"
+            ),
+            Ok(Outcome::Refused(reason)) => {
+                tracing::debug!(project = %project.name, %reason, "auto-retrain not possible yet");
             }
-        };
-        for project in projects
-            .iter()
-            .filter(|p| p.policy.retrain_every_labels.is_some())
-        {
-            match check(&ctx, project).await {
-                Ok(Outcome::Requested(run)) => tracing::info!(
-                    project = %project.name,
-                    run = %run.run_id,
-                    "auto-retrain: enough new human labels, training run queued"
-                ),
-                Ok(Outcome::Refused(reason)) => {
-                    tracing::debug!(project = %project.name, %reason, "auto-retrain not possible yet");
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(project = %project.name, error = %err, "auto-retrain check failed; will retry");
-                }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(project = %project.name, error = %err, "auto-retrain check failed; will retry");
             }
         }
     }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Context;
 use crate::entities::model_version;
 use crate::entities::training_run::{self, RunState};
-use crate::lease::Held;
+use crate::lease::{self, Held};
 use crate::projects::{self, Project};
 use crate::{dispatch, training};
 
@@ -207,21 +207,16 @@ async fn fail(ctx: &Context, run: uuid::Uuid, reason: String) -> anyhow::Result<
     Ok(ended)
 }
 
-/// Sweep every [`INTERVAL`] until `stop`.
+/// Sweep every [`INTERVAL`], while this scheduler holds the background
+/// lease, until `stop`.
 pub async fn run(ctx: Context, held: Held, stop: CancellationToken) -> anyhow::Result<()> {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            () = tokio::time::sleep(INTERVAL) => {}
-        }
-        if !held.now() {
-            continue;
-        }
+    lease::every(INTERVAL, &held, &stop, || async {
         if let Err(err) = sweep(&ctx).await {
             tracing::warn!(
                 error = format!("{err:#}"),
                 "training watchdog sweep failed; will retry"
             );
         }
-    }
+    })
+    .await
 }
