@@ -12,7 +12,9 @@
 
 use chrono::Utc;
 use rand::RngCore;
-use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+};
 use sieve_shared::store::sha256_hex;
 use uuid::Uuid;
 
@@ -39,6 +41,8 @@ pub enum Action {
     /// Take a project's labeled dataset out (`export`): every item, its
     /// label and who gave it.
     Export,
+    /// List, create and revoke API tokens (admin only).
+    ManageTokens,
     /// Bring labels in with an ingest (a manifest's `label` column): ground
     /// truth, the ML team's to give, not operations'.
     ImportLabels,
@@ -153,6 +157,33 @@ pub async fn create_scoped_token(
     role: Role,
     project: Option<&Project>,
 ) -> AppResult<String> {
+    create_expiring_token(db, name, role, project, None)
+        .await
+        .map(|(token, _)| token)
+}
+
+/// Create a token, scoped to `project` if given, that stops working after
+/// `expires_in` if given. Returns the secret (shown once) and its id.
+pub async fn create_expiring_token(
+    db: &DatabaseConnection,
+    name: &str,
+    role: Role,
+    project: Option<&Project>,
+    expires_in: Option<std::time::Duration>,
+) -> AppResult<(String, Uuid)> {
+    if expires_in.is_some_and(|d| d.is_zero()) {
+        return Err(AppError::Invalid(
+            "a token's lifetime must be more than zero".into(),
+        ));
+    }
+    let expires_at = match expires_in {
+        Some(d) => Some(
+            Utc::now().fixed_offset()
+                + chrono::Duration::from_std(d)
+                    .map_err(|_| AppError::Invalid(format!("a lifetime of {d:?} is too long")))?,
+        ),
+        None => None,
+    };
     if name.trim().is_empty() {
         return Err(AppError::Invalid(
             "a token needs a name (who or what uses it)".into(),
@@ -161,19 +192,107 @@ pub async fn create_scoped_token(
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     let token = format!("sieve_{}", hex::encode(secret));
+    let id = Uuid::now_v7();
     api_token::Entity::insert(api_token::ActiveModel {
-        id: Set(Uuid::now_v7()),
+        id: Set(id),
         name: Set(name.trim().to_owned()),
         token_hash: Set(sha256_hex(token.as_bytes())),
         role: Set(role),
         created_at: Set(Utc::now().fixed_offset()),
-        expires_at: Set(None),
+        expires_at: Set(expires_at),
         revoked_at: Set(None),
         project_id: Set(project.map(|p| p.id.as_uuid())),
     })
     .exec_without_returning(db)
     .await?;
-    Ok(token)
+    Ok((token, id))
+}
+
+/// A token as `sieve token list` and `GET /api/v1/tokens` show it: never
+/// its secret, which is not stored.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TokenInfo {
+    pub id: Uuid,
+    pub name: String,
+    pub role: Role,
+    /// The only project it may act on; `None`: every project.
+    pub project_id: Option<Uuid>,
+    /// `active`, `expired` or `revoked`.
+    pub state: &'static str,
+    pub created_at: chrono::DateTime<chrono::FixedOffset>,
+    pub expires_at: Option<chrono::DateTime<chrono::FixedOffset>>,
+    pub revoked_at: Option<chrono::DateTime<chrono::FixedOffset>>,
+}
+
+impl TokenInfo {
+    fn from_model(t: api_token::Model) -> Self {
+        let now = Utc::now().fixed_offset();
+        let state = if t.revoked_at.is_some() {
+            "revoked"
+        } else if t.expires_at.is_some_and(|e| e <= now) {
+            "expired"
+        } else {
+            "active"
+        };
+        Self {
+            id: t.id,
+            name: t.name,
+            role: t.role,
+            project_id: t.project_id,
+            state,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            revoked_at: t.revoked_at,
+        }
+    }
+}
+
+/// Every token, oldest first.
+pub async fn list_tokens(db: &DatabaseConnection) -> AppResult<Vec<TokenInfo>> {
+    Ok(api_token::Entity::find()
+        .order_by_asc(api_token::Column::CreatedAt)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(TokenInfo::from_model)
+        .collect())
+}
+
+/// Revoke the token `which` (its id, or its name when one token has it):
+/// it gets 401 from its next request on, and a claim it holds can no longer
+/// be submitted. Revoking a revoked token changes nothing.
+pub async fn revoke_token(db: &DatabaseConnection, which: &str) -> AppResult<TokenInfo> {
+    let found = match which.parse::<Uuid>() {
+        Ok(id) => api_token::Entity::find_by_id(id).all(db).await?,
+        Err(_) => {
+            api_token::Entity::find()
+                .filter(api_token::Column::Name.eq(which))
+                .all(db)
+                .await?
+        }
+    };
+    let token = match found.as_slice() {
+        [one] => one.clone(),
+        [] => return Err(AppError::NotFound(format!("no token {which:?}"))),
+        many => {
+            return Err(AppError::Conflict(format!(
+                "{} tokens are named {which:?}: revoke one by its id (`sieve token list`)",
+                many.len()
+            )));
+        }
+    };
+    if token.revoked_at.is_some() {
+        return Ok(TokenInfo::from_model(token));
+    }
+    let revoked = api_token::Entity::update(api_token::ActiveModel {
+        id: Set(token.id),
+        revoked_at: Set(Some(Utc::now().fixed_offset())),
+        ..Default::default()
+    })
+    .exec(db)
+    .await?;
+    tracing::info!(token = %revoked.id, name = %revoked.name, "token revoked");
+    Ok(TokenInfo::from_model(revoked))
 }
 
 /// Check a bearer token and the caller's right to `action`.
@@ -233,6 +352,7 @@ mod tests {
             Action::ForceLabel,
             Action::Export,
             Action::ImportLabels,
+            Action::ManageTokens,
         ] {
             assert!(allows(Role::Admin, action));
         }

@@ -391,7 +391,18 @@ pub enum TokenCommand {
         /// Let the token act only on this project (others answer 404).
         #[arg(long)]
         project: Option<String>,
+        /// Stop working after this long (`90d`, `12h`, `30m`); default: never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
     },
+    /// Every token: id, name, role, project, active / expired / revoked.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id (or by name, when only one token has it): it
+    /// gets 401 from its next request on.
+    Revoke { token: String },
 }
 
 fn parse_role(raw: &str) -> Result<Role, String> {

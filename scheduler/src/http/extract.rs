@@ -47,6 +47,8 @@ requirement! {
     Train => Train,
     /// Ingest, pause, resume, rate-limit; the fleet's status.
     Operate => Operate,
+    /// List, create and revoke API tokens.
+    ManageTokens => ManageTokens,
     /// Take a project's labeled dataset out.
     Export => Export,
 }

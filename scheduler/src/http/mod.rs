@@ -16,6 +16,7 @@ mod operate;
 mod projects;
 mod review;
 mod review_page;
+mod tokens;
 mod training;
 
 use axum::Router;
@@ -58,6 +59,8 @@ pub fn router(ctx: Context) -> Router {
         )
         .route("/ingests/{ingest}", get(ingest::show))
         .route("/status", get(operate::fleet_status))
+        .route("/tokens", get(tokens::list).post(tokens::create))
+        .route("/tokens/{token}/revoke", post(tokens::revoke))
         .route("/review/{task}", get(review::show))
         .route("/review/{task}/submit", post(review::submit))
         .route("/review/{task}/release", post(review::release))
