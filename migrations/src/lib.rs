@@ -19,6 +19,7 @@ mod m20261126_000013_project_arch;
 mod m20261201_000001_lease_holder_token;
 mod m20261206_000002_scheduler_leases;
 mod m20261206_000003_dead_lettered_items;
+mod m20261206_000004_not_for_token;
 
 pub struct Migrator;
 
@@ -39,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000001_lease_holder_token::Migration),
             Box::new(m20261206_000002_scheduler_leases::Migration),
             Box::new(m20261206_000003_dead_lettered_items::Migration),
+            Box::new(m20261206_000004_not_for_token::Migration),
         ]
     }
 }

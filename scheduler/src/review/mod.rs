@@ -450,7 +450,8 @@ struct Claimed {
 /// then the most uncertain, then the oldest (index
 /// `review_tasks_open_queue`). `COALESCE` evaluates the second pick only when
 /// the first finds nothing. Neither pick takes a task that names the
-/// claimer in `not_for` (a second opinion on their own label).
+/// claimer as the author of the label a second opinion checks (by token id
+/// where the label had one, `not_for_token`; by name otherwise).
 ///
 /// The claim commits without waiting for its WAL to reach the disk
 /// (`synchronous_commit` off for this transaction only, set from inside the
@@ -474,10 +475,13 @@ WITH claimed AS (
         WHERE id = COALESCE(
             (SELECT id FROM review_tasks
              WHERE project_id = $1 AND state = 'claimed' AND lease_expires_at < $4
-               AND not_for IS DISTINCT FROM $2
+               AND NOT (CASE WHEN not_for_token IS NOT NULL THEN not_for_token IS NOT DISTINCT FROM $5::uuid
+                         ELSE not_for IS NOT DISTINCT FROM $2 END)
              ORDER BY lease_expires_at LIMIT 1 FOR UPDATE SKIP LOCKED),
             (SELECT id FROM review_tasks
-             WHERE project_id = $1 AND state = 'open' AND not_for IS DISTINCT FROM $2
+             WHERE project_id = $1 AND state = 'open'
+               AND NOT (CASE WHEN not_for_token IS NOT NULL THEN not_for_token IS NOT DISTINCT FROM $5::uuid
+                         ELSE not_for IS NOT DISTINCT FROM $2 END)
              ORDER BY skip_count, priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED))
     ) pick
     WHERE t.id = pick.id
@@ -568,6 +572,7 @@ struct SubmitRow {
     lease_holder_token: Option<Uuid>,
     lease_expires_at: Option<DateTime<FixedOffset>>,
     not_for: Option<String>,
+    not_for_token: Option<Uuid>,
     project_name: String,
     class_names: serde_json::Value,
     class_index: Option<i32>,
@@ -612,6 +617,7 @@ WITH item AS (
 ), facts AS (
     SELECT t.id, t.project_id, t.item_id, t.prediction_id, t.reason, t.state,
            t.fencing_token, t.lease_holder, t.lease_holder_token, t.lease_expires_at, t.not_for,
+           t.not_for_token,
            pr.name AS project_name, pr.class_names,
            COALESCE(
                (SELECT (c.ord - 1)::int
@@ -639,7 +645,8 @@ WITH item AS (
     WHERE state = 'claimed' AND fencing_token = $2 AND lease_holder = $3
       AND lease_holder_token IS NOT DISTINCT FROM $11::uuid
       AND class_index IS NOT NULL
-      AND not_for IS DISTINCT FROM $3
+      AND NOT (CASE WHEN not_for_token IS NOT NULL THEN not_for_token IS NOT DISTINCT FROM $11::uuid
+                    ELSE not_for IS NOT DISTINCT FROM $3 END)
       AND ($6 OR newest_label_id IS NULL OR newest_label_id = first_label_id)
 ), done AS (
     UPDATE review_tasks t SET state = 'done', closed_at = $7, updated_at = $7
@@ -656,9 +663,10 @@ WITH item AS (
     FROM done WHERE items.id = done.item_id
 ), opened AS (
     INSERT INTO review_tasks (id, project_id, item_id, prediction_id, reason, priority,
-                              state, fencing_token, not_for, created_at, updated_at)
+                              state, fencing_token, not_for, not_for_token, created_at,
+                              updated_at)
     SELECT $9, project_id, item_id, prediction_id, 'second_opinion', $10, 'open', 0, $3,
-           $7, $7
+           $11::uuid, $7, $7
     FROM done
     WHERE reason <> 'second_opinion' AND second_review_confidence IS NOT NULL
       AND confidence >= second_review_confidence AND top_class <> class_index
@@ -681,7 +689,7 @@ WITH item AS (
     RETURNING s.outcome
 )
 SELECT f.item_id, f.state, f.fencing_token, f.lease_holder, f.lease_holder_token,
-       f.lease_expires_at, f.not_for,
+       f.lease_expires_at, f.not_for, f.not_for_token,
        f.project_name, f.class_names, f.class_index, f.newest_label_id,
        f.newest_class, f.newest_source, f.newest_reviewer, f.newest_at, f.first_label_id,
        EXISTS (SELECT 1 FROM done) AS written,
@@ -739,7 +747,11 @@ async fn submit_refusal(
             class_names.join(", ")
         )));
     };
-    if row.not_for.as_deref() == Some(reviewer.name) {
+    let author = match row.not_for_token {
+        Some(token) => reviewer.token == Some(token),
+        None => row.not_for.as_deref() == Some(reviewer.name),
+    };
+    if author {
         let reviewer = reviewer.name;
         return Ok(AppError::Forbidden(format!(
             "task {task_id} asks for a second opinion on {reviewer}'s own label: another \
