@@ -262,6 +262,19 @@ impl Store {
         })
     }
 
+    /// An object's size in bytes, without reading it.
+    pub async fn size(&self, key: &str) -> Result<u64, StoreError> {
+        let path = Self::path(key)?;
+        match self.inner.head(&path).await {
+            Ok(meta) => Ok(meta.size),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(key.to_owned())),
+            Err(source) => Err(StoreError::Backend {
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let path = Self::path(key)?;
         let backend = |source: object_store::Error| match source {
@@ -349,6 +362,49 @@ impl BlockingStore {
         match self {
             BlockingStore::Local(files) => files.get(key),
             BlockingStore::Remote(store, runtime) => runtime.block_on(store.get(key)),
+        }
+    }
+
+    /// An object's bytes if it is at most `max_bytes` long, its size checked
+    /// before anything is read; and, in a local store, only a file that
+    /// lies inside the store's directory once links are followed. The inner
+    /// error is the object's refusal (too large, a link out of the store).
+    pub fn get_at_most(
+        &self,
+        key: &str,
+        max_bytes: u64,
+    ) -> Result<Result<Bytes, String>, StoreError> {
+        let too_large = |size: u64| {
+            Err(format!(
+                "{size} bytes, over the limit of {max_bytes} (ingest.max_file_bytes); not read"
+            ))
+        };
+        match self {
+            BlockingStore::Local(files) => {
+                let file = files.file(key)?;
+                let real =
+                    std::fs::canonicalize(&file).map_err(|e| LocalFiles::io_error(key, e))?;
+                if !real.starts_with(files.root()) {
+                    return Ok(Err(format!(
+                        "a link to {} outside the store; not read",
+                        real.display()
+                    )));
+                }
+                let size = std::fs::metadata(&real)
+                    .map_err(|e| LocalFiles::io_error(key, e))?
+                    .len();
+                if size > max_bytes {
+                    return Ok(too_large(size));
+                }
+                files.get(key).map(Ok)
+            }
+            BlockingStore::Remote(store, runtime) => {
+                let size = runtime.block_on(store.size(key))?;
+                if size > max_bytes {
+                    return Ok(too_large(size));
+                }
+                runtime.block_on(store.get(key)).map(Ok)
+            }
         }
     }
 

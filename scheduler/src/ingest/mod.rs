@@ -435,13 +435,11 @@ impl Reading {
     /// project's content-addressed key: the new item owns a copy, as a file
     /// from outside the store gets one.
     fn copied_object(&self, key: &str) -> Result<Checked, StoreError> {
-        let bytes = match self.store.get(key) {
-            Ok(bytes) => bytes,
+        let bytes = match self.store.get_at_most(key, self.max_bytes) {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(reason)) => return Ok(Checked::Unreadable { reason }),
             Err(err) => return object_failure(err).map(|reason| Checked::Unreadable { reason }),
         };
-        if let Some(reason) = too_big(bytes.len() as u64, self.max_bytes) {
-            return Ok(Checked::Unreadable { reason });
-        }
         let (checked, image) = Checked::from_bytes(bytes, self.max_pixels);
         if let (Checked::Image { hash, .. }, Some(bytes)) = (&checked, image) {
             self.store
@@ -451,12 +449,12 @@ impl Reading {
     }
 
     /// Read and check an object already in sieve's store.
+    /// The size is checked before anything is read, and a local store's
+    /// link that leads out of its directory is refused, not followed.
     fn stored_object(&self, key: &str) -> Result<Checked, StoreError> {
-        match self.store.get(key) {
-            Ok(bytes) => Ok(match too_big(bytes.len() as u64, self.max_bytes) {
-                Some(reason) => Checked::Unreadable { reason },
-                None => Checked::from_bytes(bytes, self.max_pixels).0,
-            }),
+        match self.store.get_at_most(key, self.max_bytes) {
+            Ok(Ok(bytes)) => Ok(Checked::from_bytes(bytes, self.max_pixels).0),
+            Ok(Err(reason)) => Ok(Checked::Unreadable { reason }),
             Err(err) => object_failure(err).map(|reason| Checked::Unreadable { reason }),
         }
     }
