@@ -20,6 +20,7 @@ mod m20261201_000001_lease_holder_token;
 mod m20261206_000002_scheduler_leases;
 mod m20261206_000003_dead_lettered_items;
 mod m20261206_000004_not_for_token;
+mod m20261206_000005_reported;
 
 pub struct Migrator;
 
@@ -41,6 +42,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000002_scheduler_leases::Migration),
             Box::new(m20261206_000003_dead_lettered_items::Migration),
             Box::new(m20261206_000004_not_for_token::Migration),
+            Box::new(m20261206_000005_reported::Migration),
         ]
     }
 }

@@ -25,7 +25,11 @@
 //!   `failed`.
 //! - [`export`]: labels out: one row per item with its label's provenance
 //!   (`snapshot`: one repeatable-read transaction read through a cursor;
-//!   `write`: CSV, JSON Lines; `output`: a file renamed into place).
+//!   `write`: CSV, JSON Lines, COCO; `output`: a file renamed into place;
+//!   `folder`: the imagefolder directory).
+//! - [`items`]: items one at a time: a filtered list a page at a time,
+//!   one item's history, and `reopen` (a label reported as wrong, back to
+//!   review).
 //! - [`http`]: `/api/v1`, the review page, `/healthz`, `/metrics`.
 //! - [`server`]: `sieve serve`, the HTTP API and the loops in one process.
 //! - [`cli`]: the `sieve` command line; thin over the modules above.
@@ -41,6 +45,7 @@ pub mod error;
 pub mod export;
 pub mod http;
 pub mod ingest;
+pub mod items;
 pub mod lease;
 pub mod operate;
 pub mod patch;

@@ -443,7 +443,8 @@ impl LocalFiles {
         (self.file(&key).ok()? == file).then_some(key)
     }
 
-    fn file(&self, key: &str) -> Result<std::path::PathBuf, StoreError> {
+    /// The file an object is kept in (whether or not it exists).
+    pub fn file(&self, key: &str) -> Result<std::path::PathBuf, StoreError> {
         let path = Store::path(key)?;
         self.fs
             .path_to_filesystem(&path)

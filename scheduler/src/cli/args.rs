@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use sieve_shared::messages::{ModelArch, TrainMode};
 
 use crate::entities::api_token::Role;
-use crate::tools::{bench_claim, bench_ingest, demo};
+use crate::tools::{bench_claim, bench_export, bench_ingest, demo};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,6 +72,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A project's items a page at a time, one item's history, a label
+    /// reported as wrong.
+    #[command(subcommand)]
+    Items(ItemsCommand),
     /// Queues, workers and projects at a glance (or one project in detail).
     Status {
         #[arg(long, short)]
@@ -113,7 +117,8 @@ pub enum Command {
 pub struct ExportArgs {
     #[arg(long, short)]
     pub project: String,
-    /// `csv`, `jsonl` or `coco` (COCO JSON).
+    /// `csv`, `jsonl`, `coco` (COCO JSON) or `imagefolder` (a directory:
+    /// a folder of images per class and labels.csv; needs --out DIR).
     #[arg(long, short, default_value = "csv")]
     pub format: String,
     /// A file (written under a temporary name, renamed when complete), or
@@ -140,6 +145,55 @@ pub struct ExportArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ItemsCommand {
+    /// Items of a project in id order, a page at a time, with filters.
+    List {
+        #[arg(long, short)]
+        project: String,
+        /// Items in these states (repeatable): queued, in_review,
+        /// auto_labeled, human_labeled, failed.
+        #[arg(long)]
+        state: Vec<String>,
+        /// Whose current label is this class (repeatable).
+        #[arg(long)]
+        class: Vec<String>,
+        /// Whose current label is from `human`, `machine` or `import`
+        /// (repeatable).
+        #[arg(long)]
+        source: Vec<String>,
+        /// Whose newest prediction is at most this confident (0 to 1).
+        #[arg(long)]
+        max_confidence: Option<String>,
+        /// The next page: the cursor the page before printed.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Items per page (1 to 500; default 50).
+        #[arg(long)]
+        limit: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One item: every prediction, label and review task.
+    Show {
+        item: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a machine or imported label back to review, first in the queue
+    /// (`--force`: a label by people too).
+    Reopen {
+        item: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        force: bool,
+        /// The name the report is recorded under.
+        #[arg(long, default_value = "cli")]
+        reporter: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Ingest of a folder of PNGs (copied into the store, and inside the
     /// store referenced in place) and of a manifest of keys, against the raw
@@ -148,6 +202,9 @@ pub enum BenchCommand {
     /// Review claims: many reviewers claiming and submitting at once until
     /// the queue is empty; latencies, throughput, zero double claims.
     Claim(bench_claim::ClaimArgs),
+    /// Export of a large labeled project (CSV, JSON Lines) against a plain
+    /// `COPY` of the same rows; rows/s and peak RSS; own database.
+    Export(bench_export::BenchExportArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,6 +7,7 @@ use sieve_shared::Settings;
 use tokio_util::sync::CancellationToken;
 
 use super::args::ExportArgs;
+use crate::export::folder;
 use crate::export::output::{self, Destination};
 use crate::export::{Export, Filters, Format, Request};
 use crate::{db, projects};
@@ -15,6 +16,13 @@ pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> 
     // Checked before connecting: a typo answers at once.
     let request = request(&args)?;
     let to = Destination::parse(args.out.as_deref());
+    let folder = match (&to, request.format) {
+        (Destination::File(dir), Format::ImageFolder) => Some(dir.clone()),
+        (Destination::Stdout, Format::ImageFolder) => anyhow::bail!(
+            "--format imagefolder writes a directory: name it with --out DIR (not standard output)"
+        ),
+        _ => None,
+    };
     let conn = db::connect(&settings.database).await?;
     let project = projects::get(&conn, &args.project).await?;
     let export = Export::begin(&conn, &project, request).await?;
@@ -29,7 +37,20 @@ pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> 
         terminal: std::io::stderr().is_terminal(),
         cancel,
     };
-    let summary = output::write(export, &to, options).await?;
+    let summary = match folder {
+        Some(dir) => {
+            let store = sieve_shared::store::Store::open_existing(&settings.store)?;
+            let (summary, placed) = folder::write(export, &store, &dir, options).await?;
+            eprintln!(
+                "images: {} hard-linked from the store, {} copied; {} beside them",
+                placed.linked,
+                placed.copied,
+                folder::LABELS_FILE
+            );
+            summary
+        }
+        None => output::write(export, &to, options).await?,
+    };
     for line in summary.describe(&to.describe()) {
         eprintln!("{line}");
     }

@@ -8,6 +8,7 @@
 mod args;
 mod export;
 mod ingest;
+mod items;
 mod operate;
 mod projects;
 mod render;
@@ -21,12 +22,12 @@ use anyhow::Context as _;
 use sieve_shared::Settings;
 
 pub use args::{
-    BenchCommand, Cli, Command, ExportArgs, FailedCommand, ModelsCommand, ProjectCommand,
-    RetrainArgs, ReviewCommand, TokenCommand,
+    BenchCommand, Cli, Command, ExportArgs, FailedCommand, ItemsCommand, ModelsCommand,
+    ProjectCommand, RetrainArgs, ReviewCommand, TokenCommand,
 };
 
 use crate::context::Context;
-use crate::tools::{bench_claim, bench_ingest, demo};
+use crate::tools::{bench_claim, bench_export, bench_ingest, demo};
 use crate::{db, server};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -56,6 +57,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             root,
         } => return ingest::ingest(settings, source, project, manifest, root).await,
         Command::Export(args) => export::export(settings, args).await?,
+        Command::Items(command) => items::items(settings, command).await?,
         Command::Ingests {
             project,
             limit,
@@ -78,6 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Ingest(args)) => bench_ingest::run(settings, &args).await?,
         Command::Bench(BenchCommand::Claim(args)) => bench_claim::run(&settings, &args).await?,
+        Command::Bench(BenchCommand::Export(args)) => bench_export::run(settings, &args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

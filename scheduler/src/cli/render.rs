@@ -51,6 +51,14 @@ pub fn project(status: &status::ProjectStatus) -> String {
             second.open, second.agreed_with_first, second.agreed_with_model, second.neither
         );
     }
+    for r in &status.reported_labels {
+        let _ = writeln!(
+            out,
+            "  reported {} labels {:<12} {} corrected, {} confirmed, {} in review \
+             (not audits: not in the accuracy above)",
+            r.source, r.class, r.corrected, r.confirmed, r.open
+        );
+    }
     out
 }
 

@@ -25,6 +25,11 @@ pub enum TaskReason {
     /// checks it (`review::submit`). The item stays `human_labeled` meanwhile.
     #[sea_orm(string_value = "second_opinion")]
     SecondOpinion,
+    /// Someone reported the item's machine or imported label as wrong
+    /// (`items::reopen`): not a random pick, so never evidence for the
+    /// audited accuracy or calibration.
+    #[sea_orm(string_value = "reported")]
+    Reported,
 }
 
 impl TaskReason {

@@ -21,6 +21,7 @@
 //! are ignored), so ingesting it into another project recreates the items
 //! with their labels as `import` labels.
 
+pub mod folder;
 pub mod output;
 pub mod snapshot;
 pub mod write;
@@ -47,16 +48,20 @@ pub enum Format {
     /// COCO JSON: images, categories, one annotation per labeled image
     /// (its `category_id`, the provenance under `attributes`).
     Coco,
+    /// A directory: one folder per class holding its images, and the CSV
+    /// beside them (`labels.csv`). Written by the CLI only ([`folder`]).
+    ImageFolder,
 }
 
 impl Format {
-    pub const NAMES: [&str; 3] = ["csv", "jsonl", "coco"];
+    pub const NAMES: [&str; 4] = ["csv", "jsonl", "coco", "imagefolder"];
 
     pub fn parse(text: &str) -> AppResult<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
             "csv" => Ok(Self::Csv),
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
             "coco" => Ok(Self::Coco),
+            "imagefolder" => Ok(Self::ImageFolder),
             other => Err(AppError::Invalid(format!(
                 "unknown export format {other:?}: use {}",
                 Self::NAMES.join(", ")
@@ -69,12 +74,13 @@ impl Format {
             Self::Csv => "csv",
             Self::Jsonl => "jsonl",
             Self::Coco => "coco",
+            Self::ImageFolder => "imagefolder",
         }
     }
 
     pub fn content_type(self) -> &'static str {
         match self {
-            Self::Csv => "text/csv; charset=utf-8",
+            Self::Csv | Self::ImageFolder => "text/csv; charset=utf-8",
             Self::Jsonl => "application/x-ndjson",
             Self::Coco => "application/json",
         }
@@ -83,7 +89,7 @@ impl Format {
     /// The file name extension of an export in this format.
     pub fn extension(self) -> &'static str {
         match self {
-            Self::Csv => "csv",
+            Self::Csv | Self::ImageFolder => "csv",
             Self::Jsonl => "jsonl",
             Self::Coco => "json",
         }

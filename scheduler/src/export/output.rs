@@ -117,7 +117,7 @@ async fn pages<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-fn progress(export: &Export, terminal: bool) -> ProgressBar {
+pub(super) fn progress(export: &Export, terminal: bool) -> ProgressBar {
     if !terminal {
         return ProgressBar::hidden();
     }

@@ -52,11 +52,16 @@ SELECT LEAST(now(), (SELECT min(xact_start) FROM pg_stat_activity
 const STATE_COUNTS: &str =
     "SELECT state AS key, count(*) AS n FROM items WHERE project_id = $1 GROUP BY state";
 
-/// Every exported row, in item id order. `$1` project, `$2` states, `$3`
+/// Every exported row, in item id order. Each item's current label is
+/// picked for all items at once (`DISTINCT ON` over the project's labels,
+/// sorted once and merged with the items), not looked up item by item: a
+/// lookup per item (a `LATERAL … LIMIT 1` on the labels index) made
+/// PostgreSQL's part of a million-row export 1.6 times as long
+/// (docs/benchmarks.md, Export). `$1` project, `$2` states, `$3`
 /// label sources (NULL: any), `$4` minimum confidence, `$5` class indices,
-/// `$6` labels from (lists as comma-separated text).
-const ROWS: &str = r#"
-DECLARE export_rows NO SCROLL CURSOR FOR
+/// `$6` labels from (lists as comma-separated text). Public for `sieve bench
+/// export`, whose `COPY` baseline runs this same query.
+pub const ROWS: &str = r#"
 SELECT i.id AS item_id, i.source, i.object_key, i.content_hash, i.state, i.width, i.height,
        l.class_index, l.source AS label_source, l.reviewer, l.created_at AS labeled_at,
        t.lease_holder_token AS reviewer_token, mv.version AS model_version,
@@ -64,13 +69,13 @@ SELECT i.id AS item_id, i.source, i.object_key, i.content_hash, i.state, i.width
        i.id IN (SELECT a.item_id FROM review_tasks a
                 WHERE a.project_id = $1 AND a.reason = 'audit' AND a.state = 'done') AS audited
 FROM items i
-LEFT JOIN LATERAL (
-    SELECT class_index, source, reviewer, created_at, prediction_id, model_version_id,
-           review_task_id
-    FROM labels WHERE item_id = i.id
-    ORDER BY source = 'machine', created_at DESC, id DESC
-    LIMIT 1
-) l ON true
+LEFT JOIN (
+    SELECT DISTINCT ON (lb.item_id) lb.item_id, lb.class_index, lb.source, lb.reviewer,
+           lb.created_at, lb.prediction_id, lb.model_version_id, lb.review_task_id
+    FROM labels lb JOIN items li ON li.id = lb.item_id
+    WHERE li.project_id = $1
+    ORDER BY lb.item_id, lb.source = 'machine', lb.created_at DESC, lb.id DESC
+) l ON l.item_id = i.id
 LEFT JOIN predictions p ON p.id = l.prediction_id
 LEFT JOIN model_versions mv ON mv.id = COALESCE(l.model_version_id, p.model_version_id)
 LEFT JOIN review_tasks t ON t.id = l.review_task_id
@@ -216,6 +221,18 @@ pub struct Export {
     pass: u8,
     written: u64,
     entries: u64,
+    /// The images of the rows written since [`Export::take_images`] last
+    /// took them (an image folder's only).
+    images: Vec<Image>,
+}
+
+/// An exported item's image, for an image folder: where it is stored and
+/// the class folder it goes to (`None`: no label, the CSV alone names it).
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub item_id: Uuid,
+    pub key: String,
+    pub class_index: Option<usize>,
 }
 
 impl Export {
@@ -287,7 +304,11 @@ impl Export {
             list(classes.iter().map(i32::to_string).collect()).into(),
             filters.since.map(Cursor::at).into(),
         ];
-        let declare = Statement::from_sql_and_values(backend, ROWS, values);
+        let declare = Statement::from_sql_and_values(
+            backend,
+            format!("DECLARE export_rows NO SCROLL CURSOR FOR {ROWS}"),
+            values,
+        );
         txn.execute_raw(declare.clone()).await?;
 
         Ok(Self {
@@ -309,11 +330,22 @@ impl Export {
             pass: 0,
             written: 0,
             entries: 0,
+            images: Vec::new(),
         })
     }
 
     pub fn summary(&self) -> &Summary {
         &self.summary
+    }
+
+    pub fn project(&self) -> &Project {
+        &self.project
+    }
+
+    /// The images of the rows in the chunks returned since the last call
+    /// (an image folder's; empty for the other formats).
+    pub fn take_images(&mut self) -> Vec<Image> {
+        std::mem::take(&mut self.images)
     }
 
     /// The next piece of the file: the header, then a page of rows at a
@@ -378,6 +410,13 @@ impl Export {
             };
             if write::row(self.format, at, row, class, accuracy, &mut out) {
                 self.entries += 1;
+            }
+            if self.format == Format::ImageFolder {
+                self.images.push(Image {
+                    item_id: row.item_id,
+                    key: row.object_key.clone(),
+                    class_index: row.class_index.and_then(|c| usize::try_from(c).ok()),
+                });
             }
         }
         if self.pass == 0 {

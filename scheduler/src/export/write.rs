@@ -80,7 +80,7 @@ pub struct Position {
 
 pub fn header(format: Format, project: &Project, out: &mut Vec<u8>) {
     match format {
-        Format::Csv => {
+        Format::Csv | Format::ImageFolder => {
             out.extend_from_slice(COLUMNS.join(",").as_bytes());
             out.push(b'\n');
         }
@@ -151,7 +151,7 @@ pub fn row(
         labeled_at: row.labeled_at.map(|t| t.to_rfc3339()),
     };
     match format {
-        Format::Csv => {
+        Format::Csv | Format::ImageFolder => {
             csv(&record, out);
             true
         }

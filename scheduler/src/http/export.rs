@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use super::extract::{AuthedProject, Export as ExportAction};
 use crate::context::Context;
 use crate::error::{AppError, AppResult};
-use crate::export::{Export, Request};
+use crate::export::{Export, Format, Request};
 
 pub async fn export(
     State(ctx): State<Context>,
@@ -24,6 +24,12 @@ pub async fn export(
     let Query(pairs) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
     let request = Request::from_query(&pairs)?;
     let format = request.format;
+    if format == Format::ImageFolder {
+        return Err(AppError::Invalid(
+            "format imagefolder writes a directory and is for `sieve export --out DIR`; over HTTP use csv, jsonl or coco"
+                .into(),
+        ));
+    }
     let export = Export::begin(&ctx.db, &at.project, request).await?;
     let summary = export.summary().clone();
     let project = at.project.name.clone();

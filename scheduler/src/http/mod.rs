@@ -12,6 +12,7 @@ pub mod extract;
 mod dispatch;
 mod export;
 mod ingest;
+mod items;
 mod operate;
 mod projects;
 mod review;
@@ -67,6 +68,9 @@ pub fn router(ctx: Context) -> Router {
         .route("/review/{task}/renew", post(review::renew))
         .route("/review/{task}/skip", post(review::skip))
         .route("/review/{task}/undo", post(review::undo))
+        .route("/projects/{project}/items", get(items::list))
+        .route("/items/{item}", get(items::show))
+        .route("/items/{item}/reopen", post(items::reopen))
         .route("/items/{item}/image", get(review::item_image));
     let mut root = Router::new()
         .nest("/api/v1", api)

@@ -29,6 +29,55 @@ pub struct ProjectStatus {
     pub machine_label_accuracy: Vec<MeasuredAccuracy>,
     /// Second opinions on labels that disagreed with a confident model.
     pub second_opinions: SecondOpinions,
+    /// Labels people reported as wrong (`items::reopen`), by the reported
+    /// label's source and class, and how review decided them. Kept apart
+    /// from `machine_label_accuracy`: reports are not a random sample.
+    pub reported_labels: Vec<ReportedLabels>,
+}
+
+/// Reported labels of one source and class: still in review, confirmed by
+/// the reviewer, or corrected (a different class).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, FromQueryResult)]
+pub struct ReportedLabels {
+    /// `machine` or `import` (`human` when forced).
+    pub source: String,
+    #[sea_orm(skip)]
+    pub class: String,
+    pub class_index: i32,
+    pub open: i64,
+    pub confirmed: i64,
+    pub corrected: i64,
+}
+
+const REPORTED_LABELS: &str = r#"
+SELECT reported_source AS source, reported_class AS class_index,
+       count(*) FILTER (WHERE outcome IS NULL) AS open,
+       count(*) FILTER (WHERE outcome = 'confirmed') AS confirmed,
+       count(*) FILTER (WHERE outcome = 'corrected') AS corrected
+FROM reports WHERE project_id = $1
+GROUP BY reported_source, reported_class ORDER BY reported_source, reported_class
+"#;
+
+/// [`ReportedLabels`] of `project`.
+pub async fn reported_labels(
+    db: &impl ConnectionTrait,
+    project: &Project,
+) -> AppResult<Vec<ReportedLabels>> {
+    let mut rows = ReportedLabels::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        REPORTED_LABELS,
+        [project.id.as_uuid().into()],
+    ))
+    .all(db)
+    .await?;
+    for r in &mut rows {
+        r.class = usize::try_from(r.class_index)
+            .ok()
+            .and_then(|c| project.class_names.get(c))
+            .cloned()
+            .unwrap_or_default();
+    }
+    Ok(rows)
 }
 
 /// Second opinions (label-error checks, `review::submit`): still open, and
@@ -244,6 +293,7 @@ pub async fn project_status(ctx: &Context, project: &Project) -> AppResult<Proje
         second_opinions: SecondOpinions::from_counts(
             &counts(ctx, SECOND_OPINION_COUNTS, project).await?,
         ),
+        reported_labels: reported_labels(&ctx.db, project).await?,
     })
 }
 

@@ -583,6 +583,8 @@ struct SubmitRow {
     newest_reviewer: Option<String>,
     newest_at: Option<DateTime<FixedOffset>>,
     first_label_id: Option<Uuid>,
+    /// The label a `reported` task questions (`items::reopen`).
+    reported_label_id: Option<Uuid>,
     written: bool,
     second_opinion_task: Option<Uuid>,
     outcome: Option<String>,
@@ -628,13 +630,14 @@ WITH item AS (
            h.id AS newest_label_id, h.class_index AS newest_class,
            h.source AS newest_source, h.reviewer AS newest_reviewer,
            h.created_at AS newest_at,
-           so.first_label_id, p.top_class, p.confidence,
+           so.first_label_id, rp.reported_label_id, p.top_class, p.confidence,
            (pr.policy ->> 'second_review_confidence')::real AS second_review_confidence
     FROM item
     JOIN review_tasks t ON t.id = $1 AND t.item_id = item.id
     JOIN projects pr ON pr.id = t.project_id
     LEFT JOIN predictions p ON p.id = t.prediction_id
     LEFT JOIN second_opinions so ON so.task_id = t.id
+    LEFT JOIN reports rp ON rp.task_id = t.id
     LEFT JOIN LATERAL (
         SELECT id, class_index, source, reviewer, created_at FROM labels
         WHERE item_id = t.item_id AND source IN ('human', 'import')
@@ -647,7 +650,8 @@ WITH item AS (
       AND class_index IS NOT NULL
       AND NOT (CASE WHEN not_for_token IS NOT NULL THEN not_for_token IS NOT DISTINCT FROM $11::uuid
                     ELSE not_for IS NOT DISTINCT FROM $3 END)
-      AND ($6 OR newest_label_id IS NULL OR newest_label_id = first_label_id)
+      AND ($6 OR newest_label_id IS NULL OR newest_label_id = first_label_id
+           OR newest_label_id = reported_label_id)
 ), done AS (
     UPDATE review_tasks t SET state = 'done', closed_at = $7, updated_at = $7
     FROM ok
@@ -687,11 +691,18 @@ WITH item AS (
         decided_at = $7
     FROM done d WHERE s.task_id = d.id
     RETURNING s.outcome
+), reported AS (
+    UPDATE reports r
+    SET corrected_label_id = $8, corrected_class = d.class_index,
+        outcome = CASE WHEN d.class_index = r.reported_class THEN 'confirmed' ELSE 'corrected' END,
+        decided_at = $7
+    FROM done d WHERE r.task_id = d.id
 )
 SELECT f.item_id, f.state, f.fencing_token, f.lease_holder, f.lease_holder_token,
        f.lease_expires_at, f.not_for, f.not_for_token,
        f.project_name, f.class_names, f.class_index, f.newest_label_id,
        f.newest_class, f.newest_source, f.newest_reviewer, f.newest_at, f.first_label_id,
+       f.reported_label_id,
        EXISTS (SELECT 1 FROM done) AS written,
        (SELECT id FROM opened) AS second_opinion_task,
        (SELECT outcome FROM decided) AS outcome
@@ -761,6 +772,7 @@ async fn submit_refusal(
     if let Some(existing) = row.newest_label_id
         && !submission.force
         && row.first_label_id != Some(existing)
+        && row.reported_label_id != Some(existing)
     {
         let class = row
             .newest_class
@@ -1174,6 +1186,15 @@ pub async fn undo(
             DbBackend::Postgres,
             "UPDATE second_opinions SET second_label_id = NULL, second_reviewer = NULL, \
              second_class = NULL, outcome = NULL, decided_at = NULL WHERE task_id = $1",
+            [task.id.into()],
+        ))
+        .await?;
+    }
+    if task.reason == TaskReason::Reported {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE reports SET corrected_label_id = NULL, corrected_class = NULL, \
+             outcome = NULL, decided_at = NULL WHERE task_id = $1",
             [task.id.into()],
         ))
         .await?;

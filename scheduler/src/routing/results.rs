@@ -248,7 +248,12 @@ async fn apply_one(
     let claimed = open_task
         .as_ref()
         .is_some_and(|t| t.state == TaskState::Claimed);
-    if !is_active || !routable || claimed {
+    // Someone reported its label as wrong: people decide, not a model
+    // (`items::reopen`).
+    let reported = open_task
+        .as_ref()
+        .is_some_and(|t| t.reason == TaskReason::Reported);
+    if !is_active || !routable || claimed || reported {
         mark_routed(txn, prediction_id, "kept", project.policy_version).await?;
         return Ok(Applied::Kept);
     }

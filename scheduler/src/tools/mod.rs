@@ -4,6 +4,7 @@
 //! them; nothing in the service stages imports this module.
 
 pub mod bench_claim;
+pub mod bench_export;
 pub mod bench_ingest;
 pub mod demo;
 pub mod fashion_mnist;
