@@ -419,17 +419,24 @@ async fn a_reported_import_is_labeled_without_force_and_undo_clears_the_outcome(
             .await
             .unwrap();
         assert_eq!(summary.imported_labels, 1, "{summary:?}");
+        // Any role reads; ops may not report (reviewer and up).
+        let ops = app.token("reader", Role::Ops).await;
         let (_, page) = app
-            .get(
-                "/api/v1/projects/shoes/items?source=import",
-                &app.token("reader", Role::Ops).await,
-            )
+            .get("/api/v1/projects/shoes/items?source=import", &ops)
             .await;
         let import: Uuid = page["items"][0]["item_id"]
             .as_str()
             .unwrap()
             .parse()
             .unwrap();
+        let (status, _) = app
+            .post(
+                &format!("/api/v1/items/{import}/reopen"),
+                &ops,
+                json!({ "reason": "wrong" }),
+            )
+            .await;
+        assert_eq!(status, 403);
 
         let alice = app.token("alice", Role::Reviewer).await;
         let (status, reopened) = app
