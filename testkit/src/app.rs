@@ -1,15 +1,9 @@
-//! A scheduler serving HTTP on port 0 for the review API and page tests,
-//! isolated per test: its own PostgreSQL database, RabbitMQ prefix and
-//! object-store directory. [`with_app`] tears it all down even when the
-//! test panics, then re-raises the panic.
-
-#![allow(dead_code, clippy::unwrap_used)]
+//! The scheduler serving HTTP on port 0 on a [`Sandbox`], and what tests
+//! do with it: tokens, seeded review tasks, JSON requests.
 
 use std::future::Future;
-use std::io::Cursor;
-use std::net::SocketAddr;
+use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -18,8 +12,7 @@ use sea_orm::{
     ActiveValue::Set, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement,
 };
 use sieve_scheduler::auth;
-use sieve_scheduler::context::{self, Context};
-use sieve_scheduler::db;
+use sieve_scheduler::context::Context;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::review_task::{self, TaskReason, TaskState};
@@ -33,7 +26,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// What a test gets: cheap to clone, so a test body can own it.
+use crate::fixtures::png;
+use crate::sandbox::Sandbox;
+
+/// What a test body gets: cheap to clone, so the body can own it.
 #[derive(Clone)]
 pub struct App {
     pub settings: Settings,
@@ -46,65 +42,32 @@ pub struct App {
     pub http: reqwest::Client,
 }
 
-struct Harness {
-    app: App,
+/// A running scheduler (`server::serve_on`: HTTP and every loop) on its own
+/// sandbox. Dropping it stops the server and removes the sandbox;
+/// [`TestApp::shutdown`] stops it gracefully and checks it ended well.
+pub struct TestApp {
+    pub app: App,
     stop: CancellationToken,
-    server: JoinHandle<anyhow::Result<()>>,
-    _store: tempfile::TempDir,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    // Declared last: dropped after the server is told to stop.
+    sandbox: Sandbox,
 }
 
-/// Start a scheduler with review leases of `lease_seconds`, run `test`,
-/// then stop it and remove its database and queues, whatever happened.
-pub async fn with_app<F, Fut>(lease_seconds: u64, test: F)
-where
-    F: FnOnce(App) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    with_app_configured(lease_seconds, |_| {}, test).await;
-}
+impl Deref for TestApp {
+    type Target = App;
 
-/// [`with_app`] with settings changed by `configure` first. A
-/// `http.metrics_bind` it sets is bound (port 0 picks one) and replaced by
-/// the address bound.
-pub async fn with_app_configured<C, F, Fut>(lease_seconds: u64, configure: C, test: F)
-where
-    C: FnOnce(&mut Settings),
-    F: FnOnce(App) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let harness = Harness::start(lease_seconds, configure).await;
-    let outcome = AssertUnwindSafe(test(harness.app.clone()))
-        .catch_unwind()
-        .await;
-    harness.teardown().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
+    fn deref(&self) -> &App {
+        &self.app
     }
 }
 
-impl Harness {
-    async fn start(lease_seconds: u64, configure: impl FnOnce(&mut Settings)) -> Self {
-        sieve_shared::telemetry::init_test_tracing();
-        let store = tempfile::tempdir().unwrap();
-        let id = Uuid::now_v7().simple().to_string();
-        let tag = &id[id.len() - 12..];
-        let mut settings = Settings::default();
-        settings.database.url = format!("postgres://postgres@127.0.0.1:5432/sieve_test_{tag}");
-        settings.database.max_connections = 5;
-        settings.broker.prefix = format!("test-{tag}");
-        settings.redis.prefix = format!("test-{tag}");
-        settings.store.root = store.path().to_owned();
-        settings.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
-        settings.review.lease_seconds = lease_seconds;
-        configure(&mut settings);
-
-        db::create_database_if_missing(&settings.database.url)
-            .await
-            .unwrap();
-        let conn = db::connect(&settings.database).await.unwrap();
-        db::migrate(&conn).await.unwrap();
-        conn.close().await.unwrap();
-
+impl TestApp {
+    /// A sandbox with settings changed by `configure`, and the scheduler
+    /// serving on it. A `http.metrics_bind` that `configure` sets is bound
+    /// (port 0 picks one) and replaced by the address bound.
+    pub async fn start(configure: impl FnOnce(&mut Settings)) -> Self {
+        let mut sandbox = Sandbox::start(configure).await;
+        let settings = &mut sandbox.settings;
         let listener = TcpListener::bind(settings.http.bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         settings.http.api_url = format!("http://{addr}");
@@ -116,6 +79,7 @@ impl Harness {
             }
             None => None,
         };
+        let settings = settings.clone();
         let metrics_base = settings.http.metrics_bind.map(|a| format!("http://{a}"));
         let ctx = Context::connect(settings.clone()).await.unwrap();
         let stop = CancellationToken::new();
@@ -135,24 +99,73 @@ impl Harness {
                 http: reqwest::Client::new(),
             },
             stop,
-            server,
-            _store: store,
+            server: Some(server),
+            sandbox,
         }
     }
 
-    async fn teardown(self) {
+    /// The token that stops the server; whatever else a test starts beside
+    /// it (workers) can stop with it.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// The object-store directory.
+    pub fn store(&self) -> &std::path::Path {
+        self.sandbox.store.path()
+    }
+
+    /// Stop the server, wait until it drained, assert it ended without an
+    /// error; then remove the sandbox.
+    pub async fn shutdown(mut self) {
         self.stop.cancel();
-        self.server.await.unwrap().unwrap();
-        let settings = &self.app.settings;
-        let conn = sieve_shared::broker::connect(&settings.broker.url, "test teardown")
-            .await
-            .unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        context::topology(settings).delete(&channel).await.unwrap();
-        conn.close(200, "bye".into()).await.ok();
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
         self.app.ctx.db.clone().close().await.ok();
         self.app.ctx.claims.clone().close().await.ok();
-        db::drop_database(&settings.database.url).await.unwrap();
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Start a scheduler with review leases of `lease_seconds`, run `test`,
+/// then stop it and remove its sandbox, whatever happened; a panic in
+/// `test` is raised again after.
+pub async fn with_app<F, Fut>(lease_seconds: u64, test: F)
+where
+    F: FnOnce(App) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    with_app_configured(lease_seconds, |_| {}, test).await;
+}
+
+/// [`with_app`] with settings changed by `configure` first.
+pub async fn with_app_configured<C, F, Fut>(lease_seconds: u64, configure: C, test: F)
+where
+    C: FnOnce(&mut Settings),
+    F: FnOnce(App) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let app = TestApp::start(|settings| {
+        settings.review.lease_seconds = lease_seconds;
+        configure(settings);
+    })
+    .await;
+    let outcome = AssertUnwindSafe(test(app.app.clone())).catch_unwind().await;
+    match outcome {
+        Ok(()) => app.shutdown().await,
+        Err(panic) => {
+            drop(app);
+            std::panic::resume_unwind(panic);
+        }
     }
 }
 
@@ -169,16 +182,6 @@ pub struct SeededTask {
     pub source: String,
     /// The class index the model proposed.
     pub proposed: usize,
-}
-
-/// A small grey PNG, different for each `n`.
-pub fn png(n: usize) -> Vec<u8> {
-    let image = image::GrayImage::from_fn(28, 28, |x, y| {
-        image::Luma([((x * 9 + y * 5) as usize + n * 37) as u8])
-    });
-    let mut bytes = Cursor::new(Vec::new());
-    image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
-    bytes.into_inner()
 }
 
 impl App {
@@ -395,24 +398,5 @@ impl App {
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or_default())
-    }
-}
-
-/// Poll `check` until it returns `Some`, or fail after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
