@@ -7,16 +7,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use chrono::{Duration, Utc};
-use review_support::with_app;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use sieve_scheduler::auth::{self, Action, allows};
 use sieve_scheduler::entities::api_token::{self, Role};
 use sieve_scheduler::entities::review_task::TaskState;
 use sieve_shared::store::sha256_hex;
+use sieve_testkit::with_app;
 
 const ROLES: [Role; 4] = [Role::Reviewer, Role::Ml, Role::Ops, Role::Admin];
 

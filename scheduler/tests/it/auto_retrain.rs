@@ -4,9 +4,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use review_support::{App, with_app};
 use sea_orm::{ActiveValue::Set, EntityTrait};
 use serde_json::json;
 use sieve_scheduler::entities::api_token::Role;
@@ -15,6 +12,7 @@ use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects;
 use sieve_scheduler::routing;
 use sieve_scheduler::training::auto_retrain::{self, Outcome};
+use sieve_testkit::{App, with_app};
 
 /// Claim the next task and label it with its proposed class, over HTTP.
 async fn label_next(app: &App, token: &str, project: &str, classes: &[&str]) {

@@ -2,21 +2,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::Command;
 
-use common::TestDb;
 use sea_orm::{ConnectionTrait, Statement};
 use sieve_scheduler::db;
+use sieve_testkit::Sandbox;
 
 #[tokio::test]
 async fn migrating_twice_changes_nothing() {
-    let test = TestDb::new().await;
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
     let tables = || async {
-        test.conn
+        test.db
             .query_all_raw(Statement::from_string(
-                test.conn.get_database_backend(),
+                test.db.get_database_backend(),
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
             ))
             .await
@@ -29,12 +27,12 @@ async fn migrating_twice_changes_nothing() {
         "projects, items, predictions, labels, review_tasks, model_versions, training_runs, api_tokens"
     );
     assert_eq!(
-        db::migrate(&test.conn).await.unwrap(),
+        db::migrate(&test.db).await.unwrap(),
         0,
         "nothing pending the second time"
     );
     assert_eq!(tables().await, before);
-    test.drop().await;
+    drop(test);
 }
 
 /// The CLI's one-line error when a service is down: which service, which

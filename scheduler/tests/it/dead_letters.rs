@@ -8,12 +8,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::time::Duration;
 
 use lapin::options::BasicGetOptions;
-use review_support::{App, eventually, with_app};
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement};
 use sieve_scheduler::dispatch;
 use sieve_scheduler::entities::training_run::{self, RunState};
@@ -26,6 +23,7 @@ use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
 use sieve_shared::messages::{ModelArch, ModelRef, PrelabelJob, SCHEMA_VERSION, encode};
 use sieve_shared::retry;
 use sieve_shared::topology::Route;
+use sieve_testkit::{App, eventually, with_app};
 use uuid::Uuid;
 
 async fn sql(app: &App, statement: &str, values: Vec<sea_orm::Value>) {

@@ -5,20 +5,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod ingest_env;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ingest_env::{Env, item_ids, pngs};
 use sieve_scheduler::dispatch::{self, ControlChange, Sweep};
 use sieve_scheduler::ingest;
+use sieve_testkit::{ProjectEnv, item_ids, pngs};
 use uuid::Uuid;
 
 #[tokio::test]
 async fn a_paused_project_publishes_nothing_and_resume_publishes_each_waiting_item_once() {
-    let env = Env::start(4).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 4).await;
     let control = dispatch::pause(&env.ctx, &env.project).await.unwrap();
     assert!(control.paused);
 
@@ -85,7 +83,7 @@ async fn a_paused_project_publishes_nothing_and_resume_publishes_each_waiting_it
 
 #[tokio::test]
 async fn a_paused_rescore_waits_for_resume() {
-    let env = Env::start(4).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 4).await;
     let dir = tempfile::tempdir().unwrap();
     pngs(dir.path(), 1, 3);
     ingest::ingest_folder(&env.ctx, &env.project, dir.path(), false)
@@ -112,7 +110,7 @@ async fn a_paused_rescore_waits_for_resume() {
 
 #[tokio::test]
 async fn jobs_carry_the_priority_and_keep_to_the_rate_limit() {
-    let env = Env::start(4).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 4).await;
     let bad_rate = ControlChange {
         rate_limit: Some(Some(0.0)),
         ..Default::default()

@@ -5,12 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::collections::HashMap;
 use std::path::Path;
 
-use review_support::{App, png, with_app};
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::{self, Role};
@@ -22,6 +19,7 @@ use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::routing::calibration;
 use sieve_shared::messages::ModelArch;
+use sieve_testkit::{App, png, with_app};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

@@ -5,124 +5,38 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::ops::Deref;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
-use sieve_scheduler::context::{self, Context};
-use sieve_scheduler::db;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
-use sieve_scheduler::entities::model_version::{self, VersionStatus};
-use sieve_scheduler::entities::project as project_entity;
 use sieve_scheduler::ingest::prefix::Prefix;
 use sieve_scheduler::ingest::{self, IngestSummary};
-use sieve_scheduler::policy::Policy;
-use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
-use sieve_shared::Settings;
-use sieve_shared::messages::ModelArch;
+use sieve_testkit::ProjectEnv;
 use uuid::Uuid;
 
-struct Env {
-    settings: Settings,
-    ctx: Context,
-    project: Project,
-    _store: tempfile::TempDir,
+/// The kit's [`ProjectEnv`] (project `ingest`, batches of 3) with the
+/// lookups these tests share.
+struct Env(ProjectEnv);
+
+impl Deref for Env {
+    type Target = ProjectEnv;
+
+    fn deref(&self) -> &ProjectEnv {
+        &self.0
+    }
 }
 
 impl Env {
-    /// A fresh database and queue prefix, and a project (classes `cat`,
-    /// `dog`) with an active model, so ingest publishes jobs.
     async fn start(max_line_bytes: u64) -> Self {
-        sieve_shared::telemetry::init_test_tracing();
-        let store = tempfile::tempdir().unwrap();
-        let id = Uuid::now_v7().simple().to_string();
-        let tag = &id[id.len() - 12..];
-        let mut settings = Settings::default();
-        settings.database.url = format!("postgres://postgres@127.0.0.1:5432/sieve_test_{tag}");
-        settings.database.max_connections = 5;
-        settings.broker.prefix = format!("test-{tag}");
-        settings.redis.prefix = format!("test-{tag}");
-        settings.store.root = store.path().to_owned();
-        settings.ingest.batch_size = 3;
-        settings.ingest.max_line_bytes = max_line_bytes;
-        db::create_database_if_missing(&settings.database.url)
-            .await
-            .unwrap();
-        let conn = db::connect(&settings.database).await.unwrap();
-        db::migrate(&conn).await.unwrap();
-        conn.close().await.unwrap();
-        let ctx = Context::connect(settings.clone()).await.unwrap();
-
-        let project = projects::create(
-            &ctx.db,
-            &ProjectName::parse("ingest").unwrap(),
-            &ClassNames::parse(&["cat".into(), "dog".into()]).unwrap(),
-            &Policy::default(),
-            ModelArch::SmallCnn,
+        Self(
+            ProjectEnv::start("ingest", |settings| {
+                settings.ingest.batch_size = 3;
+                settings.ingest.max_line_bytes = max_line_bytes;
+            })
+            .await,
         )
-        .await
-        .unwrap();
-        let version = Uuid::now_v7();
-        model_version::Entity::insert(model_version::ActiveModel {
-            id: Set(version),
-            project_id: Set(project.id.as_uuid()),
-            version: Set(1),
-            parent_id: Set(None),
-            training_run_id: Set(None),
-            artifact_key: Set(Some("m".into())),
-            checksum: Set(Some("c".into())),
-            architecture: Set(None),
-            metrics: Set(None),
-            calibration: Set(None),
-            status: Set(VersionStatus::Active),
-            status_reason: Set(None),
-            created_at: Set(Utc::now().fixed_offset()),
-            activated_at: Set(Some(Utc::now().fixed_offset())),
-        })
-        .exec_without_returning(&ctx.db)
-        .await
-        .unwrap();
-        project_entity::Entity::update(project_entity::ActiveModel {
-            id: Set(project.id.as_uuid()),
-            active_model_version_id: Set(Some(version)),
-            ..Default::default()
-        })
-        .exec(&ctx.db)
-        .await
-        .unwrap();
-        let project = projects::get(&ctx.db, "ingest").await.unwrap();
-        Self {
-            settings,
-            ctx,
-            project,
-            _store: store,
-        }
-    }
-
-    /// Jobs waiting in the prelabel queue; waits briefly for it to settle
-    /// on `expected` so a lagging count does not flake, then reports it.
-    async fn jobs(&self, expected: u32) -> u32 {
-        let queue = self.ctx.topology().prelabel_queue();
-        let start = Instant::now();
-        loop {
-            let (ready, _) = sieve_shared::broker::queue_counts(&self.ctx.connection, &queue)
-                .await
-                .unwrap();
-            if ready == expected || start.elapsed() > Duration::from_secs(3) {
-                return ready;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn items(&self) -> Vec<item::Model> {
-        item::Entity::find()
-            .filter(item::Column::ProjectId.eq(self.project.id.as_uuid()))
-            .all(&self.ctx.db)
-            .await
-            .unwrap()
     }
 
     async fn item(&self, source_prefix: &str) -> item::Model {
@@ -147,16 +61,7 @@ impl Env {
     }
 
     async fn teardown(self) {
-        let channel = self.ctx.connection.create_channel().await.unwrap();
-        context::topology(&self.settings)
-            .delete(&channel)
-            .await
-            .unwrap();
-        self.ctx.connection.close(200, "bye".into()).await.ok();
-        self.ctx.db.clone().close().await.ok();
-        db::drop_database(&self.settings.database.url)
-            .await
-            .unwrap();
+        self.0.teardown().await;
     }
 }
 

@@ -6,14 +6,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::time::Duration;
 
-use review_support::{App, eventually, png, with_app, with_app_configured};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::Role;
+use sieve_testkit::{App, eventually, png, with_app, with_app_configured};
 
 async fn ingest(app: &App, token: &str, manifest: &str) -> Value {
     let (status, started) = app

@@ -13,80 +13,49 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod ingest_env;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ingest_env::{Env, pngs};
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::item::ItemState;
-use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::model_version::VersionStatus;
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::ingest;
 use sieve_scheduler::routing::results;
 use sieve_scheduler::training::registry;
-use sieve_shared::ids::{ItemId, JobId, ModelVersionId, ProjectId};
-use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION};
-use sieve_shared::scores::Scores;
+use sieve_shared::ids::ProjectId;
+use sieve_shared::messages::PrelabelResult;
+use sieve_testkit::{ProjectEnv, Scored, StubVersion, pngs};
 use uuid::Uuid;
 
 const IMAGES: u32 = 24;
 
 /// A confident result for `item` by `version`, as a worker sends it.
 fn scored(project: ProjectId, item: Uuid, version: Uuid) -> PrelabelResult {
-    PrelabelResult {
-        schema: SCHEMA_VERSION,
-        job_id: JobId::new(),
-        project_id: project,
-        item_id: ItemId::from_uuid(item),
-        model_version_id: ModelVersionId::from_uuid(version),
-        worker_id: "test".into(),
-        outcome: PrelabelOutcome::Scored(PredictionOutput {
-            probabilities: vec![0.99, 0.01],
-            member_votes: vec![0, 0, 0],
-            scores: Scores {
-                top_class: 0,
-                confidence: 0.99,
-                margin: 0.98,
-                entropy: 0.06,
-                disagreement: 0.0,
-                mutual_information: 0.0,
-            },
-            embedding: None,
-        }),
-    }
+    Scored::probabilities(vec![0.99, 0.01], 0)
+        .margin(0.98)
+        .entropy(0.06)
+        .result(project, version, item)
 }
 
 /// A candidate version 2, child of `v1`, ready to be activated.
-async fn candidate(env: &Env, v1: Uuid) -> Uuid {
-    let v2 = Uuid::now_v7();
-    model_version::Entity::insert(model_version::ActiveModel {
-        id: Set(v2),
-        project_id: Set(env.project.id.as_uuid()),
-        version: Set(2),
-        parent_id: Set(Some(v1)),
-        training_run_id: Set(None),
-        artifact_key: Set(Some("m2".into())),
-        checksum: Set(Some("c2".into())),
-        architecture: Set(None),
-        metrics: Set(None),
-        calibration: Set(None),
-        status: Set(VersionStatus::Candidate),
-        status_reason: Set(None),
-        created_at: Set(Utc::now().fixed_offset()),
-        activated_at: Set(None),
-    })
-    .exec_without_returning(&env.ctx.db)
+async fn candidate(env: &ProjectEnv, v1: Uuid) -> Uuid {
+    StubVersion {
+        number: 2,
+        parent: Some(v1),
+        status: VersionStatus::Candidate,
+        artifact_key: "m2".into(),
+        checksum: "c2".into(),
+        metrics: None,
+    }
+    .insert(&env.ctx.db, env.project.id.as_uuid())
     .await
-    .unwrap();
-    v2
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn items_ingested_around_an_activation_are_routed_by_the_new_version() {
-    let env = Env::start(4).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 4).await;
     let v1 = env.project.active_model_version_id.unwrap();
     let v2 = candidate(&env, v1).await;
     // A manifest of 24 images with a named pipe in the middle: batches of 4,
@@ -219,7 +188,7 @@ async fn a_batch_in_flight_holds_back_activations_and_early_results() {
     use sieve_scheduler::dispatch;
     use sieve_scheduler::entities::item;
 
-    let env = Env::start(4).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 4).await;
     let v1 = env.project.active_model_version_id.unwrap();
     let v2 = candidate(&env, v1).await;
 

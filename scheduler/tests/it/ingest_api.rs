@@ -7,14 +7,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::time::Duration;
 
-use review_support::{App, eventually, png, with_app};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::Role;
+use sieve_testkit::fixtures::png;
+use sieve_testkit::{App, eventually, with_app};
 use uuid::Uuid;
 
 /// Poll an ingest until it is no longer running; its last answer.

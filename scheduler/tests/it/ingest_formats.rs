@@ -4,11 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod ingest_env;
-
-use ingest_env::Env;
 use sieve_scheduler::entities::item::ItemState;
 use sieve_scheduler::ingest;
+use sieve_testkit::ProjectEnv;
 
 fn encode(format: image::ImageFormat, width: u32, height: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| {
@@ -21,7 +19,7 @@ fn encode(format: image::ImageFormat, width: u32, height: u32) -> Vec<u8> {
 
 #[tokio::test]
 async fn png_jpeg_webp_bmp_and_tiff_are_ingested_by_content() {
-    let env = Env::start(10).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 10).await;
     let dir = tempfile::tempdir().unwrap();
     let formats = [
         (image::ImageFormat::Png, 3),

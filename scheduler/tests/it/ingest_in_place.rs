@@ -7,15 +7,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod ingest_env;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ingest_env::{Env, pngs};
 use sieve_scheduler::entities::item::ItemState;
 use sieve_scheduler::ingest;
 use sieve_shared::store::{image_key, sha256_hex};
+use sieve_testkit::{ProjectEnv, pngs};
 
 /// Every file under `dir` (none if it does not exist).
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -35,7 +33,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The project's items by object key: (source file name, state, hash).
-async fn items_by_key(env: &Env) -> BTreeMap<String, (String, ItemState, String)> {
+async fn items_by_key(env: &ProjectEnv) -> BTreeMap<String, (String, ItemState, String)> {
     env.items()
         .await
         .into_iter()
@@ -60,7 +58,8 @@ async fn a_folder_inside_the_store_is_referenced_in_place_once() {
     // The store's root is named through a symlink: the folder is found
     // inside it by canonical paths, not by how either was written.
     let links = tempfile::tempdir().unwrap();
-    let env = Env::start_with(3, |settings| {
+    let env = ProjectEnv::start("control", |settings| {
+        settings.ingest.batch_size = 3;
         let link = links.path().join("store");
         std::os::unix::fs::symlink(&settings.store.root, &link).unwrap();
         settings.store.root = link;
@@ -148,7 +147,7 @@ async fn a_folder_inside_the_store_is_referenced_in_place_once() {
 
 #[tokio::test]
 async fn a_folder_outside_the_store_is_copied_and_its_copies_win_later() {
-    let env = Env::start(3).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 3).await;
     let outside = tempfile::tempdir().unwrap();
     pngs(outside.path(), 0, 4);
 
@@ -191,7 +190,7 @@ async fn a_folder_outside_the_store_is_copied_and_its_copies_win_later() {
 
 #[tokio::test]
 async fn files_whose_path_is_no_usable_key_are_copied() {
-    let env = Env::start(10).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 10).await;
     let folder = env.store.path().join("incoming/odd");
     std::fs::create_dir_all(&folder).unwrap();
     pngs(&folder, 0, 3);
@@ -240,7 +239,7 @@ async fn files_whose_path_is_no_usable_key_are_copied() {
 
 #[tokio::test]
 async fn a_manifest_of_paths_under_the_store_references_them_in_place() {
-    let env = Env::start(10).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 10).await;
     let uploads = env.store.path().join("uploads");
     std::fs::create_dir_all(&uploads).unwrap();
     pngs(&uploads, 0, 2);

@@ -5,21 +5,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod ingest_env;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ingest_env::{Env, item_ids, pngs};
 use sieve_scheduler::dispatch::{self, Sweep};
 use sieve_scheduler::ingest::runs::{self, RunState};
 use sieve_shared::store::image_key;
+use sieve_testkit::{ProjectEnv, item_ids, pngs};
 
 const IMAGES: u32 = 4000;
 
 /// `sieve ingest DIR` against the test's database, queues and store.
-fn sieve_ingest(env: &Env, dir: &std::path::Path) -> Command {
+fn sieve_ingest(env: &ProjectEnv, dir: &std::path::Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sieve"));
     command
         .arg("ingest")
@@ -38,7 +36,7 @@ fn sieve_ingest(env: &Env, dir: &std::path::Path) -> Command {
 
 #[tokio::test]
 async fn an_ingest_killed_half_way_and_run_again_has_every_image_once_and_published() {
-    let env = Env::start(10).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 10).await;
     let dir = tempfile::tempdir().unwrap();
     pngs(dir.path(), 0, IMAGES);
 

@@ -7,18 +7,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod ingest_env;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ingest_env::Env;
 use sieve_scheduler::entities::item::ItemState;
 use sieve_scheduler::ingest::prefix::{self, Prefix};
 use sieve_scheduler::ingest::{self, Options, Source};
 use sieve_shared::settings::Secret;
 use sieve_shared::store::{image_key, sha256_hex};
+use sieve_testkit::ProjectEnv;
 
 /// Where `ops/install-deps.sh` puts moto's server.
 const MOTO: &str = "/var/tmp/sieve-moto/bin/moto_server";
@@ -97,7 +95,8 @@ async fn a_bucket_prefix_is_copied_in_once_and_its_bad_objects_are_reported() {
     let moto = Moto::start().await;
     moto.create_bucket("photos").await;
     let endpoint = moto.endpoint.clone();
-    let env = Env::start_with(2, |settings| {
+    let env = ProjectEnv::start("control", |settings| {
+        settings.ingest.batch_size = 2;
         settings.s3.endpoint = Some(endpoint);
         settings.s3.allow_http = true;
         settings.s3.access_key_id = Some("AKIAMOTOTEST".into());

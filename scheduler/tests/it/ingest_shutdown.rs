@@ -8,21 +8,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod ingest_env;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use ingest_env::{Env, pngs};
 use sieve_scheduler::ingest::runs::{self, RunState};
 use sieve_scheduler::ingest::{self, Source};
+use sieve_testkit::{ProjectEnv, pngs};
 use uuid::Uuid;
 
 const IMAGES: u32 = 12;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_interrupts_a_running_ingest_and_a_rerun_completes_it() {
-    let env = Env::start(3).await;
+    let env = ProjectEnv::start("control", |s| s.ingest.batch_size = 3).await;
     let dir = tempfile::tempdir().unwrap();
     pngs(dir.path(), 1, IMAGES);
     let gate = dir.path().join("gate.png");

@@ -4,11 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use review_support::with_app;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sieve_scheduler::entities::api_token::Role;
+use sieve_testkit::with_app;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_image_is_streamed_whole() {

@@ -5,14 +5,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use review_support::{App, with_app};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::review_task::TaskState;
 use sieve_scheduler::entities::{label, project};
+use sieve_testkit::{App, with_app};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A JSON object of exactly `len` bytes: `{"pad":"xxx…"}` merged into `base`.

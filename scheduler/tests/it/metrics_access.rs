@@ -5,14 +5,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::net::SocketAddr;
 
-use review_support::{App, with_app, with_app_configured};
 use sieve_scheduler::auth;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::projects;
+use sieve_testkit::{App, with_app, with_app_configured};
 
 const CLASSES: [&str; 2] = ["cat", "dog"];
 

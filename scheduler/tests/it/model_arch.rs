@@ -6,10 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use lapin::options::BasicGetOptions;
-use review_support::{App, with_app};
 use sea_orm::{ActiveValue::Set, ConnectionTrait, DbBackend, EntityTrait, Statement};
 use serde_json::json;
 use sieve_scheduler::entities::api_token::Role;
@@ -24,6 +21,7 @@ use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{
     ModelArch, Snapshot, SnapshotExample, TrainJob, TrainMode, TrainParams, decode,
 };
+use sieve_testkit::{App, with_app};
 use uuid::Uuid;
 
 /// Every training job waiting on the test's train queue.

@@ -4,10 +4,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use chrono::Utc;
-use review_support::with_app;
 use sea_orm::{ActiveValue::Set, EntityTrait};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::project;
@@ -15,6 +11,8 @@ use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, ProjectName};
 use sieve_scheduler::training::registry;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch};
+use sieve_testkit::StubVersion;
+use sieve_testkit::with_app;
 use uuid::Uuid;
 
 fn metrics(accuracy: f64, base_accuracy: Option<f64>) -> serde_json::Value {
@@ -36,27 +34,16 @@ async fn version(
     status: VersionStatus,
     metrics: serde_json::Value,
 ) -> Uuid {
-    let id = Uuid::now_v7();
-    model_version::Entity::insert(model_version::ActiveModel {
-        id: Set(id),
-        project_id: Set(project),
-        version: Set(number),
-        parent_id: Set(parent),
-        training_run_id: Set(None),
-        artifact_key: Set(Some(format!("models/{number}.bin"))),
-        checksum: Set(Some("00".into())),
-        architecture: Set(None),
-        metrics: Set(Some(metrics)),
-        calibration: Set(None),
-        status: Set(status),
-        status_reason: Set(None),
-        created_at: Set(Utc::now().fixed_offset()),
-        activated_at: Set((status == VersionStatus::Active).then(|| Utc::now().fixed_offset())),
-    })
-    .exec_without_returning(db)
+    StubVersion {
+        number,
+        parent,
+        status,
+        artifact_key: format!("models/{number}.bin"),
+        checksum: "00".into(),
+        metrics: Some(metrics),
+    }
+    .insert(db, project)
     .await
-    .unwrap();
-    id
 }
 
 /// A project whose version 1 is active with `accuracy` recorded: its id and

@@ -3,10 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use chrono::{DateTime, Utc};
-use review_support::{App, with_app};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait,
 };
@@ -15,6 +12,7 @@ use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::review_task::TaskState;
+use sieve_testkit::{App, with_app};
 use uuid::Uuid;
 
 const CLASSES: [&str; 3] = ["cat", "dog", "bird"];
@@ -93,7 +91,7 @@ async fn show_task_gives_the_image_the_proposal_and_the_reason() {
         assert_eq!(image.headers()["x-content-type-options"], "nosniff");
         assert_eq!(
             image.bytes().await.unwrap().as_ref(),
-            review_support::png(0).as_slice()
+            sieve_testkit::png(0).as_slice()
         );
 
         assert_eq!(app.get(&path, "not-a-token").await.0, 401);

@@ -4,16 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use chrono::Utc;
-use review_support::{App, with_app};
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::review_task::{self, TaskReason, TaskState};
+use sieve_testkit::{App, with_app};
 use uuid::Uuid;
 
 const CLASSES: [&str; 3] = ["cat", "dog", "bird"];

@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use review_support::{App, with_app};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::review_task::TaskState;
+use sieve_testkit::{App, with_app};
 use uuid::Uuid;
 
 const CLASSES: [&str; 3] = ["cat", "dog", "bird"];

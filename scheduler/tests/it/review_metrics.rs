@@ -4,14 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use review_support::{App, with_app};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::json;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::operate::status;
 use sieve_scheduler::routing::calibration;
+use sieve_testkit::{App, with_app};
 
 const CLASSES: [&str; 3] = ["cat", "dog", "bird"];
 

@@ -9,8 +9,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,17 +16,17 @@ use std::time::{Duration, Instant};
 use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
-use review_support::{App, eventually, with_app};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::review_task::TaskState;
+use sieve_testkit::{App, eventually, with_app};
 use uuid::Uuid;
 
-const SCRIPT: &str = include_str!("../assets/review.js");
-const PAGE: &str = include_str!("../assets/review.html");
+const SCRIPT: &str = include_str!("../../assets/review.js");
+const PAGE: &str = include_str!("../../assets/review.html");
 
 /// A class name that would run script if the page ever parsed data as HTML.
 const HOSTILE: &str = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>";
@@ -259,12 +257,7 @@ async fn a_reviewer_labels_from_the_keyboard_in_chromium() {
     .await;
 }
 
-async fn session(
-    app: &App,
-    browser: &Client,
-    token: &str,
-    tasks: [&review_support::SeededTask; 3],
-) {
+async fn session(app: &App, browser: &Client, token: &str, tasks: [&sieve_testkit::SeededTask; 3]) {
     let [first, second, third] = tasks;
     browser
         .goto(&app.url("/review?project=pets"))

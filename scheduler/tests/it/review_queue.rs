@@ -3,13 +3,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::TestDb;
 use sea_orm::{ActiveValue::Set, EntityTrait, PaginatorTrait};
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label;
@@ -20,11 +17,12 @@ use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::review::{self, Submission};
 use sieve_shared::ids::TaskId;
 use sieve_shared::messages::ModelArch;
+use sieve_testkit::Sandbox;
 use uuid::Uuid;
 
-async fn project_with_tasks(test: &TestDb, tasks: usize) -> Project {
+async fn project_with_tasks(test: &Sandbox, tasks: usize) -> Project {
     let project = projects::create(
-        &test.conn,
+        &test.db,
         &ProjectName::parse("queue").unwrap(),
         &ClassNames::parse(&["cat".into(), "dog".into()]).unwrap(),
         &Policy::default(),
@@ -34,7 +32,7 @@ async fn project_with_tasks(test: &TestDb, tasks: usize) -> Project {
     .unwrap();
     let now = Utc::now().fixed_offset();
     for i in 0..tasks {
-        let item_id = common::insert_item(&test.conn, &project, i, ItemState::InReview).await;
+        let item_id = sieve_testkit::insert_item(&test.db, &project, i, ItemState::InReview).await;
         review_task::Entity::insert(review_task::ActiveModel {
             id: Set(Uuid::now_v7()),
             project_id: Set(project.id.as_uuid()),
@@ -50,7 +48,7 @@ async fn project_with_tasks(test: &TestDb, tasks: usize) -> Project {
             updated_at: Set(now),
             closed_at: Set(None),
         })
-        .exec_without_returning(&test.conn)
+        .exec_without_returning(&test.db)
         .await
         .unwrap();
     }
@@ -59,10 +57,10 @@ async fn project_with_tasks(test: &TestDb, tasks: usize) -> Project {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_claimers_never_get_the_same_task() {
-    let test = TestDb::new().await;
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
     let project = project_with_tasks(&test, 60).await;
     let claimers = (0..8).map(|n| {
-        let db = test.conn.clone();
+        let db = test.db.clone();
         let project = project.clone();
         tokio::spawn(async move {
             let mut mine = Vec::new();
@@ -88,14 +86,14 @@ async fn concurrent_claimers_never_get_the_same_task() {
     );
     assert_eq!(all.len(), 60, "every task claimed");
     assert_eq!(unique.len(), 60, "no task claimed twice");
-    test.drop().await;
+    drop(test);
 }
 
 #[tokio::test]
 async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
-    let test = TestDb::new().await;
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
     let project = project_with_tasks(&test, 3).await;
-    let db = &test.conn;
+    let db = &test.db;
 
     // Priority 2 is the most uncertain of 0, 1, 2.
     let slow = review::claim_next(db, &project, "slow", Duration::ZERO)
@@ -193,5 +191,5 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
     )
     .await;
     assert!(matches!(missing, Err(AppError::NotFound(_))));
-    test.drop().await;
+    drop(test);
 }

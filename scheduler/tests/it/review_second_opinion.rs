@@ -8,9 +8,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use review_support::{App, with_app};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, Statement,
 };
@@ -19,6 +16,7 @@ use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::review_task::{self, TaskReason, TaskState};
+use sieve_testkit::{App, with_app};
 use uuid::Uuid;
 
 const CLASSES: [&str; 3] = ["cat", "dog", "bird"];

@@ -6,44 +6,21 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use rand::seq::SliceRandom;
-use sea_orm::{ActiveValue::Set, ConnectionTrait, DbBackend, EntityTrait, Statement};
-use sieve_scheduler::context::{self, Context};
-use sieve_scheduler::db;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use sieve_scheduler::context::Context;
 use sieve_scheduler::entities::item::ItemState;
-use sieve_scheduler::entities::model_version::{self, VersionStatus};
-use sieve_scheduler::entities::project;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::routing::results;
-use sieve_shared::Settings;
-use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
-use sieve_shared::messages::{
-    ModelArch, PredictionOutput, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION,
-};
-use sieve_shared::scores::Scores;
+use sieve_shared::messages::{ModelArch, PrelabelResult};
+use sieve_testkit::{Sandbox, Scored};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const ITEMS: usize = 400;
-
-fn settings() -> Settings {
-    let id = Uuid::now_v7().simple().to_string();
-    let tag = &id[id.len() - 12..];
-    let mut settings = Settings::default();
-    settings.database.url = format!("postgres://postgres@127.0.0.1:5432/sieve_test_{tag}");
-    settings.database.max_connections = 5;
-    settings.broker.prefix = format!("test-{tag}");
-    settings.redis.prefix = format!("test-{tag}");
-    // Small batches, so both consumers get many.
-    settings.review.results_batch = 16;
-    settings
-}
 
 /// A project whose active version is trained (routes by the policy), with a
 /// fixed threshold of 0.9 and no audits, so routing is decided by hand.
@@ -61,64 +38,14 @@ async fn project_with_model(db: &sea_orm::DatabaseConnection) -> (Project, Uuid)
     )
     .await
     .unwrap();
-    let version = Uuid::now_v7();
-    model_version::Entity::insert(model_version::ActiveModel {
-        id: Set(version),
-        project_id: Set(project.id.as_uuid()),
-        version: Set(1),
-        parent_id: Set(None),
-        training_run_id: Set(None),
-        artifact_key: Set(Some("m".into())),
-        checksum: Set(Some("c".into())),
-        architecture: Set(None),
-        metrics: Set(None),
-        calibration: Set(None),
-        status: Set(VersionStatus::Active),
-        status_reason: Set(None),
-        created_at: Set(Utc::now().fixed_offset()),
-        activated_at: Set(Some(Utc::now().fixed_offset())),
-    })
-    .exec_without_returning(db)
-    .await
-    .unwrap();
-    project::Entity::update(project::ActiveModel {
-        id: Set(project.id.as_uuid()),
-        active_model_version_id: Set(Some(version)),
-        ..Default::default()
-    })
-    .exec(db)
-    .await
-    .unwrap();
-    (projects::get(db, "scale-out").await.unwrap(), version)
+    sieve_testkit::activate_stub(db, &project, None).await
 }
 
 /// Item `n`'s result: sure of class `n % 3` for even `n`, unsure for odd.
 fn result(project: &Project, version: Uuid, item: Uuid, n: usize) -> PrelabelResult {
     let class = (n % 3) as u32;
     let confidence = if n.is_multiple_of(2) { 0.97 } else { 0.5 };
-    let mut probabilities = vec![(1.0 - confidence) / 2.0; 3];
-    probabilities[class as usize] = confidence;
-    PrelabelResult {
-        schema: SCHEMA_VERSION,
-        job_id: JobId::new(),
-        project_id: project.id,
-        item_id: ItemId::from_uuid(item),
-        model_version_id: ModelVersionId::from_uuid(version),
-        worker_id: "test".into(),
-        outcome: PrelabelOutcome::Scored(PredictionOutput {
-            probabilities,
-            member_votes: vec![class, class, class],
-            scores: Scores {
-                top_class: class,
-                confidence,
-                margin: 0.5,
-                entropy: 0.5,
-                disagreement: 0.0,
-                mutual_information: 0.0,
-            },
-            embedding: None,
-        }),
-    }
+    Scored::class(class, confidence, 3).result(project.id, version, item)
 }
 
 async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
@@ -132,17 +59,14 @@ async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_result_consumers_give_the_outcome_of_one() {
-    sieve_shared::telemetry::init_test_tracing();
-    let settings = settings();
-    db::create_database_if_missing(&settings.database.url)
-        .await
-        .unwrap();
-    let conn = db::connect(&settings.database).await.unwrap();
-    db::migrate(&conn).await.unwrap();
+    // Small batches, so both consumers get many.
+    let sandbox = Sandbox::start(|s| s.review.results_batch = 16).await;
+    let settings = sandbox.settings.clone();
+    let conn = sandbox.db.clone();
     let (project, version) = project_with_model(&conn).await;
     let mut items = Vec::with_capacity(ITEMS);
     for n in 0..ITEMS {
-        items.push(common::insert_item(&conn, &project, n, ItemState::Queued).await);
+        items.push(sieve_testkit::insert_item(&conn, &project, n, ItemState::Queued).await);
     }
 
     // Two schedulers: each its own context (pool, publisher) and consuming
@@ -287,11 +211,8 @@ async fn two_result_consumers_give_the_outcome_of_one() {
     }
 
     for ctx in &contexts {
-        let channel = ctx.connection.create_channel().await.unwrap();
-        context::topology(&settings).delete(&channel).await.ok();
         ctx.db.clone().close().await.ok();
     }
-    conn.close().await.ok();
-    db::drop_database(&settings.database.url).await.unwrap();
+    drop(sandbox);
     assert!(wrong.is_empty(), "{wrong:#?}");
 }

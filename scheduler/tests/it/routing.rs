@@ -5,36 +5,27 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use chrono::Utc;
-use common::TestDb;
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::item::{self, ItemState};
-use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::label;
 use sieve_scheduler::entities::review_task::{self, TaskReason};
-use sieve_scheduler::entities::{label, project};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::routing::calibration;
 use sieve_scheduler::routing::results::{self, Applied};
-use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
-use sieve_shared::messages::{
-    HoldoutEvaluation, HoldoutMetrics, ModelArch, PredictionOutput, PrelabelOutcome,
-    PrelabelResult, SCHEMA_VERSION,
-};
-use sieve_shared::scores::Scores;
+use sieve_shared::messages::{HoldoutEvaluation, HoldoutMetrics, ModelArch, PrelabelResult};
+use sieve_testkit::{Sandbox, Scored};
 use uuid::Uuid;
 
 /// A project with an active model version whose holdout evaluation is
 /// `evaluations`, calibrated for `policy`.
 async fn project_with_model(
-    test: &TestDb,
+    test: &Sandbox,
     policy: Policy,
     evaluations: Vec<HoldoutEvaluation>,
 ) -> (Project, Uuid) {
     let project = projects::create(
-        &test.conn,
+        &test.db,
         &ProjectName::parse("routing").unwrap(),
         &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
         &policy,
@@ -42,7 +33,6 @@ async fn project_with_model(
     )
     .await
     .unwrap();
-    let version = Uuid::now_v7();
     let metrics = HoldoutMetrics {
         holdout_size: evaluations.len() as u32,
         accuracy: None,
@@ -51,41 +41,20 @@ async fn project_with_model(
         evaluations,
         base_accuracy: None,
     };
-    model_version::Entity::insert(model_version::ActiveModel {
-        id: Set(version),
-        project_id: Set(project.id.as_uuid()),
-        version: Set(1),
-        parent_id: Set(None),
-        training_run_id: Set(None),
-        artifact_key: Set(Some("m".into())),
-        checksum: Set(Some("c".into())),
-        architecture: Set(None),
-        metrics: Set(Some(serde_json::to_value(&metrics).unwrap())),
-        calibration: Set(None),
-        status: Set(VersionStatus::Active),
-        status_reason: Set(None),
-        created_at: Set(Utc::now().fixed_offset()),
-        activated_at: Set(Some(Utc::now().fixed_offset())),
-    })
-    .exec_without_returning(&test.conn)
-    .await
-    .unwrap();
-    project::Entity::update(project::ActiveModel {
-        id: Set(project.id.as_uuid()),
-        active_model_version_id: Set(Some(version)),
-        ..Default::default()
-    })
-    .exec(&test.conn)
-    .await
-    .unwrap();
-    calibration::refresh(&test.conn, &policy, version, 3)
+    let (_, version) = sieve_testkit::activate_stub(
+        &test.db,
+        &project,
+        Some(serde_json::to_value(&metrics).unwrap()),
+    )
+    .await;
+    calibration::refresh(&test.db, &policy, version, 3)
         .await
         .unwrap();
-    (projects::get(&test.conn, "routing").await.unwrap(), version)
+    (projects::get(&test.db, "routing").await.unwrap(), version)
 }
 
-async fn queued_item(test: &TestDb, project: &Project, n: usize) -> Uuid {
-    common::insert_item(&test.conn, project, n, ItemState::Queued).await
+async fn queued_item(test: &Sandbox, project: &Project, n: usize) -> Uuid {
+    sieve_testkit::insert_item(&test.db, project, n, ItemState::Queued).await
 }
 
 fn result(
@@ -96,34 +65,14 @@ fn result(
     confidence: f32,
     disagreement: f32,
 ) -> PrelabelResult {
-    let mut probabilities = vec![(1.0 - confidence) / 2.0; 3];
-    probabilities[class as usize] = confidence;
-    PrelabelResult {
-        schema: SCHEMA_VERSION,
-        job_id: JobId::new(),
-        project_id: project.id,
-        item_id: ItemId::from_uuid(item),
-        model_version_id: ModelVersionId::from_uuid(version),
-        worker_id: "test".into(),
-        outcome: PrelabelOutcome::Scored(PredictionOutput {
-            probabilities,
-            member_votes: vec![class, class, class],
-            scores: Scores {
-                top_class: class,
-                confidence,
-                margin: 0.5,
-                entropy: 0.5,
-                disagreement,
-                mutual_information: 0.0,
-            },
-            embedding: None,
-        }),
-    }
+    Scored::class(class, confidence, 3)
+        .disagreement(disagreement)
+        .result(project.id, version, item)
 }
 
 #[tokio::test]
 async fn target_accuracy_routes_as_computed_by_hand() {
-    let test = TestDb::new().await;
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
     // The hand-worked evidence of calibration.rs: class 0 has 200 holdout
     // predictions, the 150 most confident (0.999 .. 0.850) all right, then
     // alternating; class 1 has 20, all right — too few for 0.97 at 95%.
@@ -161,10 +110,7 @@ async fn target_accuracy_routes_as_computed_by_hand() {
         ..Policy::default()
     };
     let (project, version) = project_with_model(&test, policy, evidence).await;
-    let stored = calibration::load(&test.conn, version)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = calibration::load(&test.db, version).await.unwrap().unwrap();
     assert!(
         (stored.thresholds[0].unwrap() - 0.85).abs() < 1e-6,
         "{stored:?}"
@@ -191,11 +137,11 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             *disagreement,
         ));
     }
-    let outcomes = results::apply(&test.conn, &batch).await.unwrap();
+    let outcomes = results::apply(&test.db, &batch).await.unwrap();
     let expected: Vec<Applied> = cases.iter().map(|c| c.3).collect();
     assert_eq!(outcomes, expected);
     let reasons: Vec<TaskReason> = review_task::Entity::find()
-        .all(&test.conn)
+        .all(&test.db)
         .await
         .unwrap()
         .into_iter()
@@ -217,19 +163,19 @@ async fn target_accuracy_routes_as_computed_by_hand() {
     );
 
     // Redelivered: nothing changes.
-    let again = results::apply(&test.conn, &batch).await.unwrap();
+    let again = results::apply(&test.db, &batch).await.unwrap();
     assert!(again.iter().all(|o| *o == Applied::Duplicate), "{again:?}");
-    assert_eq!(label::Entity::find().count(&test.conn).await.unwrap(), 2);
+    assert_eq!(label::Entity::find().count(&test.db).await.unwrap(), 2);
     assert_eq!(
-        review_task::Entity::find().count(&test.conn).await.unwrap(),
+        review_task::Entity::find().count(&test.db).await.unwrap(),
         4
     );
-    test.drop().await;
+    drop(test);
 }
 
 #[tokio::test]
 async fn audit_sampling_holds_its_rate() {
-    let test = TestDb::new().await;
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
     let policy = Policy {
         confidence_threshold: 0.5,
         audit_rate: 0.1,
@@ -243,21 +189,21 @@ async fn audit_sampling_holds_its_rate() {
         batch.push(result(&project, version, item, 0, 0.9, 0.0));
     }
     for chunk in batch.chunks(200) {
-        results::apply(&test.conn, chunk).await.unwrap();
+        results::apply(&test.db, chunk).await.unwrap();
     }
     let audits = review_task::Entity::find()
         .filter(review_task::Column::Reason.eq(TaskReason::Audit))
-        .count(&test.conn)
+        .count(&test.db)
         .await
         .unwrap();
     let samples = review_task::Entity::find()
         .filter(review_task::Column::Reason.eq(TaskReason::Sample))
-        .count(&test.conn)
+        .count(&test.db)
         .await
         .unwrap();
     let machine = item::Entity::find()
         .filter(item::Column::State.eq(ItemState::AutoLabeled))
-        .count(&test.conn)
+        .count(&test.db)
         .await
         .unwrap();
     // Audits: Binomial(2000, 0.1), mean 200, sd 13.4; four sd either side.
@@ -271,5 +217,5 @@ async fn audit_sampling_holds_its_rate() {
         n as u64,
         "every confident item is machine-labeled, audited or in the sample"
     );
-    test.drop().await;
+    drop(test);
 }

@@ -12,11 +12,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::time::Duration;
 
-use review_support::{App, eventually, with_app};
 use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, Statement};
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::prediction;
@@ -27,6 +24,7 @@ use sieve_shared::messages::{
     PredictionOutput, PrelabelOutcome, PrelabelResult, PrelabelResults, SCHEMA_VERSION,
 };
 use sieve_shared::scores::Scores;
+use sieve_testkit::{App, eventually, with_app};
 use uuid::Uuid;
 
 /// A second version of `project`, made active, so results by it route.
@@ -93,7 +91,7 @@ async fn a_poison_result_is_dead_lettered_and_the_rest_is_routed() {
             active_version(&app, a.project.id).await,
             active_version(&app, b.project.id).await,
         );
-        let item = |seeded: &review_support::Seeded, i: usize| seeded.tasks[i].item_id;
+        let item = |seeded: &sieve_testkit::Seeded, i: usize| seeded.tasks[i].item_id;
 
         // One batch, as a worker sends it: a good result, a result naming a
         // version that does not exist, one PostgreSQL refuses (a NUL byte in

@@ -4,32 +4,27 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TestDb;
 use sieve_scheduler::auth;
 use sieve_scheduler::entities::api_token::Role;
+use sieve_testkit::Sandbox;
 
 #[tokio::test]
 async fn tokens_never_reach_the_logs() {
-    let test = TestDb::new().await;
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let prefix = format!("test-{}", &id[id.len() - 12..]);
-    let store = tempfile::tempdir().unwrap();
     let logs = tempfile::NamedTempFile::new().unwrap();
     let mut serve = Command::new(env!("CARGO_BIN_EXE_sieve"))
         .arg("serve")
-        .env("SIEVE_DATABASE__URL", &test.settings.url)
-        .env("SIEVE_BROKER__PREFIX", &prefix)
-        .env("SIEVE_STORE__ROOT", store.path())
+        .env("SIEVE_DATABASE__URL", &test.settings.database.url)
+        .env("SIEVE_BROKER__PREFIX", &test.settings.broker.prefix)
+        .env("SIEVE_STORE__ROOT", test.store.path())
         .env("SIEVE_HTTP__BIND", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "trace")
         .stdout(Stdio::from(logs.reopen().unwrap()))
@@ -37,7 +32,7 @@ async fn tokens_never_reach_the_logs() {
         .spawn()
         .unwrap();
 
-    let token = auth::create_token(&test.conn, "secret-holder", Role::Reviewer)
+    let token = auth::create_token(&test.db, "secret-holder", Role::Reviewer)
         .await
         .unwrap();
     let wrong = format!("{token}x");
@@ -92,15 +87,6 @@ async fn tokens_never_reach_the_logs() {
         !output.contains(&wrong),
         "an invalid token appeared in the logs"
     );
-    // Remove the queues this server declared, then the database.
-    let conn =
-        sieve_shared::broker::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "secrets test")
-            .await
-            .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    sieve_shared::topology::Topology::new(&prefix, 5)
-        .delete(&channel)
-        .await
-        .unwrap();
-    test.drop().await;
+    // The sandbox removes the queues this server declared, and the database.
+    drop(test);
 }

@@ -4,9 +4,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use review_support::with_app;
 use sea_orm::{ActiveValue::Set, EntityTrait};
 use serde_json::json;
 use sieve_scheduler::entities::api_token::Role;
@@ -15,6 +12,7 @@ use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::review_task::{self, TaskReason};
 use sieve_scheduler::training;
 use sieve_shared::messages::{Snapshot, Split, TrainParams};
+use sieve_testkit::with_app;
 
 #[tokio::test]
 async fn audit_sample_is_holdout_and_random_picks_are_flagged() {
@@ -106,7 +104,7 @@ async fn audit_sample_is_holdout_and_random_picks_are_flagged() {
 /// Write a label for `item` as `source` and put the item in the state that
 /// label leaves it in, as routing or a submit would.
 async fn label(
-    app: &review_support::App,
+    app: &sieve_testkit::App,
     item: uuid::Uuid,
     class_index: i32,
     source: LabelSource,

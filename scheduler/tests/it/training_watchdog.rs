@@ -7,12 +7,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::sync::Arc;
 
 use lapin::options::QueuePurgeOptions;
-use review_support::{App, with_app};
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement};
 use serde_json::json;
 use sieve_scheduler::context::Context;
@@ -25,6 +22,7 @@ use sieve_scheduler::training::auto_retrain::{self, Outcome};
 use sieve_scheduler::training::{self, watchdog};
 use sieve_shared::broker;
 use sieve_shared::messages::ModelArch;
+use sieve_testkit::{App, with_app};
 use uuid::Uuid;
 
 /// The app's context with runs stuck after 2 s.

@@ -6,16 +6,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TestDb;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sieve_scheduler::auth;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::lease;
+use sieve_testkit::Sandbox;
 
 struct Serve {
     child: Child,
@@ -30,14 +28,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn serve(test: &TestDb, prefix: &str, store: &std::path::Path) -> Serve {
+fn serve(test: &Sandbox) -> Serve {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_sieve"))
         .arg("serve")
-        .env("SIEVE_DATABASE__URL", &test.settings.url)
-        .env("SIEVE_BROKER__PREFIX", prefix)
-        .env("SIEVE_REDIS__PREFIX", prefix)
-        .env("SIEVE_STORE__ROOT", store)
+        .env("SIEVE_DATABASE__URL", &test.settings.database.url)
+        .env("SIEVE_BROKER__PREFIX", &test.settings.broker.prefix)
+        .env("SIEVE_REDIS__PREFIX", &test.settings.redis.prefix)
+        .env("SIEVE_STORE__ROOT", test.store.path())
         .env("SIEVE_HTTP__BIND", format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -65,9 +63,9 @@ where
 }
 
 /// The process id in the background lease's holder (`host-pid-tail`).
-async fn holder_pid(test: &TestDb) -> Option<u32> {
+async fn holder_pid(test: &Sandbox) -> Option<u32> {
     let row = test
-        .conn
+        .db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT holder FROM scheduler_leases WHERE name = $1 AND expires_at > now()",
@@ -88,19 +86,13 @@ fn signal(child: &Child, signal: &str) {
 
 #[tokio::test]
 async fn two_schedulers_share_the_api_and_one_runs_the_background_loops() {
-    let test = TestDb::new().await;
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    let prefix = format!("test-{}", &id[id.len() - 12..]);
-    let store = tempfile::tempdir().unwrap();
-    let token = auth::create_token(&test.conn, "olga", Role::Ops)
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
+    let token = auth::create_token(&test.db, "olga", Role::Ops)
         .await
         .unwrap();
     let http = reqwest::Client::new();
 
-    let mut servers = vec![
-        serve(&test, &prefix, store.path()),
-        serve(&test, &prefix, store.path()),
-    ];
+    let mut servers = vec![serve(&test), serve(&test)];
     // Both answer the API.
     for s in &servers {
         until(
@@ -148,7 +140,7 @@ async fn two_schedulers_share_the_api_and_one_runs_the_background_loops() {
 
     // A new scheduler joins, and the holder is killed: the lease passes once
     // it expires, never to two at once.
-    servers.push(serve(&test, &prefix, store.path()));
+    servers.push(serve(&test));
     let third = servers[1].child.id();
     let mut killed = servers.remove(0);
     signal(&killed.child, "-KILL");
@@ -164,14 +156,7 @@ async fn two_schedulers_share_the_api_and_one_runs_the_background_loops() {
         signal(&s.child, "-TERM");
         s.child.wait().unwrap();
     }
-    let conn =
-        sieve_shared::broker::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "two schedulers")
-            .await
-            .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    sieve_shared::topology::Topology::new(&prefix, 5)
-        .delete(&channel)
-        .await
-        .unwrap();
-    test.drop().await;
+    // The sandbox removes the queues these servers declared, their Redis
+    // keys and the database.
+    drop(test);
 }
