@@ -18,7 +18,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+// A binary of its own, apart from `it`: while a service is down, no other
+// test may be running.
+#[path = "it/sieve.rs"]
+mod sieve;
 
 use std::collections::HashSet;
 use std::net::TcpStream;
@@ -26,7 +29,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{TestSieve, account, eventually, settled};
+use crate::sieve::{TestSieve, account, settled};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::entities::training_run::{self, RunState};
@@ -36,6 +39,7 @@ use sieve_scheduler::operate::workers;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::Project;
 use sieve_scheduler::tools::fashion_mnist::Split;
+use sieve_testkit::eventually;
 
 /// One service down at a time, across the whole test binary.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -204,7 +208,7 @@ fn consumers(prefix: &str) -> Vec<(String, u64)> {
 /// file that is not an image in the first folder; the number of distinct
 /// contents (what the items must number).
 fn image_batches(split: Split, n: usize, per: usize) -> (tempfile::TempDir, Vec<PathBuf>, u64) {
-    let (flat, _) = common::fashion_images(split, n);
+    let (flat, _) = crate::sieve::fashion_images(split, n);
     let root = tempfile::tempdir().unwrap();
     let mut files: Vec<PathBuf> = std::fs::read_dir(flat.path())
         .unwrap()
@@ -265,7 +269,7 @@ async fn flowing(sieve: &TestSieve, at_least: u64) {
 async fn rabbitmq_restart_while_publishing_consuming_and_routing() {
     let _serial = SERIAL.lock().await;
     let sieve = TestSieve::start().await;
-    let project = common::fashion_project(&sieve, "rabbit-restart", Policy::default()).await;
+    let project = crate::sieve::fashion_project(&sieve, "rabbit-restart", Policy::default()).await;
     let (_root, folders, images) = image_batches(Split::Train, 600, 25);
 
     // Ingest (publishing jobs) goes on across the restart while the worker
@@ -331,7 +335,7 @@ async fn rabbitmq_restart_while_publishing_consuming_and_routing() {
 async fn postgres_restart_while_results_are_routed() {
     let _serial = SERIAL.lock().await;
     let sieve = TestSieve::start().await;
-    let project = common::fashion_project(&sieve, "pg-restart", Policy::default()).await;
+    let project = crate::sieve::fashion_project(&sieve, "pg-restart", Policy::default()).await;
     let (_root, folders, images) = image_batches(Split::Train, 600, 200);
     // Everything queued and published; the worker and the router work
     // through it while the database goes away.
@@ -370,7 +374,7 @@ async fn postgres_restart_while_results_are_routed() {
 async fn redis_restart_while_workers_beat() {
     let _serial = SERIAL.lock().await;
     let sieve = TestSieve::start().await;
-    let project = common::fashion_project(&sieve, "redis-restart", Policy::default()).await;
+    let project = crate::sieve::fashion_project(&sieve, "redis-restart", Policy::default()).await;
     let (_root, folders, images) = image_batches(Split::Train, 300, 100);
     eventually(
         "the worker's heartbeat",
@@ -459,8 +463,8 @@ async fn rabbitmq_restart_while_training() {
     let sieve = TestSieve::start().await;
     let db = &sieve.ctx.db;
     let worker = sieve.worker_addrs[0];
-    let project = common::fashion_project(&sieve, "train-restart", Policy::default()).await;
-    let images = common::ingest_labeled(&sieve, &project, 1_000).await;
+    let project = crate::sieve::fashion_project(&sieve, "train-restart", Policy::default()).await;
+    let images = crate::sieve::ingest_labeled(&sieve, &project, 1_000).await;
     settled(db, project.id, SETTLE).await;
     let (status, body) = health(&sieve.http, worker).await;
     assert_eq!(status, 200, "{body}");

@@ -8,8 +8,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::time::Duration;
@@ -42,7 +40,7 @@ struct Harness {
     model: ModelRef,
     stop: CancellationToken,
     worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+    _sandbox: sieve_testkit::Sandbox,
 }
 
 impl Harness {
@@ -56,9 +54,8 @@ impl Harness {
     /// Like [`Harness::new`], waiting `delays_ms` before each retry of a
     /// transient failure.
     async fn with_retry_delays(delays_ms: &[u64]) -> Self {
-        sieve_shared::telemetry::init_test_tracing();
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = common::test_settings(dir.path());
+        let sandbox = sieve_testkit::Sandbox::start(crate::sieve::worker_settings).await;
+        let mut settings = sandbox.settings.clone();
         settings.broker.delivery_limit = 3;
         settings.broker.retry_delays_ms = delays_ms.to_vec();
         settings.worker.batch_size = 16;
@@ -98,7 +95,7 @@ impl Harness {
             model,
             stop: CancellationToken::new(),
             worker: None,
-            _dir: dir,
+            _sandbox: sandbox,
         }
     }
 
@@ -181,8 +178,6 @@ impl Harness {
         if let Some(worker) = self.worker.take() {
             worker.await.unwrap().unwrap();
         }
-        let channel = self.connection.create_channel().await.unwrap();
-        self.topology.delete(&channel).await.unwrap();
         self.connection.close(200, "bye".into()).await.ok();
     }
 }
@@ -360,7 +355,7 @@ async fn an_image_readable_only_after_a_while_is_retried_until_it_succeeds() {
     h.start_worker();
 
     // It failed and waits in the delay queue; later the image can be read.
-    common::eventually("the job waiting to be retried", WAIT, || async {
+    sieve_testkit::eventually("the job waiting to be retried", WAIT, || async {
         (whereabouts(&h).await.0 == [1]).then_some(())
     })
     .await;

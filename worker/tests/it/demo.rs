@@ -5,11 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::TestSieve;
+use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::item;
 use sieve_scheduler::entities::label::{self, LabelSource};

@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::Cursor;
 use std::process::{Command, Stdio};
@@ -51,9 +49,8 @@ async fn ready(channel: &lapin::Channel, queue: &str) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_batch_acks_and_exits() {
-    sieve_shared::telemetry::init_test_tracing();
-    let store_dir = tempfile::tempdir().unwrap();
-    let settings = common::test_settings(store_dir.path());
+    let sandbox = sieve_testkit::Sandbox::start(crate::sieve::worker_settings).await;
+    let settings = sandbox.settings.clone();
     let store = Store::open(&settings.store).unwrap();
     let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
     let conn = broker::connect(&settings.broker.url, "drain test")
@@ -104,7 +101,7 @@ async fn sigterm_finishes_the_batch_acks_and_exits() {
         ])
         .env("SIEVE_BROKER__PREFIX", &settings.broker.prefix)
         .env("SIEVE_REDIS__PREFIX", &settings.redis.prefix)
-        .env("SIEVE_STORE__ROOT", store_dir.path())
+        .env("SIEVE_STORE__ROOT", sandbox.store.path())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -178,6 +175,5 @@ async fn sigterm_finishes_the_batch_acks_and_exits() {
             .all(|id| jobs.iter().any(|j| j.job_id == *id))
     );
 
-    topology.delete(&channel).await.unwrap();
     conn.close(200, "bye".into()).await.ok();
 }

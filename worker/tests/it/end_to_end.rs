@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestSieve, eventually};
+use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::{Value, json};
 use sieve_scheduler::auth;
@@ -26,6 +24,7 @@ use sieve_scheduler::projects::{self, ClassNames, ProjectName};
 use sieve_scheduler::tools::fashion_mnist::{self, Split};
 use sieve_scheduler::training;
 use sieve_shared::messages::ModelArch;
+use sieve_testkit::eventually;
 use uuid::Uuid;
 
 const IMAGES: usize = 40;

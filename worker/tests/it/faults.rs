@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{TestSieve, eventually};
+use crate::sieve::TestSieve;
 use redis::AsyncCommands;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::item::{self, ItemState};
@@ -25,13 +23,14 @@ use sieve_scheduler::{dispatch, ingest};
 use sieve_shared::ids::{ItemId, JobId};
 use sieve_shared::messages::{ControlCommand, ControlMessage, PrelabelJob, SCHEMA_VERSION};
 use sieve_shared::topology::Route;
+use sieve_testkit::eventually;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(90);
 
 async fn project_with_images(sieve: &TestSieve, name: &str, images: usize) -> Project {
-    let project = common::fashion_project(sieve, name, Policy::default()).await;
-    let (dir, _) = common::fashion_images(Split::Train, images);
+    let project = crate::sieve::fashion_project(sieve, name, Policy::default()).await;
+    let (dir, _) = crate::sieve::fashion_images(Split::Train, images);
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();
@@ -337,7 +336,7 @@ async fn poison_messages_are_dead_lettered_and_work_goes_on() {
     assert_eq!(from.len(), 4, "one pair from each queue");
 
     // The services are still working: new images flow through.
-    let (dir, _) = common::fashion_images(Split::Test, 5);
+    let (dir, _) = crate::sieve::fashion_images(Split::Test, 5);
     let summary = ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();
@@ -380,7 +379,7 @@ async fn losing_redis_loses_nothing() {
         (w.len() == 1 && !w[0].lost).then_some(())
     })
     .await;
-    let (dir, _) = common::fashion_images(Split::Test, 5);
+    let (dir, _) = crate::sieve::fashion_images(Split::Test, 5);
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();

@@ -8,12 +8,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{TestSieve, eventually, fashion_images};
+use crate::sieve::{TestSieve, fashion_images};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
 use serde_json::Value;
 use sieve_scheduler::auth;
@@ -26,6 +24,7 @@ use sieve_scheduler::projects::{self, ClassNames, ProjectName};
 use sieve_scheduler::tools::fashion_mnist::{self, Split};
 use sieve_scheduler::{ingest, training};
 use sieve_shared::messages::ModelArch;
+use sieve_testkit::eventually;
 use sieve_worker::context::Capability;
 use sieve_worker::service;
 use tokio::net::TcpListener;

@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{TestSieve, eventually};
+use crate::sieve::TestSieve;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
@@ -25,6 +23,7 @@ use sieve_scheduler::{dispatch, ingest};
 use sieve_shared::ids::{ItemId, JobId};
 use sieve_shared::messages::{PrelabelJob, SCHEMA_VERSION, encode};
 use sieve_shared::topology::Route;
+use sieve_testkit::eventually;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -82,8 +81,8 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
     assert_eq!(alive.len(), 2);
 
     // Work flows: a project, its first model, a few images.
-    let project = common::fashion_project(&sieve, "ops", Policy::default()).await;
-    let (dir, _) = common::fashion_images(Split::Train, 12);
+    let project = crate::sieve::fashion_project(&sieve, "ops", Policy::default()).await;
+    let (dir, _) = crate::sieve::fashion_images(Split::Train, 12);
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();

@@ -10,18 +10,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{TestSieve, eventually, fashion_images, fashion_project};
+use crate::sieve::{TestSieve, fashion_images, fashion_project};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::ingest;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::tools::fashion_mnist::Split;
 use sieve_shared::Settings;
+use sieve_testkit::eventually;
 use sieve_worker::context::Capability;
 use sieve_worker::service;
 use tokio::net::TcpListener;

@@ -10,19 +10,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestSieve, account, eventually};
+use crate::sieve::{TestSieve, account};
 use rand::Rng;
 use sea_orm::{EntityTrait, PaginatorTrait};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::ingest;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::tools::fashion_mnist::Split;
+use sieve_testkit::eventually;
 use sieve_worker::context::Capability;
 
 /// Prediction workers alive at any time.
@@ -96,8 +95,8 @@ async fn workers_sigkilled_mid_batch_lose_and_duplicate_nothing() {
     // The in-process worker only trains (the project's first model); the
     // predictions all come from worker processes that get killed.
     let sieve = TestSieve::start_with(vec![Capability::Train]).await;
-    let project = common::fashion_project(&sieve, "soak", Policy::default()).await;
-    let (dir, _) = common::fashion_images(Split::Train, n);
+    let project = crate::sieve::fashion_project(&sieve, "soak", Policy::default()).await;
+    let (dir, _) = crate::sieve::fashion_images(Split::Train, n);
     let distinct: HashSet<Vec<u8>> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| std::fs::read(e.unwrap().path()).unwrap())
@@ -141,7 +140,7 @@ async fn workers_sigkilled_mid_batch_lose_and_duplicate_nothing() {
         workers[victim] = spawn_worker(&sieve);
     }
     let flowed = started.elapsed();
-    common::settled(&sieve.ctx.db, project.id, Duration::from_secs(120)).await;
+    crate::sieve::settled(&sieve.ctx.db, project.id, Duration::from_secs(120)).await;
     // Redelivered jobs of the last kills may still be in flight: wait for the
     // queues to empty so their duplicates are counted, too.
     eventually("the queues to drain", Duration::from_secs(120), || async {

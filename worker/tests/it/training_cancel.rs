@@ -5,17 +5,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestSieve, eventually};
+use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::training_run::{self, RunState};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::{projects, training};
 use sieve_shared::messages::TrainParams;
+use sieve_testkit::eventually;
 use sieve_worker::context::Capability;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -25,14 +24,14 @@ const IMAGES: usize = 600;
 async fn a_cancelled_run_stops_registers_nothing_and_the_next_run_trains() {
     let sieve = TestSieve::start_with(vec![Capability::Prelabel, Capability::Train]).await;
     let db = sieve.ctx.db.clone();
-    let project = common::fashion_project(&sieve, "cancel", Policy::default()).await;
+    let project = crate::sieve::fashion_project(&sieve, "cancel", Policy::default()).await;
     let champion = projects::get(&db, "cancel")
         .await
         .unwrap()
         .active_model_version_id;
     assert!(champion.is_some());
 
-    common::ingest_labeled(&sieve, &project, IMAGES).await;
+    crate::sieve::ingest_labeled(&sieve, &project, IMAGES).await;
 
     let long = TrainParams {
         epochs: 500,

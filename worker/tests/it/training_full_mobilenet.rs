@@ -8,12 +8,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{TestSieve, eventually};
+use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::prediction;
@@ -26,6 +24,7 @@ use sieve_scheduler::training::{self, RetrainRequest};
 use sieve_scheduler::{ingest, projects};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
+use sieve_testkit::eventually;
 use sieve_worker::context::Capability;
 
 const IMAGES: usize = 200;
@@ -41,7 +40,7 @@ async fn retrain(
     let run = training::request(&sieve.ctx, project, "test", params, false)
         .await
         .unwrap();
-    common::succeeded(sieve, run.run_id, WAIT).await
+    crate::sieve::succeeded(sieve, run.run_id, WAIT).await
 }
 
 /// A heads run's snapshot and its table of cached embeddings.
@@ -98,10 +97,11 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
         audit_rate: 0.0,
         ..Policy::default()
     };
-    let project = common::fashion_project_on(&sieve, "full", policy, ModelArch::MobilenetV2).await;
+    let project =
+        crate::sieve::fashion_project_on(&sieve, "full", policy, ModelArch::MobilenetV2).await;
     let v1 = project.active_model_version_id.unwrap();
 
-    let (dir, data) = common::fashion_images(Split::Train, IMAGES);
+    let (dir, data) = crate::sieve::fashion_images(Split::Train, IMAGES);
     let ingested = ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();
@@ -110,7 +110,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
         (embeddings_of(&sieve, v1).await.len() == items_made).then_some(())
     })
     .await;
-    common::label_with_truth(&sieve, &project, dir.path(), &data).await;
+    crate::sieve::label_with_truth(&sieve, &project, dir.path(), &data).await;
 
     // Heads on the ImageNet backbone: v2, promoted over the untrained heads.
     let heads = retrain(&sieve, &project, RetrainRequest::default()).await;
@@ -268,13 +268,14 @@ async fn a_full_mode_run_too_large_for_the_workers_memory_is_refused_with_the_fi
     sieve.spawn_worker(vec![Capability::Train]).await;
     let db = &sieve.ctx.db;
     let project =
-        common::fashion_project_on(&sieve, "big", Policy::default(), ModelArch::MobilenetV2).await;
+        crate::sieve::fashion_project_on(&sieve, "big", Policy::default(), ModelArch::MobilenetV2)
+            .await;
     let champion = project.active_model_version_id;
-    let (dir, data) = common::fashion_images(Split::Train, 40);
+    let (dir, data) = crate::sieve::fashion_images(Split::Train, 40);
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();
-    common::label_with_truth(&sieve, &project, dir.path(), &data).await;
+    crate::sieve::label_with_truth(&sieve, &project, dir.path(), &data).await;
 
     let asked = RetrainRequest {
         mode: Some(TrainMode::Full),

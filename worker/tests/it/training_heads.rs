@@ -10,11 +10,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestSieve, eventually};
+use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::prediction;
@@ -23,6 +21,7 @@ use sieve_scheduler::tools::fashion_mnist::Split;
 use sieve_scheduler::{ingest, projects, training};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
+use sieve_testkit::eventually;
 
 const IMAGES: usize = 200;
 const WAIT: Duration = Duration::from_secs(300);
@@ -48,7 +47,8 @@ async fn heads_retrain_learns_from_cached_embeddings_alone() {
         audit_rate: 0.0,
         ..Policy::default()
     };
-    let project = common::fashion_project_on(&sieve, "heads", policy, ModelArch::MobilenetV2).await;
+    let project =
+        crate::sieve::fashion_project_on(&sieve, "heads", policy, ModelArch::MobilenetV2).await;
     assert_eq!(project.arch, ModelArch::MobilenetV2);
     let v1 = model_version::Entity::find_by_id(project.active_model_version_id.unwrap())
         .one(db)
@@ -60,7 +60,7 @@ async fn heads_retrain_learns_from_cached_embeddings_alone() {
     assert_eq!(arch["embedding_dim"], 1280, "{arch}");
 
     // Unlabeled images: v1 predicts them (and returns their embeddings).
-    let (dir, data) = common::fashion_images(Split::Train, IMAGES);
+    let (dir, data) = crate::sieve::fashion_images(Split::Train, IMAGES);
     let ingested = ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
         .unwrap();
@@ -74,7 +74,7 @@ async fn heads_retrain_learns_from_cached_embeddings_alone() {
     assert!(widths.iter().all(|&w| w == 1280), "{widths:?}");
 
     // People label them (the ground truth, written as review would).
-    let items = common::label_with_truth(&sieve, &project, dir.path(), &data).await;
+    let items = crate::sieve::label_with_truth(&sieve, &project, dir.path(), &data).await;
     assert_eq!(items.len(), items_made);
 
     // The images go away: heads mode must train from the cached embeddings.
@@ -91,7 +91,7 @@ async fn heads_retrain_learns_from_cached_embeddings_alone() {
     let run = training::request(&sieve.ctx, &project, "test", params, false)
         .await
         .unwrap();
-    let finished = common::succeeded(&sieve, run.run_id, WAIT).await;
+    let finished = crate::sieve::succeeded(&sieve, run.run_id, WAIT).await;
 
     let bytes = sieve.ctx.store.get(&finished.snapshot_key).await.unwrap();
     let snapshot: Snapshot = serde_json::from_slice(&bytes).unwrap();

@@ -6,16 +6,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestSieve, eventually};
+use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::training_run::{self, RunState};
 use sieve_scheduler::policy::Policy;
+use sieve_testkit::eventually;
 
 use sieve_scheduler::training;
 use sieve_shared::messages::TrainParams;
@@ -57,11 +56,11 @@ async fn interrupted_run_completes_once(interrupt: Interrupt) {
     };
     let mut process = trainer();
 
-    let project = common::fashion_project(&sieve, "interrupted", Policy::default()).await;
+    let project = crate::sieve::fashion_project(&sieve, "interrupted", Policy::default()).await;
 
     // Known labels through a manifest: training data without reviewers.
     assert_eq!(
-        common::ingest_labeled(&sieve, &project, IMAGES).await,
+        crate::sieve::ingest_labeled(&sieve, &project, IMAGES).await,
         IMAGES as u64
     );
 

@@ -1,0 +1,25 @@
+//! The worker's integration tests, one module per subject, in one binary:
+//! a scheduler and workers in process (`sieve`, on `sieve_testkit`), real
+//! `sieve-worker` processes signalled and killed, the models trained and
+//! imported. Each test isolates itself with the kit's sandbox, so they run
+//! side by side on the test threads. `restarts.rs` is the one binary of its
+//! own: it stops services that every test shares.
+
+#![allow(clippy::unwrap_used)]
+
+mod sieve;
+
+mod batches;
+mod demo;
+mod drain;
+mod end_to_end;
+mod faults;
+mod first_model;
+mod mobilenet_import;
+mod operations;
+mod own_faults;
+mod soak;
+mod training_cancel;
+mod training_full_mobilenet;
+mod training_heads;
+mod training_interrupted;
