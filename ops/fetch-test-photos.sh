@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch a few real photos for the MobileNetV2 import test (worker/tests/mobilenet_import.rs)
+# Fetch a few real photos for the MobileNetV2 import test (worker/tests/it/mobilenet_import.rs)
 # into ops/test-photos/. They are scikit-image's sample images, which its PyPI wheel ships
 # under skimage/data/: a cat (chelsea.png), a cup of coffee (coffee.png), a rocket on its
 # launch pad (rocket.jpg) and an astronaut (astronaut.png). The wheel is pinned (version and

@@ -23,7 +23,7 @@ fi
 bash ops/fetch-weights.sh
 bash ops/fetch-test-photos.sh
 
-# moto's S3 server, for the s3:// ingest test (scheduler/tests/ingest_s3.rs):
+# moto's S3 server, for the s3:// ingest test (scheduler/tests/it/ingest_s3.rs):
 # PyPI's moto with only its S3 and server parts, in a virtual environment of
 # its own outside the checkout (kept between runs, like the build target).
 MOTO_VENV=/var/tmp/sieve-moto
