@@ -22,6 +22,13 @@ pub struct Sandbox {
     pub db: DatabaseConnection,
     /// The object-store directory (`settings.store.root`).
     pub store: tempfile::TempDir,
+    removal: Removal,
+}
+
+/// Removes what a sandbox's settings name on the services when dropped;
+/// made before anything is created, so a failed setup step leaks nothing.
+struct Removal {
+    settings: Settings,
     tag: String,
 }
 
@@ -42,27 +49,30 @@ impl Sandbox {
         settings.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.http.worker_bind = SocketAddr::from(([127, 0, 0, 1], 0));
         configure(&mut settings);
+        let removal = Removal {
+            settings: settings.clone(),
+            tag,
+        };
         db::create_database_if_missing(&settings.database.url)
             .await
             .unwrap();
-        // From here on `Drop` removes what exists, even if a step fails.
         let db = db::connect(&settings.database).await.unwrap();
         db::migrate(&db).await.unwrap();
         Self {
             settings,
             db,
-            tag,
             store,
+            removal,
         }
     }
 
     /// The random part of every name.
     pub fn tag(&self) -> &str {
-        &self.tag
+        &self.removal.tag
     }
 }
 
-impl Drop for Sandbox {
+impl Drop for Removal {
     fn drop(&mut self) {
         let settings = self.settings.clone();
         let outcome = std::thread::spawn(move || {
