@@ -299,7 +299,11 @@ async fn rabbitmq_restart_while_publishing_consuming_and_routing() {
     // Every consumer re-subscribed, its queue re-declared, its QoS re-applied.
     let after = consumers(&sieve.settings.broker.prefix);
     println!("consumers before {before:?}\nconsumers after  {after:?}");
-    assert_eq!(before.len(), 5, "prelabel, train, results, events, control");
+    assert_eq!(
+        before.len(),
+        6,
+        "prelabel, train, results, events, dead notices, control"
+    );
     assert!(
         before
             .iter()
