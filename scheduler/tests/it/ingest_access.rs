@@ -154,3 +154,55 @@ async fn http_ingests_are_capped_per_project_and_in_all() {
     })
     .await;
 }
+
+/// A manifest's `key` rows are read within bounds (issue 25 item 6): an
+/// object's size is checked before it is read, and a link in the store that
+/// leads out of it is refused, not followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_objects_are_size_checked_and_links_out_of_the_store_refused() {
+    let limit = |s: &mut sieve_shared::Settings| s.ingest.max_file_bytes = 100_000;
+    with_app_configured(60, limit, |app| async move {
+        app.seed("photos", &["cat", "dog"], 0).await;
+        let store = &app.ctx.store;
+        store.put("uploads/ok.png", png(7).into()).await.unwrap();
+        store
+            .put("uploads/huge.png", vec![0u8; 300_000].into())
+            .await
+            .unwrap();
+        let root = store.local_files().unwrap().root().to_owned();
+        std::os::unix::fs::symlink("/etc/hostname", root.join("uploads/escape.png")).unwrap();
+        let manifest = ["uploads/ok.png", "uploads/huge.png", "uploads/escape.png"]
+            .iter()
+            .map(|k| format!("{{\"key\": \"{k}\"}}\n"))
+            .collect::<String>();
+        store
+            .put("uploads/list.jsonl", manifest.into_bytes().into())
+            .await
+            .unwrap();
+        let admin = app.token("ada", Role::Admin).await;
+        let done = ingest(&app, &admin, "uploads/list.jsonl").await;
+        assert_eq!(
+            (&done["new_items"], &done["failed"]),
+            (&json!(1), &json!(2)),
+            "{done}"
+        );
+        let reason = |line: u64| {
+            done["failures"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["line"] == json!(line))
+                .unwrap_or_else(|| panic!("no failure on line {line}: {done}"))["reason"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert!(
+            reason(2).contains("over the limit of 100000"),
+            "{}",
+            reason(2)
+        );
+        assert!(reason(3).contains("outside the store"), "{}", reason(3));
+    })
+    .await;
+}

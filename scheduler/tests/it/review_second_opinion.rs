@@ -480,3 +480,35 @@ async fn outcomes_are_counted_and_undo_keeps_them_consistent() {
     })
     .await;
 }
+
+/// A person is their token, not their name: the author of a label may not
+/// check it, but another reviewer who happens to share the name may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namesake_with_another_token_may_give_the_second_opinion() {
+    with_app(300, |app| async move {
+        let seeded = app.seed("namesakes", &CLASSES, 1).await;
+        let item = seeded.tasks[0].item_id;
+        let admin = app.token("ada", Role::Admin).await;
+        set_second_review(&app, "namesakes", &admin, json!(0.9)).await;
+        model_confidence(&app, item, 0.95).await;
+        let first = app.token("alice", Role::Reviewer).await;
+        let namesake = app.token("alice", Role::Reviewer).await;
+
+        let task = claim(&app, "namesakes", &first).await.unwrap();
+        // The model says cat; alice says dog: a second opinion is opened.
+        let (status, body) = submit(&app, &first, &task, "dog").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["second_opinion_task"].is_string(), "{body}");
+
+        // Not for the author's own token ...
+        assert!(claim(&app, "namesakes", &first).await.is_none());
+        // ... but for the other alice, who is someone else.
+        let check = claim(&app, "namesakes", &namesake)
+            .await
+            .expect("a namesake with another token may give the second opinion");
+        assert_eq!(uuid(&check["task_id"]), uuid(&body["second_opinion_task"]));
+        let (status, decided) = submit(&app, &namesake, &check, "dog").await;
+        assert_eq!(status, 200, "{decided}");
+    })
+    .await;
+}

@@ -8,9 +8,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
-use review_support::{App, png, with_app};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::{Value, json};
 use sieve_scheduler::auth;
@@ -23,6 +20,7 @@ use sieve_scheduler::routing::results::{self, Applied};
 use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
 use sieve_shared::messages::{PredictionOutput, PrelabelOutcome, PrelabelResult, SCHEMA_VERSION};
 use sieve_shared::scores::Scores;
+use sieve_testkit::{App, png, with_app};
 use uuid::Uuid;
 
 const CLASSES: [&str; 3] = ["sneaker", "boot", "sandal"];

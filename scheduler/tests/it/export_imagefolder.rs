@@ -5,13 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod review_support;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use review_support::{App, with_app};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::json;
 use sieve_scheduler::entities::api_token::Role;
@@ -20,6 +17,7 @@ use sieve_scheduler::export::output::Options;
 use sieve_scheduler::export::{Export, Filters, Format, Request};
 use sieve_scheduler::projects::Project;
 use sieve_shared::store::Store;
+use sieve_testkit::{App, with_app};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -134,7 +132,7 @@ async fn a_folder_per_class_with_hard_links_and_the_csv_beside_them() {
             assert!(meta.nlink() >= 2, "{} is not a hard link", file.display());
             let key = sieve_shared::store::image_key(
                 "shoes",
-                &sieve_shared::store::sha256_hex(&review_support::png(item)),
+                &sieve_shared::store::sha256_hex(&sieve_testkit::png(item)),
             );
             let stored = app.ctx.store.get(&key).await.unwrap();
             assert_eq!(std::fs::read(file).unwrap(), stored.to_vec());
@@ -180,7 +178,7 @@ async fn images_are_copied_from_a_store_that_is_not_local() {
         for (n, item) in items.iter().enumerate() {
             let key = sieve_shared::store::image_key(
                 "shoes",
-                &sieve_shared::store::sha256_hex(&review_support::png(n)),
+                &sieve_shared::store::sha256_hex(&sieve_testkit::png(n)),
             );
             let bytes = app.ctx.store.get(&key).await.unwrap();
             remote.put(&key, bytes).await.unwrap();
@@ -202,7 +200,7 @@ async fn images_are_copied_from_a_store_that_is_not_local() {
         assert_eq!(std::fs::metadata(&boot).unwrap().nlink(), 1);
         assert_eq!(
             std::fs::read(&boot).unwrap(),
-            review_support::png(1),
+            sieve_testkit::png(1),
             "the image's bytes"
         );
     })
