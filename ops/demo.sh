@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job: run sieve's active-learning loop on Fashion-MNIST with
 # simulated reviewers. Installs what it needs, starts the services, builds,
-# migrates, starts a scheduler and N workers, runs `sieve demo`, stops them.
+# migrates, starts a scheduler and N workers, runs `sieve-tools demo`, stops them.
 #
-#   ops/demo.sh [--workers N] [sieve demo options, e.g. --images 300]
+#   ops/demo.sh [--workers N] [sieve-tools demo options, e.g. --images 300]
 #   SIEVE_BIN_DIR=target/release ops/demo.sh    # binaries already built
 #
 # It builds release binaries, as the container images ship them: the loop
@@ -29,7 +29,7 @@ else
     cargo build --release --bins
     bin="${CARGO_TARGET_DIR:-target}/release"
 fi
-for b in sieve sieve-worker; do
+for b in sieve sieve-worker sieve-tools; do
     [ -x "$bin/$b" ] || { echo "no $bin/$b: build it (cargo build --release --bins) or fix SIEVE_BIN_DIR" >&2; exit 1; }
 done
 
@@ -56,4 +56,4 @@ for ((i = 1; i <= workers; i++)); do
     "$bin/sieve-worker" >"sieve-demo/logs/worker-$i.log" 2>&1 &
     pids+=($!)
 done
-"$bin/sieve" demo --work-dir sieve-demo "${args[@]}"
+"$bin/sieve-tools" demo --work-dir sieve-demo "${args[@]}"

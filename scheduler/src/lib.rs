@@ -33,7 +33,6 @@
 //! - [`http`]: `/api/v1`, the review page, `/healthz`, `/metrics`.
 //! - [`server`]: `sieve serve`, the HTTP API and the loops in one process.
 //! - [`cli`]: the `sieve` command line; thin over the modules above.
-//! - [`tools`]: the demo and the benchmarks, beside the service.
 
 pub mod auth;
 pub mod cli;
@@ -54,5 +53,4 @@ pub mod projects;
 pub mod review;
 pub mod routing;
 pub mod server;
-pub mod tools;
 pub mod training;

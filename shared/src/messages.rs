@@ -260,7 +260,7 @@ pub enum LrSchedule {
     Constant,
     /// A half cosine from `learning_rate` down to nearly zero at the last
     /// epoch: +2.7 points of the share labelable at 97% for the small CNN
-    /// on 13,000 labels (`sieve-worker bench accuracy`).
+    /// on 13,000 labels (`sieve-tools bench accuracy`).
     Cosine,
 }
 

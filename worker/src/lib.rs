@@ -16,8 +16,6 @@
 //! - [`cache`]: loaded model versions.
 //! - [`images`]: image bytes to model input.
 //! - [`backend`]: the burn device chosen by cargo feature.
-//! - [`tools`]: `sieve-worker bench forward|train|accuracy`, beside the
-//!   service.
 
 pub mod artifact;
 pub mod backend;
@@ -30,4 +28,3 @@ pub mod images;
 pub mod jobs;
 pub mod model;
 pub mod service;
-pub mod tools;

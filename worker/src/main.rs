@@ -31,14 +31,6 @@ struct Cli {
     /// Address for /healthz and /metrics (port 0 picks a free one).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, clap::Subcommand)]
-enum Command {
-    /// Measure inference or training throughput (figures for docs/benchmarks.md).
-    Bench(sieve_worker::tools::bench::BenchArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -54,9 +46,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(addr) = cli.listen {
         settings.http.worker_bind = addr;
-    }
-    if let Some(Command::Bench(args)) = cli.command {
-        return sieve_worker::tools::bench::run(settings, args).await;
     }
     let capabilities = settings
         .worker

@@ -38,8 +38,8 @@ use sieve_scheduler::operate::status;
 use sieve_scheduler::operate::workers;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::Project;
-use sieve_scheduler::tools::fashion_mnist::Split;
 use sieve_testkit::eventually;
+use sieve_tools::fashion_mnist::Split;
 
 /// One service down at a time, across the whole test binary.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -7,7 +7,6 @@ use clap::{Args, Parser, Subcommand};
 use sieve_shared::messages::{ModelArch, TrainMode};
 
 use crate::entities::api_token::Role;
-use crate::tools::{bench_claim, bench_export, bench_ingest, demo};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,12 +104,6 @@ pub enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Run the active-learning loop on Fashion-MNIST with simulated reviewers
-    /// (needs `sieve serve` and workers running; `ops/demo.sh` starts them).
-    Demo(demo::DemoArgs),
-    /// Benchmarks that print their figures (docs/benchmarks.md).
-    #[command(subcommand)]
-    Bench(BenchCommand),
 }
 
 #[derive(Debug, Args)]
@@ -191,20 +184,6 @@ pub enum ItemsCommand {
         #[arg(long, default_value = "cli")]
         reporter: String,
     },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Ingest of a folder of PNGs (copied into the store, and inside the
-    /// store referenced in place) and of a manifest of keys, against the raw
-    /// publish rate of the same broker; own database and queues.
-    Ingest(bench_ingest::BenchIngestArgs),
-    /// Review claims: many reviewers claiming and submitting at once until
-    /// the queue is empty; latencies, throughput, zero double claims.
-    Claim(bench_claim::ClaimArgs),
-    /// Export of a large labeled project (CSV, JSON Lines) against a plain
-    /// `COPY` of the same rows; rows/s and peak RSS; own database.
-    Export(bench_export::BenchExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -505,14 +484,5 @@ mod tests {
                 && message.contains("mobilenet_v2"),
             "{message}"
         );
-    }
-
-    #[test]
-    fn demo_passes_an_architecture_through() {
-        let cli = Cli::try_parse_from(["sieve", "demo", "--quick", "--arch", "mobilenet_v2"]);
-        match cli.map(|c| c.command) {
-            Ok(Command::Demo(args)) => assert_eq!(args.arch, ModelArch::MobilenetV2),
-            other => panic!("parsed as {other:?}"),
-        }
     }
 }

@@ -22,12 +22,11 @@ use anyhow::Context as _;
 use sieve_shared::Settings;
 
 pub use args::{
-    BenchCommand, Cli, Command, ExportArgs, FailedCommand, ItemsCommand, ModelsCommand,
-    ProjectCommand, RetrainArgs, ReviewCommand, TokenCommand,
+    Cli, Command, ExportArgs, FailedCommand, ItemsCommand, ModelsCommand, ProjectCommand,
+    RetrainArgs, ReviewCommand, TokenCommand,
 };
 
 use crate::context::Context;
-use crate::tools::{bench_claim, bench_export, bench_ingest, demo};
 use crate::{db, server};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -74,13 +73,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(command) => training::models(settings, command).await?,
         Command::Failed(command) => operate::failed(settings, command).await?,
         Command::Token(command) => tokens::token(settings, command).await?,
-        Command::Demo(args) => {
-            let ctx = Context::connect(settings).await?;
-            demo::run(&ctx, &args).await?;
-        }
-        Command::Bench(BenchCommand::Ingest(args)) => bench_ingest::run(settings, &args).await?,
-        Command::Bench(BenchCommand::Claim(args)) => bench_claim::run(&settings, &args).await?,
-        Command::Bench(BenchCommand::Export(args)) => bench_export::run(settings, &args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -59,7 +59,7 @@ const STATE_COUNTS: &str =
 /// PostgreSQL's part of a million-row export 1.6 times as long
 /// (docs/benchmarks.md, Export). `$1` project, `$2` states, `$3`
 /// label sources (NULL: any), `$4` minimum confidence, `$5` class indices,
-/// `$6` labels from (lists as comma-separated text). Public for `sieve bench
+/// `$6` labels from (lists as comma-separated text). Public for `sieve-tools bench
 /// export`, whose `COPY` baseline runs this same query.
 pub const ROWS: &str = r#"
 SELECT i.id AS item_id, i.source, i.object_key, i.content_hash, i.state, i.width, i.height,

@@ -278,7 +278,10 @@ fn compose_has_every_service_with_sound_dependencies() {
         }
         let dockerfile = service["build"]["dockerfile"].as_str().unwrap_or_default();
         let command = strings(&service["command"]);
-        if dockerfile.ends_with("Dockerfile.scheduler") {
+        // The demo image runs `sieve-tools`, whose command line the tools
+        // crate checks against this file (tools/src/main.rs).
+        let target = service["build"]["target"].as_str().unwrap_or_default();
+        if dockerfile.ends_with("Dockerfile.scheduler") && target != "demo" {
             check_scheduler_args(&where_, &command);
         }
         if dockerfile.ends_with("Dockerfile.worker") {

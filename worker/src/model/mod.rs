@@ -55,7 +55,7 @@ impl ArchitectureConfig {
     pub const MOBILENET_V2: &str = "mobilenet_v2";
 
     /// The small CNN on 28x28 grayscale images (Fashion-MNIST sized) with a 256-wide embedding
-    /// (measured against 64 and 128 with `sieve-worker bench accuracy`: docs/benchmarks.md).
+    /// (measured against 64 and 128 with `sieve-tools bench accuracy`: docs/benchmarks.md).
     pub fn small_cnn(num_classes: usize, members: usize) -> Self {
         Self {
             arch: "small_cnn".to_string(),

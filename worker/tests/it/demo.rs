@@ -1,4 +1,4 @@
-//! `sieve demo --quick` in process, on the real services: the report's
+//! `sieve-tools demo --quick` in process, on the real services: the report's
 //! invariants hold (every item counted once, counts add up, error-free
 //! reviewers' labels equal the ground truth, machine-label accuracy computed
 //! right). The headline numbers are a benchmark, not asserted here.
@@ -11,9 +11,9 @@ use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use sieve_scheduler::entities::item;
 use sieve_scheduler::entities::label::{self, LabelSource};
-use sieve_scheduler::tools::demo::{self, DemoArgs};
-use sieve_scheduler::tools::fashion_mnist::{self, Split};
 use sieve_shared::messages::ModelArch;
+use sieve_tools::demo::{self, DemoArgs};
+use sieve_tools::fashion_mnist::{self, Split};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quick_demo_report_adds_up() {

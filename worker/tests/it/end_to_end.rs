@@ -21,10 +21,10 @@ use sieve_scheduler::ingest;
 use sieve_scheduler::operate::workers;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, ProjectName};
-use sieve_scheduler::tools::fashion_mnist::{self, Split};
 use sieve_scheduler::training;
 use sieve_shared::messages::ModelArch;
 use sieve_testkit::eventually;
+use sieve_tools::fashion_mnist::{self, Split};
 use uuid::Uuid;
 
 const IMAGES: usize = 40;

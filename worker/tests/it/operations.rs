@@ -18,12 +18,12 @@ use sieve_scheduler::operate::status;
 use sieve_scheduler::operate::workers;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects;
-use sieve_scheduler::tools::fashion_mnist::Split;
 use sieve_scheduler::{dispatch, ingest};
 use sieve_shared::ids::{ItemId, JobId};
 use sieve_shared::messages::{PrelabelJob, SCHEMA_VERSION, encode};
 use sieve_shared::topology::Route;
 use sieve_testkit::eventually;
+use sieve_tools::fashion_mnist::Split;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -113,7 +113,7 @@ pub async fn fashion_project_on(
     arch: ModelArch,
 ) -> sieve_scheduler::projects::Project {
     use sieve_scheduler::projects::{self, ClassNames, ProjectName};
-    use sieve_scheduler::tools::fashion_mnist;
+    use sieve_tools::fashion_mnist;
     let classes: Vec<String> = fashion_mnist::CLASSES
         .iter()
         .map(|c| c.to_string())
@@ -140,13 +140,10 @@ pub async fn fashion_project_on(
 /// The first `n` images of a Fashion-MNIST split as PNG files in a fresh
 /// directory, with the data set (for the ground truth).
 pub fn fashion_images(
-    split: sieve_scheduler::tools::fashion_mnist::Split,
+    split: sieve_tools::fashion_mnist::Split,
     n: usize,
-) -> (
-    tempfile::TempDir,
-    sieve_scheduler::tools::fashion_mnist::Dataset,
-) {
-    use sieve_scheduler::tools::fashion_mnist;
+) -> (tempfile::TempDir, sieve_tools::fashion_mnist::Dataset) {
+    use sieve_tools::fashion_mnist;
     let dir = tempfile::tempdir().unwrap();
     let data = fashion_mnist::load(Path::new(fashion_mnist::DEFAULT_DIR), split, Some(n)).expect(
         "Fashion-MNIST is installed by ops/install-deps.sh (apt-get install dataset-fashion-mnist)",
@@ -164,7 +161,7 @@ pub async fn ingest_labeled(
     project: &sieve_scheduler::projects::Project,
     n: usize,
 ) -> u64 {
-    use sieve_scheduler::tools::fashion_mnist::{self, Split};
+    use sieve_tools::fashion_mnist::{self, Split};
     let (dir, data) = fashion_images(Split::Train, n);
     let mut csv = String::from("path,label\n");
     for i in 0..n {
@@ -190,12 +187,12 @@ pub async fn label_with_truth(
     sieve: &TestSieve,
     project: &sieve_scheduler::projects::Project,
     dir: &Path,
-    data: &sieve_scheduler::tools::fashion_mnist::Dataset,
+    data: &sieve_tools::fashion_mnist::Dataset,
 ) -> Vec<sieve_scheduler::entities::item::Model> {
     use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
     use sieve_scheduler::entities::item;
     use sieve_scheduler::entities::label::{self, LabelSource};
-    use sieve_scheduler::tools::fashion_mnist::{self, Split};
+    use sieve_tools::fashion_mnist::{self, Split};
     let truth: std::collections::HashMap<String, i32> = (0..data.labels.len())
         .map(|i| {
             let bytes = std::fs::read(dir.join(fashion_mnist::file_name(Split::Train, i)));

@@ -20,8 +20,8 @@ use sea_orm::{EntityTrait, PaginatorTrait};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::ingest;
 use sieve_scheduler::policy::Policy;
-use sieve_scheduler::tools::fashion_mnist::Split;
 use sieve_testkit::eventually;
+use sieve_tools::fashion_mnist::Split;
 use sieve_worker::context::Capability;
 
 /// Prediction workers alive at any time.

@@ -18,13 +18,13 @@ use sieve_scheduler::entities::prediction;
 use sieve_scheduler::entities::training_run;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::Project;
-use sieve_scheduler::tools::fashion_mnist::Split;
 use sieve_scheduler::training::registry;
 use sieve_scheduler::training::{self, RetrainRequest};
 use sieve_scheduler::{ingest, projects};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
 use sieve_testkit::eventually;
+use sieve_tools::fashion_mnist::Split;
 use sieve_worker::context::Capability;
 
 const IMAGES: usize = 200;

@@ -17,11 +17,11 @@ use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::model_version::{self, VersionStatus};
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::policy::Policy;
-use sieve_scheduler::tools::fashion_mnist::Split;
 use sieve_scheduler::{ingest, projects, training};
 use sieve_shared::embedding_table::Embeddings;
 use sieve_shared::messages::{HoldoutMetrics, ModelArch, Snapshot, TrainMode};
 use sieve_testkit::eventually;
+use sieve_tools::fashion_mnist::Split;
 
 const IMAGES: usize = 200;
 const WAIT: Duration = Duration::from_secs(300);

@@ -9,13 +9,13 @@ use sieve_shared::messages::HoldoutMetrics;
 use sieve_shared::scores::Scores;
 
 use super::{ClassFigures, CurvePoint, DemoArgs, DemoReport, ReliabilityBin, VersionFigures};
-use crate::context::Context;
-use crate::entities::model_version;
-use crate::operate::status;
-use crate::policy::{self, Decision, Policy};
-use crate::projects::{self, Project};
-use crate::routing::calibration;
-use crate::tools::fashion_mnist::Truth;
+use crate::fashion_mnist::Truth;
+use sieve_scheduler::context::Context;
+use sieve_scheduler::entities::model_version;
+use sieve_scheduler::operate::status;
+use sieve_scheduler::policy::{self, Decision, Policy};
+use sieve_scheduler::projects::{self, Project};
+use sieve_scheduler::routing::calibration;
 
 /// The targets of the effort-vs-accuracy curve.
 pub const CURVE_TARGETS: [f64; 3] = [0.95, 0.97, 0.99];
@@ -80,7 +80,9 @@ pub(super) async fn score(
         .iter()
         .fold((0, 0), |acc, t| (acc.0 + t.0, acc.1 + t.1));
     let status = status::project_status(ctx, project).await?;
-    let versions = crate::training::registry::list(ctx, project).await?.len();
+    let versions = sieve_scheduler::training::registry::list(ctx, project)
+        .await?
+        .len();
     let total = status.total_items.max(1) as f64;
     let labeled = status.machine_labeled + status.human_labeled;
     let seconds = started.elapsed().as_secs_f64();
@@ -126,7 +128,7 @@ pub(super) async fn model_figures(
     truth: &Truth,
     report: &mut DemoReport,
 ) -> anyhow::Result<()> {
-    report.versions = crate::training::registry::list(ctx, project)
+    report.versions = sieve_scheduler::training::registry::list(ctx, project)
         .await?
         .into_iter()
         .map(|v| VersionFigures {

@@ -1,7 +1,7 @@
 //! The demo's `report.html`: the figures of `report.json` as SVG charts.
 
 use super::{DemoReport, RoundFigures};
-use crate::tools::report::{Series, html, line_chart};
+use crate::report::{Series, html, line_chart};
 
 pub(super) fn render(report: &DemoReport) -> anyhow::Result<String> {
     let pct = |x: f64| format!("{:.1}%", x * 100.0);
@@ -207,7 +207,7 @@ pub(super) fn render(report: &DemoReport) -> anyhow::Result<String> {
         .map(|(svg, caption)| (svg, caption.to_owned()))
         .collect();
     Ok(html(
-        &format!("sieve demo: {}", report.project),
+        &format!("sieve-tools demo: {}", report.project),
         &headline,
         &captioned,
     ))

@@ -1,4 +1,4 @@
-//! `sieve bench export`: how fast an export writes a large project's
+//! `sieve-tools bench export`: how fast an export writes a large project's
 //! labels to a file, and in how much memory, against a plain `COPY` of the
 //! same rows measured in the same run.
 //!
@@ -19,24 +19,24 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::procstat::{peak_rss_kib, reset_peak_rss};
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use sea_orm::sqlx::postgres::PgPoolCopyExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use sieve_shared::Settings;
 use sieve_shared::messages::ModelArch;
-use sieve_shared::procstat::{peak_rss_kib, reset_peak_rss};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::bench_ingest::with_database;
-use crate::db;
-use crate::export::output::{self, Destination};
-use crate::export::snapshot::ROWS;
-use crate::export::{Export, Filters, Format, Request};
-use crate::policy::Policy;
-use crate::projects::{self, ClassNames, Project, ProjectName};
+use sieve_scheduler::db;
+use sieve_scheduler::export::output::{self, Destination};
+use sieve_scheduler::export::snapshot::ROWS;
+use sieve_scheduler::export::{Export, Filters, Format, Request};
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 
 const PROJECT: &str = "bench-export";
 const CLASSES: usize = 10;
@@ -298,7 +298,7 @@ async fn copy(db: &DatabaseConnection, project: &Project, path: &Path) -> anyhow
 
 fn report(items: u64, results: &[Measured]) {
     println!(
-        "sieve bench export — {items} items, {} cores",
+        "sieve-tools bench export — {items} items, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(

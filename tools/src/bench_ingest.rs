@@ -1,4 +1,4 @@
-//! `sieve bench ingest`: how fast ingest turns images into published jobs,
+//! `sieve-tools bench ingest`: how fast ingest turns images into published jobs,
 //! and how much memory it needs, against the raw publish rate of the same
 //! broker.
 //!
@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
+use crate::procstat::{own_cpu, peak_rss_kib, service_cpu};
 use anyhow::Context as _;
 use chrono::Utc;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
@@ -35,15 +36,14 @@ use serde::{Deserialize, Serialize};
 use sieve_shared::Settings;
 use sieve_shared::ids::{ItemId, JobId, ProjectId};
 use sieve_shared::messages::{ModelArch, ModelRef, PrelabelJob, SCHEMA_VERSION, encode};
-use sieve_shared::procstat::{own_cpu, peak_rss_kib, service_cpu};
 use uuid::Uuid;
 
-use crate::context::{self, Context};
-use crate::entities::model_version::{self, VersionStatus};
-use crate::entities::project as project_entity;
-use crate::policy::Policy;
-use crate::projects::{self, ClassNames, ProjectName};
-use crate::{db, ingest};
+use sieve_scheduler::context::{self, Context};
+use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::project as project_entity;
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+use sieve_scheduler::{db, ingest};
 
 const PROJECT: &str = "bench";
 /// Side of the generated images, like Fashion-MNIST.
@@ -195,7 +195,7 @@ pub async fn run(settings: Settings, args: &BenchIngestArgs) -> anyhow::Result<(
 
     // Clean up whatever happened: queues, database, data.
     let mut cleanup = Vec::new();
-    match sieve_shared::broker::connect(&settings.broker.url, "sieve bench cleanup").await {
+    match sieve_shared::broker::connect(&settings.broker.url, "sieve-tools bench cleanup").await {
         Ok(conn) => {
             let deleted = async {
                 let channel = conn.create_channel().await?;
@@ -365,7 +365,7 @@ async fn bench_project(ctx: &Context) -> anyhow::Result<(ProjectId, ModelRef)> {
     .exec(&ctx.db)
     .await?;
     let project = projects::get(&ctx.db, PROJECT).await?;
-    let model = crate::dispatch::active_model(ctx, &project)
+    let model = sieve_scheduler::dispatch::active_model(ctx, &project)
         .await?
         .context("the bench project has no active model")?;
     Ok((project.id, model))
@@ -488,7 +488,8 @@ async fn raw_publish(
     payload: &[u8],
     count: u64,
 ) -> anyhow::Result<PhaseResult> {
-    let conn = sieve_shared::broker::connect(&run.settings.broker.url, "sieve bench raw").await?;
+    let conn =
+        sieve_shared::broker::connect(&run.settings.broker.url, "sieve-tools bench raw").await?;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -543,7 +544,7 @@ async fn raw_publish(
 
 fn print_report(settings: &Settings, results: &[PhaseResult]) {
     println!(
-        "sieve bench ingest — broker {}, queue prefix {}, {} cores",
+        "sieve-tools bench ingest — broker {}, queue prefix {}, {} cores",
         redact(&settings.broker.url),
         settings.broker.prefix,
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -758,7 +759,7 @@ mod tests {
         let b = png(2).expect("png");
         assert_ne!(a, b);
         assert_eq!(
-            crate::ingest::header_dimensions(&a, 1_000_000),
+            sieve_scheduler::ingest::header_dimensions(&a, 1_000_000),
             Ok((SIDE, SIDE))
         );
     }

@@ -1,4 +1,4 @@
-//! `sieve-worker bench forward|train|accuracy`: the worker's throughput and model-quality figures.
+//! `sieve-tools bench forward|train|accuracy`: the worker's throughput and model-quality figures.
 //!
 //! - `forward`: the committee's bare forward pass on preprocessed inputs, then the real queue
 //!   path (jobs on RabbitMQ under a private prefix, images in a temporary store, a worker
@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::procstat::{own_cpu, peak_rss_mib, reset_peak_rss, service_cpu};
 use anyhow::Context as _;
 use burn::tensor::{Device, Tensor, TensorData};
 use futures_util::StreamExt;
@@ -33,19 +34,18 @@ use sieve_shared::messages::{
     ModelArch, ModelRef, PrelabelJob, PrelabelOutcome, SCHEMA_VERSION, Snapshot, SnapshotExample,
     Split, TrainMode, TrainParams, decode_results,
 };
-use sieve_shared::procstat::{own_cpu, peak_rss_mib, reset_peak_rss, service_cpu};
 use sieve_shared::store::Store;
 use sieve_shared::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::Capability;
-use crate::model::{
+use crate::bench_accuracy::{self, AccuracyArgs};
+use sieve_worker::context::Capability;
+use sieve_worker::model::{
     ArchitectureConfig, Committee, EmbeddingData, HeadsOptions, TrainData, TrainOptions, mobilenet,
     train, train_heads,
 };
-use crate::service;
-use crate::tools::bench_accuracy::{self, AccuracyArgs};
-use crate::{artifact, backend, images};
+use sieve_worker::service;
+use sieve_worker::{artifact, backend, images};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum What {
@@ -80,8 +80,8 @@ impl Pipeline {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// What to measure.
-    #[arg(value_enum)]
+    /// What to measure: set by the subcommand (`bench forward|train|accuracy`).
+    #[arg(skip = What::Forward)]
     pub what: What,
     /// Batch sizes for the forward figures.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
@@ -135,7 +135,7 @@ pub struct BenchArgs {
 
 pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     println!(
-        "# sieve-worker bench {:?}: backend {}, {} cores, {} build",
+        "# sieve-tools bench {:?}: backend {}, {} cores, {} build",
         args.what,
         backend::backend_name(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -445,7 +445,7 @@ impl QueueBench {
         settings.worker.batch_timeout_ms = 20;
 
         let topology = Topology::from_settings(&settings.broker);
-        let connection = broker::connect(&settings.broker.url, "sieve-worker bench").await?;
+        let connection = broker::connect(&settings.broker.url, "sieve-tools bench").await?;
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await.context("declaring")?;
         channel.close(200, "declared".into()).await.ok();

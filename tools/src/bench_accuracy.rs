@@ -1,8 +1,8 @@
-//! `sieve-worker bench accuracy`: how good a committee the loop's training recipe makes from a
+//! `sieve-tools bench accuracy`: how good a committee the loop's training recipe makes from a
 //! given number of human labels, on real data (Fashion-MNIST).
 //!
 //! For each label count N: the small-CNN committee, freshly initialised, is trained with
-//! [`model::train`](crate::model::train) on N training images drawn at random (nested: the
+//! [`model::train`](sieve_worker::model::train) on N training images drawn at random (nested: the
 //! first N of one seeded permutation, so a larger N only adds labels), with the loop's own
 //! hyper-parameters ([`TrainParams`]'s defaults) unless overridden. It then scores the test
 //! split and prints the committee's accuracy and its **oracle share** at 95, 97 and 99%: the
@@ -15,17 +15,17 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::fashion_idx::{self, Dataset, Split};
 use anyhow::Context as _;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use sieve_shared::fashion_mnist::{self, Dataset, Split};
 use sieve_shared::messages::{LrSchedule, TrainParams};
 use sieve_shared::scores::committee_scores;
 
-use crate::backend;
-use crate::images::normalize_pixel;
-use crate::model::{ArchitectureConfig, Committee, TrainData, TrainOptions, train};
+use sieve_worker::backend;
+use sieve_worker::images::normalize_pixel;
+use sieve_worker::model::{ArchitectureConfig, Committee, TrainData, TrainOptions, train};
 
 /// Accuracy targets the oracle share is printed for.
 const TARGETS: [f64; 3] = [0.95, 0.97, 0.99];
@@ -39,7 +39,7 @@ pub struct AccuracyArgs {
     #[arg(long, default_value_t = 10_000)]
     pub test_images: usize,
     /// Where the Fashion-MNIST IDX files are.
-    #[arg(long, default_value = fashion_mnist::DEFAULT_DIR)]
+    #[arg(long, default_value = fashion_idx::DEFAULT_DIR)]
     pub data_dir: PathBuf,
     /// Epochs at most (default: the loop's).
     #[arg(long)]
@@ -86,9 +86,9 @@ pub fn run(args: &AccuracyArgs, members: usize) -> anyhow::Result<()> {
         seed: args.seed,
         ..TrainOptions::default()
     };
-    let train_set = fashion_mnist::load(&args.data_dir, Split::Train, None)?;
-    let test_set = fashion_mnist::load(&args.data_dir, Split::Test, Some(args.test_images))?;
-    let config = ArchitectureConfig::small_cnn(fashion_mnist::CLASSES.len(), members);
+    let train_set = fashion_idx::load(&args.data_dir, Split::Train, None)?;
+    let test_set = fashion_idx::load(&args.data_dir, Split::Test, Some(args.test_images))?;
+    let config = ArchitectureConfig::small_cnn(fashion_idx::CLASSES.len(), members);
 
     println!(
         "\n## small-CNN committee (K={members}) on N random Fashion-MNIST labels, scored on {} test images",

@@ -1,4 +1,4 @@
-//! `sieve demo`: the active-learning loop on Fashion-MNIST, end to end.
+//! `sieve-tools demo`: the active-learning loop on Fashion-MNIST, end to end.
 //!
 //! Images go in through the normal ingest path; simulated reviewers answer
 //! review tasks through the real HTTP review API from the ground truth (read
@@ -21,18 +21,18 @@ use serde::Serialize;
 use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
 
-use crate::auth;
-use crate::context::Context;
-use crate::entities::api_token::Role;
-use crate::entities::model_version;
-use crate::entities::training_run::{self, RunState};
-use crate::ingest;
-use crate::operate::status;
-use crate::policy::Policy;
-use crate::projects::{self, ClassNames, Project, ProjectName};
-use crate::review::{ClaimedTask, SubmittedLabel};
-use crate::tools::fashion_mnist::{self, Truth};
-use crate::training;
+use crate::fashion_mnist::{self, Truth};
+use sieve_scheduler::auth;
+use sieve_scheduler::context::Context;
+use sieve_scheduler::entities::api_token::Role;
+use sieve_scheduler::entities::model_version;
+use sieve_scheduler::entities::training_run::{self, RunState};
+use sieve_scheduler::ingest;
+use sieve_scheduler::operate::status;
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
+use sieve_scheduler::review::{ClaimedTask, SubmittedLabel};
+use sieve_scheduler::training;
 
 #[derive(Clone, Debug, Args)]
 pub struct DemoArgs {
@@ -332,7 +332,7 @@ pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
     tokio::select! {
         report = run_loop(ctx, &args, &name) => report,
         _ = tokio::signal::ctrl_c() => bail!(
-            "interrupted; nothing accepted is lost: continue with `sieve demo --resume --project {name}` \
+            "interrupted; nothing accepted is lost: continue with `sieve-tools demo --resume --project {name}` \
              (and the same options)"
         ),
     }

@@ -5,9 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-pub use sieve_shared::fashion_mnist::{
-    CLASSES, DEFAULT_DIR, Dataset, SIDE, Split, TOTAL, TRAIN_SIZE, load,
-};
+pub use crate::fashion_idx::{CLASSES, DEFAULT_DIR, Dataset, SIDE, Split, TOTAL, TRAIN_SIZE, load};
 
 /// The file name an exported image gets; [`index_of`] reverses it.
 pub fn file_name(split: Split, index: usize) -> String {

@@ -1,4 +1,4 @@
-//! `sieve bench claim`: the review queue under many reviewers at once.
+//! `sieve-tools bench claim`: the review queue under many reviewers at once.
 //!
 //! In a fresh database of its own, it opens `--tasks` review tasks (each on
 //! an item with a prediction, as routing leaves them), then runs
@@ -39,11 +39,11 @@ use sieve_shared::messages::ModelArch;
 use sieve_shared::settings::DatabaseSettings;
 use uuid::Uuid;
 
-use crate::db;
-use crate::error::AppError;
-use crate::policy::Policy;
-use crate::projects::{self, ClassNames, Project, ProjectName};
-use crate::review::{self, Submission};
+use sieve_scheduler::db;
+use sieve_scheduler::error::AppError;
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
+use sieve_scheduler::review::{self, Submission};
 
 #[derive(Debug, Clone, Args)]
 pub struct ClaimArgs {
