@@ -177,6 +177,54 @@ async fn every_endpoint_by_every_role() {
                 serde_json::json!({"priority": 1}),
                 Action::Operate,
             ),
+            (
+                "PATCH",
+                format!("/api/v1/projects/{p}/policy"),
+                serde_json::json!({"confidence_threshold": 7.0}),
+                Action::ManageProjects,
+            ),
+            (
+                "GET",
+                format!("/api/v1/projects/{p}/export?format=nope"),
+                serde_json::Value::Null,
+                Action::Export,
+            ),
+            (
+                "GET",
+                format!("/api/v1/projects/{p}/items"),
+                serde_json::Value::Null,
+                Action::Read,
+            ),
+            (
+                "GET",
+                format!("/api/v1/items/{item}"),
+                serde_json::Value::Null,
+                Action::Read,
+            ),
+            (
+                "POST",
+                format!("/api/v1/items/{item}/reopen"),
+                serde_json::json!({"reason": "looks wrong"}),
+                Action::Review,
+            ),
+            (
+                "GET",
+                "/api/v1/tokens".into(),
+                serde_json::Value::Null,
+                Action::ManageTokens,
+            ),
+            (
+                "POST",
+                "/api/v1/tokens".into(),
+                serde_json::json!({"name": "x", "role": "nobody"}),
+                Action::ManageTokens,
+            ),
+            (
+                "POST",
+                format!("/api/v1/tokens/{}/revoke", uuid::Uuid::now_v7()),
+                serde_json::Value::Null,
+                Action::ManageTokens,
+            ),
         ];
 
         let mut tokens = Vec::new();
@@ -216,6 +264,7 @@ async fn every_endpoint_by_every_role() {
                 let mut request = match *method {
                     "GET" => app.http.get(app.url(path)),
                     "PUT" => app.http.put(app.url(path)),
+                    "PATCH" => app.http.patch(app.url(path)),
                     _ => app.http.post(app.url(path)),
                 };
                 if !token.is_empty() {
