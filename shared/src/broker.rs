@@ -193,6 +193,29 @@ impl Publisher {
     }
 }
 
+/// The next delivery of `consumer` (of `queue`), or `None` once `stop` is
+/// cancelled: the head of every consumer loop. A delivery error is logged
+/// and skipped (the channel recovers by itself, and what it held returns);
+/// the broker cancelling the consumer is an error, so the loop ends and the
+/// process says why.
+pub async fn next_delivery(
+    consumer: &mut Consumer,
+    queue: &str,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<lapin::message::Delivery>> {
+    use futures_util::StreamExt;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(None),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => return Ok(Some(delivery)),
+                Some(Err(err)) => tracing::warn!(error = %err, queue, "consumer error"),
+                None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
+            },
+        }
+    }
+}
+
 /// A consumer on its own channel, with manual acks and the given prefetch.
 pub async fn consume(
     connection: &Connection,

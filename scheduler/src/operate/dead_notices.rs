@@ -20,7 +20,6 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::options::BasicAckOptions;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
@@ -110,44 +109,31 @@ pub async fn run(
         broker::consume(&connection, &queue, 16, "sieve-scheduler-dead-notices")
             .await
             .with_context(|| format!("consuming {queue}"))?;
-    loop {
-        let delivery = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "dead-notices consumer error");
-                    continue;
-                }
-                None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
-            },
-        };
+    while let Some(delivery) = broker::next_delivery(&mut consumer, &queue, &stop).await? {
         let (from, reason) = retry::origin(&delivery.properties);
         let (from, reason) = (
             from.unwrap_or_default(),
             reason.unwrap_or_else(|| "unknown".into()),
         );
-        match notice(&ctx, &delivery.data, &from, &reason).await {
-            Ok(_) => {
-                if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(error = %err, "ack of a dead-letter notice failed; it comes back and changes nothing");
+        // A failure is the database's (every effect is an idempotent
+        // update): retry in place, and hand the notice back at shutdown.
+        let mut backoff = std::time::Duration::from_millis(250);
+        while let Err(err) = notice(&ctx, &delivery.data, &from, &reason).await {
+            tracing::warn!(error = format!("{err:#}"), retry_in = ?backoff, "a dead-letter notice was not applied; retrying");
+            tokio::select! {
+                () = stop.cancelled() => {
+                    let _ = delivery
+                        .nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() })
+                        .await;
+                    return Ok(());
                 }
+                () = tokio::time::sleep(backoff) => {}
             }
-            Err(err) => {
-                // The database is away: leave the notice unacknowledged; it
-                // comes back when the channel does.
-                tracing::warn!(
-                    error = format!("{err:#}"),
-                    "a dead-letter notice was not applied; retrying"
-                );
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                let _ = delivery
-                    .nack(lapin::options::BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+        }
+        if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
+            tracing::warn!(error = %err, "ack of a dead-letter notice failed; it comes back and changes nothing");
         }
     }
+    Ok(())
 }

@@ -17,7 +17,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use chrono::Utc;
-use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use sea_orm::{
@@ -832,18 +831,7 @@ pub async fn run_events(
         broker::consume(&connection, &queue, 16, "sieve-scheduler-train-events")
             .await
             .with_context(|| format!("consuming {queue}"))?;
-    loop {
-        let delivery = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "training events consumer error");
-                    continue;
-                }
-                None => anyhow::bail!("the {queue} consumer was cancelled by the broker"),
-            },
-        };
+    while let Some(delivery) = broker::next_delivery(&mut consumer, &queue, &stop).await? {
         let event = match decode::<TrainEvent>(&delivery.data) {
             Ok(event) => event,
             Err(err) => {
@@ -882,6 +870,7 @@ pub async fn run_events(
             }
         }
     }
+    Ok(())
 }
 
 /// The project's runs, newest first.
