@@ -500,6 +500,30 @@ async fn scoped_tokens_act_only_on_their_project() {
                 json!({"priority": 2}),
                 &ops,
             ),
+            (
+                "GET",
+                "/api/v1/projects/theirs/export?format=csv".to_owned(),
+                Value::Null,
+                &ml,
+            ),
+            (
+                "GET",
+                "/api/v1/projects/theirs/items".to_owned(),
+                Value::Null,
+                &reviewer,
+            ),
+            (
+                "GET",
+                format!("/api/v1/items/{their_item}"),
+                Value::Null,
+                &reviewer,
+            ),
+            (
+                "POST",
+                format!("/api/v1/items/{their_item}/reopen"),
+                json!({"reason": "looks wrong"}),
+                &reviewer,
+            ),
         ] {
             let mut request = match method {
                 "GET" => app.http.get(app.url(&path)),
