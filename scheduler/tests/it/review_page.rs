@@ -431,7 +431,9 @@ async fn session(app: &App, browser: &Client, token: &str, tasks: [&sieve_testki
     browser.goto("about:blank").await.unwrap();
     eventually(
         "the task released on leaving",
-        Duration::from_secs(10),
+        // The page's keepalive request lands once Chromium and the server
+        // get to it: generous, as the whole suite runs beside it.
+        Duration::from_secs(30),
         || async { (app.task(third.task_id).await.state == TaskState::Open).then_some(()) },
     )
     .await;
