@@ -210,7 +210,7 @@ pub async fn create_expiring_token(
 
 /// A token as `sieve token list` and `GET /api/v1/tokens` show it: never
 /// its secret, which is not stored.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: Uuid,
     pub name: String,

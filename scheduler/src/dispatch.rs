@@ -88,7 +88,7 @@ pub fn model_ref(version: &model_version::Model) -> anyhow::Result<ModelRef> {
 
 /// How a project's jobs are dispatched. A project without a row in
 /// `project_dispatch` has the default: running, unlimited, priority 0.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, FromQueryResult)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, FromQueryResult, utoipa::ToSchema)]
 pub struct Control {
     pub paused: bool,
     /// Jobs per second; `None`: as fast as the broker takes them.

@@ -9,7 +9,8 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -52,18 +53,45 @@ impl AppError {
         }
     }
 
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ErrorCode {
         match self {
-            AppError::NotFound(_) => "not_found",
-            AppError::Invalid(_) => "invalid",
-            AppError::Conflict(_) => "conflict",
-            AppError::Unauthorized => "unauthorized",
-            AppError::Forbidden(_) => "forbidden",
-            AppError::TooLarge(_) => "payload_too_large",
-            AppError::Busy(_) => "too_many_requests",
-            AppError::Internal(_) => "internal",
+            AppError::NotFound(_) => ErrorCode::NotFound,
+            AppError::Invalid(_) => ErrorCode::Invalid,
+            AppError::Conflict(_) => ErrorCode::Conflict,
+            AppError::Unauthorized => ErrorCode::Unauthorized,
+            AppError::Forbidden(_) => ErrorCode::Forbidden,
+            AppError::TooLarge(_) => ErrorCode::PayloadTooLarge,
+            AppError::Busy(_) => ErrorCode::TooManyRequests,
+            AppError::Internal(_) => ErrorCode::Internal,
         }
     }
+}
+
+/// The body of every error answer of the API.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// What was wrong, for a person to read.
+    pub message: String,
+}
+
+/// One per HTTP status the API answers errors with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotFound,
+    Invalid,
+    Conflict,
+    Unauthorized,
+    Forbidden,
+    PayloadTooLarge,
+    TooManyRequests,
+    Internal,
 }
 
 impl From<sea_orm::DbErr> for AppError {
@@ -81,7 +109,12 @@ impl IntoResponse for AppError {
             }
             other => other.to_string(),
         };
-        let body = json!({ "error": { "code": self.code(), "message": message } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message,
+            },
+        };
         (self.status(), Json(body)).into_response()
     }
 }

@@ -33,7 +33,7 @@ use crate::error::AppError;
 use crate::patch::present;
 
 /// Which committee disagreement the limit applies to.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DisagreementMeasure {
     /// Share of members whose vote differs from the committee's.
@@ -43,7 +43,7 @@ pub enum DisagreementMeasure {
     MutualInformation,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Below this committee confidence an item goes to review (when no
@@ -136,7 +136,7 @@ impl Policy {
 /// explicit `null` clears an optional one (back to the fixed threshold, no
 /// automatic retrains, no second opinions). The result is validated as a
 /// whole by [`Policy::validate`].
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyPatch {
     pub confidence_threshold: Option<f32>,

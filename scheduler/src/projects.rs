@@ -82,8 +82,9 @@ pub fn parse_arch(raw: &str) -> AppResult<ModelArch> {
 }
 
 /// A project as the rest of the scheduler sees it: typed, validated.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Project {
+    #[schema(value_type = uuid::Uuid)]
     pub id: ProjectId,
     pub name: String,
     pub class_names: Vec<String>,

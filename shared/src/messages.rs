@@ -161,7 +161,7 @@ pub fn decode_results(bytes: &[u8]) -> Result<Vec<PrelabelResult>, DecodeError> 
 }
 
 /// Which network a project's committee is built on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelArch {
     /// A small CNN trained from scratch on 28x28 grayscale input; fast on a CPU.
@@ -240,7 +240,7 @@ impl std::str::FromStr for ModelArch {
 }
 
 /// What a training run changes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainMode {
     /// Every weight, from the base version's (or a fresh initialisation).

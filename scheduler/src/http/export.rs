@@ -13,9 +13,38 @@ use axum::response::{IntoResponse, Response};
 
 use super::extract::{AuthedProject, Export as ExportAction};
 use crate::context::Context;
-use crate::error::{AppError, AppResult};
+use crate::error::{AppError, AppResult, ErrorBody};
 use crate::export::{Export, Format, Request};
 
+/// The labeled dataset, streamed from one snapshot.
+#[utoipa::path(
+    get,
+    path = "/projects/{project}/export",
+    tag = "export",
+    params(
+        ("project" = String, Path, description = "Project name or id"),
+        ("format" = String, Query, description = "csv, jsonl or coco (imagefolder is for the CLI)"),
+        ("source" = Option<Vec<String>>, Query, explode, description = "Label source: human, machine, import"),
+        ("state" = Option<Vec<String>>, Query, explode, description = "Item state (in_review and failed are left out unless named)"),
+        ("min_confidence" = Option<f32>, Query, description = "The prediction behind the label at least this sure (0 to 1)"),
+        ("class" = Option<Vec<String>>, Query, explode, description = "Label class"),
+        ("since" = Option<String>, Query, description = "The cursor an earlier export gave: only what changed since"),
+    ),
+    responses(
+        (status = 200, description = "The export; rows follow the format", content(
+            (String = "text/csv; charset=utf-8"),
+            (String = "application/x-ndjson"),
+            (String = "application/json"),
+        ), headers(
+            ("x-sieve-export-cursor" = String, description = "Pass as `since` next time"),
+            ("x-sieve-export-left-out" = String, description = "Items left out for their state, as `in_review=3,failed=1`"),
+        )),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not export (ml and admin may)"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+        (status = 422, body = ErrorBody, description = "An unknown format, filter or value (the message names the allowed ones)"),
+    )
+)]
 pub async fn export(
     State(ctx): State<Context>,
     at: AuthedProject<ExportAction>,

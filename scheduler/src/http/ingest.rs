@@ -6,20 +6,21 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extract::{Authed, AuthedProject, JsonBody, Operate};
 use crate::auth::{self, Action};
 use crate::context::Context;
-use crate::error::{AppError, AppResult};
+use crate::error::{AppError, AppResult, ErrorBody};
+use crate::ingest::runs::IngestRun;
 use crate::ingest::{self, Source, prefix::Prefix};
 
 /// What to ingest over HTTP: exactly one of a prefix (`store:PREFIX` or
 /// `s3://BUCKET/PREFIX`) or a manifest in sieve's store (`store:KEY`).
 /// Never a path on the server.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngestRequest {
     prefix: Option<String>,
@@ -48,6 +49,22 @@ impl IngestRequest {
     }
 }
 
+/// Start an ingest in the background; its progress is at the `Location`.
+#[utoipa::path(
+    post,
+    path = "/projects/{project}/ingest",
+    tag = "ingest",
+    params(("project" = String, Path, description = "Project name or id")),
+    request_body = IngestRequest,
+    responses(
+        (status = 202, body = IngestRun, headers(("location" = String, description = "Where its progress is"))),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not operate"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+        (status = 422, body = ErrorBody, description = "Not exactly one source, or one sieve cannot read"),
+        (status = 429, body = ErrorBody, description = "Too many ingests running; try again later"),
+    )
+)]
 pub async fn start(
     State(ctx): State<Context>,
     at: AuthedProject<Operate>,
@@ -76,12 +93,33 @@ pub async fn start(
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// How many, newest first (default 20, at most 1000).
     limit: Option<u64>,
 }
 
+/// A project's ingests, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct IngestList {
+    ingests: Vec<IngestRun>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/projects/{project}/ingests",
+    tag = "ingest",
+    params(("project" = String, Path, description = "Project name or id"), ListQuery),
+    responses(
+        (status = 200, body = IngestList),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not operate"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+        (status = 422, body = ErrorBody, description = "A bad limit or an unknown parameter"),
+    )
+)]
 pub async fn list(
     State(ctx): State<Context>,
     at: AuthedProject<Operate>,
@@ -90,9 +128,22 @@ pub async fn list(
     let Query(query) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
     let limit = query.limit.unwrap_or(20).min(1000);
     let runs = ingest::runs::list(&ctx.db, &at.project, limit).await?;
-    Ok(Json(json!({ "ingests": runs })).into_response())
+    Ok(Json(IngestList { ingests: runs }).into_response())
 }
 
+/// One ingest and its progress.
+#[utoipa::path(
+    get,
+    path = "/ingests/{ingest}",
+    tag = "ingest",
+    params(("ingest" = String, Path, description = "Ingest id")),
+    responses(
+        (status = 200, body = IngestRun),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not operate"),
+        (status = 404, body = ErrorBody, description = "No such ingest (or not the token's project's)"),
+    )
+)]
 pub async fn show(
     State(ctx): State<Context>,
     caller: Authed<Operate>,

@@ -10,10 +10,33 @@ use uuid::Uuid;
 
 use super::extract::{Authed, AuthedProject, JsonBody, Read, Review};
 use crate::context::Context;
-use crate::error::{AppError, AppResult};
-use crate::items::{self, ListRequest, reopen};
+use crate::error::{AppError, AppResult, ErrorBody};
+use crate::items::reopen::{Reopen, Reopened};
+use crate::items::{self, ItemHistory, ItemPage, ListRequest, reopen};
 
-/// `GET /projects/{p}/items?state=&class=&source=&max_confidence=&cursor=&limit=`
+/// A page of a project's items, oldest first, filtered. Every filter but
+/// `max_confidence`, `cursor` and `limit` may repeat (or take a comma list):
+/// an item matches one of its values.
+#[utoipa::path(
+    get,
+    path = "/projects/{project}/items",
+    tag = "items",
+    params(
+        ("project" = String, Path, description = "Project name or id"),
+        ("state" = Option<Vec<String>>, Query, explode, description = "Item state: pending, dispatched, auto_labeled, in_review, human_labeled, failed"),
+        ("class" = Option<Vec<String>>, Query, explode, description = "Class of the current label"),
+        ("source" = Option<Vec<String>>, Query, explode, description = "Source of the current label: human, machine, import"),
+        ("max_confidence" = Option<f32>, Query, description = "Newest prediction's confidence at most this (0 to 1)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the page before"),
+        ("limit" = Option<u32>, Query, description = "Items per page (default 100, at most 1000)"),
+    ),
+    responses(
+        (status = 200, body = ItemPage),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+        (status = 422, body = ErrorBody, description = "An unknown parameter or value (the message names the allowed ones)"),
+    )
+)]
 pub async fn list(
     State(ctx): State<Context>,
     at: AuthedProject<Read>,
@@ -29,7 +52,18 @@ fn item_id(raw: &str) -> AppResult<Uuid> {
         .map_err(|_| AppError::NotFound(format!("no item {raw:?} (not an item id)")))
 }
 
-/// `GET /items/{id}`
+/// An item with its whole history: every prediction, label and review task.
+#[utoipa::path(
+    get,
+    path = "/items/{item}",
+    tag = "items",
+    params(("item" = String, Path, description = "Item id")),
+    responses(
+        (status = 200, body = ItemHistory),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 404, body = ErrorBody, description = "No such item (or not in the token's project)"),
+    )
+)]
 pub async fn show(
     State(ctx): State<Context>,
     caller: Authed<Read>,
@@ -39,15 +73,32 @@ pub async fn show(
     Ok(Json(items::show(&ctx.db, &caller.who, item).await?).into_response())
 }
 
-/// `POST /items/{id}/reopen` (`{"reason": "...", "force": false}`)
+/// Report an item's label as wrong: it goes back to review, at the top,
+/// with the reason `reported`. A human label takes `force` (ml, admin).
+#[utoipa::path(
+    post,
+    path = "/items/{item}/reopen",
+    tag = "items",
+    params(("item" = String, Path, description = "Item id")),
+    request_body = Reopen,
+    responses(
+        (status = 200, body = Reopened),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review, or may not force"),
+        (status = 404, body = ErrorBody, description = "No such item (or not in the token's project)"),
+        (status = 409, body = ErrorBody, description = "Already in review, unlabeled, or labeled by a person without force"),
+        (status = 422, body = ErrorBody, description = "No reason given"),
+    )
+)]
 pub async fn reopen(
     State(ctx): State<Context>,
     caller: Authed<Review>,
     Path(item): Path<String>,
-    JsonBody(body): JsonBody<reopen::Reopen>,
+    JsonBody(body): JsonBody<Reopen>,
 ) -> AppResult<Response> {
     let item = item_id(&item)?;
     let reporter = reopen::Reporter::from(&caller.who);
-    let reopened = reopen::reopen(&ctx.db, item, Some(&caller.who), reporter, &body).await?;
+    let reopened: Reopened =
+        reopen::reopen(&ctx.db, item, Some(&caller.who), reporter, &body).await?;
     Ok(Json(reopened).into_response())
 }

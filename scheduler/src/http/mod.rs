@@ -1,5 +1,5 @@
-//! The HTTP API (`/api/v1`), the review page (`/review`), health and
-//! metrics.
+//! The HTTP API (`/api/v1`, described at `/api/v1/openapi.json`), the
+//! review page (`/review`), health and metrics.
 //!
 //! Handlers are thin: authorize, parse, call the same domain function the CLI
 //! calls, serialize. One file per resource; what every handler begins with
@@ -13,6 +13,7 @@ mod dispatch;
 mod export;
 mod ingest;
 mod items;
+mod openapi;
 mod operate;
 mod projects;
 mod review;
@@ -25,53 +26,54 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::context::Context;
 use crate::error::AppError;
 
+/// The API under `/api/v1`, with its OpenAPI description: each `routes!`
+/// registers its handlers on the router and their `#[utoipa::path]` in the
+/// description, so no route can be missing from it.
+pub fn api() -> (Router<Context>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(projects::list, projects::create))
+        .routes(routes!(projects::show))
+        .routes(routes!(projects::get_policy, projects::change_policy))
+        .routes(routes!(review::claim_next))
+        .routes(routes!(training::retrain))
+        .routes(routes!(training::cancel))
+        .routes(routes!(training::list_models))
+        .routes(routes!(training::show_model))
+        .routes(routes!(export::export))
+        .routes(routes!(ingest::start))
+        .routes(routes!(ingest::list))
+        .routes(routes!(dispatch::pause))
+        .routes(routes!(dispatch::resume))
+        .routes(routes!(dispatch::get, dispatch::put))
+        .routes(routes!(ingest::show))
+        .routes(routes!(operate::fleet_status))
+        .routes(routes!(tokens::list, tokens::create))
+        .routes(routes!(tokens::revoke))
+        .routes(routes!(review::show))
+        .routes(routes!(review::submit))
+        .routes(routes!(review::release))
+        .routes(routes!(review::renew))
+        .routes(routes!(review::skip))
+        .routes(routes!(review::undo))
+        .routes(routes!(items::list))
+        .routes(routes!(items::show))
+        .routes(routes!(items::reopen))
+        .routes(routes!(review::item_image))
+        .split_for_parts()
+}
+
 pub fn router(ctx: Context) -> Router {
     let body_limit = ctx.settings.http.body_limit;
-    let api = Router::new()
-        .route("/projects", get(projects::list).post(projects::create))
-        .route("/projects/{project}", get(projects::show))
-        .route(
-            "/projects/{project}/policy",
-            get(projects::get_policy)
-                .put(projects::change_policy)
-                .patch(projects::change_policy),
-        )
-        .route("/projects/{project}/review/next", post(review::claim_next))
-        .route("/projects/{project}/retrain", post(training::retrain))
-        .route("/projects/{project}/retrain/cancel", post(training::cancel))
-        .route("/projects/{project}/models", get(training::list_models))
-        .route(
-            "/projects/{project}/models/{version}",
-            get(training::show_model),
-        )
-        .route("/projects/{project}/export", get(export::export))
-        .route("/projects/{project}/ingest", post(ingest::start))
-        .route("/projects/{project}/ingests", get(ingest::list))
-        .route("/projects/{project}/pause", post(dispatch::pause))
-        .route("/projects/{project}/resume", post(dispatch::resume))
-        .route(
-            "/projects/{project}/dispatch",
-            get(dispatch::get).put(dispatch::put),
-        )
-        .route("/ingests/{ingest}", get(ingest::show))
-        .route("/status", get(operate::fleet_status))
-        .route("/tokens", get(tokens::list).post(tokens::create))
-        .route("/tokens/{token}/revoke", post(tokens::revoke))
-        .route("/review/{task}", get(review::show))
-        .route("/review/{task}/submit", post(review::submit))
-        .route("/review/{task}/release", post(review::release))
-        .route("/review/{task}/renew", post(review::renew))
-        .route("/review/{task}/skip", post(review::skip))
-        .route("/review/{task}/undo", post(review::undo))
-        .route("/projects/{project}/items", get(items::list))
-        .route("/items/{item}", get(items::show))
-        .route("/items/{item}/reopen", post(items::reopen))
-        .route("/items/{item}/image", get(review::item_image));
+    let (api, description) = api();
+    let api = api.route("/openapi.json", openapi::serve(&description));
     let mut root = Router::new()
         .nest("/api/v1", api)
         .merge(review_page::routes())

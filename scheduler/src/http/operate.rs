@@ -9,8 +9,8 @@ use serde_json::json;
 
 use super::extract::{Authed, Operate};
 use crate::context::Context;
-use crate::error::AppResult;
-use crate::operate::status;
+use crate::error::{AppResult, ErrorBody};
+use crate::operate::status::{self, FleetStatus};
 
 pub async fn healthz(State(ctx): State<Context>) -> Response {
     match ctx.db.ping().await {
@@ -51,6 +51,18 @@ pub async fn metrics_with_token(
     Ok(metrics(State(ctx)).await.into_response())
 }
 
+/// Queues, workers and every project: for an `ops` or `admin` token for
+/// every project.
+#[utoipa::path(
+    get,
+    path = "/status",
+    tag = "operate",
+    responses(
+        (status = 200, body = FleetStatus),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not operate, or only one project"),
+    )
+)]
 pub async fn fleet_status(
     State(ctx): State<Context>,
     caller: Authed<Operate>,

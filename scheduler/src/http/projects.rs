@@ -4,25 +4,35 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use sieve_shared::messages::ModelArch;
+use utoipa::ToSchema;
 
 use super::extract::{Authed, AuthedProject, JsonBody, ManageProjects, Read};
 use crate::context::Context;
-use crate::error::AppResult;
-use crate::operate::status;
+use crate::error::{AppResult, ErrorBody};
+use crate::operate::status::{self, ProjectStatus};
 use crate::policy::{Policy, PolicyPatch};
-use crate::projects::{self, ClassNames, ProjectName};
+use crate::projects::{self, ClassNames, Project, ProjectName};
 use crate::{routing, training};
 
+/// The projects the token may see.
+#[utoipa::path(
+    get,
+    path = "/projects",
+    tag = "projects",
+    responses(
+        (status = 200, body = Vec<Project>),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+    )
+)]
 pub async fn list(State(ctx): State<Context>, caller: Authed<Read>) -> AppResult<Response> {
     let mut listed = projects::list(&ctx.db).await?;
     listed.retain(|p| caller.who.may_see(p));
     Ok(Json(listed).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProject {
     name: String,
@@ -31,9 +41,25 @@ pub struct CreateProject {
     policy: Option<Policy>,
     /// `small_cnn` (the default) or `mobilenet_v2`.
     #[serde(default)]
+    #[schema(value_type = Option<ModelArch>)]
     arch: Option<String>,
 }
 
+/// Create a project (an `admin` or `ml` token for every project) and queue
+/// its first, untrained model.
+#[utoipa::path(
+    post,
+    path = "/projects",
+    tag = "projects",
+    request_body = CreateProject,
+    responses(
+        (status = 201, body = Project),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not create projects"),
+        (status = 409, body = ErrorBody, description = "A project has that name"),
+        (status = 422, body = ErrorBody, description = "A bad name, class list or policy"),
+    )
+)]
 pub async fn create(
     State(ctx): State<Context>,
     caller: Authed<ManageProjects>,
@@ -59,29 +85,76 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(project)).into_response())
 }
 
+/// A project with its counts, measured accuracy and second opinions.
+#[utoipa::path(
+    get,
+    path = "/projects/{project}",
+    tag = "projects",
+    params(("project" = String, Path, description = "Project name or id")),
+    responses(
+        (status = 200, body = ProjectStatus),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+    )
+)]
 pub async fn show(State(ctx): State<Context>, at: AuthedProject<Read>) -> AppResult<Response> {
     Ok(Json(status::project_status(&ctx, &at.project).await?).into_response())
 }
 
-pub async fn get_policy(at: AuthedProject<Read>) -> AppResult<Response> {
-    let project = at.project;
-    Ok(
-        Json(json!({ "version": project.policy_version, "policy": project.policy }))
-            .into_response(),
+/// A project's routing policy and its version.
+#[derive(Serialize, ToSchema)]
+pub struct VersionedPolicy {
+    /// Bumped by every change.
+    version: i32,
+    policy: Policy,
+}
+
+impl From<Project> for VersionedPolicy {
+    fn from(project: Project) -> Self {
+        Self {
+            version: project.policy_version,
+            policy: project.policy,
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/projects/{project}/policy",
+    tag = "projects",
+    params(("project" = String, Path, description = "Project name or id")),
+    responses(
+        (status = 200, body = VersionedPolicy),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
     )
+)]
+pub async fn get_policy(at: AuthedProject<Read>) -> AppResult<Response> {
+    Ok(Json(VersionedPolicy::from(at.project)).into_response())
 }
 
 /// `PUT` (and `PATCH`): the fields named change, the others stay; `null`
 /// clears an optional one. A change that leaves the policy as it was makes
 /// no new version.
+#[utoipa::path(
+    method(put, patch),
+    path = "/projects/{project}/policy",
+    tag = "projects",
+    params(("project" = String, Path, description = "Project name or id")),
+    request_body = PolicyPatch,
+    responses(
+        (status = 200, body = VersionedPolicy),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not change policies"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+        (status = 422, body = ErrorBody, description = "A value out of range or an unknown field"),
+    )
+)]
 pub async fn change_policy(
     State(ctx): State<Context>,
     at: AuthedProject<ManageProjects>,
     JsonBody(patch): JsonBody<PolicyPatch>,
 ) -> AppResult<Response> {
     let project = routing::calibration::patch_policy(&ctx.db, &at.project, &patch).await?;
-    Ok(
-        Json(json!({ "version": project.policy_version, "policy": project.policy }))
-            .into_response(),
-    )
+    Ok(Json(VersionedPolicy::from(project)).into_response())
 }

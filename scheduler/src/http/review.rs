@@ -10,14 +10,17 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use sea_orm::EntityTrait;
 use serde::Deserialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::extract::{Authed, AuthedTask, JsonBody, Review, bearer, project_on};
 use crate::auth::{self, Action};
 use crate::context::Context;
 use crate::entities::item;
-use crate::error::{AppError, AppResult};
-use crate::review;
+use crate::error::{AppError, AppResult, ErrorBody};
+use crate::review::{
+    self, ClaimedTask, Lease, Skip, Skipped, Submission, SubmittedLabel, TaskView,
+};
 
 fn lease(ctx: &Context) -> Duration {
     Duration::from_secs(ctx.settings.review.lease_seconds)
@@ -27,6 +30,19 @@ fn lease(ctx: &Context) -> Duration {
 /// reviewer waiting for the next item never queues behind durable writes.
 /// That is why it authorizes by hand rather than through the extractors,
 /// which read through the main pool.
+#[utoipa::path(
+    post,
+    path = "/projects/{project}/review/next",
+    tag = "review",
+    params(("project" = String, Path, description = "Project name or id")),
+    responses(
+        (status = 200, body = ClaimedTask, description = "The task is yours until the lease runs out"),
+        (status = 204, description = "Nothing to review"),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+    )
+)]
 pub async fn claim_next(
     State(ctx): State<Context>,
     headers: HeaderMap,
@@ -42,14 +58,43 @@ pub async fn claim_next(
     )
 }
 
+/// A review task, its item and the model's proposal.
+#[utoipa::path(
+    get,
+    path = "/review/{task}",
+    tag = "review",
+    params(("task" = String, Path, description = "Review task id")),
+    responses(
+        (status = 200, body = TaskView),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review"),
+        (status = 404, body = ErrorBody, description = "No such task (or not in the token's project)"),
+    )
+)]
 pub async fn show(State(ctx): State<Context>, at: AuthedTask<Review>) -> AppResult<Response> {
     Ok(Json(review::show(&ctx.db, at.task, at.who.reviewer()).await?).into_response())
 }
 
+/// Label the item of a claimed task.
+#[utoipa::path(
+    post,
+    path = "/review/{task}/submit",
+    tag = "review",
+    params(("task" = String, Path, description = "Review task id")),
+    request_body = Submission,
+    responses(
+        (status = 200, body = SubmittedLabel),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review"),
+        (status = 404, body = ErrorBody, description = "No such task (or not in the token's project)"),
+        (status = 409, body = ErrorBody, description = "The lease is not yours any more, or the item has a human label"),
+        (status = 422, body = ErrorBody, description = "Not one of the project's classes"),
+    )
+)]
 pub async fn submit(
     State(ctx): State<Context>,
     at: AuthedTask<Review>,
-    JsonBody(body): JsonBody<review::Submission>,
+    JsonBody(body): JsonBody<Submission>,
 ) -> AppResult<Response> {
     if body.force {
         at.who.require(Action::ForceLabel)?;
@@ -58,11 +103,26 @@ pub async fn submit(
     Ok(Json(label).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct Release {
     fencing_token: i64,
 }
 
+/// Give a claimed task back, unlabeled, for someone else.
+#[utoipa::path(
+    post,
+    path = "/review/{task}/release",
+    tag = "review",
+    params(("task" = String, Path, description = "Review task id")),
+    request_body = Release,
+    responses(
+        (status = 204, description = "Released"),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review"),
+        (status = 404, body = ErrorBody, description = "No such task (or not in the token's project)"),
+        (status = 409, body = ErrorBody, description = "The lease is not yours any more"),
+    )
+)]
 pub async fn release(
     State(ctx): State<Context>,
     at: AuthedTask<Review>,
@@ -73,12 +133,27 @@ pub async fn release(
 }
 
 /// The body of the steps that only need the claim's token.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fenced {
     fencing_token: i64,
 }
 
+/// Extend the lease of a claimed task.
+#[utoipa::path(
+    post,
+    path = "/review/{task}/renew",
+    tag = "review",
+    params(("task" = String, Path, description = "Review task id")),
+    request_body = Fenced,
+    responses(
+        (status = 200, body = Lease),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review"),
+        (status = 404, body = ErrorBody, description = "No such task (or not in the token's project)"),
+        (status = 409, body = ErrorBody, description = "The lease is not yours any more"),
+    )
+)]
 pub async fn renew(
     State(ctx): State<Context>,
     at: AuthedTask<Review>,
@@ -95,14 +170,46 @@ pub async fn renew(
     Ok(Json(renewed).into_response())
 }
 
+/// Give a claimed task back with a reason; it goes behind the others.
+#[utoipa::path(
+    post,
+    path = "/review/{task}/skip",
+    tag = "review",
+    params(("task" = String, Path, description = "Review task id")),
+    request_body = Skip,
+    responses(
+        (status = 200, body = Skipped),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review"),
+        (status = 404, body = ErrorBody, description = "No such task (or not in the token's project)"),
+        (status = 409, body = ErrorBody, description = "The lease is not yours any more"),
+        (status = 422, body = ErrorBody, description = "No reason given"),
+    )
+)]
 pub async fn skip(
     State(ctx): State<Context>,
     at: AuthedTask<Review>,
-    JsonBody(body): JsonBody<review::Skip>,
+    JsonBody(body): JsonBody<Skip>,
 ) -> AppResult<Response> {
     Ok(Json(review::skip(&ctx.db, at.task, at.who.reviewer(), &body).await?).into_response())
 }
 
+/// Take back the last submit, while its lease runs: the task is claimed
+/// again by the same reviewer.
+#[utoipa::path(
+    post,
+    path = "/review/{task}/undo",
+    tag = "review",
+    params(("task" = String, Path, description = "Review task id")),
+    request_body = Fenced,
+    responses(
+        (status = 200, body = ClaimedTask),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review"),
+        (status = 404, body = ErrorBody, description = "No such task (or not in the token's project)"),
+        (status = 409, body = ErrorBody, description = "Too late to undo, or another reviewer holds its second opinion"),
+    )
+)]
 pub async fn undo(
     State(ctx): State<Context>,
     at: AuthedTask<Review>,
@@ -119,6 +226,26 @@ pub async fn undo(
     Ok(Json(reopened).into_response())
 }
 
+/// An item's image, as ingested (PNG, JPEG, WebP...): the body is the
+/// file's bytes (OpenAPI 3.1 describes a binary body as a string of its
+/// media type).
+#[utoipa::path(
+    get,
+    path = "/items/{item}/image",
+    tag = "items",
+    params(("item" = String, Path, description = "Item id")),
+    responses(
+        (status = 200, description = "The image bytes", content(
+            (String = "image/png"),
+            (String = "image/jpeg"),
+            (String = "image/webp"),
+            (String = "application/octet-stream"),
+        )),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not review"),
+        (status = 404, body = ErrorBody, description = "No such item (or not in the token's project)"),
+    )
+)]
 pub async fn item_image(
     State(ctx): State<Context>,
     caller: Authed<Review>,

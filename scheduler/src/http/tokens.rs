@@ -4,21 +4,33 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
 
 use super::extract::{Authed, JsonBody, ManageTokens};
-use crate::auth;
+use crate::auth::{self, TokenInfo};
 use crate::context::Context;
 use crate::entities::api_token::Role;
-use crate::error::AppResult;
+use crate::error::{AppResult, ErrorBody};
 use crate::projects;
 
+/// Every API token: names, roles, scopes and states, never secrets.
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    tag = "tokens",
+    responses(
+        (status = 200, body = Vec<TokenInfo>),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "Not an admin token"),
+    )
+)]
 pub async fn list(State(ctx): State<Context>, _: Authed<ManageTokens>) -> AppResult<Response> {
     Ok(Json(auth::list_tokens(&ctx.db).await?).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     name: String,
@@ -31,7 +43,28 @@ pub struct NewToken {
     expires_in_seconds: Option<u64>,
 }
 
+/// A new token: its secret is in this answer and nowhere else.
+#[derive(Serialize, ToSchema)]
+pub struct CreatedToken {
+    id: Uuid,
+    /// The secret, to send as `Authorization: Bearer ...`.
+    token: String,
+}
+
 /// 201 with the secret, shown this once, and the token's id.
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    tag = "tokens",
+    request_body = NewToken,
+    responses(
+        (status = 201, body = CreatedToken),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "Not an admin token"),
+        (status = 404, body = ErrorBody, description = "No such project"),
+        (status = 422, body = ErrorBody, description = "A bad name, role or expiry"),
+    )
+)]
 pub async fn create(
     State(ctx): State<Context>,
     caller: Authed<ManageTokens>,
@@ -50,13 +83,23 @@ pub async fn create(
     )
     .await?;
     tracing::info!(token = %id, name = %body.name, by = %caller.who.name, "token created");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "id": id, "token": token })),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(CreatedToken { id, token })).into_response())
 }
 
+/// Revoke a token (by id or name): it gets 401 from now on.
+#[utoipa::path(
+    post,
+    path = "/tokens/{token}/revoke",
+    tag = "tokens",
+    params(("token" = String, Path, description = "Token id or name")),
+    responses(
+        (status = 200, body = TokenInfo),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "Not an admin token"),
+        (status = 404, body = ErrorBody, description = "No such token"),
+        (status = 409, body = ErrorBody, description = "A name more than one token has: give the id"),
+    )
+)]
 pub async fn revoke(
     State(ctx): State<Context>,
     _: Authed<ManageTokens>,

@@ -212,7 +212,7 @@ impl IngestSummary {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileFailure {
     pub path: String,
     /// The manifest line, for a manifest ingest.

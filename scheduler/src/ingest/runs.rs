@@ -36,7 +36,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A `running` ingest silent for this long is taken for interrupted.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     Running,
@@ -59,7 +59,7 @@ impl RunState {
 }
 
 /// An ingest as `GET /api/v1/ingests/{id}` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct IngestRun {
     pub id: Uuid,
     pub project: String,

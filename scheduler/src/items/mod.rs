@@ -124,7 +124,7 @@ impl ListRequest {
 }
 
 /// One item in a list.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ItemSummary {
     pub item_id: Uuid,
     pub key: String,
@@ -144,7 +144,7 @@ pub struct ItemSummary {
 }
 
 /// A page of a list.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ItemPage {
     pub project: String,
     pub items: Vec<ItemSummary>,
@@ -270,7 +270,7 @@ pub async fn list(
 }
 
 /// One item and everything that happened to it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ItemHistory {
     pub item_id: Uuid,
     pub project: String,
@@ -299,7 +299,7 @@ pub struct ItemHistory {
     pub review_tasks: Vec<TaskEntry>,
 }
 
-#[derive(Clone, Debug, Serialize, FromQueryResult)]
+#[derive(Clone, Debug, Serialize, FromQueryResult, utoipa::ToSchema)]
 pub struct PredictionEntry {
     pub prediction_id: Uuid,
     pub model_version: Option<i32>,
@@ -322,7 +322,7 @@ pub struct PredictionEntry {
     pub created_at: DateTime<FixedOffset>,
 }
 
-#[derive(Clone, Debug, Serialize, FromQueryResult)]
+#[derive(Clone, Debug, Serialize, FromQueryResult, utoipa::ToSchema)]
 pub struct LabelEntry {
     pub label_id: Uuid,
     #[sea_orm(skip)]
@@ -340,7 +340,7 @@ pub struct LabelEntry {
     pub created_at: DateTime<FixedOffset>,
 }
 
-#[derive(Clone, Debug, Serialize, FromQueryResult)]
+#[derive(Clone, Debug, Serialize, FromQueryResult, utoipa::ToSchema)]
 pub struct TaskEntry {
     pub task_id: Uuid,
     /// Why it was opened: `seed`, `low_confidence`, `disagreement`,

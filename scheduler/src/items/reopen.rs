@@ -38,7 +38,7 @@ pub const REPORTED_PRIORITY: f32 = 2.0;
 pub const MAX_REASON_CHARS: usize = 500;
 
 /// The body of `POST /items/{id}/reopen`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reopen {
     /// Why the label looks wrong (one line).
@@ -65,7 +65,7 @@ impl<'a> From<&'a Caller> for Reporter<'a> {
 }
 
 /// What a reopen did.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reopened {
     pub item_id: Uuid,
     pub task_id: Uuid,

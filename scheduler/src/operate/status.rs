@@ -12,7 +12,7 @@ use crate::error::AppResult;
 use crate::projects::Project;
 use crate::routing::calibration;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectStatus {
     pub project: Project,
     pub items: BTreeMap<String, i64>,
@@ -37,7 +37,7 @@ pub struct ProjectStatus {
 
 /// Reported labels of one source and class: still in review, confirmed by
 /// the reviewer, or corrected (a different class).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, FromQueryResult)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, FromQueryResult, utoipa::ToSchema)]
 pub struct ReportedLabels {
     /// `machine` or `import` (`human` when forced).
     pub source: String,
@@ -84,7 +84,7 @@ pub async fn reported_labels(
 /// decided by whom the second reviewer agreed with. The first reviewer and
 /// the model always disagree, so the second can side with one of them at
 /// most.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct SecondOpinions {
     pub open: i64,
     pub agreed_with_first: i64,
@@ -141,7 +141,7 @@ pub async fn record_second_opinion_metrics(ctx: &Context) -> AppResult<()> {
     Ok(())
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct MeasuredAccuracy {
     /// `None` for the overall figure.
     pub class: Option<String>,
@@ -298,7 +298,7 @@ pub async fn project_status(ctx: &Context, project: &Project) -> AppResult<Proje
 }
 
 /// One queue as operators see it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct QueueStatus {
     pub name: String,
     pub ready: u64,
@@ -311,7 +311,7 @@ pub struct QueueStatus {
 }
 
 /// The whole deployment at a glance.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct FleetStatus {
     pub queues: Vec<QueueStatus>,
     /// Where queue figures came from: `management` or `passive declare`.

@@ -111,7 +111,7 @@ impl Holder {
 }
 
 /// A claimed task with what a reviewer needs to decide.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClaimedTask {
     pub task_id: Uuid,
     pub fencing_token: i64,
@@ -497,7 +497,7 @@ LEFT JOIN predictions p ON p.id = c.prediction_id
 "#;
 
 /// A reviewer's answer to a claimed task.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Submission {
     pub fencing_token: i64,
     /// Class name (or index) chosen by the reviewer.
@@ -509,7 +509,7 @@ pub struct Submission {
     pub force: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubmittedLabel {
     pub label_id: Uuid,
     pub item_id: Uuid,
@@ -912,7 +912,7 @@ pub async fn release(
 }
 
 /// A claim's lease after a renewal.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
     pub task_id: Uuid,
     pub fencing_token: i64,
@@ -957,7 +957,7 @@ pub async fn renew(
 }
 
 /// A reviewer's request to pass on a claimed task.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Skip {
     pub fencing_token: i64,
@@ -965,7 +965,7 @@ pub struct Skip {
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Skipped {
     pub task_id: Uuid,
     /// How often this task has now been skipped, by anyone.
@@ -1258,7 +1258,7 @@ pub async fn undo(
 }
 
 /// A review task as anyone allowed to review sees it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskView {
     pub task_id: Uuid,
     pub project: String,
@@ -1288,7 +1288,7 @@ pub struct TaskView {
     pub label: Option<TaskLabel>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskLabel {
     pub label_id: Uuid,
     pub class_index: i32,

@@ -16,7 +16,7 @@ use crate::routing::calibration;
 /// Bins of the expected calibration error (equal-width confidence bins).
 const ECE_BINS: usize = 10;
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ClassQuality {
     pub class: String,
     /// Holdout examples whose human label is this class.
@@ -27,7 +27,7 @@ pub struct ClassQuality {
     pub recall: Option<f64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Quality {
     pub holdout_size: u32,
     pub accuracy: Option<f64>,

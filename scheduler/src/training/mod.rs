@@ -44,7 +44,7 @@ use crate::policy::Policy;
 use crate::projects::{self, ClassNames, Project, ProjectName};
 use crate::routing::calibration;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct RunSummary {
     pub run_id: Uuid,
     pub version: i32,
@@ -305,7 +305,7 @@ async fn write_embeddings(
 /// What a person's retrain may change from the project's defaults (the
 /// HTTP body of a retrain, the flags of `sieve retrain`); automatic
 /// retrains change nothing.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetrainRequest {
     /// Also train on machine labels (see `TrainParams::machine_labels`).

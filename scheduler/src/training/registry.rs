@@ -22,7 +22,7 @@ use crate::entities::project;
 use crate::error::{AppError, AppResult};
 use crate::projects::{self, Project};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct VersionSummary {
     pub id: Uuid,
     pub version: i32,
@@ -67,7 +67,7 @@ pub async fn list(ctx: &Context, project: &Project) -> AppResult<Vec<VersionSumm
 }
 
 /// One version in full: its summary and what its holdout says.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct VersionDetail {
     #[serde(flatten)]
     pub summary: VersionSummary,

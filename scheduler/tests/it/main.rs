@@ -27,6 +27,7 @@ mod items;
 mod limits;
 mod metrics_access;
 mod model_arch;
+mod openapi;
 mod promotion;
 mod review_api;
 mod review_conflicts;
