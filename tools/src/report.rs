@@ -96,12 +96,39 @@ pub fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A page with a headline table and the charts, each with a caption.
-pub fn html(title: &str, headline: &[(String, String)], charts: &[(String, String)]) -> String {
+/// A file the page links to, beside it: what it is, and its relative path.
+pub struct Link {
+    pub what: String,
+    pub href: String,
+}
+
+/// A page with a headline table, the files beside it, and the charts, each
+/// with a caption.
+pub fn html(
+    title: &str,
+    headline: &[(String, String)],
+    links: &[Link],
+    charts: &[(String, String)],
+) -> String {
     let rows: String = headline
         .iter()
         .map(|(k, v)| format!("<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(v)))
         .collect();
+    let links: String = if links.is_empty() {
+        String::new()
+    } else {
+        let items: String = links
+            .iter()
+            .map(|link| {
+                format!(
+                    "<li><a href=\"{}\">{}</a></li>",
+                    escape(&link.href),
+                    escape(&link.what)
+                )
+            })
+            .collect();
+        format!("<h2>Files</h2><ul>{items}</ul>")
+    };
     let figures: String = charts
         .iter()
         .map(|(svg, caption)| {
@@ -115,7 +142,7 @@ pub fn html(title: &str, headline: &[(String, String)], charts: &[(String, Strin
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title>\
          <style>body{{font-family:sans-serif;max-width:720px;margin:2em auto}}\
          th{{text-align:left;padding-right:1em}}figure{{margin:1.5em 0}}</style></head>\
-         <body><h1>{t}</h1><table>{rows}</table>{figures}</body></html>",
+         <body><h1>{t}</h1><table>{rows}</table>{links}{figures}</body></html>",
         t = escape(title)
     )
 }
@@ -141,12 +168,17 @@ mod tests {
         let page = html(
             "<demo>",
             &[("a".into(), "<b>".into())],
+            &[Link {
+                what: "labels & more".into(),
+                href: "labels.csv".into(),
+            }],
             &[(svg, "x < y".into())],
         );
         assert!(
             page.contains("&lt;demo&gt;")
                 && page.contains("&lt;b&gt;")
                 && page.contains("x &lt; y")
+                && page.contains("<a href=\"labels.csv\">labels &amp; more</a>")
         );
     }
 }

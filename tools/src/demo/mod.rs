@@ -148,6 +148,20 @@ pub struct DemoReport {
     /// Effort saved vs accuracy: what the final model would label by
     /// machine at each target, calibrated on the same human labels.
     pub curve: Vec<CurvePoint>,
+    /// The labeled dataset, as `GET /projects/{p}/export?format=csv` gave
+    /// it, beside the report.
+    pub export: Option<ExportFigures>,
+}
+
+/// The export the demo took at the end, beside the report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ExportFigures {
+    /// Its file name, in the demo's work directory.
+    pub file: String,
+    /// Rows (items), the header left aside.
+    pub rows: u64,
+    /// Pass as `since` to export only what is labeled after it.
+    pub cursor: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -261,6 +275,51 @@ impl Api {
             .as_str()
             .and_then(|s| s.parse().ok())
             .context("retrain response has no run id")
+    }
+
+    /// Export the project's labels as CSV through the API, the way an ML
+    /// team takes them, to `dir/labels.csv` (written under a temporary
+    /// name, renamed once complete).
+    async fn export(&self, project: &str, dir: &std::path::Path) -> anyhow::Result<ExportFigures> {
+        let mut response = self
+            .http
+            .get(format!(
+                "{}/api/v1/projects/{project}/export?format=csv",
+                self.base
+            ))
+            .bearer_auth(&self.ml_token)
+            .send()
+            .await?
+            .error_for_status()?;
+        let cursor = response
+            .headers()
+            .get("x-sieve-export-cursor")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let file = "labels.csv";
+        let partial = tempfile::NamedTempFile::new_in(dir)?;
+        let mut out = std::io::BufWriter::new(partial.as_file());
+        // Records, not lines: a quoted field may hold a line break.
+        let (mut records, mut quoted) = (0u64, false);
+        while let Some(chunk) = response.chunk().await? {
+            for byte in chunk.iter() {
+                match byte {
+                    b'"' => quoted = !quoted,
+                    b'\n' if !quoted => records += 1,
+                    _ => {}
+                }
+            }
+            std::io::Write::write_all(&mut out, &chunk)?;
+        }
+        std::io::Write::flush(&mut out)?;
+        drop(out);
+        partial.persist(dir.join(file))?;
+        Ok(ExportFigures {
+            file: file.to_owned(),
+            rows: records.saturating_sub(1),
+            cursor,
+        })
     }
 }
 
@@ -465,6 +524,13 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
     report.history = history;
     scoring::model_figures(ctx, &project, &truth, &mut report).await?;
     std::fs::create_dir_all(&args.work_dir)?;
+    let export = api.export(&project.name, &args.work_dir).await?;
+    println!(
+        "exported {} labeled items to {}",
+        export.rows,
+        args.work_dir.join(&export.file).display()
+    );
+    report.export = Some(export);
     let path = args.work_dir.join("report.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     let html_path = args.work_dir.join("report.html");

@@ -1,7 +1,7 @@
 //! The demo's `report.html`: the figures of `report.json` as SVG charts.
 
 use super::{DemoReport, RoundFigures};
-use crate::report::{Series, html, line_chart};
+use crate::report::{Link, Series, html, line_chart};
 
 pub(super) fn render(report: &DemoReport) -> anyhow::Result<String> {
     let pct = |x: f64| format!("{:.1}%", x * 100.0);
@@ -206,9 +206,24 @@ pub(super) fn render(report: &DemoReport) -> anyhow::Result<String> {
         .zip(captions)
         .map(|(svg, caption)| (svg, caption.to_owned()))
         .collect();
+    let mut links = Vec::new();
+    if let Some(export) = &report.export {
+        links.push(Link {
+            what: format!(
+                "the labeled dataset: {} items, CSV, each with its label's source, labeler, confidence and audited accuracy ({})",
+                export.rows, export.file
+            ),
+            href: export.file.clone(),
+        });
+    }
+    links.push(Link {
+        what: "these figures as JSON (report.json)".into(),
+        href: "report.json".into(),
+    });
     Ok(html(
         &format!("sieve-tools demo: {}", report.project),
         &headline,
+        &links,
         &captioned,
     ))
 }

@@ -115,6 +115,25 @@ async fn quick_demo_report_adds_up() {
     assert!(work.path().join("report.json").exists());
     let page = std::fs::read_to_string(work.path().join("report.html")).unwrap();
     assert!(page.contains("<svg") && page.contains("Items by who labeled them"));
+    // The labels came out through the export API, and the page links them.
+    let export = report.export.as_ref().expect("the demo exports its labels");
+    assert!(page.contains(&format!("<a href=\"{}\">", export.file)));
+    assert_eq!(
+        export.rows as i64,
+        report.human_labels + report.machine_labels,
+        "one row per labeled item, none for what is still in review"
+    );
+    let csv = std::fs::read_to_string(work.path().join(&export.file)).unwrap();
+    assert_eq!(
+        csv.lines().count() as u64,
+        export.rows + 1,
+        "a header and the rows"
+    );
+    assert!(
+        csv.lines()
+            .skip(1)
+            .all(|row| row.contains(",human,") || row.contains(",machine,"))
+    );
     assert_eq!(
         report.history.last().unwrap().machine_labels,
         report.machine_labels
