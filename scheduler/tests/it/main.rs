@@ -7,6 +7,7 @@
 
 mod authz;
 mod auto_retrain;
+mod chromium;
 mod database;
 mod dead_letters;
 mod deploy_files;
