@@ -1,5 +1,6 @@
 //! The HTTP API (`/api/v1`, described at `/api/v1/openapi.json`), the
-//! review page (`/review`), health and metrics.
+//! review page (`/review`), the browse page (`/browse`), health and
+//! metrics.
 //!
 //! Handlers are thin: authorize, parse, call the same domain function the CLI
 //! calls, serialize. One file per resource; what every handler begins with
@@ -9,6 +10,7 @@
 
 pub mod extract;
 
+mod browse_page;
 mod dispatch;
 mod export;
 mod ingest;
@@ -77,6 +79,7 @@ pub fn router(ctx: Context) -> Router {
     let mut root = Router::new()
         .nest("/api/v1", api)
         .merge(review_page::routes())
+        .merge(browse_page::routes())
         .route("/healthz", get(operate::healthz));
     if ctx.settings.http.metrics_bind.is_none() {
         root = root.route("/metrics", get(operate::metrics_with_token));

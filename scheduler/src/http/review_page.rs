@@ -22,6 +22,7 @@ const STYLE: &str = include_str!("../../assets/review.css");
 
 /// Scripts and styles only from these files; images from here or from the
 /// blob URLs the script makes of the images it fetched with the token.
+/// The browse page is served under the same policy.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' blob:; \
      script-src 'self'; style-src 'self'; connect-src 'self'; object-src 'none'; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -42,7 +43,9 @@ pub fn routes() -> Router<Context> {
         )
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+/// A compiled-in file with the headers every page of the scheduler gets
+/// (also the browse page's, `browse_page.rs`).
+pub(super) fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, content_type),

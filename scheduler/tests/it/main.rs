@@ -7,6 +7,8 @@
 
 mod authz;
 mod auto_retrain;
+mod browse_page;
+mod chromium;
 mod database;
 mod dead_letters;
 mod deploy_files;
