@@ -10,7 +10,8 @@
 //!   decision for one prediction, and `PolicyPatch`, the one way it is
 //!   changed), [`patch`] (absent vs `null` in partial updates), [`auth`]
 //!   (API tokens and roles), [`lease`] (the work that runs in one scheduler
-//!   at a time).
+//!   at a time), [`kind`] (what a task kind's labels are, one module per
+//!   kind: `classification`).
 //! - [`ingest`]: images into items: the pipeline, `manifest` files,
 //!   object-store `prefix`es, and `runs` (every ingest's row and progress).
 //! - [`dispatch`]: items into jobs; pause, resume, rate limit, priority,
@@ -45,6 +46,7 @@ pub mod export;
 pub mod http;
 pub mod ingest;
 pub mod items;
+pub mod kind;
 pub mod lease;
 pub mod operate;
 pub mod patch;

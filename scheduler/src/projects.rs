@@ -11,6 +11,7 @@ use chrono::Utc;
 use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use serde::Serialize;
 use sieve_shared::ids::ProjectId;
+use sieve_shared::kind::TaskKind;
 use sieve_shared::messages::{ModelArch, TrainParams};
 use uuid::Uuid;
 
@@ -94,6 +95,9 @@ pub struct Project {
     /// What the project's committees are built on; every version, the
     /// first untrained one included, uses it.
     pub arch: ModelArch,
+    /// What people and models say about each image; the stages ask the
+    /// kind's module (`kind/`) what its labels are.
+    pub task_kind: TaskKind,
 }
 
 impl Project {
@@ -108,7 +112,12 @@ impl Project {
                 model.name
             )
         })?;
+        let task_kind = model
+            .task_kind
+            .parse::<TaskKind>()
+            .map_err(|e| anyhow::anyhow!("project {} has a corrupt task kind: {e}", model.name))?;
         Ok(Self {
+            task_kind,
             id: ProjectId::from_uuid(model.id),
             name: model.name,
             class_names,
@@ -125,21 +134,6 @@ impl Project {
     /// retrain that asks for nothing else (see `training::RetrainRequest`).
     pub fn train_params(&self) -> TrainParams {
         TrainParams::for_arch(self.arch)
-    }
-
-    /// The index of a class given by name or by number.
-    pub fn class_index(&self, class: &str) -> AppResult<u32> {
-        if let Some(i) = self.class_names.iter().position(|c| c == class) {
-            return Ok(i as u32);
-        }
-        match class.parse::<usize>() {
-            Ok(i) if i < self.class_names.len() => Ok(i as u32),
-            _ => Err(AppError::Invalid(format!(
-                "project {} has no class {class:?}; its classes are: {}",
-                self.name,
-                self.class_names.join(", ")
-            ))),
-        }
     }
 }
 
@@ -161,7 +155,7 @@ pub async fn create(
     let model = project::ActiveModel {
         id: Set(ProjectId::new().as_uuid()),
         name: Set(name.as_str().to_owned()),
-        task_kind: Set("classification".into()),
+        task_kind: Set(TaskKind::Classification.as_str().to_owned()),
         class_names: Set(serde_json::json!(classes.as_slice())),
         policy: Set(serde_json::to_value(policy).map_err(anyhow::Error::from)?),
         policy_version: Set(1),
@@ -256,6 +250,7 @@ mod tests {
             policy_version: 1,
             active_model_version_id: None,
             arch,
+            task_kind: TaskKind::Classification,
         };
         let small = project(ModelArch::SmallCnn).train_params();
         assert_eq!(

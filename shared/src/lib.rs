@@ -8,6 +8,7 @@
 //! - [`broker`]: connections, the confirming publisher, consumers.
 //! - [`retry`]: transient failures retried through delay queues; where a
 //!   dead letter came from.
+//! - [`kind`]: task kinds (what a project labels: classification).
 //! - [`scores`]: committee uncertainty scores (DESIGN §6).
 //! - [`settings`]: typed settings (defaults, `sieve.toml`, `SIEVE_*`).
 //! - [`store`]: object storage (local directory by default).
@@ -21,6 +22,7 @@ pub mod broker;
 pub mod embedding_table;
 pub mod error;
 pub mod ids;
+pub mod kind;
 pub mod live;
 pub mod messages;
 pub mod retry;

@@ -35,6 +35,7 @@ use serde::Serialize;
 use crate::entities::item::ItemState;
 use crate::entities::label::LabelSource;
 use crate::error::{AppError, AppResult};
+use crate::kind::classification;
 use crate::projects::Project;
 
 pub use snapshot::{Export, Summary};
@@ -222,18 +223,8 @@ impl Filters {
         self.classes
             .iter()
             .map(|name| {
-                project
-                    .class_names
-                    .iter()
-                    .position(|c| c == name)
-                    .map(|i| i as i32)
-                    .ok_or_else(|| {
-                        AppError::Invalid(format!(
-                            "unknown class {name:?}: {} has {}",
-                            project.name,
-                            project.class_names.join(", ")
-                        ))
-                    })
+                classification::class_by_name(&project.class_names, name)
+                    .ok_or_else(|| classification::unknown_class(project, name))
             })
             .collect()
     }

@@ -28,6 +28,7 @@ use uuid::Uuid;
 use super::{Cursor, Format, Request, write};
 use crate::entities::item::ItemState;
 use crate::error::AppResult;
+use crate::kind::classification;
 use crate::operate::status::{MeasuredAccuracy, measured_accuracy_on};
 use crate::projects::Project;
 use sea_orm::ActiveEnum;
@@ -284,7 +285,8 @@ impl Export {
             let index = measured
                 .class
                 .as_ref()
-                .and_then(|name| project.class_names.iter().position(|c| c == name));
+                .and_then(|name| classification::class_by_name(&project.class_names, name))
+                .and_then(|i| usize::try_from(i).ok());
             if let Some(i) = index {
                 accuracy[i] = Some(measured);
             }
@@ -394,8 +396,7 @@ impl Export {
         for row in &rows {
             let class = row
                 .class_index
-                .and_then(|c| self.project.class_names.get(c as usize))
-                .map(String::as_str);
+                .and_then(|c| classification::class_name(&self.project.class_names, c));
             let accuracy = match (row.label_source.as_deref(), row.class_index) {
                 (Some("machine"), Some(c)) => {
                     Some(self.accuracy.get(c as usize).and_then(Option::as_ref))

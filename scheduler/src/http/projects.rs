@@ -5,12 +5,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use sieve_shared::kind::TaskKind;
 use sieve_shared::messages::ModelArch;
 use utoipa::ToSchema;
 
 use super::extract::{Authed, AuthedProject, JsonBody, ManageProjects, Read};
 use crate::context::Context;
-use crate::error::{AppResult, ErrorBody};
+use crate::error::{AppError, AppResult, ErrorBody};
 use crate::operate::status::{self, ProjectStatus};
 use crate::policy::{Policy, PolicyPatch};
 use crate::projects::{self, ClassNames, Project, ProjectName};
@@ -43,6 +44,10 @@ pub struct CreateProject {
     #[serde(default)]
     #[schema(value_type = Option<ModelArch>)]
     arch: Option<String>,
+    /// `classification` (the default and, for now, the only kind).
+    #[serde(default)]
+    #[schema(value_type = Option<TaskKind>)]
+    task_kind: Option<String>,
 }
 
 /// Create a project (an `admin` or `ml` token for every project) and queue
@@ -69,6 +74,10 @@ pub async fn create(
     who.require_unscoped("create projects")?;
     let name = ProjectName::parse(&body.name)?;
     let classes = ClassNames::parse(&body.classes)?;
+    if let Some(kind) = body.task_kind.as_deref() {
+        // Said now, before anything is written: a kind sieve lacks.
+        kind.parse::<TaskKind>().map_err(AppError::Invalid)?;
+    }
     let arch = match body.arch.as_deref() {
         Some(raw) => projects::parse_arch(raw)?,
         None => ModelArch::default(),

@@ -91,6 +91,7 @@ use crate::entities::item::ItemState;
 use crate::entities::label::{self, LabelSource};
 use crate::ingest::manifest::{ManifestReader, Row, Target};
 use crate::ingest::prefix::Prefix;
+use crate::kind::classification;
 use crate::projects::Project;
 
 /// Files or objects read and hashed at once: a batch is shared out among
@@ -506,8 +507,8 @@ impl Reading {
                 });
                 None
             }
-            Some(name) => match self.class_names.iter().position(|c| c == name) {
-                Some(index) => Some(index as i32),
+            Some(name) => match classification::class_by_name(&self.class_names, name) {
+                Some(index) => Some(index),
                 None => {
                     refused = Some(FileFailure {
                         path: row.target.to_string(),

@@ -27,6 +27,7 @@ use crate::auth::Caller;
 use crate::entities::item::ItemState;
 use crate::error::{AppError, AppResult};
 use crate::export::Filters;
+use crate::kind::classification;
 use crate::projects::{self, Project};
 use sea_orm::ActiveEnum;
 
@@ -196,9 +197,7 @@ LIMIT $7
 "#;
 
 fn class_name(project: &Project, index: Option<i32>) -> Option<String> {
-    index
-        .and_then(|c| project.class_names.get(usize::try_from(c).ok()?))
-        .cloned()
+    classification::class_name(&project.class_names, index?).map(str::to_owned)
 }
 
 /// A page of `project`'s items.

@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::auth::{Action, Caller};
 use crate::error::{AppError, AppResult};
+use crate::kind::classification;
 use crate::projects;
 
 /// Where a reported task goes in the queue: first. Priority is the
@@ -195,11 +196,9 @@ pub async fn reopen(
             current.state
         )));
     };
-    let class = project
-        .class_names
-        .get(class_index as usize)
-        .cloned()
-        .unwrap_or_default();
+    let class = classification::class_name(&project.class_names, class_index)
+        .unwrap_or_default()
+        .to_owned();
     if source == "human" && !request.force {
         let by = current.reviewer.as_deref().unwrap_or("a person");
         let at = current

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::context::Context;
 use crate::error::AppResult;
+use crate::kind::classification;
 use crate::projects::Project;
 use crate::routing::calibration;
 
@@ -71,11 +72,9 @@ pub async fn reported_labels(
     .all(db)
     .await?;
     for r in &mut rows {
-        r.class = usize::try_from(r.class_index)
-            .ok()
-            .and_then(|c| project.class_names.get(c))
-            .cloned()
-            .unwrap_or_default();
+        r.class = classification::class_name(&project.class_names, r.class_index)
+            .unwrap_or_default()
+            .to_owned();
     }
     Ok(rows)
 }
@@ -206,7 +205,7 @@ pub async fn measured_accuracy_on(
         out.push(measure(None, n, k));
     }
     for r in rows {
-        let name = project.class_names.get(r.class as usize).cloned();
+        let name = classification::class_name(&project.class_names, r.class).map(str::to_owned);
         out.push(measure(name, r.n, r.k));
     }
     Ok(out)

@@ -51,6 +51,7 @@ use crate::entities::label::{self, LabelSource};
 use crate::entities::prediction;
 use crate::entities::review_task::{self, TaskReason, TaskState};
 use crate::error::{AppError, AppResult};
+use crate::kind::classification::{self, Proposal};
 use crate::projects::{self, Project};
 
 /// Longest skip reason accepted, in characters.
@@ -138,46 +139,17 @@ pub struct ClaimedTask {
     pub remaining: u64,
 }
 
-/// What the model proposed for an item, in the project's class names.
-struct Proposal {
-    predicted_class: Option<String>,
-    probabilities: Option<Vec<f32>>,
-    member_votes: Option<Vec<u32>>,
-    confidence: Option<f32>,
-}
-
-impl Proposal {
-    fn of(project: &Project, prediction: Option<&prediction::Model>) -> Self {
-        match prediction {
-            Some(p) => Self::from_parts(
-                project,
-                p.top_class,
-                &p.probabilities,
-                &p.member_votes,
-                p.confidence,
-            ),
-            None => Self {
-                predicted_class: None,
-                probabilities: None,
-                member_votes: None,
-                confidence: None,
-            },
-        }
-    }
-
-    fn from_parts(
-        project: &Project,
-        top_class: i32,
-        probabilities: &serde_json::Value,
-        member_votes: &serde_json::Value,
-        confidence: f32,
-    ) -> Self {
-        Self {
-            predicted_class: project.class_names.get(top_class as usize).cloned(),
-            probabilities: serde_json::from_value(probabilities.clone()).ok(),
-            member_votes: serde_json::from_value(member_votes.clone()).ok(),
-            confidence: Some(confidence),
-        }
+/// What the model proposed for an item (a kind's review view).
+fn proposal(project: &Project, prediction: Option<&prediction::Model>) -> Proposal {
+    match prediction {
+        Some(p) => Proposal::from_columns(
+            project,
+            p.top_class,
+            &p.probabilities,
+            &p.member_votes,
+            p.confidence,
+        ),
+        None => Proposal::default(),
     }
 }
 
@@ -325,7 +297,7 @@ async fn claimed_view(
     lease: std::time::Duration,
 ) -> AppResult<ClaimedTask> {
     let (item, prediction) = item_and_prediction(db, task).await?;
-    let proposal = Proposal::of(project, prediction.as_ref());
+    let proposal = proposal(project, prediction.as_ref());
     Ok(ClaimedTask {
         task_id: task.id,
         fencing_token: token,
@@ -395,14 +367,14 @@ async fn claim_next_inner(
         &claimed.member_votes,
         claimed.top_class,
     ) {
-        (Some(probabilities), Some(votes), Some(top_class)) => Proposal::from_parts(
+        (Some(probabilities), Some(votes), Some(top_class)) => Proposal::from_columns(
             project,
             top_class,
             probabilities,
             votes,
             claimed.confidence.unwrap_or_default(),
         ),
-        _ => Proposal::of(project, None),
+        _ => Proposal::default(),
     };
     Ok(Some(ClaimedTask {
         task_id: claimed.id,
@@ -776,8 +748,8 @@ async fn submit_refusal(
     {
         let class = row
             .newest_class
-            .and_then(|c| class_names.get(c as usize))
-            .map_or("?", String::as_str);
+            .and_then(|c| classification::class_name(&class_names, c))
+            .unwrap_or("?");
         return Ok(already_labeled(
             row.item_id,
             class,
@@ -864,11 +836,9 @@ pub async fn submit(
     let class_index = row
         .class_index
         .ok_or_else(|| anyhow::anyhow!("submit of task {task_id} wrote a label without a class"))?;
-    let class: Option<String> = row
-        .class_names
-        .get(class_index as usize)
-        .and_then(|c| c.as_str())
-        .map(str::to_owned);
+    let class_names: Vec<String> =
+        serde_json::from_value(row.class_names.clone()).unwrap_or_default();
+    let class = classification::class_name(&class_names, class_index).map(str::to_owned);
     Ok(SubmittedLabel {
         label_id,
         item_id: row.item_id,
@@ -1319,7 +1289,7 @@ pub async fn show(
         .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
     let project = projects::get(db, &task.project_id.to_string()).await?;
     let (item, prediction) = item_and_prediction(db, &ClaimRow::from(&task)).await?;
-    let proposal = Proposal::of(&project, prediction.as_ref());
+    let proposal = proposal(&project, prediction.as_ref());
     let skips = SkipRecord::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "SELECT skip_count, last_skip_reason, last_skipped_by, last_skipped_at \
@@ -1336,7 +1306,8 @@ pub async fn show(
         .map(|l| TaskLabel {
             label_id: l.id,
             class_index: l.class_index,
-            class: project.class_names.get(l.class_index as usize).cloned(),
+            class: classification::class_name(&project.class_names, l.class_index)
+                .map(str::to_owned),
             reviewer: l.reviewer,
             created_at: utc(l.created_at),
         });

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::entities::{model_version, project};
 use crate::error::AppResult;
+use crate::kind::classification;
 use crate::policy::{Policy, PolicyPatch};
 use crate::projects::Project;
 
@@ -278,7 +279,7 @@ pub fn evidence(metrics: &HoldoutMetrics) -> Vec<Evidence> {
         .map(|e| Evidence {
             predicted: e.predicted,
             confidence: e.confidence,
-            correct: e.predicted == e.label,
+            correct: classification::is_right(e.predicted, e.label),
         })
         .collect()
 }

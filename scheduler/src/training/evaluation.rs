@@ -10,6 +10,7 @@
 use serde::Serialize;
 use sieve_shared::messages::{HoldoutEvaluation, HoldoutMetrics};
 
+use crate::kind::classification;
 use crate::policy::Policy;
 use crate::routing::calibration;
 
@@ -84,13 +85,16 @@ pub fn quality(metrics: &HoldoutMetrics, classes: &[String], policy: &Policy) ->
                 .is_some_and(|t| e.confidence >= t)
         })
         .collect();
-    let machine_right = machine.iter().filter(|e| e.label == e.predicted).count();
+    let machine_right = machine
+        .iter()
+        .filter(|e| classification::is_right(e.predicted, e.label))
+        .count();
     Quality {
         holdout_size: n as u32,
         accuracy: share(
             evaluations
                 .iter()
-                .filter(|e| e.label == e.predicted)
+                .filter(|e| classification::is_right(e.predicted, e.label))
                 .count(),
             n,
         ),
@@ -112,7 +116,7 @@ pub fn expected_calibration_error(evaluations: &[HoldoutEvaluation]) -> Option<f
     for e in evaluations {
         let bin = ((f64::from(e.confidence) * ECE_BINS as f64) as usize).min(ECE_BINS - 1);
         bins[bin].0 += f64::from(e.confidence);
-        bins[bin].1 += usize::from(e.label == e.predicted);
+        bins[bin].1 += usize::from(classification::is_right(e.predicted, e.label));
         bins[bin].2 += 1;
     }
     let total = evaluations.len() as f64;

@@ -260,11 +260,18 @@ async fn every_operation_answers_as_described() {
         let (status, listed) = api.send(call(Method::GET, "/projects", &[]).token(a)).await;
         assert_eq!(status, 200);
         assert!(listed.as_array().unwrap().iter().any(|x| x["name"] == p));
-        let body = json!({ "name": "openapi-made", "classes": ["a", "b"], "arch": "small_cnn" });
+        let body = json!({ "name": "openapi-made", "classes": ["a", "b"], "arch": "small_cnn", "task_kind": "classification" });
         let (status, _) = api
             .send(call(Method::POST, "/projects", &[]).token(a).body(body))
             .await;
         assert_eq!(status, 201);
+        let body = json!({ "name": "openapi-made-2", "classes": ["a", "b"], "task_kind": "boxes" });
+        let (status, refused) = api
+            .send(call(Method::POST, "/projects", &[]).token(a).body(body))
+            .await;
+        assert_eq!(status, 422);
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(message.contains("classification"), "names the kinds there are: {message}");
         let body = json!({ "name": "openapi-made-2", "classes": [] });
         let (status, _) = api
             .send(call(Method::POST, "/projects", &[]).token(a).body(body))

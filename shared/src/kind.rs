@@ -1,0 +1,77 @@
+//! Task kinds: what a project asks of people and models about each image.
+//!
+//! Today one kind, `classification` (one class per image, from the
+//! project's list). The kind is stored per project (`projects.task_kind`)
+//! and read into the scheduler's `Project`; each layer keeps what a kind
+//! is in one module per kind (`docs/architecture.md`, "Where a task kind
+//! lives"): the scheduler's `kind/`, the worker's `model/`, the scores in
+//! [`crate::scores`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// One class per image, from the project's class list.
+    #[default]
+    Classification,
+}
+
+impl TaskKind {
+    pub const ALL: [TaskKind; 1] = [TaskKind::Classification];
+
+    /// The name stored in `projects.task_kind` and used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Classification => "classification",
+        }
+    }
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskKind {
+    type Err = String;
+
+    /// A kind by name; the error names the kinds there are.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == text.trim())
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown task kind {text:?}: sieve has {}", known.join(", "))
+            })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kind_reads_back_from_its_name_and_an_unknown_one_names_the_known() {
+        for kind in TaskKind::ALL {
+            assert_eq!(kind.as_str().parse::<TaskKind>(), Ok(kind));
+            assert_eq!(
+                serde_json::to_value(kind).ok(),
+                Some(serde_json::json!(kind.as_str()))
+            );
+        }
+        let err = "boxes".parse::<TaskKind>().unwrap_err();
+        assert!(
+            err.contains("\"boxes\"") && err.contains("classification"),
+            "{err}"
+        );
+    }
+}
