@@ -17,6 +17,7 @@ mod operate;
 mod projects;
 mod review;
 mod review_page;
+mod reviewers;
 mod tokens;
 mod training;
 
@@ -69,6 +70,7 @@ pub fn router(ctx: Context) -> Router {
         .route("/review/{task}/skip", post(review::skip))
         .route("/review/{task}/undo", post(review::undo))
         .route("/projects/{project}/items", get(items::list))
+        .route("/projects/{project}/reviewers", get(reviewers::list))
         .route("/items/{item}", get(items::show))
         .route("/items/{item}/reopen", post(items::reopen))
         .route("/items/{item}/image", get(review::item_image));

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::extract::{Authed, Operate};
 use crate::context::Context;
 use crate::error::AppResult;
-use crate::operate::status;
+use crate::operate::{reviewers, status};
 
 pub async fn healthz(State(ctx): State<Context>) -> Response {
     match ctx.db.ping().await {
@@ -31,6 +31,9 @@ pub async fn metrics(State(ctx): State<Context>) -> impl IntoResponse {
     }
     if let Err(err) = status::record_second_opinion_metrics(&ctx).await {
         tracing::warn!(error = %err, "second-opinion gauges not refreshed");
+    }
+    if let Err(err) = reviewers::record_reviewer_metrics(&ctx).await {
+        tracing::warn!(error = %err, "reviewer gauges not refreshed");
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
