@@ -21,6 +21,7 @@ mod m20261206_000002_scheduler_leases;
 mod m20261206_000003_dead_lettered_items;
 mod m20261206_000004_not_for_token;
 mod m20261206_000005_reported;
+mod m20261208_000021_review_events;
 
 pub struct Migrator;
 
@@ -43,6 +44,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000003_dead_lettered_items::Migration),
             Box::new(m20261206_000004_not_for_token::Migration),
             Box::new(m20261206_000005_reported::Migration),
+            Box::new(m20261208_000021_review_events::Migration),
         ]
     }
 }

@@ -46,6 +46,10 @@ pub enum Action {
     /// Bring labels in with an ingest (a manifest's `label` column): ground
     /// truth, the ML team's to give, not operations'.
     ImportLabels,
+    /// Read per-reviewer figures (labels, pace, agreement): figures about
+    /// people, for the ML team (label quality) and operations (staffing),
+    /// never for reviewers themselves, who would see their colleagues'.
+    ReadReviewerFigures,
 }
 
 pub fn allows(role: Role, action: Action) -> bool {
@@ -55,9 +59,15 @@ pub fn allows(role: Role, action: Action) -> bool {
         Role::Reviewer => matches!(action, Read | Review),
         Role::Ml => matches!(
             action,
-            Read | Review | ManageProjects | Train | ForceLabel | Export | ImportLabels
+            Read | Review
+                | ManageProjects
+                | Train
+                | ForceLabel
+                | Export
+                | ImportLabels
+                | ReadReviewerFigures
         ),
-        Role::Ops => matches!(action, Read | Operate),
+        Role::Ops => matches!(action, Read | Operate | ReadReviewerFigures),
     }
 }
 
@@ -343,6 +353,9 @@ mod tests {
         assert!(!allows(Role::Ops, Action::Export));
         assert!(allows(Role::Ml, Action::ImportLabels));
         assert!(!allows(Role::Ops, Action::ImportLabels));
+        assert!(allows(Role::Ml, Action::ReadReviewerFigures));
+        assert!(allows(Role::Ops, Action::ReadReviewerFigures));
+        assert!(!allows(Role::Reviewer, Action::ReadReviewerFigures));
         for action in [
             Action::Read,
             Action::Review,
@@ -353,6 +366,7 @@ mod tests {
             Action::Export,
             Action::ImportLabels,
             Action::ManageTokens,
+            Action::ReadReviewerFigures,
         ] {
             assert!(allows(Role::Admin, action));
         }

@@ -85,6 +85,19 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
     },
+    /// Per reviewer of a project: labels (last hour, last day), sessions,
+    /// labels per active hour, skips, undos, agreement with second opinions
+    /// and reports, audits that agreed with the model.
+    Reviewers {
+        #[arg(long, short)]
+        project: String,
+        /// Count only what happened this long ago or since (`90m`, `24h`,
+        /// `7d`); default: all time.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Workers from their heartbeats; one that stopped beating shows as LOST.
     Workers {
         #[arg(long)]

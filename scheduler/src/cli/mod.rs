@@ -13,6 +13,7 @@ mod operate;
 mod projects;
 mod render;
 mod review;
+mod reviewers;
 mod tokens;
 mod training;
 
@@ -67,6 +68,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             watch,
         } => operate::status(settings, project, json, watch).await?,
+        Command::Reviewers {
+            project,
+            since,
+            json,
+        } => reviewers::reviewers(settings, project, since, json).await?,
         Command::Workers { json } => operate::workers(settings, json).await?,
         Command::Review(command) => review::review(settings, command).await?,
         Command::Retrain(args) => training::retrain(settings, args).await?,

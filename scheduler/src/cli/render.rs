@@ -1,7 +1,9 @@
 //! How the CLI shows things to a person: the status screens, a version's
 //! figures, and JSON for scripts.
 
-use crate::operate::{failed, status};
+use chrono::SecondsFormat;
+
+use crate::operate::{failed, reviewers, status};
 
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -123,5 +125,83 @@ pub fn fleet(fleet: &status::FleetStatus) -> String {
                 .map_or("none".into(), |v| format!("v{v}")),
         );
     }
+    out
+}
+
+/// A share with its interval and sample size: `0.750 [0.301, 0.954] of 4`,
+/// or `-` when nothing was compared.
+fn agreement(a: &reviewers::Agreement) -> String {
+    match (a.ratio, a.lower, a.upper) {
+        (Some(ratio), Some(lower), Some(upper)) => {
+            format!("{ratio:.3} [{lower:.3}, {upper:.3}] of {}", a.compared)
+        }
+        _ => "-".into(),
+    }
+}
+
+pub fn reviewers(report: &reviewers::ReviewerFiguresReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let at = |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let window = report
+        .since
+        .map_or_else(|| "all time".to_owned(), |s| format!("since {}", at(&s)));
+    let _ = writeln!(
+        out,
+        "reviewers of {}, {window} (as of {})",
+        report.project,
+        at(&report.as_of)
+    );
+    if report.reviewers.is_empty() {
+        let _ = writeln!(out, "  nobody has labeled, skipped or undone anything");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6} {:>6}  {:<30} {:<30} token",
+        "reviewer",
+        "labels",
+        "1h",
+        "24h",
+        "sessions",
+        "active h",
+        "labels/h",
+        "skips",
+        "undos",
+        "agreement",
+        "audits: agreed with model",
+    );
+    for r in &report.reviewers {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>7} {:>6} {:>6} {:>8} {:>8.2} {:>8} {:>6} {:>6}  {:<30} {:<30} {}",
+            r.name,
+            r.labels,
+            r.labels_last_hour,
+            r.labels_last_day,
+            r.sessions,
+            r.active_hours,
+            r.labels_per_hour.map_or("-".into(), |p| format!("{p:.1}")),
+            r.skips,
+            r.undos,
+            agreement(&r.agreement),
+            agreement(&r.audits),
+            r.token_id
+                .map_or("(cli, no token)".into(), |t| t.to_string()),
+        );
+    }
+    let gap = report.session_gap_seconds / 60;
+    let _ = write!(
+        out,
+        "1h, 24h: labels in the last hour and day, whatever the window.\n\
+         sessions: runs of labels with no pause over {gap} min; active h: the time between \
+         labels within them; labels/h: the labels that continued a session per active hour.\n\
+         agreement: second opinions on their labels and given by them, and reports of their \
+         labels, where the other person chose the same class (neither is a random sample).\n\
+         audits: their labels of audit tasks (random would-be machine labels) that chose the \
+         confident model's class.\n\
+         intervals: Wilson at {}.\n",
+        report.confidence_level
+    );
     out
 }

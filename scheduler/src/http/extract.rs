@@ -51,6 +51,8 @@ requirement! {
     ManageTokens => ManageTokens,
     /// Take a project's labeled dataset out.
     Export => Export,
+    /// Read per-reviewer figures: `ml`, `ops`, `admin`, never `reviewer`.
+    ReviewerFigures => ReadReviewerFigures,
 }
 
 /// The `Authorization: Bearer` token, if any.

@@ -20,6 +20,7 @@ mod operate;
 mod projects;
 mod review;
 mod review_page;
+mod reviewers;
 mod tokens;
 mod training;
 
@@ -69,6 +70,7 @@ pub fn api() -> (Router<Context>, utoipa::openapi::OpenApi) {
         .routes(routes!(items::show))
         .routes(routes!(items::reopen))
         .routes(routes!(review::item_image))
+        .routes(routes!(reviewers::list))
         .split_for_parts()
 }
 

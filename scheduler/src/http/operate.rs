@@ -10,6 +10,7 @@ use serde_json::json;
 use super::extract::{Authed, Operate};
 use crate::context::Context;
 use crate::error::{AppResult, ErrorBody};
+use crate::operate::reviewers;
 use crate::operate::status::{self, FleetStatus};
 
 pub async fn healthz(State(ctx): State<Context>) -> Response {
@@ -31,6 +32,9 @@ pub async fn metrics(State(ctx): State<Context>) -> impl IntoResponse {
     }
     if let Err(err) = status::record_second_opinion_metrics(&ctx).await {
         tracing::warn!(error = %err, "second-opinion gauges not refreshed");
+    }
+    if let Err(err) = reviewers::record_reviewer_metrics(&ctx).await {
+        tracing::warn!(error = %err, "reviewer gauges not refreshed");
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -973,7 +973,9 @@ struct SkipUpdate {
 }
 
 /// Give a claimed task back to the queue, behind every task skipped fewer
-/// times, and record who skipped it and why.
+/// times, and record who skipped it and why: on the task (its last skip)
+/// and as a row of `review_events` (every skip, for the per-reviewer
+/// figures).
 pub async fn skip(
     db: &DatabaseConnection,
     task_id: TaskId,
@@ -986,14 +988,21 @@ pub async fn skip(
     let updated = SkipUpdate::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
         r#"
-        UPDATE review_tasks
-        SET state = 'open', lease_holder = NULL, lease_holder_token = NULL,
-            lease_expires_at = NULL,
-            skip_count = skip_count + 1, last_skip_reason = $4, last_skipped_by = $3,
-            last_skipped_at = $5, updated_at = $5
-        WHERE id = $1 AND state = 'claimed' AND fencing_token = $2 AND lease_holder = $3
-          AND lease_holder_token IS NOT DISTINCT FROM $6::uuid
-        RETURNING project_id, skip_count
+        WITH skipped AS (
+            UPDATE review_tasks
+            SET state = 'open', lease_holder = NULL, lease_holder_token = NULL,
+                lease_expires_at = NULL,
+                skip_count = skip_count + 1, last_skip_reason = $4, last_skipped_by = $3,
+                last_skipped_at = $5, updated_at = $5
+            WHERE id = $1 AND state = 'claimed' AND fencing_token = $2 AND lease_holder = $3
+              AND lease_holder_token IS NOT DISTINCT FROM $6::uuid
+            RETURNING id, project_id, skip_count
+        ), logged AS (
+            INSERT INTO review_events (id, project_id, task_id, kind, reviewer, reviewer_token,
+                                       created_at)
+            SELECT $7, project_id, id, 'skip', $3, $6::uuid, $5 FROM skipped
+        )
+        SELECT project_id, skip_count FROM skipped
         "#,
         [
             task_id.as_uuid().into(),
@@ -1002,6 +1011,7 @@ pub async fn skip(
             reason.into(),
             now.into(),
             reviewer.token.into(),
+            Uuid::now_v7().into(),
         ],
     ))
     .one(db)
@@ -1202,6 +1212,21 @@ pub async fn undo(
         DbBackend::Postgres,
         "UPDATE review_tasks SET lease_holder_token = $2 WHERE id = $1",
         [task.id.into(), who.token.into()],
+    ))
+    .await?;
+    // The label is gone; this row is what remembers that it was undone.
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO review_events (id, project_id, task_id, kind, reviewer, reviewer_token, \
+         created_at) VALUES ($1, $2, $3, 'undo', $4, $5, $6)",
+        [
+            Uuid::now_v7().into(),
+            task.project_id.into(),
+            task.id.into(),
+            reviewer.into(),
+            who.token.into(),
+            now.fixed_offset().into(),
+        ],
     ))
     .await?;
     // Back in review, unless this was a second opinion: then the first

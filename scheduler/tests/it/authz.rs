@@ -202,6 +202,12 @@ async fn every_endpoint_by_every_role() {
                 Action::Read,
             ),
             (
+                "GET",
+                format!("/api/v1/projects/{p}/reviewers"),
+                serde_json::Value::Null,
+                Action::ReadReviewerFigures,
+            ),
+            (
                 "POST",
                 format!("/api/v1/items/{item}/reopen"),
                 serde_json::json!({"reason": "looks wrong"}),
@@ -523,6 +529,18 @@ async fn scoped_tokens_act_only_on_their_project() {
                 format!("/api/v1/items/{their_item}/reopen"),
                 json!({"reason": "looks wrong"}),
                 &reviewer,
+            ),
+            (
+                "GET",
+                "/api/v1/projects/theirs/reviewers".to_owned(),
+                Value::Null,
+                &ops,
+            ),
+            (
+                "GET",
+                "/api/v1/projects/theirs/reviewers?since=1h".to_owned(),
+                Value::Null,
+                &ml,
             ),
         ] {
             let mut request = match method {

@@ -39,6 +39,7 @@ mod review_page;
 mod review_queue;
 mod review_second_opinion;
 mod review_two_consumers;
+mod reviewers;
 mod routing;
 mod routing_faults;
 mod secrets;

@@ -500,6 +500,17 @@ async fn every_operation_answers_as_described() {
             (200, Some("human"))
         );
 
+        // Reviewers' figures: the labels just given are counted.
+        let (status, figures) = api
+            .send(call(Method::GET, "/projects/{project}/reviewers", &[p]).token(a).query("since=1h"))
+            .await;
+        assert_eq!(status, 200);
+        assert!(figures["reviewers"].as_array().unwrap().iter().any(|r| r["name"] == "api-admin"));
+        let (status, _) = api
+            .send(call(Method::GET, "/projects/{project}/reviewers", &[p]).token(a).query("since=yesterday-ish"))
+            .await;
+        assert_eq!(status, 422);
+
         // Models: a run, its cancel; the versions.
         let (status, _) = api
             .send(
