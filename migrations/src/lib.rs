@@ -22,6 +22,7 @@ mod m20261206_000003_dead_lettered_items;
 mod m20261206_000004_not_for_token;
 mod m20261206_000005_reported;
 mod m20261208_000021_review_events;
+mod m20261208_000022_snapshot_retention;
 
 pub struct Migrator;
 
@@ -45,6 +46,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000004_not_for_token::Migration),
             Box::new(m20261206_000005_reported::Migration),
             Box::new(m20261208_000021_review_events::Migration),
+            Box::new(m20261208_000022_snapshot_retention::Migration),
         ]
     }
 }

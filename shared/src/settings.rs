@@ -40,6 +40,10 @@ pub struct TrainingSettings {
     /// published again, once; otherwise it is failed with the reason, so
     /// the project can train again. Longer than the slowest epoch.
     pub stuck_after_seconds: u64,
+    /// A finished run's snapshot (its examples, and a heads run's embedding
+    /// table) is removed from the store this long after the run ended,
+    /// unless its version is a project's active one. The run's row stays.
+    pub snapshot_retention_hours: u64,
 }
 
 impl Default for TrainingSettings {
@@ -48,6 +52,7 @@ impl Default for TrainingSettings {
             min_labels_per_class: 1,
             promotion_margin: 0.0,
             stuck_after_seconds: 3600,
+            snapshot_retention_hours: 24 * 30,
         }
     }
 }
@@ -353,7 +358,7 @@ impl Settings {
     /// batch), at start and with the setting's name, rather than as a
     /// division by zero or a loop that never ends later on.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let positive: [(&str, u64); 20] = [
+        let positive: [(&str, u64); 21] = [
             (
                 "database.max_connections",
                 self.database.max_connections.into(),
@@ -378,6 +383,10 @@ impl Settings {
             (
                 "training.stuck_after_seconds",
                 self.training.stuck_after_seconds,
+            ),
+            (
+                "training.snapshot_retention_hours",
+                self.training.snapshot_retention_hours,
             ),
             ("worker.batch_size", self.worker.batch_size as u64),
             ("worker.drain_seconds", self.worker.drain_seconds),

@@ -262,6 +262,19 @@ impl Store {
         })
     }
 
+    /// Remove an object; one that is not there is not an error (a delete
+    /// retried after a crash finds it gone).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = Self::path(key)?;
+        match self.inner.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(StoreError::Backend {
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
+
     /// An object's size in bytes, without reading it.
     pub async fn size(&self, key: &str) -> Result<u64, StoreError> {
         let path = Self::path(key)?;

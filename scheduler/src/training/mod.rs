@@ -10,6 +10,7 @@
 pub mod auto_retrain;
 pub mod evaluation;
 pub mod registry;
+pub mod retention;
 pub mod watchdog;
 
 use std::time::Duration;

@@ -217,6 +217,12 @@ pub async fn run(ctx: Context, held: Held, stop: CancellationToken) -> anyhow::R
                 "training watchdog sweep failed; will retry"
             );
         }
+        if let Err(err) = training::retention::sweep(&ctx).await {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "snapshot retention sweep failed; will retry"
+            );
+        }
     })
     .await
 }

@@ -44,6 +44,7 @@ mod routing;
 mod routing_faults;
 mod secrets;
 mod snapshot;
+mod snapshot_retention;
 mod tokens;
 mod training_watchdog;
 mod two_schedulers;
