@@ -18,7 +18,8 @@ use sieve_scheduler::entities::api_token::Role;
 use sieve_testkit::{App, eventually, with_app};
 use uuid::Uuid;
 
-use super::chromium::{Driver, js, press, text};
+use super::chromium::{Driver, assert_inert, js, press, text};
+use super::items::{machine_label, sql};
 
 const SCRIPT: &str = include_str!("../../assets/browse.js");
 const PAGE: &str = include_str!("../../assets/browse.html");
@@ -29,30 +30,7 @@ const HOSTILE: &str = "<img src=x onerror=\"window.__pwned=1\"><script>window.__
 
 #[test]
 fn the_page_never_turns_data_into_html() {
-    for sink in [
-        "innerHTML",
-        "outerHTML",
-        "insertAdjacentHTML",
-        "document.write",
-        "eval(",
-        "new Function",
-        "setAttribute('on",
-    ] {
-        assert!(!SCRIPT.contains(sink), "browse.js uses {sink}");
-    }
-    assert!(SCRIPT.contains("textContent"));
-    // No inline script or style, which the CSP would block anyway.
-    assert_eq!(PAGE.matches("<script").count(), 1);
-    assert!(PAGE.contains("<script src=\"/browse/browse.js\""));
-    assert!(!PAGE.contains("style="));
-    let handler = PAGE
-        .split(|c: char| c.is_whitespace() || c == '<')
-        .find(|word| word.starts_with("on") && word.contains('='));
-    assert_eq!(handler, None, "no inline event handlers");
-    assert!(
-        !PAGE.contains("http://") && !PAGE.contains("https://"),
-        "no CDN"
-    );
+    assert_inert("browse", PAGE, SCRIPT, "/browse/browse.js");
     // Every control has a label.
     for id in [
         "token",
@@ -125,36 +103,6 @@ async fn the_page_is_served_with_the_review_pages_headers() {
         assert_eq!(response.status(), 401);
     })
     .await;
-}
-
-async fn sql(app: &App, text: &str, values: Vec<sea_orm::Value>) {
-    app.db()
-        .execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            text,
-            values,
-        ))
-        .await
-        .unwrap();
-}
-
-/// Label `item` by machine with its prediction's class, as routing does.
-async fn machine_label(app: &App, item: Uuid) {
-    sql(
-        app,
-        "INSERT INTO labels (id, item_id, class_index, source, prediction_id, model_version_id)
-         SELECT $1, p.item_id, p.top_class, 'machine', p.id, p.model_version_id
-         FROM predictions p WHERE p.item_id = $2",
-        vec![Uuid::now_v7().into(), item.into()],
-    )
-    .await;
-    sql(
-        app,
-        "UPDATE items SET state = 'auto_labeled' WHERE id = $1",
-        vec![item.into()],
-    )
-    .await;
-    close_tasks(app, item).await;
 }
 
 /// Label `item` `class` as an ingest with labels does.

@@ -113,3 +113,34 @@ pub async fn text(browser: &Client, id: &str) -> String {
     .unwrap_or_default()
     .to_owned()
 }
+
+/// The rules both pages keep, checked on their source: no sink that parses
+/// data as HTML or code, data written with `textContent`, one script tag
+/// (`script_src`), no inline style or event handler, nothing from another
+/// origin.
+pub fn assert_inert(name: &str, page: &str, script: &str, script_src: &str) {
+    for sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        "setAttribute('on",
+    ] {
+        assert!(!script.contains(sink), "{name}'s script uses {sink}");
+    }
+    assert!(script.contains("textContent"));
+    // No inline script or style, which the CSP would block anyway.
+    assert_eq!(page.matches("<script").count(), 1);
+    assert!(page.contains(&format!("<script src=\"{script_src}\"")));
+    assert!(!page.contains("style="));
+    let handler = page
+        .split(|c: char| c.is_whitespace() || c == '<')
+        .find(|word| word.starts_with("on") && word.contains('='));
+    assert_eq!(handler, None, "no inline event handlers in {name}");
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "no CDN in {name}"
+    );
+}

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 const CLASSES: [&str; 3] = ["sneaker", "boot", "sandal"];
 
-async fn sql(app: &App, text: &str, values: Vec<sea_orm::Value>) {
+pub(super) async fn sql(app: &App, text: &str, values: Vec<sea_orm::Value>) {
     app.db()
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -37,7 +37,7 @@ async fn sql(app: &App, text: &str, values: Vec<sea_orm::Value>) {
 }
 
 /// Label `item` by machine with its prediction's class, as routing does.
-async fn machine_label(app: &App, item: Uuid) {
+pub(super) async fn machine_label(app: &App, item: Uuid) {
     sql(
         app,
         "INSERT INTO labels (id, item_id, class_index, source, prediction_id, model_version_id)
