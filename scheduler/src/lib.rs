@@ -21,7 +21,9 @@
 //! - [`review`]: the review queue (claims, leases, fencing tokens).
 //! - [`training`]: snapshots, training runs and their events; `registry`
 //!   (versions, promotion, rollback, activation and rescore), `evaluation`
-//!   (per-class figures of a version), `auto_retrain` (retrain every N labels).
+//!   (per-class figures of a version), `auto_retrain` (retrain every N labels),
+//!   `watchdog` (stuck runs, a first model again), `retention` (old
+//!   snapshots out of the store).
 //! - [`operate`]: what operators look at and replay: `status`, `workers`,
 //!   `failed`.
 //! - [`export`]: labels out: one row per item with its label's provenance
