@@ -25,7 +25,8 @@
 //!   `watchdog` (stuck runs, a first model again), `retention` (old
 //!   snapshots out of the store).
 //! - [`operate`]: what operators look at and replay: `status`, `workers`,
-//!   `failed`.
+//!   `failed`, `dead_notices` (dead-lettered jobs marked and their runs
+//!   failed), `reviewers` (per-reviewer figures).
 //! - [`export`]: labels out: one row per item with its label's provenance
 //!   (`snapshot`: one repeatable-read transaction read through a cursor;
 //!   `write`: CSV, JSON Lines, COCO; `output`: a file renamed into place;
