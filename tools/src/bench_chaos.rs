@@ -145,6 +145,11 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// Whether it stops a service the whole machine shares.
+    pub fn stops_a_service(self) -> bool {
+        matches!(self, Fault::RestartBroker | Fault::RestartPostgres)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Fault::KillWorker => "worker SIGKILL",
@@ -1434,6 +1439,11 @@ impl Run {
         let mut chunk = 0;
         for (n, step) in steps.iter().enumerate() {
             let n = n + 1;
+            if step.fault.stops_a_service() {
+                // Before the step starts its work, so that its moment is
+                // not spent waiting.
+                self.wait_quiet().await?;
+            }
             let before = self.db_count(PROGRESS).await.unwrap_or(0);
             let items_before = self.db_count(ITEMS).await.unwrap_or(0);
             let version_before = active_version(&self.ctx.db, self.project).await;
@@ -1519,6 +1529,10 @@ impl Run {
                 "the ingest of {} did not finish",
                 ingest.prefix
             );
+            let state = self.api.ingest_state(ingest.id).await;
+            if state.as_ref().is_some_and(|s| s["state"] == "done") {
+                return Ok(());
+            }
             if ingest.scheduler != self.scheduler_generation() {
                 println!(
                     "[{:6.1} s] the scheduler running the ingest of {} died: ingesting it again",
@@ -1528,8 +1542,7 @@ impl Run {
                 ingest = self.start_ingest(&ingest.prefix.clone()).await?;
                 continue;
             }
-            match self.api.ingest_state(ingest.id).await {
-                Some(state) if state["state"] == "done" => return Ok(()),
+            match state {
                 Some(state) if state["state"] == "interrupted" || state["state"] == "failed" => {
                     println!(
                         "[{:6.1} s] the ingest of {} ended {}: ingesting it again",
@@ -1639,10 +1652,13 @@ impl Run {
         while start.elapsed() < self.timeout {
             match step.moment {
                 Moment::Routing => {
+                    // Predictions or labels moving, with work still waiting
+                    // (items to predict and route, tasks to label).
                     let progress = self.db_count(PROGRESS).await.unwrap_or(0);
                     let queued = self.db_count(QUEUED).await.unwrap_or(0);
-                    if progress > progress_before && queued > 0 {
-                        return (true, format!("{queued} items queued"));
+                    let open = self.db_count(OPEN_TASKS).await.unwrap_or(0);
+                    if progress > progress_before && queued + open > 0 {
+                        return (true, format!("{queued} items queued, {open} tasks open"));
                     }
                 }
                 Moment::Ingesting => {
@@ -1685,7 +1701,7 @@ impl Run {
             }
             tokio::time::sleep(poll).await;
         }
-        (false, "moment not reached".into())
+        (false, String::new())
     }
 
     async fn inject(
@@ -1696,6 +1712,9 @@ impl Run {
         mut note: String,
         run: Option<Uuid>,
     ) -> anyhow::Result<()> {
+        if step.fault.stops_a_service() {
+            self.wait_quiet().await?;
+        }
         let at = self.now();
         let fault_started = Instant::now();
         let progress_at = self.db_count(PROGRESS).await.unwrap_or(0);
@@ -1727,7 +1746,6 @@ impl Run {
                 } else {
                     Service::Postgres
                 };
-                self.wait_quiet().await?;
                 let outage_for = Duration::from_secs(self.args.outage_secs);
                 tokio::task::block_in_place(|| -> anyhow::Result<()> {
                     let outage = Outage::begin(service)?;
