@@ -273,12 +273,14 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     Some(rest.split_whitespace().next().unwrap_or(""))
 }
 
-/// One result a worker published: item, model version, job.
+/// One result a worker published: item, model version, job, and when
+/// (the log line's RFC 3339 timestamp, which sorts as text).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Published {
     pub item: String,
     pub version: String,
     pub job: String,
+    pub at: String,
 }
 
 /// The results a worker's `results published` line names (none for any
@@ -291,6 +293,7 @@ pub fn parse_published(line: &str) -> Vec<Published> {
     let Some(list) = field(&line, "results") else {
         return Vec::new();
     };
+    let at = line.split_whitespace().next().unwrap_or("");
     list.split(',')
         .filter_map(|entry| {
             let mut parts = entry.split(':');
@@ -299,6 +302,7 @@ pub fn parse_published(line: &str) -> Vec<Published> {
                 item: item.to_owned(),
                 version: version.to_owned(),
                 job: job.to_owned(),
+                at: at.to_owned(),
             })
         })
         .collect()
@@ -341,6 +345,11 @@ pub struct WorkCount {
     /// Another job for an (item, version) already published: the
     /// scheduler sent the work twice.
     pub dispatched_again: u64,
+    /// When the first and the last result published again by another job
+    /// went out (log timestamps).
+    pub dispatched_again_between: Option<(String, String)>,
+    /// The same for the same job redelivered, either way.
+    pub redelivered_between: Option<(String, String)>,
 }
 
 impl WorkCount {
@@ -349,25 +358,36 @@ impl WorkCount {
     }
 }
 
-/// Count published results, given per process instance (its lines in
-/// order) and whether that instance was SIGKILLed.
+/// Count published results, given per process instance (its lines) and
+/// whether that instance was SIGKILLed; in the order they were published.
 pub fn count_work(instances: &[(Vec<Published>, bool)]) -> WorkCount {
+    let mut all: Vec<(&Published, bool)> = instances
+        .iter()
+        .flat_map(|(published, killed)| published.iter().map(move |p| (p, *killed)))
+        .collect();
+    all.sort_by(|a, b| a.0.at.cmp(&b.0.at));
+    let widen = |window: &mut Option<(String, String)>, at: &str| match window {
+        Some((_, last)) => *last = at.to_owned(),
+        None => *window = Some((at.to_owned(), at.to_owned())),
+    };
     let mut count = WorkCount::default();
     // (item, version) -> the jobs seen, each with whether its publisher was killed.
     let mut seen: HashMap<(&str, &str), Vec<(&str, bool)>> = HashMap::new();
-    for (published, killed) in instances {
-        for p in published {
-            count.results += 1;
-            let jobs = seen.entry((&p.item, &p.version)).or_default();
-            if !jobs.is_empty() {
-                match jobs.iter().find(|(job, _)| *job == p.job) {
-                    Some((_, true)) => count.redelivered_after_kill += 1,
-                    Some((_, false)) => count.redelivered_otherwise += 1,
-                    None => count.dispatched_again += 1,
-                }
+    for (p, killed) in all {
+        count.results += 1;
+        let jobs = seen.entry((&p.item, &p.version)).or_default();
+        if !jobs.is_empty() {
+            match jobs.iter().find(|(job, _)| *job == p.job) {
+                Some((_, true)) => count.redelivered_after_kill += 1,
+                Some((_, false)) => count.redelivered_otherwise += 1,
+                None => count.dispatched_again += 1,
             }
-            jobs.push((&p.job, *killed));
+            match jobs.iter().any(|(job, _)| *job == p.job) {
+                true => widen(&mut count.redelivered_between, &p.at),
+                false => widen(&mut count.dispatched_again_between, &p.at),
+            }
         }
+        jobs.push((&p.job, killed));
     }
     count.pairs = seen.len() as u64;
     count
@@ -1062,6 +1082,7 @@ struct Run {
     project: Uuid,
     project_name: String,
     started: Instant,
+    started_at: chrono::DateTime<chrono::Utc>,
     faults: Vec<FaultRecord>,
     retrain_requests: u64,
     ingest_requests: u64,
@@ -1206,6 +1227,7 @@ async fn chaos(
     logs: &Path,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let started_at = chrono::Utc::now();
     let conn = db::connect(&settings.database).await?;
     db::migrate(&conn).await?;
     conn.close().await.ok();
@@ -1358,6 +1380,7 @@ async fn chaos(
         project,
         project_name,
         started,
+        started_at,
         faults: Vec::new(),
         retrain_requests: 0,
         ingest_requests: 0,
@@ -2135,15 +2158,28 @@ fn print_report(run: &Run, f: &Figures, failures: &[String]) {
         f.training_runs,
         f.retrain_requests
     );
+    // A log timestamp as seconds into the run.
+    let into_run = |window: &Option<(String, String)>| {
+        let secs = |at: &str| {
+            chrono::DateTime::parse_from_rfc3339(at).map_or(f64::NAN, |t| {
+                (t.with_timezone(&chrono::Utc) - run.started_at).as_seconds_f64()
+            })
+        };
+        window.as_ref().map_or(String::new(), |(first, last)| {
+            format!(" at {:.1}–{:.1} s", secs(first), secs(last))
+        })
+    };
     println!(
         "duplicated work: {} results published for {} (item, version); published again {} \
-         (same job after its worker's SIGKILL {}, same job otherwise {}, another job {})",
+         (same job after its worker's SIGKILL {}, same job otherwise {}{}, another job {}{})",
         f.work.results,
         f.work.pairs,
         f.work.again(),
         f.work.redelivered_after_kill,
         f.work.redelivered_otherwise,
-        f.work.dispatched_again
+        into_run(&f.work.redelivered_between),
+        f.work.dispatched_again,
+        into_run(&f.work.dispatched_again_between),
     );
     println!(
         "training: {} runs started {} times in the workers' logs; {} again after their worker's \
@@ -2238,11 +2274,12 @@ mod tests {
     const ITEM: &str = "0190a1b2-0000-7000-8000-000000000001";
     const VERSION: &str = "0190a1b2-0000-7000-8000-0000000000aa";
 
-    fn published(item: &str, job: &str) -> Published {
+    fn published_at(item: &str, job: &str, at: &str) -> Published {
         Published {
             item: item.into(),
             version: VERSION.into(),
             job: job.into(),
+            at: at.into(),
         }
     }
 
@@ -2252,15 +2289,19 @@ mod tests {
             "2026-12-07T01:07:18.123456Z DEBUG results published worker=h-12-abc \
              results={ITEM}:{VERSION}:j1,{ITEM}:{VERSION}:j2"
         );
+        let at = "2026-12-07T01:07:18.123456Z";
         assert_eq!(
             parse_published(&line),
-            [published(ITEM, "j1"), published(ITEM, "j2")]
+            [published_at(ITEM, "j1", at), published_at(ITEM, "j2", at)]
         );
         let coloured = format!(
             "\u{1b}[2m2026-12-07T01:07:18Z\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m results published \
              \u{1b}[3mresults\u{1b}[0m\u{1b}[2m=\u{1b}[0m{ITEM}:{VERSION}:j1"
         );
-        assert_eq!(parse_published(&coloured), [published(ITEM, "j1")]);
+        assert_eq!(
+            parse_published(&coloured),
+            [published_at(ITEM, "j1", "2026-12-07T01:07:18Z")]
+        );
         assert!(parse_published("2026 INFO training started run=x").is_empty());
         assert_eq!(
             parse_training("2026-12-07T01:07:18Z  INFO training started run=r1 version=2"),
@@ -2284,18 +2325,22 @@ mod tests {
     fn duplicated_work_is_counted_by_cause() {
         let other = "0190a1b2-0000-7000-8000-000000000002";
         // Killed after publishing j1 and j2 (before acknowledging): both
-        // come again from the next worker; j3 was sent twice by the
-        // scheduler; j4 came again to a worker still alive.
-        let killed = vec![published(ITEM, "j1"), published(other, "j2")];
-        let next = vec![
-            published(ITEM, "j1"),
-            published(other, "j2"),
-            published("i3", "j3"),
-            published("i3", "j3b"),
-            published("i4", "j4"),
-            published("i4", "j4"),
+        // come again from another worker, listed first though it published
+        // later; j3 was sent twice by the scheduler; j4 came again to a
+        // worker still alive.
+        let killed = vec![
+            published_at(ITEM, "j1", "t1"),
+            published_at(other, "j2", "t2"),
         ];
-        let count = count_work(&[(killed, true), (next, false)]);
+        let live = vec![
+            published_at(ITEM, "j1", "t5"),
+            published_at(other, "j2", "t6"),
+            published_at("i3", "j3", "t3"),
+            published_at("i3", "j3b", "t7"),
+            published_at("i4", "j4", "t4"),
+            published_at("i4", "j4", "t8"),
+        ];
+        let count = count_work(&[(live, false), (killed, true)]);
         assert_eq!(
             count,
             WorkCount {
@@ -2304,6 +2349,8 @@ mod tests {
                 redelivered_after_kill: 2,
                 redelivered_otherwise: 1,
                 dispatched_again: 1,
+                dispatched_again_between: Some(("t7".into(), "t7".into())),
+                redelivered_between: Some(("t5".into(), "t8".into())),
             }
         );
         assert_eq!(count.again(), 4);
