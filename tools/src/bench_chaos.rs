@@ -95,7 +95,7 @@ pub struct ChaosArgs {
     pub seed_share: f64,
     /// The project's confidence threshold: most items are labeled by
     /// machine once the model is trained, the rest go to review.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.6)]
     pub threshold: f32,
     /// How long RabbitMQ and PostgreSQL stay down.
     #[arg(long, default_value_t = 3)]
@@ -336,10 +336,10 @@ pub struct WorkCount {
     pub results: u64,
     /// Distinct (item, version).
     pub pairs: u64,
-    /// The same job published again, its earlier publisher SIGKILLed
-    /// (killed after its publish, before its acknowledgement).
+    /// The same job published again after its earlier publisher was
+    /// SIGKILLed (killed after its publish, before its acknowledgement).
     pub redelivered_after_kill: u64,
-    /// The same job published again, its earlier publisher alive (a
+    /// The same job published again, its earlier publisher alive then (a
     /// delivery given back by a broker restart, a stale acknowledgement).
     pub redelivered_otherwise: u64,
     /// Another job for an (item, version) already published: the
@@ -359,11 +359,12 @@ impl WorkCount {
 }
 
 /// Count published results, given per process instance (its lines) and
-/// whether that instance was SIGKILLed; in the order they were published.
-pub fn count_work(instances: &[(Vec<Published>, bool)]) -> WorkCount {
-    let mut all: Vec<(&Published, bool)> = instances
+/// when that instance was SIGKILLed, if it was (a timestamp like the log
+/// lines'); in the order they were published.
+pub fn count_work(instances: &[(Vec<Published>, Option<String>)]) -> WorkCount {
+    let mut all: Vec<(&Published, Option<&str>)> = instances
         .iter()
-        .flat_map(|(published, killed)| published.iter().map(move |p| (p, *killed)))
+        .flat_map(|(published, killed)| published.iter().map(move |p| (p, killed.as_deref())))
         .collect();
     all.sort_by(|a, b| a.0.at.cmp(&b.0.at));
     let widen = |window: &mut Option<(String, String)>, at: &str| match window {
@@ -371,15 +372,18 @@ pub fn count_work(instances: &[(Vec<Published>, bool)]) -> WorkCount {
         None => *window = Some((at.to_owned(), at.to_owned())),
     };
     let mut count = WorkCount::default();
-    // (item, version) -> the jobs seen, each with whether its publisher was killed.
-    let mut seen: HashMap<(&str, &str), Vec<(&str, bool)>> = HashMap::new();
+    /// A job seen for an (item, version), and when its publisher was killed.
+    type Seen<'a> = (&'a str, Option<&'a str>);
+    let mut seen: HashMap<(&str, &str), Vec<Seen>> = HashMap::new();
     for (p, killed) in all {
         count.results += 1;
         let jobs = seen.entry((&p.item, &p.version)).or_default();
         if !jobs.is_empty() {
             match jobs.iter().find(|(job, _)| *job == p.job) {
-                Some((_, true)) => count.redelivered_after_kill += 1,
-                Some((_, false)) => count.redelivered_otherwise += 1,
+                Some((_, Some(kill))) if *kill <= p.at.as_str() => {
+                    count.redelivered_after_kill += 1;
+                }
+                Some(_) => count.redelivered_otherwise += 1,
                 None => count.dispatched_again += 1,
             }
             match jobs.iter().any(|(job, _)| *job == p.job) {
@@ -611,6 +615,8 @@ struct Instance {
     pid: u32,
     log: PathBuf,
     killed: bool,
+    /// When it was SIGKILLed, as the logs write time.
+    killed_at: Option<String>,
 }
 
 struct Fleet {
@@ -675,6 +681,7 @@ impl Fleet {
             pid,
             log,
             killed: false,
+            killed_at: None,
         });
         Ok((child, self.instances.len() - 1))
     }
@@ -700,6 +707,8 @@ impl Fleet {
         let (mut child, index) = taken.context("no such process running")?;
         child.kill().await.context("SIGKILL")?;
         self.instances[index].killed = true;
+        self.instances[index].killed_at =
+            Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
         Ok(self.instances[index].pid)
     }
 
@@ -2044,7 +2053,7 @@ impl Run {
                 results.extend(parse_published(line));
                 runs.extend(parse_training(line));
             }
-            published.push((results, instance.killed));
+            published.push((results, instance.killed_at.clone()));
             training.push((runs, instance.killed));
         }
         (count_work(&published), count_training(&training))
@@ -2170,14 +2179,15 @@ fn print_report(run: &Run, f: &Figures, failures: &[String]) {
         })
     };
     println!(
-        "duplicated work: {} results published for {} (item, version); published again {} \
-         (same job after its worker's SIGKILL {}, same job otherwise {}{}, another job {}{})",
+        "duplicated work: {} results published for {} (item, version); published again {}: \
+         the same job {}{} ({} after its publisher's SIGKILL, {} otherwise), another job {}{}",
         f.work.results,
         f.work.pairs,
         f.work.again(),
+        f.work.redelivered_after_kill + f.work.redelivered_otherwise,
+        into_run(&f.work.redelivered_between),
         f.work.redelivered_after_kill,
         f.work.redelivered_otherwise,
-        into_run(&f.work.redelivered_between),
         f.work.dispatched_again,
         into_run(&f.work.dispatched_again_between),
     );
@@ -2340,7 +2350,7 @@ mod tests {
             published_at("i4", "j4", "t4"),
             published_at("i4", "j4", "t8"),
         ];
-        let count = count_work(&[(live, false), (killed, true)]);
+        let count = count_work(&[(live, None), (killed, Some("t2.5".into()))]);
         assert_eq!(
             count,
             WorkCount {
@@ -2354,6 +2364,15 @@ mod tests {
             }
         );
         assert_eq!(count.again(), 4);
+        // Sent again before its publisher was killed: the kill is not why.
+        let early = count_work(&[
+            (vec![published_at(ITEM, "j1", "t1")], Some("t9".into())),
+            (vec![published_at(ITEM, "j1", "t2")], None),
+        ]);
+        assert_eq!(
+            (early.redelivered_after_kill, early.redelivered_otherwise),
+            (0, 1)
+        );
     }
 
     #[test]
