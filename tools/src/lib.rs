@@ -12,11 +12,15 @@
 //! - [`bench_ingest`], [`bench_claim`], [`bench_export`]: the scheduler's
 //!   benchmarks (ingest against raw publish, the review queue under load,
 //!   export against `COPY`).
+//! - [`bench_chaos`]: faults on real processes (workers and the scheduler
+//!   SIGKILLed, RabbitMQ and PostgreSQL restarted, Redis flushed) while
+//!   items flow; what was lost or duplicated, and the time to recover.
 //! - [`worker_bench`], [`bench_accuracy`]: the worker's (the committee's
 //!   forward and training throughput, the recipe's accuracy on real labels).
 //! - [`procstat`]: peak RSS and CPU time from `/proc`, for the benchmarks.
 
 pub mod bench_accuracy;
+pub mod bench_chaos;
 pub mod bench_claim;
 pub mod bench_export;
 pub mod bench_ingest;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use sieve_scheduler::context::Context;
 use sieve_shared::Settings;
 use sieve_tools::worker_bench::{self, What};
-use sieve_tools::{bench_claim, bench_export, bench_ingest, demo};
+use sieve_tools::{bench_chaos, bench_claim, bench_export, bench_ingest, demo};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +45,11 @@ pub enum BenchCommand {
     /// Export of a large labeled project (CSV, JSON Lines) against a plain
     /// `COPY` of the same rows; rows/s and peak RSS; own database.
     Export(bench_export::BenchExportArgs),
+    /// Faults on real processes while items flow: worker and scheduler
+    /// SIGKILLs, RabbitMQ and PostgreSQL restarts, a Redis flush; counts
+    /// items lost and work duplicated, and the time to recover from each.
+    /// Needs `sieve` and `sieve-worker` beside this binary; own database.
+    Chaos(bench_chaos::ChaosArgs),
     /// The committee's forward pass: bare, and through the queue path (a
     /// worker on RabbitMQ), CPU per item; MobileNetV2 at 96 and 224.
     Forward(worker_bench::BenchArgs),
@@ -64,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ingest(args)) => bench_ingest::run(settings, &args).await?,
         Command::Bench(BenchCommand::Claim(args)) => bench_claim::run(&settings, &args).await?,
         Command::Bench(BenchCommand::Export(args)) => bench_export::run(settings, &args).await?,
+        Command::Bench(BenchCommand::Chaos(args)) => bench_chaos::run(settings, &args).await?,
         Command::Bench(BenchCommand::Forward(args)) => {
             worker(settings, What::Forward, args).await?
         }

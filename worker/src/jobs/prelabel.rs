@@ -401,6 +401,12 @@ async fn finish(worker: &Worker, batch: Prepared) {
     // One message for the batch's results: one publish and confirm, one
     // delivery for the broker, instead of one per item.
     let result_count = results.len();
+    // The audit trail of published work, at debug level under its own
+    // target (`RUST_LOG=sieve_worker::published=debug`): `sieve-tools bench
+    // chaos` counts from it how often a result went out again for the same
+    // item and version.
+    let audit = tracing::enabled!(target: PUBLISHED_TARGET, tracing::Level::DEBUG)
+        .then(|| published_list(&results));
     let published = if results.is_empty() {
         Ok(())
     } else {
@@ -424,6 +430,9 @@ async fn finish(worker: &Worker, batch: Prepared) {
                 .await;
         }
         return;
+    }
+    if let Some(results) = audit.filter(|r| !r.is_empty()) {
+        tracing::debug!(target: PUBLISHED_TARGET, worker = %worker.id, %results, "results published");
     }
     let retried = schedule_retries(worker, &jobs, &fates).await;
     let all_done = fates
@@ -456,6 +465,26 @@ async fn finish(worker: &Worker, batch: Prepared) {
     metrics::histogram!("sieve_worker_batch_size").record(fates.len() as f64);
     metrics::histogram!("sieve_worker_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::counter!("sieve_worker_jobs_consumed_total").increment(fates.len() as u64);
+}
+
+/// The target of the debug line that lists every result a worker
+/// published (after the broker confirmed it).
+pub const PUBLISHED_TARGET: &str = "sieve_worker::published";
+
+/// `item:version:job` of each result, comma separated: what the
+/// `results published` line carries.
+pub fn published_list(results: &[PrelabelResult]) -> String {
+    let mut out = String::with_capacity(results.len() * 111);
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            "{}:{}:{}",
+            r.item_id, r.model_version_id, r.job_id
+        ));
+    }
+    out
 }
 
 /// Acknowledge each job whose result or delayed copy is stored; requeue the
