@@ -436,8 +436,12 @@ pub struct Sweep {
 /// Which items [`dispatch_where`] publishes.
 #[derive(Clone, Copy, Debug)]
 enum Pending {
-    /// Everything the active model has not predicted (rescore, retry).
+    /// Everything the active model has not predicted (retry).
     All,
+    /// The same, among the items that existed when the model was activated
+    /// (ids up to `through`; `None`: the project had none): those inserted
+    /// after went out with the new model already, by their ingest.
+    Rescore { through: Option<Uuid> },
     /// What looks lost (the sweeper).
     Sweep(Sweep),
     /// Items never published (resume).
@@ -460,6 +464,19 @@ pub async fn dispatch_pending(
     dispatch_where(ctx, project, sweep.map_or(Pending::All, Pending::Sweep)).await
 }
 
+/// [`dispatch_pending`] after an activation: only items up to `through`,
+/// the newest item id when the activation committed (see
+/// `training::registry::activate`). An ingest running meanwhile publishes
+/// its items with the new model itself; a rescore walking the project a
+/// page at a time for seconds would otherwise send them again.
+pub async fn dispatch_rescore(
+    ctx: &Context,
+    project: &Project,
+    through: Option<Uuid>,
+) -> anyhow::Result<usize> {
+    dispatch_where(ctx, project, Pending::Rescore { through }).await
+}
+
 /// Publish the items of `project` that were never published (or held back
 /// while paused): pending, no prediction by the active model,
 /// `dispatched_at` NULL; in id order.
@@ -480,9 +497,14 @@ async fn dispatch_where(
         return Ok(0);
     }
     let (sweep_created, sweep_dispatched, unpublished) = match pending {
-        Pending::All => (None, None, false),
+        Pending::All | Pending::Rescore { .. } => (None, None, false),
         Pending::Sweep(s) => (Some(s.created_before), s.dispatched_before, false),
         Pending::Unpublished => (None, None, true),
+    };
+    let through = match pending {
+        Pending::Rescore { through: None } => return Ok(0),
+        Pending::Rescore { through } => through,
+        _ => None,
     };
     let mut total = 0;
     let mut held = 0;
@@ -499,6 +521,7 @@ async fn dispatch_where(
                    OR (i.dispatched_at IS NULL AND i.created_at < $3)
                    OR i.dispatched_at < $6)
               AND (NOT $7 OR i.dispatched_at IS NULL)
+              AND ($8::uuid IS NULL OR i.id <= $8)
               AND NOT EXISTS (SELECT 1 FROM predictions p
                               WHERE p.item_id = i.id AND p.model_version_id = $4)
               AND NOT EXISTS (SELECT 1 FROM review_tasks t
@@ -513,6 +536,7 @@ async fn dispatch_where(
                 (PUBLISH_CHUNK as i64).into(),
                 sweep_dispatched.map(|t| t.fixed_offset()).into(),
                 unpublished.into(),
+                through.into(),
             ],
         ))
         .all(&ctx.db)

@@ -8,8 +8,8 @@
 
 use chrono::Utc;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use serde::Serialize;
 use sieve_shared::messages::{ControlCommand, ControlMessage, HoldoutMetrics, SCHEMA_VERSION};
@@ -171,6 +171,10 @@ async fn activate_as(
         )));
     }
     let now = Utc::now().fixed_offset();
+    // What the rescore below covers: the items committed so far. Ingest
+    // batches hold the project's row in share mode, so none is half in;
+    // those after this one read the new model and publish with it.
+    let through = newest_item(&txn, project).await?;
     model_version::Entity::update_many()
         .col_expr(
             model_version::Column::Status,
@@ -216,7 +220,25 @@ async fn activate_as(
         .map_err(anyhow::Error::from)?;
     // Reload: the project now points at the new version.
     let project = projects::get(&ctx.db, &project.id.to_string()).await?;
-    Ok(Some(dispatch::dispatch_pending(ctx, &project, None).await?))
+    Ok(Some(
+        dispatch::dispatch_rescore(ctx, &project, through).await?,
+    ))
+}
+
+/// The newest item of `project` (ids are time-ordered), if it has any.
+async fn newest_item(db: &impl ConnectionTrait, project: &Project) -> AppResult<Option<Uuid>> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            // PostgreSQL has no max(uuid); the newest of a time-ordered id.
+            "SELECT id FROM items WHERE project_id = $1 ORDER BY id DESC LIMIT 1",
+            [project.id.as_uuid().into()],
+        ))
+        .await?;
+    Ok(match row {
+        Some(row) => Some(row.try_get::<Uuid>("", "id")?),
+        None => None,
+    })
 }
 
 /// Promote a version by number (the ML team's manual override).

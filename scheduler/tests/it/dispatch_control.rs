@@ -189,3 +189,42 @@ async fn jobs_carry_the_priority_and_keep_to_the_rate_limit() {
     assert!(env.drain().await.iter().all(|(_, p)| p.is_none()));
     env.teardown().await;
 }
+
+/// The rescore after an activation covers the items that existed when it
+/// committed (ids up to the newest then), not those an ingest inserted
+/// since, which that ingest published with the new model already: before,
+/// a rescore walking a large project sent them all a second time.
+#[tokio::test]
+async fn a_rescore_sends_only_the_items_older_than_the_activation() {
+    let env = ProjectEnv::start("rescore", |s| s.ingest.batch_size = 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    pngs(dir.path(), 1, 6);
+    ingest::ingest_folder(&env.ctx, &env.project, dir.path(), false)
+        .await
+        .unwrap();
+    assert_eq!(env.jobs(6).await, 6);
+    env.drain().await;
+
+    let mut ids: Vec<Uuid> = env.items().await.iter().map(|i| i.id).collect();
+    ids.sort();
+    let through = ids[3];
+    assert_eq!(
+        dispatch::dispatch_rescore(&env.ctx, &env.project, Some(through))
+            .await
+            .unwrap(),
+        4
+    );
+    assert_eq!(env.jobs(4).await, 4);
+    let sent = item_ids(&env.drain().await);
+    assert_eq!(sent, ids[..4].iter().copied().collect::<HashSet<_>>());
+
+    // A project that had no item when its model was activated: nothing.
+    assert_eq!(
+        dispatch::dispatch_rescore(&env.ctx, &env.project, None)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(env.jobs(0).await, 0);
+    env.teardown().await;
+}
