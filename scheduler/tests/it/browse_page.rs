@@ -18,7 +18,7 @@ use sieve_scheduler::entities::api_token::Role;
 use sieve_testkit::{App, eventually, with_app};
 use uuid::Uuid;
 
-use super::chromium::{Driver, assert_inert, js, press, text};
+use super::chromium::{Driver, assert_inert, js, press, sign_in, text};
 use super::items::{machine_label, sql};
 
 const SCRIPT: &str = include_str!("../../assets/browse.js");
@@ -251,29 +251,7 @@ async fn keys(browser: &Client, keys: &[Key]) {
 async fn session(app: &App, browser: &Client, token: &str, items: &[Uuid]) {
     // Four or so thumbnails a row: the grid has more than one row.
     browser.set_window_size(720, 900).await.unwrap();
-    browser
-        .goto(&app.url("/browse?project=pets"))
-        .await
-        .unwrap();
-    let project = browser.find(Locator::Id("project")).await.unwrap();
-    assert_eq!(
-        project.prop("value").await.unwrap().as_deref(),
-        Some("pets")
-    );
-    browser
-        .find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(token)
-        .await
-        .unwrap();
-    browser
-        .find(Locator::Id("start"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    sign_in(browser, &app.url("/browse?project=pets"), "pets", token).await;
 
     // Every item, in id order, each thumbnail fetched with the token.
     lists(browser, "the whole project", items).await;

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::actions::{InputSource, KeyAction, KeyActions};
-use fantoccini::{Client, ClientBuilder};
+use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 /// chromedriver on a free port; killed when dropped, even on a panic.
@@ -143,4 +143,26 @@ pub fn assert_inert(name: &str, page: &str, script: &str, script_src: &str) {
         !page.contains("http://") && !page.contains("https://"),
         "no CDN in {name}"
     );
+}
+
+/// Open a page at `url` (its `?project=` filled in from the address),
+/// enter `token` and start, as a person does on either page.
+pub async fn sign_in(browser: &Client, url: &str, project: &str, token: &str) {
+    browser.goto(url).await.unwrap();
+    let field = browser.find(Locator::Id("project")).await.unwrap();
+    assert_eq!(field.prop("value").await.unwrap().as_deref(), Some(project));
+    browser
+        .find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("start"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
 }

@@ -11,8 +11,8 @@
 
 use std::time::{Duration, Instant};
 
+use fantoccini::Client;
 use fantoccini::key::Key;
-use fantoccini::{Client, Locator};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::json;
 use sieve_scheduler::entities::api_token::Role;
@@ -22,7 +22,7 @@ use sieve_scheduler::entities::review_task::TaskState;
 use sieve_testkit::{App, eventually, with_app};
 use uuid::Uuid;
 
-use super::chromium::{Driver, assert_inert, js, press, text};
+use super::chromium::{Driver, assert_inert, js, press, sign_in, text};
 
 const SCRIPT: &str = include_str!("../../assets/review.js");
 const PAGE: &str = include_str!("../../assets/review.html");
@@ -137,29 +137,7 @@ async fn a_reviewer_labels_from_the_keyboard_in_chromium() {
 
 async fn session(app: &App, browser: &Client, token: &str, tasks: [&sieve_testkit::SeededTask; 3]) {
     let [first, second, third] = tasks;
-    browser
-        .goto(&app.url("/review?project=pets"))
-        .await
-        .unwrap();
-    let project = browser.find(Locator::Id("project")).await.unwrap();
-    assert_eq!(
-        project.prop("value").await.unwrap().as_deref(),
-        Some("pets")
-    );
-    browser
-        .find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(token)
-        .await
-        .unwrap();
-    browser
-        .find(Locator::Id("start"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    sign_in(browser, &app.url("/review?project=pets"), "pets", token).await;
 
     // The first task, large, with its pre-label and the top classes.
     shows(browser, &first.source).await;
