@@ -293,7 +293,17 @@ pub struct TrainParams {
     /// BatchNorm statistics). `None` fine-tunes every layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unfrozen_blocks: Option<u32>,
+    /// At least this many optimiser steps, whatever the number of labels:
+    /// a small label set gets more epochs (up to [`MAX_SCALED_EPOCHS`];
+    /// early stopping still ends a run sooner) instead of a few dozen
+    /// steps. 0 (a job from before, or epochs asked for by hand): exactly
+    /// `epochs` as the upper bound. See [`TrainParams::epochs_for`].
+    #[serde(default)]
+    pub min_steps: u32,
 }
+
+/// The most epochs [`TrainParams::min_steps`] may scale a run to.
+pub const MAX_SCALED_EPOCHS: u32 = 200;
 
 impl Default for TrainParams {
     fn default() -> Self {
@@ -309,11 +319,23 @@ impl Default for TrainParams {
             input_size: None,
             machine_labels: false,
             unfrozen_blocks: None,
+            min_steps: 600,
         }
     }
 }
 
 impl TrainParams {
+    /// The upper bound on epochs for a run on `examples` training examples
+    /// (after the worker holds out `validation_share` of them for early
+    /// stopping): `epochs`, or more where that many passes would take fewer
+    /// than `min_steps` steps.
+    pub fn epochs_for(&self, examples: usize, validation_share: f64) -> u32 {
+        let trained = (examples as f64 * (1.0 - validation_share)).ceil().max(1.0);
+        let steps_per_epoch = (trained / f64::from(self.batch_size.max(1))).ceil();
+        let wanted = (f64::from(self.min_steps) / steps_per_epoch).ceil() as u32;
+        self.epochs.max(wanted.min(MAX_SCALED_EPOCHS))
+    }
+
     /// The defaults for a committee on `arch`, in the mode it trains in.
     /// Heads train on embeddings in well under a second per epoch, so they
     /// get more epochs (early stopping ends them sooner) and larger batches.
@@ -343,6 +365,9 @@ impl TrainParams {
                 learning_rate: 5e-4,
                 arch,
                 mode,
+                // Each step costs a forward and backward pass through the
+                // unfrozen blocks: no more than the epochs asked for.
+                min_steps: 0,
                 ..Self::default()
             },
             _ => Self {
@@ -622,6 +647,33 @@ mod tests {
         let problem = small_partial.problem().unwrap_or_default();
         assert!(problem.contains("trained whole"), "{problem}");
         assert_eq!(TrainParams::default().problem(), None);
+    }
+
+    #[test]
+    fn few_labels_get_more_epochs_up_to_a_bound() {
+        let params = TrainParams::default();
+        assert_eq!(
+            (params.epochs, params.batch_size, params.min_steps),
+            (8, 64, 600)
+        );
+        // 13,000 labels: 183 steps an epoch, 8 epochs are plenty.
+        assert_eq!(params.epochs_for(13_000, 0.1), 8);
+        // 500 labels: 450 trained, 8 steps an epoch: 75 epochs for 600 steps.
+        assert_eq!(params.epochs_for(500, 0.1), 75);
+        // 20 labels: one step an epoch, bounded.
+        assert_eq!(params.epochs_for(20, 0.1), MAX_SCALED_EPOCHS);
+        // Off: the epochs as given.
+        let fixed = TrainParams {
+            min_steps: 0,
+            ..params
+        };
+        assert_eq!(fixed.epochs_for(20, 0.1), 8);
+        // A job from before the field: off.
+        let old: TrainParams = serde_json::from_value(serde_json::json!({
+            "members": 3, "epochs": 8, "batch_size": 64, "learning_rate": 0.002, "seed": 17
+        }))
+        .expect("an old job decodes");
+        assert_eq!(old.min_steps, 0);
     }
 
     #[test]

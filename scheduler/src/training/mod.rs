@@ -336,19 +336,22 @@ impl RetrainRequest {
             Some(mode) => TrainParams::for_mode(project.arch, mode),
             None => project.train_params(),
         };
-        let epochs = match self.epochs {
+        // Epochs asked for by hand are the bound as given, not scaled up
+        // to the project's minimum of steps.
+        let (epochs, min_steps) = match self.epochs {
             Some(n) if !(1..=MAX_EPOCHS).contains(&n) => {
                 return Err(AppError::Invalid(format!(
                     "epochs = {n}: ask for 1 to {MAX_EPOCHS}"
                 )));
             }
-            Some(n) => n,
-            None => defaults.epochs,
+            Some(n) => (n, 0),
+            None => (defaults.epochs, defaults.min_steps),
         };
         let params = TrainParams {
             machine_labels: self.machine_labels,
             unfrozen_blocks: self.unfrozen_blocks,
             epochs,
+            min_steps,
             ..defaults
         };
         match params.problem() {

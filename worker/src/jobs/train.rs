@@ -515,8 +515,11 @@ async fn train_full(
         tracing::warn!(run = %job.run_id, skipped, "snapshot images that could not be used were skipped");
     }
 
+    let validation_share = TrainOptions::default().validation_share;
     let options = TrainOptions {
-        epochs: job.params.epochs as usize,
+        epochs: job
+            .params
+            .epochs_for(train_data.labels.len(), validation_share) as usize,
         batch_size: job.params.batch_size.max(1) as usize,
         learning_rate: job.params.learning_rate,
         cosine: job.params.schedule == LrSchedule::Cosine,
@@ -670,7 +673,10 @@ async fn train_heads(
     let options = HeadsOptions {
         members,
         num_classes: classes,
-        epochs: job.params.epochs as usize,
+        epochs: job
+            .params
+            .epochs_for(train_size, HeadsOptions::default().validation_share)
+            as usize,
         batch_size: job.params.batch_size.max(1) as usize,
         learning_rate: job.params.learning_rate,
         seed: job.params.seed,
