@@ -23,6 +23,7 @@ mod m20261206_000004_not_for_token;
 mod m20261206_000005_reported;
 mod m20261208_000021_review_events;
 mod m20261208_000022_snapshot_retention;
+mod m20261209_000023_rerouted_policy;
 
 pub struct Migrator;
 
@@ -47,6 +48,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000005_reported::Migration),
             Box::new(m20261208_000021_review_events::Migration),
             Box::new(m20261208_000022_snapshot_retention::Migration),
+            Box::new(m20261209_000023_rerouted_policy::Migration),
         ]
     }
 }

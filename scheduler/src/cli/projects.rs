@@ -93,9 +93,18 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                     "a confidence",
                 )?,
             };
+            let before = project.policy_version;
             let project = routing::calibration::patch_policy(&conn, &project, &patch).await?;
             println!("policy version {}:", project.policy_version);
             print_json(&project.policy)?;
+            if project.policy_version != before
+                && let Some(done) = routing::reroute::reroute(&conn, project.id.as_uuid()).await?
+            {
+                println!(
+                    "re-routed the items waiting for review: {} now labeled by machine, {} still in review, {} left with their reviewer",
+                    done.machine_labeled, done.review, done.kept
+                );
+            }
         }
         ProjectCommand::Show { name } => {
             let ctx = Context::connect(settings).await?;

@@ -144,7 +144,8 @@ pub async fn get_policy(at: AuthedProject<Read>) -> AppResult<Response> {
 
 /// `PUT` (and `PATCH`): the fields named change, the others stay; `null`
 /// clears an optional one. A change that leaves the policy as it was makes
-/// no new version.
+/// no new version. A new version re-routes the items waiting for review in
+/// the background (`routing::reroute`).
 #[utoipa::path(
     method(put, patch),
     path = "/projects/{project}/policy",
@@ -165,5 +166,10 @@ pub async fn change_policy(
     JsonBody(patch): JsonBody<PolicyPatch>,
 ) -> AppResult<Response> {
     let project = routing::calibration::patch_policy(&ctx.db, &at.project, &patch).await?;
+    if project.policy_version != at.project.policy_version {
+        // The items waiting for review move under the new policy within
+        // seconds; the answer does not wait for them.
+        routing::reroute::spawn(ctx.db.clone(), project.id.as_uuid());
+    }
     Ok(Json(VersionedPolicy::from(project)).into_response())
 }

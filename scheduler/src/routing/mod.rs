@@ -3,7 +3,11 @@
 //! - [`results`]: the result consumer: stores each prediction and routes it
 //!   by the project's [`crate::policy`] to a machine label or a review task.
 //! - [`calibration`]: per-class thresholds calibrated to a target accuracy
-//!   from a version's random evidence, and policy changes that recalibrate.
+//!   from a version's random evidence, the random checks a shut gate asks
+//!   for, and policy changes that recalibrate.
+//! - [`reroute`]: after a policy change, the items waiting for review routed
+//!   again by their stored predictions.
 
 pub mod calibration;
+pub mod reroute;
 pub mod results;

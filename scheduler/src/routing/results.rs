@@ -29,6 +29,7 @@ use sieve_shared::messages::{
     decode_results, encode,
 };
 use sieve_shared::retry;
+use sieve_shared::scores::Scores;
 use sieve_shared::topology::Route;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -105,13 +106,7 @@ pub async fn apply(
                 .transpose()?;
             let found = match found {
                 Some(project) => {
-                    let active = match project.active_model_version_id {
-                        Some(id) => ActiveModel {
-                            calibration: calibration::load(&txn, id).await?,
-                            untrained: calibration::is_untrained(&txn, id).await?,
-                        },
-                        None => ActiveModel::default(),
-                    };
+                    let active = ActiveModel::of(&txn, &project).await?;
                     Some((project, active))
                 }
                 None => None,
@@ -132,7 +127,7 @@ pub async fn apply(
 }
 
 /// Lock the items `ids` (sorted) in id order; returns how many exist.
-async fn lock_items(txn: &DatabaseTransaction, ids: &[Uuid]) -> anyhow::Result<usize> {
+pub(crate) async fn lock_items(txn: &DatabaseTransaction, ids: &[Uuid]) -> anyhow::Result<usize> {
     let found = item::Entity::find()
         .select_only()
         .column(item::Column::Id)
@@ -170,10 +165,38 @@ async fn wait_for_ingests(
 
 /// What routing needs to know about a project's active model.
 #[derive(Default)]
-struct ActiveModel {
+pub(crate) struct ActiveModel {
     calibration: Option<Calibration>,
     /// Trained on nothing: route everything to review as a random seed set.
     untrained: bool,
+}
+
+impl ActiveModel {
+    /// What routing knows about `project`'s active version (nothing without one).
+    pub(crate) async fn of(txn: &impl ConnectionTrait, project: &Project) -> anyhow::Result<Self> {
+        Ok(match project.active_model_version_id {
+            Some(id) => ActiveModel {
+                calibration: calibration::load(txn, id).await?,
+                untrained: calibration::is_untrained(txn, id).await?,
+            },
+            None => ActiveModel::default(),
+        })
+    }
+
+    /// The share of items sampled for random checks under `policy`: more
+    /// than the audit rate while the version's calibration, for this very
+    /// policy, is short of evidence.
+    fn sample_rate(&self, policy: &crate::policy::Policy) -> f64 {
+        self.calibration
+            .as_ref()
+            .filter(|c| {
+                policy.target_accuracy == Some(c.target_accuracy)
+                    && policy.confidence_level == c.confidence_level
+                    && policy.pool_evidence == c.pooled
+            })
+            .and_then(|c| c.sample_rate)
+            .unwrap_or(policy.audit_rate)
+    }
 }
 
 async fn apply_one(
@@ -234,7 +257,44 @@ async fn apply_one(
         return Ok(Applied::Duplicate);
     }
 
-    let is_active = project.active_model_version_id == Some(result.model_version_id.as_uuid());
+    route(
+        txn,
+        project,
+        active,
+        &item,
+        Routed {
+            prediction_id,
+            version_id: result.model_version_id.as_uuid(),
+            scores: &output.scores,
+        },
+    )
+    .await
+}
+
+/// A stored prediction, about to be routed.
+pub(crate) struct Routed<'a> {
+    pub prediction_id: Uuid,
+    pub version_id: Uuid,
+    pub scores: &'a Scores,
+}
+
+/// Route an item (locked by the caller) by one of its predictions under the
+/// project's current policy: a machine label, a review task, or kept as it
+/// is. Marks the prediction with the outcome and the policy version.
+pub(crate) async fn route(
+    txn: &DatabaseTransaction,
+    project: &Project,
+    active: &ActiveModel,
+    item: &item::Model,
+    routed: Routed<'_>,
+) -> anyhow::Result<Applied> {
+    let Routed {
+        prediction_id,
+        version_id,
+        scores,
+    } = routed;
+    let now = Utc::now().fixed_offset();
+    let is_active = project.active_model_version_id == Some(version_id);
     let routable = matches!(
         item.state,
         ItemState::Queued | ItemState::InReview | ItemState::AutoLabeled
@@ -261,7 +321,7 @@ async fn apply_one(
     let draws = draws(project.id, &item.content_hash);
     let threshold = calibration::threshold_for(
         &project.policy,
-        output.scores.top_class,
+        scores.top_class,
         active.calibration.as_ref(),
     );
     let decision = if active.untrained {
@@ -274,7 +334,13 @@ async fn apply_one(
             priority: rand::rng().random::<f32>(),
         }
     } else {
-        decide(&project.policy, &output.scores, threshold, draws)
+        decide(
+            &project.policy,
+            scores,
+            threshold,
+            draws,
+            active.sample_rate(&project.policy),
+        )
     };
     match decision {
         Decision::MachineLabel { class_index } => {
@@ -285,7 +351,7 @@ async fn apply_one(
                 source: Set(LabelSource::Machine),
                 reviewer: Set(None),
                 prediction_id: Set(Some(prediction_id)),
-                model_version_id: Set(Some(result.model_version_id.as_uuid())),
+                model_version_id: Set(Some(version_id)),
                 review_task_id: Set(None),
                 created_at: Set(now),
             })

@@ -223,6 +223,12 @@ pub async fn run(ctx: Context, held: Held, stop: CancellationToken) -> anyhow::R
                 "snapshot retention sweep failed; will retry"
             );
         }
+        if let Err(err) = crate::routing::reroute::sweep(&ctx.db).await {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "re-routing after a policy change failed; will retry"
+            );
+        }
     })
     .await
 }
