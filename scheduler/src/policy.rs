@@ -64,7 +64,10 @@ pub struct Policy {
     pub audit_rate: f64,
     /// With a target accuracy: a class short of evidence of its own borrows
     /// the threshold calibrated on all classes together, unless its own
-    /// examples above it are significantly worse than the target.
+    /// examples above it are significantly worse than the target. On by
+    /// default: without it each class needs its own ~125 random checks
+    /// (at 0.97) before any of its items is labeled by machine, which a
+    /// project of a few thousand items never gathers.
     pub pool_evidence: bool,
     /// Retrain automatically once this many human labels have arrived since
     /// the last run's snapshot (`None`: only on request).
@@ -85,7 +88,7 @@ impl Default for Policy {
             disagreement_limit: 0.34,
             audit_rate: 0.02,
             retrain_every_labels: None,
-            pool_evidence: false,
+            pool_evidence: true,
             second_review_confidence: None,
         }
     }
@@ -211,6 +214,18 @@ impl DisagreementMeasure {
     }
 }
 
+/// The fewest random, human-checked examples that can open the gate to
+/// machine labels at `target_accuracy` as a lower confidence bound at
+/// `confidence_level`: even all of them right, fewer leave the Wilson lower
+/// bound n / (n + z²) under the target. 125 at 0.97 and 95%, 73 at 0.95,
+/// 381 at 0.99.
+pub fn evidence_needed(target_accuracy: f64, confidence_level: f64) -> u32 {
+    let z = crate::routing::calibration::z_for(confidence_level);
+    let n = z * z * target_accuracy / (1.0 - target_accuracy);
+    // The float can land a hair above a whole number it equals.
+    (n - 1e-9).ceil().max(1.0) as u32
+}
+
 /// Priority of audit and sample tasks: ahead of every uncertain item
 /// (uncertainty priorities are at most 2). They are few — the audit rate —
 /// and calibration cannot open the gate to machine labels without them.
@@ -264,8 +279,17 @@ pub enum Decision {
 
 /// Route one prediction. `threshold` comes from routing's
 /// `calibration::threshold_for`;
-/// `draws` are the item's [`draws`], passed in so tests decide them.
-pub fn decide(policy: &Policy, scores: &Scores, threshold: Option<f32>, draws: Draws) -> Decision {
+/// `draws` are the item's [`draws`], passed in so tests decide them;
+/// `sample_rate` is the share of items sampled for random checks: the
+/// audit rate, or more while the active version's gate is shut for want of
+/// evidence (routing's `calibration::sample_rate`).
+pub fn decide(
+    policy: &Policy,
+    scores: &Scores,
+    threshold: Option<f32>,
+    draws: Draws,
+    sample_rate: f64,
+) -> Decision {
     // Most uncertain first: priority is the committee's doubt.
     let priority = (1.0 - scores.confidence) + scores.disagreement;
     let disagreement = match policy.disagreement_measure {
@@ -280,7 +304,7 @@ pub fn decide(policy: &Policy, scores: &Scores, threshold: Option<f32>, draws: D
             _ => Some(TaskReason::LowConfidence),
         }
     };
-    let sampled = draws.sample < policy.audit_rate;
+    let sampled = draws.sample < sample_rate.max(policy.audit_rate);
     let audited = draws.audit < policy.audit_rate;
     match (review, audited, sampled) {
         (None, true, _) => Decision::Review {
@@ -319,7 +343,7 @@ mod tests {
             .target_accuracy
             .is_none()
             .then_some(policy.confidence_threshold);
-        decide(policy, s, threshold, draws)
+        decide(policy, s, threshold, draws, policy.audit_rate)
     }
 
     const AUDIT: Draws = Draws {
@@ -434,6 +458,53 @@ mod tests {
             .filter(|d| d.sample < 0.2 && d.audit < 0.2)
             .count();
         assert!((320..=480).contains(&both), "{both}");
+    }
+
+    #[test]
+    fn evidence_needed_is_where_all_right_first_meets_the_target() {
+        use crate::routing::calibration::{wilson, z_for};
+        for (target, level, expected) in [(0.97, 0.95, 125), (0.95, 0.95, 73), (0.99, 0.95, 381)] {
+            let n = evidence_needed(target, level);
+            assert_eq!(n, expected, "{target} at {level}");
+            let z = z_for(level);
+            let n = u64::from(n);
+            assert!(wilson(n, n, z).0 >= target, "{n} all right opens {target}");
+            assert!(wilson(n - 1, n - 1, z).0 < target, "{} do not", n - 1);
+        }
+    }
+
+    #[test]
+    fn a_raised_sample_rate_sends_more_items_to_random_checks() {
+        let policy = Policy::default();
+        // Confident, not audited; its sample draw 0.10 is above the audit
+        // rate (0.02) but under a raised sample rate (0.15).
+        let draws = Draws {
+            sample: 0.10,
+            audit: 0.5,
+        };
+        let s = scores(0.5, 0.0);
+        assert!(matches!(
+            decide(&policy, &s, Some(0.9), draws, policy.audit_rate),
+            Decision::Review {
+                reason: TaskReason::LowConfidence,
+                ..
+            }
+        ));
+        assert_eq!(
+            decide(&policy, &s, Some(0.9), draws, 0.15),
+            Decision::Review {
+                reason: TaskReason::Sample,
+                priority: AUDIT_PRIORITY
+            }
+        );
+        // A rate under the audit rate never lowers it.
+        assert!(matches!(
+            decide(&policy, &s, Some(0.9), SAMPLE, 0.0),
+            Decision::Review {
+                reason: TaskReason::Sample,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -53,6 +53,33 @@ pub fn project(status: &status::ProjectStatus) -> String {
             second.open, second.agreed_with_first, second.agreed_with_model, second.neither
         );
     }
+    if let Some(c) = &status.calibration {
+        let state = if c.open {
+            "open".to_owned()
+        } else if c.random_checks < c.needed {
+            format!(
+                "shut: at least {} more random checks needed (asked first in review: {} waiting, {} answered for the next version)",
+                c.needed - c.random_checks,
+                c.waiting,
+                c.answered_since
+            )
+        } else if c.sample_rate > status.project.policy.audit_rate {
+            format!(
+                "shut: the model errs on some random checks, so more are asked first in review ({} waiting, {} answered for the next version)",
+                c.waiting, c.answered_since
+            )
+        } else {
+            "shut: the random checks show the model short of the target; more labels and a retrain should open it".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "  calibration to {:.3}: {} random checks (at least {} needed); sampling {:.1}% of items; gate {state}",
+            c.target_accuracy,
+            c.random_checks,
+            c.needed,
+            c.sample_rate * 100.0
+        );
+    }
     for r in &status.reported_labels {
         let _ = writeln!(
             out,

@@ -34,6 +34,80 @@ pub struct ProjectStatus {
     /// label's source and class, and how review decided them. Kept apart
     /// from `machine_label_accuracy`: reports are not a random sample.
     pub reported_labels: Vec<ReportedLabels>,
+    /// With a target accuracy and an active model: the random evidence its
+    /// thresholds rest on, and what opening the gate still needs.
+    pub calibration: Option<CalibrationStatus>,
+}
+
+/// Where the gate to machine labels stands for the active version.
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct CalibrationStatus {
+    pub target_accuracy: f64,
+    /// Whether some class has a threshold: machine labels can happen.
+    pub open: bool,
+    /// Random, human-checked examples the active version was calibrated on.
+    pub random_checks: u32,
+    /// The fewest random checks that can open the gate at the target (all
+    /// of them right); more are needed where the model errs.
+    pub needed: u32,
+    /// Random checks waiting in the review queue: asked first.
+    pub waiting: i64,
+    /// Random checks answered since the active version was trained: the
+    /// next version is calibrated on them too.
+    pub answered_since: i64,
+    /// The share of items routed to random checks: the audit rate, or more
+    /// while the gate is shut for want of evidence.
+    pub sample_rate: f64,
+}
+
+/// Random-check tasks of a project's active version: open or claimed, and
+/// answered since the version's snapshot was taken. `$1` project, `$2` the
+/// version.
+const RANDOM_CHECKS: &str = r#"
+SELECT CASE WHEN t.state IN ('open', 'claimed') THEN 'waiting' ELSE 'answered' END AS key,
+       count(*) AS n
+FROM review_tasks t
+WHERE t.project_id = $1 AND t.reason = 'sample'
+  AND (t.state IN ('open', 'claimed')
+       OR (t.state = 'done' AND t.closed_at > (SELECT r.created_at FROM training_runs r
+                                               WHERE r.model_version_id = $2)))
+GROUP BY 1
+"#;
+
+async fn calibration_status(
+    ctx: &Context,
+    project: &Project,
+) -> anyhow::Result<Option<CalibrationStatus>> {
+    let (Some(target), Some(active)) = (
+        project.policy.target_accuracy,
+        project.active_model_version_id,
+    ) else {
+        return Ok(None);
+    };
+    let Some(calibration) = calibration::load(&ctx.db, active).await? else {
+        return Ok(None);
+    };
+    let checks = counts_of(
+        ctx,
+        Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            RANDOM_CHECKS,
+            [project.id.as_uuid().into(), active.into()],
+        ),
+    )
+    .await?;
+    Ok(Some(CalibrationStatus {
+        target_accuracy: target,
+        open: calibration.is_open(),
+        random_checks: calibration.random_checks(),
+        needed: crate::policy::evidence_needed(target, project.policy.confidence_level),
+        waiting: checks.get("waiting").copied().unwrap_or(0),
+        answered_since: checks.get("answered").copied().unwrap_or(0),
+        sample_rate: calibration
+            .sample_rate
+            .unwrap_or(project.policy.audit_rate)
+            .max(project.policy.audit_rate),
+    }))
 }
 
 /// Reported labels of one source and class: still in review, confirmed by
@@ -250,13 +324,20 @@ struct Count {
 }
 
 async fn counts(ctx: &Context, sql: &str, project: &Project) -> AppResult<BTreeMap<String, i64>> {
-    let rows = Count::find_by_statement(Statement::from_sql_and_values(
-        ctx.db.get_database_backend(),
-        sql,
-        [project.id.as_uuid().into()],
-    ))
-    .all(&ctx.db)
-    .await?;
+    Ok(counts_of(
+        ctx,
+        Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            sql,
+            [project.id.as_uuid().into()],
+        ),
+    )
+    .await?)
+}
+
+/// `key`, `n` rows of `statement` as a map.
+async fn counts_of(ctx: &Context, statement: Statement) -> anyhow::Result<BTreeMap<String, i64>> {
+    let rows = Count::find_by_statement(statement).all(&ctx.db).await?;
     Ok(rows.into_iter().map(|c| (c.key, c.n)).collect())
 }
 
@@ -293,6 +374,7 @@ pub async fn project_status(ctx: &Context, project: &Project) -> AppResult<Proje
             &counts(ctx, SECOND_OPINION_COUNTS, project).await?,
         ),
         reported_labels: reported_labels(&ctx.db, project).await?,
+        calibration: calibration_status(ctx, project).await?,
     })
 }
 

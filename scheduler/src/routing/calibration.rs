@@ -18,15 +18,19 @@
 //! a new version routes with its own thresholds from its first prediction.
 
 use chrono::Utc;
-use sea_orm::{ActiveValue::Set, ConnectionTrait, DatabaseConnection, EntityTrait};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait,
+    PaginatorTrait, QueryFilter,
+};
 use serde::{Deserialize, Serialize};
 use sieve_shared::messages::HoldoutMetrics;
 use uuid::Uuid;
 
+use crate::entities::item::{self, ItemState};
 use crate::entities::{model_version, project};
 use crate::error::AppResult;
 use crate::kind::classification;
-use crate::policy::{Policy, PolicyPatch};
+use crate::policy::{Policy, PolicyPatch, evidence_needed};
 use crate::projects::Project;
 
 /// One holdout example as a model version saw it.
@@ -55,6 +59,47 @@ pub struct Calibration {
     /// contradicted it) rather than from its own evidence alone.
     #[serde(default)]
     pub borrowed: Vec<bool>,
+    /// While no class has a threshold and the evidence is short of
+    /// [`EVIDENCE_WANTED`] times [`evidence_needed`]: the share of the
+    /// project's unlabeled items sampled for random checks, enough to gather
+    /// the rest (`None`: the policy's audit rate). See [`sample_rate`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<f64>,
+}
+
+impl Calibration {
+    /// Whether any class has a threshold: machine labels can happen.
+    pub fn is_open(&self) -> bool {
+        self.thresholds.iter().any(Option::is_some)
+    }
+
+    /// Random, human-checked examples this calibration rests on.
+    pub fn random_checks(&self) -> u32 {
+        self.evidence.iter().sum()
+    }
+}
+
+/// How many times the bare minimum of random checks ([`evidence_needed`])
+/// the loop asks for while the gate is shut. The minimum opens the gate
+/// only if every one of them is right; a model good enough to label most
+/// items still errs on a few, and those near its threshold need company.
+pub const EVIDENCE_WANTED: u32 = 3;
+
+/// The share of a project's `unlabeled` items to sample for random checks
+/// so that a calibration short of evidence gathers what it lacks: the
+/// audit rate plus the shortfall (up to [`EVIDENCE_WANTED`] times
+/// [`evidence_needed`]) spread over what is left, or `None` when the gate
+/// is open or the evidence is there. Evidence is only ever random: these
+/// items are chosen by their fixed draws (`policy::draws`), never by the
+/// model, and they are reviewed first.
+pub fn sample_rate(calibration: &Calibration, audit_rate: f64, unlabeled: u64) -> Option<f64> {
+    if calibration.is_open() || unlabeled == 0 {
+        return None;
+    }
+    let wanted = EVIDENCE_WANTED
+        * evidence_needed(calibration.target_accuracy, calibration.confidence_level);
+    let short = wanted.saturating_sub(calibration.random_checks());
+    (short > 0).then(|| (audit_rate + f64::from(short) / unlabeled as f64).min(1.0))
 }
 
 /// The confidence a prediction of `class` needs to become a machine label
@@ -266,6 +311,7 @@ pub fn calibrate(
         evidence: counts,
         pooled: pool,
         borrowed,
+        sample_rate: None,
     }
 }
 
@@ -337,7 +383,8 @@ pub async fn refresh(
     else {
         anyhow::bail!("no model version {version_id}");
     };
-    let calibration = policy.target_accuracy.map(|target| {
+    let project_id = version.project_id;
+    let mut calibration = policy.target_accuracy.map(|target| {
         let metrics: HoldoutMetrics = version
             .metrics
             .and_then(|m| serde_json::from_value(m).ok())
@@ -350,6 +397,14 @@ pub async fn refresh(
             policy.pool_evidence,
         )
     });
+    if let Some(calibration) = calibration.as_mut().filter(|c| !c.is_open()) {
+        let unlabeled = item::Entity::find()
+            .filter(item::Column::ProjectId.eq(project_id))
+            .filter(item::Column::State.ne(ItemState::HumanLabeled))
+            .count(db)
+            .await?;
+        calibration.sample_rate = sample_rate(calibration, policy.audit_rate, unlabeled);
+    }
     model_version::Entity::update(model_version::ActiveModel {
         id: Set(version_id),
         calibration: Set(calibration.as_ref().map(|c| serde_json::json!(c))),
@@ -531,6 +586,34 @@ mod tests {
     }
 
     #[test]
+    fn a_shut_gate_asks_for_the_random_checks_it_lacks() {
+        // 100 random checks, all at 0.99 and right: short of the 125 that
+        // 0.97 needs, so nothing opens.
+        let evidence: Vec<Evidence> = (0..100).map(|i| ev(i % 4, 0.99, true)).collect();
+        let shut = calibrate(&evidence, 4, 0.97, 0.95, true);
+        assert!(!shut.is_open());
+        assert_eq!(shut.random_checks(), 100);
+        // It wants 3 × 125 = 375: 275 more over 5,500 unlabeled items is a
+        // share of 0.05 on top of the audit rate.
+        let rate = sample_rate(&shut, 0.02, 5_500).expect("the gate is shut");
+        assert!((rate - 0.07).abs() < 1e-9, "{rate}");
+        // Never more than every item.
+        assert_eq!(sample_rate(&shut, 0.02, 100), Some(1.0));
+        // Nothing left to sample, or an open gate: the audit rate.
+        assert_eq!(sample_rate(&shut, 0.02, 0), None);
+        let more: Vec<Evidence> = (0..130).map(|i| ev(i % 4, 0.99, true)).collect();
+        let open = calibrate(&more, 4, 0.97, 0.95, true);
+        assert!(open.is_open());
+        assert_eq!(sample_rate(&open, 0.02, 5_500), None);
+        // Shut with evidence enough (the model errs at the top): asking for
+        // more random checks would not open it.
+        let wrong: Vec<Evidence> = (0..400).map(|i| ev(i % 4, 0.99, i % 5 != 0)).collect();
+        let refused = calibrate(&wrong, 4, 0.97, 0.95, true);
+        assert!(!refused.is_open());
+        assert_eq!(sample_rate(&refused, 0.02, 5_500), None);
+    }
+
+    #[test]
     fn target_accuracy_uses_the_calibrated_class_threshold() {
         let policy = Policy {
             target_accuracy: Some(0.97),
@@ -541,6 +624,7 @@ mod tests {
             confidence_level: 0.95,
             thresholds: vec![None, None, None, Some(0.8)],
             evidence: vec![0, 0, 0, 500],
+            pooled: policy.pool_evidence,
             ..Calibration::default()
         };
         let s = Scores {
@@ -554,7 +638,7 @@ mod tests {
         let t = threshold_for(&policy, 3, Some(&calibration));
         assert_eq!(t, Some(0.8));
         assert_eq!(
-            decide(&policy, &s, t, Draws::NONE),
+            decide(&policy, &s, t, Draws::NONE, 0.0),
             Decision::MachineLabel { class_index: 3 }
         );
         // A class without enough evidence never gets a machine label.

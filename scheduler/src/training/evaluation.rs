@@ -220,6 +220,8 @@ mod tests {
         };
         let policy = Policy {
             target_accuracy: Some(0.97),
+            // Each class on its own evidence.
+            pool_evidence: false,
             ..Policy::default()
         };
         let q = quality(&metrics, &names(2), &policy);

@@ -11,8 +11,8 @@ use sieve_scheduler::entities::label;
 use sieve_scheduler::entities::review_task::{self, TaskReason};
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
-use sieve_scheduler::routing::calibration;
 use sieve_scheduler::routing::results::{self, Applied};
+use sieve_scheduler::routing::{calibration, reroute};
 use sieve_shared::messages::{HoldoutEvaluation, HoldoutMetrics, ModelArch, PrelabelResult};
 use sieve_testkit::{Sandbox, Scored};
 use uuid::Uuid;
@@ -107,6 +107,8 @@ async fn target_accuracy_routes_as_computed_by_hand() {
     let policy = Policy {
         target_accuracy: Some(0.97),
         audit_rate: 0.0,
+        // Each class on its own evidence, as worked by hand.
+        pool_evidence: false,
         ..Policy::default()
     };
     let (project, version) = project_with_model(&test, policy, evidence).await;
@@ -216,6 +218,246 @@ async fn audit_sampling_holds_its_rate() {
         audits + samples + machine,
         n as u64,
         "every confident item is machine-labeled, audited or in the sample"
+    );
+    drop(test);
+}
+
+/// `n` random checks the active version was calibrated on, all right and
+/// confident: short of what 0.97 needs when `n` < 125.
+fn random_checks(n: u32) -> Vec<HoldoutEvaluation> {
+    (0..n)
+        .map(|i| HoldoutEvaluation {
+            label: i % 3,
+            predicted: i % 3,
+            confidence: 0.99,
+            random: Some(true),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_gate_shut_for_want_of_evidence_asks_for_random_checks_first() {
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
+    let policy = Policy {
+        target_accuracy: Some(0.97),
+        ..Policy::default()
+    };
+    assert!(policy.pool_evidence, "pooling is the default");
+    let project = projects::create(
+        &test.db,
+        &ProjectName::parse("routing").unwrap(),
+        &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
+        &policy,
+        ModelArch::SmallCnn,
+    )
+    .await
+    .unwrap();
+    let n = 2000;
+    let mut items = Vec::with_capacity(n);
+    for i in 0..n {
+        items.push(queued_item(&test, &project, i).await);
+    }
+    // Calibrated on 60 random checks: the gate is shut, and the version
+    // asks for 3 × 125 − 60 = 315 more among the 2,000 unlabeled items: a
+    // sample rate of 0.02 + 315 / 2000 = 0.1775.
+    let metrics = HoldoutMetrics {
+        holdout_size: 60,
+        accuracy: None,
+        train_size: 100,
+        evaluations: random_checks(60),
+        base_accuracy: None,
+    };
+    let (_, version) = sieve_testkit::activate_stub(
+        &test.db,
+        &project,
+        Some(serde_json::to_value(&metrics).unwrap()),
+    )
+    .await;
+    let stored = calibration::refresh(&test.db, &policy, version, 3)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!stored.is_open());
+    assert!(
+        (stored.sample_rate.unwrap() - 0.1775).abs() < 1e-9,
+        "{stored:?}"
+    );
+    let project = projects::get(&test.db, "routing").await.unwrap();
+    // The model is sure of everything; without evidence it labels nothing.
+    let batch: Vec<PrelabelResult> = items
+        .iter()
+        .map(|&item| result(&project, version, item, 0, 0.99, 0.0))
+        .collect();
+    for chunk in batch.chunks(250) {
+        results::apply(&test.db, chunk).await.unwrap();
+    }
+    let tasks = review_task::Entity::find().all(&test.db).await.unwrap();
+    assert_eq!(tasks.len(), n, "a shut gate sends every item to review");
+    let samples: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.reason == TaskReason::Sample)
+        .collect();
+    // Binomial(2000, 0.1775): mean 355, sd 17; four sd either side. At the
+    // audit rate alone it would be 40.
+    println!("random checks asked: {} (expected 355 ± 68)", samples.len());
+    assert!((287..=423).contains(&samples.len()), "{}", samples.len());
+    assert!(
+        samples
+            .iter()
+            .all(|t| t.priority == sieve_scheduler::policy::AUDIT_PRIORITY),
+        "random checks come first"
+    );
+    assert!(
+        tasks
+            .iter()
+            .filter(|t| t.reason != TaskReason::Sample)
+            .all(|t| t.reason == TaskReason::LowConfidence && t.priority < 3.0)
+    );
+    // The first claim is a random check.
+    let first = sieve_scheduler::review::claim_next(
+        &test.db,
+        &project,
+        "ann",
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(first.reason, TaskReason::Sample);
+
+    // Enough evidence opens the gate, and the sampling falls back to the
+    // audit rate.
+    let metrics = HoldoutMetrics {
+        evaluations: random_checks(400),
+        ..metrics
+    };
+    let next = sieve_testkit::StubVersion {
+        number: 2,
+        status: sieve_scheduler::entities::model_version::VersionStatus::Candidate,
+        metrics: Some(serde_json::to_value(&metrics).unwrap()),
+        ..sieve_testkit::StubVersion::active()
+    }
+    .insert(&test.db, project.id.as_uuid())
+    .await;
+    let open = calibration::refresh(&test.db, &policy, next, 3)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(open.is_open());
+    assert_eq!(open.sample_rate, None);
+    drop(test);
+}
+
+#[tokio::test]
+async fn a_policy_change_reroutes_what_waits_for_review() {
+    let test = Sandbox::start(|s| s.database.max_connections = 20).await;
+    let policy = Policy {
+        confidence_threshold: 0.9,
+        audit_rate: 0.0,
+        ..Policy::default()
+    };
+    let (project, version) = project_with_model(&test, policy, Vec::new()).await;
+    // Twelve items at 0.8: all below 0.9, all in review.
+    let mut batch = Vec::new();
+    for i in 0..12 {
+        let item = queued_item(&test, &project, i).await;
+        batch.push(result(&project, version, item, 1, 0.8, 0.0));
+    }
+    let outcomes = results::apply(&test.db, &batch).await.unwrap();
+    assert!(outcomes.iter().all(|o| *o == Applied::SentToReview));
+    // One is in a reviewer's hands: it stays there.
+    let held = sieve_scheduler::review::claim_next(
+        &test.db,
+        &project,
+        "ann",
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    // Lowering the threshold to 0.75 labels the other eleven by machine at
+    // once, from the stored predictions.
+    let lower = sieve_scheduler::policy::PolicyPatch {
+        confidence_threshold: Some(0.75),
+        ..Default::default()
+    };
+    let project = calibration::patch_policy(&test.db, &project, &lower)
+        .await
+        .unwrap();
+    let done = reroute::reroute(&test.db, project.id.as_uuid())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (done.machine_labeled, done.review, done.kept),
+        (11, 0, 1),
+        "{done:?}"
+    );
+    assert_eq!(done.policy_version, project.policy_version);
+    let states = item::Entity::find().all(&test.db).await.unwrap();
+    assert_eq!(
+        states
+            .iter()
+            .filter(|i| i.state == ItemState::AutoLabeled)
+            .count(),
+        11
+    );
+    let still = item::Entity::find_by_id(held.item_id)
+        .one(&test.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(still.state, ItemState::InReview, "the claimed one stays");
+    let machine = label::Entity::find()
+        .filter(label::Column::Source.eq(label::LabelSource::Machine))
+        .all(&test.db)
+        .await
+        .unwrap();
+    assert_eq!(machine.len(), 11, "one machine label each");
+    assert!(machine.iter().all(|l| l.class_index == 1));
+    // Nothing waits under an older policy now: a second pass changes nothing.
+    let again = reroute::reroute(&test.db, project.id.as_uuid())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.machine_labeled, again.review, again.kept), (0, 0, 0));
+
+    // A change whose pass never ran (the scheduler stopped): the sweep
+    // finds the project lagging and re-routes it. The held task was
+    // released meanwhile; raising the threshold keeps it in review.
+    sieve_scheduler::review::release(
+        &test.db,
+        sieve_shared::ids::TaskId::from_uuid(held.task_id),
+        "ann",
+        held.fencing_token,
+    )
+    .await
+    .unwrap();
+    let higher = sieve_scheduler::policy::PolicyPatch {
+        confidence_threshold: Some(0.95),
+        ..Default::default()
+    };
+    let project = calibration::patch_policy(&test.db, &project, &higher)
+        .await
+        .unwrap();
+    reroute::sweep(&test.db).await.unwrap();
+    let routed = sieve_scheduler::entities::prediction::Entity::find()
+        .filter(sieve_scheduler::entities::prediction::Column::ItemId.eq(held.item_id))
+        .one(&test.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(routed.policy_version, Some(project.policy_version));
+    assert_eq!(routed.routed_to.as_deref(), Some("review"));
+    // And the other eleven keep their machine labels: only what waits moves.
+    assert_eq!(
+        label::Entity::find()
+            .filter(label::Column::Source.eq(label::LabelSource::Machine))
+            .count(&test.db)
+            .await
+            .unwrap(),
+        11
     );
     drop(test);
 }

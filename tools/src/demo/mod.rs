@@ -353,12 +353,6 @@ impl DemoArgs {
             args.seed_size = 300;
             args.labels_per_round = 300;
             args.rounds = 3;
-            // Calibrating to a target needs more human evidence per class
-            // than a few hundred labels give; quick mode routes by a
-            // fixed threshold unless a target is asked for.
-            if args.target_accuracy.is_none() {
-                args.threshold.get_or_insert(0.9);
-            }
         }
         if args.threshold.is_none() && args.target_accuracy.is_none() {
             args.target_accuracy = Some(DEFAULT_TARGET);

@@ -255,7 +255,7 @@ async fn curve(
                     calibration::threshold_for(&policy, scores.top_class, Some(&calibration));
                 // What the policy labels by machine, leaving out audits.
                 if let Decision::MachineLabel { class_index } =
-                    policy::decide(&policy, &scores, threshold, policy::Draws::NONE)
+                    policy::decide(&policy, &scores, threshold, policy::Draws::NONE, 0.0)
                 {
                     labels += 1;
                     right +=

@@ -1,7 +1,8 @@
 //! `sieve-tools demo --quick` in process, on the real services: the report's
 //! invariants hold (every item counted once, counts add up, error-free
 //! reviewers' labels equal the ground truth, machine-label accuracy computed
-//! right). The headline numbers are a benchmark, not asserted here.
+//! right), and a project this small gets items labeled by machine at the
+//! target. The headline numbers are a benchmark, not asserted here.
 
 #![allow(clippy::unwrap_used)]
 
@@ -56,6 +57,15 @@ async fn quick_demo_report_adds_up() {
         "error-free reviewers answer the truth"
     );
     assert!(report.human_labels >= 300, "reviewers worked");
+    // A small project reaches machine labels at the target with the
+    // README's policy and the defaults: the gate asks for the random
+    // checks it needs, and the recipe trains enough steps on few labels.
+    assert_eq!(report.target_accuracy, Some(0.97));
+    assert!(
+        report.machine_labels > 0,
+        "nothing was labeled by machine at the target: {:?}",
+        report.history
+    );
     assert!((report.effort_saved - report.machine_labels as f64 / 2000.0).abs() < 1e-9);
 
     // Recompute machine-label accuracy from the database and the ground truth.
