@@ -214,18 +214,6 @@ impl DisagreementMeasure {
     }
 }
 
-/// The fewest random, human-checked examples that can open the gate to
-/// machine labels at `target_accuracy` as a lower confidence bound at
-/// `confidence_level`: even all of them right, fewer leave the Wilson lower
-/// bound n / (n + z²) under the target. 125 at 0.97 and 95%, 73 at 0.95,
-/// 381 at 0.99.
-pub fn evidence_needed(target_accuracy: f64, confidence_level: f64) -> u32 {
-    let z = crate::routing::calibration::z_for(confidence_level);
-    let n = z * z * target_accuracy / (1.0 - target_accuracy);
-    // The float can land a hair above a whole number it equals.
-    (n - 1e-9).ceil().max(1.0) as u32
-}
-
 /// Priority of audit and sample tasks: ahead of every uncertain item
 /// (uncertainty priorities are at most 2). They are few — the audit rate —
 /// and calibration cannot open the gate to machine labels without them.
@@ -458,19 +446,6 @@ mod tests {
             .filter(|d| d.sample < 0.2 && d.audit < 0.2)
             .count();
         assert!((320..=480).contains(&both), "{both}");
-    }
-
-    #[test]
-    fn evidence_needed_is_where_all_right_first_meets_the_target() {
-        use crate::routing::calibration::{wilson, z_for};
-        for (target, level, expected) in [(0.97, 0.95, 125), (0.95, 0.95, 73), (0.99, 0.95, 381)] {
-            let n = evidence_needed(target, level);
-            assert_eq!(n, expected, "{target} at {level}");
-            let z = z_for(level);
-            let n = u64::from(n);
-            assert!(wilson(n, n, z).0 >= target, "{n} all right opens {target}");
-            assert!(wilson(n - 1, n - 1, z).0 < target, "{} do not", n - 1);
-        }
     }
 
     #[test]

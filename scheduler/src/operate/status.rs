@@ -100,7 +100,7 @@ async fn calibration_status(
         target_accuracy: target,
         open: calibration.is_open(),
         random_checks: calibration.random_checks(),
-        needed: crate::policy::evidence_needed(target, project.policy.confidence_level),
+        needed: calibration::evidence_needed(target, project.policy.confidence_level),
         waiting: checks.get("waiting").copied().unwrap_or(0),
         answered_since: checks.get("answered").copied().unwrap_or(0),
         sample_rate: calibration

@@ -17,6 +17,19 @@ use sieve_shared::messages::{HoldoutEvaluation, HoldoutMetrics, ModelArch, Prela
 use sieve_testkit::{Sandbox, Scored};
 use uuid::Uuid;
 
+/// Project "routing", classes a, b and c, under `policy`.
+async fn routing_project(test: &Sandbox, policy: &Policy) -> Project {
+    projects::create(
+        &test.db,
+        &ProjectName::parse("routing").unwrap(),
+        &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
+        policy,
+        ModelArch::SmallCnn,
+    )
+    .await
+    .unwrap()
+}
+
 /// A project with an active model version whose holdout evaluation is
 /// `evaluations`, calibrated for `policy`.
 async fn project_with_model(
@@ -24,15 +37,7 @@ async fn project_with_model(
     policy: Policy,
     evaluations: Vec<HoldoutEvaluation>,
 ) -> (Project, Uuid) {
-    let project = projects::create(
-        &test.db,
-        &ProjectName::parse("routing").unwrap(),
-        &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
-        &policy,
-        ModelArch::SmallCnn,
-    )
-    .await
-    .unwrap();
+    let project = routing_project(test, &policy).await;
     let metrics = HoldoutMetrics {
         holdout_size: evaluations.len() as u32,
         accuracy: None,
@@ -243,15 +248,7 @@ async fn a_gate_shut_for_want_of_evidence_asks_for_random_checks_first() {
         ..Policy::default()
     };
     assert!(policy.pool_evidence, "pooling is the default");
-    let project = projects::create(
-        &test.db,
-        &ProjectName::parse("routing").unwrap(),
-        &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
-        &policy,
-        ModelArch::SmallCnn,
-    )
-    .await
-    .unwrap();
+    let project = routing_project(&test, &policy).await;
     let n = 2000;
     let mut items = Vec::with_capacity(n);
     for i in 0..n {

@@ -17,15 +17,14 @@ use sieve_shared::messages::ModelArch;
 use sieve_tools::demo::{self, DemoArgs};
 use sieve_tools::fashion_mnist::{self, Split};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn quick_demo_report_adds_up() {
-    let sieve = TestSieve::start().await;
-    let work = tempfile::tempdir().unwrap();
-    let args = DemoArgs {
+/// `--quick` into project `project`, writing under `work`, with error-free
+/// reviewers and the demo's defaults otherwise.
+fn quick(project: &str, work: &std::path::Path) -> DemoArgs {
+    DemoArgs {
         quick: true,
         reviewer_error_rate: 0.0,
         images: 0,
-        project: Some("quick".into()),
+        project: Some(project.into()),
         resume: false,
         seed_size: 0,
         labels_per_round: 0,
@@ -37,12 +36,19 @@ async fn quick_demo_report_adds_up() {
         audit_rate: 0.02,
         strict_calibration: false,
         data_dir: fashion_mnist::DEFAULT_DIR.into(),
-        work_dir: work.path().to_owned(),
+        work_dir: work.to_owned(),
         step_timeout_secs: 300,
         arch: ModelArch::SmallCnn,
         // The demo's default: retrains also learn from machine labels.
         machine_labels: true,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quick_demo_report_adds_up() {
+    let sieve = TestSieve::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let args = quick("quick", work.path());
     let report = demo::run(&sieve.ctx, &args).await.unwrap();
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
 
@@ -196,25 +202,8 @@ async fn a_small_project_with_a_target_asks_for_its_evidence() {
     let sieve = TestSieve::start().await;
     let work = tempfile::tempdir().unwrap();
     let args = DemoArgs {
-        quick: true,
         target_accuracy: Some(0.97),
-        reviewer_error_rate: 0.0,
-        images: 0,
-        project: Some("evidence".into()),
-        resume: false,
-        seed_size: 0,
-        labels_per_round: 0,
-        rounds: 0,
-        label_budget: None,
-        reviewers: 2,
-        threshold: None,
-        audit_rate: 0.02,
-        strict_calibration: false,
-        data_dir: fashion_mnist::DEFAULT_DIR.into(),
-        work_dir: work.path().to_owned(),
-        step_timeout_secs: 300,
-        arch: ModelArch::SmallCnn,
-        machine_labels: true,
+        ..quick("evidence", work.path())
     };
     let report = demo::run(&sieve.ctx, &args).await.unwrap();
     assert_eq!(report.human_labels, 900);
