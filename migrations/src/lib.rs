@@ -24,6 +24,8 @@ mod m20261206_000005_reported;
 mod m20261208_000021_review_events;
 mod m20261208_000022_snapshot_retention;
 mod m20261209_000023_rerouted_policy;
+mod m20261210_000024_dispatch_progress;
+mod m20261210_000025_ingest_sources;
 
 pub struct Migrator;
 
@@ -49,6 +51,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261208_000021_review_events::Migration),
             Box::new(m20261208_000022_snapshot_retention::Migration),
             Box::new(m20261209_000023_rerouted_policy::Migration),
+            Box::new(m20261210_000024_dispatch_progress::Migration),
+            Box::new(m20261210_000025_ingest_sources::Migration),
         ]
     }
 }

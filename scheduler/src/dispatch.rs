@@ -240,7 +240,7 @@ pub async fn publish_jobs(
     ctx: &Context,
     project: &Project,
     model: &ModelRef,
-    items: &[(Uuid, String)],
+    items: &[JobItem],
 ) -> anyhow::Result<usize> {
     if items.is_empty() {
         return Ok(0);
@@ -257,7 +257,7 @@ pub(crate) async fn publish_controlled(
     ctx: &Context,
     project: &Project,
     model: &ModelRef,
-    items: &[(Uuid, String)],
+    items: &[JobItem],
     control: &Control,
 ) -> anyhow::Result<usize> {
     let headers = job_headers(control);
@@ -268,7 +268,7 @@ pub(crate) async fn publish_controlled(
         send_jobs(ctx, project, model, chunk, headers.clone()).await?;
         stamp(
             &ctx.db,
-            chunk.iter().map(|(id, _)| *id).collect(),
+            chunk.iter().map(|item| item.id).collect(),
             Some(Utc::now()),
         )
         .await?;
@@ -283,7 +283,7 @@ pub(crate) async fn publish_unstamped(
     ctx: &Context,
     project: &Project,
     model: &ModelRef,
-    items: &[(Uuid, String)],
+    items: &[JobItem],
     control: &Control,
 ) -> anyhow::Result<usize> {
     let headers = job_headers(control);
@@ -310,19 +310,20 @@ async fn send_jobs(
     ctx: &Context,
     project: &Project,
     model: &ModelRef,
-    items: &[(Uuid, String)],
+    items: &[JobItem],
     headers: Option<FieldTable>,
 ) -> anyhow::Result<()> {
     let payloads: Vec<Vec<u8>> = items
         .iter()
-        .map(|(id, key)| {
+        .map(|item| {
             encode(&PrelabelJob {
                 schema: SCHEMA_VERSION,
                 job_id: JobId::new(),
                 project_id: project.id,
-                item_id: ItemId::from_uuid(*id),
-                object_key: key.clone(),
+                item_id: ItemId::from_uuid(item.id),
+                object_key: item.object_key.clone(),
                 model: model.clone(),
+                size_bytes: u64::try_from(item.size_bytes).ok(),
             })
         })
         .collect();
@@ -415,10 +416,13 @@ pub(crate) async fn stamp(
     Ok(())
 }
 
-#[derive(FromQueryResult)]
-struct PendingItem {
-    id: Uuid,
-    object_key: String,
+/// An item as its prediction job names it.
+#[derive(Clone, Debug, FromQueryResult)]
+pub struct JobItem {
+    pub id: Uuid,
+    pub object_key: String,
+    /// The image's size, for the worker's byte cap on a batch.
+    pub size_bytes: i64,
 }
 
 /// Which pending items a sweep may re-publish.
@@ -503,17 +507,23 @@ async fn dispatch_where(
     };
     let through = match pending {
         Pending::Rescore { through: None } => return Ok(0),
-        Pending::Rescore { through } => through,
+        Pending::Rescore { through } => {
+            let retried = requeue_failed(&ctx.db, project, through).await?;
+            if retried > 0 {
+                tracing::info!(project = %project.name, items = retried, "failed items get another try with the new version");
+            }
+            through
+        }
         _ => None,
     };
     let mut total = 0;
     let mut held = 0;
     let mut after = Uuid::nil();
     loop {
-        let rows = PendingItem::find_by_statement(Statement::from_sql_and_values(
+        let items = JobItem::find_by_statement(Statement::from_sql_and_values(
             ctx.db.get_database_backend(),
             r#"
-            SELECT i.id, i.object_key FROM items i
+            SELECT i.id, i.object_key, i.size_bytes FROM items i
             WHERE i.project_id = $1 AND i.id > $2
               AND i.state IN ('queued', 'in_review', 'auto_labeled')
               AND i.dead_lettered_at IS NULL
@@ -541,13 +551,17 @@ async fn dispatch_where(
         ))
         .all(&ctx.db)
         .await?;
-        let Some(last) = rows.last() else { break };
+        let Some(last) = items.last() else { break };
         after = last.id;
-        let items: Vec<(Uuid, String)> = rows.into_iter().map(|r| (r.id, r.object_key)).collect();
         if control.paused {
             // Rescore or retry while paused: leave them for resume.
             held += items.len();
-            stamp(&ctx.db, items.into_iter().map(|(id, _)| id).collect(), None).await?;
+            stamp(
+                &ctx.db,
+                items.into_iter().map(|item| item.id).collect(),
+                None,
+            )
+            .await?;
         } else {
             total += publish_controlled(ctx, project, &model, &items, &control).await?;
         }
@@ -561,6 +575,43 @@ async fn dispatch_where(
     Ok(total)
 }
 
+/// How many prediction failures an item may have before a new version no
+/// longer retries it by itself (`sieve failed retry` still does).
+pub const RESCORE_RETRIES: i32 = 3;
+
+/// Put back in the queue, for a new version's rescore, the items up to
+/// `through` that a prediction failed: their image was stored (ingest
+/// failures have none), no one holds a dead letter of theirs, and they
+/// failed fewer than [`RESCORE_RETRIES`] times. What failed with one
+/// version (a model that produced NaN, a worker fault taken for the
+/// item's) may well succeed with the next. Rows locked in id order, like
+/// the result consumer locks them.
+async fn requeue_failed(
+    db: &DatabaseConnection,
+    project: &Project,
+    through: Option<Uuid>,
+) -> anyhow::Result<u64> {
+    let requeued = db
+        .execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            r#"
+            UPDATE items SET state = 'queued', updated_at = now()
+            WHERE id IN (SELECT id FROM items
+                         WHERE project_id = $1 AND state = 'failed'
+                           AND width IS NOT NULL AND dead_lettered_at IS NULL
+                           AND attempts < $2 AND ($3::uuid IS NULL OR id <= $3)
+                         ORDER BY id FOR UPDATE)
+            "#,
+            [
+                project.id.as_uuid().into(),
+                RESCORE_RETRIES.into(),
+                through.into(),
+            ],
+        ))
+        .await?;
+    Ok(requeued.rows_affected())
+}
+
 /// Re-publish jobs for items that have waited too long (a crash between the
 /// insert and the publish, a lost message). Runs in `sieve serve`.
 pub async fn run_sweeper(
@@ -572,22 +623,30 @@ pub async fn run_sweeper(
     lease::every(every, &held, &stop, || sweep_once(&ctx, every)).await
 }
 
-/// One round of the sweeper.
-async fn sweep_once(ctx: &Context, every: Duration) {
+/// One round of the sweeper, which runs every `every`: re-publish what
+/// looks lost ([`lost_before`]) in every project, by priority.
+pub async fn sweep_once(ctx: &Context, every: Duration) {
     let now = Utc::now();
-    // Jobs can only be lost when the queue is empty yet items still wait;
-    // jobs waiting in a delay queue to be retried are not lost either.
     let backlog = match backlog(ctx).await {
-        Ok(ready) => ready,
+        Ok(backlog) => backlog,
         Err(err) => {
             tracing::warn!(error = %err, "sweeper could not read the queue; will retry");
             return;
         }
     };
+    let returned_through = match returned_through(&ctx.db).await {
+        Ok(mark) => mark,
+        Err(err) => {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "sweeper could not read how far jobs came back; will retry"
+            );
+            return;
+        }
+    };
     let sweep = Sweep {
         created_before: now - chrono::Duration::from_std(every).unwrap_or_default(),
-        dispatched_before: (backlog == 0)
-            .then(|| now - chrono::Duration::from_std(every * 10).unwrap_or_default()),
+        dispatched_before: lost_before(now, every, backlog, returned_through),
     };
     let projects = match projects_by_priority(&ctx.db).await {
         Ok(p) => p,
@@ -609,19 +668,69 @@ async fn sweep_once(ctx: &Context, every: Duration) {
     }
 }
 
+/// Jobs waiting on the prelabel queue, and in its delay queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backlog {
+    pub ready: u32,
+    pub delayed: u32,
+}
+
+/// Which published jobs look lost: those published before the time this
+/// returns. The prediction queue is first in, first out (quorum queues
+/// hand back returned messages first), so a job published well before one
+/// that has come back (`returned_through`, from `dispatch_progress`) is
+/// not waiting in it, whichever project either belongs to: a busy
+/// project's backlog does not hold up recovery for a quiet one. With the
+/// queue empty, whatever waited ten sweeps is lost. Jobs in a delay queue
+/// came back out of order, and their items look old: while any wait
+/// there, no published job counts as lost. "Well before" is ten sweeps:
+/// workers hold a few batches each, and a redelivered job is no loss.
+pub fn lost_before(
+    now: chrono::DateTime<Utc>,
+    every: Duration,
+    backlog: Backlog,
+    returned_through: Option<chrono::DateTime<Utc>>,
+) -> Option<chrono::DateTime<Utc>> {
+    let slack = chrono::Duration::from_std(every * 10).unwrap_or_default();
+    match backlog {
+        Backlog { delayed: 1.., .. } => None,
+        Backlog { ready: 0, .. } => Some(now - slack),
+        Backlog { .. } => returned_through.map(|mark| mark.min(now) - slack),
+    }
+}
+
 /// Ready jobs on the prelabel queue and in its delay queues.
-async fn backlog(ctx: &Context) -> lapin::Result<u32> {
+async fn backlog(ctx: &Context) -> lapin::Result<Backlog> {
     let topology = ctx.topology();
     let queue = topology.prelabel_queue();
     let (ready, _) = sieve_shared::broker::queue_counts(&ctx.connection, &queue).await?;
     metrics::gauge!("sieve_queue_ready_messages", "queue" => queue).set(f64::from(ready));
-    let mut total = ready;
+    let mut delayed = 0;
     for delay_queue in topology.retry_queues() {
         let (waiting, _) =
             sieve_shared::broker::queue_counts(&ctx.connection, &delay_queue).await?;
-        total += waiting;
+        delayed += waiting;
     }
-    Ok(total)
+    Ok(Backlog { ready, delayed })
+}
+
+/// The latest publishing time of a job whose result was applied, over
+/// every project (see [`lost_before`]).
+async fn returned_through(
+    db: &DatabaseConnection,
+) -> anyhow::Result<Option<chrono::DateTime<Utc>>> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT max(returned_through) AS mark FROM dispatch_progress",
+        ))
+        .await?;
+    Ok(match row {
+        Some(row) => row
+            .try_get::<Option<chrono::DateTime<chrono::FixedOffset>>>("", "mark")?
+            .map(|t| t.with_timezone(&Utc)),
+        None => None,
+    })
 }
 
 /// Every project, the highest dispatch priority first.
@@ -644,6 +753,42 @@ async fn projects_by_priority(db: &DatabaseConnection) -> anyhow::Result<Vec<pro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jobs_look_lost_behind_what_came_back() {
+        let now = Utc::now();
+        let every = Duration::from_secs(60);
+        let ten_sweeps = chrono::Duration::minutes(10);
+        let idle = Backlog {
+            ready: 0,
+            delayed: 0,
+        };
+        let busy = Backlog {
+            ready: 5_000,
+            delayed: 0,
+        };
+        let retrying = Backlog {
+            ready: 0,
+            delayed: 3,
+        };
+        assert_eq!(lost_before(now, every, idle, None), Some(now - ten_sweeps));
+        // A busy queue alone says nothing, before anything came back.
+        assert_eq!(lost_before(now, every, busy, None), None);
+        // Jobs published an hour ago came back: those published ten
+        // sweeps before them are lost, whoever else fills the queue.
+        let hour_ago = now - chrono::Duration::hours(1);
+        assert_eq!(
+            lost_before(now, every, busy, Some(hour_ago)),
+            Some(hour_ago - ten_sweeps)
+        );
+        // A clock ahead of this one does not reach into the future.
+        let ahead = now + chrono::Duration::hours(1);
+        assert_eq!(
+            lost_before(now, every, busy, Some(ahead)),
+            Some(now - ten_sweeps)
+        );
+        assert_eq!(lost_before(now, every, retrying, Some(hour_ago)), None);
+    }
 
     #[test]
     fn pacing_spreads_jobs_at_the_rate() {

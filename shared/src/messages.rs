@@ -82,6 +82,10 @@ pub struct PrelabelJob {
     /// Object-store key of the image bytes.
     pub object_key: String,
     pub model: ModelRef,
+    /// The image's size in bytes, when the scheduler knows it: what the
+    /// worker's byte cap on a batch (`worker.batch_max_bytes`) counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
 }
 
 impl Message for PrelabelJob {
@@ -693,6 +697,7 @@ mod tests {
 
     fn job() -> PrelabelJob {
         PrelabelJob {
+            size_bytes: None,
             schema: SCHEMA_VERSION,
             job_id: JobId::new(),
             project_id: ProjectId::new(),

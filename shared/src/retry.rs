@@ -25,6 +25,17 @@ pub const DEAD_QUEUE_HEADER: &str = "sieve-dead-queue";
 pub const DEAD_REASON_HEADER: &str = "sieve-dead-reason";
 /// The reason of a job dead-lettered after its last retry failed too.
 pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+/// How often workers put a job back for faults of their own (a model they
+/// cannot load, a store they cannot read): counted apart from its attempts.
+pub const OWN_FAULTS_HEADER: &str = "sieve-own-faults";
+/// The reason of a job dead-lettered after [`OWN_FAULT_BUDGET`] workers in
+/// a row could not run it for faults of their own.
+pub const WORKER_FAULTS: &str = "worker_faults";
+/// How many times workers' own faults may put one job back. A worker's fault
+/// must not spend the item's attempts (a misconfigured worker beside good
+/// ones would dead-letter what the good ones can do), but neither may a job
+/// no worker can run (a model broken everywhere) circle for ever.
+pub const OWN_FAULT_BUDGET: u32 = 10;
 
 /// Headers are bounded; an error message is kept to this many bytes.
 const MAX_ERROR_BYTES: usize = 1000;
@@ -63,14 +74,7 @@ pub fn after_failure(
     error: &str,
 ) -> (Route, FieldTable) {
     let attempt = attempt(properties);
-    let mut headers = FieldTable::default();
-    if let Some(own) = properties.headers() {
-        for (name, value) in own.inner() {
-            if !name.as_str().starts_with("x-") {
-                headers.insert(name.clone(), value.clone());
-            }
-        }
-    }
+    let mut headers = own_headers(properties);
     headers.insert(ERROR_HEADER.into(), text(truncate(error, MAX_ERROR_BYTES)));
     match topology.retry_route(attempt) {
         Some(route) => {
@@ -90,6 +94,51 @@ pub fn after_failure(
             (Route::Dead, headers)
         }
     }
+}
+
+/// Where a job delivered with `properties` goes after a worker could not run
+/// it for a fault of its own (`error`), and the headers its copy carries:
+/// a delay queue (by how often this happened to the job, not by its
+/// attempts, which stay as they were), or the dead-letter queue, reason
+/// [`WORKER_FAULTS`], once [`OWN_FAULT_BUDGET`] is spent.
+pub fn after_own_fault(
+    topology: &Topology,
+    properties: &BasicProperties,
+    error: &str,
+) -> (Route, FieldTable) {
+    let faults = header_count(properties, OWN_FAULTS_HEADER).unwrap_or(0) + 1;
+    let mut headers = own_headers(properties);
+    headers.insert(ERROR_HEADER.into(), text(truncate(error, MAX_ERROR_BYTES)));
+    headers.insert(
+        OWN_FAULTS_HEADER.into(),
+        AMQPValue::LongLongInt(faults.into()),
+    );
+    let ladder = topology.retry_delays_ms().len() as u32;
+    let delay = (faults <= OWN_FAULT_BUDGET)
+        .then(|| topology.retry_route(faults.min(ladder)))
+        .flatten();
+    match delay {
+        Some(route) => (route, headers),
+        None => {
+            headers.insert(DEAD_QUEUE_HEADER.into(), text(&topology.prelabel_queue()));
+            headers.insert(DEAD_REASON_HEADER.into(), text(WORKER_FAULTS));
+            (Route::Dead, headers)
+        }
+    }
+}
+
+/// A delivery's own headers (its dispatch priority, its retry counts),
+/// without the broker's (`x-…`).
+fn own_headers(properties: &BasicProperties) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(own) = properties.headers() {
+        for (name, value) in own.inner() {
+            if !name.as_str().starts_with("x-") {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    headers
 }
 
 /// The headers of a message a consumer dead-letters itself (rather than
@@ -191,6 +240,36 @@ mod tests {
         let mut negative = FieldTable::default();
         negative.insert("x-delivery-count".into(), AMQPValue::LongLongInt(-1));
         assert_eq!(delivery_count(&with(negative)), 0);
+    }
+
+    #[test]
+    fn own_faults_spend_their_own_budget_not_the_attempts() {
+        let t = Topology::new("sieve", 5).with_retry_delays(vec![1_000, 5_000]);
+        let mut properties = BasicProperties::default();
+        let mut routes = Vec::new();
+        loop {
+            let (route, headers) = after_own_fault(&t, &properties, "store not mounted");
+            properties = with(headers);
+            // The item's attempts are untouched, however often workers fail it.
+            assert_eq!(attempt(&properties), 1);
+            routes.push(route);
+            if route == Route::Dead {
+                break;
+            }
+        }
+        assert_eq!(routes.len() as u32, OWN_FAULT_BUDGET + 1);
+        assert_eq!(routes[0], Route::PrelabelRetry { delay_ms: 1_000 });
+        assert_eq!(routes[1], Route::PrelabelRetry { delay_ms: 5_000 });
+        assert_eq!(routes[9], Route::PrelabelRetry { delay_ms: 5_000 });
+        assert_eq!(
+            origin(&properties),
+            (Some("sieve.prelabel".into()), Some(WORKER_FAULTS.into()))
+        );
+        // A transient failure after own faults starts the item's ladder.
+        let mut once = FieldTable::default();
+        once.insert(OWN_FAULTS_HEADER.into(), AMQPValue::LongLongInt(3));
+        let (route, _) = after_failure(&t, &with(once), "timeout");
+        assert_eq!(route, Route::PrelabelRetry { delay_ms: 1_000 });
     }
 
     #[test]

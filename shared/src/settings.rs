@@ -287,6 +287,11 @@ pub struct WorkerSettings {
     pub batch_size: usize,
     /// How long to wait to fill a batch before running a partial one.
     pub batch_timeout_ms: u64,
+    /// The most image bytes one micro-batch holds (the sizes jobs carry):
+    /// a batch closes early rather than pass it, so a run of large photos
+    /// cannot take `batch_size` × the largest image in memory. An image
+    /// larger than the cap alone is a batch of one.
+    pub batch_max_bytes: u64,
     /// `prelabel`, `train`, or both.
     pub capabilities: Vec<String>,
     /// On SIGTERM, how long in-flight work may take before the worker exits.
@@ -312,6 +317,7 @@ impl Default for WorkerSettings {
         Self {
             batch_size: 64,
             batch_timeout_ms: 50,
+            batch_max_bytes: 256 * 1024 * 1024,
             capabilities: vec!["prelabel".into(), "train".into()],
             drain_seconds: 30,
             heartbeat_seconds: 5,
@@ -358,7 +364,7 @@ impl Settings {
     /// batch), at start and with the setting's name, rather than as a
     /// division by zero or a loop that never ends later on.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let positive: [(&str, u64); 21] = [
+        let positive: [(&str, u64); 22] = [
             (
                 "database.max_connections",
                 self.database.max_connections.into(),
@@ -394,6 +400,7 @@ impl Settings {
             ("worker.model_cache", self.worker.model_cache as u64),
             ("worker.train_images_mib", self.worker.train_images_mib),
             ("worker.batch_timeout_ms", self.worker.batch_timeout_ms),
+            ("worker.batch_max_bytes", self.worker.batch_max_bytes),
             (
                 "broker.retry_delays_ms (each)",
                 self.broker

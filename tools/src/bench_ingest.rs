@@ -256,6 +256,7 @@ async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyh
     // Jobs exactly like the ones ingest will publish, for the raw loop.
     let job = |object_key: String| {
         encode(&PrelabelJob {
+            size_bytes: None,
             schema: SCHEMA_VERSION,
             job_id: JobId::new(),
             project_id,

@@ -533,6 +533,7 @@ impl QueueBench {
     ) -> anyhow::Result<(usize, usize, usize)> {
         let jobs: Vec<PrelabelJob> = (0..n)
             .map(|i| PrelabelJob {
+                size_bytes: None,
                 schema: SCHEMA_VERSION,
                 job_id: JobId::new(),
                 project_id: ProjectId::new(),

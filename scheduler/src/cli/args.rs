@@ -240,6 +240,18 @@ pub enum ProjectCommand {
         #[arg(long)]
         priority: Option<i16>,
     },
+    /// Show or change where the project's scoped tokens may ingest from
+    /// (tokens for every project are not held to it).
+    Sources {
+        name: String,
+        /// A location to allow: `store:PREFIX` or `s3://BUCKET/PREFIX`
+        /// (repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+        /// A location to take off the list (repeatable).
+        #[arg(long)]
+        remove: Vec<String>,
+    },
     /// Show or change a project's routing policy (each change is a new
     /// policy version; the active model is recalibrated for it).
     Policy {

@@ -36,6 +36,7 @@ pub async fn ingest(
         cancel: Some(cancel),
         // The CLI acts with the database's authority.
         labels_refused: None,
+        allowed: None,
     };
     let requested_by = format!(
         "cli:{}",

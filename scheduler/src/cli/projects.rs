@@ -1,10 +1,12 @@
-//! `sieve project`: create, list, show, policy, pause, resume, dispatch.
+//! `sieve project`: create, list, show, policy, sources, pause, resume,
+//! dispatch.
 
 use sieve_shared::Settings;
 
 use super::args::ProjectCommand;
 use super::render::print_json;
 use crate::context::Context;
+use crate::ingest::sources;
 use crate::operate::status;
 use crate::patch;
 use crate::policy::{DisagreementMeasure, Policy, PolicyPatch};
@@ -104,6 +106,35 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                     "re-routed the items waiting for review: {} now labeled by machine, {} still in review, {} left with their reviewer",
                     done.machine_labeled, done.review, done.kept
                 );
+            }
+        }
+        ProjectCommand::Sources {
+            name,
+            allow,
+            remove,
+        } => {
+            let conn = db::connect(&settings.database).await?;
+            let project = projects::get(&conn, &name).await?;
+            let mut allowed = sources::load(&conn, &project).await?;
+            if !allow.is_empty() || !remove.is_empty() {
+                let added = sources::Allowed::parse(&project.name, &allow)?;
+                let removed = sources::Allowed::parse(&project.name, &remove)?;
+                allowed.locations.retain(|l| !removed.locations.contains(l));
+                for location in added.locations {
+                    if !allowed.locations.contains(&location) {
+                        allowed.locations.push(location);
+                    }
+                }
+                sources::set(&conn, &project, &allowed).await?;
+            }
+            if allowed.locations.is_empty() {
+                println!(
+                    "{}'s scoped tokens may ingest from nowhere (add a location with --allow)",
+                    project.name
+                );
+            }
+            for location in allowed.written() {
+                println!("{location}");
             }
         }
         ProjectCommand::Show { name } => {

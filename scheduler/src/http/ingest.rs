@@ -15,7 +15,7 @@ use crate::auth::{self, Action};
 use crate::context::Context;
 use crate::error::{AppError, AppResult, ErrorBody};
 use crate::ingest::runs::IngestRun;
-use crate::ingest::{self, Source, prefix::Prefix};
+use crate::ingest::{self, Source, prefix::Prefix, sources};
 
 /// What to ingest over HTTP: exactly one of a prefix (`store:PREFIX` or
 /// `s3://BUCKET/PREFIX`) or a manifest in sieve's store (`store:KEY`).
@@ -59,7 +59,7 @@ impl IngestRequest {
     responses(
         (status = 202, body = IngestRun, headers(("location" = String, description = "Where its progress is"))),
         (status = 401, body = ErrorBody, description = "No valid token"),
-        (status = 403, body = ErrorBody, description = "The token may not operate"),
+        (status = 403, body = ErrorBody, description = "The token may not operate, or (scoped to the project) may not read from there"),
         (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
         (status = 422, body = ErrorBody, description = "Not exactly one source, or one sieve cannot read"),
         (status = 429, body = ErrorBody, description = "Too many ingests running; try again later"),
@@ -71,6 +71,23 @@ pub async fn start(
     JsonBody(body): JsonBody<IngestRequest>,
 ) -> AppResult<Response> {
     let source = body.source()?;
+    // A token scoped to this project reads only where the project allows
+    // it; one for every project reads anywhere the server can.
+    let allowed = match at.who.project {
+        Some(_) => {
+            let allowed = sources::load(&ctx.db, &at.project).await?;
+            let inside = match &source {
+                Source::Prefix(prefix) => allowed.covers(prefix),
+                Source::ManifestInStore { key } => allowed.covers_key(key),
+                Source::Folder(_) | Source::ManifestFile { .. } => false,
+            };
+            if !inside {
+                return Err(AppError::Forbidden(allowed.outside(&source.to_string())));
+            }
+            Some(allowed)
+        }
+        None => None,
+    };
     if let Source::Prefix(prefix) = &source {
         // A bucket the settings cannot reach is said now, not in the run.
         prefix
@@ -83,7 +100,15 @@ pub async fn start(
             at.who.role
         )
     });
-    let run = ingest::runs::start(&ctx, &at.project, source, &at.who.name, labels_refused).await?;
+    let run = ingest::runs::start(
+        &ctx,
+        &at.project,
+        source,
+        &at.who.name,
+        labels_refused,
+        allowed,
+    )
+    .await?;
     let location = format!("/api/v1/ingests/{}", run.id);
     Ok((
         StatusCode::ACCEPTED,

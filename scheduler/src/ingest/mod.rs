@@ -58,6 +58,7 @@
 pub mod manifest;
 pub mod prefix;
 pub mod runs;
+pub mod sources;
 
 use std::future::Future;
 use std::io::Cursor;
@@ -91,6 +92,7 @@ use crate::entities::item::ItemState;
 use crate::entities::label::{self, LabelSource};
 use crate::ingest::manifest::{ManifestReader, Row, Target};
 use crate::ingest::prefix::Prefix;
+use crate::ingest::sources::Allowed;
 use crate::kind::classification;
 use crate::projects::Project;
 
@@ -159,6 +161,11 @@ pub struct Options {
     /// `ops` token: labels are the ML team's); such a row's item is ingested
     /// without its label, and the row is reported with this reason.
     pub labels_refused: Option<String>,
+    /// Where the caller may read from, when held to a list (a token scoped
+    /// to the project): a manifest
+    /// row naming a key outside it is reported and skipped. `None`:
+    /// anywhere ingest reads (the CLI, a token for every project).
+    pub allowed: Option<Allowed>,
 }
 
 impl Options {
@@ -373,6 +380,8 @@ struct Reading {
     class_names: Vec<String>,
     /// See [`Options::labels_refused`].
     labels_refused: Option<String>,
+    /// See [`Options::allowed`].
+    allowed: Option<Allowed>,
     max_pixels: u64,
     max_bytes: u64,
 }
@@ -391,6 +400,7 @@ impl Reading {
             project_id: project.id.to_string(),
             class_names: project.class_names.clone(),
             labels_refused: None,
+            allowed: None,
             max_pixels: ctx.settings.ingest.max_pixels,
             max_bytes: ctx.settings.ingest.max_file_bytes,
         }
@@ -543,7 +553,12 @@ impl Reading {
                 (None, self.copied_object(key)?)
             }
             (Target::Key(key), _) => {
-                let checked = match prefix::refuse_key(key) {
+                let outside = self
+                    .allowed
+                    .as_ref()
+                    .filter(|allowed| !allowed.covers_key(key))
+                    .map(|allowed| allowed.outside(&format!("key {key}")));
+                let checked = match outside.or_else(|| prefix::refuse_key(key)) {
                     Some(reason) => Checked::Unreadable { reason },
                     // Already stored: only hashed and checked.
                     None => self.stored_object(key)?,
@@ -772,6 +787,7 @@ struct Inserted {
     content_hash: String,
     state: ItemState,
     object_key: String,
+    size_bytes: i64,
 }
 
 /// Insert `rows` (skipping hashes the project already has) in one
@@ -806,7 +822,7 @@ async fn insert_items(
             width integer, height integer, state text, last_error text)
         ORDER BY r.content_hash
         ON CONFLICT (project_id, content_hash) DO NOTHING
-        RETURNING id, content_hash, state, object_key
+        RETURNING id, content_hash, state, object_key, size_bytes
         "#,
         [
             project.id.as_uuid().into(),
@@ -976,7 +992,7 @@ struct Inserting {
     txn: DatabaseTransaction,
     target: dispatch::IngestTarget,
     committed: Committed,
-    to_dispatch: Vec<(Uuid, String)>,
+    to_dispatch: Vec<dispatch::JobItem>,
 }
 
 /// Insert a batch's items (and import labels) in a transaction of its own,
@@ -1022,7 +1038,7 @@ async fn insert_batch(
     }
 
     let project_id = project.id.to_string();
-    let mut to_dispatch: Vec<(Uuid, String)> = Vec::new();
+    let mut to_dispatch: Vec<dispatch::JobItem> = Vec::new();
     for item in inserted {
         if item.state == ItemState::Failed {
             committed.failed += 1;
@@ -1033,7 +1049,11 @@ async fn insert_batch(
             committed.in_place += 1;
         }
         if item.state == ItemState::Queued {
-            to_dispatch.push((item.id, item.object_key));
+            to_dispatch.push(dispatch::JobItem {
+                id: item.id,
+                object_key: item.object_key,
+                size_bytes: item.size_bytes,
+            });
         }
     }
     Ok(Inserting {
@@ -1080,7 +1100,7 @@ async fn publish_and_commit(
         Err(err) => {
             // Keep what was accepted: unstamped, the items are the
             // sweeper's to publish once the broker is back.
-            let ids = to_dispatch.iter().map(|(id, _)| *id).collect();
+            let ids = to_dispatch.iter().map(|item| item.id).collect();
             dispatch::stamp(&txn, ids, None).await?;
             txn.commit().await?;
             Err(err.context("publishing an ingest batch's jobs; its items wait for the sweeper"))
@@ -1368,6 +1388,7 @@ async fn manifest(
     let progress = Progress::new(None, "rows", options);
     let mut reading = Reading::new(ctx, project, root.as_ref());
     reading.labels_refused = options.labels_refused.clone();
+    reading.allowed = options.allowed.clone();
     let mut summary = pipeline(ctx, project, progress, options, move |send| async move {
         let mut reader = reader;
         loop {

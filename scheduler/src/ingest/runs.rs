@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::context::Context;
 use crate::error::{AppError, AppResult};
 use crate::ingest::{
-    self, FileFailure, IngestSummary, Options, REPORTED_FAILURES, Source, Stopped,
+    self, FileFailure, IngestSummary, Options, REPORTED_FAILURES, Source, Stopped, sources::Allowed,
 };
 use crate::projects::Project;
 
@@ -190,6 +190,7 @@ pub async fn start(
     source: Source,
     requested_by: &str,
     labels_refused: Option<String>,
+    allowed: Option<Allowed>,
 ) -> AppResult<IngestRun> {
     // Count and insert under one lock, so two starts at once cannot both
     // pass the caps.
@@ -236,6 +237,7 @@ pub async fn start(
             progress: None,
             cancel: Some(cancel),
             labels_refused,
+            allowed,
         };
         // The outcome is in the row; the log has the failure.
         let _ = supervise(

@@ -221,8 +221,10 @@ async fn retry_dead_where(
     let channel = ctx.connection.create_channel().await?;
     let queue = ctx.topology().dead_queue();
     let mut report = RetryReport::default();
-    let mut keep = Vec::new();
     let mut seen = 0;
+    // One message at a time: each one skipped stays unacknowledged on the
+    // channel (nothing of it is kept here) until the channel closes and
+    // returns it, so a queue of any length is read in constant memory.
     while let Some(message) = channel
         .basic_get(queue.clone().into(), BasicGetOptions { no_ack: false })
         .await
@@ -231,8 +233,10 @@ async fn retry_dead_where(
         seen += 1;
         let delivery = message.delivery;
         let (from, why) = origin(&delivery);
+        if position.is_some_and(|p| p < seen) {
+            break;
+        }
         if reason.is_some_and(|r| r != why) || position.is_some_and(|p| p != seen) {
-            keep.push(delivery);
             continue;
         }
         let route = route_of(ctx, &from);
@@ -278,19 +282,16 @@ async fn retry_dead_where(
                     "{}: cannot be routed",
                     summarize(route, &delivery.data)
                 ));
-                keep.push(delivery);
             }
             (Err(why), _) => {
                 report
                     .skipped
                     .push(format!("{}: {why}", summarize(route, &delivery.data)));
-                keep.push(delivery);
             }
         }
     }
-    // Closing the channel returns the kept messages to the queue.
+    // Closing the channel returns the messages left in place to the queue.
     channel.close(200, "retried".into()).await.ok();
-    drop(keep);
     Ok(report)
 }
 

@@ -119,11 +119,62 @@ pub async fn apply(
         };
         outcomes.push(apply_one(&txn, project, active, result).await?);
     }
+    mark_returned(&txn, results).await?;
     txn.commit().await.context("committing a result batch")?;
     for outcome in &outcomes {
         metrics::counter!("sieve_results_routed_total", "outcome" => outcome.label()).increment(1);
     }
     Ok(outcomes)
+}
+
+/// Record how far each project's jobs have come back: the latest time a
+/// job of this batch was published (job ids are time-ordered UUIDs, made
+/// at publishing), in `dispatch_progress`, which the sweeper reads.
+/// Whatever their outcome, these jobs left the queue.
+async fn mark_returned(
+    txn: &DatabaseTransaction,
+    results: &[PrelabelResult],
+) -> anyhow::Result<()> {
+    let mut latest: HashMap<Uuid, chrono::DateTime<Utc>> = HashMap::new();
+    for result in results {
+        let Some(published) = published_at(result.job_id.as_uuid()) else {
+            continue;
+        };
+        let mark = latest
+            .entry(result.project_id.as_uuid())
+            .or_insert(published);
+        *mark = (*mark).max(published);
+    }
+    // In project order, like every other lock taken on several rows.
+    let mut marks: Vec<(Uuid, String)> = latest
+        .into_iter()
+        .map(|(project, at)| (project, at.to_rfc3339()))
+        .collect();
+    if marks.is_empty() {
+        return Ok(());
+    }
+    marks.sort();
+    txn.execute_raw(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        r#"
+        INSERT INTO dispatch_progress (project_id, returned_through)
+        SELECT (m->>0)::uuid, (m->>1)::timestamptz
+        FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(m, n)
+        ORDER BY n
+        ON CONFLICT (project_id) DO UPDATE
+        SET returned_through = GREATEST(dispatch_progress.returned_through,
+                                        EXCLUDED.returned_through)
+        "#,
+        [serde_json::to_string(&marks)?.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// When a job was published: the time in its id (a UUIDv7, made then).
+fn published_at(job: Uuid) -> Option<chrono::DateTime<Utc>> {
+    let (secs, nanos) = job.get_timestamp()?.to_unix();
+    chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
 }
 
 /// Lock the items `ids` (sorted) in id order; returns how many exist.

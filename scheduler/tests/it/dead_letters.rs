@@ -92,6 +92,7 @@ async fn a_dead_lettered_item_is_left_alone_until_retried() {
 
         let prelabel = app.ctx.topology().prelabel_queue();
         let job = PrelabelJob {
+            size_bytes: None,
             schema: SCHEMA_VERSION,
             job_id: JobId::new(),
             project_id: project.id,

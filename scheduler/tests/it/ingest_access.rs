@@ -206,3 +206,96 @@ async fn stored_objects_are_size_checked_and_links_out_of_the_store_refused() {
     })
     .await;
 }
+
+/// A token scoped to one project reads only where that project allows
+/// (issue 25 item 5): the server's credentials reach every project's
+/// uploads and every bucket, so a scoped token names a prefix or manifest
+/// within the project's sources, and each `key` row of its manifest too.
+/// A token for every project is not held to the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_token_ingests_only_from_its_projects_sources() {
+    use sieve_scheduler::auth;
+    use sieve_scheduler::ingest::sources::{self, Allowed};
+
+    with_app(60, |app| async move {
+        let photos = app.seed("photos", &["cat", "dog"], 0).await.project;
+        for (n, key) in ["uploads/photos/a.png", "uploads/other/b.png"]
+            .iter()
+            .enumerate()
+        {
+            app.ctx.store.put(key, png(n).into()).await.unwrap();
+        }
+        let rows = "{\"key\": \"uploads/photos/a.png\"}\n{\"key\": \"uploads/other/b.png\"}\n";
+        app.ctx
+            .store
+            .put("uploads/photos/list.jsonl", rows.as_bytes().to_vec().into())
+            .await
+            .unwrap();
+        let scoped = auth::create_scoped_token(app.db(), "photos-ops", Role::Ops, Some(&photos))
+            .await
+            .unwrap();
+        let start = |body: Value| {
+            let (app, scoped) = (&app, scoped.clone());
+            async move {
+                app.post("/api/v1/projects/photos/ingest", &scoped, body)
+                    .await
+            }
+        };
+
+        // Nothing allowed yet: refused, saying how to allow.
+        let (status, refused) = start(json!({"prefix": "store:uploads/photos"})).await;
+        assert_eq!(status, 403, "{refused}");
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(message.contains("none yet"), "{message}");
+        assert!(
+            message.contains("sieve project sources photos --allow"),
+            "{message}"
+        );
+
+        sources::set(
+            app.db(),
+            &photos,
+            &Allowed::parse("photos", &["store:uploads/photos".into()]).unwrap(),
+        )
+        .await
+        .unwrap();
+        for outside in [
+            json!({"prefix": "store:uploads/other"}),
+            json!({"prefix": "store:uploads"}),
+            json!({"prefix": "store:uploads/photos-old"}),
+            json!({"prefix": "s3://another-bucket/photos"}),
+            json!({"manifest": "store:uploads/other/list.jsonl"}),
+        ] {
+            let (status, refused) = start(outside.clone()).await;
+            assert_eq!(status, 403, "{outside}: {refused}");
+            let message = refused["error"]["message"].as_str().unwrap();
+            assert!(message.contains("store:uploads/photos/"), "{message}");
+        }
+
+        // A manifest within: its row outside is reported, the other is in.
+        let done = ingest(&app, &scoped, "uploads/photos/list.jsonl").await;
+        assert_eq!(done["state"], "done", "{done}");
+        assert_eq!(
+            (&done["new_items"], &done["failed"]),
+            (&json!(1), &json!(1)),
+            "{done}"
+        );
+        let reason = done["failures"][0]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("key uploads/other/b.png is outside"),
+            "{reason}"
+        );
+
+        // A token for every project is not held to the list.
+        let global = app.token("olga", Role::Ops).await;
+        let (status, started) = app
+            .post(
+                "/api/v1/projects/photos/ingest",
+                &global,
+                json!({"prefix": "store:uploads/other"}),
+            )
+            .await;
+        assert_eq!(status, 202, "{started}");
+    })
+    .await;
+}

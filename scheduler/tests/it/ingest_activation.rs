@@ -275,3 +275,98 @@ async fn a_batch_in_flight_holds_back_activations_and_early_results() {
     assert_eq!(orphan, vec![results::Applied::UnknownItem]);
     env.teardown().await;
 }
+
+/// A new version gives the items a prediction failed another try: the
+/// failure may have been the old model's (NaN weights) or a worker's taken
+/// for the item's. A file that never was an image, and an item that failed
+/// `RESCORE_RETRIES` times, stay failed for people to look at. Each job
+/// carries its image's size, for the worker's byte cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_gives_failed_items_another_try() {
+    use sea_orm::ActiveModelTrait;
+    use sieve_scheduler::dispatch::RESCORE_RETRIES;
+    use sieve_scheduler::entities::item;
+    use sieve_shared::messages::{PrelabelOutcome, SCHEMA_VERSION};
+
+    let env = ProjectEnv::start("control", |_| {}).await;
+    let v1 = env.project.active_model_version_id.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    pngs(dir.path(), 1, 3);
+    std::fs::write(dir.path().join("notes.png"), b"not an image").unwrap();
+    let summary = ingest::ingest_folder(&env.ctx, &env.project, dir.path(), false)
+        .await
+        .unwrap();
+    assert_eq!((summary.new_items, summary.failed), (3, 1), "{summary:?}");
+    let jobs = env.drain().await;
+    assert_eq!(jobs.len(), 3);
+    let sizes: HashSet<Option<u64>> = jobs.iter().map(|(job, _)| job.size_bytes).collect();
+    assert!(
+        sizes.iter().all(|s| s.is_some_and(|s| s > 0)),
+        "every job declares its image's size: {sizes:?}"
+    );
+
+    // v1 fails all three.
+    let failures: Vec<PrelabelResult> = jobs
+        .iter()
+        .map(|(job, _)| PrelabelResult {
+            schema: SCHEMA_VERSION,
+            job_id: job.job_id,
+            project_id: job.project_id,
+            item_id: job.item_id,
+            model_version_id: job.model.version_id,
+            worker_id: "test".into(),
+            outcome: PrelabelOutcome::Failed {
+                reason: "inference produced NaN".into(),
+            },
+        })
+        .collect();
+    results::apply(&env.ctx.db, &failures).await.unwrap();
+    let failed: Vec<Uuid> = jobs.iter().map(|(job, _)| job.item_id.as_uuid()).collect();
+    // One of them has failed as often as a rescore retries.
+    item::ActiveModel {
+        id: Set(failed[2]),
+        attempts: Set(RESCORE_RETRIES),
+        ..Default::default()
+    }
+    .update(&env.ctx.db)
+    .await
+    .unwrap();
+
+    let v2 = candidate(&env, v1).await;
+    registry::activate(&env.ctx, &env.project, v2)
+        .await
+        .unwrap();
+    let retried: HashSet<Uuid> = env
+        .drain()
+        .await
+        .iter()
+        .filter(|(job, _)| job.model.version_id.as_uuid() == v2)
+        .map(|(job, _)| job.item_id.as_uuid())
+        .collect();
+    assert_eq!(retried, HashSet::from([failed[0], failed[1]]));
+    let items = env.items().await;
+    let state = |id: Uuid| items.iter().find(|i| i.id == id).unwrap().state;
+    assert_eq!(state(failed[0]), ItemState::Queued);
+    assert_eq!(state(failed[1]), ItemState::Queued);
+    assert_eq!(state(failed[2]), ItemState::Failed);
+    let never_an_image = items
+        .iter()
+        .filter(|i| i.width.is_none())
+        .collect::<Vec<_>>();
+    assert_eq!(never_an_image.len(), 1);
+    assert_eq!(never_an_image[0].state, ItemState::Failed);
+
+    // v2 scores them: routed like any item.
+    let scored: Vec<PrelabelResult> = retried
+        .iter()
+        .map(|&item| scored(env.project.id, item, v2))
+        .collect();
+    results::apply(&env.ctx.db, &scored).await.unwrap();
+    let items = env.items().await;
+    for id in [failed[0], failed[1]] {
+        let item = items.iter().find(|i| i.id == id).unwrap();
+        assert_ne!(item.state, ItemState::Queued, "{item:?}");
+        assert_ne!(item.state, ItemState::Failed, "{item:?}");
+    }
+    env.teardown().await;
+}

@@ -47,7 +47,7 @@ async fn a_shutdown_interrupts_a_running_ingest_and_a_rerun_completes_it() {
     // open it on the way out, or the runtime would wait for that blocked
     // thread and the test hang instead of failing.
     let _unblock = Unblock(gate.clone());
-    let run = runs::start(&env.ctx, &env.project, source, "ops", None)
+    let run = runs::start(&env.ctx, &env.project, source, "ops", None, None)
         .await
         .unwrap();
     assert_eq!(run.state, RunState::Running);

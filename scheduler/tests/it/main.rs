@@ -45,6 +45,7 @@ mod routing_faults;
 mod secrets;
 mod snapshot;
 mod snapshot_retention;
+mod sweeper;
 mod tokens;
 mod training_watchdog;
 mod two_schedulers;

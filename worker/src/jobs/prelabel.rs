@@ -28,7 +28,9 @@ use anyhow::Context as _;
 use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use sieve_shared::blocking::map_blocking;
 use sieve_shared::ids::ModelVersionId;
@@ -59,16 +61,18 @@ pub async fn run(
     let settings = &worker.settings.worker;
     let batch_size = settings.batch_size.max(1);
     let window = Duration::from_millis(settings.batch_timeout_ms);
+    let max_bytes = settings.batch_max_bytes;
     let pipeline = settings.pipeline;
     // Pipelined, one batch is on the model, the next is being prepared and a
     // third is arriving: the prefetch covers all three.
     let in_flight = if pipeline { 3 } else { 2 };
     let queue = worker.topology().prelabel_queue();
+    let tag = format!("{}-prelabel", worker.id);
     let (channel, mut consumer) = broker::consume(
         &connection,
         &queue,
         u16::try_from(batch_size * in_flight).unwrap_or(u16::MAX),
-        &format!("{}-prelabel", worker.id),
+        &tag,
     )
     .await
     .with_context(|| format!("consuming {queue}"))?;
@@ -90,6 +94,10 @@ pub async fn run(
         (None, None)
     };
 
+    let mut faulted_batches = 0u32;
+    // A job that would have taken its batch past `batch_max_bytes`: the
+    // first of the next one.
+    let mut held_over = None;
     let outcome = loop {
         // Between batches, never inside one: switch to newly activated models.
         while let Ok(model) = activations.try_recv() {
@@ -97,13 +105,17 @@ pub async fn run(
                 tracing::error!(version = model.version, error = %err, "cannot load the activated model; keeping the current ones");
             }
         }
-        let first = tokio::select! {
-            () = stop.cancelled() => break Ok(()),
-            next = consumer.next() => match next {
-                Some(d) => d,
-                None => break Err(anyhow::anyhow!("the {queue} consumer was cancelled by the broker")),
+        let first = match held_over.take() {
+            Some(d) => d,
+            None => tokio::select! {
+                () = stop.cancelled() => break Ok(()),
+                next = consumer.next() => match next {
+                    Some(d) => d,
+                    None => break Err(anyhow::anyhow!("the {queue} consumer was cancelled by the broker")),
+                },
             },
         };
+        let mut bytes = declared_size(&first);
         let mut deliveries = vec![first];
         let deadline = tokio::time::sleep(window);
         tokio::pin!(deadline);
@@ -112,7 +124,16 @@ pub async fn run(
                 () = &mut deadline => break,
                 () = stop.cancelled() => break,
                 next = consumer.next() => match next {
-                    Some(d) => deliveries.push(d),
+                    Some(d) => {
+                        // Past the byte cap, the job opens the next batch.
+                        let size = declared_size(&d);
+                        if bytes.saturating_add(size) > max_bytes {
+                            held_over = Some(d);
+                            break;
+                        }
+                        bytes += size;
+                        deliveries.push(d);
+                    }
                     None => break,
                 },
             }
@@ -125,6 +146,11 @@ pub async fn run(
             })
             .collect();
         let prepared = prepare(&worker, deliveries).await;
+        faulted_batches = if prepared.own_fault {
+            faulted_batches + 1
+        } else {
+            0
+        };
         match &to_model {
             Some(tx) => {
                 if tx.send(prepared).await.is_err() {
@@ -132,6 +158,60 @@ pub async fn run(
                 }
             }
             None => finish(&worker, prepared).await,
+        }
+        if faulted_batches > 0 {
+            // A worker that cannot run jobs other workers can run stops
+            // taking them for a while, longer each time, until a batch goes
+            // through again (or its failing probe restarts it). It holds
+            // none meanwhile: what was delivered and not started goes back
+            // through the delay queues, for the others.
+            let pause = fault_backoff(faulted_batches);
+            tracing::warn!(
+                pause_ms = pause.as_millis() as u64,
+                "a fault of this worker's own; taking no jobs for a while"
+            );
+            if let Err(err) = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+            {
+                break Err(anyhow::Error::from(err).context("pausing the prelabel consumer"));
+            }
+            let mut held: Vec<Delivery> =
+                held_over.take().and_then(Result::ok).into_iter().collect();
+            while let Ok(Some(next)) =
+                tokio::time::timeout(Duration::from_millis(100), consumer.next()).await
+            {
+                held.extend(next.ok());
+            }
+            if !held.is_empty() {
+                let prepared = prepare(&worker, held).await;
+                match &to_model {
+                    Some(tx) => {
+                        if tx.send(prepared).await.is_err() {
+                            break Err(anyhow::anyhow!("the prelabel model stage stopped"));
+                        }
+                    }
+                    None => finish(&worker, prepared).await,
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => break Ok(()),
+                () = tokio::time::sleep(pause) => {}
+            }
+            consumer = match channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            {
+                Ok(consumer) => consumer,
+                Err(err) => {
+                    break Err(anyhow::Error::from(err).context("resuming the prelabel consumer"));
+                }
+            };
         }
     };
     // Drain: the batches handed to the model stage finish and are acked.
@@ -144,11 +224,49 @@ pub async fn run(
     outcome
 }
 
+/// The image size a job declares (0 when it does not, or does not decode:
+/// [`prepare`] deals with those).
+fn declared_size(delivery: &Result<Delivery, lapin::Error>) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Size {
+        #[serde(default)]
+        size_bytes: Option<u64>,
+    }
+    delivery
+        .as_ref()
+        .ok()
+        .and_then(|d| serde_json::from_slice::<Size>(&d.data).ok())
+        .and_then(|s| s.size_bytes)
+        .unwrap_or(0)
+}
+
+/// How long a worker pauses after `faulted` batches in a row that showed a
+/// fault of its own: half a second, doubling, at most half a minute.
+fn fault_backoff(faulted: u32) -> Duration {
+    let doublings = faulted.saturating_sub(1).min(6);
+    Duration::from_millis(500 << doublings).min(Duration::from_secs(30))
+}
+
 /// What becomes of one job in a batch.
 enum Fate {
     Result(PrelabelResult),
-    /// Try again later, after a delay (a transient failure, with why).
-    Retry(String),
+    /// Try again later, after a delay: a transient failure, with why, or a
+    /// fault of this worker's own (`own`), which does not spend the job's
+    /// attempts.
+    Retry {
+        reason: String,
+        own: bool,
+    },
+}
+
+impl Fate {
+    fn retry(reason: String) -> Self {
+        Fate::Retry { reason, own: false }
+    }
+
+    fn own_fault(reason: String) -> Self {
+        Fate::Retry { reason, own: true }
+    }
 }
 
 fn failed(worker: &Worker, job: &PrelabelJob, reason: String) -> Fate {
@@ -177,6 +295,8 @@ struct Prepared {
     jobs: Vec<(Delivery, PrelabelJob)>,
     /// Decided before inference (failures, requeues); `None` for jobs in `groups`.
     fates: Vec<Option<Fate>>,
+    /// Whether this worker could not run some job for a fault of its own.
+    own_fault: bool,
     groups: Vec<Group>,
 }
 
@@ -212,6 +332,7 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
             started,
             jobs,
             fates,
+            own_fault: false,
             groups: Vec::new(),
         };
     }
@@ -239,14 +360,17 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
 
     let keys: Vec<String> = jobs.iter().map(|(_, job)| job.object_key.clone()).collect();
     let fetched = fetch_images(&worker.store, keys).await;
-    // Objects missing while none of the batch could be read: this worker's
-    // store is the suspect (not mounted, a wrong root), not the items. Their
-    // jobs are retried after a delay instead of failing the items; a
-    // missing object beside ones that read is that object's fault.
-    let store_suspect = !fetched.iter().any(Result::is_ok)
+    // Objects missing while none of the batch could be read, nor the model
+    // the batch was sent for: this worker's store is the suspect (not
+    // mounted, a wrong root), not the items. Their jobs are retried after a
+    // delay instead of failing the items. A missing object beside ones that
+    // read, or in a store that holds the batch's model, is that object's
+    // fault.
+    let nothing_read = !fetched.iter().any(Result::is_ok)
         && fetched
             .iter()
             .any(|f| matches!(f, Err(StoreError::NotFound(_))));
+    let store_suspect = nothing_read && !holds_a_model_of(&worker.store, &jobs).await;
     if store_suspect {
         worker.health.fault(
             "store",
@@ -265,7 +389,7 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
         let model = match &models[&job.model.version_id] {
             Ok(model) => model.clone(),
             Err(reason) => {
-                fates[i] = Some(Fate::Retry(reason.clone()));
+                fates[i] = Some(Fate::own_fault(reason.clone()));
                 continue;
             }
         };
@@ -277,11 +401,13 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
                 group.1.push(i);
                 group.2.push(bytes);
             }
-            Err(err)
-                if err.is_transient()
-                    || (store_suspect && matches!(err, StoreError::NotFound(_))) =>
-            {
-                fates[i] = Some(Fate::Retry(format!("image unavailable: {err}")));
+            Err(err @ StoreError::NotFound(_)) if store_suspect => {
+                fates[i] = Some(Fate::own_fault(format!(
+                    "image unavailable on this worker's store: {err}"
+                )));
+            }
+            Err(err) if err.is_transient() => {
+                fates[i] = Some(Fate::retry(format!("image unavailable: {err}")));
             }
             Err(err) => fates[i] = Some(failed(worker, job, format!("image unavailable: {err}"))),
         }
@@ -306,12 +432,30 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
             inputs,
         });
     }
+    let own_fault = store_suspect || models.values().any(Result::is_err);
     Prepared {
         started,
         jobs,
         fates,
+        own_fault,
         groups,
     }
+}
+
+/// Whether `store` holds the artifact of a model some job of the batch was
+/// sent for: then the store is the one the scheduler writes to, mounted.
+async fn holds_a_model_of(store: &Store, jobs: &[(Delivery, PrelabelJob)]) -> bool {
+    let mut keys: Vec<&str> = jobs
+        .iter()
+        .map(|(_, job)| job.model.artifact_key.as_str())
+        .collect();
+    keys.dedup();
+    for key in keys {
+        if store.size(key).await.is_ok() {
+            return true;
+        }
+    }
+    false
 }
 
 /// A batch's images, in order, read on a few blocking threads (a run of
@@ -352,6 +496,7 @@ async fn finish(worker: &Worker, batch: Prepared) {
         jobs,
         mut fates,
         groups,
+        ..
     } = batch;
     if jobs.is_empty() {
         return;
@@ -388,14 +533,14 @@ async fn finish(worker: &Worker, batch: Prepared) {
     }
     let fates: Vec<Fate> = fates
         .into_iter()
-        .map(|f| f.unwrap_or_else(|| Fate::Retry("the job was not processed".into())))
+        .map(|f| f.unwrap_or_else(|| Fate::retry("the job was not processed".into())))
         .collect();
 
     let results: Vec<PrelabelResult> = fates
         .iter()
         .filter_map(|f| match f {
             Fate::Result(r) => Some(r.clone()),
-            Fate::Retry(_) => None,
+            Fate::Retry { .. } => None,
         })
         .collect();
     // One message for the batch's results: one publish and confirm, one
@@ -493,10 +638,10 @@ async fn settle_one_by_one(jobs: Vec<(Delivery, PrelabelJob)>, fates: &[Fate], r
     for (i, ((delivery, _), fate)) in jobs.into_iter().zip(fates).enumerate() {
         let acked = match fate {
             Fate::Result(_) => delivery.ack(BasicAckOptions::default()).await,
-            Fate::Retry(_) if retried[i] => delivery.ack(BasicAckOptions::default()).await,
+            Fate::Retry { .. } if retried[i] => delivery.ack(BasicAckOptions::default()).await,
             // The delayed copy could not be published: redeliver at once
             // rather than lose the job (this spends one delivery).
-            Fate::Retry(_) => {
+            Fate::Retry { .. } => {
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,
@@ -528,11 +673,19 @@ async fn schedule_retries(
     let mut stored = vec![false; jobs.len()];
     let mut by_route: Vec<(Route, Vec<usize>, Vec<FieldTable>)> = Vec::new();
     for (i, ((delivery, job), fate)) in jobs.iter().zip(fates).enumerate() {
-        let Fate::Retry(reason) = fate else { continue };
+        let Fate::Retry { reason, own } = fate else {
+            continue;
+        };
         let attempt = retry::attempt(&delivery.properties);
-        let (route, headers) =
-            retry::after_failure(worker.topology(), &delivery.properties, reason);
+        let (route, headers) = if *own {
+            retry::after_own_fault(worker.topology(), &delivery.properties, reason)
+        } else {
+            retry::after_failure(worker.topology(), &delivery.properties, reason)
+        };
         match route {
+            Route::Dead if *own => {
+                tracing::warn!(job = %job.job_id, item = %job.item_id, %reason, "no worker could run this job (faults of their own); dead-lettering it")
+            }
             Route::Dead => {
                 tracing::warn!(job = %job.job_id, item = %job.item_id, attempt, %reason, "transient failure, retries used up; dead-lettering the job")
             }

@@ -100,19 +100,24 @@ impl Harness {
     }
 
     fn start_worker(&mut self) {
-        let settings = self.settings.clone();
+        self.worker = Some(self.spawn_worker(self.settings.clone()));
+    }
+
+    /// A prelabel worker with `settings`, stopped by the harness's token.
+    fn spawn_worker(&self, settings: Settings) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         let stop = self.stop.clone();
-        self.worker = Some(tokio::spawn(async move {
+        tokio::spawn(async move {
             let listener = tokio::net::TcpListener::bind(settings.http.worker_bind).await?;
             service::run(settings, vec![Capability::Prelabel], listener, async move {
                 stop.cancelled().await
             })
             .await
-        }));
+        })
     }
 
     fn job(&self, key: &str) -> PrelabelJob {
         PrelabelJob {
+            size_bytes: None,
             schema: SCHEMA_VERSION,
             job_id: JobId::new(),
             project_id: ProjectId::new(),
@@ -125,6 +130,11 @@ impl Harness {
     /// Every result until `n` distinct jobs have one, then one more second
     /// to catch a duplicate; returns all results received, in order.
     async fn results(&self, n: usize) -> Vec<PrelabelResult> {
+        self.result_messages(n).await.concat()
+    }
+
+    /// [`Harness::results`] as the messages carried them: one per batch.
+    async fn result_messages(&self, n: usize) -> Vec<Vec<PrelabelResult>> {
         let (channel, mut consumer) = broker::consume(
             &self.connection,
             &self.topology.results_queue(),
@@ -133,7 +143,7 @@ impl Harness {
         )
         .await
         .unwrap();
-        let mut all: Vec<PrelabelResult> = Vec::new();
+        let mut all: Vec<Vec<PrelabelResult>> = Vec::new();
         let mut distinct = std::collections::HashSet::new();
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
@@ -144,10 +154,9 @@ impl Harness {
             };
             match tokio::time::timeout(wait, consumer.next()).await {
                 Ok(Some(Ok(delivery))) => {
-                    for result in decode_results(&delivery.data).unwrap() {
-                        distinct.insert(result.job_id);
-                        all.push(result);
-                    }
+                    let message = decode_results(&delivery.data).unwrap();
+                    distinct.extend(message.iter().map(|r| r.job_id));
+                    all.push(message);
                     delivery.ack(BasicAckOptions::default()).await.unwrap();
                 }
                 Ok(other) => panic!("results consumer ended: {other:?}"),
@@ -479,5 +488,100 @@ async fn a_transient_failure_waits_each_delay_then_is_dead_lettered_with_its_rea
     channel.close(200, "done".into()).await.ok();
     assert_eq!(h.ready(&h.topology.prelabel_queue()).await, 0);
     assert_eq!(h.ready(&h.topology.results_queue()).await, 0);
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_closes_at_its_byte_cap() {
+    let mut h = Harness::new().await;
+    h.settings.worker.batch_max_bytes = 2_500;
+    h.store
+        .put("images/any.png", png(28, 28, true).into())
+        .await
+        .unwrap();
+    // The sizes the scheduler would declare; the last but one is over the
+    // cap by itself.
+    let sizes = [1_000_u64, 1_000, 1_000, 5_000, 1_000];
+    let jobs: Vec<PrelabelJob> = sizes
+        .iter()
+        .map(|&size| PrelabelJob {
+            size_bytes: Some(size),
+            ..h.job("images/any.png")
+        })
+        .collect();
+    h.publisher.publish_all(&jobs).await.unwrap();
+    h.start_worker();
+
+    let messages = h.result_messages(jobs.len()).await;
+    let batches: Vec<usize> = messages.iter().map(Vec::len).collect();
+    // Without the cap the five would be one batch (16 jobs, 500 ms).
+    assert_eq!(batches, [2, 1, 1, 1], "batch sizes");
+    let order: Vec<JobId> = messages.concat().iter().map(|r| r.job_id).collect();
+    let published: Vec<JobId> = jobs.iter().map(|j| j.job_id).collect();
+    assert_eq!(order, published, "a held-over job opens the next batch");
+    assert_eq!(h.ready(&h.topology.prelabel_queue()).await, 0);
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_image_alone_in_its_batch_is_its_own_fault() {
+    // The worker's store holds the job's model, so it is the right store,
+    // mounted: the image is missing, not the store.
+    let mut h = Harness::new().await;
+    let job = h.job("images/deleted.png");
+    h.publisher.publish(&job).await.unwrap();
+    h.start_worker();
+    let results = h.results(1).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert!(
+        reason(&results[0]).contains("does not exist"),
+        "{}",
+        reason(&results[0])
+    );
+    assert_eq!(whereabouts(&h).await, (vec![0, 0], 0), "not retried");
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_on_the_wrong_store_beside_a_good_one_costs_no_job() {
+    // One delay only: a job that a worker's own fault sent round twice
+    // would be dead-lettered, if own faults spent the job's attempts.
+    let mut h = Harness::with_retry_delays(&[200]).await;
+    let jobs: Vec<PrelabelJob> = (0..64)
+        .map(|i| format!("images/{i}.png"))
+        .map(|key| h.job(&key))
+        .collect();
+    for job in &jobs {
+        h.store
+            .put(&job.object_key, png(28, 28, true).into())
+            .await
+            .unwrap();
+    }
+    // Another sieve store: it opens, and holds neither model nor images.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut wrong = h.settings.clone();
+    wrong.store.root = elsewhere.path().to_owned();
+    Store::open(&wrong.store).unwrap();
+
+    h.publisher.publish_all(&jobs).await.unwrap();
+    let bad = h.spawn_worker(wrong);
+    sieve_testkit::eventually("the bad worker to put jobs back", WAIT, || async {
+        (whereabouts(&h).await.0.iter().sum::<u32>() > 0).then_some(())
+    })
+    .await;
+    // Alone a while longer, it takes the same jobs again after its first
+    // pauses (half a second, then one).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    h.start_worker();
+
+    let results = h.results(jobs.len()).await;
+    let scored = results
+        .iter()
+        .filter(|r| matches!(r.outcome, PrelabelOutcome::Scored(_)))
+        .count();
+    assert_eq!(scored, jobs.len(), "every job scored once: {results:?}");
+    assert_eq!(whereabouts(&h).await.1, 0, "nothing dead-lettered");
+    h.stop.cancel();
+    bad.await.unwrap().unwrap();
     h.teardown().await;
 }

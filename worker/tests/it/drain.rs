@@ -75,6 +75,7 @@ async fn sigterm_finishes_the_batch_acks_and_exits() {
         let key = format!("images/{i}.png");
         store.put(&key, Bytes::from(noise_png(i))).await.unwrap();
         jobs.push(PrelabelJob {
+            size_bytes: None,
             schema: SCHEMA_VERSION,
             job_id: JobId::new(),
             project_id,

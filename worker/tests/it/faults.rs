@@ -120,6 +120,7 @@ async fn duplicate_deliveries_change_nothing() {
         .iter()
         .flat_map(|i| {
             (0..2).map(|_| PrelabelJob {
+                size_bytes: None,
                 schema: SCHEMA_VERSION,
                 job_id: JobId::new(),
                 project_id: project.id,
@@ -292,6 +293,7 @@ async fn poison_messages_are_dead_lettered_and_work_goes_on() {
 
     // Invalid JSON and a wrong schema version on every queue a service consumes.
     let mut wrong_schema = serde_json::to_value(PrelabelJob {
+        size_bytes: None,
         schema: SCHEMA_VERSION,
         job_id: JobId::new(),
         project_id: project.id,

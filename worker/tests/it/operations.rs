@@ -263,6 +263,7 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
         .await
         .unwrap();
     let job = PrelabelJob {
+        size_bytes: None,
         schema: SCHEMA_VERSION,
         job_id: JobId::new(),
         project_id: project.id,
