@@ -31,6 +31,15 @@ pub const OWN_FAULTS_HEADER: &str = "sieve-own-faults";
 /// The reason of a job dead-lettered after [`OWN_FAULT_BUDGET`] workers in
 /// a row could not run it for faults of their own.
 pub const WORKER_FAULTS: &str = "worker_faults";
+/// How often a job came back from a worker that took it and never answered
+/// (it died, or its connection did) before this copy was made: the broker's
+/// `x-delivery-count` does not survive a copy, so every copy a worker makes
+/// carries the sum on (see [`returns`]).
+pub const RETURNS_HEADER: &str = "sieve-returns";
+/// The reason of a job dead-lettered by a worker because it came back
+/// `broker.delivery_limit` times: workers died while it was in flight.
+pub const QUARANTINED: &str = "quarantined";
+
 /// How many times workers' own faults may put one job back. A worker's fault
 /// must not spend the item's attempts (a misconfigured worker beside good
 /// ones would dead-letter what the good ones can do), but neither may a job
@@ -49,6 +58,18 @@ pub fn attempt(properties: &BasicProperties) -> u32 {
 /// (its `x-delivery-count`): 0 on a first delivery.
 pub fn delivery_count(properties: &BasicProperties) -> u32 {
     header_count(properties, "x-delivery-count").unwrap_or(0)
+}
+
+/// How often this job came back unanswered, over every copy of it: the
+/// broker's count of this message plus what earlier copies carried.
+pub fn returns(properties: &BasicProperties) -> u32 {
+    delivery_count(properties).saturating_add(header_count(properties, RETURNS_HEADER).unwrap_or(0))
+}
+
+/// The headers of a copy of a job put back as it is, for later (not a
+/// retry: no attempt spent), carrying how often it came back.
+pub fn deferred(properties: &BasicProperties) -> FieldTable {
+    own_headers(properties)
 }
 
 /// A header's value as a non-negative count, whatever integer type carried it.
@@ -128,7 +149,8 @@ pub fn after_own_fault(
 }
 
 /// A delivery's own headers (its dispatch priority, its retry counts),
-/// without the broker's (`x-…`).
+/// without the broker's (`x-…`), and how often it came back so far
+/// ([`returns`]), which a copy must not forget.
 fn own_headers(properties: &BasicProperties) -> FieldTable {
     let mut headers = FieldTable::default();
     if let Some(own) = properties.headers() {
@@ -137,6 +159,13 @@ fn own_headers(properties: &BasicProperties) -> FieldTable {
                 headers.insert(name.clone(), value.clone());
             }
         }
+    }
+    let returned = returns(properties);
+    if returned > 0 {
+        headers.insert(
+            RETURNS_HEADER.into(),
+            AMQPValue::LongLongInt(returned.into()),
+        );
     }
     headers
 }
@@ -240,6 +269,24 @@ mod tests {
         let mut negative = FieldTable::default();
         negative.insert("x-delivery-count".into(), AMQPValue::LongLongInt(-1));
         assert_eq!(delivery_count(&with(negative)), 0);
+    }
+
+    #[test]
+    fn returns_survive_every_copy() {
+        let t = Topology::new("sieve", 5).with_retry_delays(vec![1_000]);
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        let returned_twice = with(headers);
+        assert_eq!(returns(&returned_twice), 2);
+        // A copy made for later, and one for a retry, carry the two on; the
+        // broker counts the copy's own returns from zero again.
+        let mut copy = deferred(&returned_twice);
+        assert_eq!(returns(&with(copy.clone())), 2);
+        copy.insert("x-delivery-count".into(), AMQPValue::LongLongInt(1));
+        assert_eq!(returns(&with(copy.clone())), 3);
+        let (_, retried) = after_failure(&t, &with(copy), "timeout");
+        assert_eq!(returns(&with(retried)), 3);
+        assert_eq!(returns(&BasicProperties::default()), 0);
     }
 
     #[test]

@@ -62,42 +62,23 @@ pub async fn run(
     let batch_size = settings.batch_size.max(1);
     let window = Duration::from_millis(settings.batch_timeout_ms);
     let max_bytes = settings.batch_max_bytes;
-    let pipeline = settings.pipeline;
     // Pipelined, one batch is on the model, the next is being prepared and a
     // third is arriving: the prefetch covers all three.
-    let in_flight = if pipeline { 3 } else { 2 };
-    let queue = worker.topology().prelabel_queue();
-    let tag = format!("{}-prelabel", worker.id);
-    let (channel, mut consumer) = broker::consume(
+    let in_flight = if settings.pipeline { 3 } else { 2 };
+    let mut intake = Intake::start(
         &connection,
-        &queue,
+        worker.topology().prelabel_queue(),
+        format!("{}-prelabel", worker.id),
         u16::try_from(batch_size * in_flight).unwrap_or(u16::MAX),
-        &tag,
     )
-    .await
-    .with_context(|| format!("consuming {queue}"))?;
-    let _consuming = worker.health.consuming("prelabel", &channel);
-
-    // The model stage: inference, publish, ack, one prepared batch at a time,
-    // while this loop fetches and decodes the next one. A capacity of one
-    // keeps at most one prepared batch waiting.
-    let (to_model, model_stage) = if pipeline {
-        let (tx, mut rx) = mpsc::channel::<Prepared>(1);
-        let worker = worker.clone();
-        let stage = tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                finish(&worker, batch).await;
-            }
-        });
-        (Some(tx), Some(stage))
-    } else {
-        (None, None)
-    };
+    .await?;
+    let _consuming = worker.health.consuming("prelabel", &intake.channel);
+    let stage = ModelStage::start(&worker);
 
     let mut faulted_batches = 0u32;
     // A job that would have taken its batch past `batch_max_bytes`: the
     // first of the next one.
-    let mut held_over = None;
+    let mut held_over: Option<Delivery> = None;
     let outcome = loop {
         // Between batches, never inside one: switch to newly activated models.
         while let Ok(model) = activations.try_recv() {
@@ -109,133 +90,402 @@ pub async fn run(
             Some(d) => d,
             None => tokio::select! {
                 () = stop.cancelled() => break Ok(()),
-                next = consumer.next() => match next {
-                    Some(d) => d,
-                    None => break Err(anyhow::anyhow!("the {queue} consumer was cancelled by the broker")),
+                next = intake.next() => match next {
+                    Ok(Some(d)) => d,
+                    Ok(None) => continue,
+                    Err(err) => break Err(err),
                 },
             },
         };
-        let mut bytes = declared_size(&first);
-        let mut deliveries = vec![first];
-        let deadline = tokio::time::sleep(window);
-        tokio::pin!(deadline);
-        while deliveries.len() < batch_size {
-            tokio::select! {
-                () = &mut deadline => break,
-                () = stop.cancelled() => break,
-                next = consumer.next() => match next {
-                    Some(d) => {
-                        // Past the byte cap, the job opens the next batch.
-                        let size = declared_size(&d);
-                        if bytes.saturating_add(size) > max_bytes {
-                            held_over = Some(d);
+        // A job that came back unanswered may be what killed the worker
+        // that had it: it runs alone (see `alone`), after this batch.
+        let mut suspect = None;
+        let mut deliveries = Vec::new();
+        if retry::returns(&first.properties) > 0 {
+            suspect = Some(first);
+        } else {
+            let mut bytes = declared_size(&first);
+            deliveries.push(first);
+            let deadline = tokio::time::sleep(window);
+            tokio::pin!(deadline);
+            while deliveries.len() < batch_size {
+                tokio::select! {
+                    () = &mut deadline => break,
+                    () = stop.cancelled() => break,
+                    next = intake.next() => match next {
+                        Ok(Some(d)) if retry::returns(&d.properties) > 0 => {
+                            suspect = Some(d);
                             break;
                         }
-                        bytes += size;
-                        deliveries.push(d);
-                    }
-                    None => break,
-                },
-            }
-        }
-        let deliveries: Vec<Delivery> = deliveries
-            .into_iter()
-            .filter_map(|d| {
-                d.map_err(|e| tracing::warn!(error = %e, "prelabel consumer error"))
-                    .ok()
-            })
-            .collect();
-        let prepared = prepare(&worker, deliveries).await;
-        faulted_batches = if prepared.own_fault {
-            faulted_batches + 1
-        } else {
-            0
-        };
-        match &to_model {
-            Some(tx) => {
-                if tx.send(prepared).await.is_err() {
-                    break Err(anyhow::anyhow!("the prelabel model stage stopped"));
+                        Ok(Some(d)) => {
+                            // Past the byte cap, the job opens the next batch.
+                            let size = declared_size(&d);
+                            if bytes.saturating_add(size) > max_bytes {
+                                held_over = Some(d);
+                                break;
+                            }
+                            bytes += size;
+                            deliveries.push(d);
+                        }
+                        Ok(None) => {}
+                        Err(_) => break,
+                    },
                 }
             }
-            None => finish(&worker, prepared).await,
+        }
+        if !deliveries.is_empty() {
+            let prepared = prepare(&worker, deliveries).await;
+            faulted_batches = if prepared.own_fault {
+                faulted_batches + 1
+            } else {
+                0
+            };
+            if let Err(err) = stage.run(&worker, prepared).await {
+                break Err(err);
+            }
+        }
+        if let Some(suspect) = suspect {
+            if let Err(err) = alone(&worker, &mut intake, &stage, suspect, held_over.take()).await {
+                break Err(err);
+            }
         }
         if faulted_batches > 0 {
             // A worker that cannot run jobs other workers can run stops
             // taking them for a while, longer each time, until a batch goes
             // through again (or its failing probe restarts it). It holds
-            // none meanwhile: what was delivered and not started goes back
-            // through the delay queues, for the others.
+            // none meanwhile: what was delivered and not started is tried
+            // now (and put back for the others, the fault being the same).
             let pause = fault_backoff(faulted_batches);
             tracing::warn!(
                 pause_ms = pause.as_millis() as u64,
                 "a fault of this worker's own; taking no jobs for a while"
             );
-            if let Err(err) = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await
-            {
-                break Err(anyhow::Error::from(err).context("pausing the prelabel consumer"));
-            }
-            let mut held: Vec<Delivery> =
-                held_over.take().and_then(Result::ok).into_iter().collect();
-            while let Ok(Some(next)) =
-                tokio::time::timeout(Duration::from_millis(100), consumer.next()).await
-            {
-                held.extend(next.ok());
-            }
-            if !held.is_empty() {
-                let prepared = prepare(&worker, held).await;
-                match &to_model {
-                    Some(tx) => {
-                        if tx.send(prepared).await.is_err() {
-                            break Err(anyhow::anyhow!("the prelabel model stage stopped"));
-                        }
-                    }
-                    None => finish(&worker, prepared).await,
+            let held = match intake.pause().await {
+                Ok(mut held) => {
+                    held.extend(held_over.take());
+                    held
+                }
+                Err(err) => break Err(err),
+            };
+            // Jobs that came back are not run among others: put back first
+            // (a batch's acknowledgement covers every earlier delivery).
+            let (suspects, others): (Vec<Delivery>, Vec<Delivery>) = held
+                .into_iter()
+                .partition(|d| retry::returns(&d.properties) > 0);
+            defer(&worker, suspects).await;
+            if !others.is_empty() {
+                let prepared = prepare(&worker, others).await;
+                if let Err(err) = stage.run(&worker, prepared).await {
+                    break Err(err);
                 }
             }
             tokio::select! {
                 () = stop.cancelled() => break Ok(()),
                 () = tokio::time::sleep(pause) => {}
             }
-            consumer = match channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    tag.as_str().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            {
-                Ok(consumer) => consumer,
-                Err(err) => {
-                    break Err(anyhow::Error::from(err).context("resuming the prelabel consumer"));
-                }
-            };
+            if let Err(err) = intake.resume().await {
+                break Err(err);
+            }
         }
     };
     // Drain: the batches handed to the model stage finish and are acked.
-    drop(to_model);
-    if let Some(stage) = model_stage {
-        stage.await.context("the prelabel model stage panicked")?;
-    }
+    stage.close().await?;
     // Prefetched but unstarted jobs return to the queue with the channel.
-    channel.close(200, "draining".into()).await.ok();
+    intake.channel.close(200, "draining".into()).await.ok();
     outcome
+}
+
+/// The prelabel consumer, which can stop and start again.
+struct Intake {
+    channel: lapin::Channel,
+    consumer: lapin::Consumer,
+    queue: String,
+    tag: String,
+}
+
+impl Intake {
+    async fn start(
+        connection: &Connection,
+        queue: String,
+        tag: String,
+        prefetch: u16,
+    ) -> anyhow::Result<Self> {
+        let (channel, consumer) = broker::consume(connection, &queue, prefetch, &tag)
+            .await
+            .with_context(|| format!("consuming {queue}"))?;
+        Ok(Self {
+            channel,
+            consumer,
+            queue,
+            tag,
+        })
+    }
+
+    /// The next delivery; `None` for one that errs (logged); an error once
+    /// the broker cancelled the consumer.
+    async fn next(&mut self) -> anyhow::Result<Option<Delivery>> {
+        match self.consumer.next().await {
+            Some(Ok(delivery)) => Ok(Some(delivery)),
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "prelabel consumer error");
+                Ok(None)
+            }
+            None => Err(anyhow::anyhow!(
+                "the {} consumer was cancelled by the broker",
+                self.queue
+            )),
+        }
+    }
+
+    /// Stop the deliveries; returns those already delivered and not yet
+    /// taken, which this worker still holds.
+    async fn pause(&mut self) -> anyhow::Result<Vec<Delivery>> {
+        self.channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .context("pausing the prelabel consumer")?;
+        let mut held = Vec::new();
+        while let Ok(Some(next)) =
+            tokio::time::timeout(Duration::from_millis(100), self.consumer.next()).await
+        {
+            held.extend(next.ok());
+        }
+        Ok(held)
+    }
+
+    async fn resume(&mut self) -> anyhow::Result<()> {
+        self.consumer = self
+            .channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                self.tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("resuming the prelabel consumer")?;
+        Ok(())
+    }
+}
+
+/// What goes to the model stage: a batch, or a barrier that answers once
+/// every batch sent before it has finished.
+enum Staged {
+    Batch(Prepared),
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The model stage: inference, publish, ack, one prepared batch at a time,
+/// while the intake fetches and decodes the next one (`worker.pipeline`);
+/// or, lock-step, each batch finished where it was prepared. A capacity of
+/// one keeps at most one prepared batch waiting.
+struct ModelStage {
+    to_model: Option<mpsc::Sender<Staged>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ModelStage {
+    fn start(worker: &Arc<Worker>) -> Self {
+        if !worker.settings.worker.pipeline {
+            return Self {
+                to_model: None,
+                task: None,
+            };
+        }
+        let (tx, mut rx) = mpsc::channel::<Staged>(1);
+        let worker = worker.clone();
+        let task = tokio::spawn(async move {
+            while let Some(staged) = rx.recv().await {
+                match staged {
+                    Staged::Batch(batch) => finish(&worker, batch).await,
+                    Staged::Barrier(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Self {
+            to_model: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn run(&self, worker: &Worker, batch: Prepared) -> anyhow::Result<()> {
+        match &self.to_model {
+            Some(tx) => tx
+                .send(Staged::Batch(batch))
+                .await
+                .map_err(|_| anyhow::anyhow!("the prelabel model stage stopped")),
+            None => {
+                finish(worker, batch).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Wait until every batch handed over so far is finished (acknowledged).
+    async fn flush(&self) -> anyhow::Result<()> {
+        let Some(tx) = &self.to_model else {
+            return Ok(());
+        };
+        let (done, finished) = tokio::sync::oneshot::channel();
+        tx.send(Staged::Barrier(done))
+            .await
+            .map_err(|_| anyhow::anyhow!("the prelabel model stage stopped"))?;
+        finished
+            .await
+            .map_err(|_| anyhow::anyhow!("the prelabel model stage stopped"))
+    }
+
+    async fn close(self) -> anyhow::Result<()> {
+        drop(self.to_model);
+        if let Some(task) = self.task {
+            task.await.context("the prelabel model stage panicked")?;
+        }
+        Ok(())
+    }
+}
+
+/// Run a job that came back unanswered with nothing else held: a worker
+/// that dies on it (an image that crashes the decoder, a model that runs out
+/// of memory on it) then returns it alone, and no other job's delivery
+/// count is spent. Before, every crash spent the count of every job the
+/// worker held, and an image that crashed workers dead-lettered the jobs
+/// around it with its own.
+///
+/// The intake pauses; the batches already staged finish; what else was
+/// delivered is put back for later, as it was (it comes again in a second:
+/// [`defer`]); the suspect runs alone; the intake resumes. A job that came
+/// back `broker.delivery_limit` times over all its copies is quarantined
+/// instead: dead-lettered with reason `quarantined`, which marks its item,
+/// for people to look at.
+async fn alone(
+    worker: &Worker,
+    intake: &mut Intake,
+    stage: &ModelStage,
+    suspect: Delivery,
+    held_over: Option<Delivery>,
+) -> anyhow::Result<()> {
+    let mut held = intake.pause().await?;
+    held.extend(held_over);
+    stage.flush().await?;
+    defer(worker, held).await;
+    let returned = retry::returns(&suspect.properties);
+    if returned >= worker.settings.broker.delivery_limit {
+        quarantine(worker, suspect, returned).await;
+    } else {
+        tracing::info!(
+            returned,
+            "a job that came back unanswered; running it alone"
+        );
+        let prepared = prepare(worker, vec![suspect]).await;
+        finish(worker, prepared).await;
+    }
+    intake.resume().await
+}
+
+/// Put jobs back as they are, for later: a copy to the first delay queue
+/// (their counts carried on, see [`retry::deferred`]), then an
+/// acknowledgement of each. Without a delay queue, or if the copies cannot
+/// be stored, they are requeued (which spends one delivery).
+async fn defer(worker: &Worker, deliveries: Vec<Delivery>) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let stored = match worker.topology().retry_route(1) {
+        Some(route) => {
+            let headers: Vec<FieldTable> = deliveries
+                .iter()
+                .map(|d| retry::deferred(&d.properties))
+                .collect();
+            let messages: Vec<(&[u8], Option<&FieldTable>)> = deliveries
+                .iter()
+                .zip(&headers)
+                .map(|(d, h)| (d.data.as_slice(), Some(h)))
+                .collect();
+            match worker
+                .publisher
+                .publish_with_headers(route, &messages)
+                .await
+            {
+                Ok(()) => true,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not put jobs back for later; requeueing them");
+                    false
+                }
+            }
+        }
+        None => false,
+    };
+    metrics::counter!("sieve_worker_jobs_deferred_total").increment(deliveries.len() as u64);
+    for delivery in deliveries {
+        let settled = if stored {
+            delivery.ack(BasicAckOptions::default()).await
+        } else {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        };
+        if !matches!(settled, Ok(true)) {
+            tracing::warn!("settling a job put back for later failed; it will be redelivered");
+        }
+    }
+}
+
+/// Dead-letter a job that came back `returned` times (workers died while
+/// it was in flight) with reason `quarantined`: the scheduler marks its
+/// item, nothing sends it again until `sieve failed retry`.
+async fn quarantine(worker: &Worker, delivery: Delivery, returned: u32) {
+    let error = format!(
+        "came back unanswered {returned} times: workers died while it was in flight (broker.delivery_limit {})",
+        worker.settings.broker.delivery_limit
+    );
+    tracing::warn!(returned, "quarantining a job that workers died on");
+    let mut headers = retry::dead_letter_headers(
+        &worker.topology().prelabel_queue(),
+        retry::QUARANTINED,
+        &error,
+    );
+    if let Some(own) = delivery.properties.headers() {
+        for (name, value) in own.inner() {
+            if !name.as_str().starts_with("x-") && !headers.contains_key(name.as_str()) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    let message = [(delivery.data.as_slice(), Some(&headers))];
+    let settled = match worker
+        .publisher
+        .publish_with_headers(Route::Dead, &message)
+        .await
+    {
+        Ok(()) => {
+            metrics::counter!("sieve_worker_jobs_dead_lettered_total").increment(1);
+            delivery.ack(BasicAckOptions::default()).await
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "could not quarantine the job; rejecting it to the broker's dead letters");
+            delivery.reject(BasicRejectOptions { requeue: false }).await
+        }
+    };
+    if !matches!(settled, Ok(true)) {
+        tracing::warn!("settling a quarantined job failed; it will be redelivered");
+    }
 }
 
 /// The image size a job declares (0 when it does not, or does not decode:
 /// [`prepare`] deals with those).
-fn declared_size(delivery: &Result<Delivery, lapin::Error>) -> u64 {
+fn declared_size(delivery: &Delivery) -> u64 {
     #[derive(serde::Deserialize)]
     struct Size {
         #[serde(default)]
         size_bytes: Option<u64>,
     }
-    delivery
-        .as_ref()
+    serde_json::from_slice::<Size>(&delivery.data)
         .ok()
-        .and_then(|d| serde_json::from_slice::<Size>(&d.data).ok())
         .and_then(|s| s.size_bytes)
         .unwrap_or(0)
 }

@@ -28,6 +28,8 @@ use sieve_worker::model::{ArchitectureConfig, Committee};
 use sieve_worker::service;
 use tokio_util::sync::CancellationToken;
 
+use crate::sieve::bomb_png;
+
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A worker on its own prefix and store, and a way to feed it jobs.
@@ -205,46 +207,6 @@ fn png(width: u32, height: u32, gray: bool) -> Vec<u8> {
         .unwrap();
     }
     out.into_inner()
-}
-
-/// A well-formed PNG whose header claims `side` x `side` pixels, with one
-/// tiny data chunk: decoding it would allocate gigabytes.
-fn bomb_png(side: u32) -> Vec<u8> {
-    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut crc_input = kind.to_vec();
-        crc_input.extend_from_slice(data);
-        out.extend_from_slice(&crc_input);
-        out.extend_from_slice(&crc32(&crc_input).to_be_bytes());
-    }
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&side.to_be_bytes());
-    ihdr.extend_from_slice(&side.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit grayscale
-    chunk(&mut out, b"IHDR", &ihdr);
-    chunk(
-        &mut out,
-        b"IDAT",
-        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-    );
-    chunk(&mut out, b"IEND", &[]);
-    out
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFF_u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 fn reason(result: &PrelabelResult) -> &str {

@@ -18,6 +18,7 @@ mod first_model;
 mod mobilenet_import;
 mod operations;
 mod own_faults;
+mod quarantine;
 mod soak;
 mod training_cancel;
 mod training_full_mobilenet;

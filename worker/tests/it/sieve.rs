@@ -56,7 +56,20 @@ impl TestSieve {
 
     /// Like [`TestSieve::start`], with a worker of the given capabilities.
     pub async fn start_with(capabilities: Vec<Capability>) -> Self {
-        let app = TestApp::start(worker_settings).await;
+        Self::start_configured(capabilities, |_| {}).await
+    }
+
+    /// Like [`TestSieve::start_with`], the settings changed by `configure`
+    /// (after [`worker_settings`]) for the scheduler and the workers.
+    pub async fn start_configured(
+        capabilities: Vec<Capability>,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
+        let app = TestApp::start(|s| {
+            worker_settings(s);
+            configure(s);
+        })
+        .await;
         let mut sieve = Self {
             settings: app.settings.clone(),
             ctx: app.ctx.clone(),
@@ -385,4 +398,44 @@ pub async fn settled(
         (n == 0).then_some(())
     })
     .await;
+}
+
+/// A well-formed PNG whose header claims `side` x `side` grey pixels, with
+/// one tiny data chunk: decoding it allocates `side`² bytes first.
+pub fn bomb_png(side: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc_input = kind.to_vec();
+        crc_input.extend_from_slice(data);
+        out.extend_from_slice(&crc_input);
+        out.extend_from_slice(&crc32(&crc_input).to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&side.to_be_bytes());
+    ihdr.extend_from_slice(&side.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit grayscale
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFF_u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
