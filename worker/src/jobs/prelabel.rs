@@ -144,10 +144,10 @@ pub async fn run(
                 break Err(err);
             }
         }
-        if let Some(suspect) = suspect {
-            if let Err(err) = alone(&worker, &mut intake, &stage, suspect, held_over.take()).await {
-                break Err(err);
-            }
+        if let Some(suspect) = suspect
+            && let Err(err) = alone(&worker, &mut intake, &stage, suspect, held_over.take()).await
+        {
+            break Err(err);
         }
         if faulted_batches > 0 {
             // A worker that cannot run jobs other workers can run stops
