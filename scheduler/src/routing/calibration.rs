@@ -73,6 +73,15 @@ impl Calibration {
         self.thresholds.iter().any(Option::is_some)
     }
 
+    /// Whether it was made for `policy`: its target, confidence level and
+    /// pooling. A calibration for another policy says nothing about this
+    /// one's thresholds or sample rate.
+    pub fn is_for(&self, policy: &Policy) -> bool {
+        policy.target_accuracy == Some(self.target_accuracy)
+            && policy.confidence_level == self.confidence_level
+            && policy.pool_evidence == self.pooled
+    }
+
     /// Random, human-checked examples this calibration rests on.
     pub fn random_checks(&self) -> u32 {
         self.evidence.iter().sum()
@@ -124,12 +133,8 @@ pub fn threshold_for(
 ) -> Option<f32> {
     match policy.target_accuracy {
         None => Some(policy.confidence_threshold),
-        Some(target) => calibration
-            .filter(|c| {
-                c.target_accuracy == target
-                    && c.confidence_level == policy.confidence_level
-                    && c.pooled == policy.pool_evidence
-            })
+        Some(_) => calibration
+            .filter(|c| c.is_for(policy))
             .and_then(|c| c.thresholds.get(class as usize).copied().flatten()),
     }
 }

@@ -240,11 +240,7 @@ impl ActiveModel {
     fn sample_rate(&self, policy: &crate::policy::Policy) -> f64 {
         self.calibration
             .as_ref()
-            .filter(|c| {
-                policy.target_accuracy == Some(c.target_accuracy)
-                    && policy.confidence_level == c.confidence_level
-                    && policy.pool_evidence == c.pooled
-            })
+            .filter(|c| c.is_for(policy))
             .and_then(|c| c.sample_rate)
             .unwrap_or(policy.audit_rate)
     }

@@ -1,8 +1,12 @@
 //! The prediction loop: micro-batches of `PrelabelJob`s through the
 //! committee, one `PrelabelResult` per job.
 //!
-//! A batch is up to `worker.batch_size` jobs or whatever arrived within
-//! `worker.batch_timeout_ms` of the first. Jobs are acknowledged only after
+//! A batch is up to `worker.batch_size` jobs, or `worker.batch_max_bytes`
+//! of images by the sizes the jobs declare, or whatever arrived within
+//! `worker.batch_timeout_ms` of the first. A job that came back unanswered
+//! (the worker that had it died) runs alone, with nothing else held, and is
+//! quarantined at `broker.delivery_limit` returns (see [`alone`]). Jobs are
+//! acknowledged only after
 //! the broker confirmed their results. Failures are sorted by kind: a
 //! permanent one (bytes that are not an image, too many pixels) becomes a
 //! `failed` result and is acknowledged; a transient one (the object store not
@@ -13,7 +17,8 @@
 //! decode at all goes straight to the dead-letter queue. A fault of this
 //! worker's own (a model it cannot load, a store where no image of a batch
 //! can be found) is not the items': their jobs are retried the same way,
-//! for another worker to take, and `/healthz` answers 503 with the reason.
+//! for another worker to take, without spending their attempts; the worker
+//! stops consuming for a while, and `/healthz` answers 503 with the reason.
 //!
 //! With `worker.pipeline` on (the default) the loop fetches and decodes the
 //! next batch while a model stage runs the current one, publishes its results
@@ -29,7 +34,8 @@ use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use sieve_shared::blocking::map_blocking;
@@ -104,6 +110,18 @@ pub async fn run(
         if retry::returns(&first.properties) > 0 {
             suspect = Some(first);
         } else {
+            if intake.solo {
+                // An ordinary job again: back to batches and the prefetch.
+                let held = match intake.pause().await {
+                    Ok(held) => held,
+                    Err(err) => break Err(err),
+                };
+                intake.solo = false;
+                defer(&worker, held).await;
+                if let Err(err) = intake.resume().await {
+                    break Err(err);
+                }
+            }
             let mut bytes = declared_size(&first);
             deliveries.push(first);
             let deadline = tokio::time::sleep(window);
@@ -195,12 +213,15 @@ pub async fn run(
     outcome
 }
 
-/// The prelabel consumer, which can stop and start again.
+/// The prelabel consumer, which can stop and start again, and take one job
+/// at a time while jobs that came back are about (`solo`).
 struct Intake {
     channel: lapin::Channel,
     consumer: lapin::Consumer,
     queue: String,
     tag: String,
+    prefetch: u16,
+    solo: bool,
 }
 
 impl Intake {
@@ -218,6 +239,8 @@ impl Intake {
             consumer,
             queue,
             tag,
+            prefetch,
+            solo: false,
         })
     }
 
@@ -253,7 +276,13 @@ impl Intake {
         Ok(held)
     }
 
+    /// Deliveries again: one at a time while `solo`, else the prefetch.
     async fn resume(&mut self) -> anyhow::Result<()> {
+        let prefetch = if self.solo { 1 } else { self.prefetch };
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .context("setting the prelabel prefetch")?;
         self.consumer = self
             .channel
             .basic_consume(
@@ -370,6 +399,10 @@ async fn alone(
     held.extend(held_over);
     stage.flush().await?;
     defer(worker, held).await;
+    // Jobs that came back come first (the queue hands returned ones back
+    // first), often many: take them one at a time until an ordinary one
+    // comes, so that none waits in this worker's hands while another runs.
+    intake.solo = true;
     let returned = retry::returns(&suspect.properties);
     if returned >= worker.settings.broker.delivery_limit {
         quarantine(worker, suspect, returned).await;
