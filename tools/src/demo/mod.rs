@@ -129,6 +129,9 @@ pub struct DemoReport {
     pub human_label_accuracy: Option<f64>,
     /// The accuracy the routing policy aimed at (`None`: a fixed threshold).
     pub target_accuracy: Option<f64>,
+    /// The accuracy the rounds' oracle shares are taken at: the target, or
+    /// 0.97 under a fixed threshold.
+    pub oracle_target: f64,
     /// Whether retrains also learned from machine labels (self-training).
     pub trained_on_machine_labels: bool,
     pub model_versions: usize,
@@ -192,6 +195,12 @@ pub struct RoundFigures {
     pub machine_labels: i64,
     pub in_review: i64,
     pub seconds: f64,
+    /// Share of all items labeled by machine: what the policy reached.
+    pub machine_share: f64,
+    /// Share of all items the active model could label by machine at the
+    /// report's `oracle_target`, cut at the best place knowing the truth
+    /// (see `oracle`): what its ranking allowed. `None` before it predicted.
+    pub oracle_share: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -485,12 +494,16 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
         }
         let labeled = review_round(&api, &project, &truth, args, wanted).await?;
         let status = status::project_status(ctx, &project).await?;
+        let total = status.total_items.max(1) as f64;
         history.push(RoundFigures {
             round,
             human_labels: status.human_labeled,
             machine_labels: status.machine_labeled,
             in_review: status.items.get("in_review").copied().unwrap_or(0),
             seconds: started.elapsed().as_secs_f64(),
+            machine_share: status.machine_labeled as f64 / total,
+            oracle_share: scoring::oracle_share(ctx, &project, &truth, oracle_target(&project))
+                .await?,
         });
         println!(
             "round {round} ({:.0} s): reviewers labeled {labeled}; machine-labeled {}, human-labeled {}, open tasks {}",
@@ -516,12 +529,15 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
     wait_until_predicted(ctx, &project, timeout).await?;
 
     let mut report = scoring::score(ctx, &project, &truth, args, started).await?;
+    report.oracle_target = oracle_target(&project);
     history.push(RoundFigures {
         round: history.len() + 1,
         human_labels: report.human_labels,
         machine_labels: report.machine_labels,
         in_review: report.still_in_review,
         seconds: report.seconds,
+        machine_share: report.effort_saved,
+        oracle_share: scoring::oracle_share(ctx, &project, &truth, report.oracle_target).await?,
     });
     report.history = history;
     scoring::model_figures(ctx, &project, &truth, &mut report).await?;
@@ -544,6 +560,11 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
         html_path.display()
     );
     Ok(report)
+}
+
+/// The accuracy the rounds' oracle shares are taken at.
+fn oracle_target(project: &Project) -> f64 {
+    project.policy.target_accuracy.unwrap_or(0.97)
 }
 
 /// Wait until a training run has ended and its version's promotion was

@@ -75,6 +75,34 @@ pub(super) fn render(report: &DemoReport) -> anyhow::Result<String> {
             },
         ],
     )?];
+    let share = |f: fn(&RoundFigures) -> Option<f64>| -> Vec<(f64, f64)> {
+        report
+            .history
+            .iter()
+            .filter_map(|r| f(r).map(|s| (r.round as f64, s)))
+            .collect()
+    };
+    captions.push(
+        "Per round: the share of items the policy labeled by machine, and the share the active model could have labeled at the same accuracy had its confidence been cut at the best place, knowing the truth (the oracle). The gap is what calibration, and the evidence it waits for, leave on the table.",
+    );
+    charts.push(line_chart(
+        &format!(
+            "Labeled by machine vs what the model allowed at {:.0}%",
+            report.oracle_target * 100.0
+        ),
+        "round",
+        "share of items",
+        &[
+            Series {
+                name: "by the policy",
+                points: share(|r| Some(r.machine_share)),
+            },
+            Series {
+                name: "oracle (the model's ranking, cut knowing the truth)",
+                points: share(|r| r.oracle_share),
+            },
+        ],
+    )?);
     let accuracy: Vec<(f64, f64)> = report
         .versions
         .iter()

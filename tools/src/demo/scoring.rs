@@ -187,6 +187,53 @@ fn reliability(metrics: &HoldoutMetrics) -> Vec<ReliabilityBin> {
 }
 
 #[derive(FromQueryResult)]
+struct Ranked {
+    source: String,
+    top_class: i32,
+    confidence: f32,
+}
+
+/// The share of all the project's items its active version could label by
+/// machine at `target`, cut at the best place knowing the truth: its
+/// predictions of the items without a human label, most confident first
+/// (`crate::oracle::best_prefix`). `None` without an active version.
+pub(super) async fn oracle_share(
+    ctx: &Context,
+    project: &Project,
+    truth: &Truth,
+    target: f64,
+) -> anyhow::Result<Option<f64>> {
+    let project = projects::get(&ctx.db, &project.name).await?;
+    let Some(active) = project.active_model_version_id else {
+        return Ok(None);
+    };
+    let rows = Ranked::find_by_statement(Statement::from_sql_and_values(
+        ctx.db.get_database_backend(),
+        r#"
+        SELECT i.source, p.top_class, p.confidence
+        FROM items i JOIN predictions p ON p.item_id = i.id AND p.model_version_id = $2
+        WHERE i.project_id = $1 AND i.state <> 'human_labeled'
+        "#,
+        [project.id.as_uuid().into(), active.into()],
+    ))
+    .all(&ctx.db)
+    .await?;
+    let total = status::project_status(ctx, &project)
+        .await?
+        .total_items
+        .max(1) as f64;
+    let mut ranked: Vec<(f32, bool)> = rows
+        .iter()
+        .map(|r| {
+            let right = truth.class_of(&r.source) == usize::try_from(r.top_class).ok();
+            (r.confidence, right)
+        })
+        .collect();
+    let (len, _) = crate::oracle::best_prefix(&mut ranked, target);
+    Ok(Some(len as f64 / total))
+}
+
+#[derive(FromQueryResult)]
 struct PredictionRow {
     source: String,
     top_class: i32,

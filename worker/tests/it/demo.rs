@@ -146,6 +146,21 @@ async fn quick_demo_report_adds_up() {
         report.history.last().unwrap().machine_labels,
         report.machine_labels
     );
+    // Each round says what the policy reached and what the model's ranking
+    // allowed at the same accuracy (the oracle), and the page draws both.
+    for round in &report.history {
+        let oracle = round.oracle_share.expect("a model was active every round");
+        assert!((0.0..=1.0).contains(&oracle), "{round:?}");
+        assert!((0.0..=1.0).contains(&round.machine_share), "{round:?}");
+    }
+    let last = report.history.last().unwrap();
+    assert!((last.machine_share - report.effort_saved).abs() < 1e-9);
+    assert!(
+        last.oracle_share.unwrap() > 0.0,
+        "the final model's most confident predictions reach {}: {last:?}",
+        report.oracle_target
+    );
+    assert!(page.contains("what the model allowed"));
     assert_eq!(report.versions.len(), report.model_versions);
     assert_eq!(report.per_class.len(), fashion_mnist::CLASSES.len());
     assert_eq!(
