@@ -197,6 +197,12 @@ pub async fn run(
                     break Err(err);
                 }
             }
+            if let Err(err) = stage.flush().await {
+                break Err(err);
+            }
+            if let Err(err) = intake.return_stranded().await {
+                break Err(err);
+            }
             tokio::select! {
                 () = stop.cancelled() => break Ok(()),
                 () = tokio::time::sleep(pause) => {}
@@ -208,7 +214,25 @@ pub async fn run(
     };
     // Drain: the batches handed to the model stage finish and are acked.
     stage.close().await?;
-    // Prefetched but unstarted jobs return to the queue with the channel.
+    // Jobs delivered but not started go back as they were, for a second.
+    // Returned with the channel instead, each would count as a return (as
+    // if this worker had died on it), and the next worker would run them
+    // one at a time as suspects. (Those RabbitMQ had on their way when the
+    // consumer was cancelled, at most one batch's refill, still return with
+    // the channel.)
+    if outcome.is_ok() {
+        match intake.pause().await {
+            Ok(mut held) => {
+                held.extend(held_over.take());
+                defer(&worker, held).await;
+            }
+            Err(err) => tracing::warn!(
+                error = format!("{err:#}"),
+                "could not stop the prelabel consumer; what it holds returns to the queue"
+            ),
+        }
+    }
+    // Anything still unsettled returns to the queue with the channel.
     intake.channel.close(200, "draining".into()).await.ok();
     outcome
 }
@@ -274,6 +298,25 @@ impl Intake {
             held.extend(next.ok());
         }
         Ok(held)
+    }
+
+    /// Hand back to the queue every delivery of this channel not yet
+    /// settled. Call only when this worker holds nothing it will still
+    /// settle: it is for the deliveries RabbitMQ had on their way when the
+    /// consumer was cancelled, which lapin drops (no consumer is left to
+    /// take them), so that they do not stay unacknowledged for as long as
+    /// the channel lives. They come back counted as returned.
+    async fn return_stranded(&self) -> anyhow::Result<()> {
+        self.channel
+            .basic_nack(
+                0,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await
+            .context("handing back deliveries that came after the pause")
     }
 
     /// Deliveries again: one at a time while `solo`, else the prefetch.
@@ -414,6 +457,7 @@ async fn alone(
         let prepared = prepare(worker, vec![suspect]).await;
         finish(worker, prepared).await;
     }
+    intake.return_stranded().await?;
     intake.resume().await
 }
 
