@@ -95,6 +95,12 @@ impl Health {
         }
     }
 
+    /// The consumer `name` moved to `channel` (its guard, from
+    /// [`Health::consuming`], still marks it gone when dropped).
+    pub fn moved(&self, name: &'static str, channel: &Channel) {
+        self.set(name, Consumer::Consuming(channel.status().clone()));
+    }
+
     /// The consumer `name` is subscribed on `channel`. It counts as gone
     /// once the returned guard drops (its loop ended, however it ended).
     #[must_use = "the consumer counts as gone when the guard drops"]

@@ -33,10 +33,7 @@ use anyhow::Context as _;
 use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use sieve_shared::blocking::map_blocking;
 use sieve_shared::ids::ModelVersionId;
@@ -72,7 +69,7 @@ pub async fn run(
     // third is arriving: the prefetch covers all three.
     let in_flight = if settings.pipeline { 3 } else { 2 };
     let mut intake = Intake::start(
-        &connection,
+        connection.clone(),
         worker.topology().prelabel_queue(),
         format!("{}-prelabel", worker.id),
         u16::try_from(batch_size * in_flight).unwrap_or(u16::MAX),
@@ -109,19 +106,23 @@ pub async fn run(
         let mut deliveries = Vec::new();
         if retry::returns(&first.properties) > 0 {
             suspect = Some(first);
-        } else {
-            if intake.solo {
-                // An ordinary job again: back to batches and the prefetch.
-                let held = match intake.pause().await {
-                    Ok(held) => held,
-                    Err(err) => break Err(err),
-                };
-                intake.solo = false;
+        } else if intake.solo {
+            // An ordinary job again: it runs (alone, as it came), then the
+            // intake goes back to batches and the prefetch.
+            let prepared = prepare(&worker, vec![first]).await;
+            let back = async {
+                stage.run(&worker, prepared).await?;
+                stage.flush().await?;
+                let held = intake.pause().await?;
                 defer(&worker, held).await;
-                if let Err(err) = intake.resume().await {
-                    break Err(err);
-                }
+                intake.solo = false;
+                intake.resume(&worker.health).await
+            };
+            if let Err(err) = back.await {
+                break Err(err);
             }
+            continue;
+        } else {
             let mut bytes = declared_size(&first);
             deliveries.push(first);
             let deadline = tokio::time::sleep(window);
@@ -200,14 +201,11 @@ pub async fn run(
             if let Err(err) = stage.flush().await {
                 break Err(err);
             }
-            if let Err(err) = intake.return_stranded().await {
-                break Err(err);
-            }
             tokio::select! {
                 () = stop.cancelled() => break Ok(()),
                 () = tokio::time::sleep(pause) => {}
             }
-            if let Err(err) = intake.resume().await {
+            if let Err(err) = intake.resume(&worker.health).await {
                 break Err(err);
             }
         }
@@ -240,6 +238,7 @@ pub async fn run(
 /// The prelabel consumer, which can stop and start again, and take one job
 /// at a time while jobs that came back are about (`solo`).
 struct Intake {
+    connection: Arc<Connection>,
     channel: lapin::Channel,
     consumer: lapin::Consumer,
     queue: String,
@@ -250,15 +249,16 @@ struct Intake {
 
 impl Intake {
     async fn start(
-        connection: &Connection,
+        connection: Arc<Connection>,
         queue: String,
         tag: String,
         prefetch: u16,
     ) -> anyhow::Result<Self> {
-        let (channel, consumer) = broker::consume(connection, &queue, prefetch, &tag)
+        let (channel, consumer) = broker::consume(&connection, &queue, prefetch, &tag)
             .await
             .with_context(|| format!("consuming {queue}"))?;
         Ok(Self {
+            connection,
             channel,
             consumer,
             queue,
@@ -300,42 +300,25 @@ impl Intake {
         Ok(held)
     }
 
-    /// Hand back to the queue every delivery of this channel not yet
-    /// settled. Call only when this worker holds nothing it will still
-    /// settle: it is for the deliveries RabbitMQ had on their way when the
-    /// consumer was cancelled, which lapin drops (no consumer is left to
-    /// take them), so that they do not stay unacknowledged for as long as
-    /// the channel lives. They come back counted as returned.
-    async fn return_stranded(&self) -> anyhow::Result<()> {
-        self.channel
-            .basic_nack(
-                0,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                },
-            )
-            .await
-            .context("handing back deliveries that came after the pause")
-    }
-
-    /// Deliveries again: one at a time while `solo`, else the prefetch.
-    async fn resume(&mut self) -> anyhow::Result<()> {
+    /// Deliveries again, on a new channel: one at a time while `solo`,
+    /// else the prefetch. Call only when every delivery of the old channel
+    /// this worker took is settled. Closing it hands back what RabbitMQ had
+    /// on its way when the consumer was cancelled (lapin drops those, with
+    /// no consumer left to take them; they come back counted as returned).
+    /// A new channel, not a new consumer on the old one: RabbitMQ 3.10
+    /// closes the connection (INTERNAL_ERROR, a `function_clause` in
+    /// `rabbit_channel:handle_deliver0`) when a quorum queue's late delivery
+    /// for a cancelled consumer reaches a channel that consumes again.
+    async fn resume(&mut self, health: &crate::health::Health) -> anyhow::Result<()> {
+        self.channel.close(200, "paused".into()).await.ok();
         let prefetch = if self.solo { 1 } else { self.prefetch };
-        self.channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .context("setting the prelabel prefetch")?;
-        self.consumer = self
-            .channel
-            .basic_consume(
-                self.queue.as_str().into(),
-                self.tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context("resuming the prelabel consumer")?;
+        let (channel, consumer) =
+            broker::consume(&self.connection, &self.queue, prefetch, &self.tag)
+                .await
+                .context("resuming the prelabel consumer")?;
+        health.moved("prelabel", &channel);
+        self.channel = channel;
+        self.consumer = consumer;
         Ok(())
     }
 }
@@ -457,8 +440,7 @@ async fn alone(
         let prepared = prepare(worker, vec![suspect]).await;
         finish(worker, prepared).await;
     }
-    intake.return_stranded().await?;
-    intake.resume().await
+    intake.resume(&worker.health).await
 }
 
 /// Put jobs back as they are, for later: a copy to the first delay queue
