@@ -187,10 +187,36 @@ fn reliability(metrics: &HoldoutMetrics) -> Vec<ReliabilityBin> {
 }
 
 #[derive(FromQueryResult)]
-struct Ranked {
+struct PredictionRow {
     source: String,
     top_class: i32,
     confidence: f32,
+    margin: f32,
+    entropy: f32,
+    disagreement: f32,
+    mutual_information: f32,
+}
+
+/// `version`'s predictions of the project's items without a human label.
+async fn unlabeled_predictions(
+    ctx: &Context,
+    project: &Project,
+    version: uuid::Uuid,
+) -> anyhow::Result<Vec<PredictionRow>> {
+    Ok(
+        PredictionRow::find_by_statement(Statement::from_sql_and_values(
+            ctx.db.get_database_backend(),
+            r#"
+        SELECT i.source, p.top_class, p.confidence, p.margin, p.entropy,
+               p.disagreement, p.mutual_information
+        FROM items i JOIN predictions p ON p.item_id = i.id AND p.model_version_id = $2
+        WHERE i.project_id = $1 AND i.state <> 'human_labeled'
+        "#,
+            [project.id.as_uuid().into(), version.into()],
+        ))
+        .all(&ctx.db)
+        .await?,
+    )
 }
 
 /// The share of all the project's items its active version could label by
@@ -207,17 +233,7 @@ pub(super) async fn oracle_share(
     let Some(active) = project.active_model_version_id else {
         return Ok(None);
     };
-    let rows = Ranked::find_by_statement(Statement::from_sql_and_values(
-        ctx.db.get_database_backend(),
-        r#"
-        SELECT i.source, p.top_class, p.confidence
-        FROM items i JOIN predictions p ON p.item_id = i.id AND p.model_version_id = $2
-        WHERE i.project_id = $1 AND i.state <> 'human_labeled'
-        "#,
-        [project.id.as_uuid().into(), active.into()],
-    ))
-    .all(&ctx.db)
-    .await?;
+    let rows = unlabeled_predictions(ctx, &project, active).await?;
     let total = status::project_status(ctx, &project)
         .await?
         .total_items
@@ -233,17 +249,6 @@ pub(super) async fn oracle_share(
     Ok(Some(len as f64 / total))
 }
 
-#[derive(FromQueryResult)]
-struct PredictionRow {
-    source: String,
-    top_class: i32,
-    confidence: f32,
-    margin: f32,
-    entropy: f32,
-    disagreement: f32,
-    mutual_information: f32,
-}
-
 /// For each target of [`CURVE_TARGETS`]: calibrate the active version's
 /// thresholds on its holdout (the same human labels the run ended with),
 /// route its predictions of every item without a human label through the
@@ -256,18 +261,7 @@ async fn curve(
     metrics: &HoldoutMetrics,
     truth: &Truth,
 ) -> anyhow::Result<Vec<CurvePoint>> {
-    let rows = PredictionRow::find_by_statement(Statement::from_sql_and_values(
-        ctx.db.get_database_backend(),
-        r#"
-        SELECT i.source, p.top_class, p.confidence, p.margin, p.entropy,
-               p.disagreement, p.mutual_information
-        FROM items i JOIN predictions p ON p.item_id = i.id AND p.model_version_id = $2
-        WHERE i.project_id = $1 AND i.state <> 'human_labeled'
-        "#,
-        [project.id.as_uuid().into(), active.into()],
-    ))
-    .all(&ctx.db)
-    .await?;
+    let rows = unlabeled_predictions(ctx, project, active).await?;
     let total = status::project_status(ctx, project)
         .await?
         .total_items
