@@ -52,7 +52,7 @@ impl Context {
             .context("declaring the RabbitMQ topology")?;
         channel.close(200, "declared".into()).await.ok();
         let publisher = Publisher::new(&connection, topology).await?;
-        let store = Store::open(&settings.store)?;
+        let store = Store::connect(&settings.store, &settings.s3).await?;
         Ok(Self {
             db,
             claims,

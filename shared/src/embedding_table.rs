@@ -194,10 +194,7 @@ mod tests {
     use crate::settings::StoreSettings;
 
     fn store(dir: &tempfile::TempDir) -> Store {
-        Store::open(&StoreSettings {
-            root: dir.path().to_owned(),
-        })
-        .unwrap()
+        Store::open(&StoreSettings::local(dir.path())).unwrap()
     }
 
     #[tokio::test]

@@ -130,16 +130,78 @@ impl Default for RedisSettings {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
-    /// Root of the object store: a local directory (default) or a
-    /// `file://` URL. Scheduler and workers must see the same store.
+    /// Root of the object store when it is a local directory (the default)
+    /// or a `file://` URL. Scheduler and workers must see the same store.
     pub root: PathBuf,
+    /// The store as a URL, which wins over `root` when set:
+    /// `s3://BUCKET/PREFIX` (an S3-compatible bucket reached with the `s3.*`
+    /// settings; scheduler and workers then share no directory) or
+    /// `file:///PATH`.
+    pub url: Option<String>,
 }
 
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             root: PathBuf::from("sieve-data"),
+            url: None,
         }
+    }
+}
+
+/// Where the object store is, from [`StoreSettings`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A local directory.
+    Local(PathBuf),
+    /// Under `prefix` (possibly empty) of an S3 bucket.
+    S3 { bucket: String, prefix: String },
+}
+
+impl StoreSettings {
+    /// A store in a local directory.
+    pub fn local(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            url: None,
+        }
+    }
+
+    /// Where the store is: `url` when set, else `root`. The error says
+    /// what is wrong with the URL.
+    pub fn location(&self) -> Result<StoreLocation, String> {
+        let Some(url) = self.url.as_deref().map(str::trim) else {
+            let raw = self.root.to_string_lossy();
+            let root = raw.strip_prefix("file://").unwrap_or(&raw);
+            return Ok(StoreLocation::Local(PathBuf::from(root)));
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err(format!("store.url {url:?} names no directory"));
+            }
+            return Ok(StoreLocation::Local(PathBuf::from(path)));
+        }
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return Err(format!(
+                "store.url {url:?} is neither s3://BUCKET/PREFIX nor file:///PATH"
+            ));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!("store.url {url:?} names no bucket"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|segment| {
+            matches!(segment, "." | "..") || (segment.is_empty() && !prefix.is_empty())
+        }) {
+            return Err(format!(
+                "store.url {url:?}: the prefix may not have empty, '.' or '..' segments"
+            ));
+        }
+        Ok(StoreLocation::S3 {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
     }
 }
 
@@ -424,6 +486,9 @@ impl Settings {
         }
         if self.broker.prefix.is_empty() {
             wrong.push("broker.prefix must not be empty".into());
+        }
+        if let Err(reason) = self.store.location() {
+            wrong.push(reason);
         }
         if self.worker.capabilities.is_empty() {
             wrong.push("worker.capabilities must name prelabel, train, or both".into());

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
-use crate::settings::StoreSettings;
+use crate::settings::{S3Settings, StoreLocation, StoreSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -51,6 +53,30 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     /// The same backend when it is a local directory.
     local: Option<LocalFiles>,
+    /// Where the store is in its bucket, when it is sieve's store in S3.
+    home: Option<Arc<S3Home>>,
+}
+
+/// Sieve's store in an S3 bucket: its keys are the objects under `prefix`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Home {
+    pub bucket: String,
+    /// Without a trailing `/`; empty: the whole bucket.
+    pub prefix: String,
+}
+
+impl S3Home {
+    /// The store's key of the bucket's object `key`, if it lies under the
+    /// store's prefix.
+    pub fn key_of<'k>(&self, bucket: &str, key: &'k str) -> Option<&'k str> {
+        if bucket != self.bucket {
+            return None;
+        }
+        if self.prefix.is_empty() {
+            return Some(key);
+        }
+        key.strip_prefix(self.prefix.as_str())?.strip_prefix('/')
+    }
 }
 
 /// Blocking access to the objects of a local store, for work on many small
@@ -124,9 +150,104 @@ pub struct Listed {
 }
 
 impl Store {
+    /// The scheduler's store, where the settings put it: a local directory
+    /// (created and marked, as [`Store::open`]) or a bucket prefix (marked
+    /// with the same [`MARKER`] object when it has none).
+    pub async fn connect(store: &StoreSettings, s3: &S3Settings) -> Result<Self, StoreError> {
+        match location(store)? {
+            StoreLocation::Local(_) => Self::open(store),
+            StoreLocation::S3 { bucket, prefix } => {
+                let opened = Self::s3_home(s3, &bucket, &prefix)?;
+                match opened.size(MARKER).await {
+                    Ok(_) => {}
+                    Err(StoreError::NotFound(_)) => opened
+                        .put(
+                            MARKER,
+                            Bytes::from_static(
+                                b"a sieve object store: images, snapshots, model artifacts\n",
+                            ),
+                        )
+                        .await
+                        .map_err(|err| unreachable_bucket(&opened, err))?,
+                    Err(err) => return Err(unreachable_bucket(&opened, err)),
+                }
+                Ok(opened)
+            }
+        }
+    }
+
+    /// A store that must be there already (what a worker opens): a local
+    /// directory as [`Store::open_existing`], or a bucket prefix holding the
+    /// [`MARKER`] the scheduler wrote. A bucket that cannot be reached, or a
+    /// prefix without the marker (a typo, another deployment's bucket), is
+    /// refused at start rather than failing every image.
+    pub async fn connect_existing(
+        store: &StoreSettings,
+        s3: &S3Settings,
+    ) -> Result<Self, StoreError> {
+        match location(store)? {
+            StoreLocation::Local(_) => Self::open_existing(store),
+            StoreLocation::S3 { bucket, prefix } => {
+                let opened = Self::s3_home(s3, &bucket, &prefix)?;
+                match opened.size(MARKER).await {
+                    Ok(_) => Ok(opened),
+                    Err(StoreError::NotFound(_)) => Err(StoreError::Open {
+                        root: opened.describe(),
+                        reason: format!(
+                            "no {MARKER} object under it: not a sieve store (the scheduler marks the store when it first opens it: run `sieve migrate` with the same store.url)"
+                        ),
+                    }),
+                    Err(err) => Err(unreachable_bucket(&opened, err)),
+                }
+            }
+        }
+    }
+
+    /// A client for a whole `bucket` from the `s3.*` settings (an ingest
+    /// source). The secret goes to the client and nowhere else
+    /// (`object_store` redacts it in its own output).
+    pub fn s3_bucket(s3: &S3Settings, bucket: &str) -> Result<Self, StoreError> {
+        Ok(Self::from_backend(s3_client(s3, bucket)?))
+    }
+
+    /// Sieve's store under `prefix` of `bucket`.
+    fn s3_home(s3: &S3Settings, bucket: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = s3_client(s3, bucket)?;
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            client
+        } else {
+            Arc::new(PrefixStore::new(client, prefix))
+        };
+        Ok(Self {
+            inner,
+            local: None,
+            home: Some(Arc::new(S3Home {
+                bucket: bucket.to_owned(),
+                prefix: prefix.to_owned(),
+            })),
+        })
+    }
+
+    /// Where this store is in S3, when it is sieve's store there.
+    pub fn s3_home_of(&self) -> Option<&S3Home> {
+        self.home.as_deref()
+    }
+
+    /// The store's location for people: a directory or `s3://BUCKET/PREFIX`.
+    pub fn describe(&self) -> String {
+        match (&self.local, &self.home) {
+            (Some(files), _) => files.root().display().to_string(),
+            (None, Some(home)) if home.prefix.is_empty() => format!("s3://{}", home.bucket),
+            (None, Some(home)) => format!("s3://{}/{}", home.bucket, home.prefix),
+            (None, None) => "an object store".into(),
+        }
+    }
+
     pub fn open(settings: &StoreSettings) -> Result<Self, StoreError> {
-        let raw = settings.root.to_string_lossy();
-        let root = raw.strip_prefix("file://").unwrap_or(&raw).to_owned();
+        let root = match location(settings)? {
+            StoreLocation::Local(root) => root.to_string_lossy().into_owned(),
+            StoreLocation::S3 { .. } => return Err(not_local(settings)),
+        };
         let open = |reason: String| StoreError::Open {
             root: root.clone(),
             reason,
@@ -148,8 +269,10 @@ impl Store {
     /// is missing or unmarked is a volume not mounted (or a wrong path), and
     /// every image read from it would fail.
     pub fn open_existing(settings: &StoreSettings) -> Result<Self, StoreError> {
-        let raw = settings.root.to_string_lossy();
-        let root = raw.strip_prefix("file://").unwrap_or(&raw).to_owned();
+        let root = match location(settings)? {
+            StoreLocation::Local(root) => root.to_string_lossy().into_owned(),
+            StoreLocation::S3 { .. } => return Err(not_local(settings)),
+        };
         let refuse = |reason: String| StoreError::Open {
             root: root.clone(),
             reason,
@@ -183,13 +306,18 @@ impl Store {
                 fs,
                 root: canonical.into(),
             }),
+            home: None,
         })
     }
 
     /// A store over any `object_store` backend (an S3 bucket that ingest
     /// reads from, say).
     pub fn from_backend(inner: Arc<dyn ObjectStore>) -> Self {
-        Self { inner, local: None }
+        Self {
+            inner,
+            local: None,
+            home: None,
+        }
     }
 
     /// Blocking file access, when this store is a local directory.
@@ -528,6 +656,63 @@ impl LocalFiles {
     }
 }
 
+fn location(settings: &StoreSettings) -> Result<StoreLocation, StoreError> {
+    settings.location().map_err(|reason| StoreError::Open {
+        root: settings
+            .url
+            .clone()
+            .unwrap_or_else(|| settings.root.display().to_string()),
+        reason,
+    })
+}
+
+fn not_local(settings: &StoreSettings) -> StoreError {
+    StoreError::Open {
+        root: settings.url.clone().unwrap_or_default(),
+        reason: "not a local directory (open it with Store::connect)".into(),
+    }
+}
+
+fn unreachable_bucket(store: &Store, err: StoreError) -> StoreError {
+    StoreError::Open {
+        root: store.describe(),
+        reason: format!("cannot reach the bucket (s3.* settings): {err}"),
+    }
+}
+
+/// An S3 client for `bucket` from the `s3.*` settings.
+fn s3_client(s3: &S3Settings, bucket: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let refuse = |reason: String| StoreError::Open {
+        root: format!("s3://{bucket}"),
+        reason,
+    };
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region(&s3.region)
+        .with_allow_http(s3.allow_http);
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    match (&s3.access_key_id, &s3.secret_access_key) {
+        (Some(id), Some(secret)) => {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret.expose());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(refuse(
+                "set both s3.access_key_id and s3.secret_access_key, or neither (instance credentials)"
+                    .into(),
+            ));
+        }
+    }
+    let client = builder
+        .build()
+        .map_err(|e| refuse(format!("configuring the S3 client (s3.* settings): {e}")))?;
+    Ok(Arc::new(client))
+}
+
 /// Hex SHA-256 of some bytes: item identity and artifact checksums.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -548,10 +733,7 @@ mod tests {
     /// A local store in a fresh directory (removed when the guard drops).
     fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&StoreSettings {
-            root: dir.path().to_owned(),
-        })
-        .expect("open");
+        let store = Store::open(&StoreSettings::local(dir.path())).expect("open");
         (dir, store)
     }
 

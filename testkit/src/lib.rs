@@ -11,6 +11,8 @@
 //!   [`with_app`]) and the HTTP and review-queue helpers tests call on it.
 //! - [`fixtures`]: rows and messages built by hand: items, stub model
 //!   versions ([`StubVersion`]), scored results ([`Scored`]), PNGs.
+//! - [`s3`]: a real S3 API of the test's own ([`Moto`]), for sieve's store
+//!   in a bucket and for ingest from one.
 //! - [`wait`]: [`eventually`], polling until a deadline.
 //!
 //! Why one crate: every test gets the same isolation and the same cleanup,
@@ -24,11 +26,13 @@
 pub mod app;
 pub mod env;
 pub mod fixtures;
+pub mod s3;
 pub mod sandbox;
 pub mod wait;
 
 pub use app::{App, Seeded, SeededTask, TestApp, with_app, with_app_configured};
 pub use env::{ProjectEnv, item_ids};
 pub use fixtures::{Scored, StubVersion, activate_stub, insert_item, png, pngs};
+pub use s3::Moto;
 pub use sandbox::Sandbox;
 pub use wait::eventually;

@@ -678,7 +678,7 @@ fn training(args: &BenchArgs) -> anyhow::Result<()> {
 /// each size before any training starts.
 async fn snapshot_formats(args: &BenchArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("sieve-bench-snapshots-{}", std::process::id()));
-    let store = Store::open(&sieve_shared::settings::StoreSettings { root: dir.clone() })?;
+    let store = Store::open(&sieve_shared::settings::StoreSettings::local(dir.clone()))?;
     let measured = snapshot_rows(args, &store).await;
     let _ = std::fs::remove_dir_all(&dir);
     measured

@@ -60,7 +60,7 @@ pub async fn run(
     let publisher = Publisher::new(&publish_conn, topology).await?;
     // Not `open`: a worker must not create an empty store where the shared
     // one should be mounted.
-    let store = Store::open_existing(&settings.store)?;
+    let store = Store::connect_existing(&settings.store, &settings.s3).await?;
     let mut consumers = vec!["control"];
     consumers.extend(capabilities.iter().map(|c| c.name()));
     let health = Health::new(

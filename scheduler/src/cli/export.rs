@@ -39,7 +39,8 @@ pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> 
     };
     let summary = match folder {
         Some(dir) => {
-            let store = sieve_shared::store::Store::open_existing(&settings.store)?;
+            let store =
+                sieve_shared::store::Store::connect_existing(&settings.store, &settings.s3).await?;
             let (summary, placed) = folder::write(export, &store, &dir, options).await?;
             eprintln!(
                 "images: {} hard-linked from the store, {} copied; {} beside them",

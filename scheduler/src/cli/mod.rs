@@ -38,7 +38,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let conn = db::connect(&settings.database).await?;
             let applied = db::migrate(&conn).await?;
             // Marks the store, so workers started next find it.
-            sieve_shared::store::Store::open(&settings.store)?;
+            sieve_shared::store::Store::connect(&settings.store, &settings.s3).await?;
             println!("database is up to date ({applied} migration(s) applied)");
         }
         Command::Serve => {

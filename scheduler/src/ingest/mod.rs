@@ -1474,6 +1474,7 @@ async fn prefix_objects(
     prefix: &Prefix,
     options: &Options,
 ) -> anyhow::Result<IngestSummary> {
+    let prefix = &prefix.within(&ctx.store);
     let store = prefix.open(ctx)?;
     let progress = Progress::new(None, "objects", options);
     let batch_size = ctx.settings.ingest.batch_size.max(1);

@@ -15,10 +15,7 @@
 //! project) are copied into the project's own area.
 
 use std::fmt;
-use std::sync::Arc;
 
-use anyhow::Context as _;
-use object_store::aws::AmazonS3Builder;
 use sieve_shared::settings::S3Settings;
 use sieve_shared::store::Store;
 
@@ -129,6 +126,22 @@ impl Prefix {
         }
     }
 
+    /// The same objects as a prefix of sieve's own store, when they lie in
+    /// it (sieve's store is this bucket, and the prefix is under the
+    /// store's): read in place, as `store:` prefixes are, not copied.
+    pub fn within(&self, store: &Store) -> Prefix {
+        if let (Prefix::S3 { bucket, prefix }, Some(home)) = (self, store.s3_home_of())
+            && let Some(own) = home.key_of(bucket, prefix)
+            && !own.is_empty()
+            && refuse_key(own).is_none()
+        {
+            return Prefix::Store {
+                prefix: own.to_owned(),
+            };
+        }
+        self.clone()
+    }
+
     /// The store to list and read.
     pub fn open(&self, ctx: &Context) -> anyhow::Result<Store> {
         match self {
@@ -168,31 +181,10 @@ fn check_bucket(bucket: &str) -> Result<(), String> {
     }
 }
 
-/// A client for `bucket` from the `s3.*` settings. The secret goes to the
-/// client and nowhere else (`object_store` redacts it in its own output).
+/// A client for `bucket` from the `s3.*` settings (see
+/// [`Store::s3_bucket`]).
 pub fn s3_store(settings: &S3Settings, bucket: &str) -> anyhow::Result<Store> {
-    let mut builder = AmazonS3Builder::new()
-        .with_bucket_name(bucket)
-        .with_region(&settings.region)
-        .with_allow_http(settings.allow_http);
-    if let Some(endpoint) = &settings.endpoint {
-        builder = builder.with_endpoint(endpoint);
-    }
-    match (&settings.access_key_id, &settings.secret_access_key) {
-        (Some(id), Some(secret)) => {
-            builder = builder
-                .with_access_key_id(id)
-                .with_secret_access_key(secret.expose());
-        }
-        (None, None) => {}
-        _ => anyhow::bail!(
-            "set both s3.access_key_id and s3.secret_access_key, or neither (instance credentials)"
-        ),
-    }
-    let s3 = builder.build().with_context(|| {
-        format!("configuring the S3 client for bucket {bucket} (s3.* settings)")
-    })?;
-    Ok(Store::from_backend(Arc::new(s3)))
+    Ok(Store::s3_bucket(settings, bucket)?)
 }
 
 #[cfg(test)]

@@ -294,15 +294,20 @@ fn compose_has_every_service_with_sound_dependencies() {
                 "{where_}: stop_grace_period {grace}s must exceed the drain ({drain}s)"
             );
         }
-        if ["scheduler", "demo"].contains(&name) || name.starts_with("worker") {
-            let store = compose["services"][name]["environment"]["SIEVE_STORE__ROOT"]
-                .as_str()
-                .unwrap();
+        if ["scheduler", "demo", "migrate"].contains(&name) || name.starts_with("worker") {
+            // The store is a bucket reached over the network: no process
+            // shares a directory with another.
+            let env = &compose["services"][name]["environment"];
+            let url = env["SIEVE_STORE__URL"].as_str().unwrap_or_default();
+            assert!(url.starts_with("s3://"), "{where_}: store.url {url:?}");
             assert!(
-                strings(&service["volumes"])
-                    .iter()
-                    .any(|v| v.starts_with("store:") && v.ends_with(store)),
-                "{where_} does not mount the shared store volume at {store}"
+                env["SIEVE_S3__ENDPOINT"].as_str().is_some(),
+                "{where_}: no s3.endpoint"
+            );
+            assert!(
+                service["volumes"].is_null(),
+                "{where_} mounts a volume: {:?}",
+                service["volumes"]
             );
         }
     }
@@ -356,7 +361,13 @@ fn k8s_manifests_are_complete_and_consistent() {
     };
     let drain: u64 = setting("SIEVE_WORKER__DRAIN_SECONDS")
         .map_or(default_drain_seconds(), |v| v.parse().unwrap());
-    let store_root = setting("SIEVE_STORE__ROOT").unwrap();
+    let store_url = setting("SIEVE_STORE__URL").unwrap();
+    assert!(store_url.starts_with("s3://"), "store.url {store_url:?}");
+    assert!(setting("SIEVE_S3__ENDPOINT").is_some());
+    assert!(
+        !of("PersistentVolumeClaim").contains_key("sieve-store"),
+        "pods share no store volume"
+    );
     let prefix = setting("SIEVE_BROKER__PREFIX").unwrap_or_else(|| "sieve".into());
 
     let deployments = of("Deployment");
@@ -376,8 +387,8 @@ fn k8s_manifests_are_complete_and_consistent() {
         );
         let claims: BTreeMap<String, String> = pod["volumes"]
             .as_sequence()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
             .filter_map(|v| {
                 let claim = v["persistentVolumeClaim"]["claimName"].as_str()?;
                 Some((v["name"].as_str().unwrap().to_owned(), claim.to_owned()))
@@ -448,11 +459,10 @@ fn k8s_manifests_are_complete_and_consistent() {
             assert!(
                 container["volumeMounts"]
                     .as_sequence()
-                    .unwrap()
-                    .iter()
-                    .any(|m| m["mountPath"].as_str() == Some(store_root.as_str())
-                        && claims.contains_key(m["name"].as_str().unwrap())),
-                "{where_}: the object store is not mounted at {store_root}"
+                    .into_iter()
+                    .flatten()
+                    .all(|m| !claims.contains_key(m["name"].as_str().unwrap())),
+                "{where_}: mounts a claim; the object store is {store_url}"
             );
             if image.ends_with("cuda") {
                 assert_eq!(

@@ -1,87 +1,16 @@
-//! Ingest from an S3 bucket (`s3://BUCKET/PREFIX`) against a real S3 API:
-//! moto's server (`moto_server`, from PyPI's `moto[s3]`, installed by
-//! `ops/install-deps.sh`), reached through the `s3.*` settings exactly as a
-//! MinIO would be: endpoint, region, key pair, plain HTTP allowed. The
-//! images are copied into sieve's own store, content-addressed; PostgreSQL
-//! and RabbitMQ are the real ones, as in every ingest test.
+//! Ingest from an S3 bucket (`s3://BUCKET/PREFIX`) against a real S3 API
+//! (the kit's [`Moto`]). Into a local store the images are copied,
+//! content-addressed; into a store in the same bucket they are used where
+//! they lie. PostgreSQL and RabbitMQ are the real ones, as in every ingest
+//! test.
 
 #![allow(clippy::unwrap_used)]
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use sieve_scheduler::entities::item::ItemState;
 use sieve_scheduler::ingest::prefix::{self, Prefix};
 use sieve_scheduler::ingest::{self, Options, Source};
-use sieve_shared::settings::Secret;
 use sieve_shared::store::{image_key, sha256_hex};
-use sieve_testkit::ProjectEnv;
-
-/// Where `ops/install-deps.sh` puts moto's server.
-const MOTO: &str = "/var/tmp/sieve-moto/bin/moto_server";
-
-/// A moto S3 server on a free port, stopped on drop.
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Moto {
-    async fn start() -> Self {
-        let binary = if Path::new(MOTO).exists() {
-            PathBuf::from(MOTO)
-        } else {
-            PathBuf::from("moto_server")
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(&binary)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {}: {e}; ops/install-deps.sh installs moto's S3 server",
-                    binary.display()
-                )
-            });
-        let moto = Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let started = Instant::now();
-        while reqwest::get(&moto.endpoint).await.is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "moto_server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        moto
-    }
-
-    async fn create_bucket(&self, bucket: &str) {
-        let status = reqwest::Client::new()
-            .put(format!("{}/{bucket}", self.endpoint))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert!(status.is_success(), "creating bucket {bucket}: {status}");
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
+use sieve_testkit::{Moto, ProjectEnv};
 
 fn png(seed: u8) -> Vec<u8> {
     let img = image::GrayImage::from_pixel(5, 3 + u32::from(seed), image::Luma([seed]));
@@ -94,13 +23,9 @@ fn png(seed: u8) -> Vec<u8> {
 async fn a_bucket_prefix_is_copied_in_once_and_its_bad_objects_are_reported() {
     let moto = Moto::start().await;
     moto.create_bucket("photos").await;
-    let endpoint = moto.endpoint.clone();
     let env = ProjectEnv::start("control", |settings| {
         settings.ingest.batch_size = 2;
-        settings.s3.endpoint = Some(endpoint);
-        settings.s3.allow_http = true;
-        settings.s3.access_key_id = Some("AKIAMOTOTEST".into());
-        settings.s3.secret_access_key = Some(Secret::new("moto-secret-key"));
+        moto.configure(settings);
         settings.ingest.max_file_bytes = 100_000;
     })
     .await;
@@ -197,6 +122,66 @@ async fn a_bucket_prefix_is_copied_in_once_and_its_bad_objects_are_reported() {
     assert!(
         format!("{err:#}").contains("s3://no-such-bucket/x/"),
         "{err:#}"
+    );
+    env.teardown().await;
+}
+
+/// With sieve's store in the bucket, a prefix under the store's is read in
+/// place (`s3://` or `store:` alike): its objects keep their keys and
+/// nothing is copied; a prefix of the bucket outside the store is copied
+/// in, as from any bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_inside_a_bucket_store_is_ingested_in_place() {
+    let moto = Moto::start().await;
+    moto.create_bucket("fleet").await;
+    let env = ProjectEnv::start("control", |settings| {
+        moto.store_in(settings, "fleet", "sieve/prod");
+    })
+    .await;
+    let bucket = prefix::s3_store(&env.settings.s3, "fleet").unwrap();
+    for (key, bytes) in [
+        ("sieve/prod/incoming/a.png", png(1)),
+        ("sieve/prod/incoming/b.png", png(2)),
+        ("elsewhere/c.png", png(3)),
+    ] {
+        bucket.put(key, bytes.into()).await.unwrap();
+    }
+
+    let inside = Source::Prefix(Prefix::parse("s3://fleet/sieve/prod/incoming/").unwrap());
+    let summary = ingest::ingest(&env.ctx, &env.project, &inside, &Options::default())
+        .await
+        .unwrap();
+    assert_eq!((summary.new_items, summary.in_place), (2, 2), "{summary:?}");
+    let outside = Source::Prefix(Prefix::parse("s3://fleet/elsewhere/").unwrap());
+    let summary = ingest::ingest(&env.ctx, &env.project, &outside, &Options::default())
+        .await
+        .unwrap();
+    assert_eq!((summary.new_items, summary.in_place), (1, 0), "{summary:?}");
+
+    let items = env.items().await;
+    let key_of = |hash: String| {
+        items
+            .iter()
+            .find(|i| i.content_hash == hash)
+            .unwrap()
+            .object_key
+            .clone()
+    };
+    assert_eq!(key_of(sha256_hex(&png(1))), "incoming/a.png");
+    assert_eq!(key_of(sha256_hex(&png(2))), "incoming/b.png");
+    let copied = key_of(sha256_hex(&png(3)));
+    assert_eq!(
+        copied,
+        image_key(&env.project.id.to_string(), &sha256_hex(&png(3)))
+    );
+    // The copy went to the store's prefix of the bucket, and no directory.
+    assert_eq!(
+        bucket.get(&format!("sieve/prod/{copied}")).await.unwrap(),
+        png(3)
+    );
+    assert!(
+        !env.settings.store.root.join("projects").exists(),
+        "nothing written to store.root"
     );
     env.teardown().await;
 }

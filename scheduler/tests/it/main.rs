@@ -45,6 +45,7 @@ mod routing_faults;
 mod secrets;
 mod snapshot;
 mod snapshot_retention;
+mod store_backends;
 mod sweeper;
 mod tokens;
 mod training_watchdog;

@@ -10,6 +10,7 @@
 mod sieve;
 
 mod batches;
+mod bucket_store;
 mod demo;
 mod drain;
 mod end_to_end;
