@@ -26,6 +26,7 @@ mod m20261208_000022_snapshot_retention;
 mod m20261209_000023_rerouted_policy;
 mod m20261210_000024_dispatch_progress;
 mod m20261210_000025_ingest_sources;
+mod m20261211_000026_null_model;
 
 pub struct Migrator;
 
@@ -53,6 +54,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261209_000023_rerouted_policy::Migration),
             Box::new(m20261210_000024_dispatch_progress::Migration),
             Box::new(m20261210_000025_ingest_sources::Migration),
+            Box::new(m20261211_000026_null_model::Migration),
         ]
     }
 }

@@ -82,6 +82,18 @@ pub fn parse_arch(raw: &str) -> AppResult<ModelArch> {
     raw.trim().parse().map_err(AppError::Invalid)
 }
 
+/// `arch` for a new project: the `null` architecture (constant answers, for
+/// measuring the machinery) only when the caller asked for a
+/// measurement-only project, so nobody labels real data with it by a slip.
+pub fn allow_arch(arch: ModelArch, measurement_only: bool) -> AppResult<ModelArch> {
+    if arch == ModelArch::Null && !measurement_only {
+        return Err(AppError::Invalid(
+            "the null architecture answers the same for every image and is for measuring sieve itself; ask for a measurement-only project to use it".into(),
+        ));
+    }
+    Ok(arch)
+}
+
 /// A project as the rest of the scheduler sees it: typed, validated.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Project {

@@ -174,6 +174,11 @@ pub enum ModelArch {
     /// torchvision's MobileNetV2 with its ImageNet weights as a frozen
     /// backbone, K linear heads on its 1280-wide embedding.
     MobilenetV2,
+    /// For measurement only: constant probabilities, no decoding and no
+    /// tensor work, so that a benchmark sees what the machinery around the
+    /// model costs (`sieve-tools bench ceiling`). Refused for a project
+    /// unless asked for as measurement-only.
+    Null,
 }
 
 impl ModelArch {
@@ -183,7 +188,7 @@ impl ModelArch {
     /// cached embeddings.
     pub fn train_mode(self) -> TrainMode {
         match self {
-            Self::SmallCnn => TrainMode::Full,
+            Self::SmallCnn | Self::Null => TrainMode::Full,
             Self::MobilenetV2 => TrainMode::Heads,
         }
     }
@@ -193,7 +198,7 @@ impl ModelArch {
     /// small CNN has no pretrained backbone to freeze, so only in full mode.
     pub fn trains_in(self, mode: TrainMode) -> bool {
         match self {
-            Self::SmallCnn => mode == TrainMode::Full,
+            Self::SmallCnn | Self::Null => mode == TrainMode::Full,
             Self::MobilenetV2 => true,
         }
     }
@@ -202,7 +207,7 @@ impl ModelArch {
     /// a network without one.
     pub fn backbone_blocks(self) -> u32 {
         match self {
-            Self::SmallCnn => 0,
+            Self::SmallCnn | Self::Null => 0,
             Self::MobilenetV2 => 17,
         }
     }
@@ -212,6 +217,8 @@ impl ModelArch {
         match self {
             Self::SmallCnn => 28,
             Self::MobilenetV2 => 96,
+            // Nothing is decoded; the figure only has to be a valid size.
+            Self::Null => 1,
         }
     }
 
@@ -219,6 +226,7 @@ impl ModelArch {
         match self {
             Self::SmallCnn => "small_cnn",
             Self::MobilenetV2 => "mobilenet_v2",
+            Self::Null => "null",
         }
     }
 }
@@ -236,8 +244,9 @@ impl std::str::FromStr for ModelArch {
         match s {
             "small_cnn" => Ok(Self::SmallCnn),
             "mobilenet_v2" => Ok(Self::MobilenetV2),
+            "null" => Ok(Self::Null),
             other => Err(format!(
-                "unknown model architecture {other:?} (expected small_cnn or mobilenet_v2)"
+                "unknown model architecture {other:?} (expected small_cnn or mobilenet_v2; null for measurement only)"
             )),
         }
     }
@@ -346,6 +355,10 @@ impl TrainParams {
     pub fn for_arch(arch: ModelArch) -> Self {
         match arch {
             ModelArch::SmallCnn => Self::default(),
+            ModelArch::Null => Self {
+                arch,
+                ..Self::default()
+            },
             ModelArch::MobilenetV2 => Self {
                 epochs: 30,
                 batch_size: 256,

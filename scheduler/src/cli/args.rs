@@ -216,6 +216,10 @@ pub enum ProjectCommand {
         /// weights: docs/operations.md). Fixed for the project's life.
         #[arg(long, default_value_t = ModelArch::SmallCnn)]
         arch: ModelArch,
+        /// A project for measuring sieve itself: allows `--arch null`
+        /// (constant answers, no model work).
+        #[arg(long)]
+        measurement_only: bool,
     },
     List,
     Show {

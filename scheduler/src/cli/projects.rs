@@ -20,7 +20,9 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
             classes,
             threshold,
             arch,
+            measurement_only,
         } => {
+            let arch = projects::allow_arch(arch, measurement_only)?;
             let ctx = Context::connect(settings).await?;
             let mut policy = Policy::default();
             if let Some(t) = threshold {

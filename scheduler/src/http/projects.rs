@@ -40,10 +40,15 @@ pub struct CreateProject {
     classes: Vec<String>,
     #[serde(default)]
     policy: Option<Policy>,
-    /// `small_cnn` (the default) or `mobilenet_v2`.
+    /// `small_cnn` (the default) or `mobilenet_v2`; `null` (constant
+    /// answers) only with `measurement_only`.
     #[serde(default)]
     #[schema(value_type = Option<ModelArch>)]
     arch: Option<String>,
+    /// A project for measuring sieve itself, which may use the `null`
+    /// architecture.
+    #[serde(default)]
+    measurement_only: bool,
     /// `classification` (the default and, for now, the only kind).
     #[serde(default)]
     #[schema(value_type = Option<TaskKind>)]
@@ -82,6 +87,7 @@ pub async fn create(
         Some(raw) => projects::parse_arch(raw)?,
         None => ModelArch::default(),
     };
+    let arch = projects::allow_arch(arch, body.measurement_only)?;
     let project = training::create_project(
         &ctx,
         &name,

@@ -684,8 +684,8 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
         worker.health.fault(
             "store",
             format!(
-                "no image of the last batch could be read from the store at {}: is its volume mounted?",
-                worker.settings.store.root.display()
+                "no image of the last batch could be read from the store at {}: is its volume mounted (or its bucket prefix right)?",
+                worker.store.describe()
             ),
         );
         metrics::counter!("sieve_worker_own_faults_total", "kind" => "store").increment(1);
@@ -1050,6 +1050,9 @@ pub fn decode_all(
     config: &crate::model::ArchitectureConfig,
     max_pixels: u64,
 ) -> Vec<Result<Vec<f32>, String>> {
+    if config.takes_no_input() {
+        return images.iter().map(|_| Ok(Vec::new())).collect();
+    }
     let started = Instant::now();
     let one =
         |b: &bytes::Bytes| images::preprocess(b, config, max_pixels).map_err(|e| e.to_string());

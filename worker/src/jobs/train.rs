@@ -269,9 +269,21 @@ async fn train(
     if let Some(problem) = job.params.problem() {
         return Err(RunError::Permanent(problem));
     }
-    let trained = match mode {
-        TrainMode::Full => train_full(worker, job, &snapshot, stop).await?,
-        TrainMode::Heads => train_heads(worker, job, &snapshot, stop).await?,
+    let trained = match (job.params.arch, mode) {
+        // Measurement only: the same answer for every image, nothing to learn.
+        (ModelArch::Null, _) => Trained {
+            model: Committee::init(
+                &ArchitectureConfig::null(classes, job.params.members.max(2) as usize),
+                0,
+                &crate::backend::device(),
+            )
+            .map_err(|e| RunError::Permanent(e.to_string()))?,
+            evaluations: Vec::new(),
+            base_accuracy: None,
+            train_size: 0,
+        },
+        (_, TrainMode::Full) => train_full(worker, job, &snapshot, stop).await?,
+        (_, TrainMode::Heads) => train_heads(worker, job, &snapshot, stop).await?,
     };
     let Trained {
         model,
@@ -457,6 +469,11 @@ async fn train_full(
                     .map_err(|e| RunError::Permanent(e.to_string()))?,
             };
             (config, start, base_model)
+        }
+        ModelArch::Null => {
+            return Err(RunError::Permanent(
+                "the null architecture has nothing to train".into(),
+            ));
         }
         ModelArch::MobilenetV2 => {
             let (start, base, _) = mobilenet_start(worker, job).await?;

@@ -48,6 +48,9 @@ pub struct Committee {
 pub(crate) enum Net {
     Small(SmallCnn),
     Mobile(BackboneHeads),
+    /// The `null` architecture: no weights, the same answer for every image
+    /// (for measuring the machinery around the model).
+    Null,
 }
 
 /// MobileNetV2 and K linear heads as one `[1280, K * classes]` layer on its pooled embedding.
@@ -109,6 +112,10 @@ impl Committee {
                     backbone: MobileNetV2::new(&device),
                     heads: heads_layer(config, &device),
                 })
+            }
+            ArchitectureConfig::NULL => {
+                validate_null(config)?;
+                Net::Null
             }
             _ => Net::Small(SmallCnn::init(config, seed, &device)?),
         };
@@ -257,6 +264,7 @@ impl Committee {
         let net = match &self.net {
             Net::Small(net) => Net::Small(net.clone().to_device(&device)),
             Net::Mobile(net) => Net::Mobile(net.clone().to_device(&device)),
+            Net::Null => Net::Null,
         };
         Self {
             net,
@@ -290,6 +298,7 @@ impl Committee {
         let record = match &self.net {
             Net::Small(net) => net.clone().into_record(),
             Net::Mobile(net) => net.clone().into_record(),
+            Net::Null => return Ok(Vec::new()),
         };
         let bytes = record
             .into_bytes()
@@ -310,6 +319,15 @@ impl Committee {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let device = device.clone().without_autodiff();
+        if config.arch == ArchitectureConfig::NULL {
+            if !bytes.is_empty() {
+                return Err(ModelError::Weights(format!(
+                    "the null architecture has no weights, got {} bytes",
+                    bytes.len()
+                )));
+            }
+            return Self::init(config, 0, &device);
+        }
         let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
             .map_err(|err| ModelError::Weights(err.to_string()))?
             // Anything stored as another float type is converted rather than loaded verbatim:
@@ -333,6 +351,7 @@ impl Committee {
                 net.visit(&mut check);
                 Net::Mobile(net)
             }
+            Net::Null => Net::Null,
         };
         if let Some(problem) = check.problem {
             return Err(ModelError::Weights(problem));
@@ -359,6 +378,10 @@ impl Committee {
         let chunk_len = match self.net {
             Net::Small(_) => INFERENCE_CHUNK,
             Net::Mobile(_) => BACKBONE_CHUNK,
+            Net::Null => {
+                let uniform = vec![vec![1.0 / classes as f32; classes]; members];
+                return Ok((vec![uniform; batch], Vec::new()));
+            }
         };
         for chunk in images.chunks(chunk_len * input_len) {
             let n = chunk.len() / input_len;
@@ -373,6 +396,7 @@ impl Committee {
                     let logits = net.heads.forward(embedding.clone());
                     (logits.reshape([n, members, classes]), embedding)
                 }
+                Net::Null => unreachable!("answered above"),
             };
             let flat = read(softmax(logits, 2))?; // [n, members, classes]
             probs.extend(split_probs(&flat, members, classes));
@@ -403,6 +427,20 @@ fn split_probs(flat: &[f32], members: usize, classes: usize) -> CommitteeProbs {
 /// The K heads as one linear layer on the backbone embedding.
 fn heads_layer(config: &ArchitectureConfig, device: &Device) -> Linear {
     LinearConfig::new(config.embedding_dim, config.members * config.num_classes).init(device)
+}
+
+fn validate_null(config: &ArchitectureConfig) -> Result<(), ModelError> {
+    if config.input_len() != 0 || config.embedding_dim != 0 {
+        return Err(ModelError::InvalidConfig(
+            "the null architecture takes no input and has no embedding".into(),
+        ));
+    }
+    if config.num_classes == 0 || config.members == 0 {
+        return Err(ModelError::InvalidConfig(
+            "the null architecture needs classes and members to answer with".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_mobilenet(config: &ArchitectureConfig) -> Result<(), ModelError> {
@@ -481,6 +519,32 @@ mod tests {
 
     fn committee(seed: u64) -> Committee {
         Committee::init(&config(), seed, &Device::flex()).unwrap()
+    }
+
+    #[test]
+    fn the_null_committee_answers_uniformly_and_has_no_weights() {
+        let null = ArchitectureConfig::null(4, 3);
+        let committee = Committee::init(&null, 7, &Device::flex()).unwrap();
+        let probs = committee.predict(&[], 5).unwrap();
+        assert_eq!(probs, vec![vec![vec![0.25; 4]; 3]; 5]);
+        assert!(committee.weights_to_bytes().unwrap().is_empty());
+        let loaded = Committee::from_weights(&null, &[], &Device::flex()).unwrap();
+        assert_eq!(
+            loaded.predict(&[], 1).unwrap(),
+            vec![vec![vec![0.25; 4]; 3]]
+        );
+        assert!(matches!(
+            Committee::from_weights(&null, &[1, 2, 3], &Device::flex()),
+            Err(ModelError::Weights(_))
+        ));
+        // Input where none is taken, or a null config with an input size.
+        assert!(committee.predict(&[0.5], 1).is_err());
+        let sized = ArchitectureConfig {
+            input_size: 28,
+            channels: 1,
+            ..null
+        };
+        assert!(Committee::init(&sized, 0, &Device::flex()).is_err());
     }
 
     fn assert_close(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>], tolerance: f32) {

@@ -53,6 +53,26 @@ pub struct ArchitectureConfig {
 impl ArchitectureConfig {
     pub const SMALL_CNN: &str = "small_cnn";
     pub const MOBILENET_V2: &str = "mobilenet_v2";
+    pub const NULL: &str = "null";
+
+    /// The `null` architecture: no input, no weights, a uniform answer from
+    /// each of `members` for every image (measurement only).
+    pub fn null(num_classes: usize, members: usize) -> Self {
+        Self {
+            arch: Self::NULL.to_string(),
+            num_classes,
+            members,
+            input_size: 0,
+            channels: 0,
+            embedding_dim: 0,
+            backbone: None,
+        }
+    }
+
+    /// Whether images need no decoding for this architecture.
+    pub fn takes_no_input(&self) -> bool {
+        self.arch == Self::NULL
+    }
 
     /// The small CNN on 28x28 grayscale images (Fashion-MNIST sized) with a 256-wide embedding
     /// (measured against 64 and 128 with `sieve-tools bench accuracy`: docs/benchmarks.md).

@@ -137,6 +137,9 @@ pub fn train(
             let net = net.clone().for_fine_tuning(options.unfrozen_blocks);
             fit(net, &start, data, options, on_epoch)
         }
+        Net::Null => Err(ModelError::InvalidConfig(
+            "the null architecture has nothing to train".into(),
+        )),
     }
 }
 

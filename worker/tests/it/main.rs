@@ -17,6 +17,7 @@ mod end_to_end;
 mod faults;
 mod first_model;
 mod mobilenet_import;
+mod null_model;
 mod operations;
 mod own_faults;
 mod quarantine;
