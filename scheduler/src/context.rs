@@ -43,7 +43,7 @@ impl Context {
     pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
         let db = db::connect(&settings.database).await?;
         let claims = db::connect_claims(&settings.database).await?;
-        let connection = broker::connect(&settings.broker.url, "sieve-scheduler publish").await?;
+        let connection = broker::connect(&settings.broker, "sieve-scheduler publish").await?;
         let topology = topology(&settings);
         let channel = connection.create_channel().await?;
         topology

@@ -58,8 +58,7 @@ pub async fn serve_on(
     // first scrape.
     sieve_shared::telemetry::prometheus();
     let stop = CancellationToken::new();
-    let consume =
-        Arc::new(broker::connect(&ctx.settings.broker.url, "sieve-scheduler consume").await?);
+    let consume = Arc::new(broker::connect(&ctx.settings.broker, "sieve-scheduler consume").await?);
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(routing::results::run(

@@ -8,26 +8,85 @@
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
+use lapin::tcp::AMQPUriTcpExt;
 use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::error::Unreachable;
+use crate::error::{Unreachable, redact_url};
 use crate::messages::{Message, encode};
+use crate::settings::BrokerSettings;
 use crate::topology::{Route, Topology};
 
-/// Open a connection, naming it so that operators can tell the fleet's
+/// Open a connection to the broker (`broker.url`, or the nodes of a cluster
+/// in `broker.urls`), naming it so that operators can tell the fleet's
 /// connections apart in the management UI.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, Unreachable> {
+///
+/// Every (re)connect tries the nodes in turn, starting with the one the
+/// connection last reached (a process starts at a node picked by its id,
+/// which spreads a fleet over the cluster): a connection that loses its node
+/// recovers on another, and lapin's auto-recovery then re-declares,
+/// re-applies QoS and re-subscribes there. The nodes must share the user
+/// and virtual host of the first URL, as a cluster's nodes do.
+pub async fn connect(settings: &BrokerSettings, name: &str) -> Result<Connection, Unreachable> {
+    let urls = settings.nodes();
+    let shown: Vec<String> = urls.iter().map(|url| redact_url(url)).collect();
+    let shown = shown.join(", ");
+    let nodes = urls
+        .iter()
+        .map(|url| {
+            url.parse::<AMQPUri>()
+                .map_err(|err| Unreachable::new("RabbitMQ", url, err))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let start = std::process::id() as usize % nodes.len();
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|err| Unreachable::new("RabbitMQ", &shown, err))?;
     let properties = ConnectionProperties::default()
         .with_connection_name(name.to_owned().into())
         .enable_auto_recover();
+    let first = nodes[start].clone();
+    let nodes = Arc::new(nodes);
+    let next = Arc::new(AtomicUsize::new(start));
+    let connecting = Connection::connector(
+        first,
+        runtime,
+        async move |_uri, runtime| {
+            let start = next.load(Ordering::Relaxed);
+            let mut last = std::io::Error::other("no broker node configured");
+            for k in 0..nodes.len() {
+                let i = (start + k) % nodes.len();
+                let node = &nodes[i];
+                match node
+                    .connect_with_config_async(lapin::tcp::TLSConfig::default(), &runtime)
+                    .await
+                {
+                    Ok(stream) => {
+                        if i != start {
+                            tracing::warn!(node = %node.authority.host, port = node.authority.port, "connected to another broker node");
+                        }
+                        next.store(i, Ordering::Relaxed);
+                        return Ok(stream);
+                    }
+                    Err(err) => {
+                        tracing::warn!(node = %node.authority.host, port = node.authority.port, error = %err, "broker node unreachable");
+                        last = err;
+                    }
+                }
+            }
+            Err(last.into())
+        },
+        properties,
+    );
     // Auto-recovery would retry a first connection forever; a command that
     // cannot reach the broker must say so instead of hanging.
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
-        Ok(connected) => connected.map_err(|err| Unreachable::new("RabbitMQ", url, err)),
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(connected) => connected.map_err(|err| Unreachable::new("RabbitMQ", &shown, err)),
         Err(_) => Err(Unreachable::new(
             "RabbitMQ",
-            url,
+            &shown,
             format!("no answer within {CONNECT_TIMEOUT:?}"),
         )),
     }

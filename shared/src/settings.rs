@@ -83,6 +83,10 @@ impl Default for DatabaseSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSettings {
     pub url: String,
+    /// The nodes of a RabbitMQ cluster, used instead of `url` when set:
+    /// every connection tries them in turn and, losing its node, recovers
+    /// on another. Same user and virtual host on every node.
+    pub urls: Vec<String>,
     /// Prefix of every queue and exchange name (`sieve` -> `sieve.prelabel`).
     pub prefix: String,
     /// Deliveries of one message before it is dead-lettered.
@@ -102,6 +106,7 @@ impl Default for BrokerSettings {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            urls: Vec::new(),
             prefix: "sieve".into(),
             delivery_limit: 5,
             retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
@@ -145,6 +150,16 @@ impl Default for StoreSettings {
         Self {
             root: PathBuf::from("sieve-data"),
             url: None,
+        }
+    }
+}
+
+impl BrokerSettings {
+    /// The broker's nodes: `urls`, or `url` alone.
+    pub fn nodes(&self) -> Vec<&str> {
+        match self.urls.is_empty() {
+            true => vec![self.url.as_str()],
+            false => self.urls.iter().map(String::as_str).collect(),
         }
     }
 }

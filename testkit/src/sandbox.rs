@@ -99,7 +99,7 @@ impl Drop for Removal {
 /// Delete the sandbox's queues and exchanges, its Redis keys and its
 /// database (`WITH (FORCE)`: pools still open in the test do not stop it).
 async fn remove(settings: &Settings) -> anyhow::Result<()> {
-    let broker = sieve_shared::broker::connect(&settings.broker.url, "test cleanup").await?;
+    let broker = sieve_shared::broker::connect(&settings.broker, "test cleanup").await?;
     let channel = broker.create_channel().await?;
     context::topology(settings).delete(&channel).await?;
     broker.close(200, "cleaned up".into()).await.ok();
@@ -172,7 +172,7 @@ mod tests {
         assert!(database.is_none(), "the database was dropped");
         admin.close().await.ok();
 
-        let broker = sieve_shared::broker::connect(&settings.broker.url, "kit test")
+        let broker = sieve_shared::broker::connect(&settings.broker, "kit test")
             .await
             .unwrap();
         let channel = broker.create_channel().await.unwrap();

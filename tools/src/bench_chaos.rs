@@ -1171,7 +1171,7 @@ pub async fn run(settings: Settings, args: &ChaosArgs) -> anyhow::Result<()> {
 
 async fn cleanup(settings: &Settings) {
     let mut problems = Vec::new();
-    match sieve_shared::broker::connect(&settings.broker.url, "sieve-tools chaos cleanup").await {
+    match sieve_shared::broker::connect(&settings.broker, "sieve-tools chaos cleanup").await {
         Ok(conn) => {
             let deleted = async {
                 let channel = conn.create_channel().await?;

@@ -193,13 +193,19 @@ pub async fn run(settings: Settings, args: &BenchIngestArgs) -> anyhow::Result<(
     db::create_database_if_missing(&settings.database.url).await?;
     let outcome = bench(&settings, args, &work).await;
 
-    // Clean up whatever happened: queues, database, data.
+    clean_up(&settings, &work).await;
+    outcome
+}
+
+/// Remove what a benchmark made, whatever happened: its queues, its
+/// database and its working directory; a failure is reported, not fatal.
+pub(crate) async fn clean_up(settings: &Settings, work: &Path) {
     let mut cleanup = Vec::new();
-    match sieve_shared::broker::connect(&settings.broker.url, "sieve-tools bench cleanup").await {
+    match sieve_shared::broker::connect(&settings.broker, "sieve-tools bench cleanup").await {
         Ok(conn) => {
             let deleted = async {
                 let channel = conn.create_channel().await?;
-                context::topology(&settings).delete(&channel).await
+                context::topology(settings).delete(&channel).await
             }
             .await;
             if let Err(err) = deleted {
@@ -213,13 +219,12 @@ pub async fn run(settings: Settings, args: &BenchIngestArgs) -> anyhow::Result<(
         cleanup.push(format!("dropping the database: {err:#}"));
     }
     eprintln!("removing {}", work.display());
-    if let Err(err) = std::fs::remove_dir_all(&work) {
+    if let Err(err) = std::fs::remove_dir_all(work) {
         cleanup.push(format!("removing {}: {err}", work.display()));
     }
     for problem in &cleanup {
         eprintln!("cleanup: {problem}");
     }
-    outcome
 }
 
 async fn bench(settings: &Settings, args: &BenchIngestArgs, work: &Path) -> anyhow::Result<()> {
@@ -489,46 +494,10 @@ async fn raw_publish(
     payload: &[u8],
     count: u64,
 ) -> anyhow::Result<PhaseResult> {
-    let conn =
-        sieve_shared::broker::connect(&run.settings.broker.url, "sieve-tools bench raw").await?;
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let conn = sieve_shared::broker::connect(&run.settings.broker, "sieve-tools bench raw").await?;
     let queue = context::topology(&run.settings).prelabel_queue();
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into());
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
-    let check = |confirmation: Confirmation| match confirmation {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        other => Err(anyhow::anyhow!("raw publish not confirmed: {other:?}")),
-    };
-    let mut in_flight = VecDeque::with_capacity(run.raw_window);
     let started = Instant::now();
-    for _ in 0..count {
-        if in_flight.len() >= run.raw_window
-            && let Some(confirm) = in_flight.pop_front()
-        {
-            check(confirm.await?)?;
-        }
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.clone().into(),
-                options,
-                payload,
-                properties.clone(),
-            )
-            .await?;
-        in_flight.push_back(confirm);
-    }
-    for confirm in in_flight {
-        check(confirm.await?)?;
-    }
+    publish_confirmed(&conn, &queue, payload, count, run.raw_window).await?;
     let seconds = started.elapsed().as_secs_f64();
     conn.close(200, "done".into()).await.ok();
     Ok(PhaseResult {
@@ -541,6 +510,56 @@ async fn raw_publish(
         postgres_cpu: 0.0,
         rabbitmq_cpu: 0.0,
     })
+}
+
+/// Publish `payload` `count` times to `queue` as ingest does (persistent,
+/// mandatory, confirmed), with at most `window` confirms outstanding: the
+/// raw broker rate the benchmarks compare sieve with.
+pub(crate) async fn publish_confirmed(
+    conn: &lapin::Connection,
+    queue: &str,
+    payload: &[u8],
+    count: u64,
+    window: usize,
+) -> anyhow::Result<()> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let check = |confirmation: Confirmation| match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        other => Err(anyhow::anyhow!("raw publish not confirmed: {other:?}")),
+    };
+    let mut in_flight = VecDeque::with_capacity(window);
+    for _ in 0..count {
+        if in_flight.len() >= window
+            && let Some(confirm) = in_flight.pop_front()
+        {
+            check(confirm.await?)?;
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                options,
+                payload,
+                properties.clone(),
+            )
+            .await?;
+        in_flight.push_back(confirm);
+    }
+    for confirm in in_flight {
+        check(confirm.await?)?;
+    }
+    channel.close(200, "published".into()).await.ok();
+    Ok(())
 }
 
 fn print_report(settings: &Settings, results: &[PhaseResult]) {
@@ -605,7 +624,7 @@ fn print_report(settings: &Settings, results: &[PhaseResult]) {
 }
 
 /// Write every dirty page to disk (`sync`); a failure only costs accuracy.
-fn flush_to_disk() {
+pub(crate) fn flush_to_disk() {
     match std::process::Command::new("sync").status() {
         Ok(status) if status.success() => {}
         other => eprintln!("warning: could not sync the generated data to disk ({other:?})"),
@@ -709,11 +728,12 @@ fn make_shards(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Where image `i` of a generated folder is, below the folder.
-fn image_name(i: u64) -> String {
+pub(crate) fn image_name(i: u64) -> String {
     format!("{:02x}/{i:07}.png", i % 256)
 }
 
-fn generate_images(dir: &Path, count: u64, seeds: u64) -> anyhow::Result<()> {
+/// `count` distinct PNGs (seeds `seeds..`) under `dir`, in 256 shards.
+pub(crate) fn generate_images(dir: &Path, count: u64, seeds: u64) -> anyhow::Result<()> {
     if count == 0 {
         return Ok(());
     }

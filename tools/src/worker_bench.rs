@@ -445,7 +445,7 @@ impl QueueBench {
         settings.worker.batch_timeout_ms = 20;
 
         let topology = Topology::from_settings(&settings.broker);
-        let connection = broker::connect(&settings.broker.url, "sieve-tools bench").await?;
+        let connection = broker::connect(&settings.broker, "sieve-tools bench").await?;
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await.context("declaring")?;
         channel.close(200, "declared".into()).await.ok();

@@ -47,10 +47,9 @@ pub async fn run(
     let topology = Topology::from_settings(&settings.broker);
     let id = new_worker_id();
     let publish_conn =
-        broker::connect(&settings.broker.url, &format!("sieve-worker {id} publish")).await?;
-    let consume_conn = Arc::new(
-        broker::connect(&settings.broker.url, &format!("sieve-worker {id} consume")).await?,
-    );
+        broker::connect(&settings.broker, &format!("sieve-worker {id} publish")).await?;
+    let consume_conn =
+        Arc::new(broker::connect(&settings.broker, &format!("sieve-worker {id} consume")).await?);
     let channel = publish_conn.create_channel().await?;
     topology
         .declare(&channel)

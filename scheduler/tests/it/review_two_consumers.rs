@@ -77,7 +77,7 @@ async fn two_result_consumers_give_the_outcome_of_one() {
     for n in 0..2 {
         let ctx = Context::connect(settings.clone()).await.unwrap();
         let connection = std::sync::Arc::new(
-            sieve_shared::broker::connect(&settings.broker.url, &format!("test consumer {n}"))
+            sieve_shared::broker::connect(&settings.broker, &format!("test consumer {n}"))
                 .await
                 .unwrap(),
         );

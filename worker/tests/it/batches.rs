@@ -63,7 +63,7 @@ impl Harness {
         settings.worker.batch_size = 16;
         settings.worker.batch_timeout_ms = 500;
         let topology = Topology::from_settings(&settings.broker);
-        let connection = broker::connect(&settings.broker.url, "batches test")
+        let connection = broker::connect(&settings.broker, "batches test")
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();

@@ -53,7 +53,7 @@ async fn sigterm_finishes_the_batch_acks_and_exits() {
     let settings = sandbox.settings.clone();
     let store = Store::open(&settings.store).unwrap();
     let topology = Topology::new(&settings.broker.prefix, settings.broker.delivery_limit);
-    let conn = broker::connect(&settings.broker.url, "drain test")
+    let conn = broker::connect(&settings.broker, "drain test")
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
