@@ -27,6 +27,7 @@ mod m20261209_000023_rerouted_policy;
 mod m20261210_000024_dispatch_progress;
 mod m20261210_000025_ingest_sources;
 mod m20261211_000026_null_model;
+mod m20261211_000027_review_task_item_index;
 
 pub struct Migrator;
 
@@ -55,6 +56,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261210_000024_dispatch_progress::Migration),
             Box::new(m20261210_000025_ingest_sources::Migration),
             Box::new(m20261211_000026_null_model::Migration),
+            Box::new(m20261211_000027_review_task_item_index::Migration),
         ]
     }
 }
