@@ -12,6 +12,10 @@
 //! - [`bench_ingest`], [`bench_claim`], [`bench_export`]: the scheduler's
 //!   benchmarks (ingest against raw publish, the review queue under load,
 //!   export against `COPY`).
+//! - [`bench_ceiling`]: the machinery's own ceiling: the whole pipeline
+//!   with a null model against the raw broker, per stage.
+//! - [`bench_cluster`]: items through a three-node RabbitMQ cluster while
+//!   a node is shut down and started again.
 //! - [`bench_chaos`]: faults on real processes (workers and the scheduler
 //!   SIGKILLed, RabbitMQ and PostgreSQL restarted, Redis flushed) while
 //!   items flow; what was lost or duplicated, and the time to recover.
@@ -20,8 +24,10 @@
 //! - [`procstat`]: peak RSS and CPU time from `/proc`, for the benchmarks.
 
 pub mod bench_accuracy;
+pub mod bench_ceiling;
 pub mod bench_chaos;
 pub mod bench_claim;
+pub mod bench_cluster;
 pub mod bench_export;
 pub mod bench_ingest;
 pub mod demo;

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use sieve_scheduler::context::Context;
 use sieve_shared::Settings;
 use sieve_tools::worker_bench::{self, What};
-use sieve_tools::{bench_chaos, bench_claim, bench_export, bench_ingest, demo};
+use sieve_tools::{
+    bench_ceiling, bench_chaos, bench_claim, bench_cluster, bench_export, bench_ingest, demo,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,6 +41,14 @@ pub enum BenchCommand {
     /// store referenced in place) and of a manifest of keys, against the raw
     /// publish rate of the same broker; own database and queues.
     Ingest(bench_ingest::BenchIngestArgs),
+    /// The machinery's own ceiling: ingest -> queue -> workers -> routing ->
+    /// review queue with a null model (no model cost), beside the raw
+    /// broker's publish and consume of as many messages; own database.
+    Ceiling(bench_ceiling::CeilingArgs),
+    /// Items through a three-node RabbitMQ cluster (`ops/rabbitmq-cluster.sh
+    /// start`) while the node the fleet is on is shut down and started
+    /// again; recovery time and exact accounting; own database.
+    Cluster(bench_cluster::ClusterArgs),
     /// Review claims: many reviewers claiming and submitting at once until
     /// the queue is empty; latencies, throughput, zero double claims.
     Claim(bench_claim::ClaimArgs),
@@ -68,6 +78,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Ingest(args)) => bench_ingest::run(settings, &args).await?,
         Command::Bench(BenchCommand::Claim(args)) => bench_claim::run(&settings, &args).await?,
+        Command::Bench(BenchCommand::Ceiling(args)) => bench_ceiling::run(settings, &args).await?,
+        Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::run(settings, &args).await?,
         Command::Bench(BenchCommand::Export(args)) => bench_export::run(settings, &args).await?,
         Command::Bench(BenchCommand::Chaos(args)) => bench_chaos::run(settings, &args).await?,
         Command::Bench(BenchCommand::Forward(args)) => {

@@ -464,7 +464,7 @@ fn k8s_manifests_are_complete_and_consistent() {
                     .all(|m| !claims.contains_key(m["name"].as_str().unwrap())),
                 "{where_}: mounts a claim; the object store is {store_url}"
             );
-            if image.ends_with("cuda") {
+            if image.ends_with("-gpu") {
                 assert_eq!(
                     container["resources"]["limits"]["nvidia.com/gpu"].as_u64(),
                     Some(1),
@@ -480,7 +480,7 @@ fn k8s_manifests_are_complete_and_consistent() {
             .any(|d| d["spec"]["template"]["spec"]["containers"][0]["image"]
                 .as_str()
                 .unwrap()
-                .ends_with("cuda")),
+                .ends_with("-gpu")),
         "no GPU worker Deployment"
     );
 
@@ -657,7 +657,7 @@ fn stages(dockerfile: &str) -> Vec<(String, Vec<String>)> {
 fn dockerfiles_build_on_the_pinned_toolchain_and_run_unprivileged() {
     for (file, final_stage, runtimes) in [
         ("ops/Dockerfile.scheduler", "scheduler", vec!["runtime"]),
-        ("ops/Dockerfile.worker", "cpu", vec!["cpu", "cuda"]),
+        ("ops/Dockerfile.worker", "cpu", vec!["cpu", "gpu", "cuda"]),
     ] {
         let text = read(file);
         assert!(
@@ -702,6 +702,12 @@ fn dockerfiles_build_on_the_pinned_toolchain_and_run_unprivileged() {
     }
     let worker = read("ops/Dockerfile.worker");
     assert!(worker.contains("--no-default-features --features cuda"));
+    // The GPU image the manifests run builds with what CI checks compiles.
+    assert!(worker.contains("--no-default-features --features wgpu"));
+    assert!(
+        read("ops/k8s/worker-gpu.yaml").contains("worker:0.1.0-gpu"),
+        "worker-gpu.yaml runs the gpu image"
+    );
 }
 
 /// Prometheus scrapes the scheduler where `/metrics` needs no token: the
