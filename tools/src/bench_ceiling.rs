@@ -147,16 +147,9 @@ async fn bench(settings: &Settings, args: &CeilingArgs) -> anyhow::Result<()> {
     );
 
     let stop = CancellationToken::new();
-    let mut tasks = start_sieve(&ctx, args.workers, &stop).await?;
+    let tasks = start_sieve(&ctx, args.workers, &stop).await?;
     let measured = end_to_end(&ctx, args).await;
-    stop.cancel();
-    while let Some(task) = tasks.pop() {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => eprintln!("a bench process ended with an error: {err:#}"),
-            Err(err) => eprintln!("a bench process panicked: {err}"),
-        }
-    }
+    stop_sieve(&stop, tasks).await;
     let run = measured?;
     verify(&ctx, &run.project, args.items).await?;
     ctx.connection.close(200, "bench done".into()).await.ok();
@@ -265,6 +258,22 @@ pub(crate) async fn start_sieve(
         )));
     }
     Ok(tasks)
+}
+
+/// Stop what [`start_sieve`] started and wait for it to drain; an error
+/// is reported, not returned (the figures are taken by then).
+pub(crate) async fn stop_sieve(
+    stop: &CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+) {
+    stop.cancel();
+    for task in tasks.into_iter().rev() {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("a bench process ended with an error: {err:#}"),
+            Err(err) => eprintln!("a bench process panicked: {err}"),
+        }
+    }
 }
 
 /// One sample of the pipeline's state.

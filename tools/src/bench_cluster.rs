@@ -32,7 +32,8 @@ use sieve_shared::Settings;
 use tokio_util::sync::CancellationToken;
 
 use crate::bench_ceiling::{
-    count, depth, generated, null_project, prepare, routed, sandbox, start_sieve, verify,
+    count, depth, generated, null_project, prepare, routed, sandbox, start_sieve, stop_sieve,
+    verify,
 };
 use crate::bench_ingest::clean_up;
 
@@ -116,16 +117,9 @@ async fn one_run(
 ) -> anyhow::Result<Run> {
     let ctx = prepare(settings, args.items).await?;
     let stop = CancellationToken::new();
-    let mut tasks = start_sieve(&ctx, args.workers, &stop).await?;
+    let tasks = start_sieve(&ctx, args.workers, &stop).await?;
     let outcome = drive(&ctx, args, lose_a_node).await;
-    stop.cancel();
-    while let Some(task) = tasks.pop() {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => eprintln!("a bench process ended with an error: {err:#}"),
-            Err(err) => eprintln!("a bench process panicked: {err}"),
-        }
-    }
+    stop_sieve(&stop, tasks).await;
     let (project, mut run) = outcome?;
     verify(&ctx, &project, args.items).await?;
     let channel = ctx.connection.create_channel().await?;
