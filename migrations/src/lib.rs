@@ -28,6 +28,7 @@ mod m20261210_000024_dispatch_progress;
 mod m20261210_000025_ingest_sources;
 mod m20261211_000026_null_model;
 mod m20261211_000027_review_task_item_index;
+mod m20261212_000028_detection;
 
 pub struct Migrator;
 
@@ -57,6 +58,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261210_000025_ingest_sources::Migration),
             Box::new(m20261211_000026_null_model::Migration),
             Box::new(m20261211_000027_review_task_item_index::Migration),
+            Box::new(m20261212_000028_detection::Migration),
         ]
     }
 }

@@ -155,6 +155,7 @@ pub async fn create(
     classes: &ClassNames,
     policy: &Policy,
     arch: ModelArch,
+    kind: TaskKind,
 ) -> AppResult<Project> {
     policy.validate()?;
     if find_by_name(db, name.as_str()).await?.is_some() {
@@ -167,7 +168,7 @@ pub async fn create(
     let model = project::ActiveModel {
         id: Set(ProjectId::new().as_uuid()),
         name: Set(name.as_str().to_owned()),
-        task_kind: Set(TaskKind::Classification.as_str().to_owned()),
+        task_kind: Set(kind.as_str().to_owned()),
         class_names: Set(serde_json::json!(classes.as_slice())),
         policy: Set(serde_json::to_value(policy).map_err(anyhow::Error::from)?),
         policy_version: Set(1),

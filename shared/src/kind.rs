@@ -1,7 +1,8 @@
 //! Task kinds: what a project asks of people and models about each image.
 //!
-//! Today one kind, `classification` (one class per image, from the
-//! project's list). The kind is stored per project (`projects.task_kind`)
+//! Two kinds: `classification` (one class per image, from the project's
+//! list) and `detection` (a set of boxes per image, each with a class from
+//! the list; see [`crate::boxes`]). The kind is stored per project (`projects.task_kind`)
 //! and read into the scheduler's `Project`; each layer keeps what a kind
 //! is in one module per kind (`docs/architecture.md`, "Where a task kind
 //! lives"): the scheduler's `kind/`, the worker's `model/`, the scores in
@@ -20,15 +21,30 @@ pub enum TaskKind {
     /// One class per image, from the project's class list.
     #[default]
     Classification,
+    /// Boxes around the objects in each image, each with a class from the
+    /// project's class list.
+    Detection,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 1] = [TaskKind::Classification];
+    pub const ALL: [TaskKind; 2] = [TaskKind::Classification, TaskKind::Detection];
 
     /// The name stored in `projects.task_kind` and used in the API.
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Classification => "classification",
+            TaskKind::Detection => "detection",
+        }
+    }
+}
+
+impl TaskKind {
+    /// Whether sieve's workers pre-label and train for this kind. A kind
+    /// without models sends each image it ingests to people.
+    pub fn has_models(self) -> bool {
+        match self {
+            TaskKind::Classification => true,
+            TaskKind::Detection => false,
         }
     }
 }
@@ -68,6 +84,7 @@ mod tests {
                 Some(serde_json::json!(kind.as_str()))
             );
         }
+        assert_eq!(" detection ".parse::<TaskKind>(), Ok(TaskKind::Detection));
         let err = "boxes".parse::<TaskKind>().unwrap_err();
         assert!(
             err.contains("\"boxes\"") && err.contains("classification"),

@@ -8,7 +8,8 @@
 //! - [`broker`]: connections, the confirming publisher, consumers.
 //! - [`retry`]: transient failures retried through delay queues; where a
 //!   dead letter came from.
-//! - [`kind`]: task kinds (what a project labels: classification).
+//! - [`kind`]: task kinds (what a project labels: classification, detection).
+//! - [`boxes`]: a detection label's boxes, as stored and as checked.
 //! - [`scores`]: committee uncertainty scores (DESIGN §6).
 //! - [`settings`]: typed settings (defaults, `sieve.toml`, `SIEVE_*`).
 //! - [`store`]: object storage (local directory by default).
@@ -18,6 +19,7 @@
 //! - [`error`]: errors both services act on.
 
 pub mod blocking;
+pub mod boxes;
 pub mod broker;
 pub mod embedding_table;
 pub mod error;

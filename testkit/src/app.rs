@@ -221,6 +221,7 @@ impl App {
             &ClassNames::parse(&classes).unwrap(),
             &Policy::default(),
             arch,
+            sieve_shared::kind::TaskKind::Classification,
         )
         .await
         .unwrap();

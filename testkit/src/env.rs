@@ -48,6 +48,7 @@ impl ProjectEnv {
             &ClassNames::parse(&["cat".into(), "dog".into()]).unwrap(),
             &Policy::default(),
             ModelArch::SmallCnn,
+            sieve_shared::kind::TaskKind::Classification,
         )
         .await
         .unwrap();

@@ -254,6 +254,7 @@ async fn seed(db: &DatabaseConnection, name: &str, tasks: u64) -> anyhow::Result
         &ClassNames::parse(&classes)?,
         &Policy::default(),
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await?;
     let version = Uuid::now_v7();
@@ -402,6 +403,7 @@ async fn review_loop(
             &Submission {
                 fencing_token: task.fencing_token,
                 class,
+                boxes: None,
                 force: false,
             },
         )

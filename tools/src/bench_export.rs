@@ -172,6 +172,7 @@ async fn fill(db: &DatabaseConnection, items: u64) -> anyhow::Result<Project> {
         &ClassNames::parse(&classes)?,
         &Policy::default(),
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await?;
     let version = Uuid::now_v7();

@@ -341,6 +341,7 @@ async fn bench_project(ctx: &Context) -> anyhow::Result<(ProjectId, ModelRef)> {
         &ClassNames::parse(&["a".into(), "b".into()])?,
         &Policy::default(),
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await?;
     let version = Uuid::now_v7();

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use sieve_shared::kind::TaskKind;
 use sieve_shared::messages::{ModelArch, TrainMode};
 
 use crate::entities::api_token::Role;
@@ -40,8 +41,8 @@ pub enum Command {
         /// reached with the s3.* settings; its images are copied in).
         #[arg(
             value_name = "FOLDER|store:PREFIX|s3://BUCKET/PREFIX",
-            required_unless_present = "manifest",
-            conflicts_with = "manifest"
+            required_unless_present_any = ["manifest", "annotations"],
+            conflicts_with_all = ["manifest", "annotations"]
         )]
         source: Option<String>,
         #[arg(long, short)]
@@ -49,11 +50,18 @@ pub enum Command {
         /// A CSV (header with `path` or `key`, optional `label`,
         /// `external_id`) or JSON Lines manifest: a file, or `store:KEY`
         /// for one in sieve's store (its rows then name keys only).
-        #[arg(long, value_name = "FILE|store:KEY")]
+        #[arg(long, value_name = "FILE|store:KEY", conflicts_with = "annotations")]
         manifest: Option<String>,
-        /// Directory that manifest paths are relative to (default: the
-        /// manifest's directory); no path may leave it.
-        #[arg(long, requires = "manifest")]
+        /// Box annotations for a detection project: a Pascal VOC `.xml`
+        /// file or a folder of them, a CSV
+        /// (`image_path,xmin,ymin,xmax,ymax,label`) or a COCO `.json`. The
+        /// images it names are ingested with their boxes as imported
+        /// labels; any bad box refuses the whole file, each problem listed.
+        #[arg(long, value_name = "FILE|FOLDER")]
+        annotations: Option<PathBuf>,
+        /// Directory that manifest or annotation paths are relative to
+        /// (default: the file's directory); no path may leave it.
+        #[arg(long)]
         root: Option<PathBuf>,
     },
     /// Export a project's labeled items, one row each with its label's
@@ -201,9 +209,15 @@ pub enum ItemsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ProjectCommand {
-    /// Create a classification project; its first model is queued at once.
+    /// Create a project. A classification project's first model is queued
+    /// at once; a detection project's images are labeled by people and
+    /// imported annotations (sieve trains no detector yet).
     Create {
         name: String,
+        /// What is labeled: `classification` (one class per image) or
+        /// `detection` (boxes, each with a class).
+        #[arg(long = "task", default_value_t = TaskKind::Classification)]
+        task: TaskKind,
         /// Class names, comma separated.
         #[arg(long, value_delimiter = ',', required = true)]
         classes: Vec<String>,

@@ -17,9 +17,10 @@ pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> 
     let request = request(&args)?;
     let to = Destination::parse(args.out.as_deref());
     let folder = match (&to, request.format) {
-        (Destination::File(dir), Format::ImageFolder) => Some(dir.clone()),
-        (Destination::Stdout, Format::ImageFolder) => anyhow::bail!(
-            "--format imagefolder writes a directory: name it with --out DIR (not standard output)"
+        (Destination::File(dir), format) if format.is_folder() => Some(dir.clone()),
+        (Destination::Stdout, format) if format.is_folder() => anyhow::bail!(
+            "--format {} writes a directory: name it with --out DIR (not standard output)",
+            format.name()
         ),
         _ => None,
     };
@@ -46,7 +47,7 @@ pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> 
                 "images: {} hard-linked from the store, {} copied; {} beside them",
                 placed.linked,
                 placed.copied,
-                folder::LABELS_FILE
+                folder::labels_file(summary.format)
             );
             summary
         }

@@ -18,9 +18,13 @@ pub async fn ingest(
     source: Option<String>,
     project: String,
     manifest: Option<String>,
+    annotations: Option<PathBuf>,
     root: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let source = ingest_source(source, manifest, root)?;
+    let source = match annotations {
+        Some(path) => ingest::Source::Annotations { path, root },
+        None => ingest_source(source, manifest, root)?,
+    };
     let ctx = Context::connect(settings).await?;
     let project = projects::get(&ctx.db, &project).await?;
     // Ctrl-C or SIGTERM stops between batches; the row says where.
@@ -50,6 +54,7 @@ pub async fn ingest(
     let what = match source {
         ingest::Source::Folder(_) => "file(s)",
         ingest::Source::Prefix(_) => "object(s)",
+        ingest::Source::Annotations { .. } => "image(s)",
         _ => "row(s)",
     };
     println!(
@@ -131,7 +136,12 @@ fn ingest_source(
         (None, Some(source)) if ingest::prefix::is_location(&source) => {
             ingest::Source::Prefix(Prefix::parse(&source)?)
         }
-        (None, Some(dir)) => ingest::Source::Folder(PathBuf::from(dir)),
+        (None, Some(dir)) => {
+            if root.is_some() {
+                anyhow::bail!("--root is for a manifest or annotation file, not a folder");
+            }
+            ingest::Source::Folder(PathBuf::from(dir))
+        }
         (None, None) => {
             anyhow::bail!("give a folder, store:PREFIX, s3://BUCKET/PREFIX or --manifest FILE")
         }

@@ -54,8 +54,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source,
             project,
             manifest,
+            annotations,
             root,
-        } => return ingest::ingest(settings, source, project, manifest, root).await,
+        } => return ingest::ingest(settings, source, project, manifest, annotations, root).await,
         Command::Export(args) => export::export(settings, args).await?,
         Command::Items(command) => items::items(settings, command).await?,
         Command::Ingests {

@@ -17,6 +17,7 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
     match command {
         ProjectCommand::Create {
             name,
+            task,
             classes,
             threshold,
             arch,
@@ -28,22 +29,32 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
             if let Some(t) = threshold {
                 policy.confidence_threshold = t;
             }
-            let project = training::create_project(
+            let project = training::create_project_of_kind(
                 &ctx,
                 &ProjectName::parse(&name)?,
                 &ClassNames::parse(&classes)?,
                 &policy,
                 arch,
+                task,
                 "cli",
             )
             .await?;
-            println!(
-                "created project {} ({}) with {} classes on {}; its first model is training",
-                project.name,
-                project.id,
-                project.class_names.len(),
-                project.arch
-            );
+            if task.has_models() {
+                println!(
+                    "created project {} ({}) with {} classes on {}; its first model is training",
+                    project.name,
+                    project.id,
+                    project.class_names.len(),
+                    project.arch
+                );
+            } else {
+                println!(
+                    "created {task} project {} ({}) with {} classes; its images go to review (sieve trains no {task} model yet)",
+                    project.name,
+                    project.id,
+                    project.class_names.len(),
+                );
+            }
         }
         ProjectCommand::List => {
             let conn = db::connect(&settings.database).await?;

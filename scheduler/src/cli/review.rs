@@ -35,11 +35,16 @@ pub async fn review(settings: Settings, command: ReviewCommand) -> anyhow::Resul
                 &review::Submission {
                     fencing_token: token,
                     class,
+                    boxes: None,
                     force,
                 },
             )
             .await?;
-            println!("labeled item {} as {}", label.item_id, label.class);
+            println!(
+                "labeled item {} as {}",
+                label.item_id,
+                label.class.unwrap_or_default()
+            );
         }
     }
     Ok(())

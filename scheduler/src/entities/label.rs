@@ -26,13 +26,18 @@ pub enum LabelSource {
 
 /// Labels are append-only: a newer label supersedes, nothing is overwritten,
 /// and the newest human label wins over any machine label.
+///
+/// A label is a class (`class_index`, classification projects) or a list
+/// of boxes (`boxes`, detection projects: `sieve_shared::boxes`), never
+/// both; the table checks it.
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(table_name = "labels")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
     pub item_id: Uuid,
-    pub class_index: i32,
+    pub class_index: Option<i32>,
+    pub boxes: Option<Json>,
     pub source: LabelSource,
     pub reviewer: Option<String>,
     pub prediction_id: Option<Uuid>,

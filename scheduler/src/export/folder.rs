@@ -13,6 +13,14 @@
 //! `..`) gets one with those characters replaced by `_`, prefixed by its
 //! index if that clashes with another class's.
 //!
+//! The `yolo` export (detection projects) is the layout YOLO trainers
+//! read: `images/ITEM_ID.EXT`, `labels/ITEM_ID.txt` with one line per box
+//! (`class x_centre y_centre width height`, the four as fractions of the
+//! image's size; an empty file for an image with nothing boxed),
+//! `classes.txt` (a class name per line, in index order), `data.yaml`
+//! (the same names for Ultralytics) and `labels.jsonl`, the JSON Lines
+//! export of the same rows with their provenance.
+//!
 //! Like a file export, the directory appears only complete: it is written
 //! as `.NAME.XXXXXX.partial` beside `--out` and renamed at the end; an
 //! error or an interrupt removes it. `--out` must not exist, or be an
@@ -32,6 +40,23 @@ use super::{Export, Format, Summary};
 /// The CSV beside the class folders.
 pub const LABELS_FILE: &str = "labels.csv";
 
+/// The export's rows beside the images: the CSV beside the class folders,
+/// the JSON Lines beside a YOLO layout.
+pub fn labels_file(format: Format) -> &'static str {
+    match format {
+        Format::Yolo => "labels.jsonl",
+        _ => LABELS_FILE,
+    }
+}
+
+/// Where a folder export puts each image, and what else it writes.
+enum Layout {
+    /// A folder per class (`imagefolder`).
+    Classes(Vec<String>),
+    /// `images/` and `labels/` (`yolo`).
+    Yolo,
+}
+
 /// How the images got there.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Placed {
@@ -48,10 +73,8 @@ pub async fn write(
     dir: &Path,
     options: Options,
 ) -> anyhow::Result<(Summary, Placed)> {
-    anyhow::ensure!(
-        export.summary().format == Format::ImageFolder,
-        "not an imagefolder export"
-    );
+    let format = export.summary().format;
+    anyhow::ensure!(format.is_folder(), "not a folder export");
     check_destination(dir)?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -69,11 +92,24 @@ pub async fn write(
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
     let root = partial.path().to_owned();
-    let folders = class_folders(&export.project().class_names);
-    for folder in &folders {
-        tokio::fs::create_dir(root.join(folder)).await?;
-    }
-    let mut csv = tokio::fs::File::create(root.join(LABELS_FILE)).await?;
+    let classes = export.project().class_names.clone();
+    let layout = match format {
+        Format::Yolo => {
+            tokio::fs::create_dir(root.join("images")).await?;
+            tokio::fs::create_dir(root.join("labels")).await?;
+            tokio::fs::write(root.join("classes.txt"), yolo_classes(&classes)).await?;
+            tokio::fs::write(root.join("data.yaml"), yolo_data(&classes)).await?;
+            Layout::Yolo
+        }
+        _ => {
+            let folders = class_folders(&classes);
+            for folder in &folders {
+                tokio::fs::create_dir(root.join(folder)).await?;
+            }
+            Layout::Classes(folders)
+        }
+    };
+    let mut csv = tokio::fs::File::create(root.join(labels_file(format))).await?;
     let bar = progress(&export, options.terminal);
     let mut placed = Placed::default();
     loop {
@@ -87,7 +123,7 @@ pub async fn write(
         };
         csv.write_all(&chunk).await?;
         let images = export.take_images();
-        let done = place(store, &root, &folders, images).await?;
+        let done = place(store, &root, &layout, images).await?;
         placed.linked += done.linked;
         placed.copied += done.copied;
         bar.set_position(export.summary().rows);
@@ -161,23 +197,70 @@ pub fn class_folders(classes: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The images of a page into their class folders: hard links on a local
-/// store (on a blocking thread, the page at once), reads and writes
-/// otherwise.
+/// `classes.txt`: a class name per line, line N (from 0) class N.
+fn yolo_classes(classes: &[String]) -> String {
+    classes.iter().map(|c| format!("{c}\n")).collect()
+}
+
+/// `data.yaml` for Ultralytics: the images (also as the validation set:
+/// split them as the training plan needs) and the class names by index.
+fn yolo_data(classes: &[String]) -> String {
+    let names: String = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("  {i}: {}\n", serde_json::Value::String(c.clone())))
+        .collect();
+    format!("path: .\ntrain: images\nval: images\nnames:\n{names}")
+}
+
+/// An image's YOLO label file: one line per box, the centre and size as
+/// fractions of the image.
+fn yolo_label(boxes: &[sieve_shared::boxes::LabeledBox], (width, height): (u32, u32)) -> String {
+    let (w, h) = (width.max(1) as f32, height.max(1) as f32);
+    boxes
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {:.6} {:.6} {:.6} {:.6}\n",
+                b.class,
+                (b.x_min + b.x_max) / 2.0 / w,
+                (b.y_min + b.y_max) / 2.0 / h,
+                b.width() / w,
+                b.height() / h
+            )
+        })
+        .collect()
+}
+
+/// The images of a page into their folders (a class's, or `images/` with
+/// their label files beside): hard links on a local store (on a blocking
+/// thread, the page at once), reads and writes otherwise. An image without
+/// a label stays out (it is in the rows only).
 async fn place(
     store: &Store,
     root: &Path,
-    folders: &[String],
+    layout: &Layout,
     images: Vec<Image>,
 ) -> anyhow::Result<Placed> {
+    let mut labels = Vec::new();
     let images: Vec<(Image, PathBuf)> = images
         .into_iter()
         .filter_map(|image| {
-            let folder = folders.get(image.class_index?)?;
-            let stem = root.join(folder).join(image.item_id.to_string());
+            let name = image.item_id.to_string();
+            let stem = match layout {
+                Layout::Classes(folders) => root.join(folders.get(image.class_index?)?).join(name),
+                Layout::Yolo => {
+                    let text = yolo_label(image.boxes.as_deref()?, image.size?);
+                    labels.push((root.join("labels").join(format!("{name}.txt")), text));
+                    root.join("images").join(name)
+                }
+            };
             Some((image, stem))
         })
         .collect();
+    for (path, text) in labels {
+        tokio::fs::write(path, text).await?;
+    }
     if images.is_empty() {
         return Ok(Placed::default());
     }
@@ -250,6 +333,26 @@ mod tests {
         // "a/b" cleans to "a_b", which another class already is.
         assert_eq!(class_folders(&names(&["a/b", "a_b"])), ["0_a_b", "1_a_b"]);
         assert_eq!(class_folders(&names(&["a/b", "a\\b"])), ["0_a_b", "1_a_b"]);
+    }
+
+    #[test]
+    fn yolo_lines_are_centre_and_size_as_fractions() {
+        let b = sieve_shared::boxes::LabeledBox {
+            class: 1,
+            x_min: 10.0,
+            y_min: 20.0,
+            x_max: 30.0,
+            y_max: 60.0,
+        };
+        assert_eq!(
+            yolo_label(&[b, b], (100, 200)),
+            "1 0.200000 0.200000 0.200000 0.200000\n".repeat(2)
+        );
+        assert_eq!(yolo_label(&[], (100, 200)), "");
+        assert_eq!(
+            yolo_data(&names(&["tree", "a \"b\""])),
+            "path: .\ntrain: images\nval: images\nnames:\n  0: \"tree\"\n  1: \"a \\\"b\\\"\"\n"
+        );
     }
 
     #[test]

@@ -47,15 +47,23 @@ pub enum Format {
     Csv,
     Jsonl,
     /// COCO JSON: images, categories, one annotation per labeled image
-    /// (its `category_id`, the provenance under `attributes`).
+    /// (its `category_id`, the provenance under `attributes`), or per box
+    /// of a detection label (with its `bbox` and `area`).
     Coco,
     /// A directory: one folder per class holding its images, and the CSV
     /// beside them (`labels.csv`). Written by the CLI only ([`folder`]).
     ImageFolder,
+    /// A directory in the layout YOLO trainers read: `images/`, one
+    /// `labels/ITEM_ID.txt` per image (a line per box: class, centre,
+    /// width and height, as fractions of the image), `classes.txt` and
+    /// `data.yaml`, and the JSON Lines export beside them
+    /// (`labels.jsonl`). Detection projects; written by the CLI only
+    /// ([`folder`]).
+    Yolo,
 }
 
 impl Format {
-    pub const NAMES: [&str; 4] = ["csv", "jsonl", "coco", "imagefolder"];
+    pub const NAMES: [&str; 5] = ["csv", "jsonl", "coco", "imagefolder", "yolo"];
 
     pub fn parse(text: &str) -> AppResult<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
@@ -63,6 +71,7 @@ impl Format {
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
             "coco" => Ok(Self::Coco),
             "imagefolder" => Ok(Self::ImageFolder),
+            "yolo" => Ok(Self::Yolo),
             other => Err(AppError::Invalid(format!(
                 "unknown export format {other:?}: use {}",
                 Self::NAMES.join(", ")
@@ -76,22 +85,35 @@ impl Format {
             Self::Jsonl => "jsonl",
             Self::Coco => "coco",
             Self::ImageFolder => "imagefolder",
+            Self::Yolo => "yolo",
         }
     }
 
     pub fn content_type(self) -> &'static str {
         match self {
             Self::Csv | Self::ImageFolder => "text/csv; charset=utf-8",
-            Self::Jsonl => "application/x-ndjson",
+            Self::Jsonl | Self::Yolo => "application/x-ndjson",
             Self::Coco => "application/json",
         }
+    }
+
+    /// Whether a detection label's boxes can be written in this format
+    /// (a CSV row and a class folder hold one class per image).
+    pub fn carries_boxes(self) -> bool {
+        matches!(self, Self::Jsonl | Self::Coco | Self::Yolo)
+    }
+
+    /// Whether this format is a directory of images (`sieve export --out
+    /// DIR` only).
+    pub fn is_folder(self) -> bool {
+        matches!(self, Self::ImageFolder | Self::Yolo)
     }
 
     /// The file name extension of an export in this format.
     pub fn extension(self) -> &'static str {
         match self {
             Self::Csv | Self::ImageFolder => "csv",
-            Self::Jsonl => "jsonl",
+            Self::Jsonl | Self::Yolo => "jsonl",
             Self::Coco => "json",
         }
     }

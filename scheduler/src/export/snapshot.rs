@@ -27,8 +27,8 @@ use uuid::Uuid;
 
 use super::{Cursor, Format, Request, write};
 use crate::entities::item::ItemState;
-use crate::error::AppResult;
-use crate::kind::classification;
+use crate::error::{AppError, AppResult};
+use crate::kind::{TaskKind, classification, detection};
 use crate::operate::status::{MeasuredAccuracy, measured_accuracy_on};
 use crate::projects::Project;
 use sea_orm::ActiveEnum;
@@ -64,14 +64,14 @@ const STATE_COUNTS: &str =
 /// export`, whose `COPY` baseline runs this same query.
 pub const ROWS: &str = r#"
 SELECT i.id AS item_id, i.source, i.object_key, i.content_hash, i.state, i.width, i.height,
-       l.class_index, l.source AS label_source, l.reviewer, l.created_at AS labeled_at,
+       l.class_index, l.boxes, l.source AS label_source, l.reviewer, l.created_at AS labeled_at,
        t.lease_holder_token AS reviewer_token, mv.version AS model_version,
        p.confidence, (1 - p.disagreement)::real AS agreement,
        i.id IN (SELECT a.item_id FROM review_tasks a
                 WHERE a.project_id = $1 AND a.reason = 'audit' AND a.state = 'done') AS audited
 FROM items i
 LEFT JOIN (
-    SELECT DISTINCT ON (lb.item_id) lb.item_id, lb.class_index, lb.source, lb.reviewer,
+    SELECT DISTINCT ON (lb.item_id) lb.item_id, lb.class_index, lb.boxes, lb.source, lb.reviewer,
            lb.created_at, lb.prediction_id, lb.model_version_id, lb.review_task_id
     FROM labels lb JOIN items li ON li.id = lb.item_id
     WHERE li.project_id = $1
@@ -100,6 +100,7 @@ pub struct Row {
     pub width: Option<i32>,
     pub height: Option<i32>,
     pub class_index: Option<i32>,
+    pub boxes: Option<serde_json::Value>,
     pub label_source: Option<String>,
     pub reviewer: Option<String>,
     pub labeled_at: Option<DateTime<FixedOffset>>,
@@ -234,6 +235,9 @@ pub struct Image {
     pub item_id: Uuid,
     pub key: String,
     pub class_index: Option<usize>,
+    /// A detection label's boxes, and the image's size they lie in.
+    pub boxes: Option<Vec<sieve_shared::boxes::LabeledBox>>,
+    pub size: Option<(u32, u32)>,
 }
 
 impl Export {
@@ -246,6 +250,13 @@ impl Export {
         request: Request,
     ) -> AppResult<Self> {
         let Request { format, filters } = request;
+        if project.task_kind == TaskKind::Detection && !format.carries_boxes() {
+            return Err(AppError::Invalid(format!(
+                "project {} is a detection project: its boxes are exported as coco, yolo or jsonl, not {}",
+                project.name,
+                format.name()
+            )));
+        }
         let classes = filters.classes(project)?;
         let states = filters.states();
         let txn = db
@@ -409,14 +420,25 @@ impl Export {
                 number: self.written,
                 entries: self.entries,
             };
-            if write::row(self.format, at, row, class, accuracy, &mut out) {
-                self.entries += 1;
-            }
-            if self.format == Format::ImageFolder {
+            let stored = row.boxes.as_ref().and_then(detection::from_json);
+            let named = stored
+                .as_ref()
+                .map(|b| detection::named(&self.project.class_names, b));
+            let boxes = stored
+                .as_deref()
+                .zip(named.as_deref())
+                .map(|(stored, named)| write::RowBoxes { stored, named });
+            self.entries += write::row(self.format, at, row, (class, boxes), accuracy, &mut out);
+            if self.format.is_folder() {
                 self.images.push(Image {
                     item_id: row.item_id,
                     key: row.object_key.clone(),
                     class_index: row.class_index.and_then(|c| usize::try_from(c).ok()),
+                    size: row
+                        .width
+                        .zip(row.height)
+                        .map(|(w, h)| (w.max(0) as u32, h.max(0) as u32)),
+                    boxes: stored,
                 });
             }
         }

@@ -6,9 +6,12 @@
 //! first, then `images` from a first pass over the rows and `annotations`
 //! from a second (ids are the row's number in its pass, from 1, so an
 //! image and its annotation share theirs; a category's id is the class
-//! index + 1). One annotation per labeled image, with its `category_id`
-//! and the provenance under `attributes`: the writer box task kinds will
-//! extend with `bbox` and `area`.
+//! index + 1). A classification label is one annotation per labeled image
+//! (sharing the image's id), with its `category_id` and the provenance
+//! under `attributes`; a detection label is one annotation per box, with
+//! its `bbox` (`[x, y, width, height]` in pixels) and `area`, numbered in
+//! the order written, and the same provenance. JSON Lines carries a
+//! detection label's boxes as `boxes` (class names, corners in pixels).
 
 use std::io::Write as _;
 
@@ -17,8 +20,11 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use sieve_shared::boxes::LabeledBox;
+
 use super::Format;
 use super::snapshot::Row;
+use crate::kind::detection::NamedBox;
 use crate::operate::status::MeasuredAccuracy;
 use crate::projects::Project;
 
@@ -67,6 +73,18 @@ struct Record<'a> {
     machine_audits: Option<i64>,
     state: &'a str,
     labeled_at: Option<String>,
+    /// A detection label's boxes (JSON Lines only; a CSV export of a
+    /// detection project is refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boxes: Option<&'a [NamedBox]>,
+}
+
+/// A detection label's boxes, as stored (for COCO's category ids) and with
+/// class names (for JSON Lines), in the same order.
+#[derive(Clone, Copy)]
+pub struct RowBoxes<'a> {
+    pub stored: &'a [LabeledBox],
+    pub named: &'a [NamedBox],
 }
 
 /// Where a row falls: the pass over the rows (COCO makes two), its number
@@ -84,7 +102,7 @@ pub fn header(format: Format, project: &Project, out: &mut Vec<u8>) {
             out.extend_from_slice(COLUMNS.join(",").as_bytes());
             out.push(b'\n');
         }
-        Format::Jsonl => {}
+        Format::Jsonl | Format::Yolo => {}
         Format::Coco => {
             let categories: Vec<serde_json::Value> = project
                 .class_names
@@ -118,17 +136,19 @@ pub fn footer(format: Format, out: &mut Vec<u8>) {
     }
 }
 
-/// Write `row`; whether it made an entry (COCO's annotations skip
-/// unlabeled rows). `accuracy`: `None` for a row whose label is not a
-/// machine label; `Some(None)` for a machine label of a class never audited.
+/// Write `row`; how many entries it made (COCO's annotations skip
+/// unlabeled rows, and a detection label makes one per box). `accuracy`:
+/// `None` for a row whose label is not a machine label; `Some(None)` for a
+/// machine label of a class never audited.
 pub fn row(
     format: Format,
     at: Position,
     row: &Row,
-    class: Option<&str>,
+    label: (Option<&str>, Option<RowBoxes<'_>>),
     accuracy: Option<Option<&MeasuredAccuracy>>,
     out: &mut Vec<u8>,
-) -> bool {
+) -> u64 {
+    let (class, boxes) = label;
     let measured = accuracy.flatten();
     let record = Record {
         item_id: row.item_id,
@@ -149,22 +169,60 @@ pub fn row(
         machine_audits: accuracy.map(|m| m.map_or(0, |m| m.audited)),
         state: &row.state,
         labeled_at: row.labeled_at.map(|t| t.to_rfc3339()),
+        boxes: boxes.map(|b| b.named),
     };
     match format {
         Format::Csv | Format::ImageFolder => {
             csv(&record, out);
-            true
+            1
         }
-        Format::Jsonl => {
+        Format::Jsonl | Format::Yolo => {
             // Writing to a Vec fails only for a value serde cannot encode,
             // and a Record has none.
             if serde_json::to_writer(&mut *out, &record).is_ok() {
                 out.push(b'\n');
             }
-            true
+            1
         }
-        Format::Coco => coco(at, row, &record, out),
+        Format::Coco => match (at.pass, boxes) {
+            (0, _) | (_, None) => u64::from(coco(at, row, &record, out)),
+            (_, Some(boxes)) => coco_boxes(at, boxes.stored, &record, out),
+        },
     }
+}
+
+/// The provenance of a COCO annotation: the record without what the image
+/// or the annotation already says.
+fn attributes(record: &Record<'_>) -> serde_json::Value {
+    let mut attributes = serde_json::to_value(record).unwrap_or_default();
+    if let Some(map) = attributes.as_object_mut() {
+        for key in ["item_id", "key", "content_hash", "label", "boxes"] {
+            map.remove(key);
+        }
+    }
+    attributes
+}
+
+/// One COCO annotation per box of a detection label (second pass), ids
+/// running on from the entries already written.
+fn coco_boxes(at: Position, boxes: &[LabeledBox], record: &Record<'_>, out: &mut Vec<u8>) -> u64 {
+    let attributes = attributes(record);
+    for (k, b) in boxes.iter().enumerate() {
+        if at.entries + k as u64 > 0 {
+            out.push(b',');
+        }
+        let value = json!({
+            "id": at.entries + k as u64 + 1,
+            "image_id": at.number,
+            "category_id": b.class + 1,
+            "bbox": [b.x_min, b.y_min, b.width(), b.height()],
+            "area": b.width() * b.height(),
+            "iscrowd": 0,
+            "attributes": attributes,
+        });
+        let _ = serde_json::to_writer(&mut *out, &value);
+    }
+    boxes.len() as u64
 }
 
 /// One COCO image (first pass) or annotation (second pass; none for an
@@ -183,13 +241,7 @@ fn coco(at: Position, row: &Row, record: &Record<'_>, out: &mut Vec<u8>) -> bool
         let Some(class) = row.class_index else {
             return false;
         };
-        let mut attributes = serde_json::to_value(record).unwrap_or_default();
-        if let Some(map) = attributes.as_object_mut() {
-            // On the image or the annotation already.
-            for key in ["item_id", "key", "content_hash", "label"] {
-                map.remove(key);
-            }
-        }
+        let attributes = attributes(record);
         json!({
             "id": at.number,
             "image_id": at.number,
@@ -284,6 +336,7 @@ mod tests {
             width: Some(28),
             height: Some(28),
             class_index: Some(1),
+            boxes: None,
             label_source: Some("machine".into()),
             reviewer: None,
             labeled_at: None,
@@ -304,7 +357,7 @@ mod tests {
             Format::Csv,
             FIRST,
             &sample(),
-            Some("boot"),
+            (Some("boot"), None),
             Some(None),
             &mut out,
         );
@@ -324,7 +377,7 @@ mod tests {
             Format::Jsonl,
             FIRST,
             &sample(),
-            Some("boot"),
+            (Some("boot"), None),
             None,
             &mut out,
         );

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use super::extract::{AuthedProject, Export as ExportAction};
 use crate::context::Context;
 use crate::error::{AppError, AppResult, ErrorBody};
-use crate::export::{Export, Format, Request};
+use crate::export::{Export, Request};
 
 /// The labeled dataset, streamed from one snapshot.
 #[utoipa::path(
@@ -53,11 +53,11 @@ pub async fn export(
     let Query(pairs) = query.map_err(|e| AppError::Invalid(e.body_text()))?;
     let request = Request::from_query(&pairs)?;
     let format = request.format;
-    if format == Format::ImageFolder {
-        return Err(AppError::Invalid(
-            "format imagefolder writes a directory and is for `sieve export --out DIR`; over HTTP use csv, jsonl or coco"
-                .into(),
-        ));
+    if format.is_folder() {
+        return Err(AppError::Invalid(format!(
+            "format {} writes a directory and is for `sieve export --out DIR`; over HTTP use csv, jsonl or coco",
+            format.name()
+        )));
     }
     let export = Export::begin(&ctx.db, &at.project, request).await?;
     let summary = export.summary().clone();

@@ -79,7 +79,9 @@ pub async fn start(
             let inside = match &source {
                 Source::Prefix(prefix) => allowed.covers(prefix),
                 Source::ManifestInStore { key } => allowed.covers_key(key),
-                Source::Folder(_) | Source::ManifestFile { .. } => false,
+                Source::Folder(_) | Source::ManifestFile { .. } | Source::Annotations { .. } => {
+                    false
+                }
             };
             if !inside {
                 return Err(AppError::Forbidden(allowed.outside(&source.to_string())));

@@ -49,14 +49,16 @@ pub struct CreateProject {
     /// architecture.
     #[serde(default)]
     measurement_only: bool,
-    /// `classification` (the default and, for now, the only kind).
+    /// `classification` (the default: one class per image) or `detection`
+    /// (boxes, each with a class; labeled by people and imports, no model
+    /// yet).
     #[serde(default)]
     #[schema(value_type = Option<TaskKind>)]
     task_kind: Option<String>,
 }
 
-/// Create a project (an `admin` or `ml` token for every project) and queue
-/// its first, untrained model.
+/// Create a project (an `admin` or `ml` token for every project); a
+/// classification project's first, untrained model is queued at once.
 #[utoipa::path(
     post,
     path = "/projects",
@@ -79,21 +81,23 @@ pub async fn create(
     who.require_unscoped("create projects")?;
     let name = ProjectName::parse(&body.name)?;
     let classes = ClassNames::parse(&body.classes)?;
-    if let Some(kind) = body.task_kind.as_deref() {
-        // Said now, before anything is written: a kind sieve lacks.
-        kind.parse::<TaskKind>().map_err(AppError::Invalid)?;
-    }
+    // Said now, before anything is written: a kind sieve lacks.
+    let kind = match body.task_kind.as_deref() {
+        Some(kind) => kind.parse::<TaskKind>().map_err(AppError::Invalid)?,
+        None => TaskKind::default(),
+    };
     let arch = match body.arch.as_deref() {
         Some(raw) => projects::parse_arch(raw)?,
         None => ModelArch::default(),
     };
     let arch = projects::allow_arch(arch, body.measurement_only)?;
-    let project = training::create_project(
+    let project = training::create_project_of_kind(
         &ctx,
         &name,
         &classes,
         &body.policy.unwrap_or_default(),
         arch,
+        kind,
         &who.name,
     )
     .await?;

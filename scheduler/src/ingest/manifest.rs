@@ -55,7 +55,7 @@ impl std::fmt::Display for Target {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Row {
     /// 1-based line number in the manifest.
     pub line: u64,
@@ -63,6 +63,9 @@ pub struct Row {
     /// A class name, not yet checked against the project.
     pub label: Option<String>,
     pub external_id: Option<String>,
+    /// The image's boxes, checked against the project's classes (a row of
+    /// a box annotation file: `ingest::annotated`); a manifest has none.
+    pub boxes: Option<Vec<sieve_shared::boxes::LabeledBox>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,6 +225,7 @@ impl ManifestReader {
                 target,
                 label,
                 external_id,
+                boxes: None,
             })
             .map_err(|reason| RowError { line, reason })
     }
@@ -437,6 +441,7 @@ mod tests {
                 target: Target::Path("a.png".into()),
                 label: Some("cat".into()),
                 external_id: Some("1".into()),
+                boxes: None,
             })
         );
         assert_eq!(rows[1].as_ref().map(|r| r.line), Ok(4));

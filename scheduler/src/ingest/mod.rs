@@ -55,6 +55,8 @@
 //! as an `import` label, the item is `human_labeled` (so it is never
 //! dispatched, rescored or reviewed) and training snapshots include it.
 
+pub mod annotated;
+pub mod annotations;
 pub mod manifest;
 pub mod prefix;
 pub mod runs;
@@ -93,7 +95,7 @@ use crate::entities::label::{self, LabelSource};
 use crate::ingest::manifest::{ManifestReader, Row, Target};
 use crate::ingest::prefix::Prefix;
 use crate::ingest::sources::Allowed;
-use crate::kind::classification;
+use crate::kind::{LabelValue, TaskKind, classification};
 use crate::projects::Project;
 
 /// Files or objects read and hashed at once: a batch is shared out among
@@ -133,6 +135,13 @@ pub enum Source {
     ManifestInStore { key: String },
     /// Every object under an object-store prefix.
     Prefix(Prefix),
+    /// The images a box annotation file names (Pascal VOC, CSV, COCO), each
+    /// with its boxes (a detection project; see [`annotated`]). Paths are
+    /// relative to `root`, default the file's directory (or the VOC folder).
+    Annotations {
+        path: PathBuf,
+        root: Option<PathBuf>,
+    },
 }
 
 impl std::fmt::Display for Source {
@@ -142,6 +151,7 @@ impl std::fmt::Display for Source {
             Source::ManifestFile { path, .. } => write!(f, "manifest {}", path.display()),
             Source::ManifestInStore { key } => write!(f, "manifest store:{key}"),
             Source::Prefix(prefix) => write!(f, "{prefix}"),
+            Source::Annotations { path, .. } => write!(f, "annotations {}", path.display()),
         }
     }
 }
@@ -378,6 +388,8 @@ struct Reading {
     in_place: Option<LocalFiles>,
     project_id: String,
     class_names: Vec<String>,
+    project_name: String,
+    kind: TaskKind,
     /// See [`Options::labels_refused`].
     labels_refused: Option<String>,
     /// See [`Options::allowed`].
@@ -399,6 +411,8 @@ impl Reading {
             in_place,
             project_id: project.id.to_string(),
             class_names: project.class_names.clone(),
+            project_name: project.name.clone(),
+            kind: project.task_kind,
             labels_refused: None,
             allowed: None,
             max_pixels: ctx.settings.ingest.max_pixels,
@@ -506,6 +520,17 @@ impl Reading {
         let mut refused = None;
         let label = match &row.label {
             None => None,
+            Some(name) if self.kind != TaskKind::Classification => {
+                refused = Some(FileFailure {
+                    path: row.target.to_string(),
+                    line: Some(row.line),
+                    reason: format!(
+                        "label {name:?} names a class, but {} is a {} project (import its boxes with `sieve ingest --annotations`); the item is ingested without it",
+                        self.project_name, self.kind
+                    ),
+                });
+                None
+            }
             Some(name) if self.labels_refused.is_some() => {
                 refused = Some(FileFailure {
                     path: row.target.to_string(),
@@ -518,7 +543,7 @@ impl Reading {
                 None
             }
             Some(name) => match classification::class_by_name(&self.class_names, name) {
-                Some(index) => Some(index),
+                Some(index) => Some(LabelValue::Class(index)),
                 None => {
                     refused = Some(FileFailure {
                         path: row.target.to_string(),
@@ -567,6 +592,10 @@ impl Reading {
             }
         };
         let target = row.target.to_string();
+        let (checked, label) = match row.boxes {
+            Some(boxes) => annotated::with_boxes(checked, boxes, self.class_names.len()),
+            None => (checked, label),
+        };
         let entry = Entry {
             source: match &row.external_id {
                 Some(id) => format!("{target} (external_id {id})"),
@@ -759,8 +788,8 @@ struct Entry {
     /// Where the item will point; `None`: the content-addressed image key.
     object_key: Option<String>,
     checked: Checked,
-    /// Class index of a known label.
-    label: Option<i32>,
+    /// A known label: a class, or an image's boxes.
+    label: Option<LabelValue>,
     /// Where a failure is reported: the path and (manifest) line.
     path: String,
     line: Option<u64>,
@@ -888,8 +917,8 @@ impl InFlight {
 struct Prepared {
     /// Sorted by hash, distinct.
     rows: Vec<NewItem>,
-    /// Known labels (class index) by hash.
-    labels: std::collections::HashMap<String, i32>,
+    /// Known labels by hash.
+    labels: std::collections::HashMap<String, LabelValue>,
     now: chrono::DateTime<chrono::FixedOffset>,
 }
 
@@ -943,8 +972,11 @@ async fn ingest_batch(
             } => {
                 let state = if entry.label.is_some() {
                     ItemState::HumanLabeled
-                } else {
+                } else if project.task_kind.has_models() {
                     ItemState::Queued
+                } else {
+                    // No model to pre-label it: straight to people.
+                    ItemState::InReview
                 };
                 (hash, size, Some(width), Some(height), state, None)
             }
@@ -965,8 +997,8 @@ async fn ingest_batch(
         let object_key = entry
             .object_key
             .unwrap_or_else(|| image_key(&project.id.to_string(), &hash));
-        if let (Some(class), ItemState::HumanLabeled) = (entry.label, state) {
-            labels.insert(hash.clone(), class);
+        if let (Some(label), ItemState::HumanLabeled) = (entry.label, state) {
+            labels.insert(hash.clone(), label);
         }
         rows.push(NewItem {
             id: ItemId::new().as_uuid(),
@@ -985,6 +1017,36 @@ async fn ingest_batch(
     rows.sort_by(|a, b| a.content_hash.cmp(&b.content_hash));
     let batch = Prepared { rows, labels, now };
     in_flight.start(ctx, project, batch, summary).await
+}
+
+/// A `seed` review task for each of `items`, in random order: a kind
+/// without models sends what it ingests straight to people.
+async fn open_seed_tasks(
+    txn: &DatabaseTransaction,
+    project: &Project,
+    items: &[Uuid],
+    now: chrono::DateTime<chrono::FixedOffset>,
+) -> anyhow::Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let pairs: Vec<[Uuid; 2]> = items.iter().map(|item| [Uuid::now_v7(), *item]).collect();
+    txn.execute_raw(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        r#"
+        INSERT INTO review_tasks (id, project_id, item_id, prediction_id, reason, priority,
+                                  state, fencing_token, created_at, updated_at)
+        SELECT (r ->> 0)::uuid, $1, (r ->> 1)::uuid, NULL, 'seed', random(), 'open', 0, $2, $2
+        FROM jsonb_array_elements($3::jsonb) AS r
+        "#,
+        [
+            project.id.as_uuid().into(),
+            now.into(),
+            serde_json::to_value(&pairs)?.into(),
+        ],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// A batch inserted in its still open transaction.
@@ -1018,11 +1080,12 @@ async fn insert_batch(
     let imports: Vec<label::ActiveModel> = inserted
         .iter()
         .filter_map(|item| {
-            let class = labels.get(&item.content_hash)?;
+            let label = labels.get(&item.content_hash)?;
             Some(label::ActiveModel {
                 id: Set(Uuid::now_v7()),
                 item_id: Set(item.id),
-                class_index: Set(*class),
+                class_index: Set(label.class_index()),
+                boxes: Set(label.boxes_json()),
                 source: Set(LabelSource::Import),
                 reviewer: Set(None),
                 prediction_id: Set(None),
@@ -1036,6 +1099,12 @@ async fn insert_batch(
     if !imports.is_empty() {
         label::Entity::insert_many(imports).exec(&txn).await?;
     }
+    let to_review: Vec<Uuid> = inserted
+        .iter()
+        .filter(|item| item.state == ItemState::InReview)
+        .map(|item| item.id)
+        .collect();
+    open_seed_tasks(&txn, project, &to_review, now).await?;
 
     let project_id = project.id.to_string();
     let mut to_dispatch: Vec<dispatch::JobItem> = Vec::new();
@@ -1184,6 +1253,9 @@ pub async fn ingest(
             manifest(ctx, project, reader, None, format!("store:{key}"), options).await?
         }
         Source::Prefix(prefix) => prefix_objects(ctx, project, prefix, options).await?,
+        Source::Annotations { path, root } => {
+            annotation_file(ctx, project, path, root.as_deref(), options).await?
+        }
     };
     finished(project, source, &summary);
     Ok(summary)
@@ -1372,6 +1444,68 @@ async fn stored_manifest(ctx: &Context, key: &str) -> anyhow::Result<ManifestRea
     .await
     .context("manifest read task panicked")??;
     Ok(reader)
+}
+
+/// Ingest the images a box annotation file names, each with its boxes: the
+/// whole file is checked first ([`annotated::prepare`]), then its images go
+/// through the manifest path.
+async fn annotation_file(
+    ctx: &Context,
+    project: &Project,
+    path: &Path,
+    root: Option<&Path>,
+    options: &Options,
+) -> anyhow::Result<IngestSummary> {
+    if project.task_kind != TaskKind::Detection {
+        anyhow::bail!(
+            "project {} is a {} project: box annotations are imported into a detection project (sieve project create NAME --task detection --classes ...)",
+            project.name,
+            project.task_kind
+        );
+    }
+    let root = match root {
+        Some(dir) => Root::new(dir)?,
+        None if path.is_dir() => Root::new(path)?,
+        None => {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            Root::new(parent.unwrap_or(Path::new(".")))?
+        }
+    };
+    let rows = {
+        let (path, root, project) = (path.to_owned(), root.clone(), project.clone());
+        tokio::task::spawn_blocking(move || annotated::prepare(&path, &root, &project))
+            .await
+            .context("annotation read task panicked")??
+    };
+    let progress = Progress::new(Some(rows.len() as u64), "images", options);
+    let batch_size = ctx.settings.ingest.batch_size.max(1);
+    let reading = Reading::new(ctx, project, Some(&root));
+    pipeline(ctx, project, progress, options, move |send| async move {
+        let mut rows = rows.into_iter();
+        loop {
+            let chunk: Vec<Row> = rows.by_ref().take(batch_size).collect();
+            if chunk.is_empty() {
+                return;
+            }
+            let (reading, root) = (reading.clone(), root.clone());
+            let batch =
+                on_blocking_threads(chunk, move |row| reading.manifest_row(Some(&root), row))
+                    .await
+                    .map(|checked| {
+                        let (entries, refused): (Vec<Entry>, Vec<Option<FileFailure>>) =
+                            checked.into_iter().unzip();
+                        Batch {
+                            failures: refused.into_iter().flatten().collect(),
+                            ..Batch::of(entries)
+                        }
+                    });
+            let failed = batch.is_err();
+            if send.send(batch).await.is_err() || failed {
+                return;
+            }
+        }
+    })
+    .await
 }
 
 /// Ingest the images a manifest names; a bad row is reported with its line

@@ -28,6 +28,7 @@ use crate::entities::item::ItemState;
 use crate::error::{AppError, AppResult};
 use crate::export::Filters;
 use crate::kind::classification;
+use crate::kind::detection::{self, NamedBox};
 use crate::projects::{self, Project};
 use sea_orm::ActiveEnum;
 
@@ -132,8 +133,11 @@ pub struct ItemSummary {
     pub source: String,
     pub state: String,
     /// The current label: the newest human or import label, else the
-    /// newest machine label.
+    /// newest machine label. Its class (classification).
     pub label: Option<String>,
+    /// How many boxes it has (detection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<i32>,
     pub label_source: Option<String>,
     pub labeled_by: Option<String>,
     pub labeled_at: Option<DateTime<FixedOffset>>,
@@ -161,6 +165,7 @@ struct ListRow {
     state: String,
     created_at: DateTime<FixedOffset>,
     class_index: Option<i32>,
+    box_count: Option<i32>,
     label_source: Option<String>,
     reviewer: Option<String>,
     labeled_at: Option<DateTime<FixedOffset>>,
@@ -174,11 +179,12 @@ struct ListRow {
 /// confidence, `$7` rows.
 const LIST: &str = r#"
 SELECT i.id, i.object_key, i.source, i.state, i.created_at,
-       l.class_index, l.source AS label_source, l.reviewer, l.created_at AS labeled_at,
+       l.class_index, jsonb_array_length(l.boxes) AS box_count, l.source AS label_source,
+       l.reviewer, l.created_at AS labeled_at,
        p.top_class, p.confidence, mv.version AS model_version
 FROM items i
 LEFT JOIN LATERAL (
-    SELECT class_index, source, reviewer, created_at FROM labels WHERE item_id = i.id
+    SELECT class_index, boxes, source, reviewer, created_at FROM labels WHERE item_id = i.id
     ORDER BY source = 'machine', created_at DESC, id DESC LIMIT 1
 ) l ON true
 LEFT JOIN LATERAL (
@@ -252,6 +258,7 @@ pub async fn list(
             source: r.source,
             state: r.state,
             label: class_name(project, r.class_index),
+            boxes: r.box_count,
             label_source: r.label_source,
             labeled_by: r.reviewer,
             labeled_at: r.labeled_at,
@@ -326,7 +333,14 @@ pub struct LabelEntry {
     pub label_id: Uuid,
     #[sea_orm(skip)]
     pub class: Option<String>,
-    pub class_index: i32,
+    /// The class (classification).
+    pub class_index: Option<i32>,
+    /// The boxes (detection).
+    #[sea_orm(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<Vec<NamedBox>>,
+    #[serde(skip)]
+    pub stored_boxes: Option<serde_json::Value>,
     /// `human`, `machine` or `import`.
     pub source: String,
     /// The reviewer's name, and their token's id (none for the CLI).
@@ -386,7 +400,8 @@ WHERE p.item_id = $1 ORDER BY p.created_at, p.id
 "#;
 
 const LABELS: &str = r#"
-SELECT l.id AS label_id, l.class_index, l.source, l.reviewer AS labeled_by,
+SELECT l.id AS label_id, l.class_index, l.boxes AS stored_boxes, l.source,
+       l.reviewer AS labeled_by,
        t.lease_holder_token AS labeled_by_token, mv.version AS model_version,
        l.prediction_id, l.review_task_id, l.created_at
 FROM labels l
@@ -450,7 +465,12 @@ async fn history(db: &DatabaseConnection, item: ItemRow) -> AppResult<ItemHistor
         .all(db)
         .await?;
     for l in &mut labels {
-        l.class = class_name(&project, Some(l.class_index));
+        l.class = class_name(&project, l.class_index);
+        l.boxes = l
+            .stored_boxes
+            .take()
+            .and_then(|b| detection::from_json(&b))
+            .map(|b| detection::named(&project.class_names, &b));
     }
     let review_tasks = TaskEntry::find_by_statement(by_item(TASKS)).all(db).await?;
     // The same rule as everywhere: the newest human or import label wins.

@@ -40,9 +40,11 @@
 use chrono::{DateTime, Duration, FixedOffset, Utc};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait,
-    FromQueryResult, PaginatorTrait, QueryFilter, QuerySelect, Statement, TransactionTrait,
+    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
+    TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
+use sieve_shared::boxes::LabeledBox;
 use sieve_shared::ids::TaskId;
 use uuid::Uuid;
 
@@ -52,6 +54,8 @@ use crate::entities::prediction;
 use crate::entities::review_task::{self, TaskReason, TaskState};
 use crate::error::{AppError, AppResult};
 use crate::kind::classification::{self, Proposal};
+use crate::kind::detection::{self, NamedBox};
+use crate::kind::{self, TaskKind};
 use crate::projects::{self, Project};
 
 /// Longest skip reason accepted, in characters.
@@ -128,7 +132,15 @@ pub struct ClaimedTask {
     #[serde(default)]
     pub image_url: String,
     pub reason: TaskReason,
+    /// What the reviewer gives: a class (`classification`) or boxes
+    /// (`detection`).
+    #[serde(default)]
+    pub task_kind: TaskKind,
     pub class_names: Vec<String>,
+    /// Detection: the boxes to start from (the item's newest boxes by
+    /// people or an import; none yet: an empty list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<Vec<NamedBox>>,
     /// The model's proposal, if it made one.
     pub predicted_class: Option<String>,
     pub probabilities: Option<Vec<f32>>,
@@ -286,6 +298,26 @@ impl From<&review_task::Model> for ClaimRow {
     }
 }
 
+/// The boxes a reviewer of `item_id` starts from: its newest by people or
+/// an import (none yet: an empty list).
+async fn start_boxes(
+    db: &DatabaseConnection,
+    project: &Project,
+    item_id: Uuid,
+) -> AppResult<Vec<NamedBox>> {
+    let newest = label::Entity::find()
+        .filter(label::Column::ItemId.eq(item_id))
+        .filter(label::Column::Source.is_in([LabelSource::Human, LabelSource::Import]))
+        .order_by_desc(label::Column::CreatedAt)
+        .one(db)
+        .await?;
+    let stored = newest
+        .and_then(|l| l.boxes)
+        .and_then(|b| detection::from_json(&b))
+        .unwrap_or_default();
+    Ok(detection::named(&project.class_names, &stored))
+}
+
 /// What the holder of `task` (already claimed, with `token` and `expires`)
 /// is shown.
 async fn claimed_view(
@@ -298,8 +330,14 @@ async fn claimed_view(
 ) -> AppResult<ClaimedTask> {
     let (item, prediction) = item_and_prediction(db, task).await?;
     let proposal = proposal(project, prediction.as_ref());
+    let boxes = match project.task_kind {
+        TaskKind::Detection => Some(start_boxes(db, project, item.id).await?),
+        TaskKind::Classification => None,
+    };
     Ok(ClaimedTask {
         task_id: task.id,
+        task_kind: project.task_kind,
+        boxes,
         fencing_token: token,
         lease_expires_at: expires,
         lease_seconds: lease.as_secs(),
@@ -350,6 +388,7 @@ async fn claim_next_inner(
             expires.fixed_offset().into(),
             now.fixed_offset().into(),
             reviewer.token.into(),
+            (project.task_kind == TaskKind::Detection).into(),
         ],
     ))
     .one(db)
@@ -357,6 +396,10 @@ async fn claim_next_inner(
     else {
         return Ok(None);
     };
+    let boxes = (project.task_kind == TaskKind::Detection).then(|| {
+        let stored = claimed.boxes.as_ref().and_then(detection::from_json);
+        detection::named(&project.class_names, &stored.unwrap_or_default())
+    });
     if claimed.expired {
         // Its holder's lease ran out: the task returns to the queue.
         metrics::counter!("sieve_review_leases_expired_total").increment(1);
@@ -387,7 +430,9 @@ async fn claim_next_inner(
         object_key: claimed.object_key,
         source: claimed.source,
         reason: claimed.reason,
+        task_kind: project.task_kind,
         class_names: project.class_names.clone(),
+        boxes,
         predicted_class: proposal.predicted_class,
         probabilities: proposal.probabilities,
         member_votes: proposal.member_votes,
@@ -411,6 +456,8 @@ struct Claimed {
     member_votes: Option<serde_json::Value>,
     top_class: Option<i32>,
     confidence: Option<f32>,
+    /// The item's newest boxes by people (detection projects only).
+    boxes: Option<serde_json::Value>,
 }
 
 /// A claim, as one statement (its own transaction, one round trip): pick
@@ -435,7 +482,8 @@ struct Claimed {
 /// the holder. Nothing a reviewer submitted is at risk: submits commit
 /// synchronously, and their flush also covers every claim before them.
 /// `$1` project, `$2` reviewer, `$3` lease expiry, `$4` now, `$5` the
-/// reviewer's token id (NULL without one).
+/// reviewer's token id (NULL without one), `$6` whether to read the item's
+/// newest boxes (a detection project).
 const CLAIM: &str = r#"
 WITH claimed AS (
     UPDATE review_tasks t
@@ -462,6 +510,9 @@ WITH claimed AS (
 )
 SELECT c.id, c.item_id, c.reason, c.fencing_token, c.expired, i.object_key, i.source,
        p.probabilities, p.member_votes, p.top_class, p.confidence,
+       CASE WHEN $6 THEN (SELECT l.boxes FROM labels l
+                          WHERE l.item_id = c.item_id AND l.source IN ('human', 'import')
+                          ORDER BY l.created_at DESC LIMIT 1) END AS boxes,
        set_config('synchronous_commit', 'off', true) AS commit_mode
 FROM claimed c
 JOIN items i ON i.id = c.item_id
@@ -472,8 +523,15 @@ LEFT JOIN predictions p ON p.id = c.prediction_id
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Submission {
     pub fencing_token: i64,
-    /// Class name (or index) chosen by the reviewer.
+    /// Class name (or index) chosen by the reviewer: the label of a
+    /// classification project.
+    #[serde(default)]
     pub class: String,
+    /// The boxes the reviewer drew: the label of a detection project (an
+    /// empty list: nothing in the image to box). Each box is checked
+    /// against the image's size and the project's classes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<Vec<NamedBox>>,
     /// Label the item even though a human already labeled it (the newest
     /// human label wins). Only `ml` and `admin` may ask for it: the HTTP
     /// layer refuses it to other roles with 403 before calling [`submit`].
@@ -485,8 +543,12 @@ pub struct Submission {
 pub struct SubmittedLabel {
     pub label_id: Uuid,
     pub item_id: Uuid,
-    pub class_index: u32,
-    pub class: String,
+    /// The class (classification).
+    pub class_index: Option<u32>,
+    pub class: Option<String>,
+    /// The boxes (detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<Vec<NamedBox>>,
     /// Until when the submitter may undo this submit (the end of the lease
     /// it was made under); `None` when it was made after the lease ran out.
     #[serde(default)]
@@ -547,6 +609,7 @@ struct SubmitRow {
     not_for_token: Option<Uuid>,
     project_name: String,
     class_names: serde_json::Value,
+    task_kind: String,
     class_index: Option<i32>,
     /// The item's newest label by people, before this submit.
     newest_label_id: Option<Uuid>,
@@ -582,7 +645,8 @@ struct SubmitRow {
 /// `$1` task, `$2` token, `$3` reviewer, `$4` class name, `$5` class number
 /// (NULL unless the class given is a number), `$6` force, `$7` now, `$8` the
 /// new label's id, `$9` the id of a second-opinion task, `$10` its priority,
-/// `$11` the reviewer's token id (NULL without one).
+/// `$11` the reviewer's token id (NULL without one), `$12` the boxes of a
+/// detection label (checked by the caller; NULL for a class).
 const SUBMIT: &str = r#"
 WITH item AS (
     SELECT id FROM items
@@ -592,7 +656,7 @@ WITH item AS (
     SELECT t.id, t.project_id, t.item_id, t.prediction_id, t.reason, t.state,
            t.fencing_token, t.lease_holder, t.lease_holder_token, t.lease_expires_at, t.not_for,
            t.not_for_token,
-           pr.name AS project_name, pr.class_names,
+           pr.name AS project_name, pr.class_names, pr.task_kind,
            COALESCE(
                (SELECT (c.ord - 1)::int
                 FROM jsonb_array_elements_text(pr.class_names) WITH ORDINALITY c(name, ord)
@@ -619,7 +683,8 @@ WITH item AS (
     SELECT * FROM facts
     WHERE state = 'claimed' AND fencing_token = $2 AND lease_holder = $3
       AND lease_holder_token IS NOT DISTINCT FROM $11::uuid
-      AND class_index IS NOT NULL
+      AND CASE WHEN task_kind = 'classification' THEN class_index IS NOT NULL AND $12::jsonb IS NULL
+               ELSE class_index IS NULL AND $12::jsonb IS NOT NULL END
       AND NOT (CASE WHEN not_for_token IS NOT NULL THEN not_for_token IS NOT DISTINCT FROM $11::uuid
                     ELSE not_for IS NOT DISTINCT FROM $3 END)
       AND ($6 OR newest_label_id IS NULL OR newest_label_id = first_label_id
@@ -631,9 +696,9 @@ WITH item AS (
       AND t.lease_holder = $3 AND t.lease_holder_token IS NOT DISTINCT FROM $11::uuid
     RETURNING ok.*
 ), label AS (
-    INSERT INTO labels (id, item_id, class_index, source, reviewer, prediction_id,
+    INSERT INTO labels (id, item_id, class_index, boxes, source, reviewer, prediction_id,
                         review_task_id, created_at)
-    SELECT $8, item_id, class_index, 'human', $3, prediction_id, id, $7 FROM done
+    SELECT $8, item_id, class_index, $12::jsonb, 'human', $3, prediction_id, id, $7 FROM done
 ), labeled AS (
     UPDATE items SET state = 'human_labeled', updated_at = $7
     FROM done WHERE items.id = done.item_id
@@ -672,7 +737,7 @@ WITH item AS (
 )
 SELECT f.item_id, f.state, f.fencing_token, f.lease_holder, f.lease_holder_token,
        f.lease_expires_at, f.not_for, f.not_for_token,
-       f.project_name, f.class_names, f.class_index, f.newest_label_id,
+       f.project_name, f.class_names, f.task_kind, f.class_index, f.newest_label_id,
        f.newest_class, f.newest_source, f.newest_reviewer, f.newest_at, f.first_label_id,
        f.reported_label_id,
        EXISTS (SELECT 1 FROM done) AS written,
@@ -722,6 +787,12 @@ async fn submit_refusal(
         serde_json::from_value(row.class_names.clone()).map_err(|e| {
             anyhow::anyhow!("project {} has corrupt class names: {e}", row.project_name)
         })?;
+    if row.task_kind != TaskKind::Classification.as_str() {
+        return Ok(AppError::Invalid(format!(
+            "project {} is a {} project: submit its label as \"boxes\", not a class; nothing was written",
+            row.project_name, row.task_kind
+        )));
+    }
     let Some(_) = row.class_index else {
         return Ok(AppError::Invalid(format!(
             "project {} has no class {:?}; its classes are: {}; nothing was written",
@@ -793,12 +864,16 @@ pub async fn submit(
     let reviewer = reviewer.into();
     let now = Utc::now();
     let label_id = Uuid::now_v7();
+    let boxes = match &submission.boxes {
+        Some(named) => Some(checked_boxes(db, task_id, named).await?),
+        None => None,
+    };
     // A class given by number, if it is one (a class may also be named "3":
-    // the name wins, as in `Project::class_index`).
-    let class_number = submission
-        .class
-        .parse::<usize>()
-        .ok()
+    // the name wins, as in `Project::class_index`); none with boxes.
+    let class = boxes.is_none().then(|| submission.class.clone());
+    let class_number = class
+        .as_deref()
+        .and_then(|class| class.parse::<usize>().ok())
         .and_then(|n| i32::try_from(n).ok());
     let row = SubmitRow::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
@@ -807,7 +882,7 @@ pub async fn submit(
             task_id.as_uuid().into(),
             submission.fencing_token.into(),
             reviewer.name.into(),
-            submission.class.clone().into(),
+            class.into(),
             class_number.into(),
             submission.force.into(),
             now.fixed_offset().into(),
@@ -815,6 +890,7 @@ pub async fn submit(
             Uuid::now_v7().into(),
             SECOND_OPINION_PRIORITY.into(),
             reviewer.token.into(),
+            boxes.as_ref().map(|b| detection::to_json(b)).into(),
         ],
     ))
     .one(db)
@@ -833,20 +909,57 @@ pub async fn submit(
         tracing::info!(task = %task_id, reviewer, outcome, "second opinion given");
     }
 
-    let class_index = row
-        .class_index
-        .ok_or_else(|| anyhow::anyhow!("submit of task {task_id} wrote a label without a class"))?;
     let class_names: Vec<String> =
         serde_json::from_value(row.class_names.clone()).unwrap_or_default();
-    let class = classification::class_name(&class_names, class_index).map(str::to_owned);
+    let class = row
+        .class_index
+        .and_then(|index| classification::class_name(&class_names, index))
+        .map(str::to_owned);
     Ok(SubmittedLabel {
         label_id,
         item_id: row.item_id,
-        class_index: class_index as u32,
-        class: class.unwrap_or_default(),
+        class_index: row.class_index.map(|index| index as u32),
+        class,
+        boxes: boxes.map(|b| detection::named(&class_names, &b)),
         undo_until: row.lease_expires_at.map(utc).filter(|end| *end > now),
         second_opinion_task: row.second_opinion_task,
     })
+}
+
+/// The boxes of a submit to `task_id`, checked against its project (a
+/// detection project) and its image's size: 422 naming what is wrong.
+async fn checked_boxes(
+    db: &DatabaseConnection,
+    task_id: TaskId,
+    named: &[NamedBox],
+) -> AppResult<Vec<LabeledBox>> {
+    #[derive(FromQueryResult)]
+    struct Target {
+        project_id: Uuid,
+        width: Option<i32>,
+        height: Option<i32>,
+    }
+    let target = Target::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT t.project_id, i.width, i.height FROM review_tasks t \
+         JOIN items i ON i.id = t.item_id WHERE t.id = $1",
+        [task_id.as_uuid().into()],
+    ))
+    .one(db)
+    .await?
+    .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
+    let project = projects::get(db, &target.project_id.to_string()).await?;
+    if project.task_kind != TaskKind::Detection {
+        return Err(kind::wrong_kind(
+            &project,
+            TaskKind::Detection,
+            "a list of boxes",
+        ));
+    }
+    let (Some(width), Some(height)) = (target.width, target.height) else {
+        return Err(anyhow::anyhow!("item of task {task_id} has no stored size").into());
+    };
+    detection::parse(&project, named, width as u32, height as u32)
 }
 
 /// Give a claimed task back to the queue unchanged, by its holder with the
@@ -1286,8 +1399,12 @@ pub struct TaskView {
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskLabel {
     pub label_id: Uuid,
-    pub class_index: i32,
+    /// The class (classification).
+    pub class_index: Option<i32>,
     pub class: Option<String>,
+    /// The boxes (detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<Vec<NamedBox>>,
     pub reviewer: Option<String>,
     pub created_at: DateTime<Utc>,
 }
@@ -1331,8 +1448,15 @@ pub async fn show(
         .map(|l| TaskLabel {
             label_id: l.id,
             class_index: l.class_index,
-            class: classification::class_name(&project.class_names, l.class_index)
+            class: l
+                .class_index
+                .and_then(|index| classification::class_name(&project.class_names, index))
                 .map(str::to_owned),
+            boxes: l
+                .boxes
+                .as_ref()
+                .and_then(detection::from_json)
+                .map(|b| detection::named(&project.class_names, &b)),
             reviewer: l.reviewer,
             created_at: utc(l.created_at),
         });

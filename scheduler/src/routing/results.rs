@@ -394,7 +394,8 @@ pub(crate) async fn route(
             label::Entity::insert(label::ActiveModel {
                 id: Set(Uuid::now_v7()),
                 item_id: Set(item.id),
-                class_index: Set(class_index as i32),
+                class_index: Set(Some(class_index as i32)),
+                boxes: Set(None),
                 source: Set(LabelSource::Machine),
                 reviewer: Set(None),
                 prediction_id: Set(Some(prediction_id)),

@@ -41,6 +41,7 @@ use crate::entities::model_version::{self, VersionStatus};
 use crate::entities::project;
 use crate::entities::training_run::{self, RunState};
 use crate::error::{AppError, AppResult};
+use crate::kind::TaskKind;
 use crate::policy::Policy;
 use crate::projects::{self, ClassNames, Project, ProjectName};
 use crate::routing::calibration;
@@ -364,8 +365,9 @@ impl RetrainRequest {
     }
 }
 
-/// Create a project and queue its first (untrained) model, so that items
-/// ingested into it can be pre-labeled at once and the loop can start.
+/// Create a classification project and queue its first (untrained) model,
+/// so that items ingested into it can be pre-labeled at once and the loop
+/// can start.
 pub async fn create_project(
     ctx: &Context,
     name: &ProjectName,
@@ -374,8 +376,36 @@ pub async fn create_project(
     arch: ModelArch,
     requested_by: &str,
 ) -> AppResult<Project> {
-    let project = projects::create(&ctx.db, name, classes, policy, arch).await?;
-    request(ctx, &project, requested_by, project.train_params(), true).await?;
+    create_project_of_kind(
+        ctx,
+        name,
+        classes,
+        policy,
+        arch,
+        TaskKind::Classification,
+        requested_by,
+    )
+    .await
+}
+
+/// Create a project of `kind`. A classification project's first model is
+/// queued at once. A detection project has no model: sieve's workers do
+/// not train detectors yet, so each image it ingests goes to people (a
+/// `seed` review task, in random order) and its labels come from them and
+/// from imported annotations.
+pub async fn create_project_of_kind(
+    ctx: &Context,
+    name: &ProjectName,
+    classes: &ClassNames,
+    policy: &Policy,
+    arch: ModelArch,
+    kind: TaskKind,
+    requested_by: &str,
+) -> AppResult<Project> {
+    let project = projects::create(&ctx.db, name, classes, policy, arch, kind).await?;
+    if kind.has_models() {
+        request(ctx, &project, requested_by, project.train_params(), true).await?;
+    }
     Ok(project)
 }
 
@@ -402,6 +432,12 @@ pub async fn request(
         .await?
         .is_some_and(|p| p.active_model_version_id.is_none());
     let bootstrap = bootstrap || without_model;
+    if !project.task_kind.has_models() {
+        return Err(AppError::Invalid(format!(
+            "project {} is a {} project: sieve does not train models for it yet; its images are labeled by people and by imported annotations",
+            project.name, project.task_kind
+        )));
+    }
     if params.arch != project.arch {
         return Err(AppError::Invalid(format!(
             "project {} runs {}; a run of {} would register a version it cannot use",

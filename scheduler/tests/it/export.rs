@@ -535,6 +535,7 @@ async fn new_project(app: &App, name: &str) -> Project {
         &ClassNames::parse(&classes).unwrap(),
         &Policy::default(),
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await
     .unwrap()
@@ -555,7 +556,7 @@ async fn labeled(app: &App, project: &Project) -> HashMap<String, (String, Strin
     labels.sort_by_key(|l| l.created_at);
     for l in labels {
         if let Some(item) = items.get(&l.item_id) {
-            let class = project.class_names[l.class_index as usize].clone();
+            let class = project.class_names[l.class_index.unwrap() as usize].clone();
             let source = format!("{:?}", l.source).to_lowercase();
             let current = out
                 .entry(item.content_hash.clone())

@@ -117,7 +117,7 @@ async fn csv_and_json_lines_manifests_import_labels_and_dispatch_the_rest() {
     assert!(
         labels
             .iter()
-            .any(|l| l.item_id == c.id && l.class_index == 1)
+            .any(|l| l.item_id == c.id && l.class_index == Some(1))
     );
 
     // Again: nothing new, no job, no label.

@@ -13,6 +13,7 @@ mod chromium;
 mod database;
 mod dead_letters;
 mod deploy_files;
+mod detection;
 mod dispatch_control;
 mod export;
 mod export_imagefolder;

@@ -59,6 +59,7 @@ async fn project_with_champion(
         &ClassNames::parse(&["a".into(), "b".into()]).unwrap(),
         &Policy::default(),
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await
     .unwrap();

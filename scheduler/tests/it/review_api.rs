@@ -404,7 +404,7 @@ async fn undo_takes_back_only_your_own_submit_within_its_lease() {
         assert_eq!(status, 200, "{relabeled}");
         let stored = labels(&app).await;
         assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].class_index, 0);
+        assert_eq!(stored[0].class_index, Some(0));
         assert_eq!(stored[0].source, LabelSource::Human);
         assert_eq!(stored[0].reviewer.as_deref(), Some("alice"));
 

@@ -161,7 +161,7 @@ async fn a_second_human_label_needs_force_from_ml_or_admin() {
         assert_eq!(labels.len(), 2);
         assert!(labels.iter().all(|l| l.source == LabelSource::Human));
         assert_eq!(labels[1].reviewer.as_deref(), Some("mia"));
-        assert_eq!(labels[1].class_index, 1);
+        assert_eq!(labels[1].class_index, Some(1));
         assert_eq!(app.task(again).await.state, TaskState::Done);
         let item = item::Entity::find_by_id(item_id)
             .one(app.db())
@@ -206,7 +206,8 @@ async fn an_imported_label_counts_as_human() {
         label::Entity::insert(label::ActiveModel {
             id: Set(Uuid::now_v7()),
             item_id: Set(item_id),
-            class_index: Set(2),
+            class_index: Set(Some(2)),
+            boxes: Set(None),
             source: Set(LabelSource::Import),
             reviewer: Set(None),
             prediction_id: Set(None),

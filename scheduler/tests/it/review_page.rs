@@ -211,7 +211,7 @@ async fn session(app: &App, browser: &Client, token: &str, tasks: [&sieve_testki
         human_label(app, first.task_id)
     })
     .await;
-    assert_eq!(labeled.class_index, 2);
+    assert_eq!(labeled.class_index, Some(2));
     assert_eq!(labeled.source, LabelSource::Human);
     assert_eq!(labeled.reviewer.as_deref(), Some("alice"));
 
@@ -223,7 +223,7 @@ async fn session(app: &App, browser: &Client, token: &str, tasks: [&sieve_testki
         human_label(app, second.task_id)
     })
     .await;
-    assert_eq!(accepted.class_index, 1);
+    assert_eq!(accepted.class_index, Some(1));
 
     // U takes it back: the label is gone and the task is shown again.
     shows(browser, &third.source).await;
@@ -245,7 +245,7 @@ async fn session(app: &App, browser: &Client, token: &str, tasks: [&sieve_testki
         human_label(app, second.task_id)
     })
     .await;
-    assert_eq!(corrected.class_index, 0);
+    assert_eq!(corrected.class_index, Some(0));
 
     // The third task, held while the page is open: the lease is renewed
     // past its 6 s.

@@ -27,6 +27,7 @@ async fn project_with_tasks(test: &Sandbox, tasks: usize) -> Project {
         &ClassNames::parse(&["cat".into(), "dog".into()]).unwrap(),
         &Policy::default(),
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await
     .unwrap();
@@ -117,6 +118,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: slow.fencing_token,
             class: "cat".into(),
+            boxes: None,
             force: false,
         },
     )
@@ -129,6 +131,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: fast.fencing_token,
             class: "horse".into(),
+            boxes: None,
             force: false,
         },
     )
@@ -150,12 +153,13 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: fast.fencing_token,
             class: "dog".into(),
+            boxes: None,
             force: false,
         },
     )
     .await
     .unwrap();
-    assert_eq!(done.class_index, 1);
+    assert_eq!(done.class_index, Some(1));
     let again = review::submit(
         db,
         TaskId::from_uuid(fast.task_id),
@@ -163,6 +167,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: fast.fencing_token,
             class: "cat".into(),
+            boxes: None,
             force: false,
         },
     )
@@ -186,6 +191,7 @@ async fn most_uncertain_first_and_expired_leases_are_reclaimed() {
         &Submission {
             fencing_token: 1,
             class: "cat".into(),
+            boxes: None,
             force: false,
         },
     )

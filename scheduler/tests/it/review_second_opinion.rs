@@ -203,7 +203,7 @@ async fn a_disagreement_with_a_confident_model_gets_a_second_opinion_from_someon
         assert_eq!(labels.len(), 1);
         assert_eq!(
             (labels[0].reviewer.as_deref(), labels[0].class_index),
-            (Some("alice"), 1)
+            (Some("alice"), Some(1))
         );
         assert_eq!(item_state(&app, confident).await, ItemState::HumanLabeled);
         let tasks = tasks_of(&app, confident).await;
@@ -267,7 +267,7 @@ async fn a_disagreement_with_a_confident_model_gets_a_second_opinion_from_someon
         assert!(labels.iter().all(|l| l.source == LabelSource::Human));
         assert_eq!(
             (labels[1].reviewer.as_deref(), labels[1].class_index),
-            (Some("bob"), 0),
+            (Some("bob"), Some(0)),
             "the newest human label is the item's label"
         );
         assert_eq!(item_state(&app, confident).await, ItemState::HumanLabeled);

@@ -35,6 +35,7 @@ async fn project_with_model(db: &sea_orm::DatabaseConnection) -> (Project, Uuid)
         &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
         &policy,
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await
     .unwrap();

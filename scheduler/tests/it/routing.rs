@@ -25,6 +25,7 @@ async fn routing_project(test: &Sandbox, policy: &Policy) -> Project {
         &ClassNames::parse(&["a".into(), "b".into(), "c".into()]).unwrap(),
         policy,
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await
     .unwrap()
@@ -412,7 +413,7 @@ async fn a_policy_change_reroutes_what_waits_for_review() {
         .await
         .unwrap();
     assert_eq!(machine.len(), 11, "one machine label each");
-    assert!(machine.iter().all(|l| l.class_index == 1));
+    assert!(machine.iter().all(|l| l.class_index == Some(1)));
     // Nothing waits under an older policy now: a second pass changes nothing.
     let again = reroute::reroute(&test.db, project.id.as_uuid())
         .await

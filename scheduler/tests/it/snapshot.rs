@@ -113,7 +113,8 @@ async fn label(
     label::Entity::insert(label::ActiveModel {
         id: Set(uuid::Uuid::now_v7()),
         item_id: Set(item),
-        class_index: Set(class_index),
+        class_index: Set(Some(class_index)),
+        boxes: Set(None),
         source: Set(source),
         reviewer: Set((source == LabelSource::Human).then(|| "rev".to_owned())),
         prediction_id: Set(None),

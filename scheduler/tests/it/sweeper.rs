@@ -47,6 +47,7 @@ async fn a_busy_project_does_not_hold_up_a_quiet_ones_recovery() {
         &ClassNames::parse(&["cat".into(), "dog".into()]).unwrap(),
         &Policy::default(),
         ModelArch::SmallCnn,
+        sieve_shared::kind::TaskKind::Classification,
     )
     .await
     .unwrap();

@@ -226,7 +226,8 @@ pub async fn label_with_truth(
         label::Entity::insert(label::ActiveModel {
             id: Set(uuid::Uuid::now_v7()),
             item_id: Set(item.id),
-            class_index: Set(truth[&item.content_hash]),
+            class_index: Set(Some(truth[&item.content_hash])),
+            boxes: Set(None),
             source: Set(LabelSource::Human),
             reviewer: Set(Some("test".into())),
             prediction_id: Set(None),
