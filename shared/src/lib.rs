@@ -10,6 +10,8 @@
 //!   dead letter came from.
 //! - [`kind`]: task kinds (what a project labels: classification, detection).
 //! - [`boxes`]: a detection label's boxes, as stored and as checked.
+//! - [`box_scores`]: a detector committee's boxes matched into objects, and
+//!   how sure it is of each and of the image.
 //! - [`scores`]: committee uncertainty scores (DESIGN §6).
 //! - [`settings`]: typed settings (defaults, `sieve.toml`, `SIEVE_*`).
 //! - [`store`]: object storage (local directory by default).
@@ -19,6 +21,7 @@
 //! - [`error`]: errors both services act on.
 
 pub mod blocking;
+pub mod box_scores;
 pub mod boxes;
 pub mod broker;
 pub mod embedding_table;

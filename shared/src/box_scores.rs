@@ -1,0 +1,287 @@
+//! Committee scores for boxes: how sure a detector committee is about each
+//! object it found in an image, and about the image as a whole.
+//!
+//! Each member proposes scored boxes. Boxes of different members that are
+//! the same object are matched greedily: all boxes, highest score first,
+//! each joining the first object of its class whose first (best) box it
+//! overlaps at IoU ≥ the match threshold and that has no box from its
+//! member yet; otherwise it starts an object. Greedy matching is what
+//! detection benchmarks use for the same job (matching detections to truth
+//! for mAP), it is deterministic, and with a handful of members it is as
+//! good as an optimal assignment in all but contrived overlaps.
+//!
+//! Per object: its **confidence** (the members' mean score, a member that
+//! missed it counting 0, so confidence already falls with disagreement),
+//! its **agreement** (the share of members that found it) and the
+//! **spread** of its corners across members (their standard deviation,
+//! mean over the four corners, over the square root of the box's area: 0
+//! when every member drew the same box). Per image: the least certain
+//! object, the candidates just under the acceptance threshold (possible
+//! misses), and how much the members disagree on the count. Pure
+//! functions, shared so the worker that computes them and the scheduler
+//! that routes on them agree on one definition.
+
+use serde::{Deserialize, Serialize};
+
+use crate::boxes::LabeledBox;
+
+/// A box one member proposed, with its score in `[0, 1]`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoredBox {
+    pub class: u32,
+    pub score: f32,
+    pub x_min: f32,
+    pub y_min: f32,
+    pub x_max: f32,
+    pub y_max: f32,
+}
+
+impl ScoredBox {
+    pub fn as_box(&self) -> LabeledBox {
+        LabeledBox {
+            class: self.class,
+            x_min: self.x_min,
+            y_min: self.y_min,
+            x_max: self.x_max,
+            y_max: self.y_max,
+        }
+    }
+}
+
+/// One object as the committee sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommitteeBox {
+    /// The members' mean corners.
+    #[serde(flatten)]
+    pub at: LabeledBox,
+    /// Mean score over all members (0 for one that missed it).
+    pub confidence: f32,
+    /// Share of members that found it.
+    pub agreement: f32,
+    /// Corner standard deviation over √area (0: identical boxes).
+    pub spread: f32,
+}
+
+/// How sure the committee is about one image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageScores {
+    /// The objects at or above the threshold: the proposal.
+    pub boxes: Vec<CommitteeBox>,
+    /// The lowest confidence among them (1 when there are none: nothing
+    /// proposed is in doubt).
+    pub least_certain: f32,
+    /// Objects under the threshold by less than the band: possible misses.
+    pub near_misses: u32,
+    /// Spread of the members' counts of objects at or above the threshold:
+    /// (most − fewest) / max(1, mean).
+    pub count_disagreement: f32,
+}
+
+/// The members' boxes matched into objects, most confident first.
+pub fn committee_boxes(members: &[Vec<ScoredBox>], match_iou: f32) -> Vec<CommitteeBox> {
+    if members.is_empty() {
+        return Vec::new();
+    }
+    let mut all: Vec<(usize, &ScoredBox)> = members
+        .iter()
+        .enumerate()
+        .flat_map(|(m, boxes)| boxes.iter().map(move |b| (m, b)))
+        .collect();
+    all.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
+    // Each object: its boxes, one per member at most, the first the best.
+    let mut objects: Vec<Vec<(usize, &ScoredBox)>> = Vec::new();
+    for (member, b) in all {
+        let home = objects.iter_mut().find(|object| {
+            let first = object[0].1;
+            first.class == b.class
+                && !object.iter().any(|(m, _)| *m == member)
+                && first.as_box().iou(&b.as_box()) >= match_iou
+        });
+        match home {
+            Some(object) => object.push((member, b)),
+            None => objects.push(vec![(member, b)]),
+        }
+    }
+    let k = members.len() as f32;
+    let mut out: Vec<CommitteeBox> = objects
+        .iter()
+        .map(|object| {
+            let n = object.len() as f32;
+            let mean = |f: fn(&ScoredBox) -> f32| object.iter().map(|(_, b)| f(b)).sum::<f32>() / n;
+            let at = LabeledBox {
+                class: object[0].1.class,
+                x_min: mean(|b| b.x_min),
+                y_min: mean(|b| b.y_min),
+                x_max: mean(|b| b.x_max),
+                y_max: mean(|b| b.y_max),
+            };
+            let std = |f: fn(&ScoredBox) -> f32, centre: f32| {
+                (object
+                    .iter()
+                    .map(|(_, b)| (f(b) - centre).powi(2))
+                    .sum::<f32>()
+                    / n)
+                    .sqrt()
+            };
+            let corners = (std(|b| b.x_min, at.x_min)
+                + std(|b| b.y_min, at.y_min)
+                + std(|b| b.x_max, at.x_max)
+                + std(|b| b.y_max, at.y_max))
+                / 4.0;
+            let side = (at.width() * at.height()).max(f32::MIN_POSITIVE).sqrt();
+            CommitteeBox {
+                at,
+                confidence: object.iter().map(|(_, b)| b.score).sum::<f32>() / k,
+                agreement: n / k,
+                spread: corners / side,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+    out
+}
+
+/// The image's scores: objects at or above `threshold` proposed, those
+/// within `band` under it counted as possible misses.
+pub fn image_scores(
+    members: &[Vec<ScoredBox>],
+    match_iou: f32,
+    threshold: f32,
+    band: f32,
+) -> ImageScores {
+    let objects = committee_boxes(members, match_iou);
+    let (boxes, under): (Vec<CommitteeBox>, Vec<CommitteeBox>) =
+        objects.into_iter().partition(|o| o.confidence >= threshold);
+    let near_misses = under
+        .iter()
+        .filter(|o| o.confidence >= threshold - band)
+        .count() as u32;
+    let least_certain = boxes.iter().map(|o| o.confidence).fold(1.0_f32, f32::min);
+    let counts: Vec<f32> = members
+        .iter()
+        .map(|boxes| boxes.iter().filter(|b| b.score >= threshold).count() as f32)
+        .collect();
+    let count_disagreement = match (
+        counts.iter().copied().reduce(f32::max),
+        counts.iter().copied().reduce(f32::min),
+    ) {
+        (Some(most), Some(fewest)) => {
+            let mean = counts.iter().sum::<f32>() / counts.len() as f32;
+            (most - fewest) / mean.max(1.0)
+        }
+        _ => 0.0,
+    };
+    ImageScores {
+        boxes,
+        least_certain,
+        near_misses,
+        count_disagreement,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scored(class: u32, score: f32, x: f32, y: f32, side: f32) -> ScoredBox {
+        ScoredBox {
+            class,
+            score,
+            x_min: x,
+            y_min: y,
+            x_max: x + side,
+            y_max: y + side,
+        }
+    }
+
+    #[test]
+    fn members_that_agree_make_one_sure_object() {
+        let members = vec![
+            vec![scored(0, 0.9, 10.0, 10.0, 20.0)],
+            vec![scored(0, 0.8, 11.0, 10.0, 20.0)],
+            vec![scored(0, 0.7, 10.0, 11.0, 20.0)],
+        ];
+        let objects = committee_boxes(&members, 0.5);
+        assert_eq!(objects.len(), 1);
+        let o = objects[0];
+        assert!((o.confidence - 0.8).abs() < 1e-6, "{o:?}");
+        assert_eq!(o.agreement, 1.0);
+        assert!(o.spread > 0.0 && o.spread < 0.05, "{o:?}");
+        assert!((o.at.x_min - 31.0 / 3.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_box_one_member_alone_found_is_doubtful_and_classes_never_merge() {
+        let members = vec![
+            vec![
+                scored(0, 0.9, 10.0, 10.0, 20.0),
+                scored(1, 0.9, 60.0, 60.0, 10.0),
+            ],
+            vec![
+                scored(0, 0.9, 10.0, 10.0, 20.0),
+                scored(0, 0.9, 60.0, 60.0, 10.0),
+            ],
+        ];
+        let objects = committee_boxes(&members, 0.5);
+        assert_eq!(objects.len(), 3, "{objects:?}");
+        let lone: Vec<&CommitteeBox> = objects.iter().filter(|o| o.agreement < 1.0).collect();
+        assert_eq!(lone.len(), 2);
+        assert!(lone.iter().all(|o| (o.confidence - 0.45).abs() < 1e-6));
+    }
+
+    #[test]
+    fn a_member_contributes_one_box_per_object() {
+        // Member 0 proposes two overlapping boxes of one object: the second
+        // becomes an object of its own rather than doubling the first.
+        let members = vec![
+            vec![
+                scored(0, 0.9, 10.0, 10.0, 20.0),
+                scored(0, 0.6, 12.0, 10.0, 20.0),
+            ],
+            vec![scored(0, 0.8, 10.0, 10.0, 20.0)],
+        ];
+        let objects = committee_boxes(&members, 0.5);
+        assert_eq!(objects.len(), 2);
+        assert_eq!(objects[0].agreement, 1.0);
+        assert_eq!(objects[1].agreement, 0.5);
+    }
+
+    #[test]
+    fn image_scores_name_the_doubtful_object_the_near_misses_and_the_count_spread() {
+        let members = vec![
+            vec![
+                scored(0, 0.95, 0.0, 0.0, 10.0),
+                scored(0, 0.5, 50.0, 50.0, 10.0),
+            ],
+            vec![
+                scored(0, 0.9, 0.0, 0.0, 10.0),
+                scored(0, 0.6, 50.0, 50.0, 10.0),
+            ],
+            vec![
+                scored(0, 0.9, 0.0, 0.0, 10.0),
+                scored(0, 0.9, 80.0, 0.0, 10.0),
+            ],
+        ];
+        let s = image_scores(&members, 0.5, 0.6, 0.35);
+        assert_eq!(s.boxes.len(), 1, "{s:?}");
+        assert!((s.least_certain - 0.9166667).abs() < 1e-5, "{s:?}");
+        // 50,50 at (0.5 + 0.6) / 3 = 0.367 and 80,0 at 0.3: both within
+        // 0.35 of the threshold; a narrower band keeps only the first.
+        assert_eq!(s.near_misses, 2);
+        assert_eq!(image_scores(&members, 0.5, 0.6, 0.25).near_misses, 1);
+        // Counts at ≥ 0.6: 1, 2, 2.
+        assert!(
+            (s.count_disagreement - 1.0 / (5.0 / 3.0)).abs() < 1e-5,
+            "{s:?}"
+        );
+        let empty = image_scores(&[vec![], vec![]], 0.5, 0.6, 0.3);
+        assert_eq!(
+            (
+                empty.boxes.len(),
+                empty.least_certain,
+                empty.count_disagreement
+            ),
+            (0, 1.0, 0.0)
+        );
+    }
+}
