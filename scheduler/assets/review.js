@@ -5,6 +5,11 @@
 // markup to parse (tests/review_page.rs checks this); the API token lives in sessionStorage and leaves the page only
 // as an Authorization header; images are fetched with that header and shown
 // through blob: URLs.
+//
+// A detection project's task is labeled with boxes: the image is shown on a
+// board sized by the zoom, under an SVG whose viewBox is the image's own
+// pixels, so a box is kept, drawn and sent in pixels of the original image
+// whatever its size on screen.
 'use strict';
 
 (function () {
@@ -20,6 +25,22 @@
     seed: 'Seed: labels to start the model with.',
     second_opinion: 'Second opinion: another reviewer disagreed with a confident model. Label it as you see it.',
   };
+  const SVG = 'http://www.w3.org/2000/svg';
+  // Screen pixels a press must travel before it is a drag, not a click.
+  const DRAG_THRESHOLD = 3;
+  // Screen sizes of what is drawn over the image: corner handles, labels.
+  const HANDLE = 10;
+  const TAG = 13;
+  // Zoom, relative to the image fitted to the page.
+  const ZOOM_STEP = 1.25;
+  const ZOOM_MIN = 0.5;
+  const ZOOM_MAX = 16;
+  const ARROWS = {
+    ArrowLeft: [-1, 0],
+    ArrowRight: [1, 0],
+    ArrowUp: [0, -1],
+    ArrowDown: [0, 1],
+  };
 
   const el = (id) => document.getElementById(id);
 
@@ -27,7 +48,9 @@
     token: '',
     project: '',
     started: false,
-    // Each entry: { task, imageUrl, imageError }; imageUrl is a blob: URL.
+    // Each entry: { task, imageUrl, imageError, boxes }; imageUrl is a blob:
+    // URL; boxes (detection) the reviewer's boxes, each { class (an index),
+    // x_min, y_min, x_max, y_max } in pixels of the original image.
     current: null,
     next: null, // the preloaded claim
     nextLoading: null, // the preload in flight (a Promise)
@@ -36,6 +59,12 @@
     remaining: null,
     busy: false,
     renewTimer: null,
+    // Detection: the selected box (an index into current.boxes), the class
+    // new boxes get, the zoom (1: fitted) and the drag under way.
+    selected: null,
+    newClass: 0,
+    zoom: 1,
+    drag: null,
   };
 
   class ApiError extends Error {
@@ -87,9 +116,31 @@
     const task = await json('POST', projectPath('/review/next'));
     if (task === null) return null;
     state.remaining = task.remaining;
-    const entry = { task, imageUrl: null, imageError: null };
+    const entry = { task, imageUrl: null, imageError: null, boxes: startBoxes(task) };
+    if (entry.boxes && Array.isArray(task.boxes) && entry.boxes.length < task.boxes.length) {
+      entry.dropped = task.boxes.length - entry.boxes.length;
+    }
     await loadImage(entry);
     return entry;
+  }
+
+  const isDetection = (task) => task.task_kind === 'detection';
+
+  // The boxes a detection task starts from, with class indexes. A box of a
+  // class the project lacks (a corrupt row: the scheduler names it by its
+  // number) is left out, and the page says so when it shows the task.
+  function startBoxes(task) {
+    if (!isDetection(task)) return null;
+    const given = Array.isArray(task.boxes) ? task.boxes : [];
+    return given
+      .map((b) => ({
+        class: task.class_names.indexOf(b.class),
+        x_min: b.x_min,
+        y_min: b.y_min,
+        x_max: b.x_max,
+        y_max: b.y_max,
+      }))
+      .filter((b) => b.class >= 0);
   }
 
   async function loadImage(entry) {
@@ -168,6 +219,12 @@
     }
     state.current = entry;
     state.picked = null;
+    state.selected = null;
+    state.drag = null;
+    el('stage').scrollTo(0, 0);
+    if (entry && entry.dropped) {
+      say(boxCount(entry.dropped) + ' to start from had a class this project lacks and were left out.', true);
+    }
     render();
     preload();
   }
@@ -183,23 +240,43 @@
   function accept() {
     const entry = state.current;
     if (!entry) return;
+    if (isDetection(entry.task)) {
+      if (state.drag) return;
+      if (!imageSize()) {
+        say('The image is not shown yet: boxes can only be drawn on it.', true);
+        return;
+      }
+      const names = entry.task.class_names;
+      submit(entry, {
+        boxes: entry.boxes.map((b) => ({
+          class: names[b.class],
+          x_min: b.x_min,
+          y_min: b.y_min,
+          x_max: b.x_max,
+          y_max: b.y_max,
+        })),
+      });
+      return;
+    }
     const index = state.picked !== null ? state.picked : proposedIndex(entry.task);
     if (index === null) {
       say('There is no pre-label: pick a class with its key first.', true);
       return;
     }
-    submit(entry, index);
+    submit(entry, { class: entry.task.class_names[index] });
   }
 
-  async function submit(entry, index) {
+  // Submit `answer` ({ class } or { boxes }) for `entry`. A refusal that
+  // leaves the claim (422: a bad box) keeps everything on screen as it is.
+  async function submit(entry, answer) {
     if (state.busy) return;
     state.busy = true;
-    const className = entry.task.class_names[index];
     try {
-      const label = await json('POST', taskPath(entry.task, '/submit'), {
-        fencing_token: entry.task.fencing_token,
-        class: className,
-      });
+      const label = await json(
+        'POST',
+        taskPath(entry.task, '/submit'),
+        Object.assign({ fencing_token: entry.task.fencing_token }, answer),
+      );
       const previous = state.last;
       state.last = {
         entry,
@@ -208,10 +285,13 @@
       };
       state.current = null;
       if (previous) forget(previous.entry);
-      say('Labeled ' + entry.task.source + ' as ' + label.class + '.' + (state.last.undoUntil ? ' U undoes it.' : ''));
+      const what = answer.boxes ? 'with ' + boxCount(answer.boxes.length) : 'as ' + label.class;
+      say('Labeled ' + entry.task.source + ' ' + what + '.' + (state.last.undoUntil ? ' U undoes it.' : ''));
       await advance();
     } catch (err) {
       await lost(entry, err);
+      // A refused box: the reason, below the editor's help, brought into view.
+      if (answer.boxes && err.status === 422) el('status').scrollIntoView({ block: 'nearest' });
     } finally {
       state.busy = false;
       render();
@@ -289,7 +369,11 @@
         fencing_token: last.entry.task.fencing_token,
       });
       state.last = null;
-      const reopened = { task, imageUrl: last.entry.imageUrl, imageError: last.entry.imageError };
+      // A detection task comes back with the boxes just submitted, to
+      // correct rather than draw again.
+      if (!task.task_kind) task.task_kind = last.entry.task.task_kind;
+      const boxes = last.entry.boxes ? last.entry.boxes.map((b) => Object.assign({}, b)) : startBoxes(task);
+      const reopened = { task, imageUrl: last.entry.imageUrl, imageError: last.entry.imageError, boxes };
       // The task on screen becomes the next one again; a preloaded one goes
       // back to the queue.
       if (state.nextLoading) await state.nextLoading;
@@ -297,6 +381,8 @@
       state.next = state.current;
       state.current = reopened;
       state.picked = null;
+      state.selected = null;
+      state.drag = null;
       state.remaining = task.remaining;
       if (spare) await release(spare);
       say('Undone: ' + task.source + ' is back; its label was removed.');
@@ -401,6 +487,14 @@
     el('empty').hidden = Boolean(entry) || !state.started;
     el('undo').disabled = !state.last;
     el('undo-empty').disabled = !state.last;
+    const detection = Boolean(entry) && isDetection(entry.task);
+    el('keys').hidden = detection;
+    el('box-keys').hidden = !detection;
+    el('figure').classList.toggle('boxes', detection);
+    el('zoom').hidden = !detection;
+    el('proposal').hidden = detection;
+    el('box-panel').hidden = !detection;
+    if (!detection) layoutBoard(null);
     if (!entry) return;
     const task = entry.task;
 
@@ -417,6 +511,10 @@
     }
     el('source').textContent = task.source;
     el('reason').textContent = REASONS[task.reason] || task.reason;
+    if (detection) {
+      renderEditor(entry);
+      return;
+    }
 
     const proposed = proposedIndex(task);
     el('prelabel').textContent =
@@ -456,17 +554,7 @@
     }
 
     el('classes').replaceChildren(
-      ...task.class_names.map((name, i) => {
-        const button = node('button');
-        button.type = 'button';
-        button.dataset.index = String(i);
-        if (i === state.picked) button.classList.add('picked');
-        if (i === proposed) button.classList.add('proposed');
-        button.append(node('span', CLASS_KEYS[i] ? CLASS_KEYS[i].toUpperCase() : '·', 'key'), node('span', name, 'name'));
-        const item = node('li');
-        item.append(button);
-        return item;
-      }),
+      ...task.class_names.map((name, i) => classItem(name, i, i === state.picked, i === proposed)),
     );
 
     const chosen = state.picked !== null ? state.picked : proposed;
@@ -475,6 +563,364 @@
       chosen === null ? ' pick a class first' : ' label as ' + task.class_names[chosen],
     ));
     accept.disabled = chosen === null || state.busy;
+  }
+
+  // A class of the list, as a button with its key.
+  function classItem(name, i, picked, proposed) {
+    const button = node('button');
+    button.type = 'button';
+    button.dataset.index = String(i);
+    if (picked) button.classList.add('picked');
+    if (proposed) button.classList.add('proposed');
+    button.append(node('span', CLASS_KEYS[i] ? CLASS_KEYS[i].toUpperCase() : '·', 'key'), node('span', name, 'name'));
+    const item = node('li');
+    item.append(button);
+    return item;
+  }
+
+  // ---- the box editor (detection) ----------------------------------------
+
+  const clamp = (v, low, high) => Math.min(high, Math.max(low, v));
+  const boxCount = (n) => n + (n === 1 ? ' box' : ' boxes');
+  const classLabel = (task, index) =>
+    task.class_names[index] !== undefined ? task.class_names[index] : '#' + index;
+  const corners = (b) => [b.x_min, b.y_min, b.x_max, b.y_max].map((v) => Math.round(v * 10) / 10).join(', ');
+
+  // The original size of the image on screen, once it has loaded.
+  function imageSize() {
+    const entry = state.current;
+    const image = el('image');
+    if (!entry || !entry.imageUrl || image.src !== entry.imageUrl || !image.complete || !image.naturalWidth) {
+      return null;
+    }
+    return { w: image.naturalWidth, h: image.naturalHeight };
+  }
+
+  // Size the board for the zoom (`null`: the classification layout, sized
+  // by the style sheet); the screen pixels per image pixel.
+  function layoutBoard(size) {
+    const board = el('board');
+    if (!size) {
+      board.style.width = '';
+      board.style.height = '';
+      el('zoom-level').textContent = '';
+      return null;
+    }
+    const fit = Math.min(el('figure').clientWidth / size.w, (window.innerHeight * 0.78) / size.h);
+    const width = Math.max(1, Math.floor(size.w * fit * state.zoom));
+    const height = Math.max(1, Math.floor(size.h * fit * state.zoom));
+    board.style.width = width + 'px';
+    board.style.height = height + 'px';
+    el('zoom-level').textContent = Math.round((100 * width) / size.w) + '% (' + size.w + '×' + size.h + ')';
+    return width / size.w;
+  }
+
+  function renderEditor(entry) {
+    const task = entry.task;
+    if (state.selected !== null && !entry.boxes[state.selected]) state.selected = null;
+    if (state.newClass >= task.class_names.length) state.newClass = 0;
+    const selected = state.selected !== null ? entry.boxes[state.selected] : null;
+    const picked = selected ? selected.class : state.newClass;
+    el('classes').replaceChildren(
+      ...task.class_names.map((name, i) => classItem(name, i, i === picked, false)),
+    );
+    el('new-class').textContent = selected
+      ? 'Box ' + (state.selected + 1) + ' selected, class ' + classLabel(task, selected.class) + '.'
+      : 'New boxes: ' + classLabel(task, state.newClass) + '.';
+    el('box-list').replaceChildren(
+      ...entry.boxes.map((b, i) => {
+        const button = node('button');
+        button.type = 'button';
+        button.dataset.box = String(i);
+        if (i === state.selected) button.classList.add('selected');
+        button.append(node('span', classLabel(task, b.class), 'name'), node('span', corners(b), 'coords'));
+        const item = node('li');
+        item.append(button);
+        return item;
+      }),
+    );
+    const accept = el('accept');
+    const n = entry.boxes.length;
+    accept.replaceChildren(node('kbd', 'Enter'), document.createTextNode(
+      n === 0 ? ' submit: nothing to box' : ' submit ' + boxCount(n),
+    ));
+    accept.disabled = state.busy || !imageSize();
+    renderOverlay(entry);
+  }
+
+  function svgNode(tag, attributes, classes) {
+    const n = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attributes)) n.setAttribute(name, String(value));
+    n.setAttribute('class', classes);
+    return n;
+  }
+
+  // The boxes over the image, in the image's pixels (the viewBox); the
+  // selected one last, on top, with its corner handles.
+  function renderOverlay(entry) {
+    const overlay = el('overlay');
+    const size = imageSize();
+    const scale = layoutBoard(size);
+    if (!size) {
+      overlay.replaceChildren();
+      return;
+    }
+    overlay.setAttribute('viewBox', '0 0 ' + size.w + ' ' + size.h);
+    overlay.setAttribute('preserveAspectRatio', 'none');
+    const unit = 1 / scale; // one screen pixel, in image pixels
+    const order = entry.boxes.map((_, i) => i).filter((i) => i !== state.selected);
+    if (state.selected !== null) order.push(state.selected);
+    const shapes = [];
+    for (const i of order) {
+      const b = entry.boxes[i];
+      const colour = 'c' + (b.class % 8);
+      const chosen = i === state.selected;
+      const box = svgNode(
+        'rect',
+        { x: b.x_min, y: b.y_min, width: b.x_max - b.x_min, height: b.y_max - b.y_min },
+        'box ' + colour + (chosen ? ' selected' : ''),
+      );
+      box.dataset.index = String(i);
+      const tag = svgNode(
+        'text',
+        { x: b.x_min + 3 * unit, y: b.y_min + (TAG + 1) * unit, 'font-size': TAG * unit, 'stroke-width': 3 * unit },
+        'tag ' + colour,
+      );
+      tag.textContent = classLabel(entry.task, b.class);
+      shapes.push(box, tag);
+      if (!chosen) continue;
+      for (const corner of ['nw', 'ne', 'sw', 'se']) {
+        const x = corner.includes('w') ? b.x_min : b.x_max;
+        const y = corner.includes('n') ? b.y_min : b.y_max;
+        const half = (HANDLE / 2) * unit;
+        const handle = svgNode(
+          'rect',
+          { x: x - half, y: y - half, width: 2 * half, height: 2 * half },
+          'handle ' + corner,
+        );
+        handle.dataset.index = String(i);
+        handle.dataset.corner = corner;
+        shapes.push(handle);
+      }
+    }
+    overlay.replaceChildren(...shapes);
+  }
+
+  const editing = () => state.current && isDetection(state.current.task) && !state.busy;
+
+  // Where the pointer is, in image pixels, kept inside the image.
+  function pointAt(event, size) {
+    const r = el('overlay').getBoundingClientRect();
+    return {
+      x: clamp(((event.clientX - r.left) * size.w) / r.width, 0, size.w),
+      y: clamp(((event.clientY - r.top) * size.h) / r.height, 0, size.h),
+    };
+  }
+
+  // The box spanned by two points, on whole image pixels.
+  function spanned(a, b, cls) {
+    const [ax, ay, bx, by] = [a.x, a.y, b.x, b.y].map(Math.round);
+    return { class: cls, x_min: Math.min(ax, bx), y_min: Math.min(ay, by), x_max: Math.max(ax, bx), y_max: Math.max(ay, by) };
+  }
+
+  // A press on a corner handle resizes that box, on a box moves it (and
+  // selects it), elsewhere (or with Shift) starts a new box.
+  function onPointerDown(event) {
+    const size = imageSize();
+    if (event.button !== 0 || !editing() || !size || state.drag) return;
+    event.preventDefault();
+    const entry = state.current;
+    const data = event.target.dataset || {};
+    const index = data.index !== undefined ? Number(data.index) : null;
+    const drag = {
+      entry,
+      pointer: event.pointerId,
+      screen: { x: event.clientX, y: event.clientY },
+      start: pointAt(event, size),
+      moved: false,
+      index: null,
+      mode: 'draw',
+    };
+    if (index !== null && entry.boxes[index] && (data.corner || !event.shiftKey)) {
+      drag.mode = data.corner ? 'resize' : 'move';
+      drag.corner = data.corner;
+      drag.index = index;
+      drag.origin = Object.assign({}, entry.boxes[index]);
+      state.selected = index;
+    }
+    state.drag = drag;
+    el('overlay').setPointerCapture(event.pointerId);
+    render();
+  }
+
+  function onPointerMove(event) {
+    const drag = state.drag;
+    const size = imageSize();
+    if (!drag || event.pointerId !== drag.pointer || !size) return;
+    if (drag.entry !== state.current) {
+      state.drag = null;
+      return;
+    }
+    const travelled = Math.hypot(event.clientX - drag.screen.x, event.clientY - drag.screen.y);
+    if (!drag.moved && travelled < DRAG_THRESHOLD) return;
+    drag.moved = true;
+    const p = pointAt(event, size);
+    const boxes = drag.entry.boxes;
+    if (drag.mode === 'draw') {
+      if (drag.index === null) {
+        boxes.push(spanned(drag.start, p, state.newClass));
+        drag.index = boxes.length - 1;
+        state.selected = drag.index;
+      }
+      boxes[drag.index] = spanned(drag.start, p, boxes[drag.index].class);
+    } else if (drag.mode === 'move') {
+      const o = drag.origin;
+      const w = o.x_max - o.x_min;
+      const h = o.y_max - o.y_min;
+      const x = clamp(o.x_min + Math.round(p.x - drag.start.x), 0, size.w - w);
+      const y = clamp(o.y_min + Math.round(p.y - drag.start.y), 0, size.h - h);
+      boxes[drag.index] = { class: boxes[drag.index].class, x_min: x, y_min: y, x_max: x + w, y_max: y + h };
+    } else {
+      // The opposite corner stays exactly where it was (an imported box
+      // may have fractions); the dragged one follows the pointer.
+      const o = drag.origin;
+      const fx = drag.corner.includes('w') ? o.x_max : o.x_min;
+      const fy = drag.corner.includes('n') ? o.y_max : o.y_min;
+      const [mx, my] = [Math.round(p.x), Math.round(p.y)];
+      const moved = {
+        class: boxes[drag.index].class,
+        x_min: Math.min(fx, mx),
+        y_min: Math.min(fy, my),
+        x_max: Math.max(fx, mx),
+        y_max: Math.max(fy, my),
+      };
+      boxes[drag.index] = moved;
+    }
+    render();
+  }
+
+  // The end of a press: a box too small to keep is dropped (a new one) or
+  // put back (a resized one); a click on the bare image selects nothing.
+  function onPointerUp(event) {
+    const drag = state.drag;
+    if (!drag || event.pointerId !== drag.pointer) return;
+    state.drag = null;
+    const boxes = drag.entry.boxes;
+    const b = drag.index !== null ? boxes[drag.index] : null;
+    if (b && (b.x_max - b.x_min < 1 || b.y_max - b.y_min < 1)) {
+      if (drag.mode === 'draw') {
+        boxes.splice(drag.index, 1);
+        state.selected = null;
+      } else {
+        boxes[drag.index] = drag.origin;
+      }
+    } else if (drag.mode === 'draw' && !drag.moved) {
+      state.selected = null;
+    }
+    render();
+  }
+
+  // Esc during a drag: everything as it was before the press.
+  function cancelDrag() {
+    const drag = state.drag;
+    state.drag = null;
+    if (drag.index === null) return;
+    if (drag.mode === 'draw') {
+      drag.entry.boxes.splice(drag.index, 1);
+      state.selected = null;
+    } else {
+      drag.entry.boxes[drag.index] = drag.origin;
+    }
+  }
+
+  // Zoom to `zoom` (relative to the fitted image), keeping the middle of
+  // what is in view in the middle.
+  function zoomTo(zoom) {
+    const stage = el('stage');
+    const board = el('board');
+    const before = { w: board.clientWidth, h: board.clientHeight };
+    const cx = (stage.scrollLeft + stage.clientWidth / 2) / (before.w || 1);
+    const cy = (stage.scrollTop + stage.clientHeight / 2) / (before.h || 1);
+    state.zoom = clamp(zoom, ZOOM_MIN, ZOOM_MAX);
+    render();
+    stage.scrollLeft = cx * board.clientWidth - stage.clientWidth / 2;
+    stage.scrollTop = cy * board.clientHeight - stage.clientHeight / 2;
+  }
+
+  // Scroll the selected box into view (a zoomed image).
+  function reveal(entry, size) {
+    const b = entry.boxes[state.selected];
+    if (!b) return;
+    const stage = el('stage');
+    const scale = el('board').clientWidth / size.w;
+    const [left, top, right, bottom] = [b.x_min, b.y_min, b.x_max, b.y_max].map((v) => v * scale);
+    if (left < stage.scrollLeft || right > stage.scrollLeft + stage.clientWidth) stage.scrollLeft = left - 20;
+    if (top < stage.scrollTop || bottom > stage.scrollTop + stage.clientHeight) stage.scrollTop = top - 20;
+  }
+
+  // A key of the box editor; true when it was one (and was applied).
+  function boxKey(event, entry, key) {
+    const size = imageSize();
+    const boxes = entry.boxes;
+    const chosen = state.selected !== null ? boxes[state.selected] : null;
+    if (state.drag) {
+      if (key !== 'Escape') return false;
+      cancelDrag();
+      return true;
+    }
+    const arrow = ARROWS[key];
+    if (arrow) {
+      if (!chosen || !size) return false;
+      const step = event.shiftKey ? 10 : 1;
+      const [dx, dy] = [arrow[0] * step, arrow[1] * step];
+      if (event.altKey || event.ctrlKey) {
+        // Resize: the bottom-right corner moves, the box keeps a pixel.
+        chosen.x_max = clamp(chosen.x_max + dx, chosen.x_min + 1, size.w);
+        chosen.y_max = clamp(chosen.y_max + dy, chosen.y_min + 1, size.h);
+      } else {
+        const w = chosen.x_max - chosen.x_min;
+        const h = chosen.y_max - chosen.y_min;
+        chosen.x_min = clamp(chosen.x_min + dx, 0, size.w - w);
+        chosen.y_min = clamp(chosen.y_min + dy, 0, size.h - h);
+        chosen.x_max = chosen.x_min + w;
+        chosen.y_max = chosen.y_min + h;
+      }
+      return true;
+    }
+    if (event.ctrlKey || event.altKey) return false;
+    if (key === 'Delete' || key === 'Backspace') {
+      if (!chosen) return false;
+      boxes.splice(state.selected, 1);
+      state.selected = null;
+      return true;
+    }
+    if (key === 'Tab') {
+      if (boxes.length === 0) return false;
+      const n = boxes.length;
+      if (state.selected === null) state.selected = event.shiftKey ? n - 1 : 0;
+      else state.selected = (state.selected + (event.shiftKey ? n - 1 : 1)) % n;
+      if (size) reveal(entry, size);
+      return true;
+    }
+    if (key === 'Escape') {
+      state.selected = null;
+      return true;
+    }
+    if (key === '+' || key === '=') {
+      zoomTo(state.zoom * ZOOM_STEP);
+      return true;
+    }
+    if (key === '-' || key === '_') {
+      zoomTo(state.zoom / ZOOM_STEP);
+      return true;
+    }
+    const index = CLASS_KEYS.indexOf(key);
+    if (index >= 0 && index < entry.task.class_names.length) {
+      if (chosen) chosen.class = index;
+      else state.newClass = index;
+      return true;
+    }
+    return false;
   }
 
   // ---- starting, stopping, keys ------------------------------------------
@@ -520,11 +966,18 @@
   }
 
   function onKey(event) {
-    if (!state.started || event.ctrlKey || event.metaKey || event.altKey || event.isComposing) return;
+    if (!state.started || event.metaKey || event.isComposing) return;
     const target = event.target;
     // Typing in a field (the skip reason) is not a command.
     if (target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement) return;
     const key = event.key.length === 1 ? event.key.toLowerCase() : event.key;
+    // The box editor's keys first: some come with Alt or Ctrl.
+    if (editing() && boxKey(event, state.current, key)) {
+      event.preventDefault();
+      render();
+      return;
+    }
+    if (event.ctrlKey || event.altKey) return;
     if (key === 'u') {
       event.preventDefault();
       undo();
@@ -563,9 +1016,41 @@
     el('classes').addEventListener('click', (event) => {
       const button = event.target.closest('button[data-index]');
       if (!button || !state.current) return;
-      state.picked = Number(button.dataset.index);
+      const index = Number(button.dataset.index);
+      if (isDetection(state.current.task)) {
+        const chosen = state.selected !== null ? state.current.boxes[state.selected] : null;
+        if (chosen) chosen.class = index;
+        else state.newClass = index;
+      } else {
+        state.picked = index;
+      }
       button.blur();
       render();
+    });
+    el('box-list').addEventListener('click', (event) => {
+      const button = event.target.closest('button[data-box]');
+      if (!button || !editing()) return;
+      state.selected = Number(button.dataset.box);
+      button.blur();
+      render();
+    });
+    const overlay = el('overlay');
+    overlay.addEventListener('pointerdown', onPointerDown);
+    overlay.addEventListener('pointermove', onPointerMove);
+    overlay.addEventListener('pointerup', onPointerUp);
+    overlay.addEventListener('pointercancel', onPointerUp);
+    for (const [id, factor] of [['zoom-in', ZOOM_STEP], ['zoom-out', 1 / ZOOM_STEP], ['zoom-fit', 0]]) {
+      el(id).addEventListener('click', (event) => {
+        event.currentTarget.blur();
+        zoomTo(factor === 0 ? 1 : state.zoom * factor);
+      });
+    }
+    // The board is sized from the image's own size and the window's.
+    el('image').addEventListener('load', () => {
+      if (state.current && isDetection(state.current.task)) render();
+    });
+    window.addEventListener('resize', () => {
+      if (state.current && isDetection(state.current.task)) render();
     });
     el('skip-form').addEventListener('submit', (event) => {
       event.preventDefault();

@@ -38,6 +38,7 @@ mod review_conflicts;
 mod review_holder;
 mod review_metrics;
 mod review_page;
+mod review_page_boxes;
 mod review_queue;
 mod review_second_opinion;
 mod review_two_consumers;
