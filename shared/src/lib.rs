@@ -10,6 +10,7 @@
 //!   dead letter came from.
 //! - [`kind`]: task kinds (what a project labels: classification, detection).
 //! - [`boxes`]: a detection label's boxes, as stored and as checked.
+//! - [`tiles`]: overlapping tiles of a large image for a detector.
 //! - [`box_scores`]: a detector committee's boxes matched into objects, and
 //!   how sure it is of each and of the image.
 //! - [`scores`]: committee uncertainty scores (DESIGN §6).
@@ -36,6 +37,7 @@ pub mod settings;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tiles;
 pub mod topology;
 
 pub use error::Unreachable;
