@@ -62,6 +62,11 @@ const STAGES: [(usize, usize, usize, usize); 7] = [
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 ];
+/// The stages up to the last one at stride 16 (the 96-channel stage), whose output
+/// [`MobileNetV2::stride16_features`] returns.
+const STRIDE_16_STAGES: usize = 5;
+/// Channels of the stride-16 feature map [`MobileNetV2::stride16_features`] returns.
+pub const STRIDE_16_CHANNELS: usize = STAGES[STRIDE_16_STAGES - 1].1;
 /// torchvision's `nn.BatchNorm2d` default.
 const BN_EPSILON: f64 = 1e-5;
 const DROPOUT: f64 = 0.2;
@@ -193,6 +198,26 @@ impl MobileNetV2 {
         } // [batch, 320, h/32, w/32]
         let x = self.head.forward(x); // [batch, 1280, h/32, w/32]
         x.mean_dims(&[2, 3]).flatten(1, 3) // [batch, 1280]
+    }
+
+    /// The feature map at the end of the last stage at stride 16 (the 96-channel stage,
+    /// torchvision `features.13`): the input of a dense-prediction head (the detector's),
+    /// which needs positions that the pooled [`features`](Self::features) average away. The
+    /// stages after it (and the final 1x1 convolution) are not run.
+    ///
+    /// # Shapes
+    /// - `images`: `[batch, 3, h, w]`, as for [`forward`](Self::forward)
+    /// - returns `[batch, 96, ceil(h / 16), ceil(w / 16)]`
+    pub fn stride16_features(&self, images: Tensor<4>) -> Tensor<4> {
+        let blocks: usize = STAGES[..STRIDE_16_STAGES]
+            .iter()
+            .map(|&(_, _, repeats, _)| repeats)
+            .sum();
+        let mut x = self.stem.forward(images); // [batch, 32, h/2, w/2]
+        for block in self.blocks.iter().take(blocks) {
+            x = block.forward(x);
+        }
+        x // [batch, 96, h/16, w/16]
     }
 }
 

@@ -14,6 +14,7 @@
 //! batches, and share a [`Committee`] between tasks through an `Arc`.
 
 mod committee;
+pub mod detector;
 mod heads;
 pub mod mobilenet;
 mod net;
