@@ -72,7 +72,7 @@ impl Tile {
                 };
                 let area = b.width() * b.height();
                 let visible = clipped.width().max(0.0) * clipped.height().max(0.0);
-                (area > 0.0 && visible / area >= min_visible).then(|| LabeledBox {
+                (area > 0.0 && visible / area >= min_visible).then_some(LabeledBox {
                     x_min: clipped.x_min - x0,
                     y_min: clipped.y_min - y0,
                     x_max: clipped.x_max - x0,
