@@ -28,6 +28,7 @@ pub mod bench_ceiling;
 pub mod bench_chaos;
 pub mod bench_claim;
 pub mod bench_cluster;
+pub mod bench_detect;
 pub mod bench_export;
 pub mod bench_ingest;
 pub mod demo;

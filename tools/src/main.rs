@@ -8,7 +8,8 @@ use sieve_scheduler::context::Context;
 use sieve_shared::Settings;
 use sieve_tools::worker_bench::{self, What};
 use sieve_tools::{
-    bench_ceiling, bench_chaos, bench_claim, bench_cluster, bench_export, bench_ingest, demo,
+    bench_ceiling, bench_chaos, bench_claim, bench_cluster, bench_detect, bench_export,
+    bench_ingest, demo,
 };
 
 #[derive(Debug, Parser)]
@@ -67,6 +68,9 @@ pub enum BenchCommand {
     Train(worker_bench::BenchArgs),
     /// The training recipe on real labels: the share labelable at 95/97/99%.
     Accuracy(worker_bench::BenchArgs),
+    /// The detector committee on the real tree crowns: heads trained on
+    /// three images' tiles, AP@0.5 on the fourth, times per stage.
+    Detect(bench_detect::DetectArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -88,6 +92,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Train(args)) => worker(settings, What::Train, args).await?,
         Command::Bench(BenchCommand::Accuracy(args)) => {
             worker(settings, What::Accuracy, args).await?;
+        }
+        Command::Bench(BenchCommand::Detect(args)) => {
+            tokio::task::spawn_blocking(move || bench_detect::run(&args)).await??;
         }
     }
     Ok(())
