@@ -5,7 +5,7 @@
 //! detail. Weights travel as burnpack bytes in memory (`Module::into_record().into_bytes()`),
 //! because they go to an object store, not to a local file.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::store::ModuleRecord;
 use burn::tensor::activation::softmax;
@@ -14,6 +14,7 @@ use burn::tensor::{Bytes, Device, Tensor, TensorData};
 use super::heads::Heads;
 use super::mobilenet::{self, MobileNetV2};
 use super::net::SmallCnn;
+use super::tensors::{FiniteCheck, read};
 use super::{ArchitectureConfig, ModelError, check_images};
 
 /// Images per forward pass. Bounds activation memory (the first conv layer alone is 50 KiB per
@@ -467,43 +468,6 @@ fn validate_mobilenet(config: &ArchitectureConfig) -> Result<(), ModelError> {
     match problem {
         Some(problem) => Err(ModelError::InvalidConfig(format!("mobilenet_v2 {problem}"))),
         None => Ok(()),
-    }
-}
-
-/// Reads a tensor back to the host as `f32`s.
-fn read<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, ModelError> {
-    tensor
-        .try_into_vec_as::<f32>()
-        .map_err(|err| ModelError::Backend(err.to_string()))
-}
-
-/// Finds the first parameter holding NaN or infinity: such weights load "fine" and then
-/// predict NaN for every image, so they are refused at load time instead.
-#[derive(Default)]
-struct FiniteCheck {
-    path: Vec<String>,
-    problem: Option<String>,
-}
-
-impl ModuleVisitor for FiniteCheck {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if self.problem.is_some() {
-            return;
-        }
-        let path = self.path.join(".");
-        match param.val().try_into_vec_as::<f32>() {
-            Ok(values) if values.iter().all(|value| value.is_finite()) => {}
-            Ok(_) => self.problem = Some(format!("{path} holds non-finite values")),
-            Err(err) => self.problem = Some(format!("{path} is unreadable: {err}")),
-        }
     }
 }
 

@@ -38,7 +38,7 @@
 
 use std::fmt;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
 use burn::optim::{AdamWConfig, GradientsParams};
@@ -56,6 +56,7 @@ use super::ModelError;
 use super::mobilenet::{MobileNetV2, STRIDE_16_CHANNELS};
 use super::net::stream_seed;
 use super::recipe::{EpochReport, bootstrap_weights, split};
+use super::tensors::{FiniteCheck, read, scalar, step_loss};
 
 /// Pixels per cell of the feature grid.
 pub const STRIDE: usize = 16;
@@ -756,13 +757,7 @@ pub fn train_heads(
             let normaliser = batch_targets.objects.max(1.0);
             let x = features.tensor(batch, &train_device);
             let loss = batch_loss(&net, x, batch_targets, config, &train_device);
-            let value: f32 = loss
-                .clone()
-                .try_into_scalar()
-                .map_err(|err| ModelError::Backend(err.to_string()))?;
-            if !value.is_finite() {
-                return Err(ModelError::Diverged { epoch });
-            }
+            let value = step_loss(&loss, epoch)?;
             loss_sum += f64::from(value * normaliser);
             weight_sum += f64::from(normaliser);
             let grads = GradientsParams::from_grads(loss.backward(), &net);
@@ -878,15 +873,13 @@ fn validate(
             config,
         );
         let normaliser = batch.objects.max(1.0);
-        let value: f32 = batch_loss(
+        let value = scalar(&batch_loss(
             &heads.net,
             features.tensor(chunk, &heads.device),
             batch,
             config,
             &heads.device,
-        )
-        .try_into_scalar()
-        .map_err(|err| ModelError::Backend(err.to_string()))?;
+        ))?;
         loss_sum += f64::from(value * normaliser);
         weight_sum += f64::from(normaliser);
     }
@@ -1140,43 +1133,6 @@ fn batch_loss(
 
 fn param<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Param<Tensor<D>> {
     Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
-}
-
-/// Reads a tensor back to the host as `f32`s.
-fn read<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, ModelError> {
-    tensor
-        .try_into_vec_as::<f32>()
-        .map_err(|err| ModelError::Backend(err.to_string()))
-}
-
-/// Finds the first parameter holding NaN or infinity: such weights load "fine" and then
-/// predict garbage, so they are refused at load time instead.
-#[derive(Default)]
-struct FiniteCheck {
-    path: Vec<String>,
-    problem: Option<String>,
-}
-
-impl ModuleVisitor for FiniteCheck {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if self.problem.is_some() {
-            return;
-        }
-        let path = self.path.join(".");
-        match param.val().try_into_vec_as::<f32>() {
-            Ok(values) if values.iter().all(|v| v.is_finite()) => {}
-            Ok(_) => self.problem = Some(format!("{path} holds non-finite values")),
-            Err(err) => self.problem = Some(format!("{path} is unreadable: {err}")),
-        }
-    }
 }
 
 #[cfg(test)]

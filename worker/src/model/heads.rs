@@ -22,6 +22,7 @@ use super::net::stream_seed;
 use super::recipe::{
     EpochReport, argmax, bootstrap_weights, class_weights, mean_over_members, split,
 };
+use super::tensors::step_loss;
 
 const SHUFFLE_STREAM: u64 = 0x4EAD;
 
@@ -191,13 +192,7 @@ pub fn train_heads(
             );
             let logits = linear.forward(x).reshape([batch.len(), members, classes]);
             let loss = (log_softmax(logits, 2) * w).sum().neg().div_scalar(total);
-            let value: f32 = loss
-                .clone()
-                .try_into_scalar()
-                .map_err(|err| ModelError::Backend(err.to_string()))?;
-            if !value.is_finite() {
-                return Err(ModelError::Diverged { epoch });
-            }
+            let value = step_loss(&loss, epoch)?;
             loss_sum += f64::from(value * total);
             weight_sum += f64::from(total);
             let grads = GradientsParams::from_grads(loss.backward(), &linear);

@@ -19,6 +19,7 @@ mod heads;
 pub mod mobilenet;
 mod net;
 mod recipe;
+mod tensors;
 mod train;
 
 pub use committee::{Committee, CommitteeProbs, Embeddings};

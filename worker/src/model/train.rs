@@ -26,6 +26,7 @@ use super::net::{SmallCnn, stream_seed};
 use super::recipe::{
     EpochReport, argmax, bootstrap_weights, class_weights, mean_over_members, split,
 };
+use super::tensors::step_loss;
 use super::{ModelError, check_images};
 
 /// Stream tags: each use of the run's seed draws from its own generator, so changing how many
@@ -234,13 +235,7 @@ fn fit<M: Tunable>(
             let log_probs = log_softmax(net.logits(x, mask, config.members), 2);
             let loss = (log_probs * weights).sum().neg().div_scalar(targets.total);
             // Read back every batch: a NaN stops the run at once instead of training on.
-            let value: f32 = loss
-                .clone()
-                .try_into_scalar()
-                .map_err(|err| ModelError::Backend(err.to_string()))?;
-            if !value.is_finite() {
-                return Err(ModelError::Diverged { epoch });
-            }
+            let value = step_loss(&loss, epoch)?;
             loss_sum += f64::from(value * targets.total);
             weight_sum += f64::from(targets.total);
 
