@@ -817,6 +817,17 @@ fn entry(list: &str, index: usize, value: &Value) -> Location {
     }
 }
 
+/// A required, non-empty text field of a COCO entry; `purpose` (why it is
+/// needed) ends the message when it is missing or empty.
+fn coco_text(value: &Value, field: &str, purpose: &str) -> Result<String, String> {
+    match value.get(field) {
+        Some(Value::String(text)) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        Some(Value::String(_)) => Err(format!("{field} is empty{purpose}")),
+        None | Some(Value::Null) => Err(format!("has no {field}{purpose}")),
+        Some(other) => Err(format!("{field} {other} is not a string")),
+    }
+}
+
 /// An integer field that is required, or what is wrong with it.
 fn coco_id(value: &Value, name: &str) -> Result<i64, String> {
     match value.get(name) {
@@ -918,21 +929,9 @@ fn read_coco(file: &Path, text: &str, errors: &mut Errors) -> Vec<AnnotatedImage
             continue;
         }
         let id = coco_id(value, "id").map_err(&mut add).ok();
-        let path = match value.get("file_name") {
-            Some(Value::String(path)) if !path.trim().is_empty() => Some(path.trim().to_owned()),
-            Some(Value::String(_)) => {
-                add("file_name is empty".to_owned());
-                None
-            }
-            None | Some(Value::Null) => {
-                add("has no file_name: it names the image".to_owned());
-                None
-            }
-            Some(other) => {
-                add(format!("file_name {other} is not a string"));
-                None
-            }
-        };
+        let path = coco_text(value, "file_name", ": it names the image")
+            .map_err(&mut add)
+            .ok();
         let width = coco_dimension(value, "width").map_err(&mut add);
         let height = coco_dimension(value, "height").map_err(&mut add);
         let size = match (width, height) {
@@ -995,21 +994,9 @@ fn read_coco(file: &Path, text: &str, errors: &mut Errors) -> Vec<AnnotatedImage
             continue;
         }
         let id = coco_id(value, "id").map_err(&mut add).ok();
-        let name = match value.get("name") {
-            Some(Value::String(name)) if !name.trim().is_empty() => Some(name.trim().to_owned()),
-            Some(Value::String(_)) => {
-                add("name is empty: it is the label of the category's boxes".to_owned());
-                None
-            }
-            None | Some(Value::Null) => {
-                add("has no name: it is the label of the category's boxes".to_owned());
-                None
-            }
-            Some(other) => {
-                add(format!("name {other} is not a string"));
-                None
-            }
-        };
+        let name = coco_text(value, "name", ": it is the label of the category's boxes")
+            .map_err(&mut add)
+            .ok();
         let (Some(id), Some(name)) = (id, name) else {
             continue;
         };
