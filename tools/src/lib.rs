@@ -31,6 +31,7 @@ pub mod bench_cluster;
 pub mod bench_detect;
 pub mod bench_export;
 pub mod bench_ingest;
+pub mod canvases;
 pub mod demo;
 pub mod fashion_idx;
 pub mod fashion_mnist;
