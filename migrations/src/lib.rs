@@ -29,6 +29,7 @@ mod m20261210_000025_ingest_sources;
 mod m20261211_000026_null_model;
 mod m20261211_000027_review_task_item_index;
 mod m20261212_000028_detection;
+mod m20261213_000029_detector;
 
 pub struct Migrator;
 
@@ -59,6 +60,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261211_000026_null_model::Migration),
             Box::new(m20261211_000027_review_task_item_index::Migration),
             Box::new(m20261212_000028_detection::Migration),
+            Box::new(m20261213_000029_detector::Migration),
         ]
     }
 }

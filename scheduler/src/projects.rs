@@ -48,12 +48,23 @@ impl ProjectName {
 pub struct ClassNames(Vec<String>);
 
 impl ClassNames {
+    /// A classification project's classes: at least two.
     pub fn parse(raw: &[String]) -> AppResult<Self> {
+        Self::parse_for(TaskKind::Classification, raw)
+    }
+
+    /// The classes of a project of `kind`: at least two to classify among,
+    /// at least one to box (a detector of trees alone is the usual case).
+    pub fn parse_for(kind: TaskKind, raw: &[String]) -> AppResult<Self> {
         let names: Vec<String> = raw.iter().map(|s| s.trim().to_owned()).collect();
-        if names.len() < 2 {
-            return Err(AppError::Invalid(
-                "a classification project needs at least two classes".into(),
-            ));
+        let (least, what) = match kind {
+            TaskKind::Classification => (2, "two classes"),
+            TaskKind::Detection => (1, "one class"),
+        };
+        if names.len() < least {
+            return Err(AppError::Invalid(format!(
+                "a {kind} project needs at least {what}"
+            )));
         }
         if let Some(bad) = names.iter().find(|n| n.is_empty() || n.len() > 100) {
             return Err(AppError::Invalid(format!(
@@ -92,6 +103,23 @@ pub fn allow_arch(arch: ModelArch, measurement_only: bool) -> AppResult<ModelArc
         ));
     }
     Ok(arch)
+}
+
+/// The architecture a project of `kind` runs when `arch` was asked for: a
+/// detection project always runs the detector (asked for, or the default
+/// left as it is), a classification project never does.
+pub fn arch_of_kind(kind: TaskKind, arch: ModelArch) -> AppResult<ModelArch> {
+    match (kind, arch) {
+        (TaskKind::Detection, ModelArch::SmallCnn | ModelArch::Detector) => Ok(ModelArch::Detector),
+        (TaskKind::Classification, arch) if arch != ModelArch::Detector => Ok(arch),
+        (kind, arch) => Err(AppError::Invalid(format!(
+            "a {kind} project cannot run {arch}: {}",
+            match kind {
+                TaskKind::Detection => "detection projects run the detector",
+                TaskKind::Classification => "the detector draws boxes, not classes",
+            }
+        ))),
+    }
 }
 
 /// A project as the rest of the scheduler sees it: typed, validated.
@@ -158,6 +186,7 @@ pub async fn create(
     kind: TaskKind,
 ) -> AppResult<Project> {
     policy.validate()?;
+    let arch = arch_of_kind(kind, arch)?;
     if find_by_name(db, name.as_str()).await?.is_some() {
         return Err(AppError::Conflict(format!(
             "project {} already exists",
@@ -231,6 +260,8 @@ mod tests {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert!(ClassNames::parse(&s(&["cat", "dog"])).is_ok());
         assert!(ClassNames::parse(&s(&["cat"])).is_err());
+        assert!(ClassNames::parse_for(TaskKind::Detection, &s(&["tree"])).is_ok());
+        assert!(ClassNames::parse_for(TaskKind::Detection, &s(&[])).is_err());
         assert!(ClassNames::parse(&s(&["cat", " cat "])).is_err());
         assert!(ClassNames::parse(&s(&["cat", ""])).is_err());
     }

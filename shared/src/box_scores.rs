@@ -24,6 +24,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::boxes::LabeledBox;
+use crate::scores::Scores;
 
 /// A box one member proposed, with its score in `[0, 1]`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +63,20 @@ pub struct CommitteeBox {
     pub spread: f32,
 }
 
+impl CommitteeBox {
+    /// The object as one scored box, its confidence the score.
+    pub fn scored(&self) -> ScoredBox {
+        ScoredBox {
+            class: self.at.class,
+            score: self.confidence,
+            x_min: self.at.x_min,
+            y_min: self.at.y_min,
+            x_max: self.at.x_max,
+            y_max: self.at.y_max,
+        }
+    }
+}
+
 /// How sure the committee is about one image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ImageScores {
@@ -70,8 +85,13 @@ pub struct ImageScores {
     /// The lowest confidence among them (1 when there are none: nothing
     /// proposed is in doubt).
     pub least_certain: f32,
-    /// Objects under the threshold by less than the band: possible misses.
+    /// Objects under the threshold by less than the band: near misses.
     pub near_misses: u32,
+    /// The highest confidence among the objects under the threshold, near
+    /// or not (0: none): how likely the likeliest object the proposal
+    /// leaves out is.
+    #[serde(default)]
+    pub likeliest_miss: f32,
     /// Spread of the members' counts of objects at or above the threshold:
     /// (most − fewest) / max(1, mean).
     pub count_disagreement: f32,
@@ -156,6 +176,7 @@ pub fn image_scores(
         .iter()
         .filter(|o| o.confidence >= threshold - band)
         .count() as u32;
+    let likeliest_miss = under.iter().map(|o| o.confidence).fold(0.0_f32, f32::max);
     let least_certain = boxes.iter().map(|o| o.confidence).fold(1.0_f32, f32::min);
     let counts: Vec<f32> = members
         .iter()
@@ -175,8 +196,158 @@ pub fn image_scores(
         boxes,
         least_certain,
         near_misses,
+        likeliest_miss,
         count_disagreement,
     }
+}
+
+impl ImageScores {
+    /// How likely the proposal is right as a whole, in `[0, 1]`: the
+    /// lowest of each proposed object's confidence and, for each object
+    /// left out, the chance it is not one (1 − its confidence). One
+    /// doubtful box or one likely miss makes the image doubtful; an image
+    /// where the committee proposes nothing is only as sure as its
+    /// strongest candidate is weak.
+    pub fn confidence(&self) -> f32 {
+        self.least_certain.min(1.0 - self.likeliest_miss)
+    }
+
+    /// How much the members disagree about the image: the larger of their
+    /// disagreement on the count and the share of members that missed the
+    /// least agreed object.
+    pub fn disagreement(&self) -> f32 {
+        let least_agreed = self
+            .boxes
+            .iter()
+            .map(|o| 1.0 - o.agreement)
+            .fold(0.0_f32, f32::max);
+        self.count_disagreement.max(least_agreed)
+    }
+
+    /// The image's scores in the shape classification's routing reads:
+    /// `confidence` and `disagreement` as above, `top_class` the class of
+    /// the least certain object (0 with none), `margin` the distance of the
+    /// confidence from the proposal threshold's side, `entropy` 0 and
+    /// `mutual_information` the largest corner spread (where the members
+    /// agree on an object but not on where it is).
+    pub fn as_scores(&self, threshold: f32) -> Scores {
+        let confidence = self.confidence();
+        let least = self
+            .boxes
+            .iter()
+            .min_by(|a, b| a.confidence.total_cmp(&b.confidence));
+        Scores {
+            top_class: least.map_or(0, |o| o.at.class),
+            confidence,
+            margin: (confidence - threshold).abs(),
+            entropy: 0.0,
+            disagreement: self.disagreement(),
+            mutual_information: self.boxes.iter().map(|o| o.spread).fold(0.0, f32::max),
+        }
+    }
+
+    /// The proposed boxes, as a label stores them.
+    pub fn labeled_boxes(&self) -> Vec<LabeledBox> {
+        self.boxes.iter().map(|o| o.at).collect()
+    }
+}
+
+/// Whether `proposed` is right as a whole against `truth`: every proposed
+/// box matches a distinct truth box of its class at IoU ≥ `iou`, and every
+/// truth box is matched (greedy, best overlap first).
+pub fn all_right(proposed: &[LabeledBox], truth: &[LabeledBox], iou: f32) -> bool {
+    proposed.len() == truth.len() && matched(proposed, truth, iou) == truth.len()
+}
+
+/// How many of `found` (best first) match a distinct box of `truth` of the
+/// same class at IoU ≥ `iou`, each taking the unmatched truth it overlaps
+/// most.
+pub fn matched(found: &[LabeledBox], truth: &[LabeledBox], iou: f32) -> usize {
+    let mut taken = vec![false; truth.len()];
+    let mut hits = 0;
+    for b in found {
+        let best = truth
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| !taken[*i] && t.class == b.class)
+            .map(|(i, t)| (i, t.iou(b)))
+            .filter(|(_, overlap)| *overlap >= iou)
+            .max_by(|x, y| x.1.total_cmp(&y.1));
+        if let Some((i, _)) = best {
+            taken[i] = true;
+            hits += 1;
+        }
+    }
+    hits
+}
+
+/// Average precision at IoU `iou` (all-point interpolation, as VOC since
+/// 2010) of scored detections over many images: `found[i]` and `truth[i]`
+/// are image `i`'s, ranked together by score, each detection matched to
+/// the unmatched truth box of its image and class it overlaps most.
+/// `None` when there is no truth box at all.
+pub fn average_precision(
+    found: &[Vec<ScoredBox>],
+    truth: &[Vec<LabeledBox>],
+    iou: f32,
+) -> Option<f64> {
+    let total: usize = truth.iter().map(Vec::len).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ranked: Vec<(usize, &ScoredBox)> = found
+        .iter()
+        .enumerate()
+        .flat_map(|(i, boxes)| boxes.iter().map(move |b| (i, b)))
+        .collect();
+    ranked.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
+    let mut taken: Vec<Vec<bool>> = truth.iter().map(|t| vec![false; t.len()]).collect();
+    let mut hits = Vec::with_capacity(ranked.len());
+    for (image, b) in ranked {
+        let Some(image_truth) = truth.get(image) else {
+            hits.push(false);
+            continue;
+        };
+        let b = b.as_box();
+        let best = image_truth
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| !taken[image][*i] && t.class == b.class)
+            .map(|(i, t)| (i, t.iou(&b)))
+            .filter(|(_, overlap)| *overlap >= iou)
+            .max_by(|x, y| x.1.total_cmp(&y.1));
+        match best {
+            Some((i, _)) => {
+                taken[image][i] = true;
+                hits.push(true);
+            }
+            None => hits.push(false),
+        }
+    }
+    // Precision at each rank, then made non-increasing from the end, and
+    // summed over the ranks where recall rises.
+    let mut tp = 0usize;
+    let mut points: Vec<(f64, f64)> = Vec::with_capacity(hits.len());
+    for (rank, hit) in hits.iter().enumerate() {
+        if *hit {
+            tp += 1;
+        }
+        points.push((tp as f64 / total as f64, tp as f64 / (rank + 1) as f64));
+    }
+    let mut best = 0.0_f64;
+    for point in points.iter_mut().rev() {
+        best = best.max(point.1);
+        point.1 = best;
+    }
+    let mut ap = 0.0;
+    let mut recall = 0.0;
+    for (r, p) in points {
+        if r > recall {
+            ap += (r - recall) * p;
+            recall = r;
+        }
+    }
+    Some(ap)
 }
 
 #[cfg(test)]
@@ -283,5 +454,86 @@ mod tests {
             ),
             (0, 1.0, 0.0)
         );
+    }
+
+    #[test]
+    fn an_image_is_as_sure_as_its_least_certain_box_and_its_likeliest_miss() {
+        let members = vec![
+            vec![
+                scored(0, 0.9, 0.0, 0.0, 10.0),
+                scored(1, 0.4, 50.0, 50.0, 10.0),
+            ],
+            vec![scored(0, 0.8, 0.0, 0.0, 10.0)],
+        ];
+        let s = image_scores(&members, 0.5, 0.5, 0.1);
+        // The sure object at (0.9 + 0.8) / 2; the other at 0.4 / 2 = 0.2,
+        // under the threshold by 0.3: a possible miss, if not a near one.
+        assert_eq!(s.near_misses, 0);
+        assert!((s.likeliest_miss - 0.2).abs() < 1e-6, "{s:?}");
+        assert!((s.confidence() - 0.8).abs() < 1e-6, "{s:?}");
+        let scores = s.as_scores(0.5);
+        assert_eq!(scores.top_class, 0);
+        assert!((scores.confidence - 0.8).abs() < 1e-6);
+        // Both members found the first object; they disagree on nothing
+        // proposed, and count one box each at 0.5.
+        assert_eq!(scores.disagreement, 0.0);
+        let lonely = image_scores(
+            &[vec![scored(0, 0.9, 0.0, 0.0, 10.0)], vec![]],
+            0.5,
+            0.4,
+            0.1,
+        );
+        assert!((lonely.disagreement() - 1.0).abs() < 1e-6, "{lonely:?}");
+        assert_eq!(s.labeled_boxes(), vec![s.boxes[0].at]);
+    }
+
+    fn at(x: f32) -> LabeledBox {
+        LabeledBox {
+            class: 0,
+            x_min: x,
+            y_min: 0.0,
+            x_max: x + 10.0,
+            y_max: 10.0,
+        }
+    }
+
+    fn found(score: f32, x: f32) -> ScoredBox {
+        scored(0, score, x, 0.0, 10.0)
+    }
+
+    #[test]
+    fn average_precision_of_perfect_partial_and_misordered_detections() {
+        let truth = vec![vec![at(0.0), at(20.0)]];
+        let ap = |f: Vec<ScoredBox>| average_precision(&[f], &truth, 0.5).expect("truth to find");
+        assert_eq!(ap(vec![found(0.9, 0.0), found(0.8, 20.0)]), 1.0);
+        // One of two found: recall 0.5 at precision 1.
+        assert_eq!(ap(vec![found(0.9, 0.0)]), 0.5);
+        // A false positive ranked first: precision 1/2 then 2/3.
+        let misordered = ap(vec![found(0.9, 50.0), found(0.8, 0.0), found(0.7, 20.0)]);
+        assert!((misordered - 2.0 / 3.0).abs() < 1e-9, "{misordered}");
+        // A box of another image never matches this one's truth.
+        let two = vec![vec![at(0.0)], vec![]];
+        assert_eq!(
+            average_precision(&[vec![], vec![found(0.9, 0.0)]], &two, 0.5),
+            Some(0.0)
+        );
+        assert_eq!(average_precision(&[vec![]], &[vec![]], 0.5), None);
+    }
+
+    #[test]
+    fn a_proposal_is_all_right_only_with_every_box_matched_both_ways() {
+        let truth = [at(0.0), at(20.0)];
+        assert!(all_right(&[at(20.5), at(0.5)], &truth, 0.5));
+        assert!(!all_right(&[at(0.0)], &truth, 0.5), "a miss");
+        assert!(
+            !all_right(&[at(0.0), at(20.0), at(40.0)], &truth, 0.5),
+            "an extra box"
+        );
+        assert!(
+            !all_right(&[at(0.0), at(27.0)], &truth, 0.5),
+            "a box too far off"
+        );
+        assert!(all_right(&[], &[], 0.5), "nothing to find, nothing found");
+        assert_eq!(matched(&[at(1.0), at(0.5)], &truth, 0.5), 1);
     }
 }

@@ -39,9 +39,13 @@ impl TaskKind {
 }
 
 impl TaskKind {
-    /// Whether sieve's workers pre-label and train for this kind. A kind
-    /// without models sends each image it ingests to people.
-    pub fn has_models(self) -> bool {
+    /// Whether a project of this kind starts with an untrained model, queued
+    /// when it is created, that orders its seed set. A classification
+    /// committee can (its first labels come from its random-order review);
+    /// an untrained detector finds nothing, so a detection project's images
+    /// go straight to people (`seed` review tasks) until a detector has
+    /// trained on their boxes.
+    pub fn starts_with_untrained_model(self) -> bool {
         match self {
             TaskKind::Classification => true,
             TaskKind::Detection => false,

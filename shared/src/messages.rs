@@ -8,6 +8,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::box_scores::ImageScores;
+use crate::boxes::LabeledBox;
 use crate::ids::{ItemId, JobId, ModelVersionId, ProjectId, TrainingRunId};
 use crate::scores::Scores;
 use crate::topology::Route;
@@ -103,6 +105,12 @@ pub struct PredictionOutput {
     /// Backbone embedding, when the model has one (for head retraining).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Vec<f32>>,
+    /// A detector's answer: the objects the committee proposes, in pixels
+    /// of the original image, with the image's box scores. `scores` then
+    /// summarises them ([`ImageScores::as_scores`]), `probabilities` is
+    /// empty and `member_votes` holds each member's count of boxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detections: Option<Box<ImageScores>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -179,6 +187,10 @@ pub enum ModelArch {
     /// model costs (`sieve-tools bench ceiling`). Refused for a project
     /// unless asked for as measurement-only.
     Null,
+    /// The `detection` task kind's committee: K CenterNet-style heads on
+    /// the frozen MobileNetV2 backbone's stride-16 feature maps, run on
+    /// overlapping tiles of the input size.
+    Detector,
 }
 
 impl ModelArch {
@@ -189,7 +201,7 @@ impl ModelArch {
     pub fn train_mode(self) -> TrainMode {
         match self {
             Self::SmallCnn | Self::Null => TrainMode::Full,
-            Self::MobilenetV2 => TrainMode::Heads,
+            Self::MobilenetV2 | Self::Detector => TrainMode::Heads,
         }
     }
 
@@ -200,6 +212,9 @@ impl ModelArch {
         match self {
             Self::SmallCnn | Self::Null => mode == TrainMode::Full,
             Self::MobilenetV2 => true,
+            // Heads only so far: fine-tuning the backbone's last blocks for
+            // boxes is not built yet.
+            Self::Detector => mode == TrainMode::Heads,
         }
     }
 
@@ -208,7 +223,7 @@ impl ModelArch {
     pub fn backbone_blocks(self) -> u32 {
         match self {
             Self::SmallCnn | Self::Null => 0,
-            Self::MobilenetV2 => 17,
+            Self::MobilenetV2 | Self::Detector => 17,
         }
     }
 
@@ -217,6 +232,8 @@ impl ModelArch {
         match self {
             Self::SmallCnn => 28,
             Self::MobilenetV2 => 96,
+            // The tile side: cells of 16 pixels, 24 a side.
+            Self::Detector => 384,
             // Nothing is decoded; the figure only has to be a valid size.
             Self::Null => 1,
         }
@@ -227,6 +244,7 @@ impl ModelArch {
             Self::SmallCnn => "small_cnn",
             Self::MobilenetV2 => "mobilenet_v2",
             Self::Null => "null",
+            Self::Detector => "detector",
         }
     }
 }
@@ -245,8 +263,9 @@ impl std::str::FromStr for ModelArch {
             "small_cnn" => Ok(Self::SmallCnn),
             "mobilenet_v2" => Ok(Self::MobilenetV2),
             "null" => Ok(Self::Null),
+            "detector" => Ok(Self::Detector),
             other => Err(format!(
-                "unknown model architecture {other:?} (expected small_cnn or mobilenet_v2; null for measurement only)"
+                "unknown model architecture {other:?} (expected small_cnn or mobilenet_v2, detector for boxes; null for measurement only)"
             )),
         }
     }
@@ -359,6 +378,18 @@ impl TrainParams {
                 arch,
                 ..Self::default()
             },
+            // The detector heads' own defaults (`sieve-tools bench detect`):
+            // feature maps are cached, epochs take seconds, early stopping
+            // ends most runs well before the last.
+            ModelArch::Detector => Self {
+                epochs: 60,
+                batch_size: 16,
+                learning_rate: 3e-3,
+                arch,
+                mode: TrainMode::Heads,
+                min_steps: 0,
+                ..Self::default()
+            },
             ModelArch::MobilenetV2 => Self {
                 epochs: 30,
                 batch_size: 256,
@@ -403,6 +434,13 @@ impl TrainParams {
     /// the architecture has no use for, or blocks to unfreeze that it does
     /// not have.
     pub fn problem(&self) -> Option<String> {
+        if self.arch == ModelArch::Detector && self.mode != TrainMode::Heads {
+            return Some(
+                "the detector trains its heads on the frozen backbone only (heads mode): \
+                 fine-tuning its backbone is not built yet"
+                    .to_string(),
+            );
+        }
         if !self.arch.trains_in(self.mode) {
             return Some(format!(
                 "{} trains in {:?} mode only: it has no pretrained backbone to freeze",
@@ -501,6 +539,10 @@ pub struct SnapshotExample {
     /// table (about 13 KB of JSON per item). Still read; no longer written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Vec<f32>>,
+    /// A detection label's boxes, in pixels of the original image
+    /// (`class_index` is then 0 and means nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<Vec<LabeledBox>>,
 }
 
 /// Where a snapshot's cached embeddings are: an object of `rows` rows of
@@ -543,6 +585,11 @@ pub struct HoldoutMetrics {
     /// run was queued) on this same holdout, so the two compare fairly.
     #[serde(default)]
     pub base_accuracy: Option<f64>,
+    /// A detector's average precision at IoU 0.5 over the holdout's boxes
+    /// (its `accuracy` is then the share of holdout images whose proposed
+    /// boxes were all right).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub average_precision: Option<f64>,
 }
 
 /// One holdout example: its human label, the committee's top class and
@@ -556,6 +603,18 @@ pub struct HoldoutEvaluation {
     /// predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub random: Option<bool>,
+    /// Whether the version got the example right, where that is more than
+    /// `predicted == label`: a detector's proposal for an image is right
+    /// when every box it proposes matches a human box at IoU 0.5 and every
+    /// human box is matched (`label` and `predicted` are then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correct: Option<bool>,
+}
+
+impl HoldoutEvaluation {
+    pub fn is_correct(&self) -> bool {
+        self.correct.unwrap_or(self.predicted == self.label)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -190,6 +190,7 @@ impl Scored {
                 member_votes: self.member_votes,
                 scores: self.scores,
                 embedding: None,
+                detections: None,
             }),
         }
     }

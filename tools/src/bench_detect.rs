@@ -26,10 +26,11 @@ use anyhow::Context as _;
 use clap::Args;
 use image::RgbImage;
 use sieve_scheduler::ingest::annotations::{self, AnnotatedImage};
-use sieve_shared::box_scores::{self, ScoredBox};
+use sieve_shared::box_scores::{self, CommitteeBox, ScoredBox};
 use sieve_shared::boxes::LabeledBox;
 use sieve_shared::tiles::{self, Tile};
 use sieve_worker::backend;
+use sieve_worker::model::detect;
 use sieve_worker::model::detector::{self, DetectorConfig, TrainOptions};
 use sieve_worker::model::mobilenet;
 
@@ -124,11 +125,7 @@ fn tile_image(
     let mut pixels = Vec::with_capacity(grid.len() * 3 * (input * input) as usize);
     let mut targets = Vec::with_capacity(grid.len());
     for t in &grid {
-        // A tile smaller than the input (an image smaller than a tile) is
-        // padded with black at its right and bottom.
-        let mut canvas = RgbImage::new(input, input);
-        let crop = image::imageops::crop_imm(image, t.x, t.y, t.width, t.height).to_image();
-        image::imageops::replace(&mut canvas, &crop, 0, 0);
+        let canvas = detect::tile_of(image, t, input);
         pixels.extend(mobilenet::imagenet_normalize(&canvas));
         let boxes = t.boxes_within(&truth, 0.5);
         targets.push(boxes.clone());
@@ -166,44 +163,6 @@ fn tile_image(
         targets,
         truth,
     }
-}
-
-/// Average precision at IoU 0.5 (all-point interpolation, as VOC since
-/// 2010): detections best first, each matched to the unmatched truth it
-/// overlaps most at IoU ≥ 0.5.
-fn average_precision(found: &[(f32, LabeledBox)], truth: &[LabeledBox]) -> f64 {
-    if truth.is_empty() {
-        return 0.0;
-    }
-    let mut found: Vec<&(f32, LabeledBox)> = found.iter().collect();
-    found.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let mut taken = vec![false; truth.len()];
-    let mut points = Vec::with_capacity(found.len());
-    let (mut hits, mut seen) = (0usize, 0usize);
-    for (_, b) in found {
-        seen += 1;
-        let best = truth
-            .iter()
-            .enumerate()
-            .filter(|(i, t)| !taken[*i] && t.class == b.class)
-            .map(|(i, t)| (i, t.iou(b)))
-            .filter(|(_, iou)| *iou >= 0.5)
-            .max_by(|a, b| a.1.total_cmp(&b.1));
-        if let Some((i, _)) = best {
-            taken[i] = true;
-            hits += 1;
-        }
-        points.push((hits as f64 / truth.len() as f64, hits as f64 / seen as f64));
-    }
-    // Precision made monotone from the right, summed over recall steps.
-    let mut ap = 0.0;
-    let mut last_recall = 0.0;
-    for i in 0..points.len() {
-        let precision = points[i..].iter().map(|p| p.1).fold(0.0, f64::max);
-        ap += (points[i].0 - last_recall) * precision;
-        last_recall = points[i].0;
-    }
-    ap
 }
 
 /// The training images and the held-out ones, tiled; the classes; what the
@@ -348,85 +307,76 @@ pub fn run(args: &DetectArgs) -> anyhow::Result<()> {
     let predicted = heads.predict(&held_features)?;
     let detect_seconds = started.elapsed().as_secs_f64();
 
-    // The held-out images are laid side by side in one coordinate space
-    // (image i shifted right by i * SPACING), so one ranking spans them all
-    // and no box can match another image's truth.
-    const SPACING: f32 = 1.0e5;
-    let shift = |b: LabeledBox, i: usize| LabeledBox {
-        x_min: b.x_min + i as f32 * SPACING,
-        x_max: b.x_max + i as f32 * SPACING,
-        ..b
-    };
-    let truth: Vec<LabeledBox> = held
+    // Each member's boxes per held-out image, back in the image's pixels and
+    // merged across the tiles' overlaps, as the worker's detector does.
+    let mut members_per_image: Vec<Vec<Vec<ScoredBox>>> =
+        vec![vec![Vec::new(); args.members]; held.len()];
+    let tiles = held
         .iter()
         .enumerate()
-        .flat_map(|(i, t)| t.truth.iter().map(move |b| shift(*b, i)))
-        .collect();
-    // Each held-out tile with the image it belongs to.
-    let tiles: Vec<(usize, &Tile)> = held
-        .iter()
-        .enumerate()
-        .flat_map(|(i, t)| t.tiles.iter().map(move |tile| (i, tile)))
-        .collect();
-    let to_image = |image: usize, tile: &Tile, b: &ScoredBox| {
-        let at = shift(tile.to_image(b.as_box()), image);
-        ScoredBox {
-            class: at.class,
-            score: b.score,
-            x_min: at.x_min,
-            y_min: at.y_min,
-            x_max: at.x_max,
-            y_max: at.y_max,
+        .flat_map(|(i, t)| t.tiles.iter().map(move |tile| (i, tile)));
+    for ((image, tile), members) in tiles.zip(&predicted) {
+        for (member, boxes) in members.iter().enumerate() {
+            members_per_image[image][member].extend(boxes.iter().map(|b| {
+                let at = tile.to_image(b.as_box());
+                ScoredBox {
+                    score: b.score,
+                    class: at.class,
+                    x_min: at.x_min,
+                    y_min: at.y_min,
+                    x_max: at.x_max,
+                    y_max: at.y_max,
+                }
+            }));
         }
-    };
-    let as_found = |boxes: Vec<ScoredBox>| -> Vec<(f32, LabeledBox)> {
-        detector::nms(boxes, 0.5)
-            .into_iter()
-            .map(|b| (b.score, b.as_box()))
-            .collect()
-    };
-    let mut member_ap = Vec::new();
-    for member in 0..args.members {
-        let boxes: Vec<ScoredBox> = tiles
-            .iter()
-            .zip(&predicted)
-            .flat_map(|((image, tile), members)| {
-                members[member].iter().map(|b| to_image(*image, tile, b))
-            })
-            .collect();
-        member_ap.push(average_precision(&as_found(boxes), &truth));
     }
-    let committee: Vec<ScoredBox> = tiles
-        .iter()
-        .zip(&predicted)
-        .flat_map(|((image, tile), members)| {
-            let members: Vec<Vec<ScoredBox>> = members
+    for members in &mut members_per_image {
+        for boxes in members.iter_mut() {
+            *boxes = detector::nms(std::mem::take(boxes), detect::MATCH_IOU);
+        }
+    }
+    let truth: Vec<Vec<LabeledBox>> = held.iter().map(|t| t.truth.clone()).collect();
+    let ap = |found: &[Vec<ScoredBox>]| {
+        box_scores::average_precision(found, &truth, detect::MATCH_IOU).unwrap_or(0.0)
+    };
+    let member_ap: Vec<f64> = (0..args.members)
+        .map(|member| {
+            let found: Vec<Vec<ScoredBox>> = members_per_image
                 .iter()
-                .map(|boxes| boxes.iter().map(|b| to_image(*image, tile, b)).collect())
+                .map(|members| members[member].clone())
                 .collect();
-            box_scores::committee_boxes(&members, 0.5)
-                .into_iter()
-                .map(|o| ScoredBox {
-                    class: o.at.class,
-                    score: o.confidence,
-                    x_min: o.at.x_min,
-                    y_min: o.at.y_min,
-                    x_max: o.at.x_max,
-                    y_max: o.at.y_max,
-                })
-                .collect::<Vec<_>>()
+            ap(&found)
         })
         .collect();
-    let found = as_found(committee);
-    let committee_ap = average_precision(&found, &truth);
-    let at_threshold: Vec<(f32, LabeledBox)> = found
+    let committee: Vec<Vec<ScoredBox>> = members_per_image
         .iter()
-        .copied()
-        .filter(|(score, _)| *score >= threshold)
+        .map(|members| {
+            box_scores::committee_boxes(members, detect::MATCH_IOU)
+                .iter()
+                .map(CommitteeBox::scored)
+                .collect()
+        })
         .collect();
-    let matched = average_precision_matches(&at_threshold, &truth);
-    let precision = matched as f64 / at_threshold.len().max(1) as f64;
-    let recall = matched as f64 / truth.len().max(1) as f64;
+    let committee_ap = ap(&committee);
+    let at_threshold: Vec<Vec<LabeledBox>> = committee
+        .iter()
+        .map(|found| {
+            found
+                .iter()
+                .filter(|b| b.score >= threshold)
+                .map(ScoredBox::as_box)
+                .collect()
+        })
+        .collect();
+    let proposed: usize = at_threshold.iter().map(Vec::len).sum();
+    let truth_count: usize = truth.iter().map(Vec::len).sum();
+    let matched: usize = at_threshold
+        .iter()
+        .zip(&truth)
+        .map(|(found, truth)| box_scores::matched(found, truth, detect::MATCH_IOU))
+        .sum();
+    let precision = matched as f64 / proposed.max(1) as f64;
+    let recall = matched as f64 / truth_count.max(1) as f64;
 
     println!(
         "backbone features: {train_tiles} tiles in {features_seconds:.1} s ({:.1} tiles/s)",
@@ -447,68 +397,12 @@ pub fn run(args: &DetectArgs) -> anyhow::Result<()> {
     );
     let members: Vec<String> = member_ap.iter().map(|ap| format!("{ap:.3}")).collect();
     println!(
-        "AP@0.5 on {} held-out boxes: committee {committee_ap:.3}, members {}",
-        truth.len(),
+        "AP@0.5 on {truth_count} held-out boxes: committee {committee_ap:.3}, members {}",
         members.join(" / ")
     );
     println!(
-        "at the threshold {threshold}: {} boxes, precision {precision:.3}, recall {recall:.3}",
-        at_threshold.len()
+        "at the threshold {threshold}: {proposed} boxes, precision {precision:.3}, recall {recall:.3}"
     );
     println!("peak RSS {:.0} MiB", peak_rss_mib());
     Ok(())
-}
-
-/// How many of `found` match a distinct truth box at IoU ≥ 0.5 (best
-/// first, greedy).
-fn average_precision_matches(found: &[(f32, LabeledBox)], truth: &[LabeledBox]) -> usize {
-    let mut found: Vec<&(f32, LabeledBox)> = found.iter().collect();
-    found.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let mut taken = vec![false; truth.len()];
-    let mut hits = 0;
-    for (_, b) in found {
-        let best = truth
-            .iter()
-            .enumerate()
-            .filter(|(i, t)| !taken[*i] && t.class == b.class && t.iou(b) >= 0.5)
-            .max_by(|x, y| x.1.iou(b).total_cmp(&y.1.iou(b)));
-        if let Some((i, _)) = best {
-            taken[i] = true;
-            hits += 1;
-        }
-    }
-    hits
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn b(x: f32) -> LabeledBox {
-        LabeledBox {
-            class: 0,
-            x_min: x,
-            y_min: 0.0,
-            x_max: x + 10.0,
-            y_max: 10.0,
-        }
-    }
-
-    #[test]
-    fn average_precision_of_perfect_partial_and_misordered_detections() {
-        let truth = [b(0.0), b(20.0)];
-        assert_eq!(
-            average_precision(&[(0.9, b(0.0)), (0.8, b(20.0))], &truth),
-            1.0
-        );
-        // One of two found: recall 0.5 at precision 1.
-        assert_eq!(average_precision(&[(0.9, b(0.0))], &truth), 0.5);
-        // A false positive ranked first: precision 1/2 then 2/3.
-        let ap = average_precision(&[(0.9, b(50.0)), (0.8, b(0.0)), (0.7, b(20.0))], &truth);
-        assert!((ap - 2.0 / 3.0).abs() < 1e-9, "{ap}");
-        assert_eq!(
-            average_precision_matches(&[(0.9, b(1.0)), (0.8, b(0.5))], &truth),
-            1
-        );
-    }
 }

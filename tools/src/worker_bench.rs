@@ -702,6 +702,7 @@ async fn snapshot_rows(args: &BenchArgs, store: &Store) -> anyhow::Result<()> {
             machine: false,
             embedding_row: row,
             embedding,
+            boxes: None,
         };
         let snapshot = |examples, embeddings| Snapshot {
             schema: SCHEMA_VERSION,

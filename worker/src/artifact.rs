@@ -8,7 +8,7 @@
 use sieve_shared::store::sha256_hex;
 
 use crate::backend;
-use crate::model::{ArchitectureConfig, Committee, ModelError};
+use crate::model::{ArchitectureConfig, Committee, Model, ModelError};
 
 const MAGIC: &[u8] = b"SIEVE-MODEL 1\n";
 
@@ -24,20 +24,30 @@ pub enum ArtifactError {
 
 /// Serialize a committee. Returns the bytes and their checksum.
 pub fn encode(model: &Committee) -> Result<(Vec<u8>, String), ArtifactError> {
-    let config =
-        serde_json::to_vec(model.config()).map_err(|e| ArtifactError::Format(e.to_string()))?;
-    let weights = model.weights_to_bytes()?;
+    encode_parts(model.config(), &model.weights_to_bytes()?)
+}
+
+/// Serialize a model version of any architecture. Returns the bytes and their checksum.
+pub fn encode_model(model: &Model) -> Result<(Vec<u8>, String), ArtifactError> {
+    encode_parts(model.config(), &model.weights_to_bytes()?)
+}
+
+fn encode_parts(
+    config: &ArchitectureConfig,
+    weights: &[u8],
+) -> Result<(Vec<u8>, String), ArtifactError> {
+    let config = serde_json::to_vec(config).map_err(|e| ArtifactError::Format(e.to_string()))?;
     let mut out = Vec::with_capacity(MAGIC.len() + 4 + config.len() + weights.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(config.len() as u32).to_le_bytes());
     out.extend_from_slice(&config);
-    out.extend_from_slice(&weights);
+    out.extend_from_slice(weights);
     let checksum = sha256_hex(&out);
     Ok((out, checksum))
 }
 
-/// Verify and rebuild a committee from artifact bytes.
-pub fn decode(bytes: &[u8], expected_checksum: &str) -> Result<Committee, ArtifactError> {
+/// Verify and rebuild a model version from artifact bytes.
+pub fn decode(bytes: &[u8], expected_checksum: &str) -> Result<Model, ArtifactError> {
     let found = sha256_hex(bytes);
     if found != expected_checksum {
         return Err(ArtifactError::Checksum {
@@ -59,11 +69,7 @@ pub fn decode(bytes: &[u8], expected_checksum: &str) -> Result<Committee, Artifa
     let config: ArchitectureConfig = serde_json::from_slice(config_bytes)
         .map_err(|e| ArtifactError::Format(format!("bad config: {e}")))?;
     let weights = &rest[4 + len..];
-    Ok(Committee::from_weights(
-        &config,
-        weights,
-        &backend::device(),
-    )?)
+    Ok(Model::from_weights(&config, weights, &backend::device())?)
 }
 
 #[cfg(test)]
@@ -77,6 +83,7 @@ mod tests {
         let (bytes, checksum) = encode(&model).expect("encode");
         let loaded = decode(&bytes, &checksum).expect("decode");
         assert_eq!(loaded.config(), &config);
+        let loaded = loaded.classifier().expect("a classifier");
         let input: Vec<f32> = (0..2 * config.input_len())
             .map(|i| (i % 17) as f32 / 17.0)
             .collect();

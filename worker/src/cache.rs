@@ -11,7 +11,7 @@ use sieve_shared::messages::ModelRef;
 use sieve_shared::store::{Store, StoreError};
 
 use crate::artifact::{self, ArtifactError};
-use crate::model::Committee;
+use crate::model::Model;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -31,7 +31,7 @@ pub struct ModelCache {
     store: Store,
     capacity: usize,
     /// Most recently used last.
-    entries: Mutex<Vec<(ModelVersionId, i32, Arc<Committee>)>>,
+    entries: Mutex<Vec<(ModelVersionId, i32, Arc<Model>)>>,
 }
 
 impl ModelCache {
@@ -43,7 +43,7 @@ impl ModelCache {
         }
     }
 
-    fn lookup(&self, id: ModelVersionId) -> Option<Arc<Committee>> {
+    fn lookup(&self, id: ModelVersionId) -> Option<Arc<Model>> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let pos = entries.iter().position(|(v, _, _)| *v == id)?;
         let entry = entries.remove(pos);
@@ -53,7 +53,7 @@ impl ModelCache {
     }
 
     /// The model for `model`, loading and verifying it on first use.
-    pub async fn get(&self, model: &ModelRef) -> Result<Arc<Committee>, LoadError> {
+    pub async fn get(&self, model: &ModelRef) -> Result<Arc<Model>, LoadError> {
         if let Some(found) = self.lookup(model.version_id) {
             return Ok(found);
         }

@@ -20,13 +20,9 @@ pub enum ImageError {
     TooLarge { width: u32, height: u32, limit: u64 },
 }
 
-/// Decode `bytes` into `config.input_len()` normalized values, layout
-/// `[channels, size, size]`.
-pub fn preprocess(
-    bytes: &[u8],
-    config: &ArchitectureConfig,
-    max_pixels: u64,
-) -> Result<Vec<f32>, ImageError> {
+/// Decode `bytes` whole, as they are (a detector tiles them), after
+/// checking the size in the header against `max_pixels`.
+pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<image::DynamicImage, ImageError> {
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Decode(e.to_string()))?;
@@ -40,7 +36,17 @@ pub fn preprocess(
             limit: max_pixels,
         });
     }
-    let decoded = image::load_from_memory(bytes).map_err(|e| ImageError::Decode(e.to_string()))?;
+    image::load_from_memory(bytes).map_err(|e| ImageError::Decode(e.to_string()))
+}
+
+/// Decode `bytes` into `config.input_len()` normalized values, layout
+/// `[channels, size, size]`.
+pub fn preprocess(
+    bytes: &[u8],
+    config: &ArchitectureConfig,
+    max_pixels: u64,
+) -> Result<Vec<f32>, ImageError> {
+    let decoded = decode(bytes, max_pixels)?;
     let side = config.input_size as u32;
     let resized = if decoded.width() == side && decoded.height() == side {
         decoded

@@ -210,8 +210,8 @@ pub enum ItemsCommand {
 #[derive(Debug, Subcommand)]
 pub enum ProjectCommand {
     /// Create a project. A classification project's first model is queued
-    /// at once; a detection project's images are labeled by people and
-    /// imported annotations (sieve trains no detector yet).
+    /// at once; a detection project's images go to people until a detector
+    /// has trained on their boxes (or imported annotations).
     Create {
         name: String,
         /// What is labeled: `classification` (one class per image) or
@@ -227,7 +227,8 @@ pub enum ProjectCommand {
         /// What the project's models are built on: `small_cnn` (trained
         /// whole, fast on a CPU) or `mobilenet_v2` (a frozen ImageNet
         /// backbone with trained heads; suits GPU workers, which need its
-        /// weights: docs/operations.md). Fixed for the project's life.
+        /// weights: docs/operations.md). A detection project runs
+        /// `detector` (the default for it). Fixed for the project's life.
         #[arg(long, default_value_t = ModelArch::SmallCnn)]
         arch: ModelArch,
         /// A project for measuring sieve itself: allows `--arch null`

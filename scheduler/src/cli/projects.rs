@@ -32,14 +32,14 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
             let project = training::create_project_of_kind(
                 &ctx,
                 &ProjectName::parse(&name)?,
-                &ClassNames::parse(&classes)?,
+                &ClassNames::parse_for(task, &classes)?,
                 &policy,
                 arch,
                 task,
                 "cli",
             )
             .await?;
-            if task.has_models() {
+            if task.starts_with_untrained_model() {
                 println!(
                     "created project {} ({}) with {} classes on {}; its first model is training",
                     project.name,
@@ -49,10 +49,11 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                 );
             } else {
                 println!(
-                    "created {task} project {} ({}) with {} classes; its images go to review (sieve trains no {task} model yet)",
+                    "created {task} project {} ({}) with {} classes on {}; its images go to review until a model has trained on people's labels (`sieve train`, or policy.retrain_every_labels)",
                     project.name,
                     project.id,
                     project.class_names.len(),
+                    project.arch
                 );
             }
         }

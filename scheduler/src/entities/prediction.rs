@@ -26,6 +26,9 @@ pub struct Model {
     pub mutual_information: f32,
     #[sea_orm(column_type = "JsonBinary", nullable)]
     pub embedding: Option<Json>,
+    /// A detector's answer for the image (`sieve_shared::box_scores::ImageScores`).
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub detections: Option<Json>,
     /// What routing did with it: `auto_labeled`, `review`, or `kept` (a
     /// prediction that changed nothing, e.g. for a human-labeled item).
     pub routed_to: Option<String>,

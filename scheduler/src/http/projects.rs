@@ -41,7 +41,8 @@ pub struct CreateProject {
     #[serde(default)]
     policy: Option<Policy>,
     /// `small_cnn` (the default) or `mobilenet_v2`; `null` (constant
-    /// answers) only with `measurement_only`.
+    /// answers) only with `measurement_only`; a detection project always
+    /// runs `detector` (the default for it).
     #[serde(default)]
     #[schema(value_type = Option<ModelArch>)]
     arch: Option<String>,
@@ -50,15 +51,16 @@ pub struct CreateProject {
     #[serde(default)]
     measurement_only: bool,
     /// `classification` (the default: one class per image) or `detection`
-    /// (boxes, each with a class; labeled by people and imports, no model
-    /// yet).
+    /// (boxes, each with a class; its images go to people until a detector
+    /// has trained on their boxes).
     #[serde(default)]
     #[schema(value_type = Option<TaskKind>)]
     task_kind: Option<String>,
 }
 
 /// Create a project (an `admin` or `ml` token for every project); a
-/// classification project's first, untrained model is queued at once.
+/// classification project's first, untrained model is queued at once, a
+/// detection project's images go to people until it has boxes to train on.
 #[utoipa::path(
     post,
     path = "/projects",
@@ -69,7 +71,7 @@ pub struct CreateProject {
         (status = 401, body = ErrorBody, description = "No valid token"),
         (status = 403, body = ErrorBody, description = "The token may not create projects"),
         (status = 409, body = ErrorBody, description = "A project has that name"),
-        (status = 422, body = ErrorBody, description = "A bad name, class list or policy"),
+        (status = 422, body = ErrorBody, description = "A bad name, class list, policy, or an architecture the task kind cannot run"),
     )
 )]
 pub async fn create(
@@ -80,12 +82,12 @@ pub async fn create(
     let who = caller.who;
     who.require_unscoped("create projects")?;
     let name = ProjectName::parse(&body.name)?;
-    let classes = ClassNames::parse(&body.classes)?;
     // Said now, before anything is written: a kind sieve lacks.
     let kind = match body.task_kind.as_deref() {
         Some(kind) => kind.parse::<TaskKind>().map_err(AppError::Invalid)?,
         None => TaskKind::default(),
     };
+    let classes = ClassNames::parse_for(kind, &body.classes)?;
     let arch = match body.arch.as_deref() {
         Some(raw) => projects::parse_arch(raw)?,
         None => ModelArch::default(),

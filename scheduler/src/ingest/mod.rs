@@ -972,10 +972,12 @@ async fn ingest_batch(
             } => {
                 let state = if entry.label.is_some() {
                     ItemState::HumanLabeled
-                } else if project.task_kind.has_models() {
+                } else if project.task_kind.starts_with_untrained_model()
+                    || project.active_model_version_id.is_some()
+                {
                     ItemState::Queued
                 } else {
-                    // No model to pre-label it: straight to people.
+                    // No model to pre-label it yet: straight to people.
                     ItemState::InReview
                 };
                 (hash, size, Some(width), Some(height), state, None)

@@ -9,7 +9,8 @@
 //!   and the top class (`predictions.probabilities`, `member_votes`,
 //!   `top_class`), scored by `sieve_shared::scores`;
 //! - **routing evidence**: the top class and its confidence; a prediction
-//!   is right when the label is its top class ([`is_right`]);
+//!   is right when the label is its top class
+//!   (`sieve_shared::messages::HoldoutEvaluation::is_correct`);
 //! - **review view**: the model's proposal in class names ([`Proposal`]);
 //! - **training example**: `SnapshotExample::class_index`;
 //! - **export row**: the label's class name; in COCO one category per class.
@@ -52,12 +53,6 @@ pub fn unknown_class(project: &Project, text: &str) -> AppError {
         project.name,
         project.class_names.join(", ")
     ))
-}
-
-/// Whether a prediction of `predicted` is right about an item labeled
-/// `label`: what calibration and audits count.
-pub fn is_right(predicted: u32, label: u32) -> bool {
-    predicted == label
 }
 
 /// What the model proposed for an item, in the project's class names: the

@@ -8,11 +8,18 @@
 //!   box). Given and shown with class names ([`NamedBox`]); every box is
 //!   checked against the image's stored size before it is written
 //!   ([`parse`]);
-//! - **prediction**, **routing evidence**, **training example**: none yet.
-//!   sieve's workers train no detector, so a detection project's images go
-//!   to people (`seed` tasks, in random order) and come labeled from them
-//!   and from imported annotations (`ingest::annotated`);
-//! - **review view**: the item's newest boxes by people, to start from;
+//! - **prediction**: the detector committee's proposed objects and the
+//!   image's box scores (`predictions.detections`, as
+//!   `sieve_shared::box_scores::ImageScores` serializes), summarised into
+//!   the scalar score columns (`ImageScores::as_scores`) that routing reads;
+//! - **routing evidence**: per holdout image, whether the proposal was
+//!   right as a whole (every box matched both ways at IoU 0.5) and how sure
+//!   the committee was (`HoldoutEvaluation::correct`); a machine-accepted
+//!   image's label is the proposal. Until a detector is active, images go
+//!   to people (`seed` tasks, in random order);
+//! - **training example**: `SnapshotExample::boxes`;
+//! - **review view**: the item's newest boxes by people, else the active
+//!   model's proposal, to start from;
 //! - **export row**: COCO `bbox` annotations, YOLO text files, and the
 //!   boxes as JSON in CSV and JSON Lines.
 
@@ -52,21 +59,29 @@ pub fn parse(
     width: u32,
     height: u32,
 ) -> AppResult<Vec<LabeledBox>> {
-    let boxes = named
+    let boxes = parse_named(&project.class_names, named).map_err(|problem| {
+        AppError::Invalid(format!(
+            "{problem}: {} has {}; nothing was written",
+            project.name,
+            project.class_names.join(", ")
+        ))
+    })?;
+    boxes::check(&boxes, project.class_names.len(), width, height)
+        .map_err(|problem| AppError::Invalid(format!("{problem}; nothing was written")))?;
+    Ok(boxes)
+}
+
+/// Boxes with their classes by name, as indices into `classes`; the first
+/// box of a class `classes` lacks is the error. The corners are not checked
+/// here ([`parse`] does, against an image).
+pub fn parse_named(classes: &[String], named: &[NamedBox]) -> Result<Vec<LabeledBox>, String> {
+    named
         .iter()
         .enumerate()
         .map(|(n, b)| {
-            let class =
-                classification::class_by_name(&project.class_names, &b.class).ok_or_else(|| {
-                    AppError::Invalid(format!(
-                        "box {} of {} has class {:?}: {} has {}; nothing was written",
-                        n + 1,
-                        named.len(),
-                        b.class,
-                        project.name,
-                        project.class_names.join(", ")
-                    ))
-                })?;
+            let class = classification::class_by_name(classes, &b.class).ok_or_else(|| {
+                format!("box {} of {} has class {:?}", n + 1, named.len(), b.class)
+            })?;
             Ok(LabeledBox {
                 class: class as u32,
                 x_min: b.x_min,
@@ -75,14 +90,9 @@ pub fn parse(
                 y_max: b.y_max,
             })
         })
-        .collect::<AppResult<Vec<_>>>()?;
-    boxes::check(&boxes, project.class_names.len(), width, height)
-        .map_err(|problem| AppError::Invalid(format!("{problem}; nothing was written")))?;
-    Ok(boxes)
+        .collect()
 }
 
-/// Stored boxes with their class names (a class the list lacks shows as its
-/// number: the list only grows by new projects, so this is a corrupt row).
 pub fn named(classes: &[String], boxes: &[LabeledBox]) -> Vec<NamedBox> {
     boxes
         .iter()

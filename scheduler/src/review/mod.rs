@@ -44,6 +44,7 @@ use sea_orm::{
     TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
+use sieve_shared::box_scores::ImageScores;
 use sieve_shared::boxes::LabeledBox;
 use sieve_shared::ids::TaskId;
 use uuid::Uuid;
@@ -154,6 +155,11 @@ pub struct ClaimedTask {
 /// What the model proposed for an item (a kind's review view).
 fn proposal(project: &Project, prediction: Option<&prediction::Model>) -> Proposal {
     match prediction {
+        // A detector proposes boxes (the task's `boxes`), not a class.
+        Some(p) if project.task_kind == TaskKind::Detection => Proposal {
+            confidence: Some(p.confidence),
+            ..Proposal::default()
+        },
         Some(p) => Proposal::from_columns(
             project,
             p.top_class,
@@ -299,11 +305,12 @@ impl From<&review_task::Model> for ClaimRow {
 }
 
 /// The boxes a reviewer of `item_id` starts from: its newest by people or
-/// an import (none yet: an empty list).
+/// an import, else the boxes `prediction` (the task's) proposes, else none.
 async fn start_boxes(
     db: &DatabaseConnection,
     project: &Project,
     item_id: Uuid,
+    prediction: Option<&prediction::Model>,
 ) -> AppResult<Vec<NamedBox>> {
     let newest = label::Entity::find()
         .filter(label::Column::ItemId.eq(item_id))
@@ -311,11 +318,31 @@ async fn start_boxes(
         .order_by_desc(label::Column::CreatedAt)
         .one(db)
         .await?;
-    let stored = newest
-        .and_then(|l| l.boxes)
-        .and_then(|b| detection::from_json(&b))
+    Ok(starting_boxes(
+        project,
+        newest.and_then(|l| l.boxes).as_ref(),
+        prediction.and_then(|p| p.detections.as_ref()),
+    ))
+}
+
+/// The boxes a reviewer starts from: `by_people` (the item's newest label
+/// by people or an import) if it reads, else what `detections` (the task's
+/// prediction) proposes, else none.
+fn starting_boxes(
+    project: &Project,
+    by_people: Option<&serde_json::Value>,
+    detections: Option<&serde_json::Value>,
+) -> Vec<NamedBox> {
+    let by_model = || {
+        serde_json::from_value::<ImageScores>(detections?.clone())
+            .ok()
+            .map(|d| d.labeled_boxes())
+    };
+    let start = by_people
+        .and_then(detection::from_json)
+        .or_else(by_model)
         .unwrap_or_default();
-    Ok(detection::named(&project.class_names, &stored))
+    detection::named(&project.class_names, &start)
 }
 
 /// What the holder of `task` (already claimed, with `token` and `expires`)
@@ -331,7 +358,7 @@ async fn claimed_view(
     let (item, prediction) = item_and_prediction(db, task).await?;
     let proposal = proposal(project, prediction.as_ref());
     let boxes = match project.task_kind {
-        TaskKind::Detection => Some(start_boxes(db, project, item.id).await?),
+        TaskKind::Detection => Some(start_boxes(db, project, item.id, prediction.as_ref()).await?),
         TaskKind::Classification => None,
     };
     Ok(ClaimedTask {
@@ -396,10 +423,8 @@ async fn claim_next_inner(
     else {
         return Ok(None);
     };
-    let boxes = (project.task_kind == TaskKind::Detection).then(|| {
-        let stored = claimed.boxes.as_ref().and_then(detection::from_json);
-        detection::named(&project.class_names, &stored.unwrap_or_default())
-    });
+    let boxes = (project.task_kind == TaskKind::Detection)
+        .then(|| starting_boxes(project, claimed.boxes.as_ref(), claimed.detections.as_ref()));
     if claimed.expired {
         // Its holder's lease ran out: the task returns to the queue.
         metrics::counter!("sieve_review_leases_expired_total").increment(1);
@@ -410,6 +435,11 @@ async fn claim_next_inner(
         &claimed.member_votes,
         claimed.top_class,
     ) {
+        // A detector proposes boxes (the task's `boxes`), not a class.
+        _ if project.task_kind == TaskKind::Detection => Proposal {
+            confidence: claimed.confidence,
+            ..Proposal::default()
+        },
         (Some(probabilities), Some(votes), Some(top_class)) => Proposal::from_columns(
             project,
             top_class,
@@ -458,6 +488,8 @@ struct Claimed {
     confidence: Option<f32>,
     /// The item's newest boxes by people (detection projects only).
     boxes: Option<serde_json::Value>,
+    /// The task's prediction's detector answer, if it has one.
+    detections: Option<serde_json::Value>,
 }
 
 /// A claim, as one statement (its own transaction, one round trip): pick
@@ -509,7 +541,7 @@ WITH claimed AS (
               pick.was = 'claimed' AS expired
 )
 SELECT c.id, c.item_id, c.reason, c.fencing_token, c.expired, i.object_key, i.source,
-       p.probabilities, p.member_votes, p.top_class, p.confidence,
+       p.probabilities, p.member_votes, p.top_class, p.confidence, p.detections,
        CASE WHEN $6 THEN (SELECT l.boxes FROM labels l
                           WHERE l.item_id = c.item_id AND l.source IN ('human', 'import')
                           ORDER BY l.created_at DESC LIMIT 1) END AS boxes,

@@ -29,7 +29,6 @@ use uuid::Uuid;
 use crate::entities::item::{self, ItemState};
 use crate::entities::{model_version, project};
 use crate::error::AppResult;
-use crate::kind::classification;
 use crate::policy::{Policy, PolicyPatch};
 use crate::projects::Project;
 
@@ -342,7 +341,7 @@ pub fn evidence(metrics: &HoldoutMetrics) -> Vec<Evidence> {
         .map(|e| Evidence {
             predicted: e.predicted,
             confidence: e.confidence,
-            correct: classification::is_right(e.predicted, e.label),
+            correct: e.is_correct(),
         })
         .collect()
 }

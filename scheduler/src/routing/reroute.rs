@@ -24,6 +24,7 @@ use sea_orm::{
     Statement, TransactionTrait,
 };
 use serde::Serialize;
+use sieve_shared::box_scores::ImageScores;
 use sieve_shared::scores::Scores;
 use uuid::Uuid;
 
@@ -144,6 +145,11 @@ pub async fn reroute(
                 prediction_id: p.id,
                 version_id: active,
                 scores: &scores,
+                proposal: p
+                    .detections
+                    .as_ref()
+                    .and_then(|d| serde_json::from_value::<ImageScores>(d.clone()).ok())
+                    .map(|d| d.labeled_boxes()),
             };
             match results::route(&txn, &current, &routing, &item, routed).await? {
                 Applied::MachineLabeled => done.machine_labeled += 1,

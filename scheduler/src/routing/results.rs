@@ -22,6 +22,7 @@ use sea_orm::{
     EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
     TryInsertResult,
 };
+use sieve_shared::boxes::{self, LabeledBox};
 use sieve_shared::broker;
 use sieve_shared::ids::ProjectId;
 use sieve_shared::messages::{
@@ -39,6 +40,7 @@ use crate::entities::item::{self, ItemState};
 use crate::entities::label::{self, LabelSource};
 use crate::entities::review_task::{self, TaskReason, TaskState};
 use crate::entities::{prediction, project};
+use crate::kind::{LabelValue, TaskKind};
 use crate::policy::{Decision, decide, draws};
 use crate::projects::Project;
 use crate::routing::calibration::{self, Calibration};
@@ -313,9 +315,16 @@ async fn apply_one(
             prediction_id,
             version_id: result.model_version_id.as_uuid(),
             scores: &output.scores,
+            proposal: output.detections.as_ref().map(|d| d.labeled_boxes()),
         },
     )
     .await
+}
+
+/// What routing does with an item: label it, or send it to people.
+enum Verdict {
+    Label(LabelValue),
+    Review { reason: TaskReason, priority: f32 },
 }
 
 /// A stored prediction, about to be routed.
@@ -323,6 +332,39 @@ pub(crate) struct Routed<'a> {
     pub prediction_id: Uuid,
     pub version_id: Uuid,
     pub scores: &'a Scores,
+    /// A detector's proposed boxes: the label a machine-accepted image gets.
+    pub proposal: Option<Vec<LabeledBox>>,
+}
+
+impl Routed<'_> {
+    /// The label a machine acceptance writes for `project`'s item: the
+    /// proposed class, or the proposed boxes if they fit the item (a
+    /// detection prediction without a proposal, or with a box the image
+    /// cannot hold, is no label at all).
+    fn machine_label(
+        &self,
+        project: &Project,
+        item: &item::Model,
+        class_index: u32,
+    ) -> Option<LabelValue> {
+        match project.task_kind {
+            TaskKind::Classification => Some(LabelValue::Class(class_index as i32)),
+            TaskKind::Detection => {
+                let boxes = self.proposal.clone()?;
+                let (width, height) = (
+                    u32::try_from(item.width?).ok()?,
+                    u32::try_from(item.height?).ok()?,
+                );
+                match boxes::check(&boxes, project.class_names.len(), width, height) {
+                    Ok(()) => Some(LabelValue::Boxes(boxes)),
+                    Err(problem) => {
+                        tracing::warn!(item = %item.id, %problem, "a proposal the image cannot hold; sent to review instead");
+                        None
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Route an item (locked by the caller) by one of its predictions under the
@@ -335,11 +377,8 @@ pub(crate) async fn route(
     item: &item::Model,
     routed: Routed<'_>,
 ) -> anyhow::Result<Applied> {
-    let Routed {
-        prediction_id,
-        version_id,
-        scores,
-    } = routed;
+    let (prediction_id, version_id, scores) =
+        (routed.prediction_id, routed.version_id, routed.scores);
     let now = Utc::now().fixed_offset();
     let is_active = project.active_model_version_id == Some(version_id);
     let routable = matches!(
@@ -389,13 +428,26 @@ pub(crate) async fn route(
             active.sample_rate(&project.policy),
         )
     };
-    match decision {
+    // A machine acceptance needs a label to write; without one, people decide.
+    let verdict = match decision {
         Decision::MachineLabel { class_index } => {
+            match routed.machine_label(project, item, class_index) {
+                Some(value) => Verdict::Label(value),
+                None => Verdict::Review {
+                    reason: TaskReason::LowConfidence,
+                    priority: (1.0 - scores.confidence) + scores.disagreement,
+                },
+            }
+        }
+        Decision::Review { reason, priority } => Verdict::Review { reason, priority },
+    };
+    match verdict {
+        Verdict::Label(value) => {
             label::Entity::insert(label::ActiveModel {
                 id: Set(Uuid::now_v7()),
                 item_id: Set(item.id),
-                class_index: Set(Some(class_index as i32)),
-                boxes: Set(None),
+                class_index: Set(value.class_index()),
+                boxes: Set(value.boxes_json()),
                 source: Set(LabelSource::Machine),
                 reviewer: Set(None),
                 prediction_id: Set(Some(prediction_id)),
@@ -421,7 +473,7 @@ pub(crate) async fn route(
             mark_routed(txn, prediction_id, "auto_labeled", project.policy_version).await?;
             Ok(Applied::MachineLabeled)
         }
-        Decision::Review { reason, priority } => {
+        Verdict::Review { reason, priority } => {
             match open_task {
                 Some(task) => {
                     // Re-prioritise by the newer model's doubt.
@@ -489,6 +541,10 @@ fn prediction_row(
         disagreement: Set(s.disagreement),
         mutual_information: Set(s.mutual_information),
         embedding: Set(output.embedding.as_ref().map(|e| serde_json::json!(e))),
+        detections: Set(output
+            .detections
+            .as_ref()
+            .and_then(|d| serde_json::to_value(d).ok())),
         routed_to: Set(None),
         policy_version: Set(None),
         created_at: Set(Utc::now().fixed_offset()),

@@ -10,7 +10,6 @@
 use serde::Serialize;
 use sieve_shared::messages::{HoldoutEvaluation, HoldoutMetrics};
 
-use crate::kind::classification;
 use crate::policy::Policy;
 use crate::routing::calibration;
 
@@ -85,19 +84,10 @@ pub fn quality(metrics: &HoldoutMetrics, classes: &[String], policy: &Policy) ->
                 .is_some_and(|t| e.confidence >= t)
         })
         .collect();
-    let machine_right = machine
-        .iter()
-        .filter(|e| classification::is_right(e.predicted, e.label))
-        .count();
+    let machine_right = machine.iter().filter(|e| e.is_correct()).count();
     Quality {
         holdout_size: n as u32,
-        accuracy: share(
-            evaluations
-                .iter()
-                .filter(|e| classification::is_right(e.predicted, e.label))
-                .count(),
-            n,
-        ),
+        accuracy: share(evaluations.iter().filter(|e| e.is_correct()).count(), n),
         per_class,
         expected_calibration_error: expected_calibration_error(evaluations),
         target_accuracy: policy.target_accuracy,
@@ -116,7 +106,7 @@ pub fn expected_calibration_error(evaluations: &[HoldoutEvaluation]) -> Option<f
     for e in evaluations {
         let bin = ((f64::from(e.confidence) * ECE_BINS as f64) as usize).min(ECE_BINS - 1);
         bins[bin].0 += f64::from(e.confidence);
-        bins[bin].1 += usize::from(classification::is_right(e.predicted, e.label));
+        bins[bin].1 += usize::from(e.is_correct());
         bins[bin].2 += 1;
     }
     let total = evaluations.len() as f64;
@@ -141,6 +131,7 @@ mod tests {
             predicted,
             confidence,
             random: None,
+            correct: None,
         }
     }
 

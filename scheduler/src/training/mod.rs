@@ -41,7 +41,7 @@ use crate::entities::model_version::{self, VersionStatus};
 use crate::entities::project;
 use crate::entities::training_run::{self, RunState};
 use crate::error::{AppError, AppResult};
-use crate::kind::TaskKind;
+use crate::kind::{TaskKind, detection};
 use crate::policy::Policy;
 use crate::projects::{self, ClassNames, Project, ProjectName};
 use crate::routing::calibration;
@@ -60,7 +60,10 @@ pub struct RunSummary {
 #[derive(FromQueryResult)]
 struct LabeledItem {
     item_id: Uuid,
-    class_index: i32,
+    /// A classification label's class; NULL for a detection label.
+    class_index: Option<i32>,
+    /// A detection label's boxes (`labels.boxes`); NULL for a class.
+    boxes: Option<serde_json::Value>,
     object_key: String,
     content_hash: String,
     /// A person labeled the item for a task picked at random: the seed set
@@ -84,12 +87,15 @@ impl LabeledItem {
         SnapshotExample {
             item_id: ItemId::from_uuid(self.item_id),
             object_key: self.object_key,
-            class_index: self.class_index as u32,
+            class_index: self.class_index.unwrap_or(0) as u32,
             split,
             random,
             machine: false,
             embedding_row: None,
             embedding: None,
+            // Every stored list passed `boxes::check`; one that does not
+            // read back is left out of the example rather than guessed at.
+            boxes: self.boxes.as_ref().and_then(detection::from_json),
         }
     }
 }
@@ -122,8 +128,8 @@ const LABELED_ITEMS: &str = r#"
         WHERE t.project_id = $1 AND t.reason IN ('seed', 'audit', 'sample')
         GROUP BY l2.item_id
     )
-    SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash,
-           r.item_id IS NOT NULL AS random,
+    SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, l.boxes, i.object_key,
+           i.content_hash, r.item_id IS NOT NULL AS random,
            COALESCE(r.audit_sample, false) AS audit_sample
     FROM labels l JOIN items i ON i.id = l.item_id
     LEFT JOIN random_picks r ON r.item_id = l.item_id
@@ -223,8 +229,8 @@ async fn labeled_examples(
 /// labeled them, or they would be `human_labeled`), with the newest machine
 /// label of each. Only for a run that asks for machine labels.
 const MACHINE_LABELED_ITEMS: &str = r#"
-    SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, i.object_key, i.content_hash,
-           false AS random, false AS audit_sample
+    SELECT DISTINCT ON (l.item_id) l.item_id, l.class_index, l.boxes, i.object_key,
+           i.content_hash, false AS random, false AS audit_sample
     FROM labels l JOIN items i ON i.id = l.item_id
     WHERE i.project_id = $1 AND i.state = 'auto_labeled' AND l.source = 'machine'
     ORDER BY l.item_id, l.created_at DESC
@@ -389,10 +395,11 @@ pub async fn create_project(
 }
 
 /// Create a project of `kind`. A classification project's first model is
-/// queued at once. A detection project has no model: sieve's workers do
-/// not train detectors yet, so each image it ingests goes to people (a
-/// `seed` review task, in random order) and its labels come from them and
-/// from imported annotations.
+/// queued at once. A detection project starts without one
+/// ([`TaskKind::starts_with_untrained_model`]): each image it ingests goes
+/// to people (a `seed` review task, in random order) until a detector has
+/// trained on their boxes (or imported ones) and been activated. Its
+/// architecture is always the detector: `arch` must be that or the default.
 pub async fn create_project_of_kind(
     ctx: &Context,
     name: &ProjectName,
@@ -403,7 +410,7 @@ pub async fn create_project_of_kind(
     requested_by: &str,
 ) -> AppResult<Project> {
     let project = projects::create(&ctx.db, name, classes, policy, arch, kind).await?;
-    if kind.has_models() {
+    if kind.starts_with_untrained_model() {
         request(ctx, &project, requested_by, project.train_params(), true).await?;
     }
     Ok(project)
@@ -432,12 +439,6 @@ pub async fn request(
         .await?
         .is_some_and(|p| p.active_model_version_id.is_none());
     let bootstrap = bootstrap || without_model;
-    if !project.task_kind.has_models() {
-        return Err(AppError::Invalid(format!(
-            "project {} is a {} project: sieve does not train models for it yet; its images are labeled by people and by imported annotations",
-            project.name, project.task_kind
-        )));
-    }
     if params.arch != project.arch {
         return Err(AppError::Invalid(format!(
             "project {} runs {}; a run of {} would register a version it cannot use",
@@ -448,6 +449,14 @@ pub async fn request(
         return Err(AppError::Invalid(problem));
     }
     let mut examples = labeled_examples(ctx, project).await?;
+    if !project.task_kind.starts_with_untrained_model()
+        && !examples.iter().any(|e| e.split == Split::Train)
+    {
+        return Err(AppError::Invalid(format!(
+            "project {} has no {} labels to train on yet: review some images (or import annotations) first",
+            project.name, project.task_kind
+        )));
+    }
     if examples.is_empty() && !bootstrap {
         return Err(AppError::Invalid(format!(
             "project {} has no human labels yet: review some items before retraining",
@@ -457,8 +466,15 @@ pub async fn request(
     if !bootstrap {
         let minimum = ctx.settings.training.min_labels_per_class;
         let mut per_class = vec![0u32; project.class_names.len()];
-        for e in &examples {
-            if let Some(n) = per_class.get_mut(e.class_index as usize) {
+        // A class label counts once; a detection label, once per box.
+        let classes_of = |e: &SnapshotExample| -> Vec<u32> {
+            match &e.boxes {
+                Some(boxes) => boxes.iter().map(|b| b.class).collect(),
+                None => vec![e.class_index],
+            }
+        };
+        for class in examples.iter().flat_map(classes_of) {
+            if let Some(n) = per_class.get_mut(class as usize) {
                 *n += 1;
             }
         }
@@ -492,7 +508,8 @@ pub async fn request(
         Some(id) => model_version::Entity::find_by_id(id).one(&ctx.db).await?,
         None => None,
     };
-    let embeddings = if params.mode == TrainMode::Heads {
+    // The detector caches nothing of a prediction: it reads the images.
+    let embeddings = if params.mode == TrainMode::Heads && params.arch != ModelArch::Detector {
         let key = format!("projects/{}/snapshots/{run_id}.embeddings.f32", project.id);
         let backbone = Backbone::of_base(active.as_ref(), &params);
         write_embeddings(ctx, &backbone, &mut examples, &key).await?

@@ -14,6 +14,7 @@ use sieve_scheduler::export::output::Options as ExportOptions;
 use sieve_scheduler::export::{Export, Filters, Format, Request, folder};
 use sieve_scheduler::ingest::{self, Options, Source};
 use sieve_scheduler::projects::{self, Project};
+use sieve_shared::messages::ModelArch;
 use sieve_testkit::{App, with_app};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -59,7 +60,7 @@ async fn count(app: &App, sql: &str, project: &Project) -> i64 {
 }
 
 #[tokio::test]
-async fn a_detection_project_sends_its_images_to_people_and_trains_nothing() {
+async fn a_detection_project_sends_its_images_to_people_until_they_have_boxed_some() {
     with_app(60, |app| async move {
         let project = detection_project(&app, "trees").await;
         let dir = tempfile::tempdir().unwrap();
@@ -95,7 +96,21 @@ async fn a_detection_project_sends_its_images_to_people_and_trains_nothing() {
             .post("/api/v1/projects/trees/retrain", &ml, json!({}))
             .await;
         assert_eq!(status, 422, "{body}");
-        assert!(body.to_string().contains("detection project"), "{body}");
+        assert!(
+            body.to_string().contains("no detection labels to train on yet"),
+            "{body}"
+        );
+        assert_eq!(project.arch, ModelArch::Detector, "{project:?}");
+        // A detection project runs nothing but the detector.
+        let (status, body) = app
+            .post(
+                "/api/v1/projects",
+                &ml,
+                json!({ "name": "cnn-boxes", "classes": ["tree"], "task_kind": "detection", "arch": "mobilenet_v2" }),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert!(body.to_string().contains("detection projects run the detector"), "{body}");
     })
     .await;
 }

@@ -291,6 +291,7 @@ fn confident(project: &projects::Project, version: Uuid, item: Uuid) -> Prelabel
                 mutual_information: 0.0,
             },
             embedding: None,
+            detections: None,
         }),
     }
 }

@@ -22,6 +22,7 @@ fn metrics(accuracy: f64, base_accuracy: Option<f64>) -> serde_json::Value {
         train_size: 400,
         evaluations: Vec::new(),
         base_accuracy,
+        average_precision: None,
     })
     .unwrap()
 }

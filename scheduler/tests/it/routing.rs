@@ -46,6 +46,7 @@ async fn project_with_model(
         train_size: 100,
         evaluations,
         base_accuracy: None,
+        average_precision: None,
     };
     let (_, version) = sieve_testkit::activate_stub(
         &test.db,
@@ -90,6 +91,7 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             predicted: 0,
             confidence: 1.0 - (i + 1) as f32 / 1000.0,
             random: Some(true),
+            correct: None,
         });
     }
     for i in 0..20u32 {
@@ -98,6 +100,7 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             predicted: 1,
             confidence: 0.99 - i as f32 / 100.0,
             random: Some(true),
+            correct: None,
         });
     }
     // Items active learning picked (for being hard) are no evidence: were
@@ -108,6 +111,7 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             predicted: 0,
             confidence: 0.9999,
             random: Some(false),
+            correct: None,
         });
     }
     let policy = Policy {
@@ -237,6 +241,7 @@ fn random_checks(n: u32) -> Vec<HoldoutEvaluation> {
             predicted: i % 3,
             confidence: 0.99,
             random: Some(true),
+            correct: None,
         })
         .collect()
 }
@@ -264,6 +269,7 @@ async fn a_gate_shut_for_want_of_evidence_asks_for_random_checks_first() {
         train_size: 100,
         evaluations: random_checks(60),
         base_accuracy: None,
+        average_precision: None,
     };
     let (_, version) = sieve_testkit::activate_stub(
         &test.db,

@@ -68,6 +68,7 @@ fn result(project: ProjectId, item: Uuid, version: Uuid, worker: &str) -> Prelab
                 mutual_information: 0.05,
             },
             embedding: None,
+            detections: None,
         }),
     }
 }

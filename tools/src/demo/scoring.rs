@@ -325,6 +325,7 @@ mod tests {
             predicted: if right { 1 } else { 2 },
             confidence,
             random: None,
+            correct: None,
         };
         let metrics = HoldoutMetrics {
             evaluations: vec![eval(0.95, true), eval(0.97, false), eval(0.35, true)],

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
+use image::RgbImage;
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
@@ -50,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::Worker;
 use crate::images;
-use crate::model::Committee;
+use crate::model::{Committee, Detector, Model, detect};
 
 /// Image fetches in flight per batch from a remote store.
 const FETCH_CONCURRENCY: usize = 16;
@@ -612,13 +613,21 @@ struct Prepared {
 /// The jobs of a batch that one model predicts: the model, the jobs'
 /// positions in the batch, and their decoded inputs (or why not).
 struct Group {
-    model: Arc<Committee>,
+    model: Arc<Model>,
     positions: Vec<usize>,
-    inputs: Vec<Result<Vec<f32>, String>>,
+    inputs: Inputs,
+}
+
+/// A group's decoded images, as its model takes them.
+enum Inputs {
+    /// A classifier's: resized and normalized to its input.
+    Pixels(Vec<Result<Vec<f32>, String>>),
+    /// A detector's: whole, to be tiled.
+    Images(Vec<Result<RgbImage, String>>),
 }
 
 /// A model's jobs in a batch: their positions and their image bytes.
-type Fetched = (Arc<Committee>, Vec<usize>, Vec<bytes::Bytes>);
+type Fetched = (Arc<Model>, Vec<usize>, Vec<bytes::Bytes>);
 
 /// Decode the messages, load the models, fetch the images and decode them.
 async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
@@ -650,7 +659,7 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
     // this worker cannot load (missing, a bad checksum, NaN weights) is this
     // worker's fault, not the items': their jobs are retried after a delay,
     // when another worker may take them, and /healthz says why.
-    let mut models: HashMap<ModelVersionId, Result<Arc<Committee>, String>> = HashMap::new();
+    let mut models: HashMap<ModelVersionId, Result<Arc<Model>, String>> = HashMap::new();
     for (_, job) in &jobs {
         if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(job.model.version_id)
         {
@@ -726,13 +735,20 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
     let mut groups = Vec::with_capacity(by_model.len());
     for (_, (model, positions, images)) in by_model {
         let config = model.config().clone();
-        let decoded =
-            tokio::task::spawn_blocking(move || decode_all(&images, &config, max_pixels)).await;
+        let detector = matches!(*model, Model::Detector(_));
+        let decoded = tokio::task::spawn_blocking(move || {
+            if detector {
+                Inputs::Images(decode_images(&images, max_pixels))
+            } else {
+                Inputs::Pixels(decode_all(&images, &config, max_pixels))
+            }
+        })
+        .await;
         let inputs = match decoded {
             Ok(inputs) => inputs,
             Err(err) => {
                 let reason = format!("image decoding panicked: {err}");
-                positions.iter().map(|_| Err(reason.clone())).collect()
+                Inputs::Pixels(positions.iter().map(|_| Err(reason.clone())).collect())
             }
         };
         groups.push(Group {
@@ -816,7 +832,22 @@ async fn finish(worker: &Worker, batch: Prepared) {
         inputs,
     } in groups
     {
-        let computed = tokio::task::spawn_blocking(move || predict_inputs(&model, inputs)).await;
+        let computed = tokio::task::spawn_blocking(move || match (&*model, inputs) {
+            (Model::Classifier(committee), Inputs::Pixels(inputs)) => {
+                predict_inputs(committee, inputs)
+            }
+            (Model::Detector(detector), Inputs::Images(images)) => detect_images(detector, images),
+            // Decoding panicked: the reasons are all there is.
+            (_, Inputs::Pixels(inputs)) => inputs
+                .into_iter()
+                .map(|input| input.and(Err("image decoding failed".into())))
+                .collect(),
+            (_, Inputs::Images(images)) => images
+                .into_iter()
+                .map(|image| image.and(Err("image decoding failed".into())))
+                .collect(),
+        })
+        .await;
         let outputs = match computed {
             Ok(outputs) => outputs,
             Err(err) => {
@@ -1056,32 +1087,107 @@ pub fn decode_all(
     let started = Instant::now();
     let one =
         |b: &bytes::Bytes| images::preprocess(b, config, max_pixels).map_err(|e| e.to_string());
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let decoded = if threads < 2 || images.len() < 8 {
-        images.iter().map(one).collect()
-    } else {
-        let chunk = images.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let parts: Vec<_> = images
-                .chunks(chunk)
-                .map(|part| {
-                    (
-                        part.len(),
-                        scope.spawn(move || part.iter().map(one).collect::<Vec<_>>()),
-                    )
-                })
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|(len, part)| {
-                    part.join()
-                        .unwrap_or_else(|_| vec![Err("image decoding panicked".to_string()); len])
-                })
-                .collect()
-        })
-    };
+    let decoded = over_cores(images, 8, one);
     metrics::histogram!("sieve_worker_decode_seconds").record(started.elapsed().as_secs_f64());
     decoded
+}
+
+/// `one` over every image, split over the cores when there are at least
+/// `min` (the model is not running on this batch, and these are
+/// independent); a part that panicked answers with that reason.
+fn over_cores<T: Send>(
+    images: &[bytes::Bytes],
+    min: usize,
+    one: impl Fn(&bytes::Bytes) -> Result<T, String> + Sync,
+) -> Vec<Result<T, String>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || images.len() < min {
+        return images.iter().map(&one).collect();
+    }
+    let chunk = images.len().div_ceil(threads);
+    let one = &one;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = images
+            .chunks(chunk)
+            .map(|part| {
+                (
+                    part.len(),
+                    scope.spawn(move || part.iter().map(one).collect::<Vec<_>>()),
+                )
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|(len, part)| {
+                part.join().unwrap_or_else(|_| {
+                    (0..len)
+                        .map(|_| Err("image decoding panicked".to_string()))
+                        .collect()
+                })
+            })
+            .collect()
+    })
+}
+
+/// Decode images whole for a detector, split over the cores like
+/// [`decode_all`]; the pixel limit still applies (`worker.max_pixels`
+/// bounds the memory of one image, and the detector tiles it).
+pub fn decode_images(images: &[bytes::Bytes], max_pixels: u64) -> Vec<Result<RgbImage, String>> {
+    let started = Instant::now();
+    let one = |b: &bytes::Bytes| {
+        images::decode(b, max_pixels)
+            .map(|image| image.to_rgb8())
+            .map_err(|e| e.to_string())
+    };
+    let decoded = over_cores(images, 2, one);
+    metrics::histogram!("sieve_worker_decode_seconds").record(started.elapsed().as_secs_f64());
+    decoded
+}
+
+/// Run the detector over all good images at once; one output per image, in
+/// order (a bad image keeps its reason).
+pub fn detect_images(
+    detector: &Detector,
+    decoded: Vec<Result<RgbImage, String>>,
+) -> Vec<Result<PredictionOutput, String>> {
+    let good: Vec<RgbImage> = decoded.iter().flatten().cloned().collect();
+    let started = Instant::now();
+    let found = detector.detect(&good);
+    metrics::histogram!("sieve_worker_inference_seconds").record(started.elapsed().as_secs_f64());
+    let found = match found {
+        Ok(found) => found,
+        Err(err) => {
+            let reason = format!("inference failed: {err}");
+            return decoded.iter().map(|_| Err(reason.clone())).collect();
+        }
+    };
+    let mut scored = found.into_iter().map(|members| {
+        let image = detect::score(&members);
+        PredictionOutput {
+            probabilities: Vec::new(),
+            member_votes: members
+                .iter()
+                .map(|boxes| {
+                    boxes
+                        .iter()
+                        .filter(|b| b.score >= detect::PROPOSAL_THRESHOLD)
+                        .count() as u32
+                })
+                .collect(),
+            scores: image.as_scores(detect::PROPOSAL_THRESHOLD),
+            embedding: None,
+            detections: Some(Box::new(image)),
+        }
+    });
+    decoded
+        .into_iter()
+        .map(|d| match d {
+            Ok(_) => scored
+                .next()
+                .ok_or_else(|| "missing prediction".to_string()),
+            Err(reason) => Err(reason),
+        })
+        .collect()
 }
 
 /// Run the committee over all good inputs at once; one output per input, in
@@ -1129,6 +1235,7 @@ fn predict_inputs(
                 member_votes: s.member_votes,
                 scores: s.scores,
                 embedding,
+                detections: None,
             })
         });
     decoded

@@ -7,14 +7,13 @@
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::store::ModuleRecord;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bytes, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::heads::Heads;
 use super::mobilenet::{self, MobileNetV2};
 use super::net::SmallCnn;
-use super::tensors::{FiniteCheck, read};
+use super::tensors::{load_weights, read, weights_to_bytes};
 use super::{ArchitectureConfig, ModelError, check_images};
 
 /// Images per forward pass. Bounds activation memory (the first conv layer alone is 50 KiB per
@@ -296,18 +295,11 @@ impl Committee {
     /// The weights as burnpack bytes; [`from_weights`](Self::from_weights) with the same config
     /// reads them back.
     pub fn weights_to_bytes(&self) -> Result<Vec<u8>, ModelError> {
-        let record = match &self.net {
-            Net::Small(net) => net.clone().into_record(),
-            Net::Mobile(net) => net.clone().into_record(),
-            Net::Null => return Ok(Vec::new()),
-        };
-        let bytes = record
-            .into_bytes()
-            .map_err(|err| ModelError::Weights(err.to_string()))?;
-        // Usually hands over the buffer without a copy.
-        Ok(bytes
-            .try_into_vec::<u8>()
-            .unwrap_or_else(|bytes| bytes.to_vec()))
+        match &self.net {
+            Net::Small(net) => weights_to_bytes(net),
+            Net::Mobile(net) => weights_to_bytes(net),
+            Net::Null => Ok(Vec::new()),
+        }
     }
 
     /// Rebuilds a committee from [`weights_to_bytes`](Self::weights_to_bytes) output.
@@ -329,34 +321,12 @@ impl Committee {
             }
             return Self::init(config, 0, &device);
         }
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
-            .map_err(|err| ModelError::Weights(err.to_string()))?
-            // Anything stored as another float type is converted rather than loaded verbatim:
-            // the forward pass assumes f32 parameters.
-            .cast_to_module_dtype();
-        // The seed does not matter: every parameter is overwritten, and a missing or extra
-        // tensor is refused by the record.
-        let mut check = FiniteCheck::default();
+        // The seed does not matter: every parameter is overwritten.
         let net = match Self::init(config, 0, &device)?.net {
-            Net::Small(net) => {
-                let net = net
-                    .try_load_record(record)
-                    .map_err(|err| ModelError::Weights(err.to_string()))?;
-                net.visit(&mut check);
-                Net::Small(net)
-            }
-            Net::Mobile(net) => {
-                let net = net
-                    .try_load_record(record)
-                    .map_err(|err| ModelError::Weights(err.to_string()))?;
-                net.visit(&mut check);
-                Net::Mobile(net)
-            }
+            Net::Small(net) => Net::Small(load_weights(net, bytes)?),
+            Net::Mobile(net) => Net::Mobile(load_weights(net, bytes)?),
             Net::Null => Net::Null,
         };
-        if let Some(problem) = check.problem {
-            return Err(ModelError::Weights(problem));
-        }
         Ok(Self {
             net,
             config: config.clone(),

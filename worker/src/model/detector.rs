@@ -42,9 +42,8 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::store::ModuleRecord;
 use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
-use burn::tensor::{Bytes, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -56,7 +55,7 @@ use super::ModelError;
 use super::mobilenet::{MobileNetV2, STRIDE_16_CHANNELS};
 use super::net::stream_seed;
 use super::recipe::{EpochReport, bootstrap_weights, split};
-use super::tensors::{FiniteCheck, read, scalar, step_loss};
+use super::tensors::{load_weights, read, scalar, step_loss, weights_to_bytes};
 
 /// Pixels per cell of the feature grid.
 pub const STRIDE: usize = 16;
@@ -512,6 +511,14 @@ impl DetectorHeads {
         &self.config
     }
 
+    /// The same heads decoding every peak from `threshold` up (weights do
+    /// not depend on it; training picks epochs at the config's own).
+    pub fn decoding_from(mut self, threshold: f32) -> Result<Self, ModelError> {
+        self.config.score_threshold = threshold;
+        self.config.validate()?;
+        Ok(self)
+    }
+
     /// Every member's boxes for every image: `out[image][member][box]`, in pixels of the input,
     /// best-scored first, at most [`max_boxes`](DetectorConfig::max_boxes) each.
     pub fn predict(&self, features: &FeatureMaps) -> Result<CommitteeBoxes, ModelError> {
@@ -546,16 +553,7 @@ impl DetectorHeads {
     /// The weights as burnpack bytes; [`from_weights`](Self::from_weights) with the same config
     /// reads them back.
     pub fn weights_to_bytes(&self) -> Result<Vec<u8>, ModelError> {
-        let bytes = self
-            .net
-            .clone()
-            .into_record()
-            .into_bytes()
-            .map_err(|err| ModelError::Weights(err.to_string()))?;
-        // Usually hands over the buffer without a copy.
-        Ok(bytes
-            .try_into_vec::<u8>()
-            .unwrap_or_else(|bytes| bytes.to_vec()))
+        weights_to_bytes(&self.net)
     }
 
     /// Rebuilds heads for the backbone's stride-16 features from
@@ -577,17 +575,7 @@ impl DetectorHeads {
     ) -> Result<Self, ModelError> {
         config.validate()?;
         let device = device.clone().without_autodiff();
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
-            .map_err(|err| ModelError::Weights(err.to_string()))?
-            .cast_to_module_dtype();
-        let net = HeadsNet::init(config, channels, 0, &device)
-            .try_load_record(record)
-            .map_err(|err| ModelError::Weights(err.to_string()))?;
-        let mut check = FiniteCheck::default();
-        net.visit(&mut check);
-        if let Some(problem) = check.problem {
-            return Err(ModelError::Weights(problem));
-        }
+        let net = load_weights(HeadsNet::init(config, channels, 0, &device), bytes)?;
         Ok(Self {
             net,
             config: config.clone(),
@@ -608,6 +596,23 @@ impl DetectorHeads {
         }
         Ok(())
     }
+}
+
+/// Heads with fresh, untrained weights for the backbone's stride-16 features, deterministic for
+/// `seed` (the shape to load weights into, or a detector that knows nothing yet).
+pub fn untrained_heads(
+    config: &DetectorConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<DetectorHeads, ModelError> {
+    config.validate()?;
+    let device = device.clone().without_autodiff();
+    Ok(DetectorHeads {
+        net: HeadsNet::init(config, STRIDE_16_CHANNELS, seed, &device),
+        config: config.clone(),
+        channels: STRIDE_16_CHANNELS,
+        device,
+    })
 }
 
 /// Options of [`train_heads`].

@@ -8,12 +8,16 @@
 //! - [`train`] (`train.rs`) fine-tunes a committee with AdamW; members are diversified by an
 //!   online bootstrap so that their disagreement means something.
 //! - [`train_heads`] (`heads.rs`) trains K linear heads on cached embeddings (frozen backbone).
+//! - [`Detector`] (`detect.rs`) is a detection version's inference side: the frozen MobileNetV2
+//!   and K detection heads ([`detector`]) over whole images by overlapping tiles.
+//! - [`Model`] is either, as a model version's artifact holds it.
 //! - `net.rs` holds the burn module itself (a small CNN backbone shared by K linear heads).
 //!
 //! Everything here is synchronous and CPU/GPU bound: call it from `spawn_blocking`, feeding whole
 //! batches, and share a [`Committee`] between tasks through an `Arc`.
 
 mod committee;
+pub mod detect;
 pub mod detector;
 mod heads;
 pub mod mobilenet;
@@ -23,10 +27,62 @@ mod tensors;
 mod train;
 
 pub use committee::{Committee, CommitteeProbs, Embeddings};
+pub use detect::Detector;
 pub use heads::{EmbeddingData, Heads, HeadsOptions, HeadsReport, train_heads};
 pub use mobilenet::MobileNetV2;
 pub use recipe::EpochReport;
 pub use train::{TrainData, TrainOptions, train};
+
+/// A loaded model version: a committee of classifiers or of detectors.
+// One per model version, behind an `Arc`: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Model {
+    Classifier(Committee),
+    Detector(Detector),
+}
+
+impl Model {
+    pub fn config(&self) -> &ArchitectureConfig {
+        match self {
+            Model::Classifier(c) => c.config(),
+            Model::Detector(d) => d.config(),
+        }
+    }
+
+    /// The weights as bytes, as the architecture stores them.
+    pub fn weights_to_bytes(&self) -> Result<Vec<u8>, ModelError> {
+        match self {
+            Model::Classifier(c) => c.weights_to_bytes(),
+            Model::Detector(d) => d.weights_to_bytes(),
+        }
+    }
+
+    /// Rebuilds a version from its config and [`weights_to_bytes`](Self::weights_to_bytes).
+    pub fn from_weights(
+        config: &ArchitectureConfig,
+        bytes: &[u8],
+        device: &burn::tensor::Device,
+    ) -> Result<Self, ModelError> {
+        if config.arch == ArchitectureConfig::DETECTOR {
+            Ok(Model::Detector(Detector::from_weights(
+                config, bytes, device,
+            )?))
+        } else {
+            Ok(Model::Classifier(Committee::from_weights(
+                config, bytes, device,
+            )?))
+        }
+    }
+
+    /// The committee of classifiers, if that is what this is.
+    pub fn classifier(&self) -> Option<&Committee> {
+        match self {
+            Model::Classifier(c) => Some(c),
+            Model::Detector(_) => None,
+        }
+    }
+}
 
 /// What a model version is: the architecture and its sizes. Stored next to the weights, since
 /// weights alone do not say which module to load them into.
@@ -56,6 +112,7 @@ impl ArchitectureConfig {
     pub const SMALL_CNN: &str = "small_cnn";
     pub const MOBILENET_V2: &str = "mobilenet_v2";
     pub const NULL: &str = "null";
+    pub const DETECTOR: &str = "detector";
 
     /// The `null` architecture: no input, no weights, a uniform answer from
     /// each of `members` for every image (measurement only).
@@ -104,10 +161,24 @@ impl ArchitectureConfig {
         }
     }
 
+    /// The detector of the `detection` task kind: K heads on MobileNetV2's stride-16 feature
+    /// maps ([`Detector`]), on tiles of `input_size` pixels (a multiple of 32).
+    pub fn detector(num_classes: usize, members: usize, input_size: usize) -> Self {
+        Self {
+            arch: Self::DETECTOR.to_string(),
+            num_classes,
+            members,
+            input_size,
+            channels: 3,
+            embedding_dim: 0,
+            backbone: None,
+        }
+    }
+
     /// Whether the input is normalized with ImageNet's per-channel statistics (the pretrained
     /// backbone's) rather than to `[-1, 1]`.
     pub fn imagenet_normalized(&self) -> bool {
-        self.arch == Self::MOBILENET_V2
+        self.arch == Self::MOBILENET_V2 || self.arch == Self::DETECTOR
     }
 
     /// Whether `other` is the same network shape (weights of one load into the other), whatever

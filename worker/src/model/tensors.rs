@@ -1,9 +1,11 @@
 //! Small tensor helpers the committee, the detector and the training loops
 //! share: reading a tensor back to the host, a training step's loss as a
-//! checked number, and the check that loaded weights are finite.
+//! checked number, and a module's weights to bytes and back, refusing
+//! weights that are not finite.
 
-use burn::module::{ModuleVisitor, Param};
-use burn::tensor::Tensor;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Tensor};
 
 use super::ModelError;
 
@@ -29,6 +31,41 @@ pub(super) fn step_loss(loss: &Tensor<1>, epoch: usize) -> Result<f32, ModelErro
         return Err(ModelError::Diverged { epoch });
     }
     Ok(value)
+}
+
+/// A module's weights as burnpack bytes; [`load_weights`] reads them back.
+pub(super) fn weights_to_bytes<M: Module>(module: &M) -> Result<Vec<u8>, ModelError> {
+    let bytes = module
+        .clone()
+        .into_record()
+        .into_bytes()
+        .map_err(|err| ModelError::Weights(err.to_string()))?;
+    // Usually hands over the buffer without a copy.
+    Ok(bytes
+        .try_into_vec::<u8>()
+        .unwrap_or_else(|bytes| bytes.to_vec()))
+}
+
+/// `shape` (a module of the right shape, its values about to be replaced)
+/// with the weights of `bytes`. Corrupt bytes, weights of another shape and
+/// non-finite weights are all [`ModelError::Weights`]; nothing here panics
+/// on bad bytes.
+pub(super) fn load_weights<M: Module>(shape: M, bytes: &[u8]) -> Result<M, ModelError> {
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
+        .map_err(|err| ModelError::Weights(err.to_string()))?
+        // Anything stored as another float type is converted rather than loaded verbatim:
+        // the forward pass assumes f32 parameters.
+        .cast_to_module_dtype();
+    // A missing or extra tensor is refused by the record.
+    let module = shape
+        .try_load_record(record)
+        .map_err(|err| ModelError::Weights(err.to_string()))?;
+    let mut check = FiniteCheck::default();
+    module.visit(&mut check);
+    match check.problem {
+        Some(problem) => Err(ModelError::Weights(problem)),
+        None => Ok(module),
+    }
 }
 
 /// Finds the first parameter holding NaN or infinity: such weights load

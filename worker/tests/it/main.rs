@@ -12,6 +12,7 @@ mod sieve;
 mod batches;
 mod bucket_store;
 mod demo;
+mod detection_loop;
 mod drain;
 mod end_to_end;
 mod faults;

@@ -31,12 +31,14 @@ use crate::context::Worker;
 use crate::images;
 use crate::model::{
     self, ArchitectureConfig, Committee, CommitteeProbs, EmbeddingData, EpochReport, HeadsOptions,
-    ModelError, TrainData, TrainOptions,
+    MobileNetV2, Model, ModelError, TrainData, TrainOptions,
 };
+
+mod boxes;
 
 /// Why a run did not complete, and so what happens to its job.
 #[derive(Debug, thiserror::Error)]
-enum RunError {
+pub(super) enum RunError {
     /// Nothing will make this job succeed: report `failed`, acknowledge.
     #[error("{0}")]
     Permanent(String),
@@ -231,12 +233,14 @@ async fn load_images(
 }
 
 /// What a mode's training produced, ready to register.
-struct Trained {
-    model: Committee,
-    evaluations: Vec<HoldoutEvaluation>,
+pub(super) struct Trained {
+    pub(super) model: Model,
+    pub(super) evaluations: Vec<HoldoutEvaluation>,
     /// The base version's accuracy on the same holdout, when it can be measured.
-    base_accuracy: Option<f64>,
-    train_size: usize,
+    pub(super) base_accuracy: Option<f64>,
+    pub(super) train_size: usize,
+    /// A detector's average precision at IoU 0.5 on the holdout.
+    pub(super) average_precision: Option<f64>,
 }
 
 async fn train(
@@ -272,16 +276,20 @@ async fn train(
     let trained = match (job.params.arch, mode) {
         // Measurement only: the same answer for every image, nothing to learn.
         (ModelArch::Null, _) => Trained {
-            model: Committee::init(
-                &ArchitectureConfig::null(classes, job.params.members.max(2) as usize),
-                0,
-                &crate::backend::device(),
-            )
-            .map_err(|e| RunError::Permanent(e.to_string()))?,
+            model: Model::Classifier(
+                Committee::init(
+                    &ArchitectureConfig::null(classes, job.params.members.max(2) as usize),
+                    0,
+                    &crate::backend::device(),
+                )
+                .map_err(|e| RunError::Permanent(e.to_string()))?,
+            ),
             evaluations: Vec::new(),
             base_accuracy: None,
             train_size: 0,
+            average_precision: None,
         },
+        (ModelArch::Detector, _) => boxes::train(worker, job, &snapshot, stop).await?,
         (_, TrainMode::Full) => train_full(worker, job, &snapshot, stop).await?,
         (_, TrainMode::Heads) => train_heads(worker, job, &snapshot, stop).await?,
     };
@@ -290,12 +298,13 @@ async fn train(
         evaluations,
         base_accuracy,
         train_size,
+        average_precision,
     } = trained;
     let holdout_size = evaluations.len();
     let accuracy = accuracy_of(&evaluations);
 
     let architecture = serde_json::to_value(model.config()).unwrap_or_default();
-    let (bytes, checksum) = tokio::task::spawn_blocking(move || artifact::encode(&model))
+    let (bytes, checksum) = tokio::task::spawn_blocking(move || artifact::encode_model(&model))
         .await
         .map_err(|e| RunError::Permanent(format!("encoding the artifact panicked: {e}")))?
         .map_err(|e| RunError::Permanent(e.to_string()))?;
@@ -324,6 +333,7 @@ async fn train(
             train_size: train_size as u32,
             evaluations,
             base_accuracy,
+            average_precision,
         },
     })
 }
@@ -334,7 +344,8 @@ async fn base_model(worker: &Worker, job: &TrainJob) -> Result<Option<Arc<Commit
         return Ok(None);
     };
     match worker.cache.get(base).await {
-        Ok(model) => Ok(Some(model)),
+        // A classification run builds on a classifier only.
+        Ok(model) => Ok(model.classifier().cloned().map(Arc::new)),
         Err(err) if err.is_transient() => Err(RunError::Transient(err.to_string())),
         Err(err) => Err(RunError::Permanent(format!("base model refused: {err}"))),
     }
@@ -362,28 +373,38 @@ async fn mobilenet_start(
     if let Some(model) = &base {
         return Ok((model.clone(), base.clone(), "the base version".to_string()));
     }
+    let from = worker
+        .settings
+        .worker
+        .mobilenet_weights
+        .display()
+        .to_string();
+    let backbone = imagenet_backbone(worker).await?;
+    let start = Committee::from_backbone(&config, backbone, &crate::backend::device())
+        .map_err(|e| RunError::Permanent(e.to_string()))?;
+    Ok((Arc::new(start), None, from))
+}
+
+/// torchvision's MobileNetV2 with its ImageNet weights, from the file
+/// `worker.mobilenet_weights` names, on this worker's device.
+pub(super) async fn imagenet_backbone(worker: &Worker) -> Result<MobileNetV2, RunError> {
     let path = worker.settings.worker.mobilenet_weights.clone();
-    let from = path.display().to_string();
-    let start = tokio::task::spawn_blocking(move || {
-        let device = crate::backend::device();
-        let backbone = model::mobilenet::load_imagenet(&path, &device).map_err(|e| {
-            format!(
+    tokio::task::spawn_blocking(move || {
+        model::mobilenet::load_imagenet(&path, &crate::backend::device()).map_err(|e| {
+            RunError::Permanent(format!(
                 "the MobileNetV2 ImageNet weights at {} do not load ({e}); run ops/fetch-weights.sh or set worker.mobilenet_weights",
                 path.display()
-            )
-        })?;
-        Committee::from_backbone(&config, backbone, &device).map_err(|e| e.to_string())
+            ))
+        })
     })
     .await
     .map_err(|e| RunError::Permanent(format!("loading the backbone panicked: {e}")))?
-    .map_err(RunError::Permanent)?;
-    Ok((Arc::new(start), None, from))
 }
 
 /// Runs `work` (a blocking training loop) with its epochs reported on
 /// `sieve.train.events` and a cancel flag raised by shutdown or a cancel
 /// notice; maps a cancelled loop to the right [`RunError`].
-async fn supervised<T: Send + 'static>(
+pub(super) async fn supervised<T: Send + 'static>(
     worker: &Arc<Worker>,
     job: &TrainJob,
     stop: &CancellationToken,
@@ -473,6 +494,12 @@ async fn train_full(
         ModelArch::Null => {
             return Err(RunError::Permanent(
                 "the null architecture has nothing to train".into(),
+            ));
+        }
+        // Refused by `TrainParams::problem` before a run starts.
+        ModelArch::Detector => {
+            return Err(RunError::Permanent(
+                "the detector trains in heads mode only".into(),
             ));
         }
         ModelArch::MobilenetV2 => {
@@ -675,10 +702,11 @@ async fn train_heads(
         // A project's first model: the backbone with untrained heads, as the
         // small CNN's first model is untrained.
         return Ok(Trained {
-            model: Committee::clone(&start),
+            model: Model::Classifier(Committee::clone(&start)),
             evaluations: Vec::new(),
             base_accuracy: None,
             train_size,
+            average_precision: None,
         });
     }
     if train_size == 0 {
@@ -742,22 +770,19 @@ async fn evaluated(
     .await
     .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?;
     Ok(Trained {
-        model,
+        model: Model::Classifier(model),
         evaluations: evaluations.map_err(|e| RunError::Permanent(e.to_string()))?,
         base_accuracy: base_evaluations
             .and_then(|e| e.ok())
             .and_then(|e| accuracy_of(&e)),
         train_size,
+        average_precision: None,
     })
 }
 
-fn accuracy_of(evaluations: &[HoldoutEvaluation]) -> Option<f64> {
+pub(super) fn accuracy_of(evaluations: &[HoldoutEvaluation]) -> Option<f64> {
     (!evaluations.is_empty()).then(|| {
-        evaluations
-            .iter()
-            .filter(|e| e.label == e.predicted)
-            .count() as f64
-            / evaluations.len() as f64
+        evaluations.iter().filter(|e| e.is_correct()).count() as f64 / evaluations.len() as f64
     })
 }
 
@@ -784,6 +809,7 @@ fn evaluate(
                 predicted: s.scores.top_class,
                 confidence: s.scores.confidence,
                 random: Some(random),
+                correct: None,
             })
         })
         .collect()

@@ -1,0 +1,264 @@
+//! A detector's training run: K heads on the frozen ImageNet MobileNetV2, from people's boxes.
+//!
+//! Every training image is cut into the overlapping tiles the detector sees at inference
+//! ([`detect::tile_pixels`]); each tile's targets are the boxes mostly inside it. The
+//! backbone's feature maps of every tile are computed once, a chunk of tiles at a time (the
+//! pixels of a chunk are all that is held), and the heads train on them for every epoch. The
+//! holdout images then go through the finished detector whole, as prelabel jobs will: each is
+//! right when its proposal matches the people's boxes both ways at IoU 0.5 (the evidence routing
+//! is calibrated on), and the committee's objects give the average precision.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use image::RgbImage;
+use sieve_shared::box_scores::{self, CommitteeBox};
+use sieve_shared::boxes::LabeledBox;
+use sieve_shared::messages::{HoldoutEvaluation, Snapshot, Split, TrainJob};
+use tokio_util::sync::CancellationToken;
+
+use super::{RunError, Trained, imagenet_backbone, supervised};
+use crate::context::Worker;
+use crate::images;
+use crate::model::detect::{self, Detector, MATCH_IOU};
+use crate::model::detector::{self, FeatureMaps, TrainOptions};
+use crate::model::{ArchitectureConfig, Model};
+
+/// Tiles whose pixels are held at once on the way to their feature maps (a 384-pixel tile is
+/// 1.7 MiB of input; its maps, 0.2 MiB).
+const FEATURE_CHUNK: usize = 32;
+/// A box is a tile's training target when at least this share of it lies inside the tile.
+const MIN_VISIBLE: f32 = 0.5;
+
+/// An example's image and boxes, decoded.
+struct Example {
+    image: RgbImage,
+    boxes: Vec<LabeledBox>,
+    random: bool,
+}
+
+pub(super) async fn train(
+    worker: &Arc<Worker>,
+    job: &TrainJob,
+    snapshot: &Snapshot,
+    stop: &CancellationToken,
+) -> Result<Trained, RunError> {
+    let classes = job.class_names.len();
+    let config = ArchitectureConfig::detector(
+        classes,
+        job.params.members.max(2) as usize,
+        job.params.input_size() as usize,
+    );
+    detect::validate(&config).map_err(|e| RunError::Permanent(e.to_string()))?;
+    if let Some((example, b)) = snapshot.examples.iter().find_map(|e| {
+        e.boxes
+            .as_ref()?
+            .iter()
+            .find(|b| b.class as usize >= classes)
+            .map(|b| (e, b))
+    }) {
+        return Err(RunError::Permanent(format!(
+            "snapshot example {} has a box of class {} but the project has {classes} classes",
+            example.item_id, b.class
+        )));
+    }
+    let (train_set, holdout) = load(worker, snapshot).await?;
+    if train_set.is_empty() {
+        return Err(RunError::Permanent(format!(
+            "a detector needs images with people's boxes to train on; none of the snapshot's {} examples is a usable training image",
+            snapshot.examples.len()
+        )));
+    }
+    let backbone = imagenet_backbone(worker).await?;
+    let heads_config = detect::heads_config(&config);
+    let (input, side) = (heads_config.input, heads_config.side());
+
+    // Feature maps of every training tile, and each tile's targets.
+    let train_size = train_set.len();
+    let (features, targets, backbone) = {
+        let backbone = backbone.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut values = Vec::new();
+            let mut targets = Vec::new();
+            let mut pixels = Vec::new();
+            let mut tiles = 0usize;
+            let mut pending = 0usize;
+            for example in &train_set {
+                let (grid, tile_pixels) =
+                    detect::tile_pixels(&example.image, input, detect::TILE_OVERLAP);
+                for tile in &grid {
+                    targets.push(tile.boxes_within(&example.boxes, MIN_VISIBLE));
+                }
+                pixels.extend(tile_pixels);
+                pending += grid.len();
+                tiles += grid.len();
+                if pending >= FEATURE_CHUNK {
+                    let maps = detector::backbone_features(&backbone, &pixels, pending, input)?;
+                    values.extend(maps.into_values());
+                    pixels.clear();
+                    pending = 0;
+                }
+            }
+            if pending > 0 {
+                let maps = detector::backbone_features(&backbone, &pixels, pending, input)?;
+                values.extend(maps.into_values());
+            }
+            let channels = if tiles == 0 {
+                0
+            } else {
+                values.len() / (tiles * side * side)
+            };
+            FeatureMaps::new(values, tiles, channels, side).map(|maps| (maps, targets, backbone))
+        })
+        .await
+        .map_err(|e| RunError::Permanent(format!("the backbone panicked: {e}")))?
+        .map_err(|e| RunError::Permanent(e.to_string()))?
+    };
+    tracing::info!(run = %job.run_id, images = train_size, tiles = features.images(), "detector: training the heads on cached feature maps");
+
+    let options = TrainOptions {
+        epochs: job.params.epochs.max(1) as usize,
+        batch_size: job.params.batch_size.max(1) as usize,
+        learning_rate: job.params.learning_rate,
+        seed: job.params.seed,
+        ..TrainOptions::default()
+    };
+    let device = crate::backend::device();
+    let heads = supervised(worker, job, stop, move |on_epoch| {
+        detector::train_heads(
+            &features,
+            &targets,
+            &heads_config,
+            &options,
+            &device,
+            |report| on_epoch(report),
+        )
+        .map(|(heads, _)| heads)
+    })
+    .await?;
+    let detector =
+        Detector::new(&config, backbone, heads).map_err(|e| RunError::Permanent(e.to_string()))?;
+
+    let (detector, evaluations, average_precision) =
+        tokio::task::spawn_blocking(move || evaluate(detector, &holdout))
+            .await
+            .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?
+            .map_err(|e| RunError::Permanent(e.to_string()))?;
+    Ok(Trained {
+        model: Model::Detector(detector),
+        evaluations,
+        base_accuracy: None,
+        train_size,
+        average_precision,
+    })
+}
+
+/// The snapshot's examples with their images, split into training and holdout; an image that
+/// cannot be read or decoded is skipped with a warning, an example without boxes is refused.
+async fn load(
+    worker: &Worker,
+    snapshot: &Snapshot,
+) -> Result<(Vec<Example>, Vec<Example>), RunError> {
+    let max_pixels = worker.settings.ingest.max_pixels;
+    // Owned keys: a stream over borrowed examples makes the run's future
+    // not `Send` for every lifetime (a known limit of the compiler).
+    let keys: Vec<String> = snapshot
+        .examples
+        .iter()
+        .map(|e| e.object_key.clone())
+        .collect();
+    let fetched: Vec<_> = futures_util::stream::iter(keys)
+        .map(|key| {
+            let store = worker.store.clone();
+            async move { store.get(&key).await }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    let (mut train_set, mut holdout) = (Vec::new(), Vec::new());
+    let mut skipped = 0usize;
+    for (example, got) in snapshot.examples.iter().zip(fetched) {
+        let Some(boxes) = example.boxes.clone() else {
+            return Err(RunError::Permanent(format!(
+                "snapshot example {} has a class label, not boxes: a detector trains on boxes",
+                example.item_id
+            )));
+        };
+        let bytes = match got {
+            Ok(bytes) => bytes,
+            Err(err) if err.is_transient() => return Err(RunError::Transient(err.to_string())),
+            Err(err) => {
+                tracing::warn!(key = %example.object_key, error = %err, "snapshot image unavailable; skipped");
+                skipped += 1;
+                continue;
+            }
+        };
+        let image = match tokio::task::spawn_blocking(move || images::decode(&bytes, max_pixels))
+            .await
+            .map_err(|e| RunError::Permanent(format!("image decoding panicked: {e}")))?
+        {
+            Ok(image) => image.to_rgb8(),
+            Err(err) => {
+                tracing::warn!(key = %example.object_key, error = %err, "snapshot image does not decode; skipped");
+                skipped += 1;
+                continue;
+            }
+        };
+        let decoded = Example {
+            image,
+            boxes,
+            random: example.random,
+        };
+        match example.split {
+            Split::Train => train_set.push(decoded),
+            Split::Holdout => holdout.push(decoded),
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            skipped,
+            "snapshot images that could not be used were skipped"
+        );
+    }
+    Ok((train_set, holdout))
+}
+
+/// The detector's verdict on every holdout image: right when its proposal matches the
+/// people's boxes both ways at IoU 0.5, as sure as [`ImageScores::confidence`]; and the
+/// average precision of the committee's objects over all of them.
+///
+/// [`ImageScores::confidence`]: sieve_shared::box_scores::ImageScores::confidence
+fn evaluate(
+    detector: Detector,
+    holdout: &[Example],
+) -> Result<(Detector, Vec<HoldoutEvaluation>, Option<f64>), crate::model::ModelError> {
+    let mut evaluations = Vec::with_capacity(holdout.len());
+    let mut found = Vec::with_capacity(holdout.len());
+    // A few images at a time: a large image is many tiles.
+    for chunk in holdout.chunks(4) {
+        let images: Vec<RgbImage> = chunk.iter().map(|e| e.image.clone()).collect();
+        for (example, members) in chunk.iter().zip(detector.detect(&images)?) {
+            let scores = detect::score(&members);
+            evaluations.push(HoldoutEvaluation {
+                label: 0,
+                predicted: 0,
+                confidence: scores.confidence(),
+                random: Some(example.random),
+                correct: Some(box_scores::all_right(
+                    &scores.labeled_boxes(),
+                    &example.boxes,
+                    MATCH_IOU,
+                )),
+            });
+            found.push(
+                box_scores::committee_boxes(&members, MATCH_IOU)
+                    .iter()
+                    .map(CommitteeBox::scored)
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+    let truth: Vec<Vec<LabeledBox>> = holdout.iter().map(|e| e.boxes.clone()).collect();
+    let average_precision = box_scores::average_precision(&found, &truth, MATCH_IOU);
+    Ok((detector, evaluations, average_precision))
+}

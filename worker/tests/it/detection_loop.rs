@@ -1,0 +1,309 @@
+//! The detection loop on the real services, with a real detector. A
+//! detection project starts without a model: its images go to people as
+//! seed tasks. Reviewers box objects over HTTP (real Fashion-MNIST items on
+//! canvases, with exact boxes); a run trains the detector's heads on the
+//! frozen ImageNet MobileNetV2 (the real weights); its version is activated
+//! and rescores the images nobody has boxed yet. Its predictions carry
+//! boxes that find the objects, a confident image gets the proposal as its
+//! machine label, and a reviewer of a doubtful one starts from the model's
+//! boxes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use serde_json::{Value, json};
+use sieve_scheduler::auth;
+use sieve_scheduler::entities::api_token::Role;
+use sieve_scheduler::entities::item::{self, ItemState};
+use sieve_scheduler::entities::label::{self, LabelSource};
+use sieve_scheduler::entities::{model_version, prediction};
+use sieve_scheduler::kind::TaskKind;
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+use sieve_scheduler::{ingest, training};
+use sieve_shared::box_scores::{self, ImageScores};
+use sieve_shared::boxes::LabeledBox;
+use sieve_shared::messages::{HoldoutMetrics, ModelArch, TrainParams};
+use sieve_testkit::eventually;
+use sieve_tools::canvases::{self, Canvas};
+use sieve_tools::fashion_idx::{self, Split};
+
+use crate::sieve::TestSieve;
+
+const CANVASES: usize = 48;
+/// Canvases people box before the first run; the rest wait for the model.
+const BOXED: usize = 36;
+/// The detector's input: one 128-pixel tile per canvas, cells of 16 pixels.
+const SIDE: u32 = 128;
+const WAIT: Duration = Duration::from_secs(300);
+/// An image is accepted by machine from this confidence up.
+const THRESHOLD: f32 = 0.7;
+
+/// Real Fashion-MNIST items on `CANVASES` canvases, all of one class
+/// ("item"), saved as PNG files named by their index.
+fn canvases(dir: &Path) -> Vec<Canvas> {
+    let data = fashion_idx::load(Path::new(fashion_idx::DEFAULT_DIR), Split::Train, Some(400))
+        .expect("Fashion-MNIST is installed by ops/install-deps.sh");
+    let mut set = canvases::canvases(&data, 0, CANVASES, SIDE, 3, 7);
+    for (i, canvas) in set.iter_mut().enumerate() {
+        for b in &mut canvas.boxes {
+            b.class = 0;
+        }
+        canvas.image.save(dir.join(format!("{i:03}.png"))).unwrap();
+    }
+    set
+}
+
+fn index_of(source: &str) -> usize {
+    let name = Path::new(source).file_stem().unwrap().to_str().unwrap();
+    name.parse().unwrap()
+}
+
+fn named(boxes: &[LabeledBox]) -> Value {
+    json!(
+        boxes
+            .iter()
+            .map(|b| json!({
+                "class": "item",
+                "x_min": b.x_min, "y_min": b.y_min, "x_max": b.x_max, "y_max": b.y_max,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn read_boxes(value: &Value) -> Vec<LabeledBox> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            assert_eq!(b["class"], "item", "{b}");
+            LabeledBox {
+                class: 0,
+                x_min: b["x_min"].as_f64().unwrap() as f32,
+                y_min: b["y_min"].as_f64().unwrap() as f32,
+                x_max: b["x_max"].as_f64().unwrap() as f32,
+                y_max: b["y_max"].as_f64().unwrap() as f32,
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_detector_trained_on_peoples_boxes_prelabels_the_rest() {
+    let sieve = TestSieve::start().await;
+    let db = &sieve.ctx.db;
+    let policy = Policy {
+        // Fixed threshold on the image's confidence; no audits, so every
+        // image the model is sure of is labeled by machine.
+        confidence_threshold: THRESHOLD,
+        disagreement_limit: 1.0,
+        audit_rate: 0.0,
+        ..Policy::default()
+    };
+    let project = training::create_project_of_kind(
+        &sieve.ctx,
+        &ProjectName::parse("boxes").unwrap(),
+        &ClassNames::parse_for(TaskKind::Detection, &["item".to_string()]).unwrap(),
+        &policy,
+        ModelArch::SmallCnn,
+        TaskKind::Detection,
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        project.arch,
+        ModelArch::Detector,
+        "a detection project runs the detector"
+    );
+    assert!(project.active_model_version_id.is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    let set = canvases(dir.path());
+    let ingested = ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
+        .await
+        .unwrap();
+    assert_eq!(ingested.new_items as usize, CANVASES, "{ingested:?}");
+
+    // No model yet: training is refused with the reason, every image waits
+    // for people.
+    let refused = training::request(&sieve.ctx, &project, "test", project.train_params(), false)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("no detection labels"),
+        "{refused}"
+    );
+
+    // Reviewers box the first images over HTTP, exactly.
+    let reviewer = auth::create_token(db, "boxer", Role::Reviewer)
+        .await
+        .unwrap();
+    let claim_url = format!("{}/api/v1/projects/boxes/review/next", sieve.api);
+    let claim = || async {
+        sieve
+            .http
+            .post(&claim_url)
+            .bearer_auth(&reviewer)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    for _ in 0..BOXED {
+        let task = claim().await;
+        assert_eq!(task["reason"], "seed", "{task}");
+        assert_eq!(task["boxes"], json!([]), "nothing to start from: {task}");
+        let truth = &set[index_of(task["source"].as_str().unwrap())].boxes;
+        sieve
+            .http
+            .post(format!(
+                "{}/api/v1/review/{}/submit",
+                sieve.api,
+                task["task_id"].as_str().unwrap()
+            ))
+            .bearer_auth(&reviewer)
+            .json(&json!({ "fencing_token": task["fencing_token"], "boxes": named(truth) }))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+    }
+
+    // The first detector: heads on the frozen ImageNet backbone, from their boxes.
+    let params = TrainParams {
+        input_size: Some(SIDE),
+        epochs: 40,
+        ..project.train_params()
+    };
+    let run = training::request(&sieve.ctx, &project, "test", params, false)
+        .await
+        .unwrap();
+    assert_eq!(run.labels, BOXED);
+    let project = eventually("the first detector, active", WAIT, || async {
+        projects::get(db, "boxes")
+            .await
+            .ok()
+            .filter(|p| p.active_model_version_id.is_some())
+    })
+    .await;
+    let version = project.active_model_version_id.unwrap();
+    let registered = model_version::Entity::find_by_id(version)
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    let architecture = registered.architecture.clone().unwrap();
+    assert_eq!(architecture["arch"], "detector", "{architecture}");
+    let metrics: HoldoutMetrics =
+        serde_json::from_value(registered.metrics.clone().unwrap()).unwrap();
+    assert!(metrics.holdout_size > 0, "{metrics:?}");
+    let ap = metrics.average_precision.expect("a detector's holdout AP");
+    assert!(ap > 0.3, "the detector learned nothing: AP {ap}");
+
+    // It rescores the images nobody boxed; each prediction carries boxes.
+    let waiting = CANVASES - BOXED;
+    let predictions = eventually("the detector's predictions", WAIT, || async {
+        let found = prediction::Entity::find()
+            .filter(prediction::Column::ModelVersionId.eq(version))
+            .all(db)
+            .await
+            .unwrap();
+        (found.len() == waiting).then_some(found)
+    })
+    .await;
+    let (mut matched, mut truth_boxes, mut proposed) = (0, 0, 0);
+    for p in &predictions {
+        let detections: ImageScores =
+            serde_json::from_value(p.detections.clone().expect("a detector's answer")).unwrap();
+        let item = item::Entity::find_by_id(p.item_id)
+            .one(db)
+            .await
+            .unwrap()
+            .unwrap();
+        let truth = &set[index_of(&item.source)].boxes;
+        let boxes = detections.labeled_boxes();
+        matched += box_scores::matched(&boxes, truth, 0.5);
+        truth_boxes += truth.len();
+        proposed += boxes.len();
+        assert!((detections.confidence() - p.confidence).abs() < 1e-6);
+    }
+    let recall = matched as f64 / truth_boxes as f64;
+    let precision = matched as f64 / proposed.max(1) as f64;
+    assert!(
+        recall > 0.5 && precision > 0.5,
+        "recall {recall}, precision {precision}"
+    );
+
+    // Sure images are labeled by machine with the proposal; the rest wait
+    // for people, who start from the model's boxes.
+    let items = item::Entity::find()
+        .filter(item::Column::ProjectId.eq(project.id.as_uuid()))
+        .all(db)
+        .await
+        .unwrap();
+    let by_machine: Vec<_> = items
+        .iter()
+        .filter(|i| i.state == ItemState::AutoLabeled)
+        .collect();
+    let in_review = items
+        .iter()
+        .filter(|i| i.state == ItemState::InReview)
+        .count();
+    assert_eq!(by_machine.len() + in_review, waiting);
+    let (mut machine_matched, mut machine_truth) = (0, 0);
+    for item in &by_machine {
+        let labels = label::Entity::find()
+            .filter(label::Column::ItemId.eq(item.id))
+            .filter(label::Column::Source.eq(LabelSource::Machine))
+            .all(db)
+            .await
+            .unwrap();
+        assert_eq!(labels.len(), 1);
+        let p = predictions.iter().find(|p| p.item_id == item.id).unwrap();
+        let proposal: ImageScores = serde_json::from_value(p.detections.clone().unwrap()).unwrap();
+        assert_eq!(labels[0].class_index, None);
+        assert_eq!(
+            labels[0].boxes.clone().unwrap(),
+            serde_json::to_value(proposal.labeled_boxes()).unwrap()
+        );
+        assert!(p.confidence >= THRESHOLD);
+        let truth = &set[index_of(&item.source)].boxes;
+        machine_matched += box_scores::matched(&proposal.labeled_boxes(), truth, 0.5);
+        machine_truth += truth.len();
+    }
+    // What it accepts, it mostly got right: a committee that saw nothing
+    // in an image is not sure the image is empty.
+    if machine_truth > 0 {
+        let recall = machine_matched as f64 / machine_truth as f64;
+        assert!(recall > 0.7, "machine-accepted images' recall {recall}");
+    }
+    if in_review > 0 {
+        let task = claim().await;
+        let p = predictions
+            .iter()
+            .find(|p| p.item_id.to_string() == task["item_id"].as_str().unwrap())
+            .unwrap();
+        assert!(p.confidence < THRESHOLD, "{task}");
+        let proposal: ImageScores = serde_json::from_value(p.detections.clone().unwrap()).unwrap();
+        assert_eq!(
+            read_boxes(&task["boxes"]),
+            proposal.labeled_boxes(),
+            "{task}"
+        );
+    }
+    assert!(
+        !by_machine.is_empty(),
+        "no image was sure enough for a machine label: {predictions:?}"
+    );
+    sieve.teardown().await;
+}
