@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sieve_scheduler::context::Context;
+use sieve_scheduler::kind::TaskKind;
 use sieve_shared::Settings;
 use sieve_tools::worker_bench::{self, What};
 use sieve_tools::{
@@ -78,7 +79,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => {
             let ctx = Context::connect(settings).await?;
-            demo::run(&ctx, &args).await?;
+            match args.task {
+                TaskKind::Classification => {
+                    demo::run(&ctx, &args).await?;
+                }
+                TaskKind::Detection => {
+                    demo::run_boxes(&ctx, &args).await?;
+                }
+            }
         }
         Command::Bench(BenchCommand::Ingest(args)) => bench_ingest::run(settings, &args).await?,
         Command::Bench(BenchCommand::Claim(args)) => bench_claim::run(&settings, &args).await?,

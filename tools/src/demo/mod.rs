@@ -6,6 +6,7 @@
 //! the final scoring); retraining goes through the real training path. The
 //! scheduler (`sieve serve`) and workers must be running.
 
+pub mod boxes;
 mod page;
 mod scoring;
 
@@ -18,8 +19,12 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, Statement};
 use serde::Serialize;
+use sieve_scheduler::kind::TaskKind;
+use sieve_scheduler::kind::detection::NamedBox;
 use sieve_shared::messages::ModelArch;
 use uuid::Uuid;
+
+use boxes::BoxData;
 
 use crate::fashion_mnist::{self, Truth};
 use sieve_scheduler::auth;
@@ -110,6 +115,17 @@ pub struct DemoArgs {
     /// `--machine-labels false` trains on human labels alone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub machine_labels: bool,
+    /// What the demo labels: `classification` (Fashion-MNIST classes) or
+    /// `detection` (boxes: `--boxes-data`), each through its own loop.
+    #[arg(long = "task", default_value_t = TaskKind::Classification)]
+    pub task: TaskKind,
+    /// The detection demo's images: the real tree crowns (`crowns`) or
+    /// Fashion-MNIST items on canvases (`canvases`, `--images` of them).
+    #[arg(long, value_enum, default_value_t = BoxData::Crowns)]
+    pub boxes_data: BoxData,
+    /// Where `ops/fetch-tree-crowns.sh` put the tree crowns.
+    #[arg(long, default_value = "ops/tree-crowns")]
+    pub crowns_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -263,6 +279,27 @@ impl Api {
             .await?)
     }
 
+    /// Submit a detection task's boxes.
+    async fn submit_boxes(
+        &self,
+        task: &ClaimedTask,
+        boxes: &[NamedBox],
+    ) -> anyhow::Result<SubmittedLabel> {
+        Ok(self
+            .http
+            .post(format!(
+                "{}/api/v1/review/{}/submit",
+                self.base, task.task_id
+            ))
+            .bearer_auth(&self.reviewer_token)
+            .json(&serde_json::json!({ "fencing_token": task.fencing_token, "boxes": boxes }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
     async fn retrain(&self, project: &str, machine_labels: bool) -> anyhow::Result<Uuid> {
         let response = self
             .http
@@ -357,6 +394,9 @@ impl DemoArgs {
     /// accuracy of [`DEFAULT_TARGET`] unless a fixed threshold is asked for.
     pub fn resolved(&self) -> Self {
         let mut args = self.clone();
+        if args.task == TaskKind::Detection {
+            return args.resolved_for_boxes();
+        }
         if args.quick {
             args.images = 2000;
             args.seed_size = 300;
@@ -377,6 +417,39 @@ impl DemoArgs {
         args
     }
 
+    /// The detection demo's settings: rounds of a few dozen images (the
+    /// tree crowns make about 80), and routing by a fixed threshold on the
+    /// image's confidence unless a target is asked for (a few dozen human
+    /// images give calibration too little random evidence for any target).
+    fn resolved_for_boxes(mut self) -> Self {
+        // The classification defaults, left as they are, stand for the
+        // detection demo's own.
+        if self.quick {
+            self.boxes_data = BoxData::Canvases;
+            self.images = 60;
+            self.seed_size = 30;
+            self.labels_per_round = 10;
+            self.rounds = 2;
+        } else {
+            if self.boxes_data == BoxData::Canvases && self.images == fashion_mnist::TOTAL {
+                self.images = 300;
+            }
+            if self.seed_size == 1000 {
+                self.seed_size = 30;
+            }
+            if self.labels_per_round == 2000 {
+                self.labels_per_round = 15;
+            }
+            if self.rounds == 7 {
+                self.rounds = 4;
+            }
+        }
+        if self.target_accuracy.is_none() {
+            self.threshold.get_or_insert(0.8);
+        }
+        self
+    }
+
     fn policy(&self) -> Policy {
         let defaults = Policy::default();
         Policy {
@@ -386,6 +459,22 @@ impl DemoArgs {
             pool_evidence: !self.strict_calibration,
             ..defaults
         }
+    }
+}
+
+/// Run the detection demo ([`boxes`]); Ctrl-C stops it as [`run`] does.
+pub async fn run_boxes(ctx: &Context, args: &DemoArgs) -> anyhow::Result<boxes::BoxReport> {
+    let args = args.resolved();
+    let name = args
+        .project
+        .clone()
+        .unwrap_or_else(|| boxes::project_name(args.boxes_data));
+    tokio::select! {
+        report = boxes::run(ctx, &args, &name) => report,
+        _ = tokio::signal::ctrl_c() => bail!(
+            "interrupted; nothing accepted is lost: continue with `sieve-tools demo --task detection --resume --project {name}` \
+             (and the same options)"
+        ),
     }
 }
 
