@@ -9,6 +9,10 @@
 //!   1280-wide embeddings.
 //! - `accuracy` (`bench_accuracy.rs`): the training recipe's model quality on real labels.
 //!
+//! `forward --peer ort` also runs the same MobileNetV2 weights in ONNX Runtime
+//! (`ops/peer-ort.sh`) with the same threads, batch sizes and inputs, prints sieve / ORT per
+//! row, and fails unless both give the same top-1 class on the real photos.
+//!
 //! FLOPs are counted by layer arithmetic (2 per multiply-add, convolutions and linear layers
 //! only). Peak RSS is the process's `VmHWM`, reset before each measurement through
 //! `/proc/self/clear_refs`, so each figure is that phase's peak (plus what stayed resident).
@@ -56,6 +60,13 @@ pub enum What {
     /// Model quality: the loop's training recipe on N real Fashion-MNIST labels, scored on
     /// the test split (accuracy, and the share labelable at 95 / 97 / 99%).
     Accuracy,
+}
+
+/// A runtime `bench forward --peer` runs the same MobileNetV2 weights in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    /// ONNX Runtime from PyPI (CPU provider), through `ops/peer-ort.sh`.
+    Ort,
 }
 
 /// Which queue-path runs `bench forward` makes.
@@ -113,6 +124,11 @@ pub struct BenchArgs {
     /// Skip the MobileNetV2 figures.
     #[arg(long)]
     pub skip_mobilenet: bool,
+    /// Also run MobileNetV2's bare forward, same weights, in a peer runtime with the same
+    /// threads, batch sizes and inputs, and print sieve / peer per row; fails unless both
+    /// give the same top-1 class on the real photos of `ops/test-photos/`.
+    #[arg(long, value_enum, conflicts_with = "skip_mobilenet")]
+    pub peer: Option<Peer>,
     /// Images of the one-epoch training runs.
     #[arg(long, default_value_t = 10_000)]
     pub train_images: usize,
@@ -199,6 +215,11 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if !args.weights.exists() {
+        anyhow::ensure!(
+            args.peer.is_none(),
+            "--peer needs the MobileNetV2 weights: {} is missing (bash ops/fetch-weights.sh)",
+            args.weights.display()
+        );
         println!(
             "\nMobileNetV2 skipped: {} is missing (ops/fetch-weights.sh)",
             args.weights.display()
@@ -207,12 +228,15 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
     }
     let mut devices = vec![backend::device()];
     devices.extend(cpu_baseline_device(args));
-    for device in devices {
+    for (i, device) in devices.into_iter().enumerate() {
+        // The build's own backend is the one compared with a peer.
+        let peer = if i == 0 { args.peer } else { None };
         let weights = args.weights.clone();
         let batches = args.batch_sizes.clone();
         let seconds = args.seconds;
-        tokio::task::spawn_blocking(move || {
-            mobilenet_forward(&weights, &batches, seconds, &device)
+        tokio::task::spawn_blocking(move || match peer {
+            Some(Peer::Ort) => ort_peer(&weights, &batches, seconds, &device),
+            None => mobilenet_forward(&weights, &batches, seconds, &device, None).map(drop),
         })
         .await??;
     }
@@ -349,23 +373,40 @@ async fn bare_forward(
     .await?
 }
 
+/// One row of MobileNetV2's bare forward: input side, batch size, images per second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct ForwardRow {
+    side: usize,
+    batch: usize,
+    img_per_s: f64,
+}
+
+/// MobileNetV2's input sides in the forward figures.
+const MOBILENET_SIDES: [usize; 2] = [96, 224];
+/// Seed of MobileNetV2's bench inputs (`random_inputs`), which the peer reads too.
+const MOBILENET_INPUT_SEED: u64 = 3;
+
+/// MobileNetV2's bare forward rows; with a `peer`, each row is followed by the peer's same
+/// row, so that both see the same machine load.
 fn mobilenet_forward(
     weights: &std::path::Path,
     batches: &[usize],
     seconds: f64,
     device: &Device,
-) -> anyhow::Result<()> {
+    mut peer: Option<&mut OrtPeer>,
+) -> anyhow::Result<Vec<ForwardRow>> {
     let net = mobilenet::load_imagenet(weights, device)?;
     println!(
         "\n## MobileNetV2 (ImageNet weights) on {device:?}, bare forward to the 1280-wide embedding\n"
     );
     println!("| side | batch | img/s | GFLOP per image | GFLOP/s | peak RSS MiB |");
     println!("|---|---|---|---|---|---|");
-    for side in [96, 224] {
+    let mut rows = Vec::new();
+    for side in MOBILENET_SIDES {
         let flops = 2 * mobilenet::multiply_adds(side, side, false);
         for &b in batches {
             reset_peak_rss();
-            let input = random_inputs(b * 3 * side * side, 3);
+            let input = random_inputs(b * 3 * side * side, MOBILENET_INPUT_SEED);
             let rate = measure(seconds, b, || {
                 let x = Tensor::<4>::from_data(
                     TensorData::new(input.clone(), [b, 3, side, side]),
@@ -382,9 +423,355 @@ fn mobilenet_forward(
                 rate * flops as f64 / 1e9,
                 peak_rss_mib()
             );
+            rows.push(ForwardRow {
+                side,
+                batch: b,
+                img_per_s: rate,
+            });
+            if let Some(peer) = peer.as_deref_mut() {
+                peer.row(side, b)?;
+            }
         }
     }
+    Ok(rows)
+}
+
+/// The real photos of the top-1 check (`ops/fetch-test-photos.sh`).
+const PEER_PHOTOS: [&str; 4] = ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png"];
+const PEER_PHOTO_DIR: &str = "ops/test-photos";
+const PEER_SCRIPT: &str = "ops/peer-ort.sh";
+/// The side the photos are classified at, as MobileNetV2 was trained.
+const PEER_PHOTO_SIDE: usize = 224;
+
+/// One JSON line of `ops/peer_ort.py`.
+#[derive(Debug, PartialEq)]
+enum PeerRecord {
+    /// ONNX Runtime's version, printed first.
+    Version(String),
+    Row(ForwardRow),
+    /// A photo, its top-1 ImageNet class and that class's probability.
+    Top1(String, usize, f64),
+}
+
+/// Parses one line of `ops/peer_ort.py`'s output: `None` for a line that is not JSON.
+fn parse_peer_line(line: &str) -> anyhow::Result<Option<PeerRecord>> {
+    if !line.trim_start().starts_with('{') {
+        return Ok(None);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("peer output line {line:?}"))?;
+    let int = |key: &str| v[key].as_u64().map(|n| n as usize);
+    let record = if let Some(version) = v["ort"].as_str() {
+        PeerRecord::Version(version.to_string())
+    } else if let (Some(side), Some(batch), Some(img_per_s)) =
+        (int("input"), int("batch"), v["img_per_s"].as_f64())
+    {
+        PeerRecord::Row(ForwardRow {
+            side,
+            batch,
+            img_per_s,
+        })
+    } else if let (Some(photo), Some(top1), Some(p)) =
+        (v["photo"].as_str(), int("top1"), v["p"].as_f64())
+    {
+        PeerRecord::Top1(photo.to_string(), top1, p)
+    } else {
+        anyhow::bail!("unexpected peer output line {line:?}");
+    };
+    Ok(Some(record))
+}
+
+/// `ops/peer-ort.sh --serve` running beside the bench: it measures a row when asked, and
+/// classifies the photos when its stdin closes. Killed if dropped before [`finish`].
+///
+/// [`finish`]: OrtPeer::finish
+struct OrtPeer {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    version: String,
+    rows: Vec<ForwardRow>,
+}
+
+impl OrtPeer {
+    /// Starts the script and waits for its version line (after any set-up: a first run
+    /// makes the virtual environment and the ONNX file).
+    fn start(mut command: std::process::Command) -> anyhow::Result<Self> {
+        use std::process::Stdio;
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting bash {PEER_SCRIPT}"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            anyhow::bail!("{PEER_SCRIPT}: no pipes");
+        };
+        let mut peer = Self {
+            child,
+            stdin: Some(stdin),
+            stdout: std::io::BufReader::new(stdout),
+            version: String::new(),
+            rows: Vec::new(),
+        };
+        match peer.next_record()? {
+            Some(PeerRecord::Version(version)) => peer.version = version,
+            other => anyhow::bail!("{PEER_SCRIPT} began with {other:?}, not its version"),
+        }
+        Ok(peer)
+    }
+
+    /// The next JSON record, `None` at the end of the script's output.
+    fn next_record(&mut self) -> anyhow::Result<Option<PeerRecord>> {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.stdout.read_line(&mut line)? == 0 {
+                return Ok(None);
+            }
+            if let Some(record) = parse_peer_line(&line)? {
+                return Ok(Some(record));
+            }
+        }
+    }
+
+    /// Images per second of ONNX Runtime on `batch` inputs of `side`x`side`.
+    fn row(&mut self, side: usize, batch: usize) -> anyhow::Result<f64> {
+        use std::io::Write as _;
+        let stdin = self.stdin.as_mut().context("the peer's stdin is closed")?;
+        writeln!(stdin, "{side} {batch}")?;
+        stdin.flush()?;
+        match self.next_record()? {
+            Some(PeerRecord::Row(row)) if row.side == side && row.batch == batch => {
+                self.rows.push(row);
+                Ok(row.img_per_s)
+            }
+            None => {
+                let status = self.child.wait()?;
+                anyhow::bail!(
+                    "{PEER_SCRIPT} ended ({status}) before its {side}x{side} batch {batch} row"
+                )
+            }
+            other => {
+                anyhow::bail!("{PEER_SCRIPT} answered {other:?} for {side}x{side} batch {batch}")
+            }
+        }
+    }
+
+    /// Closes its stdin and returns the photos' top-1 classes, once the script exited well.
+    fn finish(&mut self) -> anyhow::Result<Vec<(String, usize, f64)>> {
+        drop(self.stdin.take());
+        let mut top1 = Vec::new();
+        while let Some(record) = self.next_record()? {
+            match record {
+                PeerRecord::Top1(photo, class, p) => top1.push((photo, class, p)),
+                other => anyhow::bail!("{PEER_SCRIPT} printed {other:?} after its rows"),
+            }
+        }
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "{PEER_SCRIPT} failed ({status})");
+        Ok(top1)
+    }
+}
+
+impl Drop for OrtPeer {
+    fn drop(&mut self) {
+        // Only our own child, and only if it is still running (an error cut the bench short).
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The threads burn's CPU backend computes on: rayon's global pool, which is
+/// `RAYON_NUM_THREADS` when set and positive, else one per core.
+fn burn_cpu_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// `--peer ort`: MobileNetV2's bare forward rows on `device`, each followed by the same row
+/// in ONNX Runtime on the same weights, with the same threads, batch sizes and input values
+/// (written to files the script reads); then the top-1 class of each real photo,
+/// preprocessed once by sieve, from both. Fails if they disagree on one.
+fn ort_peer(
+    weights: &std::path::Path,
+    batches: &[usize],
+    seconds: f64,
+    device: &Device,
+) -> anyhow::Result<()> {
+    let photo_dir = std::path::Path::new(PEER_PHOTO_DIR);
+    let missing: Vec<&str> = PEER_PHOTOS
+        .iter()
+        .copied()
+        .filter(|photo| !photo_dir.join(photo).exists())
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "--peer ort needs the real photos {missing:?} in {PEER_PHOTO_DIR}/ (bash ops/fetch-test-photos.sh)"
+    );
+    anyhow::ensure!(
+        std::path::Path::new(PEER_SCRIPT).exists(),
+        "--peer ort runs {PEER_SCRIPT}, relative to the working directory: run from the repository root"
+    );
+    let dir = tempfile::tempdir()?;
+    let write_f32 = |name: &str, values: &[f32]| -> anyhow::Result<PathBuf> {
+        let path = dir.path().join(name);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&path, bytes)?;
+        Ok(path)
+    };
+    // The bench's inputs: one file per side holding the largest batch; a smaller batch
+    // reads its prefix, which is what `random_inputs` draws for it with the same seed.
+    let largest = batches.iter().copied().max().unwrap_or(1);
+    for side in MOBILENET_SIDES {
+        let values = random_inputs(largest * 3 * side * side, MOBILENET_INPUT_SEED);
+        write_f32(&format!("input-{side}.f32"), &values)?;
+    }
+    let mut photos = Vec::new();
+    for photo in PEER_PHOTOS {
+        let path = photo_dir.join(photo);
+        let image = image::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        photos.extend(mobilenet::imagenet_preprocess(
+            &image,
+            PEER_PHOTO_SIDE as u32,
+        )?);
+    }
+    let photo_file = write_f32("photos.f32", &photos)?;
+    let sieve_top1 = sieve_top1(weights, photos, device)?;
+
+    let threads = burn_cpu_threads();
+    let list = |values: &[usize]| {
+        values
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg(PEER_SCRIPT)
+        .arg("--serve")
+        .arg("--pth")
+        .arg(weights)
+        .args(["--threads", &threads.to_string()])
+        .args(["--batches", &list(batches)])
+        .args(["--sides", &list(&MOBILENET_SIDES)])
+        .args(["--seconds", &seconds.to_string()])
+        .arg("--inputs-dir")
+        .arg(dir.path())
+        .arg("--photo-tensors")
+        .arg(&photo_file)
+        .args(["--photo-names", &PEER_PHOTOS.join(",")]);
+    let mut peer = OrtPeer::start(command)?;
+    println!(
+        "\nbeside it: ONNX Runtime {} ({PEER_SCRIPT}), each row right after sieve's",
+        peer.version
+    );
+    let rows = mobilenet_forward(weights, batches, seconds, device, Some(&mut peer))?;
+    let peer_top1 = peer.finish()?;
+
+    println!(
+        "\n## MobileNetV2 against ONNX Runtime {} on the same weights: bare forward to the 1280-wide embedding, {threads} threads (ORT: intra-op {threads}, inter-op 1, sequential), same inputs, rows alternating",
+        peer.version
+    );
+    for side in MOBILENET_SIDES {
+        println!(
+            "\n### {side}x{side}, sieve on {}\n",
+            backend::backend_name()
+        );
+        println!("| batch | sieve img/s | ORT img/s | sieve/ORT |");
+        println!("|---|---|---|---|");
+        for &batch in batches {
+            let find = |rows: &[ForwardRow]| {
+                rows.iter()
+                    .find(|r| r.side == side && r.batch == batch)
+                    .map(|r| r.img_per_s)
+            };
+            let (Some(ours), Some(theirs)) = (find(&rows), find(&peer.rows)) else {
+                anyhow::bail!("no {side}x{side} batch {batch} row from sieve or the peer");
+            };
+            println!(
+                "| {batch} | {ours:.1} | {theirs:.1} | {:.2} |",
+                ours / theirs
+            );
+        }
+    }
+
+    anyhow::ensure!(
+        peer_top1.len() == PEER_PHOTOS.len(),
+        "the peer classified {} photos of {}",
+        peer_top1.len(),
+        PEER_PHOTOS.len()
+    );
+    let mut disagreements = Vec::new();
+    let mut check = Vec::new();
+    for ((photo, &(ours, our_p)), (peer_photo, theirs, their_p)) in
+        PEER_PHOTOS.iter().zip(&sieve_top1).zip(&peer_top1)
+    {
+        anyhow::ensure!(
+            photo == peer_photo,
+            "the peer answered {peer_photo} for {photo}"
+        );
+        let verdict = if ours == *theirs { "same" } else { "DIFFERENT" };
+        check.push(format!(
+            "{photo} {ours} (p {our_p:.2}) / {theirs} (p {their_p:.2}) {verdict}"
+        ));
+        if ours != *theirs {
+            disagreements.push(*photo);
+        }
+    }
+    println!(
+        "\ntop-1 on real photos ({PEER_PHOTO_SIDE}x{PEER_PHOTO_SIDE}, sieve's preprocessing for both), sieve / ORT: {}",
+        check.join("; ")
+    );
+    anyhow::ensure!(
+        disagreements.is_empty(),
+        "sieve and ONNX Runtime disagree on the top-1 class of {disagreements:?}: the two runtimes do not compute the same network"
+    );
+    println!(
+        "top-1 check: sieve and ONNX Runtime agree on all {} photos",
+        PEER_PHOTOS.len()
+    );
     Ok(())
+}
+
+/// sieve's top-1 ImageNet class and its probability for each preprocessed photo
+/// (`[3, side, side]` values each, back to back), on `device`.
+fn sieve_top1(
+    weights: &std::path::Path,
+    photos: Vec<f32>,
+    device: &Device,
+) -> anyhow::Result<Vec<(usize, f64)>> {
+    let net = mobilenet::load_imagenet(weights, device)?;
+    let side = PEER_PHOTO_SIDE;
+    let n = photos.len() / (3 * side * side);
+    let x = Tensor::<4>::from_data(TensorData::new(photos, [n, 3, side, side]), device);
+    let logits = net
+        .forward(x)
+        .try_into_vec_as::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(logits
+        .chunks(mobilenet::NUM_CLASSES)
+        .map(top1_softmax)
+        .collect())
+}
+
+/// The argmax of a row of logits and its softmax probability.
+fn top1_softmax(logits: &[f32]) -> (usize, f64) {
+    let (best, max) = logits
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or((0, 0.0));
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    (best, 1.0 / sum)
 }
 
 /// Images per second of `step` (one batch of `batch`), after one warm-up call, over at
@@ -917,5 +1304,43 @@ mod tests {
         // The MobileNetV2 paper: about 300 million multiply-adds at 224x224.
         let m = mobilenet::multiply_adds(224, 224, true);
         assert!((290_000_000..320_000_000).contains(&m), "{m}");
+    }
+
+    #[test]
+    fn the_peer_output_is_read_line_by_line() -> anyhow::Result<()> {
+        assert_eq!(
+            parse_peer_line(r#"{"ort": "1.32.0", "threads": 2}"#)?,
+            Some(PeerRecord::Version("1.32.0".into()))
+        );
+        assert_eq!(
+            parse_peer_line(r#"{"input": 96, "batch": 16, "img_per_s": 1500.5}"#)?,
+            Some(PeerRecord::Row(ForwardRow {
+                side: 96,
+                batch: 16,
+                img_per_s: 1500.5
+            }))
+        );
+        assert_eq!(
+            parse_peer_line(r#"{"photo": "coffee.png", "top1": 967, "p": 0.99}"#)?,
+            Some(PeerRecord::Top1("coffee.png".into(), 967, 0.99))
+        );
+        assert_eq!(parse_peer_line("making ops/.venv-peer")?, None);
+        assert!(parse_peer_line(r#"{"what": 1}"#).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn top1_is_the_argmax_with_its_softmax_probability() {
+        let (class, p) = top1_softmax(&[0.0, 2.0_f32.ln(), 0.0]);
+        assert_eq!(class, 1);
+        assert!((p - 0.5).abs() < 1e-6, "{p}");
+    }
+
+    /// The peer reads a smaller batch as the prefix of the largest one's inputs.
+    #[test]
+    fn bench_inputs_of_a_smaller_batch_are_a_prefix() {
+        let large = random_inputs(64 * 10, MOBILENET_INPUT_SEED);
+        let small = random_inputs(16 * 10, MOBILENET_INPUT_SEED);
+        assert_eq!(&large[..small.len()], &small[..]);
     }
 }
