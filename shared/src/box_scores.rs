@@ -87,9 +87,10 @@ pub struct ImageScores {
     pub least_certain: f32,
     /// Objects under the threshold by less than the band: near misses.
     pub near_misses: u32,
-    /// The highest confidence among the objects under the threshold, near
-    /// or not (0: none): how likely the likeliest object the proposal
-    /// leaves out is.
+    /// How likely the likeliest object the proposal leaves out is (0:
+    /// none): over the candidates under the threshold, near or not, the
+    /// chance that at least one of those on the same place (IoU at the
+    /// match threshold, whatever their class) is an object.
     #[serde(default)]
     pub likeliest_miss: f32,
     /// Spread of the members' counts of objects at or above the threshold:
@@ -176,7 +177,21 @@ pub fn image_scores(
         .iter()
         .filter(|o| o.confidence >= threshold - band)
         .count() as u32;
-    let likeliest_miss = under.iter().map(|o| o.confidence).fold(0.0_f32, f32::max);
+    // Something is there even when no class is sure which: candidates of
+    // other classes on the same place add up (the chance that at least one
+    // is right), so a committee torn between classes is not sure the place
+    // is empty.
+    let likeliest_miss = under
+        .iter()
+        .map(|o| {
+            let none_there: f32 = under
+                .iter()
+                .filter(|other| other.at.iou(&o.at) >= match_iou)
+                .map(|other| 1.0 - other.confidence)
+                .product();
+            1.0 - none_there
+        })
+        .fold(0.0_f32, f32::max);
     let least_certain = boxes.iter().map(|o| o.confidence).fold(1.0_f32, f32::min);
     let counts: Vec<f32> = members
         .iter()
@@ -535,5 +550,38 @@ mod tests {
         );
         assert!(all_right(&[], &[], 0.5), "nothing to find, nothing found");
         assert_eq!(matched(&[at(1.0), at(0.5)], &truth, 0.5), 1);
+    }
+
+    #[test]
+    fn candidates_of_several_classes_on_one_place_add_up_to_a_likely_miss() {
+        // Three members, each unsure of the class of one object: no class
+        // reaches the threshold, yet something is surely there.
+        let members = vec![
+            vec![
+                scored(0, 0.5, 0.0, 0.0, 10.0),
+                scored(1, 0.4, 0.0, 0.0, 10.0),
+            ],
+            vec![
+                scored(1, 0.5, 0.0, 0.0, 10.0),
+                scored(2, 0.4, 0.0, 0.0, 10.0),
+            ],
+            vec![
+                scored(2, 0.5, 0.0, 0.0, 10.0),
+                scored(0, 0.4, 0.0, 0.0, 10.0),
+            ],
+        ];
+        let s = image_scores(&members, 0.5, 0.5, 0.25);
+        assert!(s.boxes.is_empty(), "{s:?}");
+        // Each class at (0.5 + 0.4) / 3 = 0.3; together 1 − 0.7³ = 0.657.
+        assert!((s.likeliest_miss - 0.657).abs() < 1e-3, "{s:?}");
+        assert!(s.confidence() < 0.35, "{s:?}");
+        // Apart, the same candidates are three separate weak misses.
+        let apart = vec![
+            vec![scored(0, 0.5, 0.0, 0.0, 10.0)],
+            vec![scored(1, 0.5, 50.0, 0.0, 10.0)],
+            vec![scored(2, 0.5, 100.0, 0.0, 10.0)],
+        ];
+        let s = image_scores(&apart, 0.5, 0.5, 0.25);
+        assert!((s.likeliest_miss - 0.5 / 3.0).abs() < 1e-5, "{s:?}");
     }
 }

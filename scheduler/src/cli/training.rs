@@ -66,10 +66,12 @@ pub async fn models(settings: Settings, command: ModelsCommand) -> anyhow::Resul
             let project = projects::get(&ctx.db, &project).await?;
             for v in registry::list(&ctx, &project).await? {
                 println!(
-                    "v{}  {:?}  holdout_accuracy={}  holdout={}  train={}  {}",
+                    "v{}  {:?}  holdout_accuracy={}{}  holdout={}  train={}  {}",
                     v.version,
                     v.status,
                     v.holdout_accuracy.map_or("-".into(), |a| format!("{a:.4}")),
+                    v.average_precision
+                        .map_or(String::new(), |ap| format!("  ap50={ap:.4}")),
                     v.holdout_size.map_or("-".into(), |n| n.to_string()),
                     v.train_size.map_or("-".into(), |n| n.to_string()),
                     v.status_reason.unwrap_or_default()

@@ -28,6 +28,10 @@ pub struct VersionSummary {
     pub version: i32,
     pub status: VersionStatus,
     pub holdout_accuracy: Option<f64>,
+    /// A detector's average precision at IoU 0.5 on its holdout (its
+    /// `holdout_accuracy` is the share of holdout images it got wholly
+    /// right).
+    pub average_precision: Option<f64>,
     pub holdout_size: Option<u32>,
     pub train_size: Option<u32>,
     pub status_reason: Option<String>,
@@ -49,6 +53,7 @@ impl From<&model_version::Model> for VersionSummary {
             version: v.version,
             status: v.status,
             holdout_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
+            average_precision: metrics.as_ref().and_then(|m| m.average_precision),
             holdout_size: metrics.as_ref().map(|m| m.holdout_size),
             train_size: metrics.as_ref().map(|m| m.train_size),
             status_reason: v.status_reason.clone(),

@@ -135,8 +135,13 @@ impl Truth {
     }
 }
 
-/// Write the demo's images to `dir` and return their annotations.
+/// Write the demo's images to `dir` (afresh: what an earlier run left there
+/// would be ingested too) and return their annotations. The images are the
+/// same every time, so a resumed run ingests nothing new.
 fn prepare(args: &DemoArgs, dir: &Path) -> anyhow::Result<Truth> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
     std::fs::create_dir_all(dir)?;
     match args.boxes_data {
         BoxData::Crowns => crowns(&args.crowns_dir, dir),
@@ -244,7 +249,10 @@ pub fn edits(start: &[LabeledBox], truth: &[LabeledBox]) -> usize {
 pub async fn run(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<BoxReport> {
     let started = Instant::now();
     let timeout = Duration::from_secs(args.step_timeout_secs);
-    let image_dir = args.work_dir.join("images");
+    let image_dir = args.work_dir.join(match args.boxes_data {
+        BoxData::Crowns => "crown-crops",
+        BoxData::Canvases => "canvases",
+    });
     let truth = prepare(args, &image_dir)?;
     let objects: usize = truth.boxes.values().map(Vec::len).sum();
     println!(
