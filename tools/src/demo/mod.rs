@@ -264,19 +264,8 @@ impl Api {
     }
 
     async fn submit(&self, task: &ClaimedTask, class: &str) -> anyhow::Result<SubmittedLabel> {
-        Ok(self
-            .http
-            .post(format!(
-                "{}/api/v1/review/{}/submit",
-                self.base, task.task_id
-            ))
-            .bearer_auth(&self.reviewer_token)
-            .json(&serde_json::json!({ "fencing_token": task.fencing_token, "class": class }))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?)
+        self.submit_label(task, serde_json::json!({ "class": class }))
+            .await
     }
 
     /// Submit a detection task's boxes.
@@ -285,6 +274,18 @@ impl Api {
         task: &ClaimedTask,
         boxes: &[NamedBox],
     ) -> anyhow::Result<SubmittedLabel> {
+        self.submit_label(task, serde_json::json!({ "boxes": boxes }))
+            .await
+    }
+
+    /// Submit `label` (the `class` or `boxes` field) for `task`, under its
+    /// fencing token.
+    async fn submit_label(
+        &self,
+        task: &ClaimedTask,
+        mut label: serde_json::Value,
+    ) -> anyhow::Result<SubmittedLabel> {
+        label["fencing_token"] = task.fencing_token.into();
         Ok(self
             .http
             .post(format!(
@@ -292,7 +293,7 @@ impl Api {
                 self.base, task.task_id
             ))
             .bearer_auth(&self.reviewer_token)
-            .json(&serde_json::json!({ "fencing_token": task.fencing_token, "boxes": boxes }))
+            .json(&label)
             .send()
             .await?
             .error_for_status()?
