@@ -255,12 +255,26 @@ async fn a_detector_trained_on_peoples_boxes_prelabels_the_rest() {
         "recall {recall}, precision {precision}"
     );
 
-    // The threshold comes down to the upper quartile of image confidence:
-    // the policy change re-routes what waits, and the surest quarter is
-    // labeled by machine
-    // with the proposal; the rest wait for people, who start from the
-    // model's boxes.
-    let mut confidences: Vec<f32> = predictions.iter().map(|p| p.confidence).collect();
+    // The threshold comes down to the upper quartile of confidence among
+    // the images the committee agrees on (disagreement above the policy's
+    // limit sends an image to people whatever its confidence): the policy
+    // change re-routes what waits, and the surest of them are labeled by
+    // machine with the proposal; the rest wait for people, who start from
+    // the model's boxes.
+    let limit = project.policy.disagreement_limit;
+    let mut confidences: Vec<f32> = predictions
+        .iter()
+        .filter(|p| p.disagreement <= limit)
+        .map(|p| p.confidence)
+        .collect();
+    assert!(
+        !confidences.is_empty(),
+        "the committee disagreed on every image (limit {limit}): {:?}",
+        predictions
+            .iter()
+            .map(|p| (p.confidence, p.disagreement))
+            .collect::<Vec<_>>()
+    );
     confidences.sort_by(f32::total_cmp);
     let threshold = confidences[confidences.len() * 3 / 4];
     let patch = PolicyPatch {
