@@ -1248,13 +1248,18 @@ async fn chaos(
     let sizes = chunk_sizes(args.items, args.seed_share, &steps);
     let images = settings.store.root.join("chaos");
     let all = images.join("all");
-    let (exported, truth) = fashion_mnist::export_first(&args.data_dir, args.items, &all)
-        .with_context(|| {
-            format!(
-                "reading Fashion-MNIST from {} (apt-get install dataset-fashion-mnist)",
-                args.data_dir.display()
-            )
-        })?;
+    let (exported, truth) = fashion_mnist::export_first(
+        &args.data_dir,
+        args.items,
+        &all,
+        &fashion_mnist::Classes::all(),
+    )
+    .with_context(|| {
+        format!(
+            "reading Fashion-MNIST from {} (apt-get install dataset-fashion-mnist)",
+            args.data_dir.display()
+        )
+    })?;
     let mut names: Vec<PathBuf> = std::fs::read_dir(&all)?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;

@@ -54,6 +54,10 @@ pub struct DemoArgs {
     /// then the 10,000 test images (70,000 in all).
     #[arg(long, default_value_t = fashion_mnist::TOTAL)]
     pub images: usize,
+    /// Label only these Fashion-MNIST classes (comma-separated names, e.g.
+    /// `trouser,bag,sneaker` for an easy set); all ten by default.
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<String>,
     /// Project name (default: fashion-mnist-<time>).
     #[arg(long)]
     pub project: Option<String>,
@@ -501,11 +505,20 @@ pub async fn run(ctx: &Context, args: &DemoArgs) -> anyhow::Result<DemoReport> {
 async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<DemoReport> {
     let started = Instant::now();
     let timeout = Duration::from_secs(args.step_timeout_secs);
-    let image_dir = args.work_dir.join("images");
-    let (exported, truth) = fashion_mnist::export_first(&args.data_dir, args.images, &image_dir)?;
+    let classes = fashion_mnist::Classes::parse(&args.classes)?;
+    // The folder is ingested whole: a subset's images go to their own.
+    let image_dir = if classes.is_all() {
+        args.work_dir.join("images")
+    } else {
+        args.work_dir
+            .join(format!("images-{}", classes.names().join("-")))
+    };
+    let (exported, truth) =
+        fashion_mnist::export_first(&args.data_dir, args.images, &image_dir, &classes)?;
     let truth = Arc::new(truth);
     println!(
-        "exported {exported} Fashion-MNIST images to {}",
+        "exported {exported} Fashion-MNIST images of {} to {}",
+        classes.names().join(", "),
         image_dir.display()
     );
 
@@ -513,12 +526,15 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
         let project = projects::get(&ctx.db, name)
             .await
             .with_context(|| format!("cannot resume project {name}"))?;
+        anyhow::ensure!(
+            project.class_names == classes.names(),
+            "project {name} labels {}: resume it with --classes {}",
+            project.class_names.join(", "),
+            project.class_names.join(",")
+        );
         println!("resuming project {}", project.name);
     } else {
-        let classes: Vec<String> = fashion_mnist::CLASSES
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
+        let classes: Vec<String> = classes.names().iter().map(|c| c.to_string()).collect();
         let project = training::create_project(
             ctx,
             &ProjectName::parse(name)?,
@@ -780,16 +796,15 @@ async fn review_round(
                 let mut answer = truth
                     .class_of(&task.source)
                     .with_context(|| format!("cannot tell the image of {}", task.source))?;
+                let names = truth.classes().names();
                 if args.reviewer_error_rate > 0.0 {
                     use rand::Rng;
                     let mut rng = rand::rng();
                     if rng.random::<f64>() < args.reviewer_error_rate {
-                        answer = (answer + rng.random_range(1..fashion_mnist::CLASSES.len()))
-                            % fashion_mnist::CLASSES.len();
+                        answer = (answer + rng.random_range(1..names.len())) % names.len();
                     }
                 }
-                let class = fashion_mnist::CLASSES[answer];
-                api.submit(&task, class).await?;
+                api.submit(&task, names[answer]).await?;
                 done.fetch_add(1, Ordering::SeqCst);
             }
             anyhow::Ok(())
