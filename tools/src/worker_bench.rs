@@ -9,6 +9,10 @@
 //!   1280-wide embeddings.
 //! - `accuracy` (`bench_accuracy.rs`): the training recipe's model quality on real labels.
 //!
+//! `forward --task detection` measures the detector instead (frozen ImageNet backbone, K
+//! heads, whole images cut into tiles): bare detection of decoded images against the queue
+//! path, at the same batch sizes.
+//!
 //! `forward --peer ort` also runs the same MobileNetV2 weights in ONNX Runtime
 //! (`ops/peer-ort.sh`) with the same threads, batch sizes and inputs, prints sieve / ORT per
 //! row, and fails unless both give the same top-1 class on the real photos.
@@ -43,10 +47,12 @@ use sieve_shared::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
 use crate::bench_accuracy::{self, AccuracyArgs};
+use sieve_scheduler::kind::TaskKind;
 use sieve_worker::context::Capability;
+use sieve_worker::jobs::prelabel;
 use sieve_worker::model::{
-    ArchitectureConfig, Committee, EmbeddingData, HeadsOptions, TrainData, TrainOptions, mobilenet,
-    train, train_heads,
+    ArchitectureConfig, Committee, Detector, EmbeddingData, HeadsOptions, Model, TrainData,
+    TrainOptions, detector, mobilenet, train, train_heads,
 };
 use sieve_worker::service;
 use sieve_worker::{artifact, backend, images};
@@ -100,6 +106,17 @@ pub struct BenchArgs {
     /// Committee members K.
     #[arg(long, default_value_t = 3)]
     pub members: usize,
+    /// `forward` of which task kind's model: the classifiers (`classification`) or the
+    /// detector (`detection`).
+    #[arg(long = "task", default_value_t = TaskKind::Classification)]
+    pub task: TaskKind,
+    /// Side of the detector's square bench images (one tile each at the default input size
+    /// of 384; larger images are cut into overlapping tiles).
+    #[arg(long, default_value_t = 384)]
+    pub detect_side: u32,
+    /// Jobs sent through the detector's queue path per batch size (batch 1 gets a quarter).
+    #[arg(long, default_value_t = 256)]
+    pub detect_queue_items: usize,
     /// Minimum seconds per bare-forward measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
@@ -179,8 +196,11 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
 // ---------------------------------------------------------------- forward
 
 async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
+    if args.task == TaskKind::Detection {
+        return forward_detection(&settings, args).await;
+    }
     let config = ArchitectureConfig::small_cnn(10, args.members);
-    let committee = Arc::new(Committee::init(&config, 1, &backend::device())?);
+    let committee = Committee::init(&config, 1, &backend::device())?;
     let flops = 2 * small_cnn_multiply_adds(&config);
     println!(
         "\n## small CNN committee (28x28x1, K={}), {:.2} MFLOP per image",
@@ -210,7 +230,9 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
         }
         .max(b * 4)
     };
-    compare_paths(&settings, args, &committee, flops, items).await?;
+    let model = Arc::new(Model::Classifier(committee));
+    let pngs = sample_pngs(1024, 28, 2);
+    compare_paths(&settings, args, &model, Some(flops), &pngs, items).await?;
     if args.skip_mobilenet {
         return Ok(());
     }
@@ -268,25 +290,109 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
             }
             .max(b * 4)
         };
-        compare_paths(&settings, args, &Arc::new(committee), flops, items).await?;
+        let model = Arc::new(Model::Classifier(committee));
+        compare_paths(&settings, args, &model, Some(flops), &pngs, items).await?;
     }
     Ok(())
 }
 
-/// For each batch size: the committee's bare forward, then the real queue path (a worker
-/// consuming jobs from RabbitMQ, results out), alternating so that both see the same
-/// machine load. `items(b)` jobs per queue run.
+/// The detector as a worker runs it: the frozen ImageNet backbone and K heads as they are
+/// before any training (their scores start at 0.1 everywhere, above the decode threshold, so
+/// every cell is a candidate for NMS: more box work than a trained detector does), on square
+/// noisy images of `--detect-side`, bare against the queue path.
+async fn forward_detection(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.weights.exists(),
+        "the detector needs the MobileNetV2 weights: {} is missing (bash ops/fetch-weights.sh)",
+        args.weights.display()
+    );
+    let config = ArchitectureConfig::detector(1, args.members, 384);
+    let weights = args.weights.clone();
+    let model = tokio::task::spawn_blocking(move || -> anyhow::Result<Model> {
+        let device = backend::device();
+        let backbone = mobilenet::load_imagenet(&weights, &device)?;
+        let heads = detector::untrained_heads(
+            &sieve_worker::model::detect::heads_config(&config),
+            1,
+            &device,
+        )?;
+        Ok(Model::Detector(Detector::new(&config, backbone, heads)?))
+    })
+    .await??;
+    let side = args.detect_side;
+    let pngs = sample_pngs(64, side, 4);
+    let started = Instant::now();
+    let decoded = prelabel::decode_images(
+        &pngs
+            .iter()
+            .cloned()
+            .map(bytes::Bytes::from)
+            .collect::<Vec<_>>(),
+        u64::MAX,
+    );
+    let per_image = started.elapsed().as_secs_f64() / pngs.len() as f64;
+    let tiles = sieve_worker::model::detect::tile_pixels(
+        decoded[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?,
+        384,
+        sieve_worker::model::detect::TILE_OVERLAP,
+    )
+    .0
+    .len();
+    println!(
+        "\n## detector ({side}x{side} images, {tiles} tile(s) of 384x384 each, frozen ImageNet backbone, K={} heads, untrained)",
+        args.members
+    );
+    println!(
+        "decode of a {side}x{side} PNG: {:.1} ms per image (two threads)",
+        per_image * 1e3
+    );
+    let items = |b: usize| {
+        if b == 1 {
+            args.detect_queue_items / 4
+        } else {
+            args.detect_queue_items
+        }
+        .max(b * 4)
+    };
+    compare_paths(settings, args, &Arc::new(model), None, &pngs, items).await
+}
+
+/// For each batch size: the model's bare forward, then the real queue path (a worker
+/// consuming jobs for `pngs` from RabbitMQ, results out), alternating so that both see the
+/// same machine load. `items(b)` jobs per queue run. A classifier's bare forward takes
+/// preprocessed inputs; a detector's, the decoded `pngs`. `flops` per image, where known.
 async fn compare_paths(
     settings: &Settings,
     args: &BenchArgs,
-    committee: &Arc<Committee>,
-    flops: u64,
+    model: &Arc<Model>,
+    flops: Option<u64>,
+    pngs: &[Vec<u8>],
     items: impl Fn(usize) -> usize,
 ) -> anyhow::Result<()> {
-    let input_len = committee.config().input_len();
+    let input_len = model.config().input_len();
+    let decoded: Arc<Vec<_>> = Arc::new(match model.as_ref() {
+        Model::Classifier(_) => Vec::new(),
+        Model::Detector(_) => prelabel::decode_images(
+            &pngs
+                .iter()
+                .cloned()
+                .map(bytes::Bytes::from)
+                .collect::<Vec<_>>(),
+            u64::MAX,
+        )
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("a bench image: {e}"))?,
+    });
+    let gflops =
+        |rate: f64| flops.map_or("-".to_owned(), |f| format!("{:.2}", rate * f as f64 / 1e9));
     // The same weights on the CPU backend, when this build computes elsewhere and a baseline
     // was asked for.
-    let cpu = cpu_baseline_device(args).map(|cpu| Arc::new(committee.to_device(&cpu)));
+    let cpu = cpu_baseline_device(args).and_then(|cpu| {
+        model
+            .classifier()
+            .map(|c| Arc::new(Model::Classifier(c.to_device(&cpu))))
+    });
     let modes = args.pipeline.modes();
     println!(
         "\n| batch | path | items | items/s | GFLOP/s | / bare | scored | failed | duplicates | peak RSS MiB | CPU µs/item bench+worker / RabbitMQ |"
@@ -295,26 +401,29 @@ async fn compare_paths(
     let bench = if modes.is_empty() {
         None
     } else {
-        Some(QueueBench::start(settings, committee).await?)
+        Some(QueueBench::start(settings, model, pngs).await?)
     };
     let outcome = async {
         for &b in &args.batch_sizes {
-            let input = Arc::new(random_inputs(b * input_len, 7));
+            let input = Arc::new(match model.as_ref() {
+                Model::Classifier(_) => random_inputs(b * input_len, 7),
+                Model::Detector(_) => Vec::new(),
+            });
             if let Some(cpu) = &cpu {
                 reset_peak_rss();
-                let rate = bare_forward(cpu, &input, b, args.seconds).await?;
+                let rate = bare_forward(cpu, &input, &decoded, b, args.seconds).await?;
                 println!(
-                    "| {b} | bare forward, cpu (flex) | - | {rate:.0} | {:.2} | - | - | - | - | {:.0} | - |",
-                    rate * flops as f64 / 1e9,
+                    "| {b} | bare forward, cpu (flex) | - | {rate:.0} | {} | - | - | - | - | {:.0} | - |",
+                    gflops(rate),
                     peak_rss_mib()
                 );
             }
             reset_peak_rss();
-            let bare = bare_forward(committee, &input, b, args.seconds).await?;
+            let bare = bare_forward(model, &input, &decoded, b, args.seconds).await?;
             println!(
-                "| {b} | bare forward, {} | - | {bare:.1} | {:.2} | 1.00 | - | - | - | {:.0} | - |",
+                "| {b} | bare forward, {} | - | {bare:.1} | {} | 1.00 | - | - | - | {:.0} | - |",
                 backend::backend_name(),
-                bare * flops as f64 / 1e9,
+                gflops(bare),
                 peak_rss_mib()
             );
             let Some(bench) = &bench else { continue };
@@ -328,10 +437,10 @@ async fn compare_paths(
                 let per_item = |seconds: f64| seconds / items as f64 * 1e6;
                 let broker = (service_cpu() - services_before).rabbitmq;
                 println!(
-                    "| {b} | queue, pipeline {} | {items} | {:.1} | {:.2} | {:.2} | {} | {} | {} | {:.0} | {:.0} / {:.0} |",
+                    "| {b} | queue, pipeline {} | {items} | {:.1} | {} | {:.2} | {} | {} | {} | {:.0} | {:.0} / {:.0} |",
                     if pipeline { "on" } else { "off" },
                     figures.rate(),
-                    figures.rate() * flops as f64 / 1e9,
+                    gflops(figures.rate()),
                     figures.rate() / bare,
                     figures.scored,
                     figures.failed,
@@ -357,18 +466,38 @@ fn cpu_baseline_device(args: &BenchArgs) -> Option<Device> {
     (args.cpu_baseline && backend::device() != cpu).then_some(cpu)
 }
 
-/// Items per second of the committee's bare forward (upload, forward, read-back).
+/// Items per second of the model's bare forward: a classifier's on preprocessed `input`
+/// (upload, forward, read-back), a detector's on `batch` of the `decoded` images (tiles,
+/// forward, boxes merged and scored, as the worker does after decoding).
 async fn bare_forward(
-    committee: &Arc<Committee>,
+    model: &Arc<Model>,
     input: &Arc<Vec<f32>>,
+    decoded: &Arc<Vec<image::RgbImage>>,
     batch: usize,
     seconds: f64,
 ) -> anyhow::Result<f64> {
-    let (c, input) = (committee.clone(), input.clone());
-    tokio::task::spawn_blocking(move || {
-        measure(seconds, batch, || {
+    let (model, input, decoded) = (model.clone(), input.clone(), decoded.clone());
+    tokio::task::spawn_blocking(move || match model.as_ref() {
+        Model::Classifier(c) => measure(seconds, batch, || {
             c.predict_with_embeddings(&input, batch).map(|_| ())
-        })
+        }),
+        Model::Detector(d) => {
+            anyhow::ensure!(!decoded.is_empty(), "no images for the detector");
+            let images: Vec<_> = decoded
+                .iter()
+                .cycle()
+                .take(batch)
+                .cloned()
+                .map(Ok)
+                .collect();
+            measure(seconds, batch, || {
+                let out = prelabel::detect_images(d, images.clone());
+                match out.into_iter().find_map(Result::err) {
+                    Some(reason) => Err(anyhow::anyhow!(reason)),
+                    None => Ok(()),
+                }
+            })
+        }
     })
     .await?
 }
@@ -819,7 +948,7 @@ impl QueueFigures {
 }
 
 impl QueueBench {
-    async fn start(base: &Settings, committee: &Committee) -> anyhow::Result<Self> {
+    async fn start(base: &Settings, model: &Model, pngs: &[Vec<u8>]) -> anyhow::Result<Self> {
         let tag = uuid::Uuid::now_v7().simple().to_string();
         let tag = &tag[tag.len() - 12..];
         let mut settings = base.clone();
@@ -839,7 +968,7 @@ impl QueueBench {
         let publisher = Publisher::new(&connection, topology.clone()).await?;
 
         let store = Store::open(&settings.store)?;
-        let (bytes, checksum) = artifact::encode(committee)?;
+        let (bytes, checksum) = artifact::encode_model(model)?;
         let artifact_key = "models/bench/1.sievemodel".to_string();
         store.put(&artifact_key, bytes.into()).await?;
         let model = ModelRef {
@@ -849,9 +978,9 @@ impl QueueBench {
             checksum,
         };
         let mut keys = Vec::new();
-        for (i, png) in sample_pngs(1024, 28, 2).into_iter().enumerate() {
+        for (i, png) in pngs.iter().enumerate() {
             let key = format!("images/bench/{i}.png");
-            store.put(&key, png.into()).await?;
+            store.put(&key, png.clone().into()).await?;
             keys.push(key);
         }
         Ok(Self {
