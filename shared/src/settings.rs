@@ -44,6 +44,14 @@ pub struct TrainingSettings {
     /// table) is removed from the store this long after the run ended,
     /// unless its version is a project's active one. The run's row stays.
     pub snapshot_retention_hours: u64,
+    /// Labels join a project's holdout in two ways: every random check (the
+    /// audit and calibration samples) always does, and of the labels people
+    /// gave for the model's doubt, a fifth by content hash does — until the
+    /// holdout holds this many random checks. From then on those labels
+    /// train: the random checks alone measure a version, without the bias
+    /// of items picked as the hardest, and a small project stops spending a
+    /// fifth of its labels on measurement. 0: random checks only, always.
+    pub holdout_random_checks: u32,
 }
 
 impl Default for TrainingSettings {
@@ -53,6 +61,7 @@ impl Default for TrainingSettings {
             promotion_margin: 0.0,
             stuck_after_seconds: 3600,
             snapshot_retention_hours: 24 * 30,
+            holdout_random_checks: 400,
         }
     }
 }

@@ -217,12 +217,46 @@ async fn examples(
     Ok(rows.into_iter().map(LabeledItem::into_example).collect())
 }
 
-/// The snapshot's examples: every human or imported label's item.
+/// The snapshot's examples: every human or imported label's item, the
+/// holdout capped as `training.holdout_random_checks` says.
 async fn labeled_examples(
     ctx: &Context,
     project: &Project,
 ) -> anyhow::Result<Vec<SnapshotExample>> {
-    examples(ctx, project, LABELED_ITEMS).await
+    let mut examples = examples(ctx, project, LABELED_ITEMS).await?;
+    let enough = ctx.settings.training.holdout_random_checks as usize;
+    let moved = cap_holdout(&mut examples, enough);
+    if moved > 0 {
+        tracing::debug!(project = %project.name, moved, enough, "the holdout has its random checks; labels picked for doubt train");
+    }
+    Ok(examples)
+}
+
+/// Once the holdout holds `enough` random checks, the labels picked for the
+/// model's doubt that the content hash put there train instead; returns how
+/// many moved. Random checks only accumulate, so an item only ever moves
+/// from holdout to training, never back: a candidate's holdout holds
+/// nothing its champion trained on, and comparing them there stays fair.
+/// (Undoing random checks below `enough` would move items back; a champion
+/// measured on them then looks a little better than it is, which errs
+/// towards keeping it.)
+fn cap_holdout(examples: &mut [SnapshotExample], enough: usize) -> usize {
+    let random_checks = examples
+        .iter()
+        .filter(|e| e.split == Split::Holdout && e.random)
+        .count();
+    if random_checks < enough {
+        return 0;
+    }
+    let mut moved = 0;
+    for example in examples
+        .iter_mut()
+        .filter(|e| e.split == Split::Holdout && !e.random)
+    {
+        example.split = Split::Train;
+        moved += 1;
+    }
+    moved
 }
 
 /// Items labeled by machine now (state `auto_labeled`: no person has
@@ -937,4 +971,58 @@ pub async fn list_runs(ctx: &Context, project: &Project) -> AppResult<Vec<traini
         .order_by_desc(training_run::Column::CreatedAt)
         .all(&ctx.db)
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(split: Split, random: bool) -> SnapshotExample {
+        SnapshotExample {
+            item_id: ItemId::new(),
+            object_key: "k".into(),
+            class_index: 0,
+            split,
+            random,
+            machine: false,
+            embedding_row: None,
+            embedding: None,
+            boxes: None,
+        }
+    }
+
+    fn splits(examples: &[SnapshotExample]) -> Vec<(Split, bool)> {
+        examples.iter().map(|e| (e.split, e.random)).collect()
+    }
+
+    #[test]
+    fn labels_picked_for_doubt_leave_the_holdout_once_random_checks_suffice() {
+        let mut examples = vec![
+            example(Split::Holdout, true),
+            example(Split::Holdout, true),
+            example(Split::Holdout, false),
+            example(Split::Train, false),
+            example(Split::Train, true),
+        ];
+        let before = splits(&examples);
+        // Two random checks in the holdout: short of three, nothing moves.
+        assert_eq!(cap_holdout(&mut examples, 3), 0);
+        assert_eq!(splits(&examples), before);
+        // Enough: the doubtful label trains; random checks stay held out,
+        // and a random label the hash put in training stays there.
+        assert_eq!(cap_holdout(&mut examples, 2), 1);
+        assert_eq!(
+            splits(&examples),
+            vec![
+                (Split::Holdout, true),
+                (Split::Holdout, true),
+                (Split::Train, false),
+                (Split::Train, false),
+                (Split::Train, true),
+            ]
+        );
+        // 0: random checks only, from the first label.
+        let mut fresh = vec![example(Split::Holdout, false)];
+        assert_eq!(cap_holdout(&mut fresh, 0), 1);
+    }
 }

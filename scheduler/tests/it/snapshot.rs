@@ -11,93 +11,151 @@ use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
 use sieve_scheduler::entities::review_task::{self, TaskReason};
 use sieve_scheduler::training;
-use sieve_shared::messages::{Snapshot, Split, TrainParams};
-use sieve_testkit::with_app;
+use sieve_shared::messages::{Snapshot, SnapshotExample, Split, TrainParams};
+use sieve_testkit::{with_app, with_app_configured};
+
+const REASONS: [TaskReason; 5] = [
+    TaskReason::LowConfidence,
+    TaskReason::Disagreement,
+    TaskReason::Seed,
+    TaskReason::Audit,
+    TaskReason::Sample,
+];
+
+/// Forty items of project `snap`, their tasks given the [`REASONS`] in turn
+/// and answered through the review API; then a training run's snapshot,
+/// each example with its task's reason and its item.
+async fn reviewed_snapshot(
+    app: &sieve_testkit::App,
+) -> (
+    training::RunSummary,
+    Vec<(SnapshotExample, TaskReason, item::Model)>,
+) {
+    let seeded = app.seed("snap", &["cat", "dog"], 40).await;
+    for (i, task) in seeded.tasks.iter().enumerate() {
+        review_task::Entity::update(review_task::ActiveModel {
+            id: Set(task.task_id),
+            reason: Set(REASONS[i % REASONS.len()]),
+            ..Default::default()
+        })
+        .exec(app.db())
+        .await
+        .unwrap();
+    }
+    let token = app.token("rev", Role::Reviewer).await;
+    for _ in 0..seeded.tasks.len() {
+        let (status, task) = app
+            .post("/api/v1/projects/snap/review/next", &token, json!({}))
+            .await;
+        assert_eq!(status, 200, "{task}");
+        let (status, body) = app
+            .post(
+                &format!(
+                    "/api/v1/review/{}/submit",
+                    task["task_id"].as_str().unwrap()
+                ),
+                &token,
+                json!({ "fencing_token": task["fencing_token"], "class": "cat" }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let run = training::request(
+        &app.ctx,
+        &seeded.project,
+        "test",
+        TrainParams::default(),
+        true,
+    )
+    .await
+    .unwrap();
+    let key = format!(
+        "projects/{}/snapshots/{}.json",
+        seeded.project.id, run.run_id
+    );
+    let snapshot: Snapshot =
+        serde_json::from_slice(&app.ctx.store.get(&key).await.unwrap()).unwrap();
+    assert_eq!(snapshot.examples.len(), seeded.tasks.len());
+    let mut examples = Vec::new();
+    for example in snapshot.examples {
+        let i = seeded
+            .tasks
+            .iter()
+            .position(|t| t.item_id == example.item_id.as_uuid())
+            .unwrap();
+        let item = item::Entity::find_by_id(example.item_id.as_uuid())
+            .one(app.db())
+            .await
+            .unwrap()
+            .unwrap();
+        examples.push((example, REASONS[i % REASONS.len()], item));
+    }
+    (run, examples)
+}
 
 #[tokio::test]
 async fn audit_sample_is_holdout_and_random_picks_are_flagged() {
     with_app(60, |app| async move {
-        let reasons = [
-            TaskReason::LowConfidence,
-            TaskReason::Disagreement,
-            TaskReason::Seed,
-            TaskReason::Audit,
-            TaskReason::Sample,
-        ];
-        let seeded = app.seed("snap", &["cat", "dog"], 40).await;
-        for (i, task) in seeded.tasks.iter().enumerate() {
-            review_task::Entity::update(review_task::ActiveModel {
-                id: Set(task.task_id),
-                reason: Set(reasons[i % reasons.len()]),
-                ..Default::default()
-            })
-            .exec(app.db())
-            .await
-            .unwrap();
-        }
-        let token = app.token("rev", Role::Reviewer).await;
-        for _ in 0..seeded.tasks.len() {
-            let (status, task) = app
-                .post("/api/v1/projects/snap/review/next", &token, json!({}))
-                .await;
-            assert_eq!(status, 200, "{task}");
-            let (status, body) = app
-                .post(
-                    &format!("/api/v1/review/{}/submit", task["task_id"].as_str().unwrap()),
-                    &token,
-                    json!({ "fencing_token": task["fencing_token"], "class": "cat" }),
-                )
-                .await;
-            assert_eq!(status, 200, "{body}");
-        }
-
-        let run = training::request(
-            &app.ctx,
-            &seeded.project,
-            "test",
-            TrainParams::default(),
-            true,
-        )
-        .await
-        .unwrap();
-        let key = format!("projects/{}/snapshots/{}.json", seeded.project.id, run.run_id);
-        let snapshot: Snapshot =
-            serde_json::from_slice(&app.ctx.store.get(&key).await.unwrap()).unwrap();
-        assert_eq!(snapshot.examples.len(), seeded.tasks.len());
-
+        let (run, examples) = reviewed_snapshot(&app).await;
         let mut by_hash_holdout = 0;
-        for example in &snapshot.examples {
-            let i = seeded
-                .tasks
-                .iter()
-                .position(|t| t.item_id == example.item_id.as_uuid())
-                .unwrap();
-            let reason = reasons[i % reasons.len()];
+        for (example, reason, item) in &examples {
             assert_eq!(example.random, reason.is_random(), "{reason:?}");
             match reason {
                 TaskReason::Audit | TaskReason::Sample => {
                     assert_eq!(example.split, Split::Holdout, "{reason:?} is never trained on");
                 }
                 _ => {
-                    let item = sieve_scheduler::entities::item::Entity::find_by_id(
-                        example.item_id.as_uuid(),
-                    )
-                    .one(app.db())
-                    .await
-                    .unwrap()
-                    .unwrap();
                     assert_eq!(example.split, Split::of_hash(&item.content_hash));
                     by_hash_holdout += usize::from(example.split == Split::Holdout);
                 }
             }
         }
-        let audit_sample = 2 * seeded.tasks.len() / reasons.len();
+        let audit_sample = 2 * examples.len() / REASONS.len();
         assert_eq!(run.holdout, audit_sample + by_hash_holdout);
         println!(
             "{} examples: {audit_sample} from the audit sample, {by_hash_holdout} more holdout by hash",
-            snapshot.examples.len()
+            examples.len()
         );
     })
+    .await;
+}
+
+/// Once the holdout holds `training.holdout_random_checks` random checks,
+/// the labels people gave for the model's doubt train, whatever their hash;
+/// the random checks stay held out, and the seed set still splits by hash.
+#[tokio::test]
+async fn enough_random_checks_send_labels_picked_for_doubt_to_training() {
+    // The sixteen audit and sample labels are enough; of the eight seed
+    // labels, a fifth or so are held out by hash and count too.
+    with_app_configured(
+        60,
+        |settings| settings.training.holdout_random_checks = 16,
+        |app| async move {
+            let (run, examples) = reviewed_snapshot(&app).await;
+            let mut seed_holdout = 0;
+            for (example, reason, item) in &examples {
+                match reason {
+                    TaskReason::Audit | TaskReason::Sample => {
+                        assert_eq!(example.split, Split::Holdout, "{reason:?}");
+                    }
+                    TaskReason::Seed => {
+                        assert_eq!(example.split, Split::of_hash(&item.content_hash));
+                        seed_holdout += usize::from(example.split == Split::Holdout);
+                    }
+                    _ => assert_eq!(
+                        example.split,
+                        Split::Train,
+                        "{reason:?} trains once the random checks suffice"
+                    ),
+                }
+            }
+            assert_eq!(
+                run.holdout,
+                2 * examples.len() / REASONS.len() + seed_holdout
+            );
+        },
+    )
     .await;
 }
 
