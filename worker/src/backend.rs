@@ -1,6 +1,7 @@
 //! Which burn device the worker computes on.
 //!
-//! The backend is a build-time choice (cargo features `flex`, `wgpu`, `cuda`), so the device is
+//! The backend is a build-time choice (cargo features `flex`, `wgpu`, `cuda`, `tch`, `tch-cuda`,
+//! `ndarray`), so the device is
 //! picked here with `cfg` and nowhere else: the rest of the worker only ever sees a runtime
 //! [`Device`]. The most capable compiled-in backend wins, because a build that bothered to
 //! include a GPU backend means to use it.
@@ -17,11 +18,40 @@ pub fn device() -> Device {
     {
         Device::cuda(0)
     }
-    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+    // burn 0.22 deprecates burn-tch for its CubeCL backends, whose `cuda` and `cpu` download
+    // an LLVM bundle at build time; LibTorch from the PyPI wheel is the CUDA path that builds
+    // offline (README, GPU backends).
+    #[cfg(all(feature = "tch-cuda", not(feature = "cuda")))]
+    #[allow(deprecated)]
+    {
+        Device::libtorch_cuda(0)
+    }
+    #[cfg(all(feature = "wgpu", not(any(feature = "cuda", feature = "tch-cuda"))))]
     {
         Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
     }
-    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    #[cfg(all(
+        feature = "tch",
+        not(any(feature = "cuda", feature = "tch-cuda", feature = "wgpu"))
+    ))]
+    #[allow(deprecated)]
+    {
+        Device::libtorch()
+    }
+    #[cfg(all(
+        feature = "ndarray",
+        not(any(feature = "cuda", feature = "tch", feature = "wgpu"))
+    ))]
+    #[allow(deprecated)]
+    {
+        Device::ndarray()
+    }
+    #[cfg(not(any(
+        feature = "cuda",
+        feature = "tch",
+        feature = "wgpu",
+        feature = "ndarray"
+    )))]
     {
         Device::flex()
     }
@@ -31,8 +61,14 @@ pub fn device() -> Device {
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {
         "cuda"
+    } else if cfg!(feature = "tch-cuda") {
+        "tch-cuda"
     } else if cfg!(feature = "wgpu") {
         "wgpu"
+    } else if cfg!(feature = "tch") {
+        "tch"
+    } else if cfg!(feature = "ndarray") {
+        "ndarray"
     } else {
         "flex"
     }
