@@ -525,29 +525,34 @@ fn mobilenet_forward(
     mut peer: Option<&mut OrtPeer>,
 ) -> anyhow::Result<Vec<ForwardRow>> {
     let net = mobilenet::load_imagenet(weights, device)?;
+    let folded = net.clone().fold_batchnorm();
     println!(
-        "\n## MobileNetV2 (ImageNet weights) on {device:?}, bare forward to the 1280-wide embedding\n"
+        "\n## MobileNetV2 (ImageNet weights) on {device:?}, bare forward to the 1280-wide embedding; BatchNorm as imported, and folded into the convolutions\n"
     );
-    println!("| side | batch | img/s | GFLOP per image | GFLOP/s | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|");
+    println!("| side | batch | img/s | folded img/s | GFLOP per image | GFLOP/s | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for side in MOBILENET_SIDES {
         let flops = 2 * mobilenet::multiply_adds(side, side, false);
         for &b in batches {
             reset_peak_rss();
             let input = random_inputs(b * 3 * side * side, MOBILENET_INPUT_SEED);
-            let rate = measure(seconds, b, || {
-                let x = Tensor::<4>::from_data(
-                    TensorData::new(input.clone(), [b, 3, side, side]),
-                    device,
-                );
-                net.features(x)
-                    .try_into_vec_as::<f32>()
-                    .map(|_| ())
-                    .map_err(|e| anyhow::anyhow!("{e}"))
-            })?;
+            let rate_of = |net: &mobilenet::MobileNetV2| {
+                measure(seconds, b, || {
+                    let x = Tensor::<4>::from_data(
+                        TensorData::new(input.clone(), [b, 3, side, side]),
+                        device,
+                    );
+                    net.features(x)
+                        .try_into_vec_as::<f32>()
+                        .map(|_| ())
+                        .map_err(|e| anyhow::anyhow!("{e}"))
+                })
+            };
+            let rate = rate_of(&net)?;
+            let folded_rate = rate_of(&folded)?;
             println!(
-                "| {side} | {b} | {rate:.1} | {:.3} | {:.2} | {:.0} |",
+                "| {side} | {b} | {rate:.1} | {folded_rate:.1} | {:.3} | {:.2} | {:.0} |",
                 flops as f64 / 1e9,
                 rate * flops as f64 / 1e9,
                 peak_rss_mib()

@@ -40,8 +40,11 @@ pub type MemberBoxes = Vec<Vec<ScoredBox>>;
 /// A detection model version. Immutable; share it between threads with an `Arc`.
 #[derive(Clone, Debug)]
 pub struct Detector {
-    /// On the plain (non-autodiff) device, as the heads.
+    /// On the plain (non-autodiff) device, as the heads: what the version's weights are.
     backbone: MobileNetV2,
+    /// The same backbone with its BatchNorms folded into the convolutions: what
+    /// [`detect`](Self::detect) runs (8-16% faster on flex; never saved).
+    folded: MobileNetV2,
     heads: DetectorHeads,
     config: ArchitectureConfig,
 }
@@ -65,8 +68,10 @@ impl Detector {
         }
         let heads = heads.decoding_from(DECODE_THRESHOLD)?;
         let device = backbone_device(&backbone)?.without_autodiff();
+        let backbone = backbone.to_device(&device);
         Ok(Self {
-            backbone: backbone.to_device(&device),
+            folded: backbone.clone().fold_batchnorm(),
+            backbone,
             heads,
             config: config.clone(),
         })
@@ -95,7 +100,7 @@ impl Detector {
         if owners.is_empty() {
             return Ok(out);
         }
-        let features = detector::backbone_features(&self.backbone, &pixels, owners.len(), input)?;
+        let features = detector::backbone_features(&self.folded, &pixels, owners.len(), input)?;
         drop(pixels);
         let predicted = self.heads.predict(&features)?; // [tile][member][box]
         for ((image, tile), members) in owners.iter().zip(predicted) {

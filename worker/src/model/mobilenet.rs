@@ -27,7 +27,7 @@
 
 use std::path::Path;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d,
@@ -87,11 +87,12 @@ pub struct MobileNetV2 {
     classifier: Linear,
 }
 
-/// Convolution without bias, BatchNorm, ReLU6: torchvision's `ConvBNReLU`.
+/// Convolution without bias, BatchNorm, ReLU6: torchvision's `ConvBNReLU`. The BatchNorm is
+/// `None` once [`MobileNetV2::fold_batchnorm`] has folded it into the convolution.
 #[derive(Module, Debug)]
 struct ConvBnRelu6 {
     conv: Conv2d,
-    bn: BatchNorm,
+    bn: Option<BatchNorm>,
 }
 
 /// Inverted residual block: 1x1 expansion (absent when t = 1), 3x3 depthwise convolution,
@@ -101,7 +102,7 @@ struct InvertedResidual {
     expand: Option<ConvBnRelu6>,
     depthwise: ConvBnRelu6,
     project: Conv2d,
-    project_bn: BatchNorm,
+    project_bn: Option<BatchNorm>,
     /// Stride 1 and as many output as input channels.
     residual: bool,
 }
@@ -186,6 +187,25 @@ impl MobileNetV2 {
         }
     }
 
+    /// The same function for inference only, each BatchNorm folded into the convolution
+    /// before it (as ONNX Runtime's graph optimiser does): the elementwise passes over every
+    /// activation map that BatchNorm costs at run time are gone. Its record differs from the
+    /// artifact format (biases, no BatchNorm), so a folded network is never saved, nor
+    /// trained.
+    pub fn fold_batchnorm(self) -> Self {
+        Self {
+            stem: self.stem.fold_batchnorm(),
+            blocks: self
+                .blocks
+                .into_iter()
+                .map(InvertedResidual::fold_batchnorm)
+                .collect(),
+            head: self.head.fold_batchnorm(),
+            dropout: self.dropout,
+            classifier: self.classifier,
+        }
+    }
+
     /// The pooled 1280-wide embedding the classifier reads: the frozen-backbone output.
     ///
     /// # Shapes
@@ -238,7 +258,7 @@ impl ConvBnRelu6 {
                 .with_groups(groups)
                 .with_bias(false)
                 .init(device),
-            bn: batch_norm(channels_out, device),
+            bn: Some(batch_norm(channels_out, device)),
         }
     }
 
@@ -246,7 +266,14 @@ impl ConvBnRelu6 {
     /// - `x`: `[batch, channels_in, h, w]`
     /// - returns `[batch, channels_out, ceil(h / stride), ceil(w / stride)]`
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        relu6(self.bn.forward(self.conv.forward(x)))
+        relu6(normalized(self.bn.as_ref(), self.conv.forward(x)))
+    }
+
+    fn fold_batchnorm(self) -> Self {
+        Self {
+            conv: folded(self.conv, self.bn),
+            bn: None,
+        }
     }
 }
 
@@ -267,7 +294,7 @@ impl InvertedResidual {
             project: Conv2dConfig::new([hidden, channels_out], [1, 1])
                 .with_bias(false)
                 .init(device),
-            project_bn: batch_norm(channels_out, device),
+            project_bn: Some(batch_norm(channels_out, device)),
             residual: stride == 1 && channels_in == channels_out,
         }
     }
@@ -281,8 +308,49 @@ impl InvertedResidual {
             None => x.clone(),
         };
         let hidden = self.depthwise.forward(hidden); // [batch, hidden, h/s, w/s]
-        let out = self.project_bn.forward(self.project.forward(hidden)); // [batch, out, h/s, w/s]
+        let out = normalized(self.project_bn.as_ref(), self.project.forward(hidden)); // [batch, out, h/s, w/s]
         if self.residual { out + x } else { out }
+    }
+
+    fn fold_batchnorm(self) -> Self {
+        Self {
+            expand: self.expand.map(ConvBnRelu6::fold_batchnorm),
+            depthwise: self.depthwise.fold_batchnorm(),
+            project: folded(self.project, self.project_bn),
+            project_bn: None,
+            residual: self.residual,
+        }
+    }
+}
+
+/// `x` through `bn` on its running statistics, or as it is once folded.
+fn normalized(bn: Option<&BatchNorm>, x: Tensor<4>) -> Tensor<4> {
+    match bn {
+        Some(bn) => bn.forward(x),
+        None => x,
+    }
+}
+
+/// `conv` then `bn` on its running statistics, as one convolution with a bias:
+/// `w' = w * s` per output channel and `b' = (b - mean) * s + beta`, where
+/// `s = gamma / sqrt(var + eps)`.
+fn folded(conv: Conv2d, bn: Option<BatchNorm>) -> Conv2d {
+    let Some(bn) = bn else {
+        return conv;
+    };
+    let scale = bn.gamma.val() / bn.running_var.value().add_scalar(bn.epsilon).sqrt(); // [out]
+    let mean = bn.running_mean.value();
+    let centred = match &conv.bias {
+        Some(bias) => bias.val() - mean,
+        None => mean.neg(),
+    };
+    let bias = centred * scale.clone() + bn.beta.val(); // [out]
+    let [out] = scale.shape().dims();
+    let weight = conv.weight.val() * scale.reshape([out, 1, 1, 1]); // [out, in/groups, kh, kw]
+    Conv2d {
+        weight: Param::from_tensor(weight),
+        bias: Some(Param::from_tensor(bias)),
+        ..conv
     }
 }
 
@@ -535,8 +603,8 @@ mod tests {
                 .blocks
                 .iter()
                 .map(|b| {
-                    let [out] = b.project_bn.gamma.shape().dims();
-                    let [hidden] = b.depthwise.bn.gamma.shape().dims();
+                    let [out] = b.project_bn.as_ref().unwrap().gamma.shape().dims();
+                    let [hidden] = b.depthwise.bn.as_ref().unwrap().gamma.shape().dims();
                     2 * (out + hidden + if b.expand.is_some() { hidden } else { 0 })
                 })
                 .sum::<usize>();

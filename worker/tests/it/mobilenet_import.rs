@@ -134,19 +134,7 @@ fn recognises_real_photos() {
 #[test]
 fn matches_an_independent_reference() {
     let (model, _) = imported();
-    let side = 64;
-    let mut values = Vec::with_capacity(2 * 3 * side * side);
-    for n in 0..2 {
-        for c in 0..3 {
-            for h in 0..side {
-                for w in 0..side {
-                    // Small integers over 8: exact in f32 and f64 alike.
-                    values.push(((h * 7 + w * 3 + c * 11 + n * 5) % 17) as f32 / 8.0 - 1.0);
-                }
-            }
-        }
-    }
-    let input = Tensor::from_data(TensorData::new(values, [2, 3, side, side]), &Device::flex());
+    let input = reference_input();
     let logits = model
         .forward(input.clone())
         .try_into_vec_as::<f32>()
@@ -184,6 +172,74 @@ fn matches_an_independent_reference() {
             "item {item}: embedding sum {sum}, reference {expected}"
         );
     }
+}
+
+/// The input the reference logits were computed on: two 64x64 images of a fixed pattern.
+fn reference_input() -> Tensor<4> {
+    let side = 64;
+    let mut values = Vec::with_capacity(2 * 3 * side * side);
+    for n in 0..2 {
+        for c in 0..3 {
+            for h in 0..side {
+                for w in 0..side {
+                    // Small integers over 8: exact in f32 and f64 alike.
+                    values.push(((h * 7 + w * 3 + c * 11 + n * 5) % 17) as f32 / 8.0 - 1.0);
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [2, 3, side, side]), &Device::flex())
+}
+
+/// Folding every BatchNorm into its convolution (the inference form) changes no output
+/// beyond float rounding: the logits and the embedding of the reference input agree.
+#[test]
+fn batchnorm_folded_into_the_convolutions_computes_the_same_function() {
+    let (model, _) = imported();
+    let folded = model.clone().fold_batchnorm();
+    let input = reference_input();
+    for (what, plain, folded) in [
+        (
+            "logits",
+            model
+                .forward(input.clone())
+                .try_into_vec_as::<f32>()
+                .unwrap(),
+            folded
+                .forward(input.clone())
+                .try_into_vec_as::<f32>()
+                .unwrap(),
+        ),
+        (
+            "embedding",
+            model
+                .features(input.clone())
+                .try_into_vec_as::<f32>()
+                .unwrap(),
+            folded
+                .features(input.clone())
+                .try_into_vec_as::<f32>()
+                .unwrap(),
+        ),
+    ] {
+        let worst = plain
+            .iter()
+            .zip(&folded)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0_f32, f32::max);
+        assert!(worst < 1e-3, "{what}: folded differs by up to {worst}");
+        println!("{what}: folded within {worst:e}");
+    }
+    // The stride-16 map the detector reads, too.
+    let plain = model.stride16_features(input.clone());
+    let folded = folded.stride16_features(input);
+    let worst = (plain - folded)
+        .abs()
+        .try_into_vec_as::<f32>()
+        .unwrap()
+        .into_iter()
+        .fold(0.0_f32, f32::max);
+    assert!(worst < 1e-3, "stride-16 features differ by up to {worst}");
 }
 
 #[test]
