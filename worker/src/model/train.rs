@@ -247,11 +247,11 @@ fn fit<M: Tunable>(
         let validation = if val_set.is_empty() {
             None
         } else {
-            let candidate = Committee {
-                net: snapshot.clone().into_net(),
-                config: config.clone(),
-                device: start.device.clone(),
-            };
+            let candidate = Committee::assemble(
+                snapshot.clone().into_net(),
+                config.clone(),
+                start.device.clone(),
+            );
             Some(evaluate(&candidate, data, &val_set)?)
         };
         let report = EpochReport {
@@ -288,11 +288,11 @@ fn fit<M: Tunable>(
         }
     }
 
-    Ok(Committee {
-        net: best.map_or_else(|| net.valid(), |b| b.net).into_net(),
+    Ok(Committee::assemble(
+        best.map_or_else(|| net.valid(), |b| b.net).into_net(),
         config,
-        device: start.device.clone(),
-    })
+        start.device.clone(),
+    ))
 }
 
 fn check_options(options: &TrainOptions) -> Result<(), ModelError> {
