@@ -367,6 +367,31 @@ impl App {
             .unwrap();
     }
 
+    /// As a reviewer (`token`), claim the next task of `project` and submit
+    /// `class` for it over HTTP, both answered 200; returns the task claimed.
+    pub async fn label_next(&self, project: &str, token: &str, class: &str) -> serde_json::Value {
+        let (status, task) = self
+            .post(
+                &format!("/api/v1/projects/{project}/review/next"),
+                token,
+                serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{task}");
+        let (status, body) = self
+            .post(
+                &format!(
+                    "/api/v1/review/{}/submit",
+                    task["task_id"].as_str().unwrap()
+                ),
+                token,
+                serde_json::json!({ "fencing_token": task["fencing_token"], "class": class }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        task
+    }
+
     /// POST a JSON body with a token; the status and the JSON answer
     /// (`Null` when there is none).
     pub async fn post(

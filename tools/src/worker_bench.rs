@@ -222,14 +222,7 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
         per_image * 1e6
     );
 
-    let items = |b: usize| {
-        if b == 1 {
-            args.queue_items / 4
-        } else {
-            args.queue_items
-        }
-        .max(b * 4)
-    };
+    let items = |b: usize| queue_items(args.queue_items, b);
     let model = Arc::new(Model::Classifier(committee));
     let pngs = sample_pngs(1024, 28, 2);
     compare_paths(&settings, args, &model, Some(flops), &pngs, items).await?;
@@ -282,14 +275,7 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
             flops as f64 / 1e9
         );
         let per_side = if side > 96 { 4 } else { 1 };
-        let items = |b: usize| {
-            if b == 1 {
-                args.mobilenet_queue_items / 4 / per_side
-            } else {
-                args.mobilenet_queue_items / per_side
-            }
-            .max(b * 4)
-        };
+        let items = |b: usize| queue_items(args.mobilenet_queue_items / per_side, b);
         let model = Arc::new(Model::Classifier(committee));
         compare_paths(&settings, args, &model, Some(flops), &pngs, items).await?;
     }
@@ -346,15 +332,14 @@ async fn forward_detection(settings: &Settings, args: &BenchArgs) -> anyhow::Res
         "decode of a {side}x{side} PNG: {:.1} ms per image (two threads)",
         per_image * 1e3
     );
-    let items = |b: usize| {
-        if b == 1 {
-            args.detect_queue_items / 4
-        } else {
-            args.detect_queue_items
-        }
-        .max(b * 4)
-    };
+    let items = |b: usize| queue_items(args.detect_queue_items, b);
     compare_paths(settings, args, &Arc::new(model), None, &pngs, items).await
+}
+
+/// Jobs through the queue path at batch size `batch`, of `total` asked for: a quarter at batch
+/// 1 (one image at a time is slow), and always at least four batches.
+fn queue_items(total: usize, batch: usize) -> usize {
+    if batch == 1 { total / 4 } else { total }.max(batch * 4)
 }
 
 /// For each batch size: the model's bare forward, then the real queue path (a worker

@@ -65,25 +65,7 @@ async fn mark_succeeded(app: &App, run_id: Uuid) {
 async fn label_all(app: &App, project: &str, tasks: usize, class: &str) {
     let token = app.token("rev", Role::Reviewer).await;
     for _ in 0..tasks {
-        let (status, task) = app
-            .post(
-                &format!("/api/v1/projects/{project}/review/next"),
-                &token,
-                json!({}),
-            )
-            .await;
-        assert_eq!(status, 200, "{task}");
-        let (status, body) = app
-            .post(
-                &format!(
-                    "/api/v1/review/{}/submit",
-                    task["task_id"].as_str().unwrap()
-                ),
-                &token,
-                json!({ "fencing_token": task["fencing_token"], "class": class }),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
+        app.label_next(project, &token, class).await;
     }
 }
 

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 use sea_orm::{ActiveValue::Set, EntityTrait};
-use serde_json::json;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
@@ -44,21 +43,7 @@ async fn reviewed_snapshot(
     }
     let token = app.token("rev", Role::Reviewer).await;
     for _ in 0..seeded.tasks.len() {
-        let (status, task) = app
-            .post("/api/v1/projects/snap/review/next", &token, json!({}))
-            .await;
-        assert_eq!(status, 200, "{task}");
-        let (status, body) = app
-            .post(
-                &format!(
-                    "/api/v1/review/{}/submit",
-                    task["task_id"].as_str().unwrap()
-                ),
-                &token,
-                json!({ "fencing_token": task["fencing_token"], "class": "cat" }),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
+        app.label_next("snap", &token, "cat").await;
     }
 
     let run = training::request(
