@@ -308,14 +308,7 @@ async fn forward_detection(settings: &Settings, args: &BenchArgs) -> anyhow::Res
     let side = args.detect_side;
     let pngs = sample_pngs(64, side, 4);
     let started = Instant::now();
-    let decoded = prelabel::decode_images(
-        &pngs
-            .iter()
-            .cloned()
-            .map(bytes::Bytes::from)
-            .collect::<Vec<_>>(),
-        u64::MAX,
-    );
+    let decoded = decode_all(&pngs);
     let per_image = started.elapsed().as_secs_f64() / pngs.len() as f64;
     let tiles = sieve_worker::model::detect::tile_pixels(
         decoded[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -334,6 +327,13 @@ async fn forward_detection(settings: &Settings, args: &BenchArgs) -> anyhow::Res
     );
     let items = |b: usize| queue_items(args.detect_queue_items, b);
     compare_paths(settings, args, &Arc::new(model), None, &pngs, items).await
+}
+
+/// The bench's PNGs decoded as the worker decodes a detector's images (two threads, no pixel
+/// limit); one result per image.
+fn decode_all(pngs: &[Vec<u8>]) -> Vec<Result<image::RgbImage, String>> {
+    let bytes: Vec<bytes::Bytes> = pngs.iter().cloned().map(bytes::Bytes::from).collect();
+    prelabel::decode_images(&bytes, u64::MAX)
 }
 
 /// Jobs through the queue path at batch size `batch`, of `total` asked for: a quarter at batch
@@ -357,17 +357,10 @@ async fn compare_paths(
     let input_len = model.config().input_len();
     let decoded: Arc<Vec<_>> = Arc::new(match model.as_ref() {
         Model::Classifier(_) => Vec::new(),
-        Model::Detector(_) => prelabel::decode_images(
-            &pngs
-                .iter()
-                .cloned()
-                .map(bytes::Bytes::from)
-                .collect::<Vec<_>>(),
-            u64::MAX,
-        )
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("a bench image: {e}"))?,
+        Model::Detector(_) => decode_all(pngs)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("a bench image: {e}"))?,
     });
     let gflops =
         |rate: f64| flops.map_or("-".to_owned(), |f| format!("{:.2}", rate * f as f64 / 1e9));

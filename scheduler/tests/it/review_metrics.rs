@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
-use serde_json::json;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::operate::status;
 use sieve_scheduler::routing::calibration;
@@ -40,21 +39,7 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 async fn audit_one(app: &App, token: &str, class: &str) {
-    let (status, task) = app
-        .post("/api/v1/projects/audited/review/next", token, json!({}))
-        .await;
-    assert_eq!(status, 200, "{task}");
-    let (status, body) = app
-        .post(
-            &format!(
-                "/api/v1/review/{}/submit",
-                task["task_id"].as_str().unwrap()
-            ),
-            token,
-            json!({ "fencing_token": task["fencing_token"], "class": class }),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    app.label_next("audited", token, class).await;
 }
 
 #[tokio::test]
