@@ -22,6 +22,7 @@ fi
 
 bash ops/fetch-weights.sh
 bash ops/fetch-test-photos.sh
+bash ops/fetch-face-weights.sh
 bash ops/fetch-tree-crowns.sh
 
 # moto's S3 server, for the s3:// ingest test (scheduler/tests/it/ingest_s3.rs):

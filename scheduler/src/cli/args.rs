@@ -131,8 +131,10 @@ pub enum Command {
 pub struct ExportArgs {
     #[arg(long, short)]
     pub project: String,
-    /// `csv`, `jsonl`, `coco` (COCO JSON) or `imagefolder` (a directory:
-    /// a folder of images per class and labels.csv; needs --out DIR).
+    /// `csv`, `jsonl`, `coco` (COCO JSON), or a directory (needs --out
+    /// DIR): `imagefolder` (a folder of images per class and labels.csv),
+    /// `yolo` (box projects), `blurred` (box projects: every box of each
+    /// image blurred, COCO annotations beside; labeled items only).
     #[arg(long, short, default_value = "csv")]
     pub format: String,
     /// A file (written under a temporary name, renamed when complete), or
@@ -156,6 +158,17 @@ pub struct ExportArgs {
     /// Only labels given since the cursor an earlier export printed.
     #[arg(long, value_name = "CURSOR")]
     pub since: Option<String>,
+    /// `--format blurred`: `gaussian` (the default) or `pixelate`.
+    #[arg(long, value_name = "STYLE")]
+    pub blur: Option<String>,
+    /// `--format blurred`: gaussian σ as a fraction of the box's longer
+    /// side (default 0.15), or pixelate's cells along it (default 6).
+    #[arg(long)]
+    pub blur_strength: Option<f32>,
+    /// `--format blurred`: grown on each side first, as a fraction of the
+    /// box's width and height (default 0.1).
+    #[arg(long)]
+    pub blur_padding: Option<f32>,
 }
 
 #[derive(Debug, Subcommand)]

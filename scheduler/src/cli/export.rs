@@ -7,6 +7,7 @@ use sieve_shared::Settings;
 use tokio_util::sync::CancellationToken;
 
 use super::args::ExportArgs;
+use crate::export::blur::{Blur, BlurStyle};
 use crate::export::folder;
 use crate::export::output::{self, Destination};
 use crate::export::{Export, Filters, Format, Request};
@@ -15,6 +16,7 @@ use crate::{db, projects};
 pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> {
     // Checked before connecting: a typo answers at once.
     let request = request(&args)?;
+    let blur = blur(&args, request.format)?;
     let to = Destination::parse(args.out.as_deref());
     let folder = match (&to, request.format) {
         (Destination::File(dir), format) if format.is_folder() => Some(dir.clone()),
@@ -42,13 +44,22 @@ pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> 
         Some(dir) => {
             let store =
                 sieve_shared::store::Store::connect_existing(&settings.store, &settings.s3).await?;
-            let (summary, placed) = folder::write(export, &store, &dir, options).await?;
-            eprintln!(
-                "images: {} hard-linked from the store, {} copied; {} beside them",
-                placed.linked,
-                placed.copied,
-                folder::labels_file(summary.format)
-            );
+            let (summary, placed) =
+                folder::write_blurred(export, &store, &dir, options, blur).await?;
+            if summary.format == Format::Blurred {
+                eprintln!(
+                    "images: {} written with every box blurred; {} beside them",
+                    placed.copied,
+                    folder::labels_file(summary.format)
+                );
+            } else {
+                eprintln!(
+                    "images: {} hard-linked from the store, {} copied; {} beside them",
+                    placed.linked,
+                    placed.copied,
+                    folder::labels_file(summary.format)
+                );
+            }
             summary
         }
         None => output::write(export, &to, options).await?,
@@ -81,4 +92,23 @@ fn request(args: &ExportArgs) -> anyhow::Result<Request> {
         format: Format::parse(&args.format)?,
         filters,
     })
+}
+
+/// The blur of a `blurred` export; its options are refused with any other
+/// format rather than ignored.
+fn blur(args: &ExportArgs, format: Format) -> anyhow::Result<Blur> {
+    let given = args.blur.is_some() || args.blur_strength.is_some() || args.blur_padding.is_some();
+    if format != Format::Blurred {
+        anyhow::ensure!(
+            !given,
+            "--blur, --blur-strength and --blur-padding go with --format blurred, not {}",
+            format.name()
+        );
+        return Ok(Blur::default());
+    }
+    let style = match &args.blur {
+        Some(name) => BlurStyle::parse(name)?,
+        None => BlurStyle::Gaussian,
+    };
+    Ok(Blur::new(style, args.blur_strength, args.blur_padding)?)
 }

@@ -21,6 +21,13 @@
 //! (the same names for Ultralytics) and `labels.jsonl`, the JSON Lines
 //! export of the same rows with their provenance.
 //!
+//! The `blurred` export (de-identification) is the delivery layout:
+//! `images/ITEM_ID.EXT` with every box of the item's label blurred
+//! ([`Blur`]), decoded and encoded again (never a link to the original,
+//! never its bytes), and `annotations.json`, the COCO export of the same
+//! rows. An image that does not decode stops the export, naming the item:
+//! a delivery does not go out with a hole in it.
+//!
 //! Like a file export, the directory appears only complete: it is written
 //! as `.NAME.XXXXXX.partial` beside `--out` and renamed at the end; an
 //! error or an interrupt removes it. `--out` must not exist, or be an
@@ -33,6 +40,7 @@ use anyhow::Context as _;
 use sieve_shared::store::{LocalFiles, Store};
 use tokio::io::AsyncWriteExt;
 
+use super::blur::Blur;
 use super::output::{Options, progress};
 use super::snapshot::Image;
 use super::{Export, Format, Summary};
@@ -45,6 +53,7 @@ pub const LABELS_FILE: &str = "labels.csv";
 pub fn labels_file(format: Format) -> &'static str {
     match format {
         Format::Yolo => "labels.jsonl",
+        Format::Blurred => "annotations.json",
         _ => LABELS_FILE,
     }
 }
@@ -55,6 +64,8 @@ enum Layout {
     Classes(Vec<String>),
     /// `images/` and `labels/` (`yolo`).
     Yolo,
+    /// `images/`, every box blurred (`blurred`).
+    Blurred(Blur),
 }
 
 /// How the images got there.
@@ -66,12 +77,25 @@ pub struct Placed {
     pub copied: u64,
 }
 
-/// Write `export` (format `imagefolder`) as the directory `dir`.
+/// Write `export` (a folder format: `imagefolder`, `yolo`, or `blurred`
+/// with the default [`Blur`]) as the directory `dir`.
 pub async fn write(
+    export: Export,
+    store: &Store,
+    dir: &Path,
+    options: Options,
+) -> anyhow::Result<(Summary, Placed)> {
+    write_blurred(export, store, dir, options, Blur::default()).await
+}
+
+/// [`write`], with `blur` for a `blurred` export (the others ignore it).
+/// A blurred image counts as [`Placed::copied`].
+pub async fn write_blurred(
     mut export: Export,
     store: &Store,
     dir: &Path,
     options: Options,
+    blur: Blur,
 ) -> anyhow::Result<(Summary, Placed)> {
     let format = export.summary().format;
     anyhow::ensure!(format.is_folder(), "not a folder export");
@@ -100,6 +124,10 @@ pub async fn write(
             tokio::fs::write(root.join("classes.txt"), yolo_classes(&classes)).await?;
             tokio::fs::write(root.join("data.yaml"), yolo_data(&classes)).await?;
             Layout::Yolo
+        }
+        Format::Blurred => {
+            tokio::fs::create_dir(root.join("images")).await?;
+            Layout::Blurred(blur)
         }
         _ => {
             let folders = class_folders(&classes);
@@ -254,6 +282,10 @@ async fn place(
                     labels.push((root.join("labels").join(format!("{name}.txt")), text));
                     root.join("images").join(name)
                 }
+                Layout::Blurred(_) => {
+                    image.boxes.as_ref()?;
+                    root.join(super::blur::delivered_name(image.item_id, &image.source))
+                }
             };
             Some((image, stem))
         })
@@ -263,6 +295,9 @@ async fn place(
     }
     if images.is_empty() {
         return Ok(Placed::default());
+    }
+    if let Layout::Blurred(blur) = layout {
+        return blur_all(store, *blur, images).await;
     }
     match store.local_files() {
         Some(files) => tokio::task::spawn_blocking(move || link_all(&files, &images)).await?,
@@ -279,6 +314,34 @@ async fn place(
             Ok(placed)
         }
     }
+}
+
+/// Each image read from the store, its boxes blurred, written at its
+/// delivered name (decoding and blurring on a blocking thread).
+async fn blur_all(
+    store: &Store,
+    blur: Blur,
+    images: Vec<(Image, PathBuf)>,
+) -> anyhow::Result<Placed> {
+    let mut placed = Placed::default();
+    for (image, path) in images {
+        let bytes = store
+            .get(&image.key)
+            .await
+            .with_context(|| format!("reading the image of item {}", image.item_id))?;
+        let boxes = image.boxes.unwrap_or_default();
+        let item = image.item_id;
+        let format = super::blur::delivered_format(&image.source);
+        let blurred =
+            tokio::task::spawn_blocking(move || blur.apply_to_bytes(&bytes, &boxes, format))
+                .await?
+            .with_context(|| {
+                format!("item {item}: its image does not decode, so it cannot be blurred; nothing was delivered")
+            })?;
+        tokio::fs::write(path, &blurred).await?;
+        placed.copied += 1;
+    }
+    Ok(placed)
 }
 
 fn link_all(files: &LocalFiles, images: &[(Image, PathBuf)]) -> anyhow::Result<Placed> {

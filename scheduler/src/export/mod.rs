@@ -21,6 +21,7 @@
 //! are ignored), so ingesting it into another project recreates the items
 //! with their labels as `import` labels.
 
+pub mod blur;
 pub mod folder;
 pub mod output;
 pub mod snapshot;
@@ -60,10 +61,16 @@ pub enum Format {
     /// (`labels.jsonl`). Detection projects; written by the CLI only
     /// ([`folder`]).
     Yolo,
+    /// A directory for delivery after de-identification: `images/` with
+    /// every box of each image blurred ([`blur`]), the original bytes
+    /// never, and the COCO export of the same rows beside them
+    /// (`annotations.json`). Box projects, labeled items only; written by
+    /// the CLI only ([`folder`]).
+    Blurred,
 }
 
 impl Format {
-    pub const NAMES: [&str; 5] = ["csv", "jsonl", "coco", "imagefolder", "yolo"];
+    pub const NAMES: [&str; 6] = ["csv", "jsonl", "coco", "imagefolder", "yolo", "blurred"];
 
     pub fn parse(text: &str) -> AppResult<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
@@ -72,6 +79,7 @@ impl Format {
             "coco" => Ok(Self::Coco),
             "imagefolder" => Ok(Self::ImageFolder),
             "yolo" => Ok(Self::Yolo),
+            "blurred" => Ok(Self::Blurred),
             other => Err(AppError::Invalid(format!(
                 "unknown export format {other:?}: use {}",
                 Self::NAMES.join(", ")
@@ -86,6 +94,7 @@ impl Format {
             Self::Coco => "coco",
             Self::ImageFolder => "imagefolder",
             Self::Yolo => "yolo",
+            Self::Blurred => "blurred",
         }
     }
 
@@ -93,20 +102,26 @@ impl Format {
         match self {
             Self::Csv | Self::ImageFolder => "text/csv; charset=utf-8",
             Self::Jsonl | Self::Yolo => "application/x-ndjson",
-            Self::Coco => "application/json",
+            Self::Coco | Self::Blurred => "application/json",
         }
     }
 
     /// Whether a detection label's boxes can be written in this format
     /// (a CSV row and a class folder hold one class per image).
     pub fn carries_boxes(self) -> bool {
-        matches!(self, Self::Jsonl | Self::Coco | Self::Yolo)
+        matches!(self, Self::Jsonl | Self::Coco | Self::Yolo | Self::Blurred)
     }
 
     /// Whether this format is a directory of images (`sieve export --out
     /// DIR` only).
     pub fn is_folder(self) -> bool {
-        matches!(self, Self::ImageFolder | Self::Yolo)
+        matches!(self, Self::ImageFolder | Self::Yolo | Self::Blurred)
+    }
+
+    /// Whether the rows are a COCO document (two passes over them: images,
+    /// then annotations).
+    pub fn is_coco(self) -> bool {
+        matches!(self, Self::Coco | Self::Blurred)
     }
 
     /// The file name extension of an export in this format.
@@ -114,7 +129,7 @@ impl Format {
         match self {
             Self::Csv | Self::ImageFolder => "csv",
             Self::Jsonl | Self::Yolo => "jsonl",
-            Self::Coco => "json",
+            Self::Coco | Self::Blurred => "json",
         }
     }
 }

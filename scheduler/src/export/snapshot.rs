@@ -234,6 +234,8 @@ pub struct Export {
 pub struct Image {
     pub item_id: Uuid,
     pub key: String,
+    /// Where the item came from (its path or URL at ingest).
+    pub source: String,
     pub class_index: Option<usize>,
     /// A detection label's boxes, and the image's size they lie in.
     pub boxes: Option<Vec<sieve_shared::boxes::LabeledBox>>,
@@ -252,10 +254,30 @@ impl Export {
         let Request { format, filters } = request;
         if project.task_kind == TaskKind::Detection && !format.carries_boxes() {
             return Err(AppError::Invalid(format!(
-                "project {} is a detection project: its boxes are exported as coco, yolo or jsonl, not {}",
+                "project {} is a detection project: its boxes are exported as coco, yolo, jsonl or blurred, not {}",
                 project.name,
                 format.name()
             )));
+        }
+        if format == Format::Blurred {
+            if project.task_kind != TaskKind::Detection {
+                return Err(AppError::Invalid(format!(
+                    "project {} is a {} project: a blurred export blurs boxes, and it has none",
+                    project.name, project.task_kind
+                )));
+            }
+            // Delivery: only what a person confirmed or the policy accepted.
+            if let Some(state) = filters
+                .states()
+                .iter()
+                .find(|s| !super::DEFAULT_STATES.contains(s))
+            {
+                return Err(AppError::Invalid(format!(
+                    "a blurred export delivers labeled items only (auto_labeled, human_labeled), \
+                     not {}: an item still in review may hold a face nobody has boxed yet",
+                    state.to_value()
+                )));
+            }
         }
         let classes = filters.classes(project)?;
         let states = filters.states();
@@ -381,7 +403,7 @@ impl Export {
         ))
         .all(txn)
         .await?;
-        if rows.is_empty() && self.format == Format::Coco && self.pass == 0 {
+        if rows.is_empty() && self.format.is_coco() && self.pass == 0 {
             // The same rows again, from the same snapshot.
             txn.execute_raw(Statement::from_string(
                 txn.get_database_backend(),
@@ -429,10 +451,12 @@ impl Export {
                 .zip(named.as_deref())
                 .map(|(stored, named)| write::RowBoxes { stored, named });
             self.entries += write::row(self.format, at, row, (class, boxes), accuracy, &mut out);
-            if self.format.is_folder() {
+            // COCO reads the rows twice; each image is placed once.
+            if self.format.is_folder() && self.pass == 0 {
                 self.images.push(Image {
                     item_id: row.item_id,
                     key: row.object_key.clone(),
+                    source: row.source.clone(),
                     class_index: row.class_index.and_then(|c| usize::try_from(c).ok()),
                     size: row
                         .width

@@ -22,8 +22,8 @@ use uuid::Uuid;
 
 use sieve_shared::boxes::LabeledBox;
 
-use super::Format;
 use super::snapshot::Row;
+use super::{Format, blur};
 use crate::kind::detection::NamedBox;
 use crate::operate::status::MeasuredAccuracy;
 use crate::projects::Project;
@@ -103,7 +103,7 @@ pub fn header(format: Format, project: &Project, out: &mut Vec<u8>) {
             out.push(b'\n');
         }
         Format::Jsonl | Format::Yolo => {}
-        Format::Coco => {
+        Format::Coco | Format::Blurred => {
             let categories: Vec<serde_json::Value> = project
                 .class_names
                 .iter()
@@ -125,13 +125,13 @@ pub fn header(format: Format, project: &Project, out: &mut Vec<u8>) {
 
 /// Between COCO's images and its annotations.
 pub fn between_passes(format: Format, out: &mut Vec<u8>) {
-    if format == Format::Coco {
+    if format.is_coco() {
         out.extend_from_slice(b"],\"annotations\":[");
     }
 }
 
 pub fn footer(format: Format, out: &mut Vec<u8>) {
-    if format == Format::Coco {
+    if format.is_coco() {
         out.extend_from_slice(b"]}\n");
     }
 }
@@ -184,8 +184,16 @@ pub fn row(
             }
             1
         }
-        Format::Coco => match (at.pass, boxes) {
-            (0, _) | (_, None) => u64::from(coco(at, row, &record, out)),
+        Format::Coco | Format::Blurred => match (at.pass, boxes) {
+            (0, _) | (_, None) => {
+                // A delivery names its own image files; other COCO exports the stored one.
+                let file_name = if format == Format::Blurred {
+                    std::borrow::Cow::Owned(blur::delivered_name(row.item_id, &row.source))
+                } else {
+                    std::borrow::Cow::Borrowed(row.object_key.as_str())
+                };
+                u64::from(coco(at, row, &record, &file_name, out))
+            }
             (_, Some(boxes)) => coco_boxes(at, boxes.stored, &record, out),
         },
     }
@@ -227,11 +235,11 @@ fn coco_boxes(at: Position, boxes: &[LabeledBox], record: &Record<'_>, out: &mut
 
 /// One COCO image (first pass) or annotation (second pass; none for an
 /// image without a label).
-fn coco(at: Position, row: &Row, record: &Record<'_>, out: &mut Vec<u8>) -> bool {
+fn coco(at: Position, row: &Row, record: &Record<'_>, file_name: &str, out: &mut Vec<u8>) -> bool {
     let value = if at.pass == 0 {
         json!({
             "id": at.number,
-            "file_name": record.key,
+            "file_name": file_name,
             "width": row.width,
             "height": row.height,
             "sieve_item_id": record.item_id,

@@ -7,6 +7,7 @@
 
 mod authz;
 mod auto_retrain;
+mod blurred_export;
 mod broker_nodes;
 mod browse_page;
 mod chromium;
