@@ -430,7 +430,7 @@ pub fn load_imagenet_with_report(
 
 /// Turns burn-store's apply result into an [`ImportReport`], or a message naming every
 /// missing, unused or mismatched tensor.
-fn check_import(result: ApplyResult) -> Result<ImportReport, String> {
+pub(super) fn check_import(result: ApplyResult) -> Result<ImportReport, String> {
     let (ignored, unused): (Vec<String>, Vec<String>) = result
         .unused
         .into_iter()

@@ -10,6 +10,8 @@
 //! - [`train_heads`] (`heads.rs`) trains K linear heads on cached embeddings (frozen backbone).
 //! - [`Detector`] (`detect.rs`) is a detection version's inference side: the frozen MobileNetV2
 //!   and K detection heads ([`detector`]) over whole images by overlapping tiles.
+//! - [`mtcnn::Mtcnn`] (`mtcnn.rs`) finds faces with MTCNN's three pretrained networks, for
+//!   de-identification.
 //! - [`Model`] is either, as a model version's artifact holds it.
 //! - `net.rs` holds the burn module itself (a small CNN backbone shared by K linear heads).
 //!
@@ -21,6 +23,7 @@ pub mod detect;
 pub mod detector;
 mod heads;
 pub mod mobilenet;
+pub mod mtcnn;
 mod net;
 mod recipe;
 mod tensors;

@@ -15,6 +15,7 @@ mod demo;
 mod detection_loop;
 mod drain;
 mod end_to_end;
+mod faces;
 mod faults;
 mod first_model;
 mod mobilenet_import;
