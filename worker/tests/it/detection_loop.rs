@@ -100,7 +100,9 @@ async fn a_detector_trained_on_peoples_boxes_prelabels_the_rest() {
         // first; no audits, so every image the model is sure of is labeled
         // by machine once the threshold comes down to it.
         confidence_threshold: 0.999,
-        disagreement_limit: 1.0,
+        // Under 1: an image one member boxed something in and another did
+        // not (count disagreement 1) waits for people.
+        disagreement_limit: 0.99,
         audit_rate: 0.0,
         ..Policy::default()
     };
@@ -258,9 +260,10 @@ async fn a_detector_trained_on_peoples_boxes_prelabels_the_rest() {
     // The threshold comes down to the upper quartile of confidence among
     // the images the committee agrees on and proposes boxes for
     // (disagreement above the policy's limit sends an image to people
-    // whatever its confidence), and above every image it proposes nothing
-    // for: every canvas here has items, so an empty proposal is wrong, and
-    // a person lowering the threshold by hand would keep those out. The
+    // whatever its confidence), and above every image it agrees on and
+    // proposes nothing for: every canvas here has items, so an empty
+    // proposal is wrong, and a person lowering the threshold by hand would
+    // keep those out. The
     // policy change re-routes what waits, and the surest images are labeled
     // by machine with the proposal; the rest, the empty ones among them,
     // wait for people, who start from the model's boxes.
@@ -270,7 +273,7 @@ async fn a_detector_trained_on_peoples_boxes_prelabels_the_rest() {
     };
     let surest_empty = predictions
         .iter()
-        .filter(|p| proposal_of(p).boxes.is_empty())
+        .filter(|p| p.disagreement <= limit && proposal_of(p).boxes.is_empty())
         .map(|p| p.confidence)
         .fold(f32::NEG_INFINITY, f32::max);
     let mut confidences: Vec<f32> = predictions
