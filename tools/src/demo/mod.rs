@@ -379,8 +379,20 @@ async fn wait_for(
     timeout: Duration,
     mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
+    wait_for_value(what, timeout, async || Ok(done().await?.then_some(()))).await
+}
+
+/// [`wait_for`] what `ready` answers with once it has it.
+async fn wait_for_value<T>(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl AsyncFnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
-    while !done().await? {
+    loop {
+        if let Some(value) = ready().await? {
+            return Ok(value);
+        }
         if start.elapsed() > timeout {
             bail!(
                 "timed out after {timeout:?} waiting for {what}: are `sieve serve` and `sieve-worker` running?"
@@ -388,7 +400,6 @@ async fn wait_for(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    Ok(())
 }
 
 /// The target accuracy the demo routes by unless told otherwise.
@@ -630,7 +641,9 @@ async fn run_loop(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<
             }
         };
         println!("round {round}: retraining (run {run_id})");
-        wait_for_run(ctx, run_id, timeout).await?;
+        if let Some(reason) = wait_for_run(ctx, run_id, timeout).await? {
+            println!("round {round}: the new version was not activated: {reason}");
+        }
     }
     wait_until_predicted(ctx, &project, timeout).await?;
 
@@ -677,8 +690,13 @@ fn oracle_target(project: &Project) -> f64 {
 /// decided: a run is `succeeded` as soon as its version is registered, a
 /// moment before the scheduler activates it (or says why not), and a review
 /// round started in between would pick its items by the old model's doubt.
-async fn wait_for_run(ctx: &Context, run_id: Uuid, timeout: Duration) -> anyhow::Result<()> {
-    wait_for("the training run", timeout, async || {
+/// Returns why its version was not activated, if it was not.
+async fn wait_for_run(
+    ctx: &Context,
+    run_id: Uuid,
+    timeout: Duration,
+) -> anyhow::Result<Option<String>> {
+    wait_for_value("the training run", timeout, async || {
         let run = training_run::Entity::find_by_id(run_id)
             .one(&ctx.db)
             .await?
@@ -689,12 +707,16 @@ async fn wait_for_run(ctx: &Context, run_id: Uuid, timeout: Duration) -> anyhow:
                     .one(&ctx.db)
                     .await?
                     .context("the run's model version vanished")?;
-                Ok(version.activated_at.is_some() || version.status_reason.is_some())
+                Ok(match (version.activated_at, version.status_reason) {
+                    (Some(_), _) => Some(None),
+                    (None, Some(reason)) => Some(Some(reason)),
+                    (None, None) => None,
+                })
             }
             RunState::Failed | RunState::Cancelled => {
                 bail!("training run failed: {}", run.error.unwrap_or_default())
             }
-            _ => Ok(false),
+            _ => Ok(None),
         }
     })
     .await
