@@ -30,6 +30,7 @@ mod m20261211_000026_null_model;
 mod m20261211_000027_review_task_item_index;
 mod m20261212_000028_detection;
 mod m20261213_000029_detector;
+mod m20261214_000030_deidentify;
 
 pub struct Migrator;
 
@@ -61,6 +62,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261211_000027_review_task_item_index::Migration),
             Box::new(m20261212_000028_detection::Migration),
             Box::new(m20261213_000029_detector::Migration),
+            Box::new(m20261214_000030_deidentify::Migration),
         ]
     }
 }

@@ -124,7 +124,8 @@
     return entry;
   }
 
-  const isDetection = (task) => task.task_kind === 'detection';
+  // De-identification tasks are boxes too (faces, plates).
+  const isDetection = (task) => task.task_kind === 'detection' || task.task_kind === 'deidentify';
 
   // The boxes a detection task starts from, with class indexes. A box of a
   // class the project lacks (a corrupt row: the scheduler names it by its

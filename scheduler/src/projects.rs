@@ -55,11 +55,27 @@ impl ClassNames {
 
     /// The classes of a project of `kind`: at least two to classify among,
     /// at least one to box (a detector of trees alone is the usual case).
+    /// A de-identification project's first class is `face`, the one its
+    /// face detector finds (`face,plate` when none are named).
     pub fn parse_for(kind: TaskKind, raw: &[String]) -> AppResult<Self> {
-        let names: Vec<String> = raw.iter().map(|s| s.trim().to_owned()).collect();
+        let mut names: Vec<String> = raw.iter().map(|s| s.trim().to_owned()).collect();
+        if names.is_empty() {
+            names = kind
+                .default_classes()
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect();
+        }
+        if kind == TaskKind::Deidentify && names.first().is_some_and(|first| first != "face") {
+            return Err(AppError::Invalid(format!(
+                "a deidentify project's first class is face, the one its face detector finds \
+                 (for example --classes face,plate), not {:?}",
+                names[0]
+            )));
+        }
         let (least, what) = match kind {
             TaskKind::Classification => (2, "two classes"),
-            TaskKind::Detection => (1, "one class"),
+            TaskKind::Detection | TaskKind::Deidentify => (1, "one class"),
         };
         if names.len() < least {
             return Err(AppError::Invalid(format!(
@@ -107,16 +123,23 @@ pub fn allow_arch(arch: ModelArch, measurement_only: bool) -> AppResult<ModelArc
 
 /// The architecture a project of `kind` runs when `arch` was asked for: a
 /// detection project always runs the detector (asked for, or the default
-/// left as it is), a classification project never does.
+/// left as it is), a de-identification project the face detector, a
+/// classification project neither.
 pub fn arch_of_kind(kind: TaskKind, arch: ModelArch) -> AppResult<ModelArch> {
     match (kind, arch) {
         (TaskKind::Detection, ModelArch::SmallCnn | ModelArch::Detector) => Ok(ModelArch::Detector),
-        (TaskKind::Classification, arch) if arch != ModelArch::Detector => Ok(arch),
+        (TaskKind::Deidentify, ModelArch::SmallCnn | ModelArch::Faces) => Ok(ModelArch::Faces),
+        (TaskKind::Classification, arch)
+            if !matches!(arch, ModelArch::Detector | ModelArch::Faces) =>
+        {
+            Ok(arch)
+        }
         (kind, arch) => Err(AppError::Invalid(format!(
             "a {kind} project cannot run {arch}: {}",
             match kind {
                 TaskKind::Detection => "detection projects run the detector",
-                TaskKind::Classification => "the detector draws boxes, not classes",
+                TaskKind::Deidentify => "de-identification projects run the face detector",
+                TaskKind::Classification => "the detectors draw boxes, not classes",
             }
         ))),
     }

@@ -227,6 +227,14 @@ impl ImageScores {
         self.least_certain.min(1.0 - self.likeliest_miss)
     }
 
+    /// Whether the committee may have missed something: a candidate just
+    /// under the threshold, or members that found different numbers of
+    /// objects. A recall-first kind (de-identification) sends such an
+    /// image to a person whatever its confidence.
+    pub fn possible_miss(&self) -> bool {
+        self.near_misses > 0 || self.count_disagreement > 0.0
+    }
+
     /// How much the members disagree about the image: the larger of their
     /// disagreement on the count and the share of members that missed the
     /// least agreed object.

@@ -1,8 +1,10 @@
 //! Task kinds: what a project asks of people and models about each image.
 //!
-//! Two kinds: `classification` (one class per image, from the project's
-//! list) and `detection` (a set of boxes per image, each with a class from
-//! the list; see [`crate::boxes`]). The kind is stored per project (`projects.task_kind`)
+//! Three kinds: `classification` (one class per image, from the project's
+//! list), `detection` (a set of boxes per image, each with a class from
+//! the list; see [`crate::boxes`]) and `deidentify` (boxes too, around
+//! faces and plates, found recall-first by a pretrained face detector, and
+//! delivered as blurred images). The kind is stored per project (`projects.task_kind`)
 //! and read into the scheduler's `Project`; each layer keeps what a kind
 //! is in one module per kind (`docs/architecture.md`, "Where a task kind
 //! lives"): the scheduler's `kind/`, the worker's `model/`, the scores in
@@ -24,30 +26,58 @@ pub enum TaskKind {
     /// Boxes around the objects in each image, each with a class from the
     /// project's class list.
     Detection,
+    /// Boxes around what must not be recognisable (faces, by default
+    /// plates too), proposed by a pretrained face detector; a miss is a
+    /// privacy leak, so routing is recall-first, and the delivery is the
+    /// images with every box blurred.
+    Deidentify,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 2] = [TaskKind::Classification, TaskKind::Detection];
+    pub const ALL: [TaskKind; 3] = [
+        TaskKind::Classification,
+        TaskKind::Detection,
+        TaskKind::Deidentify,
+    ];
 
     /// The name stored in `projects.task_kind` and used in the API.
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Classification => "classification",
             TaskKind::Detection => "detection",
+            TaskKind::Deidentify => "deidentify",
+        }
+    }
+
+    /// Whether a label of this kind is a set of boxes (`labels.boxes`)
+    /// rather than a class (`labels.class_index`).
+    pub fn draws_boxes(self) -> bool {
+        match self {
+            TaskKind::Classification => false,
+            TaskKind::Detection | TaskKind::Deidentify => true,
+        }
+    }
+
+    /// The classes a project of this kind gets when none are named.
+    pub fn default_classes(self) -> &'static [&'static str] {
+        match self {
+            TaskKind::Deidentify => &["face", "plate"],
+            TaskKind::Classification | TaskKind::Detection => &[],
         }
     }
 }
 
 impl TaskKind {
-    /// Whether a project of this kind starts with an untrained model, queued
-    /// when it is created, that orders its seed set. A classification
-    /// committee can (its first labels come from its random-order review);
-    /// an untrained detector finds nothing, so a detection project's images
-    /// go straight to people (`seed` review tasks) until a detector has
-    /// trained on their boxes.
-    pub fn starts_with_untrained_model(self) -> bool {
+    /// Whether a project of this kind starts with a model, queued when it
+    /// is created. A classification committee can, untrained (it orders
+    /// the seed set; the first labels come from its random-order review);
+    /// a de-identification project's face detector is pretrained and
+    /// proposes faces from the first image; an untrained detector finds
+    /// nothing, so a detection project's images go straight to people
+    /// (`seed` review tasks) until a detector has trained on their boxes.
+    pub fn starts_with_a_model(self) -> bool {
         match self {
-            TaskKind::Classification => true,
+            TaskKind::Classification | TaskKind::Deidentify => true,
             TaskKind::Detection => false,
         }
     }

@@ -191,6 +191,10 @@ pub enum ModelArch {
     /// the frozen MobileNetV2 backbone's stride-16 feature maps, run on
     /// overlapping tiles of the input size.
     Detector,
+    /// The `deidentify` task kind's committee: MTCNN's pretrained face
+    /// networks (facenet-pytorch's weights) on the image and on its mirror
+    /// image. Nothing is trained: a run packages the weights into a version.
+    Faces,
 }
 
 impl ModelArch {
@@ -200,7 +204,7 @@ impl ModelArch {
     /// cached embeddings.
     pub fn train_mode(self) -> TrainMode {
         match self {
-            Self::SmallCnn | Self::Null => TrainMode::Full,
+            Self::SmallCnn | Self::Null | Self::Faces => TrainMode::Full,
             Self::MobilenetV2 | Self::Detector => TrainMode::Heads,
         }
     }
@@ -210,7 +214,7 @@ impl ModelArch {
     /// small CNN has no pretrained backbone to freeze, so only in full mode.
     pub fn trains_in(self, mode: TrainMode) -> bool {
         match self {
-            Self::SmallCnn | Self::Null => mode == TrainMode::Full,
+            Self::SmallCnn | Self::Null | Self::Faces => mode == TrainMode::Full,
             Self::MobilenetV2 => true,
             // Heads only so far: fine-tuning the backbone's last blocks for
             // boxes is not built yet.
@@ -222,7 +226,7 @@ impl ModelArch {
     /// a network without one.
     pub fn backbone_blocks(self) -> u32 {
         match self {
-            Self::SmallCnn | Self::Null => 0,
+            Self::SmallCnn | Self::Null | Self::Faces => 0,
             Self::MobilenetV2 | Self::Detector => 17,
         }
     }
@@ -236,6 +240,8 @@ impl ModelArch {
             Self::Detector => 384,
             // Nothing is decoded; the figure only has to be a valid size.
             Self::Null => 1,
+            // Whole images, at their own size: an image pyramid.
+            Self::Faces => 1,
         }
     }
 
@@ -245,6 +251,7 @@ impl ModelArch {
             Self::MobilenetV2 => "mobilenet_v2",
             Self::Null => "null",
             Self::Detector => "detector",
+            Self::Faces => "faces",
         }
     }
 }
@@ -264,8 +271,9 @@ impl std::str::FromStr for ModelArch {
             "mobilenet_v2" => Ok(Self::MobilenetV2),
             "null" => Ok(Self::Null),
             "detector" => Ok(Self::Detector),
+            "faces" => Ok(Self::Faces),
             other => Err(format!(
-                "unknown model architecture {other:?} (expected small_cnn or mobilenet_v2, detector for boxes; null for measurement only)"
+                "unknown model architecture {other:?} (expected small_cnn or mobilenet_v2, detector for boxes, faces for de-identification; null for measurement only)"
             )),
         }
     }
@@ -374,7 +382,7 @@ impl TrainParams {
     pub fn for_arch(arch: ModelArch) -> Self {
         match arch {
             ModelArch::SmallCnn => Self::default(),
-            ModelArch::Null => Self {
+            ModelArch::Null | ModelArch::Faces => Self {
                 arch,
                 ..Self::default()
             },

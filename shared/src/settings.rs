@@ -392,6 +392,10 @@ pub struct WorkerSettings {
     /// puts them here): the frozen backbone of a `mobilenet_v2` project's
     /// first model. Later versions carry the backbone in their artifact.
     pub mobilenet_weights: PathBuf,
+    /// MTCNN's three networks, `pnet.pt`, `rnet.pt` and `onet.pt`
+    /// (`ops/fetch-face-weights.sh` puts them here): a `deidentify`
+    /// project's face detector, packaged into its first version.
+    pub face_weights: PathBuf,
     /// The most memory a full-mode training run may take for its input
     /// images (every snapshot image as `f32` model input); a run that would
     /// need more is refused, saying how much. Heads mode needs none of it.
@@ -410,6 +414,7 @@ impl Default for WorkerSettings {
             model_cache: 4,
             pipeline: true,
             mobilenet_weights: PathBuf::from("ops/weights/mobilenet_v2-b0353104.pth"),
+            face_weights: PathBuf::from("ops/weights/mtcnn"),
             train_images_mib: 4096,
         }
     }

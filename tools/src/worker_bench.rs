@@ -357,7 +357,7 @@ async fn compare_paths(
     let input_len = model.config().input_len();
     let decoded: Arc<Vec<_>> = Arc::new(match model.as_ref() {
         Model::Classifier(_) => Vec::new(),
-        Model::Detector(_) => decode_all(pngs)
+        Model::Detector(_) | Model::Faces(_) => decode_all(pngs)
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!("a bench image: {e}"))?,
@@ -385,7 +385,7 @@ async fn compare_paths(
         for &b in &args.batch_sizes {
             let input = Arc::new(match model.as_ref() {
                 Model::Classifier(_) => random_inputs(b * input_len, 7),
-                Model::Detector(_) => Vec::new(),
+                Model::Detector(_) | Model::Faces(_) => Vec::new(),
             });
             if let Some(cpu) = &cpu {
                 reset_peak_rss();
@@ -459,7 +459,7 @@ async fn bare_forward(
         Model::Classifier(c) => measure(seconds, batch, || {
             c.predict_with_embeddings(&input, batch).map(|_| ())
         }),
-        Model::Detector(d) => {
+        Model::Detector(_) | Model::Faces(_) => {
             anyhow::ensure!(!decoded.is_empty(), "no images for the detector");
             let images: Vec<_> = decoded
                 .iter()
@@ -469,7 +469,11 @@ async fn bare_forward(
                 .map(Ok)
                 .collect();
             measure(seconds, batch, || {
-                let out = prelabel::detect_images(d, images.clone());
+                let out = match model.as_ref() {
+                    Model::Faces(f) => prelabel::find_faces(f, images.clone()),
+                    Model::Detector(d) => prelabel::detect_images(d, images.clone()),
+                    Model::Classifier(_) => unreachable!("matched above"),
+                };
                 match out.into_iter().find_map(Result::err) {
                     Some(reason) => Err(anyhow::anyhow!(reason)),
                     None => Ok(()),

@@ -224,15 +224,18 @@ pub enum ItemsCommand {
 pub enum ProjectCommand {
     /// Create a project. A classification project's first model is queued
     /// at once; a detection project's images go to people until a detector
-    /// has trained on their boxes (or imported annotations).
+    /// has trained on their boxes (or imported annotations); a deidentify
+    /// project starts with the pretrained face detector.
     Create {
         name: String,
-        /// What is labeled: `classification` (one class per image) or
-        /// `detection` (boxes, each with a class).
+        /// What is labeled: `classification` (one class per image),
+        /// `detection` (boxes, each with a class) or `deidentify` (boxes
+        /// around faces and plates, delivered blurred).
         #[arg(long = "task", default_value_t = TaskKind::Classification)]
         task: TaskKind,
-        /// Class names, comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Class names, comma separated (a deidentify project's default:
+        /// face,plate; its first class is face).
+        #[arg(long, value_delimiter = ',')]
         classes: Vec<String>,
         /// Confidence under which an item goes to human review.
         #[arg(long)]

@@ -7,6 +7,7 @@ use super::args::ProjectCommand;
 use super::render::print_json;
 use crate::context::Context;
 use crate::ingest::sources;
+use crate::kind::TaskKind;
 use crate::operate::status;
 use crate::patch;
 use crate::policy::{DisagreementMeasure, Policy, PolicyPatch};
@@ -39,7 +40,16 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                 "cli",
             )
             .await?;
-            if task.starts_with_untrained_model() {
+            if task == TaskKind::Deidentify {
+                println!(
+                    "created {task} project {} ({}) with classes {} on {}: the pretrained face detector is being made its first version; ingest photos, review what it is unsure of, then `sieve export -p {} --format blurred --out DIR`",
+                    project.name,
+                    project.id,
+                    project.class_names.join(","),
+                    project.arch,
+                    project.name
+                );
+            } else if task.starts_with_a_model() {
                 println!(
                     "created project {} ({}) with {} classes on {}; its first model is training",
                     project.name,

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use super::{Cursor, Format, Request, write};
 use crate::entities::item::ItemState;
 use crate::error::{AppError, AppResult};
-use crate::kind::{TaskKind, classification, detection};
+use crate::kind::{classification, detection};
 use crate::operate::status::{MeasuredAccuracy, measured_accuracy_on};
 use crate::projects::Project;
 use sea_orm::ActiveEnum;
@@ -252,15 +252,16 @@ impl Export {
         request: Request,
     ) -> AppResult<Self> {
         let Request { format, filters } = request;
-        if project.task_kind == TaskKind::Detection && !format.carries_boxes() {
+        if project.task_kind.draws_boxes() && !format.carries_boxes() {
             return Err(AppError::Invalid(format!(
-                "project {} is a detection project: its boxes are exported as coco, yolo, jsonl or blurred, not {}",
+                "project {} is a {} project: its boxes are exported as coco, yolo, jsonl or blurred, not {}",
                 project.name,
+                project.task_kind,
                 format.name()
             )));
         }
         if format == Format::Blurred {
-            if project.task_kind != TaskKind::Detection {
+            if !project.task_kind.draws_boxes() {
                 return Err(AppError::Invalid(format!(
                     "project {} is a {} project: a blurred export blurs boxes, and it has none",
                     project.name, project.task_kind

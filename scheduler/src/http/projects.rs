@@ -37,6 +37,9 @@ pub async fn list(State(ctx): State<Context>, caller: Authed<Read>) -> AppResult
 #[serde(deny_unknown_fields)]
 pub struct CreateProject {
     name: String,
+    /// Required but for a `deidentify` project (`face`, `plate` when
+    /// absent; its first class is `face`).
+    #[serde(default)]
     classes: Vec<String>,
     #[serde(default)]
     policy: Option<Policy>,

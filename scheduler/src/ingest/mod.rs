@@ -972,7 +972,7 @@ async fn ingest_batch(
             } => {
                 let state = if entry.label.is_some() {
                     ItemState::HumanLabeled
-                } else if project.task_kind.starts_with_untrained_model()
+                } else if project.task_kind.starts_with_a_model()
                     || project.active_model_version_id.is_some()
                 {
                     ItemState::Queued
@@ -1458,7 +1458,7 @@ async fn annotation_file(
     root: Option<&Path>,
     options: &Options,
 ) -> anyhow::Result<IngestSummary> {
-    if project.task_kind != TaskKind::Detection {
+    if !project.task_kind.draws_boxes() {
         anyhow::bail!(
             "project {} is a {} project: box annotations are imported into a detection project (sieve project create NAME --task detection --classes ...)",
             project.name,

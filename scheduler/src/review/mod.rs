@@ -156,7 +156,7 @@ pub struct ClaimedTask {
 fn proposal(project: &Project, prediction: Option<&prediction::Model>) -> Proposal {
     match prediction {
         // A detector proposes boxes (the task's `boxes`), not a class.
-        Some(p) if project.task_kind == TaskKind::Detection => Proposal {
+        Some(p) if project.task_kind.draws_boxes() => Proposal {
             confidence: Some(p.confidence),
             ..Proposal::default()
         },
@@ -358,7 +358,9 @@ async fn claimed_view(
     let (item, prediction) = item_and_prediction(db, task).await?;
     let proposal = proposal(project, prediction.as_ref());
     let boxes = match project.task_kind {
-        TaskKind::Detection => Some(start_boxes(db, project, item.id, prediction.as_ref()).await?),
+        TaskKind::Detection | TaskKind::Deidentify => {
+            Some(start_boxes(db, project, item.id, prediction.as_ref()).await?)
+        }
         TaskKind::Classification => None,
     };
     Ok(ClaimedTask {
@@ -415,7 +417,7 @@ async fn claim_next_inner(
             expires.fixed_offset().into(),
             now.fixed_offset().into(),
             reviewer.token.into(),
-            (project.task_kind == TaskKind::Detection).into(),
+            (project.task_kind.draws_boxes()).into(),
         ],
     ))
     .one(db)
@@ -423,7 +425,7 @@ async fn claim_next_inner(
     else {
         return Ok(None);
     };
-    let boxes = (project.task_kind == TaskKind::Detection)
+    let boxes = (project.task_kind.draws_boxes())
         .then(|| starting_boxes(project, claimed.boxes.as_ref(), claimed.detections.as_ref()));
     if claimed.expired {
         // Its holder's lease ran out: the task returns to the queue.
@@ -436,7 +438,7 @@ async fn claim_next_inner(
         claimed.top_class,
     ) {
         // A detector proposes boxes (the task's `boxes`), not a class.
-        _ if project.task_kind == TaskKind::Detection => Proposal {
+        _ if project.task_kind.draws_boxes() => Proposal {
             confidence: claimed.confidence,
             ..Proposal::default()
         },
@@ -981,7 +983,7 @@ async fn checked_boxes(
     .await?
     .ok_or_else(|| AppError::NotFound(format!("no review task {task_id}")))?;
     let project = projects::get(db, &target.project_id.to_string()).await?;
-    if project.task_kind != TaskKind::Detection {
+    if !project.task_kind.draws_boxes() {
         return Err(kind::wrong_kind(
             &project,
             TaskKind::Detection,

@@ -433,11 +433,16 @@ pub async fn refresh(
 
 /// Whether a version was trained on no labels at all (a project's first
 /// model): its confidence means nothing, so its items form the random seed
-/// set for review.
+/// set for review. A pretrained face detector learned from no labels here
+/// but is not untrained.
 pub async fn is_untrained(db: &impl ConnectionTrait, version_id: Uuid) -> anyhow::Result<bool> {
     Ok(model_version::Entity::find_by_id(version_id)
         .one(db)
         .await?
+        .filter(|v| {
+            v.architecture.as_ref().and_then(|a| a["arch"].as_str())
+                != Some(sieve_shared::messages::ModelArch::Faces.as_str())
+        })
         .and_then(|v| v.metrics)
         .and_then(|m| serde_json::from_value::<HoldoutMetrics>(m).ok())
         .is_some_and(|m| m.train_size == 0 && m.holdout_size == 0))

@@ -141,15 +141,16 @@ pub async fn reroute(
                 disagreement: p.disagreement,
                 mutual_information: p.mutual_information,
             };
+            let detections = p
+                .detections
+                .as_ref()
+                .and_then(|d| serde_json::from_value::<ImageScores>(d.clone()).ok());
             let routed = Routed {
                 prediction_id: p.id,
                 version_id: active,
                 scores: &scores,
-                proposal: p
-                    .detections
-                    .as_ref()
-                    .and_then(|d| serde_json::from_value::<ImageScores>(d.clone()).ok())
-                    .map(|d| d.labeled_boxes()),
+                proposal: detections.as_ref().map(ImageScores::labeled_boxes),
+                possible_miss: detections.as_ref().is_some_and(ImageScores::possible_miss),
             };
             match results::route(&txn, &current, &routing, &item, routed).await? {
                 Applied::MachineLabeled => done.machine_labeled += 1,

@@ -316,6 +316,10 @@ async fn apply_one(
             version_id: result.model_version_id.as_uuid(),
             scores: &output.scores,
             proposal: output.detections.as_ref().map(|d| d.labeled_boxes()),
+            possible_miss: output
+                .detections
+                .as_ref()
+                .is_some_and(|d| d.possible_miss()),
         },
     )
     .await
@@ -334,6 +338,10 @@ pub(crate) struct Routed<'a> {
     pub scores: &'a Scores,
     /// A detector's proposed boxes: the label a machine-accepted image gets.
     pub proposal: Option<Vec<LabeledBox>>,
+    /// Whether a box committee may have missed something
+    /// (`ImageScores::possible_miss`): a recall-first kind never accepts
+    /// such an image by machine.
+    pub possible_miss: bool,
 }
 
 impl Routed<'_> {
@@ -349,7 +357,7 @@ impl Routed<'_> {
     ) -> Option<LabelValue> {
         match project.task_kind {
             TaskKind::Classification => Some(LabelValue::Class(class_index as i32)),
-            TaskKind::Detection => {
+            TaskKind::Detection | TaskKind::Deidentify => {
                 let boxes = self.proposal.clone()?;
                 let (width, height) = (
                     u32::try_from(item.width?).ok()?,
@@ -430,6 +438,15 @@ pub(crate) async fn route(
     };
     // A machine acceptance needs a label to write; without one, people decide.
     let verdict = match decision {
+        // Recall first: a possible miss is a possible privacy leak.
+        Decision::MachineLabel { .. }
+            if project.task_kind == TaskKind::Deidentify && routed.possible_miss =>
+        {
+            Verdict::Review {
+                reason: TaskReason::LowConfidence,
+                priority: (1.0 - scores.confidence) + scores.disagreement,
+            }
+        }
         Decision::MachineLabel { class_index } => {
             match routed.machine_label(project, item, class_index) {
                 Some(value) => Verdict::Label(value),

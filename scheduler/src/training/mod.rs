@@ -429,8 +429,9 @@ pub async fn create_project(
 }
 
 /// Create a project of `kind`. A classification project's first model is
-/// queued at once. A detection project starts without one
-/// ([`TaskKind::starts_with_untrained_model`]): each image it ingests goes
+/// queued at once, and a deidentify project's (the pretrained face
+/// detector, packaged by a worker). A detection project starts without one
+/// ([`TaskKind::starts_with_a_model`]): each image it ingests goes
 /// to people (a `seed` review task, in random order) until a detector has
 /// trained on their boxes (or imported ones) and been activated. Its
 /// architecture is always the detector: `arch` must be that or the default.
@@ -444,7 +445,7 @@ pub async fn create_project_of_kind(
     requested_by: &str,
 ) -> AppResult<Project> {
     let project = projects::create(&ctx.db, name, classes, policy, arch, kind).await?;
-    if kind.starts_with_untrained_model() {
+    if kind.starts_with_a_model() {
         request(ctx, &project, requested_by, project.train_params(), true).await?;
     }
     Ok(project)
@@ -482,9 +483,15 @@ pub async fn request(
     if let Some(problem) = params.problem() {
         return Err(AppError::Invalid(problem));
     }
+    if project.task_kind == TaskKind::Deidentify && !without_model {
+        return Err(AppError::Invalid(format!(
+            "project {} runs the pretrained face detector, which learns nothing from labels: \
+             people's boxes correct its images, and learning plates from them is not built yet",
+            project.name
+        )));
+    }
     let mut examples = labeled_examples(ctx, project).await?;
-    if !project.task_kind.starts_with_untrained_model()
-        && !examples.iter().any(|e| e.split == Split::Train)
+    if !project.task_kind.starts_with_a_model() && !examples.iter().any(|e| e.split == Split::Train)
     {
         return Err(AppError::Invalid(format!(
             "project {} has no {} labels to train on yet: review some images (or import annotations) first",

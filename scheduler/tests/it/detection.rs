@@ -358,7 +358,7 @@ async fn boxes_leave_as_coco_json_lines_and_a_yolo_folder() {
             .await;
         assert_eq!(status, 422, "{answer}");
         assert!(
-            answer.to_string().contains("coco, yolo or jsonl"),
+            answer.to_string().contains("coco, yolo, jsonl or blurred"),
             "{answer}"
         );
 

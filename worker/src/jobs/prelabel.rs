@@ -37,6 +37,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use sieve_shared::blocking::map_blocking;
+use sieve_shared::box_scores::{ImageScores, ScoredBox};
 use sieve_shared::ids::ModelVersionId;
 use sieve_shared::messages::{
     ModelRef, PredictionOutput, PrelabelJob, PrelabelOutcome, PrelabelResult, PrelabelResults,
@@ -51,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::Worker;
 use crate::images;
-use crate::model::{Committee, Detector, Model, detect};
+use crate::model::{Committee, Detector, FaceCommittee, Model, detect};
 
 /// Image fetches in flight per batch from a remote store.
 const FETCH_CONCURRENCY: usize = 16;
@@ -735,7 +736,7 @@ async fn prepare(worker: &Worker, deliveries: Vec<Delivery>) -> Prepared {
     let mut groups = Vec::with_capacity(by_model.len());
     for (_, (model, positions, images)) in by_model {
         let config = model.config().clone();
-        let detector = matches!(*model, Model::Detector(_));
+        let detector = matches!(*model, Model::Detector(_) | Model::Faces(_));
         let decoded = tokio::task::spawn_blocking(move || {
             if detector {
                 Inputs::Images(decode_images(&images, max_pixels))
@@ -837,6 +838,7 @@ async fn finish(worker: &Worker, batch: Prepared) {
                 predict_inputs(committee, inputs)
             }
             (Model::Detector(detector), Inputs::Images(images)) => detect_images(detector, images),
+            (Model::Faces(faces), Inputs::Images(images)) => find_faces(faces, images),
             // Decoding panicked: the reasons are all there is.
             (_, Inputs::Pixels(inputs)) => inputs
                 .into_iter()
@@ -1150,9 +1152,40 @@ pub fn detect_images(
     detector: &Detector,
     decoded: Vec<Result<RgbImage, String>>,
 ) -> Vec<Result<PredictionOutput, String>> {
+    boxes_per_image(
+        decoded,
+        |good| detector.detect(good),
+        detect::score,
+        detect::PROPOSAL_THRESHOLD,
+    )
+}
+
+/// Run the face committee over all good images; one output per image, in
+/// order (a bad image keeps its reason).
+pub fn find_faces(
+    faces: &FaceCommittee,
+    decoded: Vec<Result<RgbImage, String>>,
+) -> Vec<Result<PredictionOutput, String>> {
+    boxes_per_image(
+        decoded,
+        |good| faces.detect(good),
+        crate::model::faces::score,
+        crate::model::mtcnn::FACE_THRESHOLD,
+    )
+}
+
+/// A box committee's outputs for the good images of `decoded`: `find` gives
+/// every member's boxes per image, `score` the image's scores, `threshold`
+/// the score a box is proposed at.
+fn boxes_per_image(
+    decoded: Vec<Result<RgbImage, String>>,
+    find: impl FnOnce(&[RgbImage]) -> Result<Vec<detect::MemberBoxes>, crate::model::ModelError>,
+    score: fn(&[Vec<ScoredBox>]) -> ImageScores,
+    threshold: f32,
+) -> Vec<Result<PredictionOutput, String>> {
     let good: Vec<RgbImage> = decoded.iter().flatten().cloned().collect();
     let started = Instant::now();
-    let found = detector.detect(&good);
+    let found = find(&good);
     metrics::histogram!("sieve_worker_inference_seconds").record(started.elapsed().as_secs_f64());
     let found = match found {
         Ok(found) => found,
@@ -1162,19 +1195,14 @@ pub fn detect_images(
         }
     };
     let mut scored = found.into_iter().map(|members| {
-        let image = detect::score(&members);
+        let image = score(&members);
         PredictionOutput {
             probabilities: Vec::new(),
             member_votes: members
                 .iter()
-                .map(|boxes| {
-                    boxes
-                        .iter()
-                        .filter(|b| b.score >= detect::PROPOSAL_THRESHOLD)
-                        .count() as u32
-                })
+                .map(|boxes| boxes.iter().filter(|b| b.score >= threshold).count() as u32)
                 .collect(),
-            scores: image.as_scores(detect::PROPOSAL_THRESHOLD),
+            scores: image.as_scores(threshold),
             embedding: None,
             detections: Some(Box::new(image)),
         }

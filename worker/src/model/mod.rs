@@ -21,6 +21,7 @@
 mod committee;
 pub mod detect;
 pub mod detector;
+pub mod faces;
 mod heads;
 pub mod mobilenet;
 pub mod mtcnn;
@@ -31,6 +32,7 @@ mod train;
 
 pub use committee::{Committee, CommitteeProbs, Embeddings};
 pub use detect::Detector;
+pub use faces::FaceCommittee;
 pub use heads::{EmbeddingData, Heads, HeadsOptions, HeadsReport, train_heads};
 pub use mobilenet::MobileNetV2;
 pub use recipe::EpochReport;
@@ -43,6 +45,7 @@ pub use train::{TrainData, TrainOptions, train};
 pub enum Model {
     Classifier(Committee),
     Detector(Detector),
+    Faces(FaceCommittee),
 }
 
 impl Model {
@@ -50,6 +53,7 @@ impl Model {
         match self {
             Model::Classifier(c) => c.config(),
             Model::Detector(d) => d.config(),
+            Model::Faces(f) => f.config(),
         }
     }
 
@@ -58,6 +62,7 @@ impl Model {
         match self {
             Model::Classifier(c) => c.weights_to_bytes(),
             Model::Detector(d) => d.weights_to_bytes(),
+            Model::Faces(f) => f.weights_to_bytes(),
         }
     }
 
@@ -67,7 +72,11 @@ impl Model {
         bytes: &[u8],
         device: &burn::tensor::Device,
     ) -> Result<Self, ModelError> {
-        if config.arch == ArchitectureConfig::DETECTOR {
+        if config.arch == ArchitectureConfig::FACES {
+            Ok(Model::Faces(FaceCommittee::from_weights(
+                config, bytes, device,
+            )?))
+        } else if config.arch == ArchitectureConfig::DETECTOR {
             Ok(Model::Detector(Detector::from_weights(
                 config, bytes, device,
             )?))
@@ -82,7 +91,7 @@ impl Model {
     pub fn classifier(&self) -> Option<&Committee> {
         match self {
             Model::Classifier(c) => Some(c),
-            Model::Detector(_) => None,
+            Model::Detector(_) | Model::Faces(_) => None,
         }
     }
 }
@@ -116,6 +125,7 @@ impl ArchitectureConfig {
     pub const MOBILENET_V2: &str = "mobilenet_v2";
     pub const NULL: &str = "null";
     pub const DETECTOR: &str = "detector";
+    pub const FACES: &str = "faces";
 
     /// The `null` architecture: no input, no weights, a uniform answer from
     /// each of `members` for every image (measurement only).
@@ -172,6 +182,20 @@ impl ArchitectureConfig {
             num_classes,
             members,
             input_size,
+            channels: 3,
+            embedding_dim: 0,
+            backbone: None,
+        }
+    }
+
+    /// The face detector of the `deidentify` task kind ([`FaceCommittee`]): MTCNN on the image
+    /// and its mirror image, at the image's own size.
+    pub fn faces(num_classes: usize) -> Self {
+        Self {
+            arch: Self::FACES.to_string(),
+            num_classes,
+            members: faces::MEMBERS,
+            input_size: 0,
             channels: 3,
             embedding_dim: 0,
             backbone: None,

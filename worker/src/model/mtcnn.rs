@@ -37,7 +37,7 @@ use image::RgbImage;
 use sieve_shared::box_scores::ScoredBox;
 
 use super::ModelError;
-use super::tensors::read;
+use super::tensors::{load_weights, read, weights_to_bytes};
 
 /// Where `ops/fetch-face-weights.sh` puts `pnet.pt`, `rnet.pt` and `onet.pt`, relative to the
 /// repository root.
@@ -362,6 +362,57 @@ impl Mtcnn {
 
     pub fn config(&self) -> &MtcnnConfig {
         &self.config
+    }
+
+    /// The three networks' weights as bytes: each one's burnpack record, its length in front as
+    /// a little-endian u64. [`from_weights`](Self::from_weights) reads them back.
+    pub fn weights_to_bytes(&self) -> Result<Vec<u8>, ModelError> {
+        let mut out = Vec::new();
+        for part in [
+            weights_to_bytes(&self.pnet)?,
+            weights_to_bytes(&self.rnet)?,
+            weights_to_bytes(&self.onet)?,
+        ] {
+            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            out.extend_from_slice(&part);
+        }
+        Ok(out)
+    }
+
+    /// The networks from [`weights_to_bytes`](Self::weights_to_bytes) output; truncated,
+    /// corrupt or non-finite weights are [`ModelError::Weights`].
+    pub fn from_weights(
+        bytes: &[u8],
+        config: MtcnnConfig,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        check_config(&config)?;
+        let mut rest = bytes;
+        let mut next = || -> Result<&[u8], ModelError> {
+            let truncated = || ModelError::Weights("truncated face detector weights".into());
+            let length: [u8; 8] = rest
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(truncated)?;
+            let end = usize::try_from(u64::from_le_bytes(length))
+                .ok()
+                .and_then(|n| n.checked_add(8))
+                .filter(|end| *end <= rest.len())
+                .ok_or_else(truncated)?;
+            let part = &rest[8..end];
+            rest = &rest[end..];
+            Ok(part)
+        };
+        let pnet = load_weights(PNet::new(device), next()?)?;
+        let rnet = load_weights(RNet::new(device), next()?)?;
+        let onet = load_weights(ONet::new(device), next()?)?;
+        Ok(Self {
+            pnet,
+            rnet,
+            onet,
+            config,
+            device: device.clone(),
+        })
     }
 
     /// Every face in `image`, most confident first.

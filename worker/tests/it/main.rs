@@ -11,6 +11,7 @@ mod sieve;
 
 mod batches;
 mod bucket_store;
+mod deidentify;
 mod demo;
 mod detection_loop;
 mod drain;

@@ -32,6 +32,7 @@ pub fn worker_settings(s: &mut Settings) {
     // Tests run in worker/; ops/fetch-weights.sh (run by ops/test.sh) puts them here.
     s.worker.mobilenet_weights =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/weights/mobilenet_v2-b0353104.pth");
+    s.worker.face_weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/weights/mtcnn");
 }
 
 pub struct TestSieve {

@@ -1,0 +1,280 @@
+//! A de-identification project on the real services, with real photos: it starts with the
+//! pretrained face detector (no labels needed), images where the committee is sure of every
+//! face are labeled by machine, an image with a possible miss goes to a person, who starts from
+//! the model's boxes, and the delivery (`export --format blurred`) hides every face: the same
+//! detector finds none in what goes out.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use burn::tensor::Device;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use serde_json::{Value, json};
+use sieve_scheduler::auth;
+use sieve_scheduler::entities::api_token::Role;
+use sieve_scheduler::entities::item::{self, ItemState};
+use sieve_scheduler::entities::prediction;
+use sieve_scheduler::export::blur::Blur;
+use sieve_scheduler::export::output::Options as ExportOptions;
+use sieve_scheduler::export::{Export, Filters, Format, Request, folder};
+use sieve_scheduler::kind::TaskKind;
+use sieve_scheduler::policy::Policy;
+use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+use sieve_scheduler::{ingest, training};
+use sieve_shared::box_scores::ImageScores;
+use sieve_shared::boxes::LabeledBox;
+use sieve_shared::messages::ModelArch;
+use sieve_testkit::eventually;
+use sieve_worker::model::mtcnn::{DEFAULT_WEIGHTS_DIR, FACE_THRESHOLD, Mtcnn, MtcnnConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::sieve::TestSieve;
+
+const WAIT: Duration = Duration::from_secs(240);
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// The hand-checked faces of the photos (worker/tests/it/faces.rs); the others have none.
+fn faces_of(photo: &str) -> Vec<LabeledBox> {
+    let boxes: &[[f32; 4]] = match photo {
+        "t1.jpg" => &[
+            [465.0, 262.0, 570.0, 405.0],
+            [55.0, 263.0, 165.0, 397.0],
+            [908.0, 62.0, 1014.0, 202.0],
+            [268.0, 150.0, 375.0, 272.0],
+            [743.0, 346.0, 844.0, 474.0],
+            [1135.0, 276.0, 1228.0, 395.0],
+        ],
+        "astronaut.png" => &[[181.0, 62.0, 268.0, 172.0]],
+        "Tom_Hanks_54745.png" => &[[0.0, 0.0, 83.0, 112.0]],
+        _ => &[],
+    };
+    boxes
+        .iter()
+        .map(|b| LabeledBox {
+            class: 0,
+            x_min: b[0],
+            y_min: b[1],
+            x_max: b[2],
+            y_max: b[3],
+        })
+        .collect()
+}
+
+const PHOTOS: [&str; 6] = [
+    "t1.jpg",
+    "astronaut.png",
+    "Tom_Hanks_54745.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+];
+
+fn photo_of(item: &item::Model) -> &'static str {
+    PHOTOS
+        .into_iter()
+        .find(|p| item.source.ends_with(p))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deidentification_project_blurs_every_face_it_delivers() {
+    let sieve = TestSieve::start().await;
+    let db = &sieve.ctx.db;
+    let policy = Policy {
+        confidence_threshold: 0.9,
+        audit_rate: 0.0,
+        ..Policy::default()
+    };
+    let project = training::create_project_of_kind(
+        &sieve.ctx,
+        &ProjectName::parse("street").unwrap(),
+        &ClassNames::parse_for(TaskKind::Deidentify, &[]).unwrap(),
+        &policy,
+        ModelArch::SmallCnn,
+        TaskKind::Deidentify,
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(project.arch, ModelArch::Faces);
+    assert_eq!(project.class_names, ["face", "plate"]);
+
+    // The pretrained detector is the first version: no label needed.
+    let project = eventually("the face detector, active", WAIT, || async {
+        projects::get(db, "street")
+            .await
+            .ok()
+            .filter(|p| p.active_model_version_id.is_some())
+    })
+    .await;
+    let version = project.active_model_version_id.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    for photo in PHOTOS {
+        std::fs::copy(
+            repo_path(&format!("ops/test-photos/{photo}")),
+            dir.path().join(photo),
+        )
+        .unwrap();
+    }
+    ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
+        .await
+        .unwrap();
+    let items = eventually("every photo routed", WAIT, || async {
+        let items = item::Entity::find()
+            .filter(item::Column::ProjectId.eq(project.id.as_uuid()))
+            .all(db)
+            .await
+            .unwrap();
+        let routed = items
+            .iter()
+            .all(|i| matches!(i.state, ItemState::AutoLabeled | ItemState::InReview));
+        (items.len() == PHOTOS.len() && routed).then_some(items)
+    })
+    .await;
+
+    // What the committee saw: each photo's faces, and only those, proposed.
+    for i in &items {
+        let p = prediction::Entity::find()
+            .filter(prediction::Column::ItemId.eq(i.id))
+            .filter(prediction::Column::ModelVersionId.eq(version))
+            .one(db)
+            .await
+            .unwrap()
+            .unwrap();
+        let scores: ImageScores = serde_json::from_value(p.detections.unwrap()).unwrap();
+        let truth = faces_of(photo_of(i));
+        let proposed = scores.labeled_boxes();
+        for face in &truth {
+            assert!(
+                proposed.iter().any(|b| b.iou(face) >= 0.5),
+                "{}: the face {face:?} is not proposed: {scores:?}",
+                i.source
+            );
+        }
+        assert_eq!(proposed.len(), truth.len(), "{}: {scores:?}", i.source);
+        // Recall first: an image with a possible miss is never accepted by machine.
+        if scores.possible_miss() {
+            assert_eq!(i.state, ItemState::InReview, "{}: {scores:?}", i.source);
+        }
+    }
+    let state_of = |photo: &str| items.iter().find(|i| photo_of(i) == photo).unwrap().state;
+    // The group photo has a hand and a reflection just under the face threshold.
+    assert_eq!(state_of("t1.jpg"), ItemState::InReview);
+    let by_machine = items
+        .iter()
+        .filter(|i| i.state == ItemState::AutoLabeled)
+        .count();
+    assert!(
+        by_machine >= 3,
+        "the photos without faces, at least, need no person: {:?}",
+        items
+            .iter()
+            .map(|i| (&i.source, i.state))
+            .collect::<Vec<_>>()
+    );
+
+    // A reviewer gets the group photo with the model's faces to start from, and confirms
+    // them as drawn by hand.
+    let reviewer = auth::create_token(db, "privacy", Role::Reviewer)
+        .await
+        .unwrap();
+    while let Some(task) = {
+        let answer = sieve
+            .http
+            .post(format!("{}/api/v1/projects/street/review/next", sieve.api))
+            .bearer_auth(&reviewer)
+            .send()
+            .await
+            .unwrap();
+        let body = answer.error_for_status().unwrap().text().await.unwrap();
+        // An empty queue answers with no task.
+        serde_json::from_str::<Value>(&body)
+            .ok()
+            .filter(|task| task.get("task_id").is_some())
+    } {
+        assert_eq!(task["task_kind"], "deidentify", "{task}");
+        let photo = PHOTOS
+            .into_iter()
+            .find(|p| task["source"].as_str().unwrap().ends_with(p))
+            .unwrap();
+        let truth = faces_of(photo);
+        assert_eq!(
+            task["boxes"].as_array().unwrap().len(),
+            truth.len(),
+            "starts from the model's faces: {task}"
+        );
+        let boxes: Vec<Value> = truth
+            .iter()
+            .map(|b| json!({ "class": "face", "x_min": b.x_min, "y_min": b.y_min, "x_max": b.x_max, "y_max": b.y_max }))
+            .collect();
+        sieve
+            .http
+            .post(format!(
+                "{}/api/v1/review/{}/submit",
+                sieve.api,
+                task["task_id"].as_str().unwrap()
+            ))
+            .bearer_auth(&reviewer)
+            .json(&json!({ "fencing_token": task["fencing_token"], "boxes": boxes }))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+    }
+
+    // Nothing to retrain: the detector is pretrained.
+    let refused = training::request(&sieve.ctx, &project, "test", project.train_params(), false)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("pretrained face detector"),
+        "{refused}"
+    );
+
+    // The delivery: every photo, every face blurred; the detector finds none in it.
+    let request = Request {
+        format: Format::Blurred,
+        filters: Filters::default(),
+    };
+    let export = Export::begin(db, &project, request).await.unwrap();
+    let out = dir.path().join("delivery");
+    let options = ExportOptions {
+        terminal: false,
+        cancel: CancellationToken::new(),
+    };
+    let (summary, placed) =
+        folder::write_blurred(export, &sieve.ctx.store, &out, options, Blur::default())
+            .await
+            .unwrap();
+    assert_eq!(
+        (summary.rows, placed.copied),
+        (PHOTOS.len() as u64, PHOTOS.len() as u64)
+    );
+    let detector = Mtcnn::load(
+        &repo_path(DEFAULT_WEIGHTS_DIR),
+        MtcnnConfig::default(),
+        &Device::flex(),
+    )
+    .unwrap();
+    for entry in std::fs::read_dir(out.join("images")).unwrap() {
+        let path = entry.unwrap().path();
+        let image = image::open(&path).unwrap().to_rgb8();
+        let left: Vec<_> = detector
+            .detect(&image)
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.at.score >= FACE_THRESHOLD)
+            .collect();
+        assert!(left.is_empty(), "{}: faces left: {left:?}", path.display());
+    }
+    sieve.teardown().await;
+}
