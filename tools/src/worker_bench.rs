@@ -199,6 +199,9 @@ async fn forward(settings: Settings, args: &BenchArgs) -> anyhow::Result<()> {
     if args.task == TaskKind::Detection {
         return forward_detection(&settings, args).await;
     }
+    if args.task == TaskKind::Deidentify {
+        return forward_faces(&settings, args).await;
+    }
     let config = ArchitectureConfig::small_cnn(10, args.members);
     let committee = Committee::init(&config, 1, &backend::device())?;
     let flops = 2 * small_cnn_multiply_adds(&config);
@@ -327,6 +330,55 @@ async fn forward_detection(settings: &Settings, args: &BenchArgs) -> anyhow::Res
     );
     let items = |b: usize| queue_items(args.detect_queue_items, b);
     compare_paths(settings, args, &Arc::new(model), None, &pngs, items).await
+}
+
+/// The real photos of the face fixture (`worker/tests/it/faces.rs`), and the faces in them.
+const FACE_PHOTOS: [(&str, usize); 6] = [
+    ("t1.jpg", 6),
+    ("astronaut.png", 1),
+    ("Tom_Hanks_54745.png", 1),
+    ("chelsea.png", 0),
+    ("coffee.png", 0),
+    ("rocket.jpg", 0),
+];
+
+/// The de-identification committee (MTCNN on each photo and its mirror image) on the real
+/// photos of the face fixture, bare against the queue path.
+async fn forward_faces(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
+    let dir = settings.worker.face_weights.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        sieve_worker::model::FaceCommittee::load(&dir, 2, &backend::device())
+    })
+    .await?
+    .map_err(|e| {
+        anyhow::anyhow!("{e}: run ops/fetch-face-weights.sh or set worker.face_weights")
+    })?;
+    let mut photos = Vec::new();
+    for (name, _) in FACE_PHOTOS {
+        let path = std::path::Path::new("ops/test-photos").join(name);
+        photos.push(
+            std::fs::read(&path)
+                .with_context(|| format!("{}: run ops/fetch-face-weights.sh", path.display()))?,
+        );
+    }
+    let faces: usize = FACE_PHOTOS.iter().map(|(_, n)| n).sum();
+    println!(
+        "
+## face committee (MTCNN, K=2: each photo and its mirror image) on the {} fixture photos \
+         ({faces} faces, 1280x886 to 112x112); faces/s = images/s x {:.2}",
+        photos.len(),
+        faces as f64 / photos.len() as f64
+    );
+    let items = |b: usize| queue_items(args.detect_queue_items, b);
+    compare_paths(
+        settings,
+        args,
+        &Arc::new(Model::Faces(model)),
+        None,
+        &photos,
+        items,
+    )
+    .await
 }
 
 /// The bench's PNGs decoded as the worker decodes a detector's images (two threads, no pixel
