@@ -42,6 +42,14 @@ pub fn project(status: &status::ProjectStatus) -> String {
             m.audited
         );
     }
+    if let Some(a) = &status.face_audits {
+        let _ = writeln!(
+            out,
+            "  face audits: {} images the machine would have accepted, {} faces boxed by auditors, \
+             {} missed by the machine (recall {:.3})",
+            a.images, a.faces, a.missed, a.recall
+        );
+    }
     let second = &status.second_opinions;
     if status.project.policy.second_review_confidence.is_some()
         || *second != status::SecondOpinions::default()

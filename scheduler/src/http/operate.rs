@@ -33,6 +33,9 @@ pub async fn metrics(State(ctx): State<Context>) -> impl IntoResponse {
     if let Err(err) = status::record_second_opinion_metrics(&ctx).await {
         tracing::warn!(error = %err, "second-opinion gauges not refreshed");
     }
+    if let Err(err) = status::record_face_audit_metrics(&ctx).await {
+        tracing::warn!(error = %err, "face audit gauges not refreshed");
+    }
     if let Err(err) = reviewers::record_reviewer_metrics(&ctx).await {
         tracing::warn!(error = %err, "reviewer gauges not refreshed");
     }

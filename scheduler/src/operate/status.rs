@@ -12,6 +12,8 @@ use crate::error::AppResult;
 use crate::kind::classification;
 use crate::projects::Project;
 use crate::routing::calibration;
+use sieve_shared::box_scores::{self, ImageScores};
+use sieve_shared::boxes::LabeledBox;
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectStatus {
@@ -37,6 +39,97 @@ pub struct ProjectStatus {
     /// With a target accuracy and an active model: the random evidence its
     /// thresholds rest on, and what opening the gate still needs.
     pub calibration: Option<CalibrationStatus>,
+    /// A deidentify project's audits: faces the auditors found in images
+    /// the machine would have accepted, and how many of them its proposal
+    /// missed (each a privacy leak had the image been delivered).
+    pub face_audits: Option<FaceAudits>,
+}
+
+/// What a deidentify project's audits found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct FaceAudits {
+    /// Audited images (would-be machine labels checked by a person).
+    pub images: i64,
+    /// Faces the auditors boxed in them.
+    pub faces: i64,
+    /// Of those, faces the machine's proposal did not box (IoU under 0.5).
+    pub missed: i64,
+    /// `1 − missed / faces` (1 with no faces audited yet).
+    pub recall: f64,
+}
+
+#[derive(FromQueryResult)]
+struct FaceAuditRow {
+    human: Option<serde_json::Value>,
+    detections: Option<serde_json::Value>,
+}
+
+/// [`FaceAudits`] of `project`, or `None` for a project of another kind.
+/// Faces are the project's first class.
+pub async fn face_audits(ctx: &Context, project: &Project) -> AppResult<Option<FaceAudits>> {
+    if project.task_kind != crate::kind::TaskKind::Deidentify {
+        return Ok(None);
+    }
+    let rows = FaceAuditRow::find_by_statement(Statement::from_sql_and_values(
+        ctx.db.get_database_backend(),
+        r#"
+        SELECT l.boxes AS human, p.detections
+        FROM review_tasks t
+        JOIN labels l ON l.review_task_id = t.id
+        JOIN predictions p ON p.id = t.prediction_id
+        WHERE t.project_id = $1 AND t.reason = 'audit' AND t.state = 'done'
+        "#,
+        [project.id.as_uuid().into()],
+    ))
+    .all(&ctx.db)
+    .await?;
+    let mut audits = FaceAudits::default();
+    for row in rows {
+        let human = row
+            .human
+            .as_ref()
+            .and_then(crate::kind::detection::from_json)
+            .unwrap_or_default();
+        let proposal = row
+            .detections
+            .and_then(|d| serde_json::from_value::<ImageScores>(d).ok())
+            .map(|d| d.labeled_boxes())
+            .unwrap_or_default();
+        let (faces, missed) = faces_missed(&human, &proposal);
+        audits.images += 1;
+        audits.faces += faces as i64;
+        audits.missed += missed as i64;
+    }
+    audits.recall = if audits.faces > 0 {
+        1.0 - audits.missed as f64 / audits.faces as f64
+    } else {
+        1.0
+    };
+    Ok(Some(audits))
+}
+
+/// The faces (class 0) in `human`, and how many of them no face of
+/// `proposal` boxes at IoU ≥ 0.5.
+fn faces_missed(human: &[LabeledBox], proposal: &[LabeledBox]) -> (usize, usize) {
+    let faces: Vec<LabeledBox> = human.iter().filter(|b| b.class == 0).copied().collect();
+    let found = box_scores::matched(proposal, &faces, 0.5);
+    (faces.len(), faces.len() - found)
+}
+
+/// Export every deidentify project's audits as the gauges
+/// `sieve_deidentify_audited_faces{project}` and
+/// `sieve_deidentify_missed_faces{project}`. Called at each `/metrics`
+/// scrape.
+pub async fn record_face_audit_metrics(ctx: &Context) -> AppResult<()> {
+    for project in crate::projects::list(&ctx.db).await? {
+        if let Some(audits) = face_audits(ctx, &project).await? {
+            metrics::gauge!("sieve_deidentify_audited_faces", "project" => project.name.clone())
+                .set(audits.faces as f64);
+            metrics::gauge!("sieve_deidentify_missed_faces", "project" => project.name.clone())
+                .set(audits.missed as f64);
+        }
+    }
+    Ok(())
 }
 
 /// Where the gate to machine labels stands for the active version.
@@ -375,6 +468,7 @@ pub async fn project_status(ctx: &Context, project: &Project) -> AppResult<Proje
         ),
         reported_labels: reported_labels(&ctx.db, project).await?,
         calibration: calibration_status(ctx, project).await?,
+        face_audits: face_audits(ctx, project).await?,
     })
 }
 
@@ -534,4 +628,31 @@ pub async fn fleet_status(ctx: &Context) -> anyhow::Result<FleetStatus> {
         workers_error,
         projects,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn b(class: u32, x: f32) -> LabeledBox {
+        LabeledBox {
+            class,
+            x_min: x,
+            y_min: 0.0,
+            x_max: x + 10.0,
+            y_max: 10.0,
+        }
+    }
+
+    #[test]
+    fn a_face_the_auditor_boxed_and_the_proposal_did_not_is_a_miss() {
+        // Two faces and a plate boxed; the proposal has one face, nearly in place, and a
+        // face where there is none.
+        let human = [b(0, 0.0), b(0, 50.0), b(1, 100.0)];
+        let proposal = [b(0, 1.0), b(0, 200.0)];
+        assert_eq!(faces_missed(&human, &proposal), (2, 1));
+        assert_eq!(faces_missed(&human, &[]), (2, 2));
+        assert_eq!(faces_missed(&[], &proposal), (0, 0));
+    }
 }

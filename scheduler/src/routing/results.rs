@@ -438,15 +438,16 @@ pub(crate) async fn route(
     };
     // A machine acceptance needs a label to write; without one, people decide.
     let verdict = match decision {
-        // Recall first: a possible miss is a possible privacy leak.
+        // Recall first: a possible miss is a possible privacy leak, so such
+        // an image is neither accepted nor audited as if it would have been.
         Decision::MachineLabel { .. }
-            if project.task_kind == TaskKind::Deidentify && routed.possible_miss =>
-        {
-            Verdict::Review {
-                reason: TaskReason::LowConfidence,
-                priority: (1.0 - scores.confidence) + scores.disagreement,
-            }
-        }
+        | Decision::Review {
+            reason: TaskReason::Audit,
+            ..
+        } if project.task_kind == TaskKind::Deidentify && routed.possible_miss => Verdict::Review {
+            reason: TaskReason::LowConfidence,
+            priority: (1.0 - scores.confidence) + scores.disagreement,
+        },
         Decision::MachineLabel { class_index } => {
             match routed.machine_label(project, item, class_index) {
                 Some(value) => Verdict::Label(value),

@@ -278,3 +278,141 @@ async fn a_deidentification_project_blurs_every_face_it_delivers() {
     }
     sieve.teardown().await;
 }
+
+/// Audits measure recall where it matters, on images the machine would have accepted: a
+/// face an auditor boxes that the proposal did not is a miss, counted in the project's status
+/// and on `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audits_count_the_faces_the_machine_missed() {
+    let sieve = TestSieve::start().await;
+    let db = &sieve.ctx.db;
+    // Every image the machine would accept is audited.
+    let policy = Policy {
+        confidence_threshold: 0.9,
+        audit_rate: 1.0,
+        ..Policy::default()
+    };
+    let created = training::create_project_of_kind(
+        &sieve.ctx,
+        &ProjectName::parse("audited").unwrap(),
+        &ClassNames::parse_for(TaskKind::Deidentify, &[]).unwrap(),
+        &policy,
+        ModelArch::Faces,
+        TaskKind::Deidentify,
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.arch, ModelArch::Faces);
+    let project = eventually("the face detector, active", WAIT, || async {
+        projects::get(db, "audited")
+            .await
+            .ok()
+            .filter(|p| p.active_model_version_id.is_some())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // One face the detector is sure of, and two photos without faces.
+    for photo in ["astronaut.png", "chelsea.png", "coffee.png"] {
+        std::fs::copy(
+            repo_path(&format!("ops/test-photos/{photo}")),
+            dir.path().join(photo),
+        )
+        .unwrap();
+    }
+    ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
+        .await
+        .unwrap();
+    let reviewer = auth::create_token(db, "auditor", Role::Reviewer)
+        .await
+        .unwrap();
+    let mut audited = 0;
+    let deadline = std::time::Instant::now() + WAIT;
+    while audited < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {audited} of 3 audits came"
+        );
+        let answer = sieve
+            .http
+            .post(format!("{}/api/v1/projects/audited/review/next", sieve.api))
+            .bearer_auth(&reviewer)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let Some(task) = serde_json::from_str::<Value>(&answer)
+            .ok()
+            .filter(|t| t.get("task_id").is_some())
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        assert_eq!(task["reason"], "audit", "{task}");
+        let source = task["source"].as_str().unwrap();
+        // The auditor boxes the astronaut's face, and takes the cat for a face the machine
+        // missed (a miss, as far as the count goes).
+        let boxes: Vec<Value> = if source.ends_with("astronaut.png") {
+            faces_of("astronaut.png")
+                .iter()
+                .map(|b| json!({ "class": "face", "x_min": b.x_min, "y_min": b.y_min, "x_max": b.x_max, "y_max": b.y_max }))
+                .collect()
+        } else if source.ends_with("chelsea.png") {
+            vec![
+                json!({ "class": "face", "x_min": 140.0, "y_min": 40.0, "x_max": 300.0, "y_max": 200.0 }),
+            ]
+        } else {
+            Vec::new()
+        };
+        sieve
+            .http
+            .post(format!(
+                "{}/api/v1/review/{}/submit",
+                sieve.api,
+                task["task_id"].as_str().unwrap()
+            ))
+            .bearer_auth(&reviewer)
+            .json(&json!({ "fencing_token": task["fencing_token"], "boxes": boxes }))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+        audited += 1;
+    }
+
+    let status = sieve_scheduler::operate::status::project_status(&sieve.ctx, &project)
+        .await
+        .unwrap();
+    let audits = status.face_audits.expect("a deidentify project's audits");
+    assert_eq!(
+        (audits.images, audits.faces, audits.missed),
+        (3, 2, 1),
+        "{audits:?}"
+    );
+    assert!((audits.recall - 0.5).abs() < 1e-9, "{audits:?}");
+
+    let scraper = auth::create_token(db, "scraper", Role::Ops).await.unwrap();
+    let metrics = sieve
+        .http
+        .get(format!("{}/metrics", sieve.api))
+        .bearer_auth(scraper)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (name, value) in [
+        ("sieve_deidentify_audited_faces", 2),
+        ("sieve_deidentify_missed_faces", 1),
+    ] {
+        let line = format!("{name}{{project=\"audited\"}} {value}");
+        assert!(metrics.contains(&line), "no {line:?} in /metrics");
+    }
+    sieve.teardown().await;
+}
