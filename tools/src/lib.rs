@@ -38,4 +38,5 @@ pub mod fashion_mnist;
 pub mod oracle;
 pub mod procstat;
 pub mod report;
+pub mod scenes;
 pub mod worker_bench;

@@ -86,10 +86,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 TaskKind::Detection => {
                     demo::run_boxes(&ctx, &args).await?;
                 }
-                TaskKind::Deidentify => anyhow::bail!(
-                    "the de-identification demo is not built yet: create a project with \
-                     `sieve project create NAME --task deidentify` and ingest photos"
-                ),
+                TaskKind::Deidentify => {
+                    demo::run_faces(&ctx, &args).await?;
+                }
             }
         }
         Command::Bench(BenchCommand::Ingest(args)) => bench_ingest::run(settings, &args).await?,

@@ -118,13 +118,13 @@ pub struct BoxRound {
 }
 
 /// The annotation of every image, by file name.
-struct Truth {
-    classes: Vec<String>,
-    boxes: HashMap<String, Vec<LabeledBox>>,
+pub(super) struct Truth {
+    pub(super) classes: Vec<String>,
+    pub(super) boxes: HashMap<String, Vec<LabeledBox>>,
 }
 
 impl Truth {
-    fn of(&self, source: &str) -> anyhow::Result<&Vec<LabeledBox>> {
+    pub(super) fn of(&self, source: &str) -> anyhow::Result<&Vec<LabeledBox>> {
         let name = Path::new(source)
             .file_name()
             .and_then(|n| n.to_str())
@@ -389,7 +389,7 @@ pub async fn run(ctx: &Context, args: &DemoArgs, name: &str) -> anyhow::Result<B
 
 /// Up to `wanted` review tasks, `reviewers` at a time, each corrected to its
 /// annotation; returns the edits, the boxes from nothing and the images.
-async fn review_round(
+pub(super) async fn review_round(
     api: &Api,
     project: &Project,
     truth: &Truth,

@@ -7,6 +7,7 @@
 //! scheduler (`sieve serve`) and workers must be running.
 
 pub mod boxes;
+pub mod faces;
 mod page;
 mod scoring;
 
@@ -413,6 +414,14 @@ impl DemoArgs {
         if args.task == TaskKind::Detection {
             return args.resolved_for_boxes();
         }
+        if args.task == TaskKind::Deidentify {
+            if args.quick {
+                args.images = 24;
+            } else if args.images == fashion_mnist::TOTAL {
+                args.images = faces::DEFAULT_SCENES;
+            }
+            return args;
+        }
         if args.quick {
             args.images = 2000;
             args.seed_size = 300;
@@ -489,6 +498,22 @@ pub async fn run_boxes(ctx: &Context, args: &DemoArgs) -> anyhow::Result<boxes::
         report = boxes::run(ctx, &args, &name) => report,
         _ = tokio::signal::ctrl_c() => bail!(
             "interrupted; nothing accepted is lost: continue with `sieve-tools demo --task detection --resume --project {name}` \
+             (and the same options)"
+        ),
+    }
+}
+
+/// Run the de-identification demo ([`faces`]); Ctrl-C stops it as [`run`] does.
+pub async fn run_faces(ctx: &Context, args: &DemoArgs) -> anyhow::Result<faces::FaceReport> {
+    let args = args.resolved();
+    let name = args
+        .project
+        .clone()
+        .unwrap_or_else(|| "faces-demo".to_owned());
+    tokio::select! {
+        report = faces::run(ctx, &args, &name) => report,
+        _ = tokio::signal::ctrl_c() => bail!(
+            "interrupted; nothing accepted is lost: continue with `sieve-tools demo --task deidentify --resume --project {name}` \
              (and the same options)"
         ),
     }

@@ -332,3 +332,42 @@ async fn quick_detection_demo_report_adds_up() {
     assert_eq!(json["images"], 60);
     sieve.teardown().await;
 }
+
+/// The de-identification demo in quick mode: 24 scenes of real faces on real photos, the
+/// pretrained face detector, reviewers correcting what it was unsure of, and the blurred
+/// delivery measured against the exact boxes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quick_deidentification_demo_delivers_every_face_blurred() {
+    let sieve = TestSieve::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let args = DemoArgs {
+        task: TaskKind::Deidentify,
+        ..quick("quick-faces", work.path())
+    };
+    let report = demo::run_faces(&sieve.ctx, &args).await.unwrap();
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    assert_eq!(report.images, 24);
+    assert!(report.faces > 24, "{report:?}");
+    assert_eq!(
+        report.machine_images + report.human_images,
+        24,
+        "every scene is labeled, by machine or by a person: {report:?}"
+    );
+    assert_eq!(report.delivered_images, 24, "{report:?}");
+    // People fixed what they saw; the machine's own acceptances are where a face could leak.
+    assert!(report.machine_images > 0, "the detector spared people nothing: {report:?}");
+    assert!(
+        report.machine_missed * 20 <= report.machine_faces,
+        "more than 5% of the faces in images no person saw went out unblurred: {report:?}"
+    );
+    assert!(report.delivered_recall >= 0.95, "{report:?}");
+    assert!(report.delivered_precision >= 0.95, "{report:?}");
+    // Reviewers started from the model's faces: fewer edits than drawing from nothing.
+    assert!(report.edits < report.boxes_from_nothing, "{report:?}");
+    let written: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(work.path().join("report-deidentify.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(written["faces"], report.faces);
+    sieve.teardown().await;
+}

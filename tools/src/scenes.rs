@@ -1,0 +1,183 @@
+//! The de-identification scene set: real faces at known places on real photos.
+//!
+//! The faces are the 100 face crops of scikit-image's `lfw_subset` (25×25 grayscale crops of
+//! Labeled Faces in the Wild, forehead to chin, `ops/fetch-test-photos.sh` puts the file in
+//! `ops/test-photos/`); the photos are scikit-image's photos without people (a cat, a coffee
+//! cup, a rocket, a motorcycle). Each scene is a photo with up to [`MAX_FACES`] faces scaled
+//! to 40–130 pixels and pasted apart from each other, so the exact box of every face is
+//! known: the pasted square. A few scenes have none, as real batches do.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use image::{GrayImage, RgbImage, imageops};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sieve_shared::boxes::LabeledBox;
+
+/// The photos the faces are pasted on, in `ops/test-photos/`.
+pub const BACKGROUNDS: [&str; 4] = [
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+];
+/// `lfw_subset.npy`: 200 crops of 25×25, the first 100 faces.
+pub const FACES_FILE: &str = "lfw_subset.npy";
+const FACE_CROPS: usize = 100;
+const CROP: usize = 25;
+/// The most faces on one scene.
+pub const MAX_FACES: usize = 5;
+const SMALLEST: u32 = 40;
+const LARGEST: u32 = 130;
+
+/// One scene and the exact boxes of its faces (class 0).
+pub struct Scene {
+    pub image: RgbImage,
+    pub faces: Vec<LabeledBox>,
+}
+
+/// The 100 face crops of `lfw_subset.npy` (a NumPy file of little-endian float64 in
+/// `[0, 1]`, shape `(200, 25, 25)`).
+pub fn load_faces(path: &Path) -> anyhow::Result<Vec<GrayImage>> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("{}: run ops/fetch-test-photos.sh", path.display()))?;
+    anyhow::ensure!(
+        bytes.starts_with(b"\x93NUMPY") && bytes.len() > 10,
+        "{} is not a NumPy file",
+        path.display()
+    );
+    let header_len = usize::from(u16::from_le_bytes([bytes[8], bytes[9]]));
+    let header = std::str::from_utf8(&bytes[10..10 + header_len.min(bytes.len() - 10)])?;
+    anyhow::ensure!(
+        header.contains("'descr': '<f8'") && header.contains("(200, 25, 25)"),
+        "{}: expected float64 crops of shape (200, 25, 25), found {header}",
+        path.display()
+    );
+    let data = &bytes[10 + header_len..];
+    anyhow::ensure!(
+        data.len() >= FACE_CROPS * CROP * CROP * 8,
+        "{} is truncated",
+        path.display()
+    );
+    Ok((0..FACE_CROPS)
+        .map(|f| {
+            GrayImage::from_fn(CROP as u32, CROP as u32, |x, y| {
+                let at = ((f * CROP + y as usize) * CROP + x as usize) * 8;
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&data[at..at + 8]);
+                image::Luma([(f64::from_le_bytes(v).clamp(0.0, 1.0) * 255.0).round() as u8])
+            })
+        })
+        .collect())
+}
+
+/// `count` scenes, the same for the same `seed`.
+pub fn scenes(
+    faces: &[GrayImage],
+    backgrounds: &[RgbImage],
+    count: usize,
+    seed: u64,
+) -> Vec<Scene> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|i| {
+            let mut image = backgrounds[i % backgrounds.len()].clone();
+            let (width, height) = image.dimensions();
+            let wanted = rng.random_range(0..=MAX_FACES);
+            let mut boxes: Vec<LabeledBox> = Vec::new();
+            for _ in 0..wanted {
+                let side = rng.random_range(SMALLEST..=LARGEST.min(width.min(height)));
+                // A few tries at a free place; a crowded scene keeps fewer faces.
+                let place = (0..50).map(|_| {
+                    let x = rng.random_range(0..=width - side);
+                    let y = rng.random_range(0..=height - side);
+                    LabeledBox {
+                        class: 0,
+                        x_min: x as f32,
+                        y_min: y as f32,
+                        x_max: (x + side) as f32,
+                        y_max: (y + side) as f32,
+                    }
+                });
+                let free = place
+                    .into_iter()
+                    .find(|b| boxes.iter().all(|o| b.iou(o) == 0.0 && !touches(b, o)));
+                if let Some(b) = free {
+                    let face = &faces[rng.random_range(0..faces.len())];
+                    let scaled = imageops::resize(face, side, side, imageops::FilterType::Triangle);
+                    let rgb = image::DynamicImage::ImageLuma8(scaled).to_rgb8();
+                    imageops::replace(&mut image, &rgb, b.x_min as i64, b.y_min as i64);
+                    boxes.push(b);
+                }
+            }
+            Scene {
+                image,
+                faces: boxes,
+            }
+        })
+        .collect()
+}
+
+/// Whether two boxes overlap or share an edge.
+fn touches(a: &LabeledBox, b: &LabeledBox) -> bool {
+    a.x_min <= b.x_max && b.x_min <= a.x_max && a.y_min <= b.y_max && b.y_min <= a.y_max
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faces_land_apart_inside_the_photo_and_the_set_repeats_for_a_seed() {
+        let faces: Vec<GrayImage> = (0..3)
+            .map(|i| GrayImage::from_pixel(25, 25, image::Luma([80 * i as u8 + 10])))
+            .collect();
+        let backgrounds = [RgbImage::from_pixel(300, 200, image::Rgb([200, 0, 0]))];
+        let set = scenes(&faces, &backgrounds, 20, 7);
+        assert_eq!(set.len(), 20);
+        let total: usize = set.iter().map(|s| s.faces.len()).sum();
+        assert!(total > 20, "{total} faces on 20 scenes");
+        for scene in &set {
+            for (i, a) in scene.faces.iter().enumerate() {
+                assert!(a.x_min >= 0.0 && a.y_min >= 0.0 && a.x_max <= 300.0 && a.y_max <= 200.0);
+                assert_eq!(a.width(), a.height());
+                // The face is there: the pixel at its centre is no longer the background.
+                let centre = scene.image.get_pixel(
+                    ((a.x_min + a.x_max) / 2.0) as u32,
+                    ((a.y_min + a.y_max) / 2.0) as u32,
+                );
+                assert_ne!(centre.0, [200, 0, 0]);
+                for b in &scene.faces[i + 1..] {
+                    assert!(!touches(a, b), "{a:?} {b:?}");
+                }
+            }
+        }
+        let again = scenes(&faces, &backgrounds, 20, 7);
+        assert!(set.iter().zip(&again).all(|(a, b)| a.faces == b.faces));
+    }
+
+    #[test]
+    fn the_real_face_crops_load() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../ops/test-photos")
+            .join(FACES_FILE);
+        let faces = load_faces(&path).unwrap();
+        assert_eq!(faces.len(), 100);
+        // Real crops: not flat.
+        let (lo, hi) = faces[0]
+            .pixels()
+            .fold((255, 0), |(lo, hi), p| (lo.min(p.0[0]), hi.max(p.0[0])));
+        assert!(hi - lo > 100, "{lo}..{hi}");
+        let bad = std::env::temp_dir().join(format!("not-npy-{}", std::process::id()));
+        std::fs::write(&bad, b"hello").unwrap();
+        assert!(
+            load_faces(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("not a NumPy file")
+        );
+        std::fs::remove_file(&bad).ok();
+    }
+}
