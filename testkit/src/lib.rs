@@ -14,6 +14,7 @@
 //! - [`s3`]: a real S3 API of the test's own ([`Moto`]), for sieve's store
 //!   in a bucket and for ingest from one.
 //! - [`wait`]: [`eventually`], polling until a deadline.
+//! - [`faces`]: the real photos of faces and their hand-checked boxes.
 //!
 //! Why one crate: every test gets the same isolation and the same cleanup,
 //! and the helpers are compiled once instead of once per test binary. It
@@ -25,6 +26,7 @@
 
 pub mod app;
 pub mod env;
+pub mod faces;
 pub mod fixtures;
 pub mod s3;
 pub mod sandbox;

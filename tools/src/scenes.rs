@@ -3,9 +3,10 @@
 //! The faces are the 100 face crops of scikit-image's `lfw_subset` (25×25 grayscale crops of
 //! Labeled Faces in the Wild, forehead to chin, `ops/fetch-test-photos.sh` puts the file in
 //! `ops/test-photos/`); the photos are scikit-image's photos without people (a cat, a coffee
-//! cup, a rocket, a motorcycle). Each scene is a photo with up to [`MAX_FACES`] faces scaled
-//! to 40–130 pixels and pasted apart from each other, so the exact box of every face is
-//! known: the pasted square. A few scenes have none, as real batches do.
+//! cup, a rocket, a motorcycle). Each scene is a random crop of a photo (80–100% a side) with
+//! up to [`MAX_FACES`] faces scaled to 40–130 pixels and pasted apart from each other, so the
+//! exact box of every face is known: the pasted square. A few scenes have none, as real
+//! batches do.
 
 use std::path::Path;
 
@@ -82,8 +83,20 @@ pub fn scenes(
     let mut rng = StdRng::seed_from_u64(seed);
     (0..count)
         .map(|i| {
-            let mut image = backgrounds[i % backgrounds.len()].clone();
-            let (width, height) = image.dimensions();
+            // A random crop of 80-100% of the photo a side: no two scenes alike, even
+            // those without faces (identical images would be one item).
+            let photo = &backgrounds[i % backgrounds.len()];
+            let (pw, ph) = photo.dimensions();
+            let share = rng.random_range(0.8..=1.0_f64);
+            let (width, height) = (
+                ((f64::from(pw) * share) as u32).max(1),
+                ((f64::from(ph) * share) as u32).max(1),
+            );
+            let (cx, cy) = (
+                rng.random_range(0..=pw - width),
+                rng.random_range(0..=ph - height),
+            );
+            let mut image = imageops::crop_imm(photo, cx, cy, width, height).to_image();
             let wanted = rng.random_range(0..=MAX_FACES);
             let mut boxes: Vec<LabeledBox> = Vec::new();
             for _ in 0..wanted {
@@ -134,21 +147,29 @@ mod tests {
         let faces: Vec<GrayImage> = (0..3)
             .map(|i| GrayImage::from_pixel(25, 25, image::Luma([80 * i as u8 + 10])))
             .collect();
-        let backgrounds = [RgbImage::from_pixel(300, 200, image::Rgb([200, 0, 0]))];
+        // A colour gradient: every crop of it differs, and no pixel of it is gray.
+        let backgrounds = [RgbImage::from_fn(300, 200, |x, y| {
+            image::Rgb([(x % 200) as u8 + 50, y as u8, 0])
+        })];
         let set = scenes(&faces, &backgrounds, 20, 7);
         assert_eq!(set.len(), 20);
         let total: usize = set.iter().map(|s| s.faces.len()).sum();
         assert!(total > 20, "{total} faces on 20 scenes");
         for scene in &set {
             for (i, a) in scene.faces.iter().enumerate() {
-                assert!(a.x_min >= 0.0 && a.y_min >= 0.0 && a.x_max <= 300.0 && a.y_max <= 200.0);
+                let (w, h) = scene.image.dimensions();
+                assert!(a.x_min >= 0.0 && a.y_min >= 0.0);
+                assert!(a.x_max <= w as f32 && a.y_max <= h as f32);
                 assert_eq!(a.width(), a.height());
-                // The face is there: the pixel at its centre is no longer the background.
+                // The face is there: the pixel at its centre is gray, as the crops are.
                 let centre = scene.image.get_pixel(
                     ((a.x_min + a.x_max) / 2.0) as u32,
                     ((a.y_min + a.y_max) / 2.0) as u32,
                 );
-                assert_ne!(centre.0, [200, 0, 0]);
+                assert!(
+                    centre.0[0] == centre.0[1] && centre.0[1] == centre.0[2],
+                    "{centre:?}"
+                );
                 for b in &scene.faces[i + 1..] {
                     assert!(!touches(a, b), "{a:?} {b:?}");
                 }
@@ -156,6 +177,12 @@ mod tests {
         }
         let again = scenes(&faces, &backgrounds, 20, 7);
         assert!(set.iter().zip(&again).all(|(a, b)| a.faces == b.faces));
+        // No two scenes are the same image, faces or not.
+        for (i, a) in set.iter().enumerate() {
+            for b in &set[i + 1..] {
+                assert!(a.image.dimensions() != b.image.dimensions() || a.image != b.image);
+            }
+        }
     }
 
     #[test]

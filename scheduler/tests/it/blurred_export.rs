@@ -15,41 +15,17 @@ use sieve_scheduler::export::output::Options as ExportOptions;
 use sieve_scheduler::export::{Export, Filters, Format, Request, folder};
 use sieve_scheduler::ingest::{self, Options, Source};
 use sieve_scheduler::projects::{self, Project};
-use sieve_shared::boxes::LabeledBox;
+use sieve_testkit::faces::{FIXTURE, face as face_box, photo};
 use sieve_testkit::{App, with_app};
 use tokio_util::sync::CancellationToken;
 
-fn photo(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../ops/test-photos")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `bash ops/install-deps.sh`",
-        path.display()
-    );
-    path
-}
-
-/// The faces of the two photos (the fixture of worker/tests/it/faces.rs).
-const FACES: [(&str, [f32; 4]); 7] = [
-    ("t1.jpg", [465.0, 262.0, 570.0, 405.0]),
-    ("t1.jpg", [55.0, 263.0, 165.0, 397.0]),
-    ("t1.jpg", [908.0, 62.0, 1014.0, 202.0]),
-    ("t1.jpg", [268.0, 150.0, 375.0, 272.0]),
-    ("t1.jpg", [743.0, 346.0, 844.0, 474.0]),
-    ("t1.jpg", [1135.0, 276.0, 1228.0, 395.0]),
-    ("astronaut.png", [181.0, 62.0, 268.0, 172.0]),
-];
-
-fn face_box(b: [f32; 4]) -> LabeledBox {
-    LabeledBox {
-        class: 0,
-        x_min: b[0],
-        y_min: b[1],
-        x_max: b[2],
-        y_max: b[3],
-    }
+/// The faces of the two photos boxed for import (the fixture's), one per row.
+fn boxed_faces() -> Vec<(&'static str, [f32; 4])> {
+    FIXTURE
+        .iter()
+        .filter(|(name, _)| ["t1.jpg", "astronaut.png"].contains(name))
+        .flat_map(|(name, boxes)| boxes.iter().map(move |b| (*name, *b)))
+        .collect()
 }
 
 async fn face_project(app: &App, name: &str) -> Project {
@@ -74,7 +50,7 @@ async fn faces_with_one_in_review(app: &App, project: &Project, dir: &Path) {
         std::fs::copy(photo(name), boxed.join(name)).unwrap();
     }
     let mut csv = String::from("image_path,xmin,ymin,xmax,ymax,label\n");
-    for (name, [x0, y0, x1, y1]) in FACES {
+    for (name, [x0, y0, x1, y1]) in boxed_faces() {
         csv.push_str(&format!("{name},{x0},{y0},{x1},{y1},face\n"));
     }
     std::fs::write(boxed.join("faces.csv"), csv).unwrap();
@@ -165,7 +141,10 @@ async fn a_blurred_export_delivers_labeled_photos_with_every_face_blurred() {
         let coco: Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("annotations.json")).unwrap())
                 .unwrap();
-        assert_eq!(coco["annotations"].as_array().unwrap().len(), FACES.len());
+        assert_eq!(
+            coco["annotations"].as_array().unwrap().len(),
+            boxed_faces().len()
+        );
         assert_eq!(coco["categories"][0]["name"], "face");
         let mut delivered: Vec<PathBuf> = std::fs::read_dir(out.join("images"))
             .unwrap()
@@ -218,7 +197,7 @@ async fn a_blurred_export_delivers_labeled_photos_with_every_face_blurred() {
                 .into_rgba8();
             assert_eq!(original.dimensions(), blurred.dimensions());
             let (w, h) = original.dimensions();
-            let regions: Vec<[u32; 4]> = FACES
+            let regions: Vec<[u32; 4]> = boxed_faces()
                 .iter()
                 .filter(|(photo, _)| *photo == name)
                 .map(|(_, b)| blur.region(&face_box(*b), w, h).unwrap())

@@ -21,12 +21,12 @@ use sieve_scheduler::export::output::Options as ExportOptions;
 use sieve_scheduler::export::{Export, Filters, Format, Request, folder};
 use sieve_scheduler::kind::TaskKind;
 use sieve_scheduler::policy::Policy;
-use sieve_scheduler::projects::{self, ClassNames, ProjectName};
+use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::{ingest, training};
 use sieve_shared::box_scores::ImageScores;
-use sieve_shared::boxes::LabeledBox;
 use sieve_shared::messages::ModelArch;
 use sieve_testkit::eventually;
+use sieve_testkit::faces::{faces_of, photo};
 use sieve_worker::model::mtcnn::{DEFAULT_WEIGHTS_DIR, FACE_THRESHOLD, Mtcnn, MtcnnConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -38,33 +38,6 @@ fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(relative)
-}
-
-/// The hand-checked faces of the photos (worker/tests/it/faces.rs); the others have none.
-fn faces_of(photo: &str) -> Vec<LabeledBox> {
-    let boxes: &[[f32; 4]] = match photo {
-        "t1.jpg" => &[
-            [465.0, 262.0, 570.0, 405.0],
-            [55.0, 263.0, 165.0, 397.0],
-            [908.0, 62.0, 1014.0, 202.0],
-            [268.0, 150.0, 375.0, 272.0],
-            [743.0, 346.0, 844.0, 474.0],
-            [1135.0, 276.0, 1228.0, 395.0],
-        ],
-        "astronaut.png" => &[[181.0, 62.0, 268.0, 172.0]],
-        "Tom_Hanks_54745.png" => &[[0.0, 0.0, 83.0, 112.0]],
-        _ => &[],
-    };
-    boxes
-        .iter()
-        .map(|b| LabeledBox {
-            class: 0,
-            x_min: b[0],
-            y_min: b[1],
-            x_max: b[2],
-            y_max: b[3],
-        })
-        .collect()
 }
 
 const PHOTOS: [&str; 6] = [
@@ -83,6 +56,30 @@ fn photo_of(item: &item::Model) -> &'static str {
         .unwrap()
 }
 
+/// A deidentify project named `name` on `arch` (which must stand for the face detector),
+/// once its pretrained first version is active: no label is needed for that.
+async fn face_project(sieve: &TestSieve, name: &str, policy: &Policy, arch: ModelArch) -> Project {
+    let created = training::create_project_of_kind(
+        &sieve.ctx,
+        &ProjectName::parse(name).unwrap(),
+        &ClassNames::parse_for(TaskKind::Deidentify, &[]).unwrap(),
+        policy,
+        arch,
+        TaskKind::Deidentify,
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.arch, ModelArch::Faces);
+    eventually("the face detector, active", WAIT, || async {
+        projects::get(&sieve.ctx.db, name)
+            .await
+            .ok()
+            .filter(|p| p.active_model_version_id.is_some())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deidentification_project_blurs_every_face_it_delivers() {
     let sieve = TestSieve::start().await;
@@ -92,37 +89,14 @@ async fn a_deidentification_project_blurs_every_face_it_delivers() {
         audit_rate: 0.0,
         ..Policy::default()
     };
-    let project = training::create_project_of_kind(
-        &sieve.ctx,
-        &ProjectName::parse("street").unwrap(),
-        &ClassNames::parse_for(TaskKind::Deidentify, &[]).unwrap(),
-        &policy,
-        ModelArch::SmallCnn,
-        TaskKind::Deidentify,
-        "test",
-    )
-    .await
-    .unwrap();
-    assert_eq!(project.arch, ModelArch::Faces);
+    // The default architecture stands for the face detector, as on the command line.
+    let project = face_project(&sieve, "street", &policy, ModelArch::SmallCnn).await;
     assert_eq!(project.class_names, ["face", "plate"]);
-
-    // The pretrained detector is the first version: no label needed.
-    let project = eventually("the face detector, active", WAIT, || async {
-        projects::get(db, "street")
-            .await
-            .ok()
-            .filter(|p| p.active_model_version_id.is_some())
-    })
-    .await;
     let version = project.active_model_version_id.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    for photo in PHOTOS {
-        std::fs::copy(
-            repo_path(&format!("ops/test-photos/{photo}")),
-            dir.path().join(photo),
-        )
-        .unwrap();
+    for name in PHOTOS {
+        std::fs::copy(photo(name), dir.path().join(name)).unwrap();
     }
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
@@ -292,33 +266,11 @@ async fn audits_count_the_faces_the_machine_missed() {
         audit_rate: 1.0,
         ..Policy::default()
     };
-    let created = training::create_project_of_kind(
-        &sieve.ctx,
-        &ProjectName::parse("audited").unwrap(),
-        &ClassNames::parse_for(TaskKind::Deidentify, &[]).unwrap(),
-        &policy,
-        ModelArch::Faces,
-        TaskKind::Deidentify,
-        "test",
-    )
-    .await
-    .unwrap();
-    assert_eq!(created.arch, ModelArch::Faces);
-    let project = eventually("the face detector, active", WAIT, || async {
-        projects::get(db, "audited")
-            .await
-            .ok()
-            .filter(|p| p.active_model_version_id.is_some())
-    })
-    .await;
+    let project = face_project(&sieve, "audited", &policy, ModelArch::Faces).await;
     let dir = tempfile::tempdir().unwrap();
     // One face the detector is sure of, and two photos without faces.
-    for photo in ["astronaut.png", "chelsea.png", "coffee.png"] {
-        std::fs::copy(
-            repo_path(&format!("ops/test-photos/{photo}")),
-            dir.path().join(photo),
-        )
-        .unwrap();
+    for name in ["astronaut.png", "chelsea.png", "coffee.png"] {
+        std::fs::copy(photo(name), dir.path().join(name)).unwrap();
     }
     ingest::ingest_folder(&sieve.ctx, &project, dir.path(), false)
         .await
@@ -396,17 +348,7 @@ async fn audits_count_the_faces_the_machine_missed() {
     );
     assert!((audits.recall - 0.5).abs() < 1e-9, "{audits:?}");
 
-    let scraper = auth::create_token(db, "scraper", Role::Ops).await.unwrap();
-    let metrics = sieve
-        .http
-        .get(format!("{}/metrics", sieve.api))
-        .bearer_auth(scraper)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sieve.scheduler_metrics().await;
     for (name, value) in [
         ("sieve_deidentify_audited_faces", 2),
         ("sieve_deidentify_missed_faces", 1),

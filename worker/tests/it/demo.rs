@@ -355,7 +355,10 @@ async fn quick_deidentification_demo_delivers_every_face_blurred() {
     );
     assert_eq!(report.delivered_images, 24, "{report:?}");
     // People fixed what they saw; the machine's own acceptances are where a face could leak.
-    assert!(report.machine_images > 0, "the detector spared people nothing: {report:?}");
+    assert!(
+        report.machine_images > 0,
+        "the detector spared people nothing: {report:?}"
+    );
     assert!(
         report.machine_missed * 20 <= report.machine_faces,
         "more than 5% of the faces in images no person saw went out unblurred: {report:?}"
@@ -364,10 +367,9 @@ async fn quick_deidentification_demo_delivers_every_face_blurred() {
     assert!(report.delivered_precision >= 0.95, "{report:?}");
     // Reviewers started from the model's faces: fewer edits than drawing from nothing.
     assert!(report.edits < report.boxes_from_nothing, "{report:?}");
-    let written: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(work.path().join("report-deidentify.json")).unwrap(),
-    )
-    .unwrap();
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("report-deidentify.json")).unwrap())
+            .unwrap();
     assert_eq!(written["faces"], report.faces);
     sieve.teardown().await;
 }

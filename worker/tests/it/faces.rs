@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use burn::tensor::Device;
 use sieve_shared::boxes::LabeledBox;
+use sieve_testkit::faces::{FIXTURE, face as corners, photo};
 use sieve_worker::model::ModelError;
 use sieve_worker::model::mtcnn::{DEFAULT_WEIGHTS_DIR, FACE_THRESHOLD, Face, Mtcnn, MtcnnConfig};
 
@@ -31,46 +32,10 @@ fn detector() -> &'static Mtcnn {
     })
 }
 
-fn faces_in(photo: &str) -> Vec<Face> {
-    let path = repo_path(&format!("ops/test-photos/{photo}"));
-    let image = image::open(&path)
-        .unwrap_or_else(|err| panic!("{}: {err}: run `bash ops/install-deps.sh`", path.display()))
-        .to_rgb8();
+fn faces_in(photo_name: &str) -> Vec<Face> {
+    let image = image::open(photo(photo_name)).unwrap().to_rgb8();
     detector().detect(&image).unwrap()
 }
-
-fn corners(b: [f32; 4]) -> LabeledBox {
-    LabeledBox {
-        class: 0,
-        x_min: b[0],
-        y_min: b[1],
-        x_max: b[2],
-        y_max: b[3],
-    }
-}
-
-/// The faces in each photo, boxed by hand-checking: each box was drawn over the photo and looked
-/// at (forehead to chin, ear to ear as the face turns). `t1.jpg` has six people; the hand on
-/// the table and the reflection in the ashtray, which the detector scores 0.86–0.87, are not
-/// faces, nor is the tiny painted portrait on the wall. The other photos have no faces.
-const FIXTURE: [(&str, &[[f32; 4]]); 6] = [
-    (
-        "t1.jpg",
-        &[
-            [465.0, 262.0, 570.0, 405.0],
-            [55.0, 263.0, 165.0, 397.0],
-            [908.0, 62.0, 1014.0, 202.0],
-            [268.0, 150.0, 375.0, 272.0],
-            [743.0, 346.0, 844.0, 474.0],
-            [1135.0, 276.0, 1228.0, 395.0],
-        ],
-    ),
-    ("Tom_Hanks_54745.png", &[[0.0, 0.0, 83.0, 112.0]]),
-    ("astronaut.png", &[[181.0, 62.0, 268.0, 172.0]]),
-    ("chelsea.png", &[]),
-    ("coffee.png", &[]),
-    ("rocket.jpg", &[]),
-];
 
 #[test]
 fn every_face_in_the_real_photos_is_found_and_nothing_else_above_the_threshold() {
@@ -186,8 +151,9 @@ fn blurred_faces_are_no_longer_found() {
     for style in [BlurStyle::Gaussian, BlurStyle::Pixelate] {
         let blur = Blur::new(style, None, None).unwrap();
         for (photo, truth) in FIXTURE.iter().filter(|(_, t)| !t.is_empty()) {
-            let path = repo_path(&format!("ops/test-photos/{photo}"));
-            let mut image = image::open(&path).unwrap().to_rgba8();
+            let mut image = image::open(sieve_testkit::faces::photo(photo))
+                .unwrap()
+                .to_rgba8();
             // Every face but the first blurred: the first shows the photo is still readable.
             let blurred: Vec<LabeledBox> = truth.iter().skip(1).map(|b| corners(*b)).collect();
             blur.apply(&mut image, &blurred);
@@ -213,9 +179,7 @@ fn blurred_faces_are_no_longer_found() {
         }
     }
     // A lone face (the astronaut's) blurred leaves nothing.
-    let mut image = image::open(repo_path("ops/test-photos/astronaut.png"))
-        .unwrap()
-        .to_rgba8();
+    let mut image = image::open(photo("astronaut.png")).unwrap().to_rgba8();
     Blur::default().apply(&mut image, &[corners(FIXTURE[2].1[0])]);
     let left: Vec<Face> = detector()
         .detect(&image::DynamicImage::ImageRgba8(image).to_rgb8())

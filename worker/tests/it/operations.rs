@@ -94,23 +94,7 @@ async fn fleet_heartbeats_metrics_and_dead_letter_replay() {
 
     // Both services expose Prometheus text whose counters moved (the
     // scheduler's to an ops token).
-    let scraper = sieve_scheduler::auth::create_token(
-        &sieve.ctx.db,
-        "scraper",
-        sieve_scheduler::entities::api_token::Role::Ops,
-    )
-    .await
-    .unwrap();
-    let scheduler_metrics = sieve
-        .http
-        .get(format!("{}/metrics", sieve.api))
-        .bearer_auth(scraper)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scheduler_metrics = sieve.scheduler_metrics().await;
     let samples = parse_prometheus(&scheduler_metrics);
     let routed: f64 = samples
         .iter()

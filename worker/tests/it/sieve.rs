@@ -50,6 +50,28 @@ pub struct TestSieve {
 }
 
 impl TestSieve {
+    /// The scheduler's `/metrics` (Prometheus text), scraped with an `ops` token.
+    pub async fn scheduler_metrics(&self) -> String {
+        let scraper = sieve_scheduler::auth::create_token(
+            &self.ctx.db,
+            &format!("scraper-{}", uuid::Uuid::now_v7()),
+            sieve_scheduler::entities::api_token::Role::Ops,
+        )
+        .await
+        .unwrap();
+        self.http
+            .get(format!("{}/metrics", self.api))
+            .bearer_auth(scraper)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A scheduler on a fresh sandbox and one worker.
     pub async fn start() -> Self {
         Self::start_with(vec![Capability::Prelabel, Capability::Train]).await

@@ -62,23 +62,7 @@ async fn predictions(sieve: &TestSieve) -> u64 {
 
 /// `sieve_results_routed_total` by outcome, from the scheduler's metrics.
 async fn routed(sieve: &TestSieve) -> Vec<(String, f64)> {
-    let scraper = sieve_scheduler::auth::create_token(
-        &sieve.ctx.db,
-        "scraper",
-        sieve_scheduler::entities::api_token::Role::Ops,
-    )
-    .await
-    .unwrap();
-    let text = sieve
-        .http
-        .get(format!("{}/metrics", sieve.api))
-        .bearer_auth(scraper)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sieve.scheduler_metrics().await;
     text.lines()
         .filter(|l| l.starts_with("sieve_results_routed_total"))
         .filter_map(|l| {
