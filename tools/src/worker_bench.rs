@@ -370,6 +370,11 @@ async fn forward_faces(settings: &Settings, args: &BenchArgs) -> anyhow::Result<
         faces as f64 / photos.len() as f64
     );
     let items = |b: usize| queue_items(args.detect_queue_items, b);
+    if args.peer == Some(Peer::Ort) {
+        let dir = settings.worker.face_weights.clone();
+        let seconds = args.seconds;
+        tokio::task::spawn_blocking(move || faces_beside_ort(&dir, seconds)).await??;
+    }
     compare_paths(
         settings,
         args,
@@ -379,6 +384,100 @@ async fn forward_faces(settings: &Settings, args: &BenchArgs) -> anyhow::Result<
         items,
     )
     .await
+}
+
+/// The face peer (`ops/peer-faces.sh`: the same three networks in ONNX Runtime, the cascade in
+/// NumPy).
+const FACE_PEER_SCRIPT: &str = "ops/peer-faces.sh";
+
+/// One JSON line of `ops/peer_faces.py`.
+#[derive(serde::Deserialize)]
+struct FacePeerRow {
+    photo: String,
+    ms: f64,
+    faces: Vec<[f32; 5]>,
+}
+
+/// MTCNN once per photo (the original's thresholds), sieve on burn beside the same weights
+/// in ONNX Runtime, same threads, same photos: milliseconds per photo, and whether both find
+/// the same faces (every face over 0.9 of one matched by the other at IoU 0.9).
+fn faces_beside_ort(weights: &std::path::Path, seconds: f64) -> anyhow::Result<()> {
+    use sieve_worker::model::mtcnn::{FACE_THRESHOLD, Mtcnn, MtcnnConfig};
+    anyhow::ensure!(
+        std::path::Path::new(FACE_PEER_SCRIPT).exists(),
+        "--peer ort runs {FACE_PEER_SCRIPT}, relative to the working directory: run from the repository root"
+    );
+    let threads = burn_cpu_threads();
+    let output = std::process::Command::new("bash")
+        .arg(FACE_PEER_SCRIPT)
+        .args(["--threads", &threads.to_string()])
+        .args(["--seconds", &seconds.to_string()])
+        .args(["--weights-dir", &weights.display().to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {FACE_PEER_SCRIPT}"))?;
+    anyhow::ensure!(output.status.success(), "{FACE_PEER_SCRIPT} failed");
+    let rows: Vec<FacePeerRow> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    anyhow::ensure!(!rows.is_empty(), "{FACE_PEER_SCRIPT} printed no photo");
+    let detector = Mtcnn::load(weights, MtcnnConfig::default(), &backend::device())?;
+    println!(
+        "\n## MTCNN against ONNX Runtime on the same weights: one pass per photo, {threads} threads (ORT: intra-op {threads}, inter-op 1, sequential; its cascade in NumPy)"
+    );
+    println!(
+        "\n| photo | sieve ms | ORT ms | sieve / ORT speed | faces sieve / ORT | same faces |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let (mut ours, mut theirs) = (0.0, 0.0);
+    for row in &rows {
+        let path = std::path::Path::new("ops/test-photos").join(&row.photo);
+        let image = image::open(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .to_rgb8();
+        let found: Vec<_> = detector
+            .detect(&image)?
+            .into_iter()
+            .filter(|f| f.at.score >= FACE_THRESHOLD)
+            .collect();
+        let rate = measure(seconds, 1, || detector.detect(&image).map(drop))?;
+        let ms = 1000.0 / rate;
+        let same = found.len() == row.faces.len()
+            && found.iter().all(|f| {
+                row.faces.iter().any(|p| {
+                    let peer = sieve_shared::boxes::LabeledBox {
+                        class: 0,
+                        x_min: p[0],
+                        y_min: p[1],
+                        x_max: p[2],
+                        y_max: p[3],
+                    };
+                    f.at.as_box().iou(&peer) >= 0.9
+                })
+            });
+        ours += ms;
+        theirs += row.ms;
+        println!(
+            "| {} | {ms:.1} | {:.1} | {:.2} | {} / {} | {} |",
+            row.photo,
+            row.ms,
+            row.ms / ms,
+            found.len(),
+            row.faces.len(),
+            if same { "yes" } else { "NO" }
+        );
+        anyhow::ensure!(
+            same,
+            "{}: sieve and ONNX Runtime find different faces on the same weights",
+            row.photo
+        );
+    }
+    println!(
+        "| all | {ours:.1} | {theirs:.1} | {:.2} | | |",
+        theirs / ours
+    );
+    Ok(())
 }
 
 /// The bench's PNGs decoded as the worker decodes a detector's images (two threads, no pixel
