@@ -160,20 +160,7 @@ async fn a_deidentification_project_blurs_every_face_it_delivers() {
     let reviewer = auth::create_token(db, "privacy", Role::Reviewer)
         .await
         .unwrap();
-    while let Some(task) = {
-        let answer = sieve
-            .http
-            .post(format!("{}/api/v1/projects/street/review/next", sieve.api))
-            .bearer_auth(&reviewer)
-            .send()
-            .await
-            .unwrap();
-        let body = answer.error_for_status().unwrap().text().await.unwrap();
-        // An empty queue answers with no task.
-        serde_json::from_str::<Value>(&body)
-            .ok()
-            .filter(|task| task.get("task_id").is_some())
-    } {
+    while let Some(task) = sieve.claim_next(&reviewer, "street").await {
         assert_eq!(task["task_kind"], "deidentify", "{task}");
         let photo = PHOTOS
             .into_iter()
@@ -190,19 +177,8 @@ async fn a_deidentification_project_blurs_every_face_it_delivers() {
             .map(|b| json!({ "class": "face", "x_min": b.x_min, "y_min": b.y_min, "x_max": b.x_max, "y_max": b.y_max }))
             .collect();
         sieve
-            .http
-            .post(format!(
-                "{}/api/v1/review/{}/submit",
-                sieve.api,
-                task["task_id"].as_str().unwrap()
-            ))
-            .bearer_auth(&reviewer)
-            .json(&json!({ "fencing_token": task["fencing_token"], "boxes": boxes }))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap();
+            .submit(&reviewer, &task, json!({ "boxes": boxes }))
+            .await;
     }
 
     // Nothing to retrain: the detector is pretrained.
@@ -285,22 +261,7 @@ async fn audits_count_the_faces_the_machine_missed() {
             std::time::Instant::now() < deadline,
             "only {audited} of 3 audits came"
         );
-        let answer = sieve
-            .http
-            .post(format!("{}/api/v1/projects/audited/review/next", sieve.api))
-            .bearer_auth(&reviewer)
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let Some(task) = serde_json::from_str::<Value>(&answer)
-            .ok()
-            .filter(|t| t.get("task_id").is_some())
-        else {
+        let Some(task) = sieve.claim_next(&reviewer, "audited").await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -321,19 +282,8 @@ async fn audits_count_the_faces_the_machine_missed() {
             Vec::new()
         };
         sieve
-            .http
-            .post(format!(
-                "{}/api/v1/review/{}/submit",
-                sieve.api,
-                task["task_id"].as_str().unwrap()
-            ))
-            .bearer_auth(&reviewer)
-            .json(&json!({ "fencing_token": task["fencing_token"], "boxes": boxes }))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap();
+            .submit(&reviewer, &task, json!({ "boxes": boxes }))
+            .await;
         audited += 1;
     }
 

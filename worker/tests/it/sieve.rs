@@ -50,6 +50,53 @@ pub struct TestSieve {
 }
 
 impl TestSieve {
+    /// The next review task of `project` for the reviewer `token`, as the API answers it;
+    /// `None` when the queue has nothing for them.
+    pub async fn claim_next(&self, token: &str, project: &str) -> Option<serde_json::Value> {
+        let body = self
+            .http
+            .post(format!(
+                "{}/api/v1/projects/{project}/review/next",
+                self.api
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .filter(|task| task.get("task_id").is_some())
+    }
+
+    /// Submit `label` (`{"boxes": ...}` or `{"class": ...}`) for a claimed `task`, under its
+    /// fencing token; panics unless the API accepts it.
+    pub async fn submit(
+        &self,
+        token: &str,
+        task: &serde_json::Value,
+        mut label: serde_json::Value,
+    ) {
+        label["fencing_token"] = task["fencing_token"].clone();
+        self.http
+            .post(format!(
+                "{}/api/v1/review/{}/submit",
+                self.api,
+                task["task_id"].as_str().unwrap()
+            ))
+            .bearer_auth(token)
+            .json(&label)
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+    }
+
     /// The scheduler's `/metrics` (Prometheus text), scraped with an `ops` token.
     pub async fn scheduler_metrics(&self) -> String {
         let scraper = sieve_scheduler::auth::create_token(
