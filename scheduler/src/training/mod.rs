@@ -483,13 +483,6 @@ pub async fn request(
     if let Some(problem) = params.problem() {
         return Err(AppError::Invalid(problem));
     }
-    if project.task_kind == TaskKind::Deidentify && !without_model {
-        return Err(AppError::Invalid(format!(
-            "project {} runs the pretrained face detector, which learns nothing from labels: \
-             people's boxes correct its images, and learning plates from them is not built yet",
-            project.name
-        )));
-    }
     let mut examples = labeled_examples(ctx, project).await?;
     if !project.task_kind.starts_with_a_model() && !examples.iter().any(|e| e.split == Split::Train)
     {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use sieve_scheduler::auth;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
-use sieve_scheduler::entities::prediction;
+use sieve_scheduler::entities::{model_version, prediction};
 use sieve_scheduler::export::blur::Blur;
 use sieve_scheduler::export::output::Options as ExportOptions;
 use sieve_scheduler::export::{Export, Filters, Format, Request, folder};
@@ -24,7 +24,7 @@ use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::{ingest, training};
 use sieve_shared::box_scores::ImageScores;
-use sieve_shared::messages::ModelArch;
+use sieve_shared::messages::{HoldoutMetrics, ModelArch};
 use sieve_testkit::eventually;
 use sieve_testkit::faces::{faces_of, photo};
 use sieve_worker::model::mtcnn::{DEFAULT_WEIGHTS_DIR, FACE_THRESHOLD, Mtcnn, MtcnnConfig};
@@ -181,15 +181,6 @@ async fn a_deidentification_project_blurs_every_face_it_delivers() {
             .await;
     }
 
-    // Nothing to retrain: the detector is pretrained.
-    let refused = training::request(&sieve.ctx, &project, "test", project.train_params(), false)
-        .await
-        .unwrap_err();
-    assert!(
-        refused.to_string().contains("pretrained face detector"),
-        "{refused}"
-    );
-
     // The delivery: every photo, every face blurred; the detector finds none in it.
     let request = Request {
         format: Format::Blurred,
@@ -231,9 +222,10 @@ async fn a_deidentification_project_blurs_every_face_it_delivers() {
 
 /// Audits measure recall where it matters, on images the machine would have accepted: a
 /// face an auditor boxes that the proposal did not is a miss, counted in the project's status
-/// and on `/metrics`.
+/// and on `/metrics`. A retrain evaluates the detector on those checks, and a target rests on
+/// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn audits_count_the_faces_the_machine_missed() {
+async fn audits_count_missed_faces_and_a_retrain_calibrates_on_them() {
     let sieve = TestSieve::start().await;
     let db = &sieve.ctx.db;
     // Every image the machine would accept is audited.
@@ -306,5 +298,53 @@ async fn audits_count_the_faces_the_machine_missed() {
         let line = format!("{name}{{project=\"audited\"}} {value}");
         assert!(metrics.contains(&line), "no {line:?} in /metrics");
     }
+
+    // A retrain learns nothing but evaluates the same networks on people's boxes: the three
+    // audits are its holdout (random checks always are), the cat it "missed" the one wrong
+    // image, and routing calibrates on that evidence.
+    let first = project.active_model_version_id;
+    let run = training::request(&sieve.ctx, &project, "test", project.train_params(), false)
+        .await
+        .unwrap();
+    assert_eq!(run.labels, 3);
+    let project = eventually("the evaluated version, active", WAIT, || async {
+        projects::get(db, "audited")
+            .await
+            .ok()
+            .filter(|p| p.active_model_version_id.is_some() && p.active_model_version_id != first)
+    })
+    .await;
+    let version = model_version::Entity::find_by_id(project.active_model_version_id.unwrap())
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    let metrics: HoldoutMetrics = serde_json::from_value(version.metrics.unwrap()).unwrap();
+    assert_eq!(
+        (metrics.train_size, metrics.holdout_size),
+        (0, 3),
+        "{metrics:?}"
+    );
+    let accuracy = metrics.accuracy.expect("an accuracy on the holdout");
+    assert!((accuracy - 2.0 / 3.0).abs() < 1e-9, "{metrics:?}");
+    assert!(
+        metrics.evaluations.iter().all(|e| e.random == Some(true)),
+        "{metrics:?}"
+    );
+    // A target now rests on those three random checks (too few to open the gate at 0.9).
+    let patch = sieve_scheduler::policy::PolicyPatch {
+        target_accuracy: Some(Some(0.9)),
+        ..Default::default()
+    };
+    sieve_scheduler::routing::calibration::patch_policy(db, &project, &patch)
+        .await
+        .unwrap();
+    let project = projects::get(db, "audited").await.unwrap();
+    let status = sieve_scheduler::operate::status::project_status(&sieve.ctx, &project)
+        .await
+        .unwrap();
+    let calibration = status.calibration.expect("a target and an active version");
+    assert_eq!(calibration.random_checks, 3, "{calibration:?}");
+    assert!(!calibration.open, "{calibration:?}");
     sieve.teardown().await;
 }

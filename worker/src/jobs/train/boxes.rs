@@ -22,7 +22,7 @@ use crate::context::Worker;
 use crate::images;
 use crate::model::detect::{self, Detector, MATCH_IOU};
 use crate::model::detector::{self, FeatureMaps, TrainOptions};
-use crate::model::{ArchitectureConfig, Model};
+use crate::model::{ArchitectureConfig, FaceCommittee, Model};
 
 /// Tiles whose pixels are held at once on the way to their feature maps (a 384-pixel tile is
 /// 1.7 MiB of input; its maps, 0.2 MiB).
@@ -150,6 +150,69 @@ pub(super) async fn train(
         base_accuracy: None,
         train_size,
         average_precision,
+    })
+}
+
+/// A de-identification version: the pretrained face committee from `worker.face_weights`,
+/// learning nothing, evaluated on the snapshot's holdout (people's boxes), so that routing can
+/// calibrate it to the project's target. An image is right when no face a person boxed is
+/// missing from the committee's proposal (recall first: an extra box only blurs more), as sure
+/// as [`ImageScores::confidence`]. The holdout is the champion's too (the same networks), so
+/// its accuracy is also the champion's on the same holdout.
+///
+/// [`ImageScores::confidence`]: sieve_shared::box_scores::ImageScores::confidence
+pub(super) async fn package_faces(
+    worker: &Arc<Worker>,
+    job: &TrainJob,
+    snapshot: &Snapshot,
+) -> Result<Trained, RunError> {
+    let dir = worker.settings.worker.face_weights.clone();
+    let classes = job.class_names.len();
+    let faces = tokio::task::spawn_blocking(move || {
+        FaceCommittee::load(&dir, classes, &crate::backend::device())
+    })
+    .await
+    .map_err(|e| RunError::Permanent(format!("loading the face detector panicked: {e}")))?
+    .map_err(|e| {
+        RunError::Permanent(format!(
+            "the face detector's weights do not load ({e}); run ops/fetch-face-weights.sh or set worker.face_weights"
+        ))
+    })?;
+    let (_, holdout) = load(worker, snapshot).await?;
+    let (faces, evaluations) = tokio::task::spawn_blocking(move || {
+        let mut evaluations = Vec::with_capacity(holdout.len());
+        for example in &holdout {
+            let members = faces.detect(std::slice::from_ref(&example.image))?;
+            let scores = crate::model::faces::score(&members[0]);
+            let people: Vec<LabeledBox> = example
+                .boxes
+                .iter()
+                .filter(|b| b.class == 0)
+                .copied()
+                .collect();
+            let found = box_scores::matched(&scores.labeled_boxes(), &people, MATCH_IOU);
+            evaluations.push(HoldoutEvaluation {
+                label: 0,
+                predicted: 0,
+                confidence: scores.confidence(),
+                random: Some(example.random),
+                correct: Some(found == people.len()),
+            });
+        }
+        Ok::<_, crate::model::ModelError>((faces, evaluations))
+    })
+    .await
+    .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?
+    .map_err(|e| RunError::Permanent(e.to_string()))?;
+    let base_accuracy = (!evaluations.is_empty()).then(|| {
+        evaluations.iter().filter(|e| e.is_correct()).count() as f64 / evaluations.len() as f64
+    });
+    Ok(Trained {
+        model: Model::Faces(faces),
+        evaluations,
+        base_accuracy,
+        train_size: 0,
+        average_precision: None,
     })
 }
 

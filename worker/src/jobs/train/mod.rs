@@ -30,8 +30,8 @@ use crate::artifact;
 use crate::context::Worker;
 use crate::images;
 use crate::model::{
-    self, ArchitectureConfig, Committee, CommitteeProbs, EmbeddingData, EpochReport, FaceCommittee,
-    HeadsOptions, MobileNetV2, Model, ModelError, TrainData, TrainOptions,
+    self, ArchitectureConfig, Committee, CommitteeProbs, EmbeddingData, EpochReport, HeadsOptions,
+    MobileNetV2, Model, ModelError, TrainData, TrainOptions,
 };
 
 mod boxes;
@@ -290,27 +290,9 @@ async fn train(
             average_precision: None,
         },
         (ModelArch::Detector, _) => boxes::train(worker, job, &snapshot, stop).await?,
-        // Pretrained: the run packages MTCNN's networks into the version.
-        (ModelArch::Faces, _) => {
-            let dir = worker.settings.worker.face_weights.clone();
-            let faces = tokio::task::spawn_blocking(move || {
-                FaceCommittee::load(&dir, classes, &crate::backend::device())
-            })
-            .await
-            .map_err(|e| RunError::Permanent(format!("loading the face detector panicked: {e}")))?
-            .map_err(|e| {
-                RunError::Permanent(format!(
-                    "the face detector's weights do not load ({e}); run ops/fetch-face-weights.sh or set worker.face_weights"
-                ))
-            })?;
-            Trained {
-                model: Model::Faces(faces),
-                evaluations: Vec::new(),
-                base_accuracy: None,
-                train_size: 0,
-                average_precision: None,
-            }
-        }
+        // Pretrained: the run packages MTCNN's networks into the version and evaluates
+        // them on people's boxes.
+        (ModelArch::Faces, _) => boxes::package_faces(worker, job, &snapshot).await?,
         (_, TrainMode::Full) => train_full(worker, job, &snapshot, stop).await?,
         (_, TrainMode::Heads) => train_heads(worker, job, &snapshot, stop).await?,
     };
