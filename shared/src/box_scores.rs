@@ -269,6 +269,25 @@ impl ImageScores {
         }
     }
 
+    /// One image's scores from two committees that look for different
+    /// classes (a de-identification version's face detector and its plate
+    /// heads), each at its own threshold: both proposals, the least certain
+    /// box of either, every near miss, the likelier miss and the larger
+    /// count disagreement. An empty side (nothing proposed, nothing under
+    /// the threshold) leaves the other as it is.
+    pub fn merge(self, other: ImageScores) -> ImageScores {
+        let mut boxes = self.boxes;
+        boxes.extend(other.boxes);
+        boxes.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+        ImageScores {
+            boxes,
+            least_certain: self.least_certain.min(other.least_certain),
+            near_misses: self.near_misses + other.near_misses,
+            likeliest_miss: self.likeliest_miss.max(other.likeliest_miss),
+            count_disagreement: self.count_disagreement.max(other.count_disagreement),
+        }
+    }
+
     /// The proposed boxes, as a label stores them.
     pub fn labeled_boxes(&self) -> Vec<LabeledBox> {
         self.boxes.iter().map(|o| o.at).collect()
@@ -386,6 +405,61 @@ mod tests {
             x_max: x + side,
             y_max: y + side,
         }
+    }
+
+    #[test]
+    fn merged_scores_keep_both_proposals_and_the_worse_of_each_doubt() {
+        // Faces at 0.9: one sure face, one candidate just under.
+        let faces = image_scores(
+            &[
+                vec![
+                    scored(0, 0.95, 10.0, 10.0, 20.0),
+                    scored(0, 0.8, 60.0, 10.0, 20.0),
+                ],
+                vec![scored(0, 0.97, 10.0, 10.0, 20.0)],
+            ],
+            0.5,
+            0.9,
+            0.25,
+        );
+        // Plates at 0.5: one plate both members found, one only the first.
+        let plates = image_scores(
+            &[
+                vec![
+                    scored(1, 0.7, 100.0, 100.0, 30.0),
+                    scored(1, 0.9, 200.0, 100.0, 30.0),
+                ],
+                vec![scored(1, 0.6, 100.0, 100.0, 30.0)],
+            ],
+            0.5,
+            0.5,
+            0.25,
+        );
+        let merged = faces.clone().merge(plates.clone());
+        assert_eq!(merged.boxes.len(), faces.boxes.len() + plates.boxes.len());
+        assert!(
+            merged
+                .boxes
+                .windows(2)
+                .all(|w| w[0].confidence >= w[1].confidence)
+        );
+        assert_eq!(
+            merged.least_certain,
+            faces.least_certain.min(plates.least_certain)
+        );
+        assert_eq!(merged.near_misses, faces.near_misses + plates.near_misses);
+        assert_eq!(
+            merged.likeliest_miss,
+            faces.likeliest_miss.max(plates.likeliest_miss)
+        );
+        assert_eq!(
+            merged.count_disagreement,
+            faces.count_disagreement.max(plates.count_disagreement)
+        );
+        assert!(merged.possible_miss());
+        // A side with nothing in it changes nothing.
+        let empty = image_scores(&[vec![], vec![]], 0.5, 0.5, 0.25);
+        assert_eq!(faces.clone().merge(empty), faces);
     }
 
     #[test]

@@ -240,8 +240,9 @@ impl ModelArch {
             Self::Detector => 384,
             // Nothing is decoded; the figure only has to be a valid size.
             Self::Null => 1,
-            // Whole images, at their own size: an image pyramid.
-            Self::Faces => 1,
+            // Faces: whole images at their own size (an image pyramid); the
+            // figure is the tile side of the plate heads, the detector's.
+            Self::Faces => 384,
         }
     }
 
@@ -382,13 +383,20 @@ impl TrainParams {
     pub fn for_arch(arch: ModelArch) -> Self {
         match arch {
             ModelArch::SmallCnn => Self::default(),
-            ModelArch::Null | ModelArch::Faces => Self {
+            ModelArch::Null => Self {
                 arch,
                 ..Self::default()
             },
             // The detector heads' own defaults (`sieve-tools bench detect`):
             // feature maps are cached, epochs take seconds, early stopping
-            // ends most runs well before the last.
+            // ends most runs well before the last. A de-identification run
+            // trains nothing else (its plate heads are a detector's; MTCNN
+            // is pretrained), in the mode it is run in.
+            ModelArch::Faces => Self {
+                arch,
+                mode: TrainMode::Full,
+                ..Self::for_arch(ModelArch::Detector)
+            },
             ModelArch::Detector => Self {
                 epochs: 60,
                 batch_size: 16,
@@ -598,6 +606,41 @@ pub struct HoldoutMetrics {
     /// boxes were all right).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub average_precision: Option<f64>,
+    /// Where the base version was scored on this same holdout, example by
+    /// example: the examples only one of the two got right (what a paired
+    /// test of "is the candidate worse?" rests on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paired: Option<PairedOutcomes>,
+}
+
+/// How a candidate and its base differ on one holdout, example by example.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairedOutcomes {
+    /// Examples the base got right and the candidate wrong.
+    pub base_only: u32,
+    /// Examples the candidate got right and the base wrong.
+    pub candidate_only: u32,
+}
+
+impl PairedOutcomes {
+    /// The counts from the two versions' verdicts on the same examples, in
+    /// the same order; `None` when the lists differ in length.
+    pub fn of(candidate: &[HoldoutEvaluation], base: &[HoldoutEvaluation]) -> Option<Self> {
+        (candidate.len() == base.len()).then(|| {
+            let (mut base_only, mut candidate_only) = (0, 0);
+            for (c, b) in candidate.iter().zip(base) {
+                match (c.is_correct(), b.is_correct()) {
+                    (false, true) => base_only += 1,
+                    (true, false) => candidate_only += 1,
+                    _ => {}
+                }
+            }
+            Self {
+                base_only,
+                candidate_only,
+            }
+        })
+    }
 }
 
 /// One holdout example: its human label, the committee's top class and

@@ -32,11 +32,25 @@ pub const MAX_FACES: usize = 5;
 const SMALLEST: u32 = 40;
 const LARGEST: u32 = 130;
 
-/// One scene and the exact boxes of its faces (class 0).
+/// One scene and the exact boxes of its faces (class 0) and plates (class 1, after
+/// [`add_plates`]).
 pub struct Scene {
     pub image: RgbImage,
     pub faces: Vec<LabeledBox>,
+    pub plates: Vec<LabeledBox>,
 }
+
+impl Scene {
+    /// Every box on the scene, faces first.
+    pub fn boxes(&self) -> Vec<LabeledBox> {
+        self.faces.iter().chain(&self.plates).copied().collect()
+    }
+}
+
+/// The most plates [`add_plates`] puts on one scene.
+pub const MAX_PLATES: usize = 2;
+const PLATE_WIDEST: u32 = 150;
+const PLATE_NARROWEST: u32 = 90;
 
 /// The 100 face crops of `lfw_subset.npy` (a NumPy file of little-endian float64 in
 /// `[0, 1]`, shape `(200, 25, 25)`).
@@ -127,9 +141,88 @@ pub fn scenes(
             Scene {
                 image,
                 faces: boxes,
+                plates: Vec::new(),
             }
         })
         .collect()
+}
+
+/// Licence plates on `scenes`, apart from their faces and each other: up to [`MAX_PLATES`]
+/// a scene, some scenes none. No pretrained plate detector or plate photo set can be installed
+/// here, so a plate is drawn: a light panel 3:1 with a dark rim and a row of dark glyphs of
+/// random shapes, 90-150 pixels wide. What it is for is teaching detection heads a class
+/// people box; its box is exact.
+pub fn add_plates(scenes: &mut [Scene], seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for scene in scenes {
+        let (width, height) = scene.image.dimensions();
+        let wanted = rng.random_range(0..=MAX_PLATES);
+        for _ in 0..wanted {
+            let w = rng.random_range(PLATE_NARROWEST..=PLATE_WIDEST.min(width));
+            let h = (w / 3).min(height);
+            let taken: Vec<LabeledBox> = scene.boxes();
+            let free = (0..50)
+                .map(|_| {
+                    let x = rng.random_range(0..=width - w);
+                    let y = rng.random_range(0..=height - h);
+                    LabeledBox {
+                        class: 1,
+                        x_min: x as f32,
+                        y_min: y as f32,
+                        x_max: (x + w) as f32,
+                        y_max: (y + h) as f32,
+                    }
+                })
+                .find(|b| taken.iter().all(|o| !touches(b, o)));
+            if let Some(b) = free {
+                draw_plate(&mut scene.image, &b, &mut rng);
+                scene.plates.push(b);
+            }
+        }
+    }
+}
+
+/// A plate over `at`: a white or yellow panel, a 2-pixel dark rim, six or seven glyphs.
+fn draw_plate(image: &mut RgbImage, at: &LabeledBox, rng: &mut StdRng) {
+    let (x0, y0) = (at.x_min as u32, at.y_min as u32);
+    let (w, h) = (at.width() as u32, at.height() as u32);
+    let panel = if rng.random_bool(0.5) {
+        image::Rgb([240, 240, 235])
+    } else {
+        image::Rgb([245, 205, 40])
+    };
+    let ink = image::Rgb([20, 20, 30]);
+    for y in 0..h {
+        for x in 0..w {
+            let rim = x < 2 || y < 2 || x + 2 >= w || y + 2 >= h;
+            image.put_pixel(x0 + x, y0 + y, if rim { ink } else { panel });
+        }
+    }
+    // Glyphs: in cells across the panel, each a few random strokes (bars and a frame).
+    let glyphs = rng.random_range(6..=7);
+    let cell = (w - 8) / glyphs;
+    let (top, bottom) = (h / 5, h - h / 5);
+    let stroke = (cell / 5).max(1);
+    for g in 0..glyphs {
+        let left = x0 + 4 + g * cell + cell / 6;
+        let right = x0 + 4 + (g + 1) * cell - cell / 6;
+        for _ in 0..rng.random_range(2..=4) {
+            let vertical = rng.random_bool(0.5);
+            let (from_x, to_x, from_y, to_y) = if vertical {
+                let x = rng.random_range(left..right.saturating_sub(stroke).max(left + 1));
+                (x, x + stroke, y0 + top, y0 + bottom)
+            } else {
+                let y = rng
+                    .random_range(y0 + top..(y0 + bottom).saturating_sub(stroke).max(y0 + top + 1));
+                (left, right, y, y + stroke)
+            };
+            for y in from_y..to_y.min(y0 + h - 2) {
+                for x in from_x..to_x.min(x0 + w - 2) {
+                    image.put_pixel(x, y, ink);
+                }
+            }
+        }
+    }
 }
 
 /// Whether two boxes overlap or share an edge.
@@ -181,6 +274,47 @@ mod tests {
         for (i, a) in set.iter().enumerate() {
             for b in &set[i + 1..] {
                 assert!(a.image.dimensions() != b.image.dimensions() || a.image != b.image);
+            }
+        }
+    }
+
+    #[test]
+    fn plates_land_apart_from_faces_drawn_where_their_boxes_say() {
+        let faces: Vec<GrayImage> = vec![GrayImage::from_pixel(25, 25, image::Luma([128]))];
+        let backgrounds = [RgbImage::from_pixel(400, 300, image::Rgb([0, 90, 0]))];
+        let mut set = scenes(&faces, &backgrounds, 30, 3);
+        add_plates(&mut set, 5);
+        let plates: usize = set.iter().map(|s| s.plates.len()).sum();
+        assert!(plates > 15, "{plates} plates on 30 scenes");
+        for scene in &set {
+            assert!(scene.plates.len() <= MAX_PLATES);
+            let all = scene.boxes();
+            for (i, a) in all.iter().enumerate() {
+                for b in &all[i + 1..] {
+                    assert!(!touches(a, b), "{a:?} {b:?}");
+                }
+            }
+            for p in &scene.plates {
+                assert_eq!(p.class, 1);
+                assert!((PLATE_NARROWEST as f32..=PLATE_WIDEST as f32).contains(&p.width()));
+                // The rim is dark and the panel light, where the box says.
+                let rim = scene.image.get_pixel(p.x_min as u32, p.y_min as u32);
+                assert_eq!(rim.0, [20, 20, 30]);
+                let panel = scene
+                    .image
+                    .get_pixel(p.x_min as u32 + 3, p.y_min as u32 + 3);
+                assert!(panel.0[0] > 200, "{panel:?}");
+                // Nothing of the plate outside its box: the background is untouched just left
+                // of it (unless another box is there).
+                if p.x_min >= 1.0 {
+                    let (x, y) = (p.x_min - 1.0, p.y_min + 3.0);
+                    let covered = all.iter().any(|b| {
+                        (b.x_min..b.x_max).contains(&x) && (b.y_min..b.y_max).contains(&y)
+                    });
+                    if !covered {
+                        assert_eq!(scene.image.get_pixel(x as u32, y as u32).0, [0, 90, 0]);
+                    }
+                }
             }
         }
     }

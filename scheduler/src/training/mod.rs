@@ -9,6 +9,7 @@
 
 pub mod auto_retrain;
 pub mod evaluation;
+pub mod gate;
 pub mod registry;
 pub mod retention;
 pub mod watchdog;

@@ -21,6 +21,7 @@ use crate::entities::model_version::{self, VersionStatus};
 use crate::entities::project;
 use crate::error::{AppError, AppResult};
 use crate::projects::{self, Project};
+use crate::training::gate;
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct VersionSummary {
@@ -272,8 +273,9 @@ pub async fn rollback(ctx: &Context, project: &Project) -> AppResult<i32> {
 }
 
 /// Decide whether a freshly trained candidate replaces the champion: it does
-/// when there is no champion, or when its holdout accuracy is at least the
-/// champion's minus `training.promotion_margin`. The champion's figure is
+/// when there is no champion, or unless its holdout accuracy is below the
+/// champion's by more than `training.promotion_margin` and by more than the
+/// holdout's sampling noise explains ([`gate::judge`]). The champion's figure is
 /// the one measured on the candidate's own holdout when the run started from
 /// the current champion (the fair comparison); otherwise the accuracy the
 /// champion recorded when it was trained. The champion is `project`'s active
@@ -308,20 +310,43 @@ pub async fn consider_promotion(
         ),
     };
     let margin = ctx.settings.training.promotion_margin;
-    let promote = match (champion_accuracy, candidate_accuracy) {
-        _ if champion.is_none() => true,
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(champion), Some(candidate)) => candidate + margin >= champion,
+    // The holdouts' sizes, or the same holdout example by example.
+    let evidence = match candidate_metrics.as_ref() {
+        Some(m) if same_holdout && m.base_accuracy.is_some() => match m.paired {
+            Some(paired) => gate::Evidence::Paired(paired),
+            None => gate::Evidence::Unpaired {
+                champion: m.holdout_size,
+                candidate: m.holdout_size,
+            },
+        },
+        m => gate::Evidence::Unpaired {
+            champion: champion
+                .as_ref()
+                .and_then(metrics_of)
+                .map_or(0, |c| c.holdout_size),
+            candidate: m.map_or(0, |m| m.holdout_size),
+        },
+    };
+    let judgement = match (champion_accuracy, candidate_accuracy) {
+        _ if champion.is_none() => None,
+        (None, _) => None,
+        (Some(_), None) => Some(gate::Judgement {
+            promote: false,
+            test: "the candidate has no holdout accuracy".into(),
+        }),
+        (Some(champion), Some(candidate)) => {
+            Some(gate::judge(champion, candidate, margin, evidence))
+        }
     };
     let decision = Decision::Automatic {
         champion: project.active_model_version_id,
     };
-    let reason = if !promote {
+    let reason = if let Some(refused) = judgement.filter(|j| !j.promote) {
         format!(
-            "not promoted: holdout accuracy {} is below the champion's {} ({basis}, margin {margin})",
+            "not promoted: holdout accuracy {} is below the champion's {} ({basis}, margin {margin}) beyond chance ({})",
             candidate_accuracy.map_or("unmeasured".into(), |a| format!("{a:.4}")),
             champion_accuracy.map_or("unmeasured".into(), |a| format!("{a:.4}")),
+            refused.test,
         )
     } else if activate_as(ctx, project, candidate_id, decision)
         .await?

@@ -10,7 +10,7 @@ use sieve_scheduler::entities::project;
 use sieve_scheduler::policy::Policy;
 use sieve_scheduler::projects::{self, ClassNames, ProjectName};
 use sieve_scheduler::training::registry;
-use sieve_shared::messages::{HoldoutMetrics, ModelArch};
+use sieve_shared::messages::{HoldoutMetrics, ModelArch, PairedOutcomes};
 use sieve_testkit::StubVersion;
 use sieve_testkit::with_app;
 use uuid::Uuid;
@@ -23,6 +23,7 @@ fn metrics(accuracy: f64, base_accuracy: Option<f64>) -> serde_json::Value {
         evaluations: Vec::new(),
         base_accuracy,
         average_precision: None,
+        paired: None,
     })
     .unwrap()
 }
@@ -165,6 +166,94 @@ async fn only_a_candidate_at_least_as_good_on_the_same_holdout_is_promoted() {
                 .active_model_version_id,
             Some(v1)
         );
+    })
+    .await;
+}
+
+/// A holdout of 500 on which the candidate scored `accuracy` and the champion
+/// `base`, `paired` being where only one of them was right.
+fn paired_metrics(accuracy: f64, base: f64, paired: PairedOutcomes) -> serde_json::Value {
+    serde_json::to_value(HoldoutMetrics {
+        holdout_size: 500,
+        accuracy: Some(accuracy),
+        train_size: 2000,
+        evaluations: Vec::new(),
+        base_accuracy: Some(base),
+        average_precision: None,
+        paired: Some(paired),
+    })
+    .unwrap()
+}
+
+/// A holdout measures accuracy to a point or so: a candidate behind the
+/// champion by less than its noise is promoted (with no margin set), one
+/// that is behind beyond chance on the same examples is not, and the
+/// reason gives the paired test's figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_behind_only_by_the_holdouts_noise_is_promoted() {
+    with_app(60, |app| async move {
+        let db = app.db();
+        let (pid, v1) = project_with_champion(db, "noisy", 0.99).await;
+        // 0.983 against the champion's 0.989 on the same 500 images: 5
+        // images only the champion got right, 2 only the candidate.
+        let v2 = version(
+            db,
+            pid,
+            2,
+            Some(v1),
+            VersionStatus::Candidate,
+            paired_metrics(
+                0.983,
+                0.989,
+                PairedOutcomes {
+                    base_only: 5,
+                    candidate_only: 2,
+                },
+            ),
+        )
+        .await;
+        let project = projects::get(db, "noisy").await.unwrap();
+        assert!(
+            registry::consider_promotion(&app.ctx, &project, v2)
+                .await
+                .unwrap(),
+            "{:?}",
+            status_of(db, v2).await.status_reason
+        );
+        assert_eq!(status_of(db, v2).await.status, VersionStatus::Active);
+
+        // 0.963 against 0.989: 15 images only the champion got right, 2 only
+        // the candidate. Worse, and not by chance.
+        let project = projects::get(db, "noisy").await.unwrap();
+        let v3 = version(
+            db,
+            pid,
+            3,
+            Some(v2),
+            VersionStatus::Candidate,
+            paired_metrics(
+                0.963,
+                0.989,
+                PairedOutcomes {
+                    base_only: 15,
+                    candidate_only: 2,
+                },
+            ),
+        )
+        .await;
+        assert!(
+            !registry::consider_promotion(&app.ctx, &project, v3)
+                .await
+                .unwrap()
+        );
+        let refused = status_of(db, v3).await;
+        assert_eq!(refused.status, VersionStatus::Candidate);
+        let reason = refused.status_reason.unwrap();
+        assert!(
+            reason.contains("0.9630") && reason.contains("McNemar p=0.001"),
+            "{reason}"
+        );
+        assert_eq!(status_of(db, v2).await.status, VersionStatus::Active);
     })
     .await;
 }

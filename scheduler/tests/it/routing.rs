@@ -47,6 +47,7 @@ async fn project_with_model(
         evaluations,
         base_accuracy: None,
         average_precision: None,
+        paired: None,
     };
     let (_, version) = sieve_testkit::activate_stub(
         &test.db,
@@ -270,6 +271,7 @@ async fn a_gate_shut_for_want_of_evidence_asks_for_random_checks_first() {
         evaluations: random_checks(60),
         base_accuracy: None,
         average_precision: None,
+        paired: None,
     };
     let (_, version) = sieve_testkit::activate_stub(
         &test.db,

@@ -1156,6 +1156,7 @@ pub fn detect_images(
         decoded,
         |good| detector.detect(good),
         detect::score,
+        |b| b.score >= detect::PROPOSAL_THRESHOLD,
         detect::PROPOSAL_THRESHOLD,
     )
 }
@@ -1170,17 +1171,20 @@ pub fn find_faces(
         decoded,
         |good| faces.detect(good),
         crate::model::faces::score,
+        crate::model::faces::proposed,
         crate::model::mtcnn::FACE_THRESHOLD,
     )
 }
 
 /// A box committee's outputs for the good images of `decoded`: `find` gives
-/// every member's boxes per image, `score` the image's scores, `threshold`
-/// the score a box is proposed at.
+/// every member's boxes per image, `score` the image's scores, `proposed`
+/// whether a member's box counts as one it proposes, `threshold` the score
+/// the image's confidence is compared with (its margin).
 fn boxes_per_image(
     decoded: Vec<Result<RgbImage, String>>,
     find: impl FnOnce(&[RgbImage]) -> Result<Vec<detect::MemberBoxes>, crate::model::ModelError>,
     score: fn(&[Vec<ScoredBox>]) -> ImageScores,
+    proposed: fn(&ScoredBox) -> bool,
     threshold: f32,
 ) -> Vec<Result<PredictionOutput, String>> {
     let good: Vec<RgbImage> = decoded.iter().flatten().cloned().collect();
@@ -1200,7 +1204,7 @@ fn boxes_per_image(
             probabilities: Vec::new(),
             member_votes: members
                 .iter()
-                .map(|boxes| boxes.iter().filter(|b| b.score >= threshold).count() as u32)
+                .map(|boxes| boxes.iter().filter(|b| proposed(b)).count() as u32)
                 .collect(),
             scores: image.as_scores(threshold),
             embedding: None,

@@ -4,8 +4,13 @@
 //! scores ([`score`]) come from [`sieve_shared::box_scores`] as a detector's do.
 //!
 //! The face class is the project's first (a de-identification project's classes start with
-//! `face`). Nothing is trained: a version holds the three networks' weights, packaged from
-//! `worker.face_weights` by the project's first run.
+//! `face`). MTCNN learns nothing: a version holds its three networks' weights, packaged from
+//! `worker.face_weights` by the project's first run. The other classes (licence plates) have
+//! no pretrained detector: once people have boxed some, a run trains detection heads on the
+//! frozen ImageNet MobileNetV2 for them ([`Detector`], two members like the faces'), and the
+//! version carries those too. Faces are proposed at [`FACE_THRESHOLD`], the learned classes at
+//! [`PLATE_THRESHOLD`]; each side is scored on its own and the two merged
+//! ([`ImageScores::merge`]).
 
 use std::path::Path;
 
@@ -14,9 +19,18 @@ use image::RgbImage;
 use image::imageops;
 use sieve_shared::box_scores::{self, ImageScores, ScoredBox};
 
-use super::detect::{MATCH_IOU, MemberBoxes, NEAR_MISS_BAND};
+use super::detect::{Detector, MATCH_IOU, MemberBoxes, NEAR_MISS_BAND};
 use super::mtcnn::{FACE_THRESHOLD, Mtcnn, MtcnnConfig};
 use super::{ArchitectureConfig, ModelError};
+
+/// The face class's index: a de-identification project's first class.
+pub const FACE: u32 = 0;
+/// The plate heads' proposal threshold, under the detection kind's
+/// [`PROPOSAL_THRESHOLD`](super::detect::PROPOSAL_THRESHOLD) of 0.5: recall first, since a
+/// plate left out leaks and an extra box only blurs more. On the drawn-plate scenes of
+/// `worker/tests/it/deidentify.rs`, heads trained on about 50 images scored a third of the
+/// plates 0.35-0.5 (found 13 of 19 at 0.5, 19 of 19 at 0.35 with 4 false, 19 at 0.3 with 5).
+pub const PLATE_THRESHOLD: f32 = 0.35;
 
 /// The committee: the image as it is, and mirrored.
 pub const MEMBERS: usize = 2;
@@ -35,6 +49,8 @@ pub fn committee_config() -> MtcnnConfig {
 #[derive(Clone, Debug)]
 pub struct FaceCommittee {
     mtcnn: Mtcnn,
+    /// The heads people's plate (and other non-face) boxes trained, once there are some.
+    plates: Option<Detector>,
     config: ArchitectureConfig,
 }
 
@@ -44,7 +60,33 @@ impl FaceCommittee {
     pub fn load(dir: &Path, classes: usize, device: &Device) -> Result<Self, ModelError> {
         Ok(Self {
             mtcnn: Mtcnn::load(dir, committee_config(), &device.clone().without_autodiff())?,
+            plates: None,
             config: ArchitectureConfig::faces(classes),
+        })
+    }
+
+    /// The same face detector with `plates`, a detector of the project's classes trained on
+    /// the boxes of every class but faces, with [`MEMBERS`] members.
+    pub fn with_plates(self, plates: Detector) -> Result<Self, ModelError> {
+        let fits = ArchitectureConfig::detector(
+            self.config.num_classes,
+            MEMBERS,
+            plates.config().input_size,
+        );
+        if plates.config() != &fits {
+            return Err(ModelError::InvalidConfig(format!(
+                "plate heads {:?} do not fit a de-identification project of {} classes",
+                plates.config(),
+                self.config.num_classes
+            )));
+        }
+        Ok(Self {
+            config: ArchitectureConfig::faces_with_plates(
+                self.config.num_classes,
+                plates.config().input_size,
+            ),
+            plates: Some(plates),
+            mtcnn: self.mtcnn,
         })
     }
 
@@ -52,8 +94,28 @@ impl FaceCommittee {
         &self.config
     }
 
-    /// Every member's faces in each image, in the image's pixels.
+    /// Whether the version finds plates too (people had boxed some when it was made).
+    pub fn finds_plates(&self) -> bool {
+        self.plates.is_some()
+    }
+
+    /// Every member's faces in each image, in the image's pixels, and after them its plates
+    /// where the version finds plates (member `i` of the plate heads beside member `i` of the
+    /// faces; a face class box of the heads is dropped: faces are MTCNN's).
     pub fn detect(&self, images: &[RgbImage]) -> Result<Vec<MemberBoxes>, ModelError> {
+        let mut found = self.faces(images)?;
+        if let Some(plates) = &self.plates {
+            for (members, plate_members) in found.iter_mut().zip(plates.detect(images)?) {
+                for (boxes, plate_boxes) in members.iter_mut().zip(plate_members) {
+                    boxes.extend(plate_boxes.into_iter().filter(|b| b.class != FACE));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Each member's faces in each image.
+    fn faces(&self, images: &[RgbImage]) -> Result<Vec<MemberBoxes>, ModelError> {
         images
             .iter()
             .map(|image| {
@@ -74,11 +136,23 @@ impl FaceCommittee {
             .collect()
     }
 
+    /// The weights as bytes: MTCNN's alone; with plate heads, MTCNN's length as a little-endian
+    /// u64, MTCNN's, then the plate detector's.
     pub fn weights_to_bytes(&self) -> Result<Vec<u8>, ModelError> {
-        self.mtcnn.weights_to_bytes()
+        let mtcnn = self.mtcnn.weights_to_bytes()?;
+        let Some(plates) = &self.plates else {
+            return Ok(mtcnn);
+        };
+        let plates = plates.weights_to_bytes()?;
+        let mut out = Vec::with_capacity(8 + mtcnn.len() + plates.len());
+        out.extend_from_slice(&(mtcnn.len() as u64).to_le_bytes());
+        out.extend_from_slice(&mtcnn);
+        out.extend_from_slice(&plates);
+        Ok(out)
     }
 
-    /// Rebuilds a version from [`weights_to_bytes`](Self::weights_to_bytes) output.
+    /// Rebuilds a version from [`weights_to_bytes`](Self::weights_to_bytes) output; the
+    /// config says whether plate heads follow MTCNN (its input size is their tile side).
     pub fn from_weights(
         config: &ArchitectureConfig,
         bytes: &[u8],
@@ -89,19 +163,62 @@ impl FaceCommittee {
                 "not a face detector's config: {config:?}"
             )));
         }
-        Ok(Self {
-            mtcnn: Mtcnn::from_weights(
-                bytes,
-                committee_config(),
-                &device.clone().without_autodiff(),
-            )?,
-            config: config.clone(),
-        })
+        let device = device.clone().without_autodiff();
+        if config.input_size == 0 {
+            return Ok(Self {
+                mtcnn: Mtcnn::from_weights(bytes, committee_config(), &device)?,
+                plates: None,
+                config: config.clone(),
+            });
+        }
+        let truncated = || ModelError::Weights("truncated de-identification weights".into());
+        let length: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(truncated)?;
+        let split = usize::try_from(u64::from_le_bytes(length))
+            .ok()
+            .and_then(|n| n.checked_add(8))
+            .filter(|end| *end <= bytes.len())
+            .ok_or_else(truncated)?;
+        let plates = Detector::from_weights(
+            &ArchitectureConfig::detector(config.num_classes, MEMBERS, config.input_size),
+            &bytes[split..],
+            &device,
+        )?;
+        Self {
+            mtcnn: Mtcnn::from_weights(&bytes[8..split], committee_config(), &device)?,
+            plates: None,
+            config: ArchitectureConfig::faces(config.num_classes),
+        }
+        .with_plates(plates)
     }
 }
 
-/// The committee's view of one image: the faces it proposes (at [`FACE_THRESHOLD`]), the
-/// candidates under it, and how sure it is.
+/// The committee's view of one image: the faces it proposes (at [`FACE_THRESHOLD`]) and the
+/// other classes' boxes (at [`PLATE_THRESHOLD`]), the candidates under either, and how sure it
+/// is of both.
 pub fn score(members: &[Vec<ScoredBox>]) -> ImageScores {
-    box_scores::image_scores(members, MATCH_IOU, FACE_THRESHOLD, NEAR_MISS_BAND)
+    let (faces, plates): (Vec<Vec<ScoredBox>>, Vec<Vec<ScoredBox>>) = members
+        .iter()
+        .map(|boxes| {
+            boxes
+                .iter()
+                .partition::<Vec<ScoredBox>, _>(|b| b.class == FACE)
+        })
+        .unzip();
+    box_scores::image_scores(&faces, MATCH_IOU, FACE_THRESHOLD, NEAR_MISS_BAND).merge(
+        box_scores::image_scores(&plates, MATCH_IOU, PLATE_THRESHOLD, NEAR_MISS_BAND),
+    )
+}
+
+/// Whether `b` is one the committee proposes: a face at [`FACE_THRESHOLD`], another class at
+/// [`PLATE_THRESHOLD`].
+pub fn proposed(b: &ScoredBox) -> bool {
+    b.score
+        >= if b.class == FACE {
+            FACE_THRESHOLD
+        } else {
+            PLATE_THRESHOLD
+        }
 }

@@ -189,7 +189,7 @@ impl ArchitectureConfig {
     }
 
     /// The face detector of the `deidentify` task kind ([`FaceCommittee`]): MTCNN on the image
-    /// and its mirror image, at the image's own size.
+    /// and its mirror image, at the image's own size (`input_size` 0: no plate heads).
     pub fn faces(num_classes: usize) -> Self {
         Self {
             arch: Self::FACES.to_string(),
@@ -199,6 +199,16 @@ impl ArchitectureConfig {
             channels: 3,
             embedding_dim: 0,
             backbone: None,
+        }
+    }
+
+    /// A de-identification version that also finds the classes people boxed (plates): MTCNN
+    /// as [`faces`](Self::faces), and detection heads on `input_size`-pixel tiles
+    /// ([`FaceCommittee::with_plates`]).
+    pub fn faces_with_plates(num_classes: usize, input_size: usize) -> Self {
+        Self {
+            input_size,
+            ..Self::faces(num_classes)
         }
     }
 

@@ -22,7 +22,7 @@ use crate::context::Worker;
 use crate::images;
 use crate::model::detect::{self, Detector, MATCH_IOU};
 use crate::model::detector::{self, FeatureMaps, TrainOptions};
-use crate::model::{ArchitectureConfig, FaceCommittee, Model};
+use crate::model::{ArchitectureConfig, FaceCommittee, Model, faces};
 
 /// Tiles whose pixels are held at once on the way to their feature maps (a 384-pixel tile is
 /// 1.7 MiB of input; its maps, 0.2 MiB).
@@ -69,8 +69,33 @@ pub(super) async fn train(
             snapshot.examples.len()
         )));
     }
+    let train_size = train_set.len();
+    let detector = fit(worker, job, stop, &config, train_set).await?;
+    let (detector, evaluations, average_precision) =
+        tokio::task::spawn_blocking(move || evaluate(detector, &holdout))
+            .await
+            .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?
+            .map_err(|e| RunError::Permanent(e.to_string()))?;
+    Ok(Trained {
+        model: Model::Detector(detector),
+        evaluations,
+        base: None,
+        train_size,
+        average_precision,
+    })
+}
+
+/// A detector of `config`'s shape: its heads trained on `train_set`'s boxes over the frozen
+/// ImageNet MobileNetV2.
+async fn fit(
+    worker: &Arc<Worker>,
+    job: &TrainJob,
+    stop: &CancellationToken,
+    config: &ArchitectureConfig,
+    train_set: Vec<Example>,
+) -> Result<Detector, RunError> {
     let backbone = imagenet_backbone(worker).await?;
-    let heads_config = detect::heads_config(&config);
+    let heads_config = detect::heads_config(config);
     let (input, side) = (heads_config.input, heads_config.side());
 
     // Feature maps of every training tile, and each tile's targets.
@@ -136,35 +161,24 @@ pub(super) async fn train(
         .map(|(heads, _)| heads)
     })
     .await?;
-    let detector =
-        Detector::new(&config, backbone, heads).map_err(|e| RunError::Permanent(e.to_string()))?;
-
-    let (detector, evaluations, average_precision) =
-        tokio::task::spawn_blocking(move || evaluate(detector, &holdout))
-            .await
-            .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?
-            .map_err(|e| RunError::Permanent(e.to_string()))?;
-    Ok(Trained {
-        model: Model::Detector(detector),
-        evaluations,
-        base_accuracy: None,
-        train_size,
-        average_precision,
-    })
+    Detector::new(config, backbone, heads).map_err(|e| RunError::Permanent(e.to_string()))
 }
 
 /// A de-identification version: the pretrained face committee from `worker.face_weights`,
-/// learning nothing, evaluated on the snapshot's holdout (people's boxes), so that routing can
-/// calibrate it to the project's target. An image is right when no face a person boxed is
-/// missing from the committee's proposal (recall first: an extra box only blurs more), as sure
-/// as [`ImageScores::confidence`]. The holdout is the champion's too (the same networks), so
-/// its accuracy is also the champion's on the same holdout.
+/// and, once people have boxed plates (any class but `face`) in training images, detection
+/// heads trained on those boxes ([`FaceCommittee::with_plates`]). It is evaluated on the
+/// snapshot's holdout (people's boxes), so that routing can calibrate it to the project's
+/// target: an image is right when no box a person drew, face or plate, is missing from the
+/// committee's proposal (recall first: an extra box only blurs more), as sure as
+/// [`ImageScores::confidence`]. Without plate heads, the holdout is the champion's too (the
+/// same networks), so its accuracy is also the champion's on the same holdout.
 ///
 /// [`ImageScores::confidence`]: sieve_shared::box_scores::ImageScores::confidence
 pub(super) async fn package_faces(
     worker: &Arc<Worker>,
     job: &TrainJob,
     snapshot: &Snapshot,
+    stop: &CancellationToken,
 ) -> Result<Trained, RunError> {
     let dir = worker.settings.worker.face_weights.clone();
     let classes = job.class_names.len();
@@ -178,42 +192,96 @@ pub(super) async fn package_faces(
             "the face detector's weights do not load ({e}); run ops/fetch-face-weights.sh or set worker.face_weights"
         ))
     })?;
-    let (_, holdout) = load(worker, snapshot).await?;
-    let (faces, evaluations) = tokio::task::spawn_blocking(move || {
-        let mut evaluations = Vec::with_capacity(holdout.len());
-        for example in &holdout {
-            let members = faces.detect(std::slice::from_ref(&example.image))?;
-            let scores = crate::model::faces::score(&members[0]);
-            let people: Vec<LabeledBox> = example
-                .boxes
-                .iter()
-                .filter(|b| b.class == 0)
-                .copied()
-                .collect();
-            let found = box_scores::matched(&scores.labeled_boxes(), &people, MATCH_IOU);
-            evaluations.push(HoldoutEvaluation {
-                label: 0,
-                predicted: 0,
-                confidence: scores.confidence(),
-                random: Some(example.random),
-                correct: Some(found == people.len()),
-            });
-        }
-        Ok::<_, crate::model::ModelError>((faces, evaluations))
+    let (train_set, holdout) = load(worker, snapshot).await?;
+    let boxes_plates = |e: &Example| e.boxes.iter().any(|b| b.class != faces::FACE);
+    let train_size = if train_set.iter().any(boxes_plates) {
+        train_set.len()
+    } else {
+        0
+    };
+    let faces = if train_size > 0 {
+        // The heads learn every class but faces (MTCNN's): a face is background to them.
+        let plate_set: Vec<Example> = train_set
+            .into_iter()
+            .map(|e| Example {
+                boxes: e
+                    .boxes
+                    .into_iter()
+                    .filter(|b| b.class != faces::FACE)
+                    .collect(),
+                ..e
+            })
+            .collect();
+        let config =
+            ArchitectureConfig::detector(classes, faces::MEMBERS, job.params.input_size() as usize);
+        detect::validate(&config).map_err(|e| RunError::Permanent(e.to_string()))?;
+        tracing::info!(run = %job.run_id, images = train_size, "deidentify: training plate heads on people's boxes");
+        let plates = fit(worker, job, stop, &config, plate_set).await?;
+        faces
+            .with_plates(plates)
+            .map_err(|e| RunError::Permanent(e.to_string()))?
+    } else {
+        faces
+    };
+    // The base version (MTCNN alone, or with older plate heads) on the same holdout, so the
+    // promotion gate compares like with like.
+    let base = match &job.base {
+        Some(base) => match worker.cache.get(base).await {
+            Ok(model) => match &*model {
+                Model::Faces(base) => Some(base.clone()),
+                _ => None,
+            },
+            Err(err) if err.is_transient() => return Err(RunError::Transient(err.to_string())),
+            Err(err) => return Err(RunError::Permanent(format!("base model refused: {err}"))),
+        },
+        None => None,
+    };
+    let (faces, evaluations, base_evaluations) = tokio::task::spawn_blocking(move || {
+        let evaluations = face_verdicts(&faces, &holdout)?;
+        let base_evaluations = base
+            .map(|base| face_verdicts(&base, &holdout))
+            .transpose()?;
+        Ok::<_, crate::model::ModelError>((faces, evaluations, base_evaluations))
     })
     .await
     .map_err(|e| RunError::Permanent(format!("evaluation panicked: {e}")))?
     .map_err(|e| RunError::Permanent(e.to_string()))?;
-    let base_accuracy = (!evaluations.is_empty()).then(|| {
-        evaluations.iter().filter(|e| e.is_correct()).count() as f64 / evaluations.len() as f64
-    });
+    // Without a base, the same face networks are the champion's: their verdicts are its.
+    let base = match base_evaluations {
+        Some(base) => Some(base),
+        None if !faces.finds_plates() => Some(evaluations.clone()),
+        None => None,
+    };
     Ok(Trained {
         model: Model::Faces(faces),
         evaluations,
-        base_accuracy,
-        train_size: 0,
+        base,
+        train_size,
         average_precision: None,
     })
+}
+
+/// The face committee's verdict on every holdout image: right when no box a person drew is
+/// missing from its proposal, as sure as the image's confidence.
+fn face_verdicts(
+    faces: &FaceCommittee,
+    holdout: &[Example],
+) -> Result<Vec<HoldoutEvaluation>, crate::model::ModelError> {
+    holdout
+        .iter()
+        .map(|example| {
+            let members = faces.detect(std::slice::from_ref(&example.image))?;
+            let scores = faces::score(&members[0]);
+            let found = box_scores::matched(&scores.labeled_boxes(), &example.boxes, MATCH_IOU);
+            Ok(HoldoutEvaluation {
+                label: 0,
+                predicted: 0,
+                confidence: scores.confidence(),
+                random: Some(example.random),
+                correct: Some(found == example.boxes.len()),
+            })
+        })
+        .collect()
 }
 
 /// The snapshot's examples with their images, split into training and holdout; an image that

@@ -19,8 +19,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use sieve_shared::embedding_table::{Embeddings, TableError};
 use sieve_shared::messages::{
-    HoldoutEvaluation, HoldoutMetrics, LrSchedule, ModelArch, SCHEMA_VERSION, Snapshot, Split,
-    TrainEvent, TrainEventKind, TrainJob, TrainMode, decode,
+    HoldoutEvaluation, HoldoutMetrics, LrSchedule, ModelArch, PairedOutcomes, SCHEMA_VERSION,
+    Snapshot, Split, TrainEvent, TrainEventKind, TrainJob, TrainMode, decode,
 };
 use sieve_shared::{broker, retry};
 use tokio::sync::mpsc;
@@ -236,8 +236,9 @@ async fn load_images(
 pub(super) struct Trained {
     pub(super) model: Model,
     pub(super) evaluations: Vec<HoldoutEvaluation>,
-    /// The base version's accuracy on the same holdout, when it can be measured.
-    pub(super) base_accuracy: Option<f64>,
+    /// The base version's verdicts on the same holdout, in the same order, when it can be
+    /// scored there.
+    pub(super) base: Option<Vec<HoldoutEvaluation>>,
     pub(super) train_size: usize,
     /// A detector's average precision at IoU 0.5 on the holdout.
     pub(super) average_precision: Option<f64>,
@@ -285,26 +286,30 @@ async fn train(
                 .map_err(|e| RunError::Permanent(e.to_string()))?,
             ),
             evaluations: Vec::new(),
-            base_accuracy: None,
+            base: None,
             train_size: 0,
             average_precision: None,
         },
         (ModelArch::Detector, _) => boxes::train(worker, job, &snapshot, stop).await?,
-        // Pretrained: the run packages MTCNN's networks into the version and evaluates
-        // them on people's boxes.
-        (ModelArch::Faces, _) => boxes::package_faces(worker, job, &snapshot).await?,
+        // Pretrained faces: the run packages MTCNN's networks into the version, trains
+        // plate heads once people have boxed plates, and evaluates both on people's boxes.
+        (ModelArch::Faces, _) => boxes::package_faces(worker, job, &snapshot, stop).await?,
         (_, TrainMode::Full) => train_full(worker, job, &snapshot, stop).await?,
         (_, TrainMode::Heads) => train_heads(worker, job, &snapshot, stop).await?,
     };
     let Trained {
         model,
         evaluations,
-        base_accuracy,
+        base,
         train_size,
         average_precision,
     } = trained;
     let holdout_size = evaluations.len();
     let accuracy = accuracy_of(&evaluations);
+    let base_accuracy = base.as_deref().and_then(accuracy_of);
+    let paired = base
+        .as_deref()
+        .and_then(|base| PairedOutcomes::of(&evaluations, base));
 
     let architecture = serde_json::to_value(model.config()).unwrap_or_default();
     let (bytes, checksum) = tokio::task::spawn_blocking(move || artifact::encode_model(&model))
@@ -337,6 +342,7 @@ async fn train(
             evaluations,
             base_accuracy,
             average_precision,
+            paired,
         },
     })
 }
@@ -713,7 +719,7 @@ async fn train_heads(
         return Ok(Trained {
             model: Model::Classifier(Committee::clone(&start)),
             evaluations: Vec::new(),
-            base_accuracy: None,
+            base: None,
             train_size,
             average_precision: None,
         });
@@ -781,9 +787,7 @@ async fn evaluated(
     Ok(Trained {
         model: Model::Classifier(model),
         evaluations: evaluations.map_err(|e| RunError::Permanent(e.to_string()))?,
-        base_accuracy: base_evaluations
-            .and_then(|e| e.ok())
-            .and_then(|e| accuracy_of(&e)),
+        base: base_evaluations.and_then(|e| e.ok()),
         train_size,
         average_precision: None,
     })
