@@ -46,8 +46,17 @@ pub fn project(status: &status::ProjectStatus) -> String {
         let _ = writeln!(
             out,
             "  face audits: {} images the machine would have accepted, {} faces boxed by auditors, \
-             {} missed by the machine (recall {:.3})",
-            a.images, a.faces, a.missed, a.recall
+             {} missed by the machine (recall {:.3}); {} plates, {} missed; {} boxes proposed, \
+             {} false (precision {:.3})",
+            a.images,
+            a.faces,
+            a.missed,
+            a.recall,
+            a.plates,
+            a.missed_plates,
+            a.proposed,
+            a.false_boxes,
+            a.precision
         );
     }
     let second = &status.second_opinions;

@@ -56,6 +56,28 @@ pub struct FaceAudits {
     pub missed: i64,
     /// `1 − missed / faces` (1 with no faces audited yet).
     pub recall: f64,
+    /// Plates (every class but `face`) the auditors boxed.
+    pub plates: i64,
+    /// Of those, plates the machine's proposal did not box.
+    pub missed_plates: i64,
+    /// Boxes the machine proposed in the audited images, faces and plates.
+    pub proposed: i64,
+    /// Of those, boxes matching none the auditor kept (of the same class, IoU 0.5): blurred
+    /// for nothing.
+    pub false_boxes: i64,
+    /// `1 − false_boxes / proposed` (1 with nothing proposed yet).
+    pub precision: f64,
+}
+
+/// One audited image: what the auditor boxed against what the machine proposed.
+#[derive(Debug, Default, PartialEq)]
+struct AuditCounts {
+    faces: usize,
+    missed_faces: usize,
+    plates: usize,
+    missed_plates: usize,
+    proposed: usize,
+    false_boxes: usize,
 }
 
 #[derive(FromQueryResult)]
@@ -95,25 +117,43 @@ pub async fn face_audits(ctx: &Context, project: &Project) -> AppResult<Option<F
             .and_then(|d| serde_json::from_value::<ImageScores>(d).ok())
             .map(|d| d.labeled_boxes())
             .unwrap_or_default();
-        let (faces, missed) = faces_missed(&human, &proposal);
+        let counts = audit_counts(&human, &proposal);
         audits.images += 1;
-        audits.faces += faces as i64;
-        audits.missed += missed as i64;
+        audits.faces += counts.faces as i64;
+        audits.missed += counts.missed_faces as i64;
+        audits.plates += counts.plates as i64;
+        audits.missed_plates += counts.missed_plates as i64;
+        audits.proposed += counts.proposed as i64;
+        audits.false_boxes += counts.false_boxes as i64;
     }
-    audits.recall = if audits.faces > 0 {
-        1.0 - audits.missed as f64 / audits.faces as f64
-    } else {
-        1.0
+    let share_kept = |lost: i64, of: i64| {
+        if of > 0 {
+            1.0 - lost as f64 / of as f64
+        } else {
+            1.0
+        }
     };
+    audits.recall = share_kept(audits.missed, audits.faces);
+    audits.precision = share_kept(audits.false_boxes, audits.proposed);
     Ok(Some(audits))
 }
 
-/// The faces (class 0) in `human`, and how many of them no face of
-/// `proposal` boxes at IoU ≥ 0.5.
-fn faces_missed(human: &[LabeledBox], proposal: &[LabeledBox]) -> (usize, usize) {
-    let faces: Vec<LabeledBox> = human.iter().filter(|b| b.class == 0).copied().collect();
-    let found = box_scores::matched(proposal, &faces, 0.5);
-    (faces.len(), faces.len() - found)
+/// One audited image's counts: the faces (class 0) and plates (the other classes) in
+/// `human` and how many of each no box of `proposal` of the same class matches at IoU ≥ 0.5;
+/// the boxes of `proposal` and how many of them match none of `human`.
+fn audit_counts(human: &[LabeledBox], proposal: &[LabeledBox]) -> AuditCounts {
+    let (faces, plates): (Vec<LabeledBox>, Vec<LabeledBox>) =
+        human.iter().partition(|b| b.class == 0);
+    let found_faces = box_scores::matched(proposal, &faces, 0.5);
+    let found_plates = box_scores::matched(proposal, &plates, 0.5);
+    AuditCounts {
+        faces: faces.len(),
+        missed_faces: faces.len() - found_faces,
+        plates: plates.len(),
+        missed_plates: plates.len() - found_plates,
+        proposed: proposal.len(),
+        false_boxes: proposal.len() - (found_faces + found_plates),
+    }
 }
 
 /// Export every deidentify project's audits as the gauges
@@ -127,6 +167,12 @@ pub async fn record_face_audit_metrics(ctx: &Context) -> AppResult<()> {
                 .set(audits.faces as f64);
             metrics::gauge!("sieve_deidentify_missed_faces", "project" => project.name.clone())
                 .set(audits.missed as f64);
+            metrics::gauge!("sieve_deidentify_audited_plates", "project" => project.name.clone())
+                .set(audits.plates as f64);
+            metrics::gauge!("sieve_deidentify_missed_plates", "project" => project.name.clone())
+                .set(audits.missed_plates as f64);
+            metrics::gauge!("sieve_deidentify_false_boxes", "project" => project.name.clone())
+                .set(audits.false_boxes as f64);
         }
     }
     Ok(())
@@ -651,8 +697,36 @@ mod tests {
         // face where there is none.
         let human = [b(0, 0.0), b(0, 50.0), b(1, 100.0)];
         let proposal = [b(0, 1.0), b(0, 200.0)];
-        assert_eq!(faces_missed(&human, &proposal), (2, 1));
-        assert_eq!(faces_missed(&human, &[]), (2, 2));
-        assert_eq!(faces_missed(&[], &proposal), (0, 0));
+        assert_eq!(
+            audit_counts(&human, &proposal),
+            AuditCounts {
+                faces: 2,
+                missed_faces: 1,
+                plates: 1,
+                missed_plates: 1,
+                proposed: 2,
+                false_boxes: 1,
+            }
+        );
+        // A plate boxed as a plate is found; boxed as a face, it is a false face and a
+        // missed plate.
+        let plate = [b(1, 100.0)];
+        assert_eq!(
+            audit_counts(&human, &plate),
+            AuditCounts {
+                faces: 2,
+                missed_faces: 2,
+                plates: 1,
+                missed_plates: 0,
+                proposed: 1,
+                false_boxes: 0,
+            }
+        );
+        let as_face = [b(0, 100.0)];
+        let counts = audit_counts(&plate, &as_face);
+        assert_eq!((counts.missed_plates, counts.false_boxes), (1, 1));
+        let nothing = audit_counts(&human, &[]);
+        assert_eq!((nothing.missed_faces, nothing.missed_plates), (2, 1));
+        assert_eq!(audit_counts(&[], &proposal).false_boxes, 2);
     }
 }

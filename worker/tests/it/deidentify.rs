@@ -291,6 +291,12 @@ async fn audits_count_missed_faces_and_a_retrain_calibrates_on_them() {
         "{audits:?}"
     );
     assert!((audits.recall - 0.5).abs() < 1e-9, "{audits:?}");
+    // The machine proposed the astronaut's face alone, and the auditor kept it.
+    assert_eq!(
+        (audits.plates, audits.proposed, audits.false_boxes),
+        (0, 1, 0),
+        "{audits:?}"
+    );
 
     let metrics = sieve.scheduler_metrics().await;
     for (name, value) in [
