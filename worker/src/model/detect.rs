@@ -16,7 +16,7 @@ use sieve_shared::tiles::{self, Tile};
 
 use super::detector::{self, DetectorConfig, DetectorHeads};
 use super::mobilenet::{self, MobileNetV2};
-use super::tensors::{load_weights, weights_to_bytes};
+use super::tensors::{load_weights, next_part, push_part, weights_to_bytes};
 use super::{ArchitectureConfig, ModelError};
 
 /// Overlap of neighbouring tiles, in pixels: an object up to this size cut by one tile's edge
@@ -137,8 +137,7 @@ impl Detector {
         let backbone = weights_to_bytes(&self.backbone)?;
         let heads = self.heads.weights_to_bytes()?;
         let mut out = Vec::with_capacity(8 + backbone.len() + heads.len());
-        out.extend_from_slice(&(backbone.len() as u64).to_le_bytes());
-        out.extend_from_slice(&backbone);
+        push_part(&mut out, &backbone);
         out.extend_from_slice(&heads);
         Ok(out)
     }
@@ -152,18 +151,9 @@ impl Detector {
     ) -> Result<Self, ModelError> {
         validate(config)?;
         let device = device.clone().without_autodiff();
-        let truncated = || ModelError::Weights("truncated detector weights".into());
-        let length: [u8; 8] = bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(truncated)?;
-        let split = usize::try_from(u64::from_le_bytes(length))
-            .ok()
-            .and_then(|n| n.checked_add(8))
-            .filter(|end| *end <= bytes.len())
-            .ok_or_else(truncated)?;
-        let backbone = load_weights(MobileNetV2::new(&device), &bytes[8..split])?;
-        let heads = DetectorHeads::from_weights(&heads_config(config), &bytes[split..], &device)?;
+        let (backbone, heads) = next_part(bytes, "detector")?;
+        let backbone = load_weights(MobileNetV2::new(&device), backbone)?;
+        let heads = DetectorHeads::from_weights(&heads_config(config), heads, &device)?;
         Self::new(config, backbone, heads)
     }
 }

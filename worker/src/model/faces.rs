@@ -21,6 +21,7 @@ use sieve_shared::box_scores::{self, ImageScores, ScoredBox};
 
 use super::detect::{Detector, MATCH_IOU, MemberBoxes, NEAR_MISS_BAND};
 use super::mtcnn::{FACE_THRESHOLD, Mtcnn, MtcnnConfig};
+use super::tensors::{next_part, push_part};
 use super::{ArchitectureConfig, ModelError};
 
 /// The face class's index: a de-identification project's first class.
@@ -145,8 +146,7 @@ impl FaceCommittee {
         };
         let plates = plates.weights_to_bytes()?;
         let mut out = Vec::with_capacity(8 + mtcnn.len() + plates.len());
-        out.extend_from_slice(&(mtcnn.len() as u64).to_le_bytes());
-        out.extend_from_slice(&mtcnn);
+        push_part(&mut out, &mtcnn);
         out.extend_from_slice(&plates);
         Ok(out)
     }
@@ -171,23 +171,14 @@ impl FaceCommittee {
                 config: config.clone(),
             });
         }
-        let truncated = || ModelError::Weights("truncated de-identification weights".into());
-        let length: [u8; 8] = bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(truncated)?;
-        let split = usize::try_from(u64::from_le_bytes(length))
-            .ok()
-            .and_then(|n| n.checked_add(8))
-            .filter(|end| *end <= bytes.len())
-            .ok_or_else(truncated)?;
+        let (mtcnn, plates) = next_part(bytes, "de-identification")?;
         let plates = Detector::from_weights(
             &ArchitectureConfig::detector(config.num_classes, MEMBERS, config.input_size),
-            &bytes[split..],
+            plates,
             &device,
         )?;
         Self {
-            mtcnn: Mtcnn::from_weights(&bytes[8..split], committee_config(), &device)?,
+            mtcnn: Mtcnn::from_weights(mtcnn, committee_config(), &device)?,
             plates: None,
             config: ArchitectureConfig::faces(config.num_classes),
         }

@@ -37,7 +37,7 @@ use image::RgbImage;
 use sieve_shared::box_scores::ScoredBox;
 
 use super::ModelError;
-use super::tensors::{load_weights, read, weights_to_bytes};
+use super::tensors::{load_weights, next_part, push_part, read, weights_to_bytes};
 
 /// Where `ops/fetch-face-weights.sh` puts `pnet.pt`, `rnet.pt` and `onet.pt`, relative to the
 /// repository root.
@@ -373,8 +373,7 @@ impl Mtcnn {
             weights_to_bytes(&self.rnet)?,
             weights_to_bytes(&self.onet)?,
         ] {
-            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
-            out.extend_from_slice(&part);
+            push_part(&mut out, &part);
         }
         Ok(out)
     }
@@ -389,18 +388,8 @@ impl Mtcnn {
         check_config(&config)?;
         let mut rest = bytes;
         let mut next = || -> Result<&[u8], ModelError> {
-            let truncated = || ModelError::Weights("truncated face detector weights".into());
-            let length: [u8; 8] = rest
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(truncated)?;
-            let end = usize::try_from(u64::from_le_bytes(length))
-                .ok()
-                .and_then(|n| n.checked_add(8))
-                .filter(|end| *end <= rest.len())
-                .ok_or_else(truncated)?;
-            let part = &rest[8..end];
-            rest = &rest[end..];
+            let (part, after) = next_part(rest, "face detector")?;
+            rest = after;
             Ok(part)
         };
         let pnet = load_weights(PNet::new(device), next()?)?;

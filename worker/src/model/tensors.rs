@@ -9,6 +9,32 @@ use burn::tensor::{Bytes, Tensor};
 
 use super::ModelError;
 
+/// Appends `part` to `out` with its length in front (a little-endian u64): weight records laid
+/// end to end this way are read back one at a time by [`next_part`].
+pub(super) fn push_part(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+    out.extend_from_slice(part);
+}
+
+/// The first part [`push_part`] laid at the start of `bytes`, and what follows it; bytes too
+/// short for the length they state are [`ModelError::Weights`], naming `what` they were.
+pub(super) fn next_part<'a>(
+    bytes: &'a [u8],
+    what: &str,
+) -> Result<(&'a [u8], &'a [u8]), ModelError> {
+    let truncated = || ModelError::Weights(format!("truncated {what} weights"));
+    let length: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(truncated)?;
+    let end = usize::try_from(u64::from_le_bytes(length))
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|end| *end <= bytes.len())
+        .ok_or_else(truncated)?;
+    Ok((&bytes[8..end], &bytes[end..]))
+}
+
 /// Reads a tensor back to the host as `f32`s.
 pub(super) fn read<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, ModelError> {
     tensor
