@@ -26,6 +26,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sieve_shared::ids::ProjectId;
+use sieve_shared::kind::TaskKind;
 use sieve_shared::scores::Scores;
 
 use crate::entities::review_task::TaskReason;
@@ -95,6 +96,24 @@ impl Default for Policy {
 }
 
 impl Policy {
+    /// Recall first: a `deidentify` project's own default target, a stated
+    /// [`target_accuracy`](Self::target_accuracy) of 0.99: at least 99% of
+    /// the images it accepts by machine miss no face or plate (a lower
+    /// confidence bound on random checks), not a confidence threshold a
+    /// leak could slip under.
+    pub const DEIDENTIFY_TARGET: f64 = 0.99;
+
+    /// The policy a project of `kind` gets when its creator states none.
+    pub fn default_for(kind: TaskKind) -> Self {
+        match kind {
+            TaskKind::Deidentify => Self {
+                target_accuracy: Some(Self::DEIDENTIFY_TARGET),
+                ..Self::default()
+            },
+            TaskKind::Classification | TaskKind::Detection => Self::default(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), AppError> {
         let within = |name: &str, v: f64, lo: f64, hi: f64| {
             if (lo..=hi).contains(&v) {
@@ -313,6 +332,18 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deidentify_project_defaults_to_a_stated_target() {
+        assert_eq!(
+            Policy::default_for(TaskKind::Deidentify).target_accuracy,
+            Some(Policy::DEIDENTIFY_TARGET)
+        );
+        for kind in [TaskKind::Classification, TaskKind::Detection] {
+            assert_eq!(Policy::default_for(kind), Policy::default());
+        }
+        assert!(Policy::default_for(TaskKind::Deidentify).validate().is_ok());
+    }
 
     fn scores(confidence: f32, disagreement: f32) -> Scores {
         Scores {

@@ -26,7 +26,7 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
         } => {
             let arch = projects::allow_arch(arch, measurement_only)?;
             let ctx = Context::connect(settings).await?;
-            let mut policy = Policy::default();
+            let mut policy = Policy::default_for(task);
             if let Some(t) = threshold {
                 policy.confidence_threshold = t;
             }
@@ -42,11 +42,16 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
             .await?;
             if task == TaskKind::Deidentify {
                 println!(
-                    "created {task} project {} ({}) with classes {} on {}: the pretrained face detector is being made its first version; ingest photos, review what it is unsure of, then `sieve export -p {} --format blurred --out DIR`",
+                    "created {task} project {} ({}) with classes {} on {}: the pretrained face detector is being made its first version; ingest photos, review what it is unsure of, then `sieve export -p {} --format blurred --out DIR`. Its target: {} (images are accepted by machine once random checks show that share of them miss no face or plate; until then they go to people; `sieve project policy {} --target-accuracy` changes it)",
                     project.name,
                     project.id,
                     project.class_names.join(","),
                     project.arch,
+                    project.name,
+                    project
+                        .policy
+                        .target_accuracy
+                        .map_or_else(|| "none".to_string(), |t| t.to_string()),
                     project.name
                 );
             } else if task.starts_with_a_model() {

@@ -41,6 +41,8 @@ pub struct CreateProject {
     /// absent; its first class is `face`).
     #[serde(default)]
     classes: Vec<String>,
+    /// The routing policy; absent: the defaults, with a target accuracy of
+    /// 0.99 for a `deidentify` project (recall first).
     #[serde(default)]
     policy: Option<Policy>,
     /// `small_cnn` (the default) or `mobilenet_v2`; `null` (constant
@@ -100,7 +102,7 @@ pub async fn create(
         &ctx,
         &name,
         &classes,
-        &body.policy.unwrap_or_default(),
+        &body.policy.unwrap_or_else(|| Policy::default_for(kind)),
         arch,
         kind,
         &who.name,

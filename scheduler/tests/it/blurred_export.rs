@@ -294,3 +294,44 @@ async fn a_blurred_export_refuses_what_it_cannot_deliver_safely() {
     })
     .await;
 }
+
+/// Recall first from the start: a deidentify project created without a policy states a target
+/// of 0.99 (images are accepted by machine only once random checks show that share of them miss
+/// nothing), where a project of another kind keeps a plain confidence threshold; a policy given
+/// at creation is kept as given.
+#[tokio::test]
+async fn a_deidentify_project_starts_with_a_stated_target() {
+    with_app(60, |app| async move {
+        let ml = app.token("ml-targets", Role::Ml).await;
+        let create = |body: Value| {
+            let app = &app;
+            let ml = &ml;
+            async move {
+                let (status, body) = app.post("/api/v1/projects", ml, body).await;
+                assert_eq!(status, 201, "{body}");
+                body
+            }
+        };
+        let street = create(json!({ "name": "street", "task_kind": "deidentify" })).await;
+        assert_eq!(street["policy"]["target_accuracy"], 0.99, "{street}");
+        let trees =
+            create(json!({ "name": "trees", "classes": ["tree"], "task_kind": "detection" })).await;
+        assert_eq!(trees["policy"]["target_accuracy"], Value::Null, "{trees}");
+        let fixed = create(json!({
+            "name": "fixed",
+            "task_kind": "deidentify",
+            "policy": { "confidence_threshold": 0.95 }
+        }))
+        .await;
+        assert_eq!(fixed["policy"]["target_accuracy"], Value::Null, "{fixed}");
+        assert_eq!(
+            projects::get(app.db(), "street")
+                .await
+                .unwrap()
+                .policy
+                .target_accuracy,
+            Some(0.99)
+        );
+    })
+    .await;
+}
