@@ -376,6 +376,10 @@ pub struct RetrainArgs {
     /// a run sooner).
     #[arg(long)]
     pub(super) epochs: Option<u32>,
+    /// A detection or deidentify project's tile side in pixels (a multiple
+    /// of 32 from 64 to 1024; default 384).
+    #[arg(long, value_name = "PIXELS")]
+    pub(super) tile_size: Option<u32>,
     #[command(subcommand)]
     pub(super) command: Option<RetrainCommand>,
 }

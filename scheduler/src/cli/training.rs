@@ -37,6 +37,7 @@ pub async fn retrain(settings: Settings, args: RetrainArgs) -> anyhow::Result<()
                 mode: args.mode.map(TrainMode::from),
                 unfrozen_blocks: args.unfreeze_last,
                 epochs: args.epochs,
+                tile_size: args.tile_size,
             }
             .params(&project)?;
             let (mode, epochs) = (params.mode, params.epochs);
