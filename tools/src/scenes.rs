@@ -115,21 +115,7 @@ pub fn scenes(
             let mut boxes: Vec<LabeledBox> = Vec::new();
             for _ in 0..wanted {
                 let side = rng.random_range(SMALLEST..=LARGEST.min(width.min(height)));
-                // A few tries at a free place; a crowded scene keeps fewer faces.
-                let place = (0..50).map(|_| {
-                    let x = rng.random_range(0..=width - side);
-                    let y = rng.random_range(0..=height - side);
-                    LabeledBox {
-                        class: 0,
-                        x_min: x as f32,
-                        y_min: y as f32,
-                        x_max: (x + side) as f32,
-                        y_max: (y + side) as f32,
-                    }
-                });
-                let free = place
-                    .into_iter()
-                    .find(|b| boxes.iter().all(|o| b.iou(o) == 0.0 && !touches(b, o)));
+                let free = free_place(&mut rng, (width, height), (side, side), 0, &boxes);
                 if let Some(b) = free {
                     let face = &faces[rng.random_range(0..faces.len())];
                     let scaled = imageops::resize(face, side, side, imageops::FilterType::Triangle);
@@ -160,20 +146,7 @@ pub fn add_plates(scenes: &mut [Scene], seed: u64) {
         for _ in 0..wanted {
             let w = rng.random_range(PLATE_NARROWEST..=PLATE_WIDEST.min(width));
             let h = (w / 3).min(height);
-            let taken: Vec<LabeledBox> = scene.boxes();
-            let free = (0..50)
-                .map(|_| {
-                    let x = rng.random_range(0..=width - w);
-                    let y = rng.random_range(0..=height - h);
-                    LabeledBox {
-                        class: 1,
-                        x_min: x as f32,
-                        y_min: y as f32,
-                        x_max: (x + w) as f32,
-                        y_max: (y + h) as f32,
-                    }
-                })
-                .find(|b| taken.iter().all(|o| !touches(b, o)));
+            let free = free_place(&mut rng, (width, height), (w, h), 1, &scene.boxes());
             if let Some(b) = free {
                 draw_plate(&mut scene.image, &b, &mut rng);
                 scene.plates.push(b);
@@ -223,6 +196,30 @@ fn draw_plate(image: &mut RgbImage, at: &LabeledBox, rng: &mut StdRng) {
             }
         }
     }
+}
+
+/// A place for a `w`×`h` box of `class` in a `width`×`height` scene that touches none of
+/// `taken`: up to 50 random tries, so a crowded scene keeps fewer boxes.
+fn free_place(
+    rng: &mut StdRng,
+    (width, height): (u32, u32),
+    (w, h): (u32, u32),
+    class: u32,
+    taken: &[LabeledBox],
+) -> Option<LabeledBox> {
+    (0..50)
+        .map(|_| {
+            let x = rng.random_range(0..=width - w);
+            let y = rng.random_range(0..=height - h);
+            LabeledBox {
+                class,
+                x_min: x as f32,
+                y_min: y as f32,
+                x_max: (x + w) as f32,
+                y_max: (y + h) as f32,
+            }
+        })
+        .find(|b| taken.iter().all(|o| !touches(b, o)))
 }
 
 /// Whether two boxes overlap or share an edge.
