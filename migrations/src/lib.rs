@@ -31,6 +31,7 @@ mod m20261211_000027_review_task_item_index;
 mod m20261212_000028_detection;
 mod m20261213_000029_detector;
 mod m20261214_000030_deidentify;
+mod m20261215_000031_box_settings;
 
 pub struct Migrator;
 
@@ -63,6 +64,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261212_000028_detection::Migration),
             Box::new(m20261213_000029_detector::Migration),
             Box::new(m20261214_000030_deidentify::Migration),
+            Box::new(m20261215_000031_box_settings::Migration),
         ]
     }
 }

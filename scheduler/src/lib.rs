@@ -39,6 +39,7 @@
 //! - [`cli`]: the `sieve` command line; thin over the modules above.
 
 pub mod auth;
+pub mod box_settings;
 pub mod cli;
 pub mod context;
 pub mod db;

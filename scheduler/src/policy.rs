@@ -77,6 +77,17 @@ pub struct Policy {
     /// this confident (or more) gets a second review by someone else
     /// (`None`: off). See `review::submit`.
     pub second_review_confidence: Option<f32>,
+    /// A box project's second target, with [`target_accuracy`]: the share
+    /// of the boxes proposed in machine-accepted images that are right (a
+    /// person keeps them), as a lower confidence bound at
+    /// [`confidence_level`]. Thresholds are raised until it holds
+    /// (routing's `calibration::hold_precision`). `None`: not held (a
+    /// deidentify project's extra box only blurs more).
+    ///
+    /// [`target_accuracy`]: Self::target_accuracy
+    /// [`confidence_level`]: Self::confidence_level
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_precision: Option<f64>,
 }
 
 impl Default for Policy {
@@ -91,6 +102,7 @@ impl Default for Policy {
             retrain_every_labels: None,
             pool_evidence: true,
             second_review_confidence: None,
+            target_precision: None,
         }
     }
 }
@@ -149,6 +161,29 @@ impl Policy {
                 "retrain_every_labels must be at least 1 (or unset)".into(),
             ));
         }
+        if let Some(precision) = self.target_precision {
+            within("target_precision", precision, 0.5, 0.9999)?;
+            if self.target_accuracy.is_none() {
+                return Err(AppError::Invalid(
+                    "target_precision is held beside a target_accuracy: set one too \
+                     (a fixed confidence threshold has no calibration to hold it)"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`validate`](Self::validate), and what only a project of `kind` may
+    /// state: a precision target needs boxes.
+    pub fn validate_for(&self, kind: TaskKind) -> Result<(), AppError> {
+        self.validate()?;
+        if self.target_precision.is_some() && !kind.draws_boxes() {
+            return Err(AppError::Invalid(format!(
+                "target_precision is the share of right boxes; a {kind} project has none \
+                 (its target_accuracy is the share of right labels)"
+            )));
+        }
         Ok(())
     }
 }
@@ -173,6 +208,8 @@ pub struct PolicyPatch {
     pub retrain_every_labels: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
     pub second_review_confidence: Option<Option<f32>>,
+    #[serde(default, deserialize_with = "present")]
+    pub target_precision: Option<Option<f64>>,
 }
 
 impl PolicyPatch {
@@ -189,6 +226,7 @@ impl PolicyPatch {
             pool_evidence,
             retrain_every_labels,
             second_review_confidence,
+            target_precision,
         } = self.clone();
         if let Some(v) = confidence_threshold {
             next.confidence_threshold = v;
@@ -216,6 +254,9 @@ impl PolicyPatch {
         }
         if let Some(v) = second_review_confidence {
             next.second_review_confidence = v;
+        }
+        if let Some(v) = target_precision {
+            next.target_precision = v;
         }
         next
     }
@@ -566,6 +607,35 @@ mod tests {
             ..Policy::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn a_precision_target_needs_a_target_accuracy_and_boxes() {
+        let message = |policy: &Policy, kind| match policy.validate_for(kind) {
+            Err(AppError::Invalid(message)) => message,
+            other => panic!("{policy:?} for {kind} was not refused: {other:?}"),
+        };
+        let alone = Policy {
+            target_precision: Some(0.95),
+            ..Policy::default()
+        };
+        assert!(message(&alone, TaskKind::Detection).contains("set one too"));
+        let both = Policy {
+            target_accuracy: Some(0.97),
+            ..alone
+        };
+        assert!(both.validate_for(TaskKind::Detection).is_ok());
+        assert!(both.validate_for(TaskKind::Deidentify).is_ok());
+        assert!(
+            message(&both, TaskKind::Classification).contains("a classification project has none")
+        );
+        let out_of_range = Policy {
+            target_precision: Some(1.0),
+            ..both
+        };
+        assert!(
+            message(&out_of_range, TaskKind::Detection).contains("target_precision must be within")
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use sieve_shared::kind::TaskKind;
 use sieve_shared::messages::{ModelArch, TrainParams};
 use uuid::Uuid;
 
+use crate::box_settings::BoxSettings;
 use crate::entities::project;
 use crate::error::{AppError, AppResult};
 use crate::policy::Policy;
@@ -161,6 +162,9 @@ pub struct Project {
     /// What people and models say about each image; the stages ask the
     /// kind's module (`kind/`) what its labels are.
     pub task_kind: TaskKind,
+    /// A detection or deidentify project's tile size and proposal
+    /// threshold, as stored (absent: the defaults).
+    pub boxes: BoxSettings,
 }
 
 impl Project {
@@ -179,7 +183,10 @@ impl Project {
             .task_kind
             .parse::<TaskKind>()
             .map_err(|e| anyhow::anyhow!("project {} has a corrupt task kind: {e}", model.name))?;
+        let boxes = serde_json::from_value(model.box_settings)
+            .map_err(|e| anyhow::anyhow!("project {} has corrupt box settings: {e}", model.name))?;
         Ok(Self {
+            boxes,
             task_kind,
             id: ProjectId::from_uuid(model.id),
             name: model.name,
@@ -194,9 +201,10 @@ impl Project {
     /// The parameters of a training run of this project: its architecture
     /// and the mode that architecture trains in by default (heads only for
     /// MobileNetV2), for the first model, every automatic retrain and every
-    /// retrain that asks for nothing else (see `training::RetrainRequest`).
+    /// retrain that asks for nothing else (see `training::RetrainRequest`),
+    /// with the project's box settings.
     pub fn train_params(&self) -> TrainParams {
-        TrainParams::for_arch(self.arch)
+        self.boxes.apply(TrainParams::for_arch(self.arch))
     }
 }
 
@@ -208,7 +216,7 @@ pub async fn create(
     arch: ModelArch,
     kind: TaskKind,
 ) -> AppResult<Project> {
-    policy.validate()?;
+    policy.validate_for(kind)?;
     let arch = arch_of_kind(kind, arch)?;
     if find_by_name(db, name.as_str()).await?.is_some() {
         return Err(AppError::Conflict(format!(
@@ -226,6 +234,7 @@ pub async fn create(
         policy_version: Set(1),
         active_model_version_id: Set(None),
         model_arch: Set(arch.as_str().to_owned()),
+        box_settings: Set(serde_json::json!({})),
         created_at: Set(now),
         updated_at: Set(now),
     };
@@ -318,6 +327,7 @@ mod tests {
             active_model_version_id: None,
             arch,
             task_kind: TaskKind::Classification,
+            boxes: BoxSettings::default(),
         };
         let small = project(ModelArch::SmallCnn).train_params();
         assert_eq!(

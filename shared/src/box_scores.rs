@@ -24,6 +24,13 @@
 use serde::{Deserialize, Serialize};
 
 use crate::boxes::LabeledBox;
+
+/// A detector committee proposes the objects whose confidence reaches this,
+/// unless its project set its own threshold.
+pub const DETECTION_PROPOSAL_THRESHOLD: f32 = 0.5;
+/// A de-identification committee's plate heads propose from this: recall
+/// first, since a plate left out leaks and an extra box only blurs more.
+pub const PLATE_PROPOSAL_THRESHOLD: f32 = 0.35;
 use crate::scores::Scores;
 
 /// A box one member proposed, with its score in `[0, 1]`.
@@ -299,6 +306,22 @@ impl ImageScores {
 /// truth box is matched (greedy, best overlap first).
 pub fn all_right(proposed: &[LabeledBox], truth: &[LabeledBox], iou: f32) -> bool {
     proposed.len() == truth.len() && matched(proposed, truth, iou) == truth.len()
+}
+
+/// The boxes a version proposed for one image, and how many of them were
+/// right: matched to a distinct box a person drew there (see [`tally`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoxTally {
+    pub proposed: u32,
+    pub right: u32,
+}
+
+/// `proposed` tallied against `truth` at IoU ≥ `iou`.
+pub fn tally(proposed: &[LabeledBox], truth: &[LabeledBox], iou: f32) -> BoxTally {
+    BoxTally {
+        proposed: proposed.len() as u32,
+        right: matched(proposed, truth, iou) as u32,
+    }
 }
 
 /// How many of `found` (best first) match a distinct box of `truth` of the

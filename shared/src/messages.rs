@@ -246,6 +246,25 @@ impl ModelArch {
         }
     }
 
+    /// The confidence from which a box committee of this architecture
+    /// proposes an object, unless the project sets its own; `None` for a
+    /// classifier. A detector proposes from 0.5. A deidentify version's
+    /// plate heads propose from 0.35, recall first: a plate left out leaks,
+    /// an extra box only blurs more (its faces keep MTCNN's 0.9).
+    pub fn default_proposal_threshold(self) -> Option<f32> {
+        match self {
+            Self::Detector => Some(crate::box_scores::DETECTION_PROPOSAL_THRESHOLD),
+            Self::Faces => Some(crate::box_scores::PLATE_PROPOSAL_THRESHOLD),
+            Self::SmallCnn | Self::MobilenetV2 | Self::Null => None,
+        }
+    }
+
+    /// Whether a project of this architecture has box settings (a tile
+    /// size and a proposal threshold of its own).
+    pub fn takes_box_settings(self) -> bool {
+        self.default_proposal_threshold().is_some()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::SmallCnn => "small_cnn",
@@ -341,7 +360,17 @@ pub struct TrainParams {
     /// `epochs` as the upper bound. See [`TrainParams::epochs_for`].
     #[serde(default)]
     pub min_steps: u32,
+    /// A box committee's proposal threshold: the confidence from which an
+    /// object is proposed (a deidentify version's plates; its faces keep
+    /// MTCNN's). The version carries it; `None`: the kind's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposal_threshold: Option<f32>,
 }
+
+/// The proposal thresholds a box project may set: from 0.1 (members
+/// report candidates from 0.05, and the near misses under it must still be
+/// seen) to 0.95.
+pub const PROPOSAL_THRESHOLDS: std::ops::RangeInclusive<f32> = 0.1..=0.95;
 
 /// The most epochs [`TrainParams::min_steps`] may scale a run to.
 pub const MAX_SCALED_EPOCHS: u32 = 200;
@@ -361,6 +390,7 @@ impl Default for TrainParams {
             machine_labels: false,
             unfrozen_blocks: None,
             min_steps: 600,
+            proposal_threshold: None,
         }
     }
 }
@@ -450,6 +480,21 @@ impl TrainParams {
     /// the architecture has no use for, or blocks to unfreeze that it does
     /// not have.
     pub fn problem(&self) -> Option<String> {
+        if let Some(threshold) = self.proposal_threshold {
+            if !self.arch.takes_box_settings() {
+                return Some(format!(
+                    "proposal_threshold is a box committee's; {} proposes no boxes",
+                    self.arch
+                ));
+            }
+            if !PROPOSAL_THRESHOLDS.contains(&threshold) {
+                return Some(format!(
+                    "proposal_threshold = {threshold}: ask for {} to {}",
+                    PROPOSAL_THRESHOLDS.start(),
+                    PROPOSAL_THRESHOLDS.end()
+                ));
+            }
+        }
         if self.arch == ModelArch::Detector && self.mode != TrainMode::Heads {
             return Some(
                 "the detector trains its heads on the frozen backbone only (heads mode): \
@@ -660,6 +705,11 @@ pub struct HoldoutEvaluation {
     /// human box is matched (`label` and `predicted` are then 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correct: Option<bool>,
+    /// A box version's proposal for the image, box by box: the evidence a
+    /// precision target is calibrated on. `None` for a classifier (and from
+    /// workers that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<crate::box_scores::BoxTally>,
 }
 
 impl HoldoutEvaluation {

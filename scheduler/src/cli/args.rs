@@ -287,6 +287,22 @@ pub enum ProjectCommand {
         #[arg(long)]
         remove: Vec<String>,
     },
+    /// Show or change a detection or deidentify project's tile size and
+    /// proposal threshold. They apply from the project's next training run
+    /// (`sieve retrain`); the active version keeps its own.
+    Boxes {
+        name: String,
+        /// Tile side in pixels the detector heads train and run at: a
+        /// multiple of 32 from 64 to 1024 (default 384); `none` puts the
+        /// default back.
+        #[arg(long)]
+        tile_size: Option<String>,
+        /// Confidence from which the committee proposes an object, 0.1 to
+        /// 0.95 (default 0.5; a deidentify project's plates 0.35); `none`
+        /// puts the default back.
+        #[arg(long)]
+        proposal_threshold: Option<String>,
+    },
     /// Show or change a project's routing policy (each change is a new
     /// policy version; the active model is recalibrated for it).
     Policy {
@@ -323,6 +339,11 @@ pub enum ProjectCommand {
         /// at least this confident (e.g. 0.95); `none` turns it off.
         #[arg(long)]
         second_review_confidence: Option<String>,
+        /// A box project's second target, beside --target-accuracy: the
+        /// share of the boxes in machine-accepted images that are right
+        /// (e.g. 0.95); `none` turns it off.
+        #[arg(long)]
+        target_precision: Option<String>,
     },
 }
 

@@ -1,10 +1,11 @@
-//! `sieve project`: create, list, show, policy, sources, pause, resume,
-//! dispatch.
+//! `sieve project`: create, list, show, policy, boxes, sources, pause,
+//! resume, dispatch.
 
 use sieve_shared::Settings;
 
 use super::args::ProjectCommand;
 use super::render::print_json;
+use crate::box_settings::{self, BoxSettingsChange};
 use crate::context::Context;
 use crate::ingest::sources;
 use crate::kind::TaskKind;
@@ -95,6 +96,7 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
             retrain_every,
             pool_evidence,
             second_review_confidence,
+            target_precision,
         } => {
             let conn = db::connect(&settings.database).await?;
             let project = projects::get(&conn, &name).await?;
@@ -122,6 +124,11 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                     "--second-review-confidence",
                     second_review_confidence.as_deref(),
                     "a confidence",
+                )?,
+                target_precision: patch::optional_flag(
+                    "--target-precision",
+                    target_precision.as_deref(),
+                    "a share of right boxes",
                 )?,
             };
             let before = project.policy_version;
@@ -188,6 +195,37 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                 "{} is running again; {published} waiting item(s) published",
                 project.name
             );
+        }
+        ProjectCommand::Boxes {
+            name,
+            tile_size,
+            proposal_threshold,
+        } => {
+            let conn = db::connect(&settings.database).await?;
+            let project = projects::get(&conn, &name).await?;
+            let change = BoxSettingsChange {
+                tile_size: patch::optional_flag(
+                    "--tile-size",
+                    tile_size.as_deref(),
+                    "a multiple of 32 from 64 to 1024",
+                )?,
+                proposal_threshold: patch::optional_flag(
+                    "--proposal-threshold",
+                    proposal_threshold.as_deref(),
+                    "a confidence from 0.1 to 0.95",
+                )?,
+            };
+            let in_force = if change.tile_size.is_none() && change.proposal_threshold.is_none() {
+                box_settings::in_force(&project)?
+            } else {
+                let in_force = box_settings::set(&conn, &project, change).await?;
+                eprintln!(
+                    "changed; they apply from {}'s next training run (sieve retrain {}); the active version keeps its own",
+                    project.name, project.name
+                );
+                in_force
+            };
+            print_json(&in_force)?;
         }
         ProjectCommand::Dispatch {
             name,

@@ -45,6 +45,7 @@ pub fn api() -> (Router<Context>, utoipa::openapi::OpenApi) {
         .routes(routes!(projects::list, projects::create))
         .routes(routes!(projects::show))
         .routes(routes!(projects::get_policy, projects::change_policy))
+        .routes(routes!(projects::get_boxes, projects::change_boxes))
         .routes(routes!(review::claim_next))
         .routes(routes!(training::retrain))
         .routes(routes!(training::cancel))

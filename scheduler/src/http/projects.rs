@@ -1,4 +1,5 @@
-//! `/projects`: list, create, show; a project's routing policy.
+//! `/projects`: list, create, show; a project's routing policy and box
+//! settings.
 
 use axum::Json;
 use axum::extract::State;
@@ -10,6 +11,7 @@ use sieve_shared::messages::ModelArch;
 use utoipa::ToSchema;
 
 use super::extract::{Authed, AuthedProject, JsonBody, ManageProjects, Read};
+use crate::box_settings::{self, BoxSettingsChange, InForce};
 use crate::context::Context;
 use crate::error::{AppError, AppResult, ErrorBody};
 use crate::operate::status::{self, ProjectStatus};
@@ -189,4 +191,65 @@ pub async fn change_policy(
         routing::reroute::spawn(ctx.db.clone(), project.id.as_uuid());
     }
     Ok(Json(VersionedPolicy::from(project)).into_response())
+}
+
+/// A detection or deidentify project's tile size and proposal threshold,
+/// the defaults filled in.
+#[utoipa::path(
+    get,
+    path = "/projects/{project}/boxes",
+    tag = "projects",
+    params(("project" = String, Path, description = "Project name or id")),
+    responses(
+        (status = 200, body = InForce),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+        (status = 422, body = ErrorBody, description = "A project that draws no boxes"),
+    )
+)]
+pub async fn get_boxes(at: AuthedProject<Read>) -> AppResult<Response> {
+    Ok(Json(box_settings::in_force(&at.project)?).into_response())
+}
+
+/// A change of box settings: an absent field stays as it is, `null` puts
+/// the default back.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BoxSettingsPatch {
+    /// Tile side in pixels, a multiple of 32 from 64 to 1024.
+    #[serde(default, deserialize_with = "crate::patch::present")]
+    #[schema(value_type = Option<u32>)]
+    tile_size: Option<Option<u32>>,
+    /// Confidence from which an object is proposed, 0.1 to 0.95.
+    #[serde(default, deserialize_with = "crate::patch::present")]
+    #[schema(value_type = Option<f32>)]
+    proposal_threshold: Option<Option<f32>>,
+}
+
+/// `PUT` (and `PATCH`): the settings apply from the project's next training
+/// run; the active version keeps the ones it was trained with.
+#[utoipa::path(
+    method(put, patch),
+    path = "/projects/{project}/boxes",
+    tag = "projects",
+    params(("project" = String, Path, description = "Project name or id")),
+    request_body = BoxSettingsPatch,
+    responses(
+        (status = 200, body = InForce),
+        (status = 401, body = ErrorBody, description = "No valid token"),
+        (status = 403, body = ErrorBody, description = "The token may not change projects"),
+        (status = 404, body = ErrorBody, description = "No such project (or not the token's)"),
+        (status = 422, body = ErrorBody, description = "A value out of range, an unknown field, or a project that draws no boxes"),
+    )
+)]
+pub async fn change_boxes(
+    State(ctx): State<Context>,
+    at: AuthedProject<ManageProjects>,
+    JsonBody(patch): JsonBody<BoxSettingsPatch>,
+) -> AppResult<Response> {
+    let change = BoxSettingsChange {
+        tile_size: patch.tile_size,
+        proposal_threshold: patch.proposal_threshold,
+    };
+    Ok(Json(box_settings::set(&ctx.db, &at.project, change).await?).into_response())
 }

@@ -23,6 +23,7 @@ use sea_orm::{
     PaginatorTrait, QueryFilter,
 };
 use serde::{Deserialize, Serialize};
+use sieve_shared::box_scores::BoxTally;
 use sieve_shared::messages::HoldoutMetrics;
 use uuid::Uuid;
 
@@ -38,6 +39,10 @@ pub struct Evidence {
     pub predicted: u32,
     pub confidence: f32,
     pub correct: bool,
+    /// A box version's proposal for the image, box by box (the evidence of
+    /// a precision target); `None` for a classifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<BoxTally>,
 }
 
 /// The thresholds of one model version under one target.
@@ -64,6 +69,10 @@ pub struct Calibration {
     /// the rest (`None`: the policy's audit rate). See [`sample_rate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_rate: Option<f64>,
+    /// The policy's precision target the thresholds also hold, if it has
+    /// one (see [`hold_precision`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_precision: Option<f64>,
 }
 
 impl Calibration {
@@ -79,6 +88,7 @@ impl Calibration {
         policy.target_accuracy == Some(self.target_accuracy)
             && policy.confidence_level == self.confidence_level
             && policy.pool_evidence == self.pooled
+            && policy.target_precision == self.target_precision
     }
 
     /// Random, human-checked examples this calibration rests on.
@@ -328,7 +338,86 @@ pub fn calibrate(
         pooled: pool,
         borrowed,
         sample_rate: None,
+        target_precision: None,
     }
+}
+
+/// `calibration` with every threshold raised, where it must be, so that the
+/// boxes proposed in the images at or above it are right often enough:
+/// the lowest confidence at or above the threshold at which the Wilson
+/// lower bound of right / proposed over the class's examples at or above it
+/// reaches `target_precision` (an image proposing no box adds nothing).
+/// A class whose most confident examples fall short loses its threshold.
+///
+/// The accuracy target of a box project is the share of accepted images
+/// whose proposal is right (for deidentify: misses no box); this is the
+/// other half of what a team states, how many of the boxes it is handed
+/// are real. The boxes of one image are not independent draws, so the
+/// bound is looser than it looks where images hold many boxes; the image
+/// target beside it is not.
+pub fn hold_precision(
+    mut calibration: Calibration,
+    evidence: &[Evidence],
+    target_precision: f64,
+) -> Calibration {
+    let z = z_for(calibration.confidence_level);
+    for (class, threshold) in calibration.thresholds.iter_mut().enumerate() {
+        let Some(from) = *threshold else { continue };
+        let mut mine: Vec<&Evidence> = evidence
+            .iter()
+            .filter(|e| e.predicted as usize == class && e.confidence >= from)
+            .collect();
+        mine.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+        // Cut points from the least confident up: the first that holds is
+        // the lowest threshold that does.
+        let (mut proposed, mut right) = (0u64, 0u64);
+        let mut holds = Vec::with_capacity(mine.len());
+        for (i, e) in mine.iter().enumerate() {
+            let tally = e.boxes.unwrap_or_default();
+            proposed += u64::from(tally.proposed);
+            right += u64::from(tally.right.min(tally.proposed));
+            let cut = mine
+                .get(i + 1)
+                .is_none_or(|next| next.confidence != e.confidence);
+            if cut {
+                let held = proposed == 0 || wilson(right, proposed, z).0 >= target_precision;
+                holds.push((e.confidence, held));
+            }
+        }
+        *threshold = if holds.last().is_none_or(|&(_, held)| held) {
+            Some(from)
+        } else {
+            holds
+                .iter()
+                .rev()
+                .skip(1)
+                .find(|(_, held)| *held)
+                .map(|&(confidence, _)| confidence)
+        };
+    }
+    calibration.target_precision = Some(target_precision);
+    calibration
+}
+
+/// The calibration `policy` gives a version with `evidence` over `classes`
+/// classes: `None` without a target accuracy.
+pub fn calibrate_for(
+    policy: &Policy,
+    evidence: &[Evidence],
+    classes: usize,
+) -> Option<Calibration> {
+    let target = policy.target_accuracy?;
+    let calibration = calibrate(
+        evidence,
+        classes,
+        target,
+        policy.confidence_level,
+        policy.pool_evidence,
+    );
+    Some(match policy.target_precision {
+        Some(precision) => hold_precision(calibration, evidence, precision),
+        None => calibration,
+    })
 }
 
 /// A version's holdout evaluation as calibration evidence: the examples
@@ -342,6 +431,7 @@ pub fn evidence(metrics: &HoldoutMetrics) -> Vec<Evidence> {
             predicted: e.predicted,
             confidence: e.confidence,
             correct: e.is_correct(),
+            boxes: e.boxes,
         })
         .collect()
 }
@@ -353,7 +443,7 @@ pub async fn set_policy(
     project: &Project,
     policy: Policy,
 ) -> AppResult<Project> {
-    policy.validate()?;
+    policy.validate_for(project.task_kind)?;
     let updated = project::Entity::update(project::ActiveModel {
         id: Set(project.id.as_uuid()),
         policy: Set(serde_json::to_value(&policy).map_err(anyhow::Error::from)?),
@@ -400,19 +490,11 @@ pub async fn refresh(
         anyhow::bail!("no model version {version_id}");
     };
     let project_id = version.project_id;
-    let mut calibration = policy.target_accuracy.map(|target| {
-        let metrics: HoldoutMetrics = version
-            .metrics
-            .and_then(|m| serde_json::from_value(m).ok())
-            .unwrap_or_default();
-        calibrate(
-            &evidence(&metrics),
-            classes,
-            target,
-            policy.confidence_level,
-            policy.pool_evidence,
-        )
-    });
+    let metrics: HoldoutMetrics = version
+        .metrics
+        .and_then(|m| serde_json::from_value(m).ok())
+        .unwrap_or_default();
+    let mut calibration = calibrate_for(policy, &evidence(&metrics), classes);
     if let Some(calibration) = calibration.as_mut().filter(|c| !c.is_open()) {
         let unlabeled = item::Entity::find()
             .filter(item::Column::ProjectId.eq(project_id))
@@ -461,6 +543,7 @@ pub async fn load(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::policy::{Decision, Draws, decide};
@@ -491,6 +574,7 @@ mod tests {
             predicted,
             confidence,
             correct,
+            boxes: None,
         }
     }
 
@@ -644,6 +728,100 @@ mod tests {
         let refused = calibrate(&wrong, 4, 0.97, 0.95, true);
         assert!(!refused.is_open());
         assert_eq!(sample_rate(&refused, 0.02, 5_500), None);
+    }
+
+    fn boxed(confidence: f32, proposed: u32, right: u32) -> Evidence {
+        Evidence {
+            predicted: 0,
+            confidence,
+            correct: true,
+            boxes: Some(BoxTally { proposed, right }),
+        }
+    }
+
+    /// The Wilson lower bound of the precision of the boxes of the images
+    /// at or above `threshold`.
+    fn precision_bound(evidence: &[Evidence], threshold: f32) -> f64 {
+        let (mut proposed, mut right) = (0, 0);
+        for e in evidence.iter().filter(|e| e.confidence >= threshold) {
+            let tally = e.boxes.unwrap();
+            proposed += u64::from(tally.proposed);
+            right += u64::from(tally.right);
+        }
+        wilson(right, proposed, z_for(0.95)).0
+    }
+
+    #[test]
+    fn a_precision_target_raises_the_threshold_above_the_false_boxes() {
+        // 200 images, none missing a box: the 120 surest propose 3 boxes,
+        // all right; the 80 below propose a false fourth each.
+        let evidence: Vec<Evidence> = (0..200)
+            .map(|i| {
+                let confidence = 1.0 - (i + 1) as f32 / 1000.0;
+                if i < 120 {
+                    boxed(confidence, 3, 3)
+                } else {
+                    boxed(confidence, 4, 3)
+                }
+            })
+            .collect();
+        let lowest = evidence[199].confidence;
+        let images = calibrate(&evidence, 1, 0.97, 0.95, false);
+        assert_eq!(images.thresholds[0], Some(lowest), "every image is right");
+
+        let held = hold_precision(images.clone(), &evidence, 0.95);
+        let t = held.thresholds[0].expect("the surest images' boxes are right");
+        assert!(t > lowest && t < evidence[119].confidence, "{t}");
+        assert!(precision_bound(&evidence, t) >= 0.95);
+        let next_lower = evidence.iter().find(|e| e.confidence < t).unwrap();
+        assert!(precision_bound(&evidence, next_lower.confidence) < 0.95);
+        assert_eq!(held.target_precision, Some(0.95));
+
+        // A target met where the image target already cuts changes nothing;
+        // one not even the surest boxes meet shuts the gate.
+        let loose = hold_precision(images.clone(), &evidence, 0.8);
+        assert_eq!(loose.thresholds[0], Some(lowest));
+        let strict = hold_precision(images.clone(), &evidence, 0.999);
+        assert_eq!(strict.thresholds[0], None);
+
+        // Images proposing no box add no box evidence either way.
+        let empty: Vec<Evidence> = (0..200)
+            .map(|i| boxed(1.0 - (i + 1) as f32 / 1000.0, 0, 0))
+            .collect();
+        let none_proposed = calibrate(&empty, 1, 0.97, 0.95, false);
+        assert_eq!(
+            hold_precision(none_proposed.clone(), &empty, 0.95).thresholds,
+            none_proposed.thresholds
+        );
+    }
+
+    #[test]
+    fn a_calibration_is_for_the_precision_target_it_held() {
+        let policy = Policy {
+            target_accuracy: Some(0.97),
+            target_precision: Some(0.95),
+            ..Policy::default()
+        };
+        let evidence: Vec<Evidence> = (0..200)
+            .map(|i| boxed(1.0 - (i + 1) as f32 / 1000.0, 2, 2))
+            .collect();
+        let held = calibrate_for(&policy, &evidence, 1).unwrap();
+        assert!(held.is_for(&policy));
+        let without = Policy {
+            target_precision: None,
+            ..policy.clone()
+        };
+        assert!(!held.is_for(&without), "a threshold held to no target");
+        assert!(
+            calibrate_for(&without, &evidence, 1)
+                .unwrap()
+                .is_for(&without)
+        );
+        let fixed = Policy {
+            target_accuracy: None,
+            ..without
+        };
+        assert_eq!(calibrate_for(&fixed, &evidence, 1), None);
     }
 
     #[test]

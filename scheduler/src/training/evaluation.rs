@@ -68,15 +68,8 @@ pub fn quality(metrics: &HoldoutMetrics, classes: &[String], policy: &Policy) ->
             }
         })
         .collect();
-    let calibration = policy.target_accuracy.map(|target| {
-        calibration::calibrate(
-            &calibration::evidence(metrics),
-            classes.len(),
-            target,
-            policy.confidence_level,
-            policy.pool_evidence,
-        )
-    });
+    let calibration =
+        calibration::calibrate_for(policy, &calibration::evidence(metrics), classes.len());
     let machine: Vec<&HoldoutEvaluation> = evaluations
         .iter()
         .filter(|e| {
@@ -132,6 +125,7 @@ mod tests {
             confidence,
             random: None,
             correct: None,
+            boxes: None,
         }
     }
 

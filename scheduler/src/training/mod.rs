@@ -36,6 +36,7 @@ use sieve_shared::messages::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::box_settings::check_tile_size;
 use crate::context::Context;
 use crate::dispatch;
 use crate::entities::model_version::{self, VersionStatus};
@@ -366,8 +367,9 @@ pub struct RetrainRequest {
     #[serde(default)]
     pub epochs: Option<u32>,
     /// A detector's (or a deidentify project's plate heads') tile side in
-    /// pixels: a multiple of 32 from 64 to 1024 (default 384). Larger
-    /// tiles see larger objects whole; smaller ones train on more tiles.
+    /// pixels for this run: a multiple of 32 from 64 to 1024 (default: the
+    /// project's box settings, 384 unless set). Larger tiles see larger
+    /// objects whole; smaller ones train on more tiles.
     #[serde(default)]
     pub tile_size: Option<u32>,
 }
@@ -375,31 +377,14 @@ pub struct RetrainRequest {
 /// The most epochs a run may ask for.
 const MAX_EPOCHS: u32 = 1000;
 
-/// `tile` checked as the tile side of a run of `arch`: only the detector and the deidentify
-/// plate heads cut images into tiles, whose side is a multiple of 32 (the backbone's stride)
-/// from 64 to 1024.
-fn tile_size_for(arch: ModelArch, tile: u32) -> AppResult<u32> {
-    if !matches!(arch, ModelArch::Detector | ModelArch::Faces) {
-        return Err(AppError::Invalid(format!(
-            "tile_size = {tile}: only a detection or deidentify project's heads work on tiles; \
-             a {} project's input size is its architecture's",
-            arch.as_str()
-        )));
-    }
-    if !tile.is_multiple_of(32) || !(64..=1024).contains(&tile) {
-        return Err(AppError::Invalid(format!(
-            "tile_size = {tile}: ask for a multiple of 32 from 64 to 1024"
-        )));
-    }
-    Ok(tile)
-}
-
 impl RetrainRequest {
     /// The run's parameters: the defaults of the project's architecture in
     /// the mode asked for, with what was asked on top.
     pub fn params(&self, project: &Project) -> AppResult<TrainParams> {
         let defaults = match self.mode {
-            Some(mode) => TrainParams::for_mode(project.arch, mode),
+            Some(mode) => project
+                .boxes
+                .apply(TrainParams::for_mode(project.arch, mode)),
             None => project.train_params(),
         };
         // Epochs asked for by hand are the bound as given, not scaled up
@@ -414,7 +399,7 @@ impl RetrainRequest {
             None => (defaults.epochs, defaults.min_steps),
         };
         let input_size = match self.tile_size {
-            Some(tile) => Some(tile_size_for(project.arch, tile)?),
+            Some(tile) => Some(check_tile_size(project.arch, tile)?),
             None => defaults.input_size,
         };
         let params = TrainParams {
@@ -1023,26 +1008,6 @@ mod tests {
 
     fn splits(examples: &[SnapshotExample]) -> Vec<(Split, bool)> {
         examples.iter().map(|e| (e.split, e.random)).collect()
-    }
-
-    #[test]
-    #[allow(clippy::unwrap_used)]
-    fn a_tile_size_is_a_box_heads_setting_in_the_backbones_stride() {
-        assert_eq!(tile_size_for(ModelArch::Detector, 192).unwrap(), 192);
-        assert_eq!(tile_size_for(ModelArch::Faces, 1024).unwrap(), 1024);
-        for bad in [0, 32, 200, 1056] {
-            let err = tile_size_for(ModelArch::Detector, bad)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("multiple of 32 from 64 to 1024"),
-                "{bad}: {err}"
-            );
-        }
-        let err = tile_size_for(ModelArch::SmallCnn, 128)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("small_cnn project"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 mod authz;
 mod auto_retrain;
 mod blurred_export;
+mod box_settings;
 mod broker_nodes;
 mod browse_page;
 mod chromium;

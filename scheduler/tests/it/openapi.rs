@@ -319,6 +319,47 @@ async fn every_operation_answers_as_described() {
             .await;
         assert_eq!(status, 200);
 
+        // Box settings: a classification project has none; a detection
+        // project shows its defaults and takes a change.
+        let (status, _) = api
+            .send(call(Method::GET, "/projects/{project}/boxes", &[p]).token(a))
+            .await;
+        assert_eq!(status, 422);
+        let body = json!({ "name": "openapi-boxes", "classes": ["tree"], "task_kind": "detection" });
+        let (status, _) = api
+            .send(call(Method::POST, "/projects", &[]).token(a).body(body))
+            .await;
+        assert_eq!(status, 201);
+        let boxes = "openapi-boxes";
+        let (status, shown) = api
+            .send(call(Method::GET, "/projects/{project}/boxes", &[boxes]).token(a))
+            .await;
+        assert_eq!((status, shown["tile_size"].as_u64()), (200, Some(384)));
+        let (status, changed) = api
+            .send(
+                call(Method::PUT, "/projects/{project}/boxes", &[boxes])
+                    .token(a)
+                    .body(json!({ "tile_size": 256 })),
+            )
+            .await;
+        assert_eq!((status, changed["stored"]["tile_size"].as_u64()), (200, Some(256)));
+        let (status, _) = api
+            .send(
+                call(Method::PUT, "/projects/{project}/boxes", &[boxes])
+                    .token(a)
+                    .body(json!({ "proposal_threshold": 2.0 })),
+            )
+            .await;
+        assert_eq!(status, 422);
+        let (status, changed) = api
+            .send(
+                call(Method::PATCH, "/projects/{project}/boxes", &[boxes])
+                    .token(a)
+                    .body(json!({ "tile_size": null })),
+            )
+            .await;
+        assert_eq!((status, changed["tile_size"].as_u64()), (200, Some(384)));
+
         // Dispatch.
         let (status, control) = api
             .send(call(Method::POST, "/projects/{project}/pause", &[p]).token(a))

@@ -1,7 +1,8 @@
 //! Routing on the real PostgreSQL: the target-accuracy policy routes a
 //! synthetic prediction set exactly as computed by hand (calibrated on the
 //! randomly picked evidence only), a redelivered batch changes nothing, and
-//! audit sampling holds its rate.
+//! audit sampling holds its rate; a box project's precision target raises
+//! its threshold above images with false boxes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,10 +10,12 @@ use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label;
 use sieve_scheduler::entities::review_task::{self, TaskReason};
-use sieve_scheduler::policy::Policy;
+use sieve_scheduler::policy::{Policy, PolicyPatch};
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::routing::results::{self, Applied};
 use sieve_scheduler::routing::{calibration, reroute};
+use sieve_shared::box_scores::BoxTally;
+use sieve_shared::kind::TaskKind;
 use sieve_shared::messages::{HoldoutEvaluation, HoldoutMetrics, ModelArch, PrelabelResult};
 use sieve_testkit::{Sandbox, Scored};
 use uuid::Uuid;
@@ -93,6 +96,7 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             confidence: 1.0 - (i + 1) as f32 / 1000.0,
             random: Some(true),
             correct: None,
+            boxes: None,
         });
     }
     for i in 0..20u32 {
@@ -102,6 +106,7 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             confidence: 0.99 - i as f32 / 100.0,
             random: Some(true),
             correct: None,
+            boxes: None,
         });
     }
     // Items active learning picked (for being hard) are no evidence: were
@@ -113,6 +118,7 @@ async fn target_accuracy_routes_as_computed_by_hand() {
             confidence: 0.9999,
             random: Some(false),
             correct: None,
+            boxes: None,
         });
     }
     let policy = Policy {
@@ -243,6 +249,7 @@ fn random_checks(n: u32) -> Vec<HoldoutEvaluation> {
             confidence: 0.99,
             random: Some(true),
             correct: None,
+            boxes: None,
         })
         .collect()
 }
@@ -464,6 +471,126 @@ async fn a_policy_change_reroutes_what_waits_for_review() {
             .await
             .unwrap(),
         11
+    );
+    drop(test);
+}
+
+/// A holdout of 200 random checks of a detector, none missing a box: the
+/// 120 surest images propose 3 boxes, all right, the 80 below a false
+/// fourth each.
+fn boxed_evidence() -> Vec<HoldoutEvaluation> {
+    (0..200u32)
+        .map(|i| HoldoutEvaluation {
+            label: 0,
+            predicted: 0,
+            confidence: 1.0 - (i + 1) as f32 / 1000.0,
+            random: Some(true),
+            correct: Some(true),
+            boxes: Some(BoxTally {
+                proposed: if i < 120 { 3 } else { 4 },
+                right: 3,
+            }),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_precision_target_holds_back_images_with_false_boxes() {
+    let test = Sandbox::start(|_| {}).await;
+    let trees = projects::create(
+        &test.db,
+        &ProjectName::parse("trees").unwrap(),
+        &ClassNames::parse_for(TaskKind::Detection, &["tree".into()]).unwrap(),
+        &Policy::default(),
+        ModelArch::Detector,
+        TaskKind::Detection,
+    )
+    .await
+    .unwrap();
+    let evaluations = boxed_evidence();
+    let metrics = HoldoutMetrics {
+        holdout_size: 200,
+        train_size: 100,
+        evaluations: evaluations.clone(),
+        ..HoldoutMetrics::default()
+    };
+    let (trees, version) = sieve_testkit::activate_stub(
+        &test.db,
+        &trees,
+        Some(serde_json::to_value(&metrics).unwrap()),
+    )
+    .await;
+    let threshold = |project: &Project, calibration: &calibration::Calibration| {
+        calibration::threshold_for(&project.policy, 0, Some(calibration))
+    };
+
+    // The image target alone: every image is right, the gate opens at the
+    // least sure of them.
+    let images = PolicyPatch {
+        target_accuracy: Some(Some(0.95)),
+        ..PolicyPatch::default()
+    };
+    let trees = calibration::patch_policy(&test.db, &trees, &images)
+        .await
+        .unwrap();
+    let stored = calibration::load(&test.db, version).await.unwrap().unwrap();
+    let lowest = evaluations[199].confidence;
+    assert_eq!(threshold(&trees, &stored), Some(lowest));
+
+    // With a precision target the threshold rises above the images whose
+    // false boxes would pull the boxes' precision under it, and is stored
+    // for that policy.
+    let boxes = PolicyPatch {
+        target_precision: Some(Some(0.95)),
+        ..PolicyPatch::default()
+    };
+    let trees = calibration::patch_policy(&test.db, &trees, &boxes)
+        .await
+        .unwrap();
+    assert_eq!(trees.policy.target_precision, Some(0.95));
+    let stored = calibration::load(&test.db, version).await.unwrap().unwrap();
+    let raised = threshold(&trees, &stored).expect("the surest boxes are right");
+    assert!(
+        raised > lowest && raised < evaluations[119].confidence,
+        "{raised}"
+    );
+    let admitted = evaluations.iter().filter(|e| e.confidence >= raised);
+    let (proposed, right) = admitted.fold((0u64, 0u64), |(p, r), e| {
+        let tally = e.boxes.unwrap();
+        (p + u64::from(tally.proposed), r + u64::from(tally.right))
+    });
+    let (bound, _) = calibration::wilson(right, proposed, calibration::z_for(0.95));
+    assert!(bound >= 0.95, "{right}/{proposed}: {bound}");
+
+    // Dropping it puts the image target's threshold back.
+    let drop_it = PolicyPatch {
+        target_precision: Some(None),
+        ..PolicyPatch::default()
+    };
+    let trees = calibration::patch_policy(&test.db, &trees, &drop_it)
+        .await
+        .unwrap();
+    let stored = calibration::load(&test.db, version).await.unwrap().unwrap();
+    assert_eq!(threshold(&trees, &stored), Some(lowest));
+
+    // A classification project has no boxes to hold to it.
+    let (shirts, _) = project_with_model(&test, Policy::default(), Vec::new()).await;
+    let refused = calibration::patch_policy(
+        &test.db,
+        &shirts,
+        &PolicyPatch {
+            target_accuracy: Some(Some(0.95)),
+            target_precision: Some(Some(0.95)),
+            ..PolicyPatch::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("a classification project has none"),
+        "{refused}"
     );
     drop(test);
 }

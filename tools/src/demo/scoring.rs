@@ -326,6 +326,7 @@ mod tests {
             confidence,
             random: None,
             correct: None,
+            boxes: None,
         };
         let metrics = HoldoutMetrics {
             evaluations: vec![eval(0.95, true), eval(0.97, false), eval(0.35, true)],

@@ -1152,12 +1152,13 @@ pub fn detect_images(
     detector: &Detector,
     decoded: Vec<Result<RgbImage, String>>,
 ) -> Vec<Result<PredictionOutput, String>> {
+    let threshold = detector.proposal_threshold();
     boxes_per_image(
         decoded,
         |good| detector.detect(good),
-        detect::score,
-        |b| b.score >= detect::PROPOSAL_THRESHOLD,
-        detect::PROPOSAL_THRESHOLD,
+        |members| detect::score(members, threshold),
+        |b| b.score >= threshold,
+        threshold,
     )
 }
 
@@ -1167,11 +1168,12 @@ pub fn find_faces(
     faces: &FaceCommittee,
     decoded: Vec<Result<RgbImage, String>>,
 ) -> Vec<Result<PredictionOutput, String>> {
+    let plates = faces.plate_threshold();
     boxes_per_image(
         decoded,
         |good| faces.detect(good),
-        crate::model::faces::score,
-        crate::model::faces::proposed,
+        |members| crate::model::faces::score(members, plates),
+        |b| crate::model::faces::proposed(b, plates),
         crate::model::mtcnn::FACE_THRESHOLD,
     )
 }
@@ -1183,8 +1185,8 @@ pub fn find_faces(
 fn boxes_per_image(
     decoded: Vec<Result<RgbImage, String>>,
     find: impl FnOnce(&[RgbImage]) -> Result<Vec<detect::MemberBoxes>, crate::model::ModelError>,
-    score: fn(&[Vec<ScoredBox>]) -> ImageScores,
-    proposed: fn(&ScoredBox) -> bool,
+    score: impl Fn(&[Vec<ScoredBox>]) -> ImageScores,
+    proposed: impl Fn(&ScoredBox) -> bool,
     threshold: f32,
 ) -> Vec<Result<PredictionOutput, String>> {
     let good: Vec<RgbImage> = decoded.iter().flatten().cloned().collect();
@@ -1279,4 +1281,43 @@ fn predict_inputs(
             Err(reason) => Err(reason),
         })
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::model::detect;
+    use crate::model::detector::untrained_heads;
+    use crate::model::mobilenet::MobileNetV2;
+    use crate::model::{ArchitectureConfig, detect::Detector};
+
+    /// The objects `detector` proposes in `image`, and their confidences.
+    fn proposal(detector: &Detector, image: &RgbImage) -> Vec<f32> {
+        let outputs = detect_images(detector, vec![Ok(image.clone())]);
+        let output = outputs.into_iter().next().unwrap().unwrap();
+        let detections = output.detections.unwrap();
+        detections.boxes.iter().map(|b| b.confidence).collect()
+    }
+
+    #[test]
+    fn a_detector_proposes_from_its_versions_threshold() {
+        let device = Device::flex();
+        let config = ArchitectureConfig::detector(1, 2, 64);
+        let heads = untrained_heads(&detect::heads_config(&config), 5, &device).unwrap();
+        let detector = Detector::new(&config, MobileNetV2::new(&device), heads).unwrap();
+        let image = RgbImage::from_fn(128, 96, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x + y) % 256) as u8])
+        });
+        // Untrained heads score every cell near their prior of 0.1: nothing
+        // reaches the default threshold, and from 0.1 up many do.
+        let by_default = proposal(&detector, &image);
+        let low = detector.with_proposal_threshold(Some(0.1)).unwrap();
+        let by_low = proposal(&low, &image);
+        assert!(by_default.is_empty(), "{by_default:?}");
+        assert!(!by_low.is_empty(), "nothing proposed from 0.1");
+        assert!(by_low.iter().all(|&c| c >= 0.1), "{by_low:?}");
+    }
 }

@@ -12,6 +12,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use image::RgbImage;
 use sieve_shared::box_scores::{self, ImageScores, ScoredBox};
+use sieve_shared::messages::PROPOSAL_THRESHOLDS;
 use sieve_shared::tiles::{self, Tile};
 
 use super::detector::{self, DetectorConfig, DetectorHeads};
@@ -25,8 +26,9 @@ pub const TILE_OVERLAP: u32 = 64;
 /// Boxes of members that overlap at least this much are one object (and the same box found in
 /// two overlapping tiles is one box).
 pub const MATCH_IOU: f32 = 0.5;
-/// The committee proposes the objects whose confidence (the members' mean score) reaches this.
-pub const PROPOSAL_THRESHOLD: f32 = 0.5;
+/// The committee proposes the objects whose confidence (the members' mean score) reaches this,
+/// unless the project set its own ([`Detector::proposal_threshold`]).
+pub const PROPOSAL_THRESHOLD: f32 = box_scores::DETECTION_PROPOSAL_THRESHOLD;
 /// Objects under the proposal threshold by less than this are counted as near misses.
 pub const NEAR_MISS_BAND: f32 = 0.25;
 /// Each member reports peaks from this score up: low, so that what the committee is unsure it
@@ -79,6 +81,19 @@ impl Detector {
 
     pub fn config(&self) -> &ArchitectureConfig {
         &self.config
+    }
+
+    /// The confidence from which this version proposes an object: its project's setting when
+    /// it was trained, or [`PROPOSAL_THRESHOLD`].
+    pub fn proposal_threshold(&self) -> f32 {
+        self.config.proposal_threshold.unwrap_or(PROPOSAL_THRESHOLD)
+    }
+
+    /// The same version proposing from `threshold` (`None`: the default).
+    pub fn with_proposal_threshold(mut self, threshold: Option<f32>) -> Result<Self, ModelError> {
+        check_proposal_threshold(threshold)?;
+        self.config.proposal_threshold = threshold;
+        Ok(self)
     }
 
     pub fn backbone(&self) -> &MobileNetV2 {
@@ -176,13 +191,26 @@ pub fn validate(config: &ArchitectureConfig) -> Result<(), ModelError> {
             "not a detector's config: {config:?}"
         )));
     }
+    check_proposal_threshold(config.proposal_threshold)?;
     heads_config(config).validate()
 }
 
+/// Checks a box committee's proposal threshold, if it has its own.
+pub fn check_proposal_threshold(threshold: Option<f32>) -> Result<(), ModelError> {
+    match threshold {
+        Some(t) if !PROPOSAL_THRESHOLDS.contains(&t) => Err(ModelError::InvalidConfig(format!(
+            "a proposal threshold of {t}: it must be {} to {}",
+            PROPOSAL_THRESHOLDS.start(),
+            PROPOSAL_THRESHOLDS.end()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The committee's view of one image from its members' boxes: the objects it proposes (at
-/// [`PROPOSAL_THRESHOLD`]) and how sure it is.
-pub fn score(members: &[Vec<ScoredBox>]) -> ImageScores {
-    box_scores::image_scores(members, MATCH_IOU, PROPOSAL_THRESHOLD, NEAR_MISS_BAND)
+/// `threshold`) and how sure it is.
+pub fn score(members: &[Vec<ScoredBox>], threshold: f32) -> ImageScores {
+    box_scores::image_scores(members, MATCH_IOU, threshold, NEAR_MISS_BAND)
 }
 
 /// The tiles of `image` for an input of `input` pixels overlapping by `overlap`, and their
@@ -275,5 +303,44 @@ mod tests {
         ));
         let other = ArchitectureConfig::detector(3, 2, 64);
         assert!(Detector::from_weights(&other, &bytes, &device).is_err());
+    }
+
+    #[test]
+    fn a_versions_proposal_threshold_travels_with_its_config() {
+        let device = Device::flex();
+        let plain = ArchitectureConfig::detector(1, 2, 64);
+        let heads = detector::untrained_heads(&heads_config(&plain), 5, &device).unwrap();
+        let bytes = Detector::new(&plain, MobileNetV2::new(&device), heads)
+            .unwrap()
+            .weights_to_bytes()
+            .unwrap();
+        // A version from before projects set thresholds: its config has none.
+        let old: ArchitectureConfig =
+            serde_json::from_value(serde_json::to_value(&plain).unwrap()).unwrap();
+        let loaded = Detector::from_weights(&old, &bytes, &device).unwrap();
+        assert_eq!(loaded.proposal_threshold(), PROPOSAL_THRESHOLD);
+
+        let set = ArchitectureConfig {
+            proposal_threshold: Some(0.4),
+            ..plain.clone()
+        };
+        let stored = serde_json::to_value(&set).unwrap();
+        let written = stored["proposal_threshold"].as_f64().unwrap();
+        assert!((written - 0.4).abs() < 1e-6, "{written}");
+        let back: ArchitectureConfig = serde_json::from_value(stored).unwrap();
+        let loaded = Detector::from_weights(&back, &bytes, &device).unwrap();
+        assert_eq!(loaded.proposal_threshold(), 0.4);
+        assert_eq!(loaded.config(), &set);
+
+        let out_of_range = ArchitectureConfig {
+            proposal_threshold: Some(0.99),
+            ..plain
+        };
+        match Detector::from_weights(&out_of_range, &bytes, &device) {
+            Err(ModelError::InvalidConfig(message)) => {
+                assert!(message.contains("0.1 to 0.95"), "{message}")
+            }
+            other => panic!("a threshold of 0.99 was not refused: {other:?}"),
+        }
     }
 }

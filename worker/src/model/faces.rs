@@ -31,7 +31,7 @@ pub const FACE: u32 = 0;
 /// plate left out leaks and an extra box only blurs more. On the drawn-plate scenes of
 /// `worker/tests/it/deidentify.rs`, heads trained on about 50 images scored a third of the
 /// plates 0.35-0.5 (found 13 of 19 at 0.5, 19 of 19 at 0.35 with 4 false, 19 at 0.3 with 5).
-pub const PLATE_THRESHOLD: f32 = 0.35;
+pub const PLATE_THRESHOLD: f32 = box_scores::PLATE_PROPOSAL_THRESHOLD;
 
 /// The committee: the image as it is, and mirrored.
 pub const MEMBERS: usize = 2;
@@ -74,7 +74,7 @@ impl FaceCommittee {
             MEMBERS,
             plates.config().input_size,
         );
-        if plates.config() != &fits {
+        if plates.config().shape() != fits {
             return Err(ModelError::InvalidConfig(format!(
                 "plate heads {:?} do not fit a de-identification project of {} classes",
                 plates.config(),
@@ -82,13 +82,29 @@ impl FaceCommittee {
             )));
         }
         Ok(Self {
-            config: ArchitectureConfig::faces_with_plates(
-                self.config.num_classes,
-                plates.config().input_size,
-            ),
+            config: ArchitectureConfig {
+                proposal_threshold: self.config.proposal_threshold,
+                ..ArchitectureConfig::faces_with_plates(
+                    self.config.num_classes,
+                    plates.config().input_size,
+                )
+            },
             plates: Some(plates),
             mtcnn: self.mtcnn,
         })
+    }
+
+    /// The confidence from which this version proposes a plate (any class but faces): its
+    /// project's setting when it was trained, or [`PLATE_THRESHOLD`].
+    pub fn plate_threshold(&self) -> f32 {
+        self.config.proposal_threshold.unwrap_or(PLATE_THRESHOLD)
+    }
+
+    /// The same version proposing plates from `threshold` (`None`: the default).
+    pub fn with_plate_threshold(mut self, threshold: Option<f32>) -> Result<Self, ModelError> {
+        super::detect::check_proposal_threshold(threshold)?;
+        self.config.proposal_threshold = threshold;
+        Ok(self)
     }
 
     pub fn config(&self) -> &ArchitectureConfig {
@@ -182,14 +198,15 @@ impl FaceCommittee {
             plates: None,
             config: ArchitectureConfig::faces(config.num_classes),
         }
+        .with_plate_threshold(config.proposal_threshold)?
         .with_plates(plates)
     }
 }
 
 /// The committee's view of one image: the faces it proposes (at [`FACE_THRESHOLD`]) and the
-/// other classes' boxes (at [`PLATE_THRESHOLD`]), the candidates under either, and how sure it
+/// other classes' boxes (at `plate_threshold`), the candidates under either, and how sure it
 /// is of both.
-pub fn score(members: &[Vec<ScoredBox>]) -> ImageScores {
+pub fn score(members: &[Vec<ScoredBox>], plate_threshold: f32) -> ImageScores {
     let (faces, plates): (Vec<Vec<ScoredBox>>, Vec<Vec<ScoredBox>>) = members
         .iter()
         .map(|boxes| {
@@ -199,17 +216,17 @@ pub fn score(members: &[Vec<ScoredBox>]) -> ImageScores {
         })
         .unzip();
     box_scores::image_scores(&faces, MATCH_IOU, FACE_THRESHOLD, NEAR_MISS_BAND).merge(
-        box_scores::image_scores(&plates, MATCH_IOU, PLATE_THRESHOLD, NEAR_MISS_BAND),
+        box_scores::image_scores(&plates, MATCH_IOU, plate_threshold, NEAR_MISS_BAND),
     )
 }
 
 /// Whether `b` is one the committee proposes: a face at [`FACE_THRESHOLD`], another class at
-/// [`PLATE_THRESHOLD`].
-pub fn proposed(b: &ScoredBox) -> bool {
+/// `plate_threshold`.
+pub fn proposed(b: &ScoredBox, plate_threshold: f32) -> bool {
     b.score
         >= if b.class == FACE {
             FACE_THRESHOLD
         } else {
-            PLATE_THRESHOLD
+            plate_threshold
         }
 }

@@ -118,6 +118,10 @@ pub struct ArchitectureConfig {
     /// the same backbone, so the scheduler matches cached embeddings by this too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backbone: Option<String>,
+    /// A box committee's proposal threshold, as its project set it when the version was trained
+    /// (a de-identification version's plates'); `None`: the architecture's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposal_threshold: Option<f32>,
 }
 
 impl ArchitectureConfig {
@@ -138,6 +142,7 @@ impl ArchitectureConfig {
             channels: 0,
             embedding_dim: 0,
             backbone: None,
+            proposal_threshold: None,
         }
     }
 
@@ -157,6 +162,7 @@ impl ArchitectureConfig {
             channels: 1,
             embedding_dim: 256,
             backbone: None,
+            proposal_threshold: None,
         }
     }
 
@@ -171,6 +177,7 @@ impl ArchitectureConfig {
             channels: 3,
             embedding_dim: mobilenet::EMBEDDING_DIM,
             backbone: None,
+            proposal_threshold: None,
         }
     }
 
@@ -185,6 +192,7 @@ impl ArchitectureConfig {
             channels: 3,
             embedding_dim: 0,
             backbone: None,
+            proposal_threshold: None,
         }
     }
 
@@ -199,6 +207,7 @@ impl ArchitectureConfig {
             channels: 3,
             embedding_dim: 0,
             backbone: None,
+            proposal_threshold: None,
         }
     }
 
@@ -221,12 +230,16 @@ impl ArchitectureConfig {
     /// Whether `other` is the same network shape (weights of one load into the other), whatever
     /// backbone weights either carries.
     pub fn same_shape(&self, other: &Self) -> bool {
+        self.shape() == other.shape()
+    }
+
+    /// This config without what leaves the network as it is (the backbone's weights, the
+    /// proposal threshold).
+    pub fn shape(&self) -> Self {
         Self {
             backbone: None,
+            proposal_threshold: None,
             ..self.clone()
-        } == Self {
-            backbone: None,
-            ..other.clone()
         }
     }
 

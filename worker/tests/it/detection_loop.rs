@@ -16,6 +16,7 @@ use std::time::Duration;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use sieve_scheduler::auth;
+use sieve_scheduler::box_settings::{self, BoxSettingsChange};
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
@@ -161,9 +162,22 @@ async fn a_detector_trained_on_peoples_boxes_prelabels_the_rest() {
             .await;
     }
 
-    // The first detector: heads on the frozen ImageNet backbone, from their boxes.
+    // The first detector: heads on the frozen ImageNet backbone, from their
+    // boxes, at the tile size and proposal threshold the project sets (the
+    // threshold the default's, so the figures below stay comparable).
+    let in_force = box_settings::set(
+        db,
+        &project,
+        BoxSettingsChange {
+            tile_size: Some(Some(SIDE)),
+            proposal_threshold: Some(Some(0.5)),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(in_force.tile_size, SIDE);
+    let project = projects::get(db, "boxes").await.unwrap();
     let params = TrainParams {
-        input_size: Some(SIDE),
         epochs: 80,
         ..project.train_params()
     };
@@ -186,6 +200,11 @@ async fn a_detector_trained_on_peoples_boxes_prelabels_the_rest() {
         .unwrap();
     let architecture = registered.architecture.clone().unwrap();
     assert_eq!(architecture["arch"], "detector", "{architecture}");
+    assert_eq!(architecture["input_size"], SIDE, "the project's tile size");
+    assert_eq!(
+        architecture["proposal_threshold"], 0.5,
+        "the version carries the project's threshold"
+    );
     let metrics: HoldoutMetrics =
         serde_json::from_value(registered.metrics.clone().unwrap()).unwrap();
     assert!(metrics.holdout_size > 0, "{metrics:?}");

@@ -44,11 +44,14 @@ pub(super) async fn train(
     stop: &CancellationToken,
 ) -> Result<Trained, RunError> {
     let classes = job.class_names.len();
-    let config = ArchitectureConfig::detector(
-        classes,
-        job.params.members.max(2) as usize,
-        job.params.input_size() as usize,
-    );
+    let config = ArchitectureConfig {
+        proposal_threshold: job.params.proposal_threshold,
+        ..ArchitectureConfig::detector(
+            classes,
+            job.params.members.max(2) as usize,
+            job.params.input_size() as usize,
+        )
+    };
     detect::validate(&config).map_err(|e| RunError::Permanent(e.to_string()))?;
     if let Some((example, b)) = snapshot.examples.iter().find_map(|e| {
         e.boxes
@@ -192,6 +195,9 @@ pub(super) async fn package_faces(
             "the face detector's weights do not load ({e}); run ops/fetch-face-weights.sh or set worker.face_weights"
         ))
     })?;
+    let faces = faces
+        .with_plate_threshold(job.params.proposal_threshold)
+        .map_err(|e| RunError::Permanent(e.to_string()))?;
     let (train_set, holdout) = load(worker, snapshot).await?;
     let boxes_plates = |e: &Example| e.boxes.iter().any(|b| b.class != faces::FACE);
     let train_size = if train_set.iter().any(boxes_plates) {
@@ -271,14 +277,15 @@ fn face_verdicts(
         .iter()
         .map(|example| {
             let members = faces.detect(std::slice::from_ref(&example.image))?;
-            let scores = faces::score(&members[0]);
-            let found = box_scores::matched(&scores.labeled_boxes(), &example.boxes, MATCH_IOU);
+            let scores = faces::score(&members[0], faces.plate_threshold());
+            let tally = box_scores::tally(&scores.labeled_boxes(), &example.boxes, MATCH_IOU);
             Ok(HoldoutEvaluation {
                 label: 0,
                 predicted: 0,
                 confidence: scores.confidence(),
                 random: Some(example.random),
-                correct: Some(found == example.boxes.len()),
+                correct: Some(tally.right as usize == example.boxes.len()),
+                boxes: Some(tally),
             })
         })
         .collect()
@@ -369,17 +376,15 @@ fn evaluate(
     for chunk in holdout.chunks(4) {
         let images: Vec<RgbImage> = chunk.iter().map(|e| e.image.clone()).collect();
         for (example, members) in chunk.iter().zip(detector.detect(&images)?) {
-            let scores = detect::score(&members);
+            let scores = detect::score(&members, detector.proposal_threshold());
+            let proposal = scores.labeled_boxes();
             evaluations.push(HoldoutEvaluation {
                 label: 0,
                 predicted: 0,
                 confidence: scores.confidence(),
                 random: Some(example.random),
-                correct: Some(box_scores::all_right(
-                    &scores.labeled_boxes(),
-                    &example.boxes,
-                    MATCH_IOU,
-                )),
+                correct: Some(box_scores::all_right(&proposal, &example.boxes, MATCH_IOU)),
+                boxes: Some(box_scores::tally(&proposal, &example.boxes, MATCH_IOU)),
             });
             found.push(
                 box_scores::committee_boxes(&members, MATCH_IOU)

@@ -823,6 +823,7 @@ fn evaluate(
                 confidence: s.scores.confidence,
                 random: Some(random),
                 correct: None,
+                boxes: None,
             })
         })
         .collect()
