@@ -702,7 +702,10 @@ pub struct HoldoutEvaluation {
     /// Whether the version got the example right, where that is more than
     /// `predicted == label`: a detector's proposal for an image is right
     /// when every box it proposes matches a human box at IoU 0.5 and every
-    /// human box is matched (`label` and `predicted` are then 0).
+    /// human box is matched (a deidentify version's when no human box is
+    /// missing). `predicted` is then the class of the least certain
+    /// proposed box, as routing takes it, and `label` that class when
+    /// right, `u32::MAX` when not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correct: Option<bool>,
     /// A box version's proposal for the image, box by box: the evidence a

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use image::RgbImage;
-use sieve_shared::box_scores::{self, CommitteeBox};
+use sieve_shared::box_scores::{self, CommitteeBox, ImageScores};
 use sieve_shared::boxes::LabeledBox;
 use sieve_shared::messages::{HoldoutEvaluation, Snapshot, Split, TrainJob};
 use tokio_util::sync::CancellationToken;
@@ -267,6 +267,38 @@ pub(super) async fn package_faces(
     })
 }
 
+/// When a box version's proposal for an image is right.
+#[derive(Clone, Copy, Debug)]
+enum Rule {
+    /// Every proposed box matches a person's and every person's box is matched (detection).
+    AllRight,
+    /// No box a person drew is missing (de-identification: recall first).
+    NoneMissing,
+}
+
+/// A box version's verdict on one holdout image, as routing sees the image: its confidence,
+/// and as its class the class of its least certain proposed box (routing's `top_class`, so a
+/// class with evidence enough is calibrated on its own images); its label that class when the
+/// proposal is right by `rule`, and `u32::MAX` (no class) when not. With the proposal's tally
+/// of right boxes, for a precision target.
+fn verdict(scores: &ImageScores, example: &Example, rule: Rule) -> HoldoutEvaluation {
+    let proposal = scores.labeled_boxes();
+    let tally = box_scores::tally(&proposal, &example.boxes, MATCH_IOU);
+    let right = match rule {
+        Rule::AllRight => box_scores::all_right(&proposal, &example.boxes, MATCH_IOU),
+        Rule::NoneMissing => tally.right as usize == example.boxes.len(),
+    };
+    let class = scores.as_scores(0.0).top_class;
+    HoldoutEvaluation {
+        label: if right { class } else { u32::MAX },
+        predicted: class,
+        confidence: scores.confidence(),
+        random: Some(example.random),
+        correct: Some(right),
+        boxes: Some(tally),
+    }
+}
+
 /// The face committee's verdict on every holdout image: right when no box a person drew is
 /// missing from its proposal, as sure as the image's confidence.
 fn face_verdicts(
@@ -278,15 +310,7 @@ fn face_verdicts(
         .map(|example| {
             let members = faces.detect(std::slice::from_ref(&example.image))?;
             let scores = faces::score(&members[0], faces.plate_threshold());
-            let tally = box_scores::tally(&scores.labeled_boxes(), &example.boxes, MATCH_IOU);
-            Ok(HoldoutEvaluation {
-                label: 0,
-                predicted: 0,
-                confidence: scores.confidence(),
-                random: Some(example.random),
-                correct: Some(tally.right as usize == example.boxes.len()),
-                boxes: Some(tally),
-            })
+            Ok(verdict(&scores, example, Rule::NoneMissing))
         })
         .collect()
 }
@@ -377,15 +401,7 @@ fn evaluate(
         let images: Vec<RgbImage> = chunk.iter().map(|e| e.image.clone()).collect();
         for (example, members) in chunk.iter().zip(detector.detect(&images)?) {
             let scores = detect::score(&members, detector.proposal_threshold());
-            let proposal = scores.labeled_boxes();
-            evaluations.push(HoldoutEvaluation {
-                label: 0,
-                predicted: 0,
-                confidence: scores.confidence(),
-                random: Some(example.random),
-                correct: Some(box_scores::all_right(&proposal, &example.boxes, MATCH_IOU)),
-                boxes: Some(box_scores::tally(&proposal, &example.boxes, MATCH_IOU)),
-            });
+            evaluations.push(verdict(&scores, example, Rule::AllRight));
             found.push(
                 box_scores::committee_boxes(&members, MATCH_IOU)
                     .iter()
@@ -397,4 +413,81 @@ fn evaluate(
     let truth: Vec<Vec<LabeledBox>> = holdout.iter().map(|e| e.boxes.clone()).collect();
     let average_precision = box_scores::average_precision(&found, &truth, MATCH_IOU);
     Ok((detector, evaluations, average_precision))
+}
+
+#[cfg(test)]
+mod tests {
+    use sieve_shared::box_scores::{self, ScoredBox};
+
+    use super::*;
+
+    fn b(class: u32, x: f32, score: f32) -> ScoredBox {
+        ScoredBox {
+            class,
+            score,
+            x_min: x,
+            y_min: 0.0,
+            x_max: x + 20.0,
+            y_max: 20.0,
+        }
+    }
+
+    fn example(boxes: Vec<LabeledBox>) -> Example {
+        Example {
+            image: RgbImage::new(1, 1),
+            boxes,
+            random: true,
+        }
+    }
+
+    #[test]
+    fn a_verdict_takes_the_class_routing_will_and_tallies_the_boxes() {
+        // Two members agree on a sure face (class 0) and a less sure plate (class 1).
+        let member = vec![b(0, 0.0, 0.95), b(1, 50.0, 0.6)];
+        let scores = box_scores::image_scores(&[member.clone(), member], MATCH_IOU, 0.5, 0.25);
+        let face = b(0, 0.0, 1.0).as_box();
+        let plate = b(1, 50.0, 1.0).as_box();
+        let missed = b(1, 100.0, 1.0).as_box();
+
+        let right = verdict(&scores, &example(vec![face, plate]), Rule::AllRight);
+        assert_eq!(
+            (right.predicted, right.label),
+            (1, 1),
+            "the plate is the least sure"
+        );
+        assert_eq!(right.correct, Some(true));
+        assert_eq!(right.predicted, scores.as_scores(0.5).top_class);
+        assert_eq!(
+            right.boxes,
+            Some(box_scores::BoxTally {
+                proposed: 2,
+                right: 2
+            })
+        );
+
+        // A plate the proposal left out: wrong either way, with no class as its label.
+        let wrong = verdict(
+            &scores,
+            &example(vec![face, plate, missed]),
+            Rule::NoneMissing,
+        );
+        assert_eq!((wrong.predicted, wrong.label), (1, u32::MAX));
+        assert_eq!(wrong.correct, Some(false));
+
+        // A false box: wrong for detection, right for recall first.
+        let extra = example(vec![face]);
+        assert_eq!(
+            verdict(&scores, &extra, Rule::AllRight).correct,
+            Some(false)
+        );
+        let recall_first = verdict(&scores, &extra, Rule::NoneMissing);
+        assert_eq!(recall_first.correct, Some(true));
+        assert_eq!(
+            recall_first.boxes,
+            Some(box_scores::BoxTally {
+                proposed: 2,
+                right: 1
+            })
+        );
+    }
 }
