@@ -11,17 +11,14 @@
 //!
 //! Stored in `projects.box_settings` (`{}`: every default), only for
 //! detection and deidentify projects (a CHECK constraint holds it to
-//! those). A deidentify project's threshold is its plates'; its faces keep
-//! MTCNN's calibrated 0.9.
+//! those; `projects::set_box_settings` writes them). A deidentify
+//! project's threshold is its plates'; its faces keep MTCNN's calibrated
+//! 0.9.
 
-use chrono::Utc;
-use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait};
 use serde::{Deserialize, Serialize};
 use sieve_shared::messages::{ModelArch, PROPOSAL_THRESHOLDS, TrainParams};
 
-use crate::entities::project;
 use crate::error::{AppError, AppResult};
-use crate::projects::Project;
 
 /// What a project stores; `None`: the architecture's default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -128,41 +125,6 @@ impl BoxSettings {
             stored: *self,
         })
     }
-}
-
-/// The settings in force for `project`: 422 for a project that draws no boxes.
-pub fn in_force(project: &Project) -> AppResult<InForce> {
-    project.boxes.in_force(project.arch).ok_or_else(|| {
-        AppError::Invalid(format!(
-            "project {} is a {} project: box settings belong to detection and deidentify projects",
-            project.name, project.task_kind
-        ))
-    })
-}
-
-/// Make `change` to `project`'s settings and return those now in force.
-/// Nothing is stored unless all of it is valid.
-pub async fn set(
-    db: &DatabaseConnection,
-    project: &Project,
-    change: BoxSettingsChange,
-) -> AppResult<InForce> {
-    in_force(project)?;
-    let settings = project.boxes.changed(change);
-    settings.check(project.arch)?;
-    project::Entity::update(project::ActiveModel {
-        id: Set(project.id.as_uuid()),
-        box_settings: Set(serde_json::to_value(settings).map_err(anyhow::Error::from)?),
-        updated_at: Set(Utc::now().fixed_offset()),
-        ..Default::default()
-    })
-    .exec(db)
-    .await?;
-    tracing::info!(project = %project.name, ?settings, "box settings changed; they apply from the next training run");
-    in_force(&Project {
-        boxes: settings,
-        ..project.clone()
-    })
 }
 
 #[cfg(test)]

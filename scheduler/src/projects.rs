@@ -15,7 +15,7 @@ use sieve_shared::kind::TaskKind;
 use sieve_shared::messages::{ModelArch, TrainParams};
 use uuid::Uuid;
 
-use crate::box_settings::BoxSettings;
+use crate::box_settings::{BoxSettings, BoxSettingsChange, InForce};
 use crate::entities::project;
 use crate::error::{AppError, AppResult};
 use crate::policy::Policy;
@@ -206,6 +206,42 @@ impl Project {
     pub fn train_params(&self) -> TrainParams {
         self.boxes.apply(TrainParams::for_arch(self.arch))
     }
+
+    /// The box settings in force: 422 for a project that draws no boxes.
+    pub fn box_settings(&self) -> AppResult<InForce> {
+        self.boxes.in_force(self.arch).ok_or_else(|| {
+            AppError::Invalid(format!(
+                "project {} is a {} project: box settings belong to detection and deidentify projects",
+                self.name, self.task_kind
+            ))
+        })
+    }
+}
+
+/// Make `change` to `project`'s box settings and return those now in force.
+/// Nothing is stored unless all of it is valid.
+pub async fn set_box_settings(
+    db: &DatabaseConnection,
+    project: &Project,
+    change: BoxSettingsChange,
+) -> AppResult<InForce> {
+    project.box_settings()?;
+    let settings = project.boxes.changed(change);
+    settings.check(project.arch)?;
+    project::Entity::update(project::ActiveModel {
+        id: Set(project.id.as_uuid()),
+        box_settings: Set(serde_json::to_value(settings).map_err(anyhow::Error::from)?),
+        updated_at: Set(Utc::now().fixed_offset()),
+        ..Default::default()
+    })
+    .exec(db)
+    .await?;
+    tracing::info!(project = %project.name, ?settings, "box settings changed; they apply from the next training run");
+    Project {
+        boxes: settings,
+        ..project.clone()
+    }
+    .box_settings()
 }
 
 pub async fn create(

@@ -5,7 +5,7 @@ use sieve_shared::Settings;
 
 use super::args::ProjectCommand;
 use super::render::print_json;
-use crate::box_settings::{self, BoxSettingsChange};
+use crate::box_settings::BoxSettingsChange;
 use crate::context::Context;
 use crate::ingest::sources;
 use crate::kind::TaskKind;
@@ -216,9 +216,9 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                 )?,
             };
             let in_force = if change.tile_size.is_none() && change.proposal_threshold.is_none() {
-                box_settings::in_force(&project)?
+                project.box_settings()?
             } else {
-                let in_force = box_settings::set(&conn, &project, change).await?;
+                let in_force = projects::set_box_settings(&conn, &project, change).await?;
                 eprintln!(
                     "changed; they apply from {}'s next training run (sieve retrain {}); the active version keeps its own",
                     project.name, project.name

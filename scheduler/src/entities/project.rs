@@ -17,8 +17,8 @@ pub struct Model {
     /// `small_cnn` or `mobilenet_v2` (a CHECK constraint holds it to those);
     /// parsed into `ModelArch` by `Project::from_model`.
     pub model_arch: String,
-    /// A detection or deidentify project's [`BoxSettings`](crate::box_settings::BoxSettings);
-    /// `{}` (the defaults) for every other.
+    /// A detection or deidentify project's box settings (tile size, proposal
+    /// threshold; see `box_settings.rs`); `{}` (the defaults) for every other.
     #[sea_orm(column_type = "JsonBinary")]
     pub box_settings: Json,
     pub created_at: DateTimeWithTimeZone,

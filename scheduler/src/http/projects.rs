@@ -11,7 +11,7 @@ use sieve_shared::messages::ModelArch;
 use utoipa::ToSchema;
 
 use super::extract::{Authed, AuthedProject, JsonBody, ManageProjects, Read};
-use crate::box_settings::{self, BoxSettingsChange, InForce};
+use crate::box_settings::{BoxSettingsChange, InForce};
 use crate::context::Context;
 use crate::error::{AppError, AppResult, ErrorBody};
 use crate::operate::status::{self, ProjectStatus};
@@ -208,7 +208,7 @@ pub async fn change_policy(
     )
 )]
 pub async fn get_boxes(at: AuthedProject<Read>) -> AppResult<Response> {
-    Ok(Json(box_settings::in_force(&at.project)?).into_response())
+    Ok(Json(at.project.box_settings()?).into_response())
 }
 
 /// A change of box settings: an absent field stays as it is, `null` puts
@@ -251,5 +251,5 @@ pub async fn change_boxes(
         tile_size: patch.tile_size,
         proposal_threshold: patch.proposal_threshold,
     };
-    Ok(Json(box_settings::set(&ctx.db, &at.project, change).await?).into_response())
+    Ok(Json(projects::set_box_settings(&ctx.db, &at.project, change).await?).into_response())
 }

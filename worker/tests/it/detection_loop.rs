@@ -16,7 +16,7 @@ use std::time::Duration;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use sieve_scheduler::auth;
-use sieve_scheduler::box_settings::{self, BoxSettingsChange};
+use sieve_scheduler::box_settings::BoxSettingsChange;
 use sieve_scheduler::entities::api_token::Role;
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label::{self, LabelSource};
@@ -165,7 +165,7 @@ async fn a_detector_trained_on_peoples_boxes_prelabels_the_rest() {
     // The first detector: heads on the frozen ImageNet backbone, from their
     // boxes, at the tile size and proposal threshold the project sets (the
     // threshold the default's, so the figures below stay comparable).
-    let in_force = box_settings::set(
+    let in_force = projects::set_box_settings(
         db,
         &project,
         BoxSettingsChange {
