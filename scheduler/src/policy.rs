@@ -81,13 +81,18 @@ pub struct Policy {
     /// of the boxes proposed in machine-accepted images that are right (a
     /// person keeps them), as a lower confidence bound at
     /// [`confidence_level`]. Thresholds are raised until it holds
-    /// (routing's `calibration::hold_precision`). `None`: not held (a
+    /// (routing's `calibration::hold_box_targets`). `None`: not held (a
     /// deidentify project's extra box only blurs more).
     ///
     /// [`target_accuracy`]: Self::target_accuracy
     /// [`confidence_level`]: Self::confidence_level
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_precision: Option<f64>,
+    /// The same for recall: the share of the boxes people would draw in
+    /// machine-accepted images that the proposal has. `None`: not held
+    /// beyond what the image target implies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_recall: Option<f64>,
 }
 
 impl Default for Policy {
@@ -103,6 +108,7 @@ impl Default for Policy {
             pool_evidence: true,
             second_review_confidence: None,
             target_precision: None,
+            target_recall: None,
         }
     }
 }
@@ -161,14 +167,17 @@ impl Policy {
                 "retrain_every_labels must be at least 1 (or unset)".into(),
             ));
         }
-        if let Some(precision) = self.target_precision {
-            within("target_precision", precision, 0.5, 0.9999)?;
+        for (name, target) in [
+            ("target_precision", self.target_precision),
+            ("target_recall", self.target_recall),
+        ] {
+            let Some(target) = target else { continue };
+            within(name, target, 0.5, 0.9999)?;
             if self.target_accuracy.is_none() {
-                return Err(AppError::Invalid(
-                    "target_precision is held beside a target_accuracy: set one too \
+                return Err(AppError::Invalid(format!(
+                    "{name} is held beside a target_accuracy: set one too \
                      (a fixed confidence threshold has no calibration to hold it)"
-                        .into(),
-                ));
+                )));
             }
         }
         Ok(())
@@ -178,9 +187,10 @@ impl Policy {
     /// state: a precision target needs boxes.
     pub fn validate_for(&self, kind: TaskKind) -> Result<(), AppError> {
         self.validate()?;
-        if self.target_precision.is_some() && !kind.draws_boxes() {
+        if (self.target_precision.is_some() || self.target_recall.is_some()) && !kind.draws_boxes()
+        {
             return Err(AppError::Invalid(format!(
-                "target_precision is the share of right boxes; a {kind} project has none \
+                "target_precision and target_recall are about boxes; a {kind} project has none \
                  (its target_accuracy is the share of right labels)"
             )));
         }
@@ -210,6 +220,8 @@ pub struct PolicyPatch {
     pub second_review_confidence: Option<Option<f32>>,
     #[serde(default, deserialize_with = "present")]
     pub target_precision: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    pub target_recall: Option<Option<f64>>,
 }
 
 impl PolicyPatch {
@@ -227,6 +239,7 @@ impl PolicyPatch {
             retrain_every_labels,
             second_review_confidence,
             target_precision,
+            target_recall,
         } = self.clone();
         if let Some(v) = confidence_threshold {
             next.confidence_threshold = v;
@@ -257,6 +270,9 @@ impl PolicyPatch {
         }
         if let Some(v) = target_precision {
             next.target_precision = v;
+        }
+        if let Some(v) = target_recall {
+            next.target_recall = v;
         }
         next
     }
@@ -610,7 +626,7 @@ mod tests {
     }
 
     #[test]
-    fn a_precision_target_needs_a_target_accuracy_and_boxes() {
+    fn box_targets_need_a_target_accuracy_and_boxes() {
         let message = |policy: &Policy, kind| match policy.validate_for(kind) {
             Err(AppError::Invalid(message)) => message,
             other => panic!("{policy:?} for {kind} was not refused: {other:?}"),
@@ -631,10 +647,24 @@ mod tests {
         );
         let out_of_range = Policy {
             target_precision: Some(1.0),
-            ..both
+            ..both.clone()
         };
         assert!(
             message(&out_of_range, TaskKind::Detection).contains("target_precision must be within")
+        );
+        let recall = Policy {
+            target_recall: Some(0.99),
+            target_precision: None,
+            ..both
+        };
+        assert!(recall.validate_for(TaskKind::Deidentify).is_ok());
+        assert!(message(&recall, TaskKind::Classification).contains("target_recall"));
+        let recall_alone = Policy {
+            target_accuracy: None,
+            ..recall
+        };
+        assert!(
+            message(&recall_alone, TaskKind::Detection).contains("target_recall is held beside")
         );
     }
 

@@ -308,12 +308,17 @@ pub fn all_right(proposed: &[LabeledBox], truth: &[LabeledBox], iou: f32) -> boo
     proposed.len() == truth.len() && matched(proposed, truth, iou) == truth.len()
 }
 
-/// The boxes a version proposed for one image, and how many of them were
-/// right: matched to a distinct box a person drew there (see [`tally`]).
+/// The boxes a version proposed for one image, how many of them were right
+/// (matched to a distinct box a person drew there), and how many people
+/// drew (see [`tally`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BoxTally {
     pub proposed: u32,
+    /// Proposed boxes matched to one a person drew, each to its own.
     pub right: u32,
+    /// The boxes people drew.
+    #[serde(default)]
+    pub truth: u32,
 }
 
 /// `proposed` tallied against `truth` at IoU ≥ `iou`.
@@ -321,6 +326,7 @@ pub fn tally(proposed: &[LabeledBox], truth: &[LabeledBox], iou: f32) -> BoxTall
     BoxTally {
         proposed: proposed.len() as u32,
         right: matched(proposed, truth, iou) as u32,
+        truth: truth.len() as u32,
     }
 }
 

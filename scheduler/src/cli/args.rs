@@ -344,6 +344,11 @@ pub enum ProjectCommand {
         /// (e.g. 0.95); `none` turns it off.
         #[arg(long)]
         target_precision: Option<String>,
+        /// The same for recall: the share of the boxes people would draw
+        /// in machine-accepted images that the proposal has (e.g. 0.99);
+        /// `none` turns it off.
+        #[arg(long)]
+        target_recall: Option<String>,
     },
 }
 

@@ -97,6 +97,7 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
             pool_evidence,
             second_review_confidence,
             target_precision,
+            target_recall,
         } => {
             let conn = db::connect(&settings.database).await?;
             let project = projects::get(&conn, &name).await?;
@@ -129,6 +130,11 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                     "--target-precision",
                     target_precision.as_deref(),
                     "a share of right boxes",
+                )?,
+                target_recall: patch::optional_flag(
+                    "--target-recall",
+                    target_recall.as_deref(),
+                    "a share of the boxes people would draw",
                 )?,
             };
             let before = project.policy_version;

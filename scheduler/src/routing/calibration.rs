@@ -69,10 +69,12 @@ pub struct Calibration {
     /// the rest (`None`: the policy's audit rate). See [`sample_rate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_rate: Option<f64>,
-    /// The policy's precision target the thresholds also hold, if it has
-    /// one (see [`hold_precision`]).
+    /// The policy's box precision and recall targets the thresholds also
+    /// hold, where it has them (see [`hold_box_targets`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_precision: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_recall: Option<f64>,
 }
 
 impl Calibration {
@@ -89,6 +91,7 @@ impl Calibration {
             && policy.confidence_level == self.confidence_level
             && policy.pool_evidence == self.pooled
             && policy.target_precision == self.target_precision
+            && policy.target_recall == self.target_recall
     }
 
     /// Random, human-checked examples this calibration rests on.
@@ -339,26 +342,63 @@ pub fn calibrate(
         borrowed,
         sample_rate: None,
         target_precision: None,
+        target_recall: None,
+    }
+}
+
+/// What a box project asks of the boxes in the images it accepts by machine,
+/// beside its image target: each a Wilson lower bound at the calibration's
+/// confidence level.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BoxTargets {
+    /// Right boxes over proposed boxes.
+    pub precision: Option<f64>,
+    /// Right boxes over the boxes people drew.
+    pub recall: Option<f64>,
+}
+
+impl BoxTargets {
+    pub fn of(policy: &Policy) -> Self {
+        Self {
+            precision: policy.target_precision,
+            recall: policy.target_recall,
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.precision.is_some() || self.recall.is_some()
+    }
+
+    /// Whether boxes tallied together meet every target (a target with
+    /// nothing to count, no box proposed or none drawn, is met).
+    fn held(&self, tally: BoxTally, z: f64) -> bool {
+        let meets = |target: Option<f64>, right: u32, of: u32| {
+            target.is_none_or(|t| of == 0 || wilson(right.into(), of.into(), z).0 >= t)
+        };
+        meets(self.precision, tally.right, tally.proposed)
+            && meets(self.recall, tally.right, tally.truth)
     }
 }
 
 /// `calibration` with every threshold raised, where it must be, so that the
-/// boxes proposed in the images at or above it are right often enough:
-/// the lowest confidence at or above the threshold at which the Wilson
-/// lower bound of right / proposed over the class's examples at or above it
-/// reaches `target_precision` (an image proposing no box adds nothing).
-/// A class whose most confident examples fall short loses its threshold.
+/// boxes in the images at or above it meet `targets`: the lowest confidence
+/// at or above the threshold at which the boxes tallied over the class's
+/// examples at or above it do. An example without a tally (from a worker
+/// that predates it) cannot show a box target met: a class with one above
+/// its threshold loses the threshold until a retrain brings tallies. So
+/// does a class whose most confident examples fall short.
 ///
 /// The accuracy target of a box project is the share of accepted images
-/// whose proposal is right (for deidentify: misses no box); this is the
-/// other half of what a team states, how many of the boxes it is handed
-/// are real. The boxes of one image are not independent draws, so the
-/// bound is looser than it looks where images hold many boxes; the image
-/// target beside it is not.
-pub fn hold_precision(
+/// whose proposal is right (for deidentify: misses no box); these are what
+/// a team states about boxes: how many of those it is handed are real
+/// (precision), how many of those there are it is handed (recall). The
+/// boxes of one image are not independent draws, so the bounds are looser
+/// than they look where images hold many boxes; the image target beside
+/// them is not.
+pub fn hold_box_targets(
     mut calibration: Calibration,
     evidence: &[Evidence],
-    target_precision: f64,
+    targets: BoxTargets,
 ) -> Calibration {
     let z = z_for(calibration.confidence_level);
     for (class, threshold) in calibration.thresholds.iter_mut().enumerate() {
@@ -368,19 +408,22 @@ pub fn hold_precision(
             .filter(|e| e.predicted as usize == class && e.confidence >= from)
             .collect();
         mine.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
-        // Cut points from the least confident up: the first that holds is
-        // the lowest threshold that does.
-        let (mut proposed, mut right) = (0u64, 0u64);
+        // Cut points from the most confident down, each with whether the
+        // boxes at or above it meet the targets; the lowest that does is
+        // the threshold.
+        let mut sum = Some(BoxTally::default());
         let mut holds = Vec::with_capacity(mine.len());
         for (i, e) in mine.iter().enumerate() {
-            let tally = e.boxes.unwrap_or_default();
-            proposed += u64::from(tally.proposed);
-            right += u64::from(tally.right.min(tally.proposed));
+            sum = sum.zip(e.boxes).map(|(s, t)| BoxTally {
+                proposed: s.proposed + t.proposed,
+                right: s.right + t.right.min(t.proposed).min(t.truth),
+                truth: s.truth + t.truth,
+            });
             let cut = mine
                 .get(i + 1)
                 .is_none_or(|next| next.confidence != e.confidence);
             if cut {
-                let held = proposed == 0 || wilson(right, proposed, z).0 >= target_precision;
+                let held = sum.is_some_and(|s| targets.held(s, z));
                 holds.push((e.confidence, held));
             }
         }
@@ -395,7 +438,8 @@ pub fn hold_precision(
                 .map(|&(confidence, _)| confidence)
         };
     }
-    calibration.target_precision = Some(target_precision);
+    calibration.target_precision = targets.precision;
+    calibration.target_recall = targets.recall;
     calibration
 }
 
@@ -414,9 +458,11 @@ pub fn calibrate_for(
         policy.confidence_level,
         policy.pool_evidence,
     );
-    Some(match policy.target_precision {
-        Some(precision) => hold_precision(calibration, evidence, precision),
-        None => calibration,
+    let targets = BoxTargets::of(policy);
+    Some(if targets.any() {
+        hold_box_targets(calibration, evidence, targets)
+    } else {
+        calibration
     })
 }
 
@@ -730,38 +776,50 @@ mod tests {
         assert_eq!(sample_rate(&refused, 0.02, 5_500), None);
     }
 
-    fn boxed(confidence: f32, proposed: u32, right: u32) -> Evidence {
+    /// An image's random check, right by the image target, with its tally.
+    fn boxed(confidence: f32, proposed: u32, right: u32, truth: u32) -> Evidence {
         Evidence {
             predicted: 0,
             confidence,
             correct: true,
-            boxes: Some(BoxTally { proposed, right }),
+            boxes: Some(BoxTally {
+                proposed,
+                right,
+                truth,
+            }),
         }
     }
 
-    /// The Wilson lower bound of the precision of the boxes of the images
-    /// at or above `threshold`.
-    fn precision_bound(evidence: &[Evidence], threshold: f32) -> f64 {
-        let (mut proposed, mut right) = (0, 0);
+    /// The Wilson lower bound of the precision (or recall) of the boxes of
+    /// the images at or above `threshold`.
+    fn bound(evidence: &[Evidence], threshold: f32, recall: bool) -> f64 {
+        let (mut of, mut right) = (0, 0);
         for e in evidence.iter().filter(|e| e.confidence >= threshold) {
             let tally = e.boxes.unwrap();
-            proposed += u64::from(tally.proposed);
+            of += u64::from(if recall { tally.truth } else { tally.proposed });
             right += u64::from(tally.right);
         }
-        wilson(right, proposed, z_for(0.95)).0
+        wilson(right, of, z_for(0.95)).0
+    }
+
+    fn precision(target: f64) -> BoxTargets {
+        BoxTargets {
+            precision: Some(target),
+            recall: None,
+        }
     }
 
     #[test]
     fn a_precision_target_raises_the_threshold_above_the_false_boxes() {
-        // 200 images, none missing a box: the 120 surest propose 3 boxes,
-        // all right; the 80 below propose a false fourth each.
+        // 200 images: the 120 surest propose 3 boxes, all right; the 80
+        // below a false fourth each.
         let evidence: Vec<Evidence> = (0..200)
             .map(|i| {
                 let confidence = 1.0 - (i + 1) as f32 / 1000.0;
                 if i < 120 {
-                    boxed(confidence, 3, 3)
+                    boxed(confidence, 3, 3, 3)
                 } else {
-                    boxed(confidence, 4, 3)
+                    boxed(confidence, 4, 3, 3)
                 }
             })
             .collect();
@@ -769,41 +827,83 @@ mod tests {
         let images = calibrate(&evidence, 1, 0.97, 0.95, false);
         assert_eq!(images.thresholds[0], Some(lowest), "every image is right");
 
-        let held = hold_precision(images.clone(), &evidence, 0.95);
+        let held = hold_box_targets(images.clone(), &evidence, precision(0.95));
         let t = held.thresholds[0].expect("the surest images' boxes are right");
         assert!(t > lowest && t < evidence[119].confidence, "{t}");
-        assert!(precision_bound(&evidence, t) >= 0.95);
+        assert!(bound(&evidence, t, false) >= 0.95);
         let next_lower = evidence.iter().find(|e| e.confidence < t).unwrap();
-        assert!(precision_bound(&evidence, next_lower.confidence) < 0.95);
-        assert_eq!(held.target_precision, Some(0.95));
+        assert!(bound(&evidence, next_lower.confidence, false) < 0.95);
+        assert_eq!(
+            (held.target_precision, held.target_recall),
+            (Some(0.95), None)
+        );
 
         // A target met where the image target already cuts changes nothing;
         // one not even the surest boxes meet shuts the gate.
-        let loose = hold_precision(images.clone(), &evidence, 0.8);
+        let loose = hold_box_targets(images.clone(), &evidence, precision(0.8));
         assert_eq!(loose.thresholds[0], Some(lowest));
-        let strict = hold_precision(images.clone(), &evidence, 0.999);
+        let strict = hold_box_targets(images.clone(), &evidence, precision(0.999));
         assert_eq!(strict.thresholds[0], None);
 
         // Images proposing no box add no box evidence either way.
         let empty: Vec<Evidence> = (0..200)
-            .map(|i| boxed(1.0 - (i + 1) as f32 / 1000.0, 0, 0))
+            .map(|i| boxed(1.0 - (i + 1) as f32 / 1000.0, 0, 0, 0))
             .collect();
         let none_proposed = calibrate(&empty, 1, 0.97, 0.95, false);
         assert_eq!(
-            hold_precision(none_proposed.clone(), &empty, 0.95).thresholds,
+            hold_box_targets(none_proposed.clone(), &empty, precision(0.95)).thresholds,
             none_proposed.thresholds
         );
     }
 
     #[test]
-    fn a_calibration_is_for_the_precision_target_it_held() {
+    fn a_recall_target_raises_the_threshold_above_the_missed_boxes() {
+        // Recall first, as a deidentify image target has it: every image
+        // "right" by the caller's rule, but the 60 least sure miss one of
+        // their 4 boxes.
+        let evidence: Vec<Evidence> = (0..200)
+            .map(|i| {
+                let confidence = 1.0 - (i + 1) as f32 / 1000.0;
+                let right = if i < 140 { 4 } else { 3 };
+                boxed(confidence, right, right, 4)
+            })
+            .collect();
+        let images = calibrate(&evidence, 1, 0.95, 0.95, false);
+        let recall = BoxTargets {
+            precision: Some(0.95),
+            recall: Some(0.97),
+        };
+        let held = hold_box_targets(images, &evidence, recall);
+        let t = held.thresholds[0].expect("the surest images miss nothing");
+        assert!(bound(&evidence, t, true) >= 0.97);
+        assert!(t > evidence[199].confidence, "{t}");
+        let next_lower = evidence.iter().find(|e| e.confidence < t).unwrap();
+        assert!(bound(&evidence, next_lower.confidence, true) < 0.97);
+        assert_eq!(held.target_recall, Some(0.97));
+    }
+
+    #[test]
+    fn evidence_without_a_tally_cannot_show_a_box_target_met() {
+        // A version from a worker that predates tallies: the image target
+        // opens the gate, a box target shuts it until a retrain.
+        let evidence: Vec<Evidence> = (0..200)
+            .map(|i| ev(0, 1.0 - (i + 1) as f32 / 1000.0, true))
+            .collect();
+        let images = calibrate(&evidence, 1, 0.97, 0.95, false);
+        assert!(images.is_open());
+        let held = hold_box_targets(images, &evidence, precision(0.9));
+        assert_eq!(held.thresholds[0], None);
+    }
+
+    #[test]
+    fn a_calibration_is_for_the_box_targets_it_held() {
         let policy = Policy {
             target_accuracy: Some(0.97),
             target_precision: Some(0.95),
             ..Policy::default()
         };
         let evidence: Vec<Evidence> = (0..200)
-            .map(|i| boxed(1.0 - (i + 1) as f32 / 1000.0, 2, 2))
+            .map(|i| boxed(1.0 - (i + 1) as f32 / 1000.0, 2, 2, 2))
             .collect();
         let held = calibrate_for(&policy, &evidence, 1).unwrap();
         assert!(held.is_for(&policy));
@@ -812,6 +912,16 @@ mod tests {
             ..policy.clone()
         };
         assert!(!held.is_for(&without), "a threshold held to no target");
+        let recall = Policy {
+            target_recall: Some(0.95),
+            ..policy.clone()
+        };
+        assert!(!held.is_for(&recall), "a threshold held to fewer targets");
+        assert!(
+            calibrate_for(&recall, &evidence, 1)
+                .unwrap()
+                .is_for(&recall)
+        );
         assert!(
             calibrate_for(&without, &evidence, 1)
                 .unwrap()

@@ -1,8 +1,8 @@
 //! Routing on the real PostgreSQL: the target-accuracy policy routes a
 //! synthetic prediction set exactly as computed by hand (calibrated on the
 //! randomly picked evidence only), a redelivered batch changes nothing, and
-//! audit sampling holds its rate; a box project's precision target raises
-//! its threshold above images with false boxes.
+//! audit sampling holds its rate; a box project's precision and recall
+//! targets raise its threshold above images with false or missed boxes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -489,13 +489,14 @@ fn boxed_evidence() -> Vec<HoldoutEvaluation> {
             boxes: Some(BoxTally {
                 proposed: if i < 120 { 3 } else { 4 },
                 right: 3,
+                truth: 3,
             }),
         })
         .collect()
 }
 
 #[tokio::test]
-async fn a_precision_target_holds_back_images_with_false_boxes() {
+async fn box_targets_hold_back_images_with_false_or_missed_boxes() {
     let test = Sandbox::start(|_| {}).await;
     let trees = projects::create(
         &test.db,
@@ -568,6 +569,27 @@ async fn a_precision_target_holds_back_images_with_false_boxes() {
         ..PolicyPatch::default()
     };
     let trees = calibration::patch_policy(&test.db, &trees, &drop_it)
+        .await
+        .unwrap();
+    let stored = calibration::load(&test.db, version).await.unwrap().unwrap();
+    assert_eq!(threshold(&trees, &stored), Some(lowest));
+
+    // A recall target: every box people drew is found, but 600 boxes
+    // cannot show 99.9% as a lower bound, so the gate shuts; 99% they can.
+    let strict_recall = PolicyPatch {
+        target_recall: Some(Some(0.999)),
+        ..PolicyPatch::default()
+    };
+    let trees = calibration::patch_policy(&test.db, &trees, &strict_recall)
+        .await
+        .unwrap();
+    let stored = calibration::load(&test.db, version).await.unwrap().unwrap();
+    assert_eq!(threshold(&trees, &stored), None);
+    let recall = PolicyPatch {
+        target_recall: Some(Some(0.99)),
+        ..PolicyPatch::default()
+    };
+    let trees = calibration::patch_policy(&test.db, &trees, &recall)
         .await
         .unwrap();
     let stored = calibration::load(&test.db, version).await.unwrap().unwrap();

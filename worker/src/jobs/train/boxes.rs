@@ -461,7 +461,8 @@ mod tests {
             right.boxes,
             Some(box_scores::BoxTally {
                 proposed: 2,
-                right: 2
+                right: 2,
+                truth: 2
             })
         );
 
@@ -486,7 +487,8 @@ mod tests {
             recall_first.boxes,
             Some(box_scores::BoxTally {
                 proposed: 2,
-                right: 1
+                right: 1,
+                truth: 1
             })
         );
     }
