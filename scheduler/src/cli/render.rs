@@ -31,6 +31,13 @@ pub fn project(status: &status::ProjectStatus) -> String {
             .map_or("none".into(), |v| format!("v{v}")),
         status.project.policy_version
     );
+    if let Ok(boxes) = status.project.box_settings() {
+        let _ = writeln!(
+            out,
+            "  boxes: tiles of {} px, proposed from {} (the next training run's; `sieve project boxes`)",
+            boxes.tile_size, boxes.proposal_threshold
+        );
+    }
     for m in &status.machine_label_accuracy {
         let _ = writeln!(
             out,
@@ -88,9 +95,22 @@ pub fn project(status: &status::ProjectStatus) -> String {
         } else {
             "shut: the random checks show the model short of the target; more labels and a retrain should open it".to_owned()
         };
+        let policy = &status.project.policy;
+        let boxes: Vec<String> = [
+            ("precision", policy.target_precision),
+            ("recall", policy.target_recall),
+        ]
+        .iter()
+        .filter_map(|(name, target)| target.map(|t| format!("box {name} ≥ {t}")))
+        .collect();
+        let boxes = if boxes.is_empty() {
+            String::new()
+        } else {
+            format!(" and {}", boxes.join(", "))
+        };
         let _ = writeln!(
             out,
-            "  calibration to {:.3}: {} random checks (at least {} needed); sampling {:.1}% of items; gate {state}",
+            "  calibration to {:.3}{boxes}: {} random checks (at least {} needed); sampling {:.1}% of items; gate {state}",
             c.target_accuracy,
             c.random_checks,
             c.needed,
@@ -248,4 +268,87 @@ pub fn reviewers(report: &reviewers::ReviewerFiguresReport) -> String {
         report.confidence_level
     );
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use sieve_shared::ids::ProjectId;
+    use sieve_shared::kind::TaskKind;
+    use sieve_shared::messages::ModelArch;
+
+    use super::*;
+    use crate::box_settings::BoxSettings;
+    use crate::policy::Policy;
+    use crate::projects::Project;
+
+    fn status_of(arch: ModelArch, kind: TaskKind, policy: Policy) -> status::ProjectStatus {
+        status::ProjectStatus {
+            project: Project {
+                id: ProjectId::new(),
+                name: "p".into(),
+                class_names: vec!["tree".into()],
+                policy,
+                policy_version: 1,
+                active_model_version_id: None,
+                arch,
+                task_kind: kind,
+                boxes: BoxSettings {
+                    tile_size: Some(256),
+                    proposal_threshold: None,
+                },
+            },
+            items: Default::default(),
+            total_items: 0,
+            review_open: 0,
+            review_claimed: 0,
+            machine_labeled: 0,
+            human_labeled: 0,
+            active_model_version: None,
+            machine_label_accuracy: Vec::new(),
+            second_opinions: Default::default(),
+            reported_labels: Vec::new(),
+            calibration: Some(status::CalibrationStatus {
+                target_accuracy: 0.95,
+                open: true,
+                random_checks: 300,
+                needed: 73,
+                waiting: 0,
+                answered_since: 0,
+                sample_rate: 0.02,
+            }),
+            face_audits: None,
+        }
+    }
+
+    #[test]
+    fn a_box_project_shows_its_settings_and_box_targets() {
+        let policy = Policy {
+            target_accuracy: Some(0.95),
+            target_recall: Some(0.99),
+            ..Policy::default()
+        };
+        let shown = project(&status_of(ModelArch::Detector, TaskKind::Detection, policy));
+        assert!(
+            shown.contains("boxes: tiles of 256 px, proposed from 0.5"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("calibration to 0.950 and box recall ≥ 0.99:"),
+            "{shown}"
+        );
+        let plain = project(&status_of(
+            ModelArch::SmallCnn,
+            TaskKind::Classification,
+            Policy {
+                target_accuracy: Some(0.95),
+                ..Policy::default()
+            },
+        ));
+        assert!(!plain.contains("boxes:"), "{plain}");
+        assert!(
+            plain.contains("calibration to 0.950: 300 random checks"),
+            "{plain}"
+        );
+    }
 }
