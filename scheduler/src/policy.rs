@@ -114,11 +114,12 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// Recall first: a `deidentify` project's own default target, a stated
-    /// [`target_accuracy`](Self::target_accuracy) of 0.99: at least 99% of
-    /// the images it accepts by machine miss no face or plate (a lower
-    /// confidence bound on random checks), not a confidence threshold a
-    /// leak could slip under.
+    /// Recall first: a `deidentify` project's own default targets, a stated
+    /// [`target_accuracy`](Self::target_accuracy) of 0.99 (at least 99% of
+    /// the images it accepts by machine miss no face or plate) and a
+    /// [`target_recall`](Self::target_recall) of 0.99 (at least 99% of the
+    /// faces and plates in them are boxed), each a lower confidence bound
+    /// on random checks, not a confidence threshold a leak could slip under.
     pub const DEIDENTIFY_TARGET: f64 = 0.99;
 
     /// The policy a project of `kind` gets when its creator states none.
@@ -126,6 +127,7 @@ impl Policy {
         match kind {
             TaskKind::Deidentify => Self {
                 target_accuracy: Some(Self::DEIDENTIFY_TARGET),
+                target_recall: Some(Self::DEIDENTIFY_TARGET),
                 ..Self::default()
             },
             TaskKind::Classification | TaskKind::Detection => Self::default(),
@@ -274,6 +276,17 @@ impl PolicyPatch {
         if let Some(v) = target_recall {
             next.target_recall = v;
         }
+        // Box targets rest on the calibration a target accuracy makes:
+        // going back to a fixed threshold drops those the change does not
+        // set itself.
+        if next.target_accuracy.is_none() {
+            if target_precision.is_none() {
+                next.target_precision = None;
+            }
+            if target_recall.is_none() {
+                next.target_recall = None;
+            }
+        }
         next
     }
 }
@@ -392,10 +405,30 @@ mod tests {
 
     #[test]
     fn a_deidentify_project_defaults_to_a_stated_target() {
+        let street = Policy::default_for(TaskKind::Deidentify);
         assert_eq!(
-            Policy::default_for(TaskKind::Deidentify).target_accuracy,
-            Some(Policy::DEIDENTIFY_TARGET)
+            (street.target_accuracy, street.target_recall),
+            (
+                Some(Policy::DEIDENTIFY_TARGET),
+                Some(Policy::DEIDENTIFY_TARGET)
+            )
         );
+        // Back to a fixed threshold: the box targets resting on the
+        // calibration go with it, unless the change sets them itself.
+        let fixed = PolicyPatch {
+            target_accuracy: Some(None),
+            ..PolicyPatch::default()
+        }
+        .apply(&street);
+        assert_eq!((fixed.target_accuracy, fixed.target_recall), (None, None));
+        assert!(fixed.validate_for(TaskKind::Deidentify).is_ok());
+        let contradictory = PolicyPatch {
+            target_accuracy: Some(None),
+            target_recall: Some(Some(0.9)),
+            ..PolicyPatch::default()
+        }
+        .apply(&street);
+        assert!(contradictory.validate_for(TaskKind::Deidentify).is_err());
         for kind in [TaskKind::Classification, TaskKind::Detection] {
             assert_eq!(Policy::default_for(kind), Policy::default());
         }

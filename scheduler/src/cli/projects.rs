@@ -43,7 +43,7 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
             .await?;
             if task == TaskKind::Deidentify {
                 println!(
-                    "created {task} project {} ({}) with classes {} on {}: the pretrained face detector is being made its first version; ingest photos, review what it is unsure of, then `sieve export -p {} --format blurred --out DIR`. Its target: {} (images are accepted by machine once random checks show that share of them miss no face or plate; until then they go to people; `sieve project policy {} --target-accuracy` changes it)",
+                    "created {task} project {} ({}) with classes {} on {}: the pretrained face detector is being made its first version; ingest photos, review what it is unsure of, then `sieve export -p {} --format blurred --out DIR`. Its targets: {} of images, {} of boxes (images are accepted by machine once random checks show that share of them miss no face or plate, and that share of faces and plates boxed; until then they go to people; `sieve project policy {} --target-accuracy --target-recall` changes them)",
                     project.name,
                     project.id,
                     project.class_names.join(","),
@@ -52,6 +52,10 @@ pub async fn project(settings: Settings, command: ProjectCommand) -> anyhow::Res
                     project
                         .policy
                         .target_accuracy
+                        .map_or_else(|| "none".to_string(), |t| t.to_string()),
+                    project
+                        .policy
+                        .target_recall
                         .map_or_else(|| "none".to_string(), |t| t.to_string()),
                     project.name
                 );

@@ -314,9 +314,11 @@ async fn a_deidentify_project_starts_with_a_stated_target() {
         };
         let street = create(json!({ "name": "street", "task_kind": "deidentify" })).await;
         assert_eq!(street["policy"]["target_accuracy"], 0.99, "{street}");
+        assert_eq!(street["policy"]["target_recall"], 0.99, "{street}");
         let trees =
             create(json!({ "name": "trees", "classes": ["tree"], "task_kind": "detection" })).await;
         assert_eq!(trees["policy"]["target_accuracy"], Value::Null, "{trees}");
+        assert_eq!(trees["policy"]["target_recall"], Value::Null, "{trees}");
         let fixed = create(json!({
             "name": "fixed",
             "task_kind": "deidentify",
