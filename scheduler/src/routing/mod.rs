@@ -5,9 +5,12 @@
 //! - [`calibration`]: per-class thresholds calibrated to a target accuracy
 //!   from a version's random evidence, the random checks a shut gate asks
 //!   for, and policy changes that recalibrate.
+//! - [`route`]: what routing does with one item (pure), and a batch of
+//!   such decisions written set-wise; both of the above go through it.
 //! - [`reroute`]: after a policy change, the items waiting for review routed
 //!   again by their stored predictions.
 
 pub mod calibration;
 pub mod reroute;
 pub mod results;
+pub mod route;

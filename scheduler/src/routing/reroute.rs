@@ -4,8 +4,8 @@
 //! items already in review the active model may label: without this pass
 //! they stayed in review until the next version's rescore. The pass routes
 //! each waiting item again by its stored prediction from the active
-//! version, under the policy as it is now (`results::route`, the same code
-//! a fresh result goes through), so it costs no worker time.
+//! version, under the policy as it is now (`route::decide` and
+//! `route::write`, the same code a fresh result goes through), so it costs no worker time.
 //!
 //! An item is waiting when it is `in_review` and its active-version
 //! prediction was routed under an older policy version; the pass takes them
@@ -28,10 +28,10 @@ use sieve_shared::box_scores::ImageScores;
 use sieve_shared::scores::Scores;
 use uuid::Uuid;
 
-use crate::entities::item::{self, ItemState};
+use crate::entities::item::ItemState;
 use crate::entities::{prediction, project};
 use crate::projects::Project;
-use crate::routing::results::{self, ActiveModel, Applied, Routed};
+use crate::routing::route::{self, ActiveModel, Applied, Decided, Routed};
 
 /// Items routed per transaction.
 const CHUNK: usize = 500;
@@ -100,7 +100,7 @@ pub async fn reroute(
     .collect();
     for chunk in ids.chunks(CHUNK) {
         let txn = db.begin().await?;
-        results::lock_items(&txn, chunk).await?;
+        let items = route::lock_items(&txn, chunk).await?;
         let Some(model) = project::Entity::find_by_id(project_id).one(&txn).await? else {
             return Ok(None);
         };
@@ -112,10 +112,6 @@ pub async fn reroute(
             break;
         }
         let routing = ActiveModel::of(&txn, &current).await?;
-        let items = item::Entity::find()
-            .filter(item::Column::Id.is_in(chunk.iter().copied()))
-            .all(&txn)
-            .await?;
         let predictions: std::collections::HashMap<Uuid, prediction::Model> =
             prediction::Entity::find()
                 .filter(prediction::Column::ItemId.is_in(chunk.iter().copied()))
@@ -125,6 +121,8 @@ pub async fn reroute(
                 .into_iter()
                 .map(|p| (p.item_id, p))
                 .collect();
+        let tasks = route::open_tasks(&txn, chunk).await?;
+        let mut decided = Vec::new();
         for item in items {
             let Some(p) = predictions.get(&item.id) else {
                 continue;
@@ -152,12 +150,23 @@ pub async fn reroute(
                 proposal: detections.as_ref().map(ImageScores::labeled_boxes),
                 possible_miss: detections.as_ref().is_some_and(ImageScores::possible_miss),
             };
-            match results::route(&txn, &current, &routing, &item, routed).await? {
+            let outcome = route::decide(&current, &routing, &item, tasks.get(&item.id), &routed);
+            match outcome.applied() {
                 Applied::MachineLabeled => done.machine_labeled += 1,
                 Applied::SentToReview => done.review += 1,
                 _ => done.kept += 1,
             }
+            decided.push(Decided {
+                project_id,
+                item_id: item.id,
+                prediction_id: p.id,
+                version_id: active,
+                policy_version: current.policy_version,
+                outcome,
+            });
         }
+        route::write(&txn, &decided).await?;
+        route::mark_routed(&txn, &decided).await?;
         txn.commit().await?;
     }
     mark_rerouted(db, project_id, project.policy_version).await?;

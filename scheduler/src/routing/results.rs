@@ -1,12 +1,12 @@
 //! The result consumer: predictions in, routing decisions out.
 //!
 //! Results are taken from `sieve.results` in batches and applied in one
-//! transaction per batch, then acknowledged. The prediction insert is keyed
-//! on (item, model version), so a redelivered result finds its row and
-//! changes nothing; two scheduler processes consuming at once serialize on
-//! that key.
+//! transaction per batch, set-wise (`route.rs` decides and writes), then
+//! acknowledged. The prediction insert is keyed on (item, model version),
+//! so a redelivered result finds its row and changes nothing; two scheduler
+//! processes consuming at once serialize on the items' locks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +16,10 @@ use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use rand::Rng;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
-    TryInsertResult,
+    ActiveValue::Set, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    FromQueryResult, Statement, TransactionTrait,
 };
-use sieve_shared::boxes::{self, LabeledBox};
 use sieve_shared::broker;
 use sieve_shared::ids::ProjectId;
 use sieve_shared::messages::{
@@ -30,52 +27,28 @@ use sieve_shared::messages::{
     decode_results, encode,
 };
 use sieve_shared::retry;
-use sieve_shared::scores::Scores;
 use sieve_shared::topology::Route;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::context::Context;
 use crate::entities::item::{self, ItemState};
-use crate::entities::label::{self, LabelSource};
-use crate::entities::review_task::{self, TaskReason, TaskState};
-use crate::entities::{prediction, project};
-use crate::kind::{LabelValue, TaskKind};
-use crate::policy::{Decision, decide, draws};
+use crate::entities::project;
 use crate::projects::Project;
-use crate::routing::calibration::{self, Calibration};
+pub use crate::routing::route::Applied;
+use crate::routing::route::{self, ActiveModel, Decided, Routed};
 
 /// How long to wait for more results before applying a partial batch.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
-/// What happened to one result; counted for metrics and tests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Applied {
-    MachineLabeled,
-    SentToReview,
-    /// Stored, but routing left the item as it was (human-labeled, a claimed
-    /// task, or a prediction by a version that is no longer active).
-    Kept,
-    Duplicate,
-    Failed,
-    /// The item no longer exists.
-    UnknownItem,
-}
-
-impl Applied {
-    fn label(self) -> &'static str {
-        match self {
-            Applied::MachineLabeled => "machine_labeled",
-            Applied::SentToReview => "review",
-            Applied::Kept => "kept",
-            Applied::Duplicate => "duplicate",
-            Applied::Failed => "failed",
-            Applied::UnknownItem => "unknown_item",
-        }
-    }
-}
-
 /// Apply a batch of results in one transaction.
+///
+/// The batch is decided item by item ([`route::decide`]) and written
+/// set-wise: one multi-row insert of its predictions (keyed on item and
+/// version, so a redelivered result finds its row and is a
+/// [`Applied::Duplicate`]), then [`route::write`]. Results for an item that
+/// occurs more than once in the batch are taken in turns, each on the state
+/// the one before left.
 pub async fn apply(
     db: &DatabaseConnection,
     results: &[PrelabelResult],
@@ -87,39 +60,35 @@ pub async fn apply(
     let mut ids: Vec<Uuid> = results.iter().map(|r| r.item_id.as_uuid()).collect();
     ids.sort();
     ids.dedup();
-    let found = lock_items(&txn, &ids).await?;
-    if found < ids.len() {
+    let mut locked = route::lock_items(&txn, &ids).await?;
+    if locked.len() < ids.len() {
         // An ingest publishes a batch's jobs before its transaction commits
         // (`dispatch::lock_for_ingest`), so a result can come back for an
         // item not yet visible. Wait for the ingest batches in flight in
         // these projects, then look again; what is still missing is an
         // orphan (a batch that never committed) and is dropped below.
         wait_for_ingests(&txn, results).await?;
-        lock_items(&txn, &ids).await?;
+        locked = route::lock_items(&txn, &ids).await?;
     }
-    let mut projects: HashMap<ProjectId, Option<(Project, ActiveModel)>> = HashMap::new();
-    let mut outcomes = Vec::with_capacity(results.len());
-    for result in results {
-        if let std::collections::hash_map::Entry::Vacant(slot) = projects.entry(result.project_id) {
-            let found = project::Entity::find_by_id(result.project_id.as_uuid())
-                .one(&txn)
-                .await?
-                .map(Project::from_model)
-                .transpose()?;
-            let found = match found {
-                Some(project) => {
-                    let active = ActiveModel::of(&txn, &project).await?;
-                    Some((project, active))
-                }
-                None => None,
-            };
-            slot.insert(found);
+    let mut items: HashMap<Uuid, item::Model> = locked.into_iter().map(|i| (i.id, i)).collect();
+    let projects = projects_of(&txn, results).await?;
+
+    let mut outcomes = vec![Applied::UnknownItem; results.len()];
+    for (turn, positions) in turns(results).iter().enumerate() {
+        if turn > 0 {
+            // The turn before changed these items: read them again (still locked).
+            let again: Vec<Uuid> = positions
+                .iter()
+                .map(|&i| results[i].item_id.as_uuid())
+                .collect();
+            items.extend(
+                route::lock_items(&txn, &again)
+                    .await?
+                    .into_iter()
+                    .map(|i| (i.id, i)),
+            );
         }
-        let Some(Some((project, active))) = projects.get(&result.project_id) else {
-            outcomes.push(Applied::UnknownItem);
-            continue;
-        };
-        outcomes.push(apply_one(&txn, project, active, result).await?);
+        apply_turn(&txn, results, positions, &items, &projects, &mut outcomes).await?;
     }
     mark_returned(&txn, results).await?;
     txn.commit().await.context("committing a result batch")?;
@@ -127,6 +96,200 @@ pub async fn apply(
         metrics::counter!("sieve_results_routed_total", "outcome" => outcome.label()).increment(1);
     }
     Ok(outcomes)
+}
+
+/// The positions of `results` in turns, each holding an item at most once:
+/// an item's first result in the first turn, its second in the second….
+fn turns(results: &[PrelabelResult]) -> Vec<Vec<usize>> {
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    let mut turns: Vec<Vec<usize>> = Vec::new();
+    for (i, result) in results.iter().enumerate() {
+        let turn = seen.entry(result.item_id.as_uuid()).or_default();
+        if turns.len() <= *turn {
+            turns.push(Vec::new());
+        }
+        turns[*turn].push(i);
+        *turn += 1;
+    }
+    turns
+}
+
+/// The projects of `results`, each with what routing knows of its active
+/// version (`None`: the project is gone).
+async fn projects_of(
+    txn: &DatabaseTransaction,
+    results: &[PrelabelResult],
+) -> anyhow::Result<HashMap<ProjectId, Option<(Project, ActiveModel)>>> {
+    let mut projects = HashMap::new();
+    for result in results {
+        if projects.contains_key(&result.project_id) {
+            continue;
+        }
+        let found = project::Entity::find_by_id(result.project_id.as_uuid())
+            .one(txn)
+            .await?
+            .map(Project::from_model)
+            .transpose()?;
+        let found = match found {
+            Some(project) => {
+                let active = ActiveModel::of(txn, &project).await?;
+                Some((project, active))
+            }
+            None => None,
+        };
+        projects.insert(result.project_id, found);
+    }
+    Ok(projects)
+}
+
+/// Apply the results at `positions` (each item at most once), writing
+/// their outcomes into `outcomes`.
+async fn apply_turn(
+    txn: &DatabaseTransaction,
+    results: &[PrelabelResult],
+    positions: &[usize],
+    items: &HashMap<Uuid, item::Model>,
+    projects: &HashMap<ProjectId, Option<(Project, ActiveModel)>>,
+    outcomes: &mut [Applied],
+) -> anyhow::Result<()> {
+    let mut ids: Vec<Uuid> = positions
+        .iter()
+        .map(|&i| results[i].item_id.as_uuid())
+        .filter(|id| items.contains_key(id))
+        .collect();
+    ids.sort();
+    let tasks = route::open_tasks(txn, &ids).await?;
+    let mut rows = Vec::with_capacity(positions.len());
+    let mut decided = Vec::with_capacity(positions.len());
+    for &i in positions {
+        let result = &results[i];
+        let Some(Some((project, active))) = projects.get(&result.project_id) else {
+            continue;
+        };
+        let Some(item) = items.get(&result.item_id.as_uuid()) else {
+            tracing::warn!(item = %result.item_id, "result for an unknown item; dropping it");
+            continue;
+        };
+        let output = match &result.outcome {
+            PrelabelOutcome::Failed { reason } => {
+                outcomes[i] = fail(txn, project, item, result, reason).await?;
+                continue;
+            }
+            PrelabelOutcome::Scored(output) => output,
+        };
+        let detections = output.detections.as_ref();
+        let routed = Routed {
+            prediction_id: Uuid::now_v7(),
+            version_id: result.model_version_id.as_uuid(),
+            scores: &output.scores,
+            proposal: detections.map(|d| d.labeled_boxes()),
+            possible_miss: detections.is_some_and(|d| d.possible_miss()),
+        };
+        let outcome = route::decide(project, active, item, tasks.get(&item.id), &routed);
+        rows.push(prediction_row(
+            routed.prediction_id,
+            result,
+            output,
+            outcome.routed_to(),
+            project.policy_version,
+        ));
+        decided.push((
+            i,
+            Decided {
+                project_id: project.id.as_uuid(),
+                item_id: item.id,
+                prediction_id: routed.prediction_id,
+                version_id: routed.version_id,
+                policy_version: project.policy_version,
+                outcome,
+            },
+        ));
+    }
+    let inserted = insert_predictions(txn, rows).await?;
+    let mut fresh = Vec::with_capacity(decided.len());
+    for (i, d) in decided {
+        if inserted.contains(&d.prediction_id) {
+            outcomes[i] = d.outcome.applied();
+            fresh.push(d);
+        } else {
+            outcomes[i] = Applied::Duplicate;
+        }
+    }
+    route::write(txn, &fresh).await
+}
+
+/// A failed prediction. Only the active version fails an item: a failure by
+/// a version since replaced says nothing about what the active one can do
+/// (and the item's job for it is on its way). Only an item still waiting
+/// can fail; a labeled one keeps its label.
+async fn fail(
+    txn: &DatabaseTransaction,
+    project: &Project,
+    item: &item::Model,
+    result: &PrelabelResult,
+    reason: &str,
+) -> anyhow::Result<Applied> {
+    let by_active = project.active_model_version_id.is_none()
+        || project.active_model_version_id == Some(result.model_version_id.as_uuid());
+    if !by_active {
+        tracing::debug!(item = %item.id, version = %result.model_version_id, %reason, "a failure by a version no longer active; ignored");
+        return Ok(Applied::Kept);
+    }
+    if item.state == ItemState::Queued {
+        item::Entity::update(item::ActiveModel {
+            id: Set(item.id),
+            state: Set(ItemState::Failed),
+            last_error: Set(Some(reason.to_owned())),
+            attempts: Set(item.attempts + 1),
+            updated_at: Set(Utc::now().fixed_offset()),
+            ..Default::default()
+        })
+        .exec(txn)
+        .await?;
+    }
+    Ok(Applied::Failed)
+}
+
+/// Insert predictions (rows of [`prediction_row`]) where none exists yet
+/// for their item and version; returns the ids of those inserted.
+async fn insert_predictions(
+    txn: &DatabaseTransaction,
+    rows: Vec<serde_json::Value>,
+) -> anyhow::Result<HashSet<Uuid>> {
+    if rows.is_empty() {
+        return Ok(HashSet::new());
+    }
+    #[derive(FromQueryResult)]
+    struct Inserted {
+        id: Uuid,
+    }
+    let inserted = Inserted::find_by_statement(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        r#"
+        INSERT INTO predictions (id, item_id, model_version_id, job_id, worker_id, probabilities,
+                                 member_votes, top_class, confidence, margin, entropy,
+                                 disagreement, mutual_information, embedding, detections,
+                                 routed_to, policy_version, created_at)
+        SELECT r.id, r.item_id, r.model_version_id, r.job_id, r.worker_id, r.probabilities,
+               r.member_votes, r.top_class, r.confidence, r.margin, r.entropy,
+               r.disagreement, r.mutual_information, r.embedding, r.detections,
+               r.routed_to, r.policy_version, $2
+        FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, item_id uuid, model_version_id uuid,
+             job_id uuid, worker_id text, probabilities jsonb, member_votes jsonb, top_class int,
+             confidence real, margin real, entropy real, disagreement real,
+             mutual_information real, embedding jsonb, detections jsonb, routed_to text,
+             policy_version int)
+        ON CONFLICT (item_id, model_version_id) DO NOTHING
+        RETURNING id
+        "#,
+        [
+            serde_json::Value::Array(rows).to_string().into(),
+            Utc::now().fixed_offset().into(),
+        ],
+    ))
+    .all(txn)
+    .await?;
+    Ok(inserted.into_iter().map(|row| row.id).collect())
 }
 
 /// Record how far each project's jobs have come back: the latest time a
@@ -179,20 +342,6 @@ fn published_at(job: Uuid) -> Option<chrono::DateTime<Utc>> {
     chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
 }
 
-/// Lock the items `ids` (sorted) in id order; returns how many exist.
-pub(crate) async fn lock_items(txn: &DatabaseTransaction, ids: &[Uuid]) -> anyhow::Result<usize> {
-    let found = item::Entity::find()
-        .select_only()
-        .column(item::Column::Id)
-        .filter(item::Column::Id.is_in(ids.iter().copied()))
-        .order_by_asc(item::Column::Id)
-        .lock_exclusive()
-        .into_tuple::<Uuid>()
-        .all(txn)
-        .await?;
-    Ok(found.len())
-}
-
 /// Wait until no ingest batch of the results' projects is in flight: each
 /// holds its project's row in share mode until it commits, and this takes
 /// a lock that conflicts with that, until the end of `txn`.
@@ -216,391 +365,35 @@ async fn wait_for_ingests(
     Ok(())
 }
 
-/// What routing needs to know about a project's active model.
-#[derive(Default)]
-pub(crate) struct ActiveModel {
-    calibration: Option<Calibration>,
-    /// Trained on nothing: route everything to review as a random seed set.
-    untrained: bool,
-}
-
-impl ActiveModel {
-    /// What routing knows about `project`'s active version (nothing without one).
-    pub(crate) async fn of(txn: &impl ConnectionTrait, project: &Project) -> anyhow::Result<Self> {
-        Ok(match project.active_model_version_id {
-            Some(id) => ActiveModel {
-                calibration: calibration::load(txn, id).await?,
-                untrained: calibration::is_untrained(txn, id).await?,
-            },
-            None => ActiveModel::default(),
-        })
-    }
-
-    /// The share of items sampled for random checks under `policy`: more
-    /// than the audit rate while the version's calibration, for this very
-    /// policy, is short of evidence.
-    fn sample_rate(&self, policy: &crate::policy::Policy) -> f64 {
-        self.calibration
-            .as_ref()
-            .filter(|c| c.is_for(policy))
-            .and_then(|c| c.sample_rate)
-            .unwrap_or(policy.audit_rate)
-    }
-}
-
-async fn apply_one(
-    txn: &DatabaseTransaction,
-    project: &Project,
-    active: &ActiveModel,
-    result: &PrelabelResult,
-) -> anyhow::Result<Applied> {
-    // Lock the item: its state changes below must not race another batch.
-    let Some(item) = item::Entity::find_by_id(result.item_id.as_uuid())
-        .lock_exclusive()
-        .one(txn)
-        .await?
-    else {
-        tracing::warn!(item = %result.item_id, "result for an unknown item; dropping it");
-        return Ok(Applied::UnknownItem);
-    };
-    let now = Utc::now().fixed_offset();
-
-    let output = match &result.outcome {
-        PrelabelOutcome::Failed { reason } => {
-            // Only the active version fails an item: a failure by a version
-            // since replaced says nothing about what the active one can do
-            // (and the item's job for it is on its way).
-            let by_active = project.active_model_version_id.is_none()
-                || project.active_model_version_id == Some(result.model_version_id.as_uuid());
-            if !by_active {
-                tracing::debug!(item = %item.id, version = %result.model_version_id, %reason, "a failure by a version no longer active; ignored");
-                return Ok(Applied::Kept);
-            }
-            // Only an item still waiting can fail; a labeled one keeps its label.
-            if item.state == ItemState::Queued {
-                item::Entity::update(item::ActiveModel {
-                    id: Set(item.id),
-                    state: Set(ItemState::Failed),
-                    last_error: Set(Some(reason.clone())),
-                    attempts: Set(item.attempts + 1),
-                    updated_at: Set(now),
-                    ..Default::default()
-                })
-                .exec(txn)
-                .await?;
-            }
-            return Ok(Applied::Failed);
-        }
-        PrelabelOutcome::Scored(output) => output,
-    };
-
-    let prediction_id = Uuid::now_v7();
-    let inserted = prediction::Entity::insert(prediction_row(prediction_id, result, output))
-        .on_conflict_do_nothing_on([
-            prediction::Column::ItemId,
-            prediction::Column::ModelVersionId,
-        ])
-        .exec_without_returning(txn)
-        .await?;
-    if !matches!(inserted, TryInsertResult::Inserted(n) if n > 0) {
-        return Ok(Applied::Duplicate);
-    }
-
-    route(
-        txn,
-        project,
-        active,
-        &item,
-        Routed {
-            prediction_id,
-            version_id: result.model_version_id.as_uuid(),
-            scores: &output.scores,
-            proposal: output.detections.as_ref().map(|d| d.labeled_boxes()),
-            possible_miss: output
-                .detections
-                .as_ref()
-                .is_some_and(|d| d.possible_miss()),
-        },
-    )
-    .await
-}
-
-/// What routing does with an item: label it, or send it to people.
-enum Verdict {
-    Label(LabelValue),
-    Review { reason: TaskReason, priority: f32 },
-}
-
-/// A stored prediction, about to be routed.
-pub(crate) struct Routed<'a> {
-    pub prediction_id: Uuid,
-    pub version_id: Uuid,
-    pub scores: &'a Scores,
-    /// A detector's proposed boxes: the label a machine-accepted image gets.
-    pub proposal: Option<Vec<LabeledBox>>,
-    /// Whether a box committee may have missed something
-    /// (`ImageScores::possible_miss`): a recall-first kind never accepts
-    /// such an image by machine.
-    pub possible_miss: bool,
-}
-
-impl Routed<'_> {
-    /// The label a machine acceptance writes for `project`'s item: the
-    /// proposed class, or the proposed boxes if they fit the item (a
-    /// detection prediction without a proposal, or with a box the image
-    /// cannot hold, is no label at all).
-    fn machine_label(
-        &self,
-        project: &Project,
-        item: &item::Model,
-        class_index: u32,
-    ) -> Option<LabelValue> {
-        match project.task_kind {
-            TaskKind::Classification => Some(LabelValue::Class(class_index as i32)),
-            TaskKind::Detection | TaskKind::Deidentify => {
-                let boxes = self.proposal.clone()?;
-                let (width, height) = (
-                    u32::try_from(item.width?).ok()?,
-                    u32::try_from(item.height?).ok()?,
-                );
-                match boxes::check(&boxes, project.class_names.len(), width, height) {
-                    Ok(()) => Some(LabelValue::Boxes(boxes)),
-                    Err(problem) => {
-                        tracing::warn!(item = %item.id, %problem, "a proposal the image cannot hold; sent to review instead");
-                        None
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Route an item (locked by the caller) by one of its predictions under the
-/// project's current policy: a machine label, a review task, or kept as it
-/// is. Marks the prediction with the outcome and the policy version.
-pub(crate) async fn route(
-    txn: &DatabaseTransaction,
-    project: &Project,
-    active: &ActiveModel,
-    item: &item::Model,
-    routed: Routed<'_>,
-) -> anyhow::Result<Applied> {
-    let (prediction_id, version_id, scores) =
-        (routed.prediction_id, routed.version_id, routed.scores);
-    let now = Utc::now().fixed_offset();
-    let is_active = project.active_model_version_id == Some(version_id);
-    let routable = matches!(
-        item.state,
-        ItemState::Queued | ItemState::InReview | ItemState::AutoLabeled
-    );
-    let open_task = review_task::Entity::find()
-        .filter(review_task::Column::ItemId.eq(item.id))
-        .filter(review_task::Column::State.is_in([TaskState::Open, TaskState::Claimed]))
-        .lock_exclusive()
-        .one(txn)
-        .await?;
-    let claimed = open_task
-        .as_ref()
-        .is_some_and(|t| t.state == TaskState::Claimed);
-    // Someone reported its label as wrong: people decide, not a model
-    // (`items::reopen`).
-    let reported = open_task
-        .as_ref()
-        .is_some_and(|t| t.reason == TaskReason::Reported);
-    if !is_active || !routable || claimed || reported {
-        mark_routed(txn, prediction_id, "kept", project.policy_version).await?;
-        return Ok(Applied::Kept);
-    }
-
-    let draws = draws(project.id, &item.content_hash);
-    let threshold = calibration::threshold_for(
-        &project.policy,
-        scores.top_class,
-        active.calibration.as_ref(),
-    );
-    let decision = if active.untrained {
-        // An untrained committee's doubt is noise, and ordering by it would
-        // bias the first labels toward whatever classes it happens to doubt.
-        // Review in random order instead: the first labels are a random
-        // sample of the data (the seed set).
-        Decision::Review {
-            reason: TaskReason::Seed,
-            priority: rand::rng().random::<f32>(),
-        }
-    } else {
-        decide(
-            &project.policy,
-            scores,
-            threshold,
-            draws,
-            active.sample_rate(&project.policy),
-        )
-    };
-    // A machine acceptance needs a label to write; without one, people decide.
-    let verdict = match decision {
-        // Recall first: a possible miss is a possible privacy leak, so such
-        // an image is neither accepted nor audited as if it would have been.
-        Decision::MachineLabel { .. }
-        | Decision::Review {
-            reason: TaskReason::Audit,
-            ..
-        } if project.task_kind == TaskKind::Deidentify && routed.possible_miss => Verdict::Review {
-            reason: TaskReason::LowConfidence,
-            priority: (1.0 - scores.confidence) + scores.disagreement,
-        },
-        Decision::MachineLabel { class_index } => {
-            match routed.machine_label(project, item, class_index) {
-                Some(value) => Verdict::Label(value),
-                None => Verdict::Review {
-                    reason: TaskReason::LowConfidence,
-                    priority: (1.0 - scores.confidence) + scores.disagreement,
-                },
-            }
-        }
-        Decision::Review { reason, priority } => Verdict::Review { reason, priority },
-    };
-    match verdict {
-        Verdict::Label(value) => {
-            label::Entity::insert(label::ActiveModel {
-                id: Set(Uuid::now_v7()),
-                item_id: Set(item.id),
-                class_index: Set(value.class_index()),
-                boxes: Set(value.boxes_json()),
-                source: Set(LabelSource::Machine),
-                reviewer: Set(None),
-                prediction_id: Set(Some(prediction_id)),
-                model_version_id: Set(Some(version_id)),
-                review_task_id: Set(None),
-                created_at: Set(now),
-            })
-            .exec_without_returning(txn)
-            .await?;
-            if let Some(task) = open_task {
-                // The better model is now sure: nobody needs to look at it.
-                review_task::Entity::update(review_task::ActiveModel {
-                    id: Set(task.id),
-                    state: Set(TaskState::Cancelled),
-                    closed_at: Set(Some(now)),
-                    updated_at: Set(now),
-                    ..Default::default()
-                })
-                .exec(txn)
-                .await?;
-            }
-            set_state(txn, item.id, ItemState::AutoLabeled, now).await?;
-            mark_routed(txn, prediction_id, "auto_labeled", project.policy_version).await?;
-            Ok(Applied::MachineLabeled)
-        }
-        Verdict::Review { reason, priority } => {
-            match open_task {
-                Some(task) => {
-                    // Re-prioritise by the newer model's doubt.
-                    review_task::Entity::update(review_task::ActiveModel {
-                        id: Set(task.id),
-                        prediction_id: Set(Some(prediction_id)),
-                        reason: Set(reason),
-                        priority: Set(priority),
-                        updated_at: Set(now),
-                        ..Default::default()
-                    })
-                    .exec(txn)
-                    .await?;
-                }
-                None => {
-                    let task = review_task::ActiveModel {
-                        id: Set(Uuid::now_v7()),
-                        project_id: Set(project.id.as_uuid()),
-                        item_id: Set(item.id),
-                        prediction_id: Set(Some(prediction_id)),
-                        reason: Set(reason),
-                        priority: Set(priority),
-                        state: Set(TaskState::Open),
-                        lease_holder: Set(None),
-                        lease_expires_at: Set(None),
-                        fencing_token: Set(0),
-                        created_at: Set(now),
-                        updated_at: Set(now),
-                        closed_at: Set(None),
-                    };
-                    let opened = review_task::Entity::insert(task)
-                        .on_conflict_do_nothing()
-                        .exec_without_returning(txn)
-                        .await?;
-                    if matches!(opened, TryInsertResult::Inserted(n) if n > 0) {
-                        metrics::counter!("sieve_review_tasks_opened_total").increment(1);
-                    }
-                }
-            }
-            set_state(txn, item.id, ItemState::InReview, now).await?;
-            mark_routed(txn, prediction_id, "review", project.policy_version).await?;
-            Ok(Applied::SentToReview)
-        }
-    }
-}
-
+/// A prediction's row for [`insert_predictions`], routed to `routed_to`
+/// under `policy_version`.
 fn prediction_row(
     id: Uuid,
     result: &PrelabelResult,
     output: &PredictionOutput,
-) -> prediction::ActiveModel {
-    let s = &output.scores;
-    prediction::ActiveModel {
-        id: Set(id),
-        item_id: Set(result.item_id.as_uuid()),
-        model_version_id: Set(result.model_version_id.as_uuid()),
-        job_id: Set(result.job_id.as_uuid()),
-        worker_id: Set(result.worker_id.clone()),
-        probabilities: Set(serde_json::json!(output.probabilities)),
-        member_votes: Set(serde_json::json!(output.member_votes)),
-        top_class: Set(s.top_class as i32),
-        confidence: Set(s.confidence),
-        margin: Set(s.margin),
-        entropy: Set(s.entropy),
-        disagreement: Set(s.disagreement),
-        mutual_information: Set(s.mutual_information),
-        embedding: Set(output.embedding.as_ref().map(|e| serde_json::json!(e))),
-        detections: Set(output
-            .detections
-            .as_ref()
-            .and_then(|d| serde_json::to_value(d).ok())),
-        routed_to: Set(None),
-        policy_version: Set(None),
-        created_at: Set(Utc::now().fixed_offset()),
-    }
-}
-
-async fn set_state(
-    txn: &DatabaseTransaction,
-    id: Uuid,
-    state: ItemState,
-    now: chrono::DateTime<chrono::FixedOffset>,
-) -> anyhow::Result<()> {
-    item::Entity::update(item::ActiveModel {
-        id: Set(id),
-        state: Set(state),
-        updated_at: Set(now),
-        ..Default::default()
-    })
-    .exec(txn)
-    .await?;
-    Ok(())
-}
-
-async fn mark_routed(
-    txn: &DatabaseTransaction,
-    prediction_id: Uuid,
     routed_to: &str,
     policy_version: i32,
-) -> anyhow::Result<()> {
-    prediction::Entity::update(prediction::ActiveModel {
-        id: Set(prediction_id),
-        routed_to: Set(Some(routed_to.to_owned())),
-        policy_version: Set(Some(policy_version)),
-        ..Default::default()
+) -> serde_json::Value {
+    let s = &output.scores;
+    serde_json::json!({
+        "id": id,
+        "item_id": result.item_id.as_uuid(),
+        "model_version_id": result.model_version_id.as_uuid(),
+        "job_id": result.job_id.as_uuid(),
+        "worker_id": result.worker_id,
+        "probabilities": output.probabilities,
+        "member_votes": output.member_votes,
+        "top_class": s.top_class as i32,
+        "confidence": route::real(s.confidence),
+        "margin": route::real(s.margin),
+        "entropy": route::real(s.entropy),
+        "disagreement": route::real(s.disagreement),
+        "mutual_information": route::real(s.mutual_information),
+        "embedding": output.embedding,
+        "detections": output.detections.as_ref().and_then(|d| serde_json::to_value(d).ok()),
+        "routed_to": routed_to,
+        "policy_version": policy_version,
     })
-    .exec(txn)
-    .await?;
-    Ok(())
 }
 
 /// Consume `sieve.results` until `stop`, applying results in batches.
@@ -829,5 +622,33 @@ async fn ack_all(deliveries: Vec<Delivery>) {
         if let Err(err) = delivery.ack(BasicAckOptions::default()).await {
             tracing::warn!(error = %err, "ack failed; the results will be redelivered and deduplicated");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sieve_shared::ids::{ItemId, JobId, ModelVersionId};
+
+    use super::*;
+
+    fn failed(item: Uuid) -> PrelabelResult {
+        PrelabelResult {
+            schema: SCHEMA_VERSION,
+            job_id: JobId::new(),
+            project_id: ProjectId::new(),
+            item_id: ItemId::from_uuid(item),
+            model_version_id: ModelVersionId::new(),
+            worker_id: "w".into(),
+            outcome: PrelabelOutcome::Failed { reason: "r".into() },
+        }
+    }
+
+    #[test]
+    fn an_item_is_in_a_turn_at_most_once_and_its_results_keep_their_order() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let batch: Vec<PrelabelResult> = [a, b, a, c, a, b].into_iter().map(failed).collect();
+        assert_eq!(turns(&batch), vec![vec![0, 1, 3], vec![2, 5], vec![4]]);
+        assert_eq!(turns(&batch[..2]), vec![vec![0, 1]]);
+        assert!(turns(&[]).is_empty());
     }
 }

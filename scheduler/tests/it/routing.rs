@@ -2,22 +2,27 @@
 //! synthetic prediction set exactly as computed by hand (calibrated on the
 //! randomly picked evidence only), a redelivered batch changes nothing, and
 //! audit sampling holds its rate; a box project's precision and recall
-//! targets raise its threshold above images with false or missed boxes.
+//! targets raise its threshold above images with false or missed boxes; one
+//! batch holding every kind of result, some for the same item twice, is
+//! routed as each result would be in turn.
 
 #![allow(clippy::unwrap_used)]
 
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use sieve_scheduler::entities::item::{self, ItemState};
 use sieve_scheduler::entities::label;
-use sieve_scheduler::entities::review_task::{self, TaskReason};
+use sieve_scheduler::entities::review_task::{self, TaskReason, TaskState};
+use sieve_scheduler::entities::{prediction, project as project_entity};
 use sieve_scheduler::policy::{Policy, PolicyPatch};
 use sieve_scheduler::projects::{self, ClassNames, Project, ProjectName};
 use sieve_scheduler::routing::results::{self, Applied};
 use sieve_scheduler::routing::{calibration, reroute};
 use sieve_shared::box_scores::BoxTally;
 use sieve_shared::kind::TaskKind;
-use sieve_shared::messages::{HoldoutEvaluation, HoldoutMetrics, ModelArch, PrelabelResult};
-use sieve_testkit::{Sandbox, Scored};
+use sieve_shared::messages::{
+    HoldoutEvaluation, HoldoutMetrics, ModelArch, PrelabelOutcome, PrelabelResult,
+};
+use sieve_testkit::{Sandbox, Scored, StubVersion};
 use uuid::Uuid;
 
 /// Project "routing", classes a, b and c, under `policy`.
@@ -52,16 +57,17 @@ async fn project_with_model(
         average_precision: None,
         paired: None,
     };
-    let (_, version) = sieve_testkit::activate_stub(
-        &test.db,
-        &project,
-        Some(serde_json::to_value(&metrics).unwrap()),
-    )
-    .await;
+    let (_, version) =
+        sieve_testkit::activate_stub(&test.db, &project, Some(trained(&metrics))).await;
     calibration::refresh(&test.db, &policy, version, 3)
         .await
         .unwrap();
     (projects::get(&test.db, "routing").await.unwrap(), version)
+}
+
+/// A trained version's metrics as stored.
+fn trained(metrics: &HoldoutMetrics) -> serde_json::Value {
+    serde_json::to_value(metrics).unwrap()
 }
 
 async fn queued_item(test: &Sandbox, project: &Project, n: usize) -> Uuid {
@@ -280,12 +286,8 @@ async fn a_gate_shut_for_want_of_evidence_asks_for_random_checks_first() {
         average_precision: None,
         paired: None,
     };
-    let (_, version) = sieve_testkit::activate_stub(
-        &test.db,
-        &project,
-        Some(serde_json::to_value(&metrics).unwrap()),
-    )
-    .await;
+    let (_, version) =
+        sieve_testkit::activate_stub(&test.db, &project, Some(trained(&metrics))).await;
     let stored = calibration::refresh(&test.db, &policy, version, 3)
         .await
         .unwrap()
@@ -614,5 +616,216 @@ async fn box_targets_hold_back_images_with_false_or_missed_boxes() {
             .contains("a classification project has none"),
         "{refused}"
     );
+    drop(test);
+}
+
+/// Version 2 of `project`, trained and made active; version 1 retired.
+async fn activate_second(test: &Sandbox, project: &Project) -> Uuid {
+    use sieve_scheduler::entities::model_version::{self, VersionStatus};
+    model_version::Entity::update_many()
+        .col_expr(
+            model_version::Column::Status,
+            sea_orm::sea_query::Expr::value(VersionStatus::Retired),
+        )
+        .filter(model_version::Column::ProjectId.eq(project.id.as_uuid()))
+        .exec(&test.db)
+        .await
+        .unwrap();
+    let metrics = HoldoutMetrics {
+        holdout_size: 0,
+        accuracy: None,
+        train_size: 100,
+        evaluations: Vec::new(),
+        base_accuracy: None,
+        average_precision: None,
+        paired: None,
+    };
+    let version = StubVersion {
+        number: 2,
+        metrics: Some(trained(&metrics)),
+        ..StubVersion::active()
+    }
+    .insert(&test.db, project.id.as_uuid())
+    .await;
+    project_entity::Entity::update(project_entity::ActiveModel {
+        id: sea_orm::ActiveValue::Set(project.id.as_uuid()),
+        active_model_version_id: sea_orm::ActiveValue::Set(Some(version)),
+        ..Default::default()
+    })
+    .exec(&test.db)
+    .await
+    .unwrap();
+    version
+}
+
+#[tokio::test]
+async fn a_mixed_batch_is_routed_as_each_result_in_turn() {
+    let test = Sandbox::start(|_| {}).await;
+    // A fixed threshold of 0.9, nothing audited: every route is known.
+    let policy = Policy {
+        confidence_threshold: 0.9,
+        audit_rate: 0.0,
+        ..Policy::default()
+    };
+    let (project, first) = project_with_model(&test, policy, Vec::new()).await;
+    let [sure, unsure, reviewed, shifting, twice, repeated, failing] = {
+        let mut items = Vec::new();
+        for n in 0..7 {
+            items.push(queued_item(&test, &project, n).await);
+        }
+        <[Uuid; 7]>::try_from(items).unwrap()
+    };
+    // Two items wait for review under version 1.
+    let waiting = results::apply(
+        &test.db,
+        &[
+            result(&project, first, reviewed, 0, 0.5, 0.0),
+            result(&project, first, shifting, 0, 0.5, 0.0),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(waiting, [Applied::SentToReview, Applied::SentToReview]);
+    let task_of = |item: Uuid| {
+        review_task::Entity::find()
+            .filter(review_task::Column::ItemId.eq(item))
+            .one(&test.db)
+    };
+    let reviewed_task = task_of(reviewed).await.unwrap().unwrap();
+    let shifting_task = task_of(shifting).await.unwrap().unwrap();
+
+    let second = activate_second(&test, &project).await;
+    let project = projects::get(&test.db, "routing").await.unwrap();
+    let mut failed = result(&project, second, failing, 0, 0.99, 0.0);
+    failed.outcome = PrelabelOutcome::Failed {
+        reason: "undecodable image".into(),
+    };
+    let unknown = result(&project, second, Uuid::now_v7(), 0, 0.99, 0.0);
+    let batch = [
+        result(&project, second, sure, 1, 0.99, 0.0),
+        result(&project, second, unsure, 1, 0.5, 0.0),
+        result(&project, second, reviewed, 2, 0.99, 0.0),
+        result(&project, second, shifting, 2, 0.6, 0.0),
+        // By the retired version, then by the active one: the second turn.
+        result(&project, first, twice, 0, 0.99, 0.0),
+        result(&project, second, twice, 2, 0.95, 0.0),
+        // The same prediction delivered twice in one batch.
+        result(&project, second, repeated, 0, 0.5, 0.0),
+        result(&project, second, repeated, 0, 0.5, 0.0),
+        failed,
+        unknown,
+    ];
+    let outcomes = results::apply(&test.db, &batch).await.unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Applied::MachineLabeled,
+            Applied::SentToReview,
+            Applied::MachineLabeled,
+            Applied::SentToReview,
+            Applied::Kept,
+            Applied::MachineLabeled,
+            Applied::SentToReview,
+            Applied::Duplicate,
+            Applied::Failed,
+            Applied::UnknownItem,
+        ]
+    );
+
+    let db = &test.db;
+    let state = |item: Uuid| async move {
+        item::Entity::find_by_id(item)
+            .one(db)
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+    };
+    assert_eq!(state(sure).await, ItemState::AutoLabeled);
+    assert_eq!(state(unsure).await, ItemState::InReview);
+    assert_eq!(state(reviewed).await, ItemState::AutoLabeled);
+    assert_eq!(state(shifting).await, ItemState::InReview);
+    assert_eq!(state(twice).await, ItemState::AutoLabeled);
+    assert_eq!(state(repeated).await, ItemState::InReview);
+    assert_eq!(state(failing).await, ItemState::Failed);
+
+    // Machine labels carry the class and the version that gave them.
+    let labels = label::Entity::find().all(&test.db).await.unwrap();
+    let class_of = |item: Uuid| {
+        let mine: Vec<_> = labels.iter().filter(|l| l.item_id == item).collect();
+        assert_eq!(mine.len(), 1, "one label for {item}: {labels:?}");
+        assert_eq!(mine[0].model_version_id, Some(second));
+        mine[0].class_index
+    };
+    assert_eq!(class_of(sure), Some(1));
+    assert_eq!(class_of(reviewed), Some(2));
+    assert_eq!(class_of(twice), Some(2));
+    assert_eq!(labels.len(), 3);
+
+    // The sure model cancelled one task and re-prioritised the other.
+    let reviewed_after = review_task::Entity::find_by_id(reviewed_task.id)
+        .one(&test.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reviewed_after.state, TaskState::Cancelled);
+    assert!(reviewed_after.closed_at.is_some());
+    let shifting_after = review_task::Entity::find_by_id(shifting_task.id)
+        .one(&test.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(shifting_after.state, TaskState::Open);
+    assert!(
+        (shifting_after.priority - 0.4).abs() < 1e-6,
+        "{shifting_after:?}"
+    );
+    let shifting_prediction = prediction::Entity::find()
+        .filter(prediction::Column::ItemId.eq(shifting))
+        .filter(prediction::Column::ModelVersionId.eq(second))
+        .one(&test.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(shifting_after.prediction_id, Some(shifting_prediction.id));
+    // One open task each for the items in review, none for the others.
+    let open: Vec<Uuid> = review_task::Entity::find()
+        .filter(review_task::Column::State.eq(TaskState::Open))
+        .all(&test.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.item_id)
+        .collect();
+    let mut expected_open = vec![unsure, shifting, repeated];
+    expected_open.sort();
+    let mut open_sorted = open.clone();
+    open_sorted.sort();
+    assert_eq!(open_sorted, expected_open);
+
+    // Every stored prediction says where it went, under the policy's version.
+    let routed: Vec<(Uuid, Uuid, Option<String>, Option<i32>)> = prediction::Entity::find()
+        .all(&test.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.item_id, p.model_version_id, p.routed_to, p.policy_version))
+        .collect();
+    let route_of = |item: Uuid, version: Uuid| {
+        let found: Vec<_> = routed
+            .iter()
+            .filter(|r| r.0 == item && r.1 == version)
+            .collect();
+        assert_eq!(found.len(), 1, "{item} by {version}: {routed:?}");
+        assert_eq!(found[0].3, Some(project.policy_version));
+        found[0].2.clone().unwrap()
+    };
+    assert_eq!(route_of(twice, first), "kept");
+    assert_eq!(route_of(twice, second), "auto_labeled");
+    assert_eq!(route_of(repeated, second), "review");
+    assert_eq!(route_of(reviewed, second), "auto_labeled");
+    // Nine predictions: two by version 1 before, seven stored now (the
+    // repeat, the failure and the unknown item store none).
+    assert_eq!(routed.len(), 9);
     drop(test);
 }
