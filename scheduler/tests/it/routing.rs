@@ -668,12 +668,21 @@ async fn a_mixed_batch_is_routed_as_each_result_in_turn() {
         ..Policy::default()
     };
     let (project, first) = project_with_model(&test, policy, Vec::new()).await;
-    let [sure, unsure, reviewed, shifting, twice, repeated, failing] = {
+    let [
+        sure,
+        unsure,
+        reviewed,
+        shifting,
+        twice,
+        repeated,
+        failing,
+        failed_first,
+    ] = {
         let mut items = Vec::new();
-        for n in 0..7 {
+        for n in 0..8 {
             items.push(queued_item(&test, &project, n).await);
         }
-        <[Uuid; 7]>::try_from(items).unwrap()
+        <[Uuid; 8]>::try_from(items).unwrap()
     };
     // Two items wait for review under version 1.
     let waiting = results::apply(
@@ -696,9 +705,12 @@ async fn a_mixed_batch_is_routed_as_each_result_in_turn() {
 
     let second = activate_second(&test, &project).await;
     let project = projects::get(&test.db, "routing").await.unwrap();
-    let mut failed = result(&project, second, failing, 0, 0.99, 0.0);
-    failed.outcome = PrelabelOutcome::Failed {
-        reason: "undecodable image".into(),
+    let failure = |item: Uuid| {
+        let mut failed = result(&project, second, item, 0, 0.99, 0.0);
+        failed.outcome = PrelabelOutcome::Failed {
+            reason: "undecodable image".into(),
+        };
+        failed
     };
     let unknown = result(&project, second, Uuid::now_v7(), 0, 0.99, 0.0);
     let batch = [
@@ -712,8 +724,11 @@ async fn a_mixed_batch_is_routed_as_each_result_in_turn() {
         // The same prediction delivered twice in one batch.
         result(&project, second, repeated, 0, 0.5, 0.0),
         result(&project, second, repeated, 0, 0.5, 0.0),
-        failed,
+        failure(failing),
         unknown,
+        // Failed, then scored: the second sees a failed item and keeps it.
+        failure(failed_first),
+        result(&project, second, failed_first, 0, 0.99, 0.0),
     ];
     let outcomes = results::apply(&test.db, &batch).await.unwrap();
     assert_eq!(
@@ -729,6 +744,8 @@ async fn a_mixed_batch_is_routed_as_each_result_in_turn() {
             Applied::Duplicate,
             Applied::Failed,
             Applied::UnknownItem,
+            Applied::Failed,
+            Applied::Kept,
         ]
     );
 
@@ -748,6 +765,7 @@ async fn a_mixed_batch_is_routed_as_each_result_in_turn() {
     assert_eq!(state(twice).await, ItemState::AutoLabeled);
     assert_eq!(state(repeated).await, ItemState::InReview);
     assert_eq!(state(failing).await, ItemState::Failed);
+    assert_eq!(state(failed_first).await, ItemState::Failed);
 
     // Machine labels carry the class and the version that gave them.
     let labels = label::Entity::find().all(&test.db).await.unwrap();
@@ -763,18 +781,17 @@ async fn a_mixed_batch_is_routed_as_each_result_in_turn() {
     assert_eq!(labels.len(), 3);
 
     // The sure model cancelled one task and re-prioritised the other.
-    let reviewed_after = review_task::Entity::find_by_id(reviewed_task.id)
-        .one(&test.db)
-        .await
-        .unwrap()
-        .unwrap();
+    let task = |id: Uuid| async move {
+        review_task::Entity::find_by_id(id)
+            .one(db)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let reviewed_after = task(reviewed_task.id).await;
     assert_eq!(reviewed_after.state, TaskState::Cancelled);
     assert!(reviewed_after.closed_at.is_some());
-    let shifting_after = review_task::Entity::find_by_id(shifting_task.id)
-        .one(&test.db)
-        .await
-        .unwrap()
-        .unwrap();
+    let shifting_after = task(shifting_task.id).await;
     assert_eq!(shifting_after.state, TaskState::Open);
     assert!(
         (shifting_after.priority - 0.4).abs() < 1e-6,
@@ -824,8 +841,9 @@ async fn a_mixed_batch_is_routed_as_each_result_in_turn() {
     assert_eq!(route_of(twice, second), "auto_labeled");
     assert_eq!(route_of(repeated, second), "review");
     assert_eq!(route_of(reviewed, second), "auto_labeled");
-    // Nine predictions: two by version 1 before, seven stored now (the
-    // repeat, the failure and the unknown item store none).
-    assert_eq!(routed.len(), 9);
+    assert_eq!(route_of(failed_first, second), "kept");
+    // Ten predictions: two by version 1 before, eight stored now (the
+    // repeat, the failures and the unknown item store none).
+    assert_eq!(routed.len(), 10);
     drop(test);
 }
