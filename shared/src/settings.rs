@@ -361,7 +361,7 @@ impl Default for ReviewSettings {
     fn default() -> Self {
         Self {
             lease_seconds: 300,
-            results_batch: 64,
+            results_batch: 256,
         }
     }
 }

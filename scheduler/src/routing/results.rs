@@ -41,6 +41,12 @@ use crate::routing::route::{self, ActiveModel, Decided, Routed};
 /// How long to wait for more results before applying a partial batch.
 const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
+/// The most result messages held unacknowledged. A worker's message carries
+/// its whole batch (tens of results, each perhaps with an embedding), so
+/// this bounds the consumer's memory whatever `review.results_batch` is;
+/// single-result messages fill a batch of up to this many.
+const MAX_PREFETCH: usize = 128;
+
 /// Apply a batch of results in one transaction.
 ///
 /// The batch is decided item by item ([`route::decide`]) and written
@@ -407,7 +413,7 @@ pub async fn run(
     let (_channel, mut consumer) = broker::consume(
         &connection,
         &queue,
-        u16::try_from(batch_size * 2).unwrap_or(u16::MAX),
+        u16::try_from((batch_size * 2).min(MAX_PREFETCH)).unwrap_or(u16::MAX),
         "sieve-scheduler-results",
     )
     .await
