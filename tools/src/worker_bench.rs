@@ -7,7 +7,7 @@
 //! - `train`: one epoch of the small CNN on 10,000 28x28 images, one epoch of MobileNetV2
 //!   fine-tuning (forward, backward, AdamW) at 96x96, and heads-only training on cached
 //!   1280-wide embeddings.
-//! - `accuracy` (`bench_accuracy.rs`): the training recipe's model quality on real labels.
+//! - `accuracy` (`bench_accuracy/`): the training recipe's model quality on real labels.
 //!
 //! `forward --task detection` measures the detector instead (frozen ImageNet backbone, K
 //! heads, whole images cut into tiles): bare detection of decoded images against the queue

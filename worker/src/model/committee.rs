@@ -14,7 +14,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::heads::Heads;
 use super::mobilenet::{self, MobileNetV2};
-use super::net::SmallCnn;
+use super::net::{ResCnn, SmallCnn};
 use super::tensors::{load_weights, read, weights_to_bytes};
 use super::{ArchitectureConfig, ModelError, check_images};
 
@@ -53,6 +53,7 @@ pub struct Committee {
 #[derive(Clone, Debug)]
 pub(crate) enum Net {
     Small(SmallCnn),
+    Residual(ResCnn),
     Mobile(BackboneHeads),
     /// The `null` architecture: no weights, the same answer for every image
     /// (for measuring the machinery around the model).
@@ -138,6 +139,7 @@ impl Committee {
                 validate_null(config)?;
                 Net::Null
             }
+            ArchitectureConfig::RES_CNN => Net::Residual(ResCnn::init(config, seed, &device)?),
             _ => Net::Small(SmallCnn::init(config, seed, &device)?),
         };
         Ok(Self::assemble(net, config.clone(), device))
@@ -278,6 +280,7 @@ impl Committee {
         let device = device.clone().without_autodiff();
         let net = match &self.net {
             Net::Small(net) => Net::Small(net.clone().to_device(&device)),
+            Net::Residual(net) => Net::Residual(net.clone().to_device(&device)),
             Net::Mobile(net) => Net::Mobile(net.clone().to_device(&device)),
             Net::Null => Net::Null,
         };
@@ -308,6 +311,7 @@ impl Committee {
     pub fn weights_to_bytes(&self) -> Result<Vec<u8>, ModelError> {
         match &self.net {
             Net::Small(net) => weights_to_bytes(net),
+            Net::Residual(net) => weights_to_bytes(net),
             Net::Mobile(net) => weights_to_bytes(net),
             Net::Null => Ok(Vec::new()),
         }
@@ -335,6 +339,7 @@ impl Committee {
         // The seed does not matter: every parameter is overwritten.
         let net = match Self::init(config, 0, &device)?.net {
             Net::Small(net) => Net::Small(load_weights(net, bytes)?),
+            Net::Residual(net) => Net::Residual(load_weights(net, bytes)?),
             Net::Mobile(net) => Net::Mobile(load_weights(net, bytes)?),
             Net::Null => Net::Null,
         };
@@ -354,7 +359,7 @@ impl Committee {
         let mut embeddings = Vec::with_capacity(if with_embeddings { batch } else { 0 });
 
         let chunk_len = match self.net {
-            Net::Small(_) => INFERENCE_CHUNK,
+            Net::Small(_) | Net::Residual(_) => INFERENCE_CHUNK,
             Net::Mobile(_) => BACKBONE_CHUNK,
             Net::Null => {
                 let uniform = vec![vec![1.0 / classes as f32; classes]; members];
@@ -367,6 +372,10 @@ impl Committee {
             let (logits, embedding) = match &self.net {
                 Net::Small(net) => {
                     let output = net.forward(x);
+                    (output.logits, output.embedding)
+                }
+                Net::Residual(net) => {
+                    let output = net.forward_masked(x, None);
                     (output.logits, output.embedding)
                 }
                 Net::Mobile(net) => {

@@ -13,7 +13,8 @@
 //! - [`mtcnn::Mtcnn`] (`mtcnn.rs`) finds faces with MTCNN's three pretrained networks, for
 //!   de-identification.
 //! - [`Model`] is either, as a model version's artifact holds it.
-//! - `net.rs` holds the burn module itself (a small CNN backbone shared by K linear heads).
+//! - `net.rs` holds the small burn modules themselves (a small CNN backbone, or its residual
+//!   variant, shared by K linear heads).
 //!
 //! Everything here is synchronous and CPU/GPU bound: call it from `spawn_blocking`, feeding whole
 //! batches, and share a [`Committee`] between tasks through an `Arc`.
@@ -126,6 +127,9 @@ pub struct ArchitectureConfig {
 
 impl ArchitectureConfig {
     pub const SMALL_CNN: &str = "small_cnn";
+    /// The small CNN with two residual blocks and BatchNorm (measured by `bench accuracy`; no
+    /// project trains it yet).
+    pub const RES_CNN: &str = "res_cnn";
     pub const MOBILENET_V2: &str = "mobilenet_v2";
     pub const NULL: &str = "null";
     pub const DETECTOR: &str = "detector";

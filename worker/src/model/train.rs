@@ -22,7 +22,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::committee::{BackboneHeads, Committee, Net};
-use super::net::{SmallCnn, stream_seed};
+use super::net::{ResCnn, SmallCnn, stream_seed};
 use super::recipe::{
     EpochReport, argmax, bootstrap_weights, class_weights, mean_over_members, split,
 };
@@ -122,7 +122,7 @@ pub fn train(
         )));
     }
     check_options(options)?;
-    if options.unfrozen_blocks.is_some() && matches!(start.net, Net::Small(_)) {
+    if options.unfrozen_blocks.is_some() && matches!(start.net, Net::Small(_) | Net::Residual(_)) {
         return Err(ModelError::InvalidOptions(format!(
             "{} has no pretrained layers to keep frozen: it always trains whole",
             config.arch
@@ -134,6 +134,7 @@ pub fn train(
 
     match &start.net {
         Net::Small(net) => fit(net.clone(), &start, data, options, on_epoch),
+        Net::Residual(net) => fit(net.clone(), &start, data, options, on_epoch),
         Net::Mobile(net) => {
             let net = net.clone().for_fine_tuning(options.unfrozen_blocks);
             fit(net, &start, data, options, on_epoch)
@@ -158,6 +159,16 @@ impl Tunable for SmallCnn {
 
     fn into_net(self) -> Net {
         Net::Small(self)
+    }
+}
+
+impl Tunable for ResCnn {
+    fn logits(&self, images: Tensor<4>, mask: Option<Tensor<2>>, _members: usize) -> Tensor<3> {
+        self.forward_masked(images, mask).logits
+    }
+
+    fn into_net(self) -> Net {
+        Net::Residual(self)
     }
 }
 
@@ -515,6 +526,37 @@ mod tests {
             })
             .fold(0.0_f32, f32::max);
         assert!(spread > 1e-3, "members agree to {spread}");
+    }
+
+    #[test]
+    fn the_residual_network_learns_and_keeps_its_batchnorm_statistics_in_its_weights() {
+        let config = ArchitectureConfig {
+            arch: ArchitectureConfig::RES_CNN.to_string(),
+            ..config()
+        };
+        let (images, labels) = squares(&config, 400, 1);
+        let (held_out, truth) = squares(&config, 200, 2);
+        let device = Device::flex();
+        let start = Committee::init(&config, 11, &device).unwrap();
+        let options = TrainOptions {
+            epochs: 6,
+            seed: 5,
+            ..TrainOptions::default()
+        };
+        let trained = train(start, &TrainData { images, labels }, &options, |_| true).unwrap();
+        let probs = trained.predict(&held_out, 200).unwrap();
+        let right = probs
+            .iter()
+            .zip(&truth)
+            .filter(|(item, label)| argmax(&mean_over_members(item)) == **label)
+            .count();
+        assert!(right > 180, "{right} of 200 held-out images right");
+
+        // Inference runs on the running statistics training left: a reload that lost them
+        // (fresh statistics: mean 0, variance 1) would predict otherwise.
+        let bytes = trained.weights_to_bytes().unwrap();
+        let loaded = Committee::from_weights(&config, &bytes, &device).unwrap();
+        assert_eq!(loaded.predict(&held_out, 200).unwrap(), probs);
     }
 
     #[test]
