@@ -32,6 +32,7 @@ mod m20261212_000028_detection;
 mod m20261213_000029_detector;
 mod m20261214_000030_deidentify;
 mod m20261215_000031_box_settings;
+mod m20261216_000032_res_cnn;
 
 pub struct Migrator;
 
@@ -65,6 +66,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261213_000029_detector::Migration),
             Box::new(m20261214_000030_deidentify::Migration),
             Box::new(m20261215_000031_box_settings::Migration),
+            Box::new(m20261216_000032_res_cnn::Migration),
         ]
     }
 }

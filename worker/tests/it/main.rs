@@ -29,3 +29,4 @@ mod training_cancel;
 mod training_full_mobilenet;
 mod training_heads;
 mod training_interrupted;
+mod training_res_cnn;

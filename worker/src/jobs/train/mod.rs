@@ -489,8 +489,11 @@ async fn train_full(
     let classes = job.class_names.len();
     let members = job.params.members.max(2) as usize;
     let (config, start, base_model) = match job.params.arch {
-        ModelArch::SmallCnn => {
-            let config = ArchitectureConfig::small_cnn(classes, members);
+        ModelArch::SmallCnn | ModelArch::ResCnn => {
+            let config = ArchitectureConfig {
+                arch: job.params.arch.as_str().to_string(),
+                ..ArchitectureConfig::small_cnn(classes, members)
+            };
             let base = base_model(worker, job).await?;
             let base_model = base.filter(|model| model.config() == &config);
             let start = match &base_model {
