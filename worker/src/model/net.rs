@@ -88,12 +88,7 @@ impl SmallCnn {
         let flat = flat_features(config);
         let embed = linear(&mut rng, flat, config.embedding_dim, device);
 
-        let heads = (0..config.members)
-            .map(|k| {
-                let mut rng = StdRng::seed_from_u64(stream_seed(seed, k as u64 + 1));
-                linear(&mut rng, config.embedding_dim, config.num_classes, device)
-            })
-            .collect();
+        let heads = init_heads(config, seed, device);
 
         Ok(Self {
             conv1,
@@ -119,17 +114,35 @@ impl SmallCnn {
         let x = self.pool.forward(relu(self.conv2.forward(x))); // [batch, 32, s/4, s/4]
         let x: Tensor<2> = x.flatten(1, 3); // [batch, 32 * (s/4)^2]
         let embedding = relu(self.embed.forward(x)); // [batch, embedding_dim]
-        let head_input = match mask {
-            Some(mask) => embedding.clone() * mask,
-            None => embedding.clone(),
-        };
-        let per_head: Vec<Tensor<2>> = self
-            .heads
-            .iter()
-            .map(|head| head.forward(head_input.clone())) // [batch, num_classes] each
-            .collect();
-        let logits = Tensor::stack::<3>(per_head, 1); // [batch, members, num_classes]
-        Forward { logits, embedding }
+        heads_forward(&self.heads, embedding, mask)
+    }
+}
+
+/// K heads, head `k` drawn from its own stream derived from `(seed, k)`, so heads differ from
+/// one another and adding a member does not change the others.
+fn init_heads(config: &ArchitectureConfig, seed: u64, device: &Device) -> Vec<Linear> {
+    (0..config.members)
+        .map(|k| {
+            let mut rng = StdRng::seed_from_u64(stream_seed(seed, k as u64 + 1));
+            linear(&mut rng, config.embedding_dim, config.num_classes, device)
+        })
+        .collect()
+}
+
+/// Every head on `embedding` (`[batch, embedding_dim]`) multiplied by `mask` where there is
+/// one; the returned embedding is unmasked.
+fn heads_forward(heads: &[Linear], embedding: Tensor<2>, mask: Option<Tensor<2>>) -> Forward {
+    let head_input = match mask {
+        Some(mask) => embedding.clone() * mask,
+        None => embedding.clone(),
+    };
+    let per_head: Vec<Tensor<2>> = heads
+        .iter()
+        .map(|head| head.forward(head_input.clone())) // [batch, num_classes] each
+        .collect();
+    Forward {
+        logits: Tensor::stack::<3>(per_head, 1), // [batch, members, num_classes]
+        embedding,
     }
 }
 
@@ -251,12 +264,7 @@ impl ResCnn {
             config.embedding_dim,
             device,
         );
-        let heads = (0..config.members)
-            .map(|k| {
-                let mut rng = StdRng::seed_from_u64(stream_seed(seed, k as u64 + 1));
-                linear(&mut rng, config.embedding_dim, config.num_classes, device)
-            })
-            .collect();
+        let heads = init_heads(config, seed, device);
         Ok(Self {
             conv1,
             block1,
@@ -276,19 +284,7 @@ impl ResCnn {
         let x = self.block2.forward(x);
         let x: Tensor<2> = x.flatten(1, 3); // [batch, 32 * (s/4)^2]
         let embedding = relu(self.embed.forward(x)); // [batch, embedding_dim]
-        let head_input = match mask {
-            Some(mask) => embedding.clone() * mask,
-            None => embedding.clone(),
-        };
-        let per_head: Vec<Tensor<2>> = self
-            .heads
-            .iter()
-            .map(|head| head.forward(head_input.clone()))
-            .collect();
-        Forward {
-            logits: Tensor::stack::<3>(per_head, 1), // [batch, members, num_classes]
-            embedding,
-        }
+        heads_forward(&self.heads, embedding, mask)
     }
 }
 

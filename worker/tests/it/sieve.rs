@@ -312,6 +312,38 @@ pub async fn label_with_truth(
     items
 }
 
+/// Model version `id` as stored.
+#[allow(dead_code)] // not every test binary trains
+pub async fn version(
+    sieve: &TestSieve,
+    id: uuid::Uuid,
+) -> sieve_scheduler::entities::model_version::Model {
+    use sea_orm::EntityTrait;
+    sieve_scheduler::entities::model_version::Entity::find_by_id(id)
+        .one(&sieve.ctx.db)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Model version `id` once the scheduler has decided on its promotion:
+/// active, or a candidate with the reason it was not promoted.
+#[allow(dead_code)] // not every test binary trains
+pub async fn decided(
+    sieve: &TestSieve,
+    id: uuid::Uuid,
+    timeout: Duration,
+) -> sieve_scheduler::entities::model_version::Model {
+    use sieve_scheduler::entities::model_version::VersionStatus;
+    eventually("the promotion decision", timeout, || async {
+        let v = version(sieve, id).await;
+        (v.status == VersionStatus::Active
+            || (v.status == VersionStatus::Candidate && v.status_reason.is_some()))
+        .then_some(v)
+    })
+    .await
+}
+
 /// Wait for training run `run` to end and assert it succeeded.
 #[allow(dead_code)] // not every test binary trains
 pub async fn succeeded(

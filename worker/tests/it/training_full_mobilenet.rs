@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
-use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::model_version::VersionStatus;
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::entities::training_run;
 use sieve_scheduler::policy::Policy;
@@ -53,26 +53,6 @@ async fn snapshot_with_table(
     let table = snapshot.embeddings.as_ref().expect("an embedding table");
     let cached = Embeddings::load(&sieve.ctx.store, table).await.unwrap();
     (snapshot, cached)
-}
-
-async fn version(sieve: &TestSieve, id: uuid::Uuid) -> model_version::Model {
-    model_version::Entity::find_by_id(id)
-        .one(&sieve.ctx.db)
-        .await
-        .unwrap()
-        .unwrap()
-}
-
-/// The version once the scheduler has decided on its promotion: active, or
-/// a candidate with the reason it was not promoted.
-async fn decided(sieve: &TestSieve, id: uuid::Uuid) -> model_version::Model {
-    eventually("the promotion decision", WAIT, || async {
-        let v = version(sieve, id).await;
-        (v.status == VersionStatus::Active
-            || (v.status == VersionStatus::Candidate && v.status_reason.is_some()))
-        .then_some(v)
-    })
-    .await
 }
 
 /// Item id -> embedding of that version's prediction, where it has one.
@@ -115,7 +95,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
     // Heads on the ImageNet backbone: v2, promoted over the untrained heads.
     let heads = retrain(&sieve, &project, RetrainRequest::default()).await;
     let v2 = eventually("v2 promoted", WAIT, || async {
-        let v = version(&sieve, heads.model_version_id).await;
+        let v = crate::sieve::version(&sieve, heads.model_version_id).await;
         (v.status == VersionStatus::Active).then_some(v)
     })
     .await;
@@ -161,7 +141,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
         snapshot.embeddings.is_none(),
         "full mode trains on images, not cached embeddings"
     );
-    let v3 = version(&sieve, full.model_version_id).await;
+    let v3 = crate::sieve::version(&sieve, full.model_version_id).await;
     let v3_arch = v3.architecture.clone().unwrap();
     assert_eq!(
         v3_arch["backbone"],
@@ -183,7 +163,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
 
     // v3 takes over (promoted by hand if the policy kept it a candidate);
     // the items in review are rescored by it, with its own embeddings.
-    if decided(&sieve, v3.id).await.status != VersionStatus::Active {
+    if crate::sieve::decided(&sieve, v3.id, WAIT).await.status != VersionStatus::Active {
         registry::promote(&sieve.ctx, &project, v3.version)
             .await
             .unwrap();
@@ -219,7 +199,7 @@ async fn full_mode_fine_tunes_the_backbone_and_its_embeddings_replace_the_old_on
             example.item_id
         );
     }
-    let v4 = decided(&sieve, heads_again.model_version_id).await;
+    let v4 = crate::sieve::decided(&sieve, heads_again.model_version_id, WAIT).await;
     assert_eq!(
         v4.architecture.unwrap()["backbone"],
         v3.id.to_string(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::sieve::TestSieve;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
-use sieve_scheduler::entities::model_version::{self, VersionStatus};
+use sieve_scheduler::entities::model_version::VersionStatus;
 use sieve_scheduler::entities::prediction;
 use sieve_scheduler::ingest;
 use sieve_scheduler::policy::Policy;
@@ -22,14 +22,6 @@ use sieve_tools::fashion_mnist::Split;
 
 const IMAGES: usize = 300;
 const WAIT: Duration = Duration::from_secs(300);
-
-async fn version(sieve: &TestSieve, id: uuid::Uuid) -> model_version::Model {
-    model_version::Entity::find_by_id(id)
-        .one(&sieve.ctx.db)
-        .await
-        .unwrap()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_res_cnn_project_trains_and_predicts_with_the_residual_network() {
@@ -43,7 +35,7 @@ async fn a_res_cnn_project_trains_and_predicts_with_the_residual_network() {
     };
     let project =
         crate::sieve::fashion_project_on(&sieve, "residual", policy, ModelArch::ResCnn).await;
-    let v1 = version(&sieve, project.active_model_version_id.unwrap()).await;
+    let v1 = crate::sieve::version(&sieve, project.active_model_version_id.unwrap()).await;
     assert_eq!(
         v1.architecture.as_ref().unwrap()["arch"],
         "res_cnn",
@@ -63,7 +55,7 @@ async fn a_res_cnn_project_trains_and_predicts_with_the_residual_network() {
         .await
         .unwrap();
     let run = crate::sieve::succeeded(&sieve, run.run_id, WAIT).await;
-    let v2 = version(&sieve, run.model_version_id).await;
+    let v2 = crate::sieve::version(&sieve, run.model_version_id).await;
     assert_eq!(v2.architecture.as_ref().unwrap()["arch"], "res_cnn");
     let metrics: HoldoutMetrics = serde_json::from_value(v2.metrics.clone().unwrap()).unwrap();
     let accuracy = metrics.accuracy.unwrap();
@@ -73,13 +65,7 @@ async fn a_res_cnn_project_trains_and_predicts_with_the_residual_network() {
 
     // v2 takes over (by hand if the gate kept it a candidate) and rescores
     // every item with the residual network's weights read back from the store.
-    let decided = eventually("the promotion decision", WAIT, || async {
-        let v = version(&sieve, v2.id).await;
-        (v.status == VersionStatus::Active
-            || (v.status == VersionStatus::Candidate && v.status_reason.is_some()))
-        .then_some(v)
-    })
-    .await;
+    let decided = crate::sieve::decided(&sieve, v2.id, WAIT).await;
     if decided.status != VersionStatus::Active {
         registry::promote(&sieve.ctx, &project, v2.version)
             .await
